@@ -1,0 +1,569 @@
+//! The configuration file (TOML): types, documented defaults, and validation that reports
+//! every problem at once before anything binds a port.
+//!
+//! An empty file (or no file) is the embedded default: plain HTTP on loopback, no
+//! plugins, every routed message written by the local sink under `./sluice-data`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+use crate::route::topic::{TopicFilter, validate_publish_topic};
+
+/// Where the embedded default listens: loopback only, since it has no device auth yet.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";
+/// Where the local sink and the plugin cache live unless configured.
+pub const DEFAULT_DATA_DIR: &str = "sluice-data";
+/// Kinesis' default maximum record size (1 MiB, data plus partition key).
+pub const KINESIS_DEFAULT_MAX_RECORD_BYTES: usize = 1024 * 1024;
+/// The largest record a stream can be raised to with `UpdateMaxRecordSize` (10 MiB).
+pub const KINESIS_LARGEST_MAX_RECORD_BYTES: usize = 10 * 1024 * 1024;
+/// AWS IoT Core's maximum message payload (128 KB).
+pub const IOT_CORE_MAX_PAYLOAD_BYTES: usize = 128 * 1024;
+/// The per-connection throughput IoT Core recommends staying under (512 KB/s).
+pub const IOT_CORE_CONNECTION_BYTES_PER_SEC: u64 = 512 * 1024;
+/// Per-call plugin time limit: generous for real transforms (µs per message), short
+/// enough that a looping plugin holds a worker only briefly.
+pub const DEFAULT_PLUGIN_TIMEOUT_MS: u64 = 200;
+/// Per-instance plugin memory limit: ample for batch processing of IoT payloads.
+pub const DEFAULT_PLUGIN_MEMORY_MIB: u64 = 64;
+/// Most messages accepted in one batch request, like one Kinesis `PutRecords` call.
+pub const DEFAULT_MAX_BATCH_MESSAGES: usize = 500;
+/// Largest batch request body, like one Kinesis `PutRecords` call (5 MiB).
+pub const DEFAULT_MAX_BATCH_BYTES: usize = 5 * 1024 * 1024;
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listener, TLS and data directory.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Request limits.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// The plugin host and the plugin chain.
+    #[serde(default)]
+    pub plugins: PluginsConfig,
+    /// The routing policy.
+    #[serde(default)]
+    pub routing: RoutingConfig,
+}
+
+/// `[server]`: where devices connect and where data is kept.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address for device traffic. Default `127.0.0.1:8080`.
+    #[serde(default = "default_listen")]
+    pub listen: SocketAddr,
+    /// Local sink files and the compiled-plugin cache. Default `./sluice-data`.
+    #[serde(default = "default_data_dir")]
+    pub data_dir: PathBuf,
+    /// Serve HTTPS with this certificate; plain HTTP when absent.
+    pub tls: Option<TlsConfig>,
+}
+
+/// `[server.tls]`: the gateway's own certificate.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+}
+
+/// `[limits]`: what one request may carry.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Most messages in one `POST /batch`. Default 500.
+    #[serde(default = "default_max_batch_messages")]
+    pub max_batch_messages: usize,
+    /// Largest `POST /batch` body in bytes. Default 5 MiB.
+    #[serde(default = "default_max_batch_bytes")]
+    pub max_batch_bytes: usize,
+}
+
+/// What happens to messages a plugin refuses or a plugin failure takes down.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum FailurePath {
+    /// Tell the device: `422` for a refused message, `500` for a failed plugin.
+    Reject,
+    /// Keep the message in the dead-letter store with the reason; the device gets `200`.
+    DeadLetter,
+}
+
+/// `[plugins]`: the host's limits and the chain of plugins.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginsConfig {
+    /// Threads that run plugins. Default: the number of CPU cores.
+    #[serde(default = "default_workers")]
+    pub workers: usize,
+    /// Time limit of one plugin call (one batch), in milliseconds. Default 200.
+    #[serde(default = "default_timeout_ms")]
+    pub call_timeout_ms: u64,
+    /// Memory limit of one plugin instance, in MiB. Default 64.
+    #[serde(default = "default_memory_mib")]
+    pub memory_limit_mib: u64,
+    /// What happens to messages a plugin refuses or fails on. Default `reject`.
+    #[serde(default = "default_failure_path")]
+    pub on_failure: FailurePath,
+    /// Reload a plugin when its file changes. Default `true`.
+    #[serde(default = "default_true")]
+    pub hot_reload: bool,
+    /// Where compiled plugins are cached. Default `<data_dir>/plugin-cache`.
+    pub cache_dir: Option<PathBuf>,
+    /// Transform plugins, run in this order.
+    #[serde(default)]
+    pub transform: Vec<PluginEntry>,
+    /// The router plugin, run after the transforms.
+    pub router: Option<PluginEntry>,
+}
+
+/// One plugin in the chain.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PluginEntry {
+    /// Name used in logs, decisions and errors. Unique among plugins.
+    pub name: String,
+    /// The component file (`.wasm`). Relative paths are relative to the config file.
+    pub path: PathBuf,
+    /// Key/value pairs handed to the plugin's `init`. Strings, numbers and booleans.
+    #[serde(default)]
+    pub config: BTreeMap<String, toml::Value>,
+}
+
+/// Where the built-in policy sends a message no rule claims.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DefaultDestination {
+    /// AWS IoT Core, on the message's own topic.
+    IotCore,
+    /// The default Kinesis stream, partitioned by device id.
+    Kinesis,
+    /// The local sink.
+    Local,
+}
+
+/// `[routing]`: the built-in policy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// Destination when nothing else decides. Default `iot-core`.
+    #[serde(default = "default_destination")]
+    pub default_destination: DefaultDestination,
+    /// Kinesis stream used when a rule or plugin names none. Default `sluice-ingest`.
+    #[serde(default = "default_stream")]
+    pub kinesis_stream: String,
+    /// The streams' maximum record size; larger payloads are refused with `413`.
+    /// Default 1 MiB; at most 10 MiB (for streams raised with `UpdateMaxRecordSize`).
+    #[serde(default = "default_max_record")]
+    pub kinesis_max_record_bytes: usize,
+    /// A device sending faster than this (bytes/s) is a high-throughput producer and
+    /// goes to Kinesis. Default 512 KiB/s, IoT Core's per-connection guidance.
+    #[serde(default = "default_high_throughput")]
+    pub high_throughput_bytes_per_sec: u64,
+    /// Topic rules, tried in order; the first whose filter matches applies.
+    #[serde(default)]
+    pub rules: Vec<RuleConfig>,
+}
+
+/// A destination a topic rule can name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RuleDestination {
+    /// AWS IoT Core.
+    IotCore,
+    /// A Kinesis data stream.
+    Kinesis,
+    /// The local sink.
+    Local,
+    /// Discard (the device is still acknowledged).
+    Drop,
+    /// The dead-letter store.
+    DeadLetter,
+}
+
+/// `[[routing.rules]]`: one topic rule.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RuleConfig {
+    /// Name recorded with every decision the rule makes.
+    pub name: String,
+    /// MQTT topic filter (`+` one level, `#` the rest), e.g. `sites/+/alarms/#`.
+    pub topic: String,
+    /// Where matching messages go; absent leaves the choice to the built-in policy.
+    pub destination: Option<RuleDestination>,
+    /// Marks matching messages as command & control (bidirectional), which the built-in
+    /// policy sends to IoT Core.
+    #[serde(default)]
+    pub command_and_control: bool,
+    /// IoT Core topic to publish to instead of the message's own.
+    pub iot_topic: Option<String>,
+    /// IoT Core QoS, 0 or 1. Default 1.
+    pub qos: Option<u8>,
+    /// Kinesis stream instead of the default one.
+    pub stream: Option<String>,
+}
+
+fn default_listen() -> SocketAddr {
+    DEFAULT_LISTEN.parse().expect("the default listen address parses")
+}
+fn default_data_dir() -> PathBuf {
+    PathBuf::from(DEFAULT_DATA_DIR)
+}
+fn default_max_batch_messages() -> usize {
+    DEFAULT_MAX_BATCH_MESSAGES
+}
+fn default_max_batch_bytes() -> usize {
+    DEFAULT_MAX_BATCH_BYTES
+}
+fn default_workers() -> usize {
+    std::thread::available_parallelism().map(usize::from).unwrap_or(2)
+}
+fn default_timeout_ms() -> u64 {
+    DEFAULT_PLUGIN_TIMEOUT_MS
+}
+fn default_memory_mib() -> u64 {
+    DEFAULT_PLUGIN_MEMORY_MIB
+}
+fn default_failure_path() -> FailurePath {
+    FailurePath::Reject
+}
+fn default_true() -> bool {
+    true
+}
+fn default_destination() -> DefaultDestination {
+    DefaultDestination::IotCore
+}
+fn default_stream() -> String {
+    "sluice-ingest".to_string()
+}
+fn default_max_record() -> usize {
+    KINESIS_DEFAULT_MAX_RECORD_BYTES
+}
+fn default_high_throughput() -> u64 {
+    IOT_CORE_CONNECTION_BYTES_PER_SEC
+}
+
+impl Default for ServerConfig {
+    fn default() -> Self {
+        ServerConfig { listen: default_listen(), data_dir: default_data_dir(), tls: None }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_batch_messages: DEFAULT_MAX_BATCH_MESSAGES,
+            max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
+        }
+    }
+}
+
+impl Default for PluginsConfig {
+    fn default() -> Self {
+        PluginsConfig {
+            workers: default_workers(),
+            call_timeout_ms: DEFAULT_PLUGIN_TIMEOUT_MS,
+            memory_limit_mib: DEFAULT_PLUGIN_MEMORY_MIB,
+            on_failure: FailurePath::Reject,
+            hot_reload: true,
+            cache_dir: None,
+            transform: Vec::new(),
+            router: None,
+        }
+    }
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            default_destination: DefaultDestination::IotCore,
+            kinesis_stream: default_stream(),
+            kinesis_max_record_bytes: KINESIS_DEFAULT_MAX_RECORD_BYTES,
+            high_throughput_bytes_per_sec: IOT_CORE_CONNECTION_BYTES_PER_SEC,
+            rules: Vec::new(),
+        }
+    }
+}
+
+/// Everything wrong with a configuration, reported together.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or does not fit the schema.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's explanation, with line and column.
+        message: String,
+    },
+    /// The file parsed, but some values are wrong.
+    #[error("{}", Problems(.0))]
+    Invalid(Vec<String>),
+}
+
+struct Problems<'a>(&'a [String]);
+
+impl fmt::Display for Problems<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} problem(s) in the configuration:", self.0.len())?;
+        for problem in self.0 {
+            write!(f, "\n  - {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file. Relative plugin paths are
+    /// resolved against the file's folder.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
+        let mut config = Config::parse(&text)
+            .map_err(|message| ConfigError::Parse { path: path.to_path_buf(), message })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        for entry in config.plugins.transform.iter_mut().chain(config.plugins.router.as_mut()) {
+            if entry.path.is_relative() {
+                entry.path = base.join(&entry.path);
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text without validating it.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|error| error.to_string())
+    }
+
+    /// The directory of compiled plugins.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.plugins.cache_dir.clone().unwrap_or_else(|| self.server.data_dir.join("plugin-cache"))
+    }
+
+    /// Checks every value and reports all problems at once.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        if let Some(tls) = &self.server.tls {
+            for (what, path) in [("certificate", &tls.cert), ("key", &tls.key)] {
+                if !path.is_file() {
+                    problems.push(format!("server.tls: {what} file {} does not exist", path.display()));
+                }
+            }
+        }
+        let limits = &self.limits;
+        if limits.max_batch_messages == 0 {
+            problems.push("limits.max_batch_messages must be at least 1".to_string());
+        }
+        if limits.max_batch_bytes < 1024 {
+            problems.push("limits.max_batch_bytes must be at least 1024".to_string());
+        }
+        self.validate_plugins(&mut problems);
+        self.validate_routing(&mut problems);
+        if problems.is_empty() { Ok(()) } else { Err(ConfigError::Invalid(problems)) }
+    }
+
+    fn validate_plugins(&self, problems: &mut Vec<String>) {
+        let plugins = &self.plugins;
+        if plugins.workers == 0 || plugins.workers > 256 {
+            problems.push(format!("plugins.workers must be 1 to 256, not {}", plugins.workers));
+        }
+        if plugins.call_timeout_ms == 0 || plugins.call_timeout_ms > 60_000 {
+            problems.push(format!(
+                "plugins.call_timeout_ms must be 1 to 60000, not {}",
+                plugins.call_timeout_ms
+            ));
+        }
+        if !(1..=4096).contains(&plugins.memory_limit_mib) {
+            problems.push(format!(
+                "plugins.memory_limit_mib must be 1 to 4096, not {}",
+                plugins.memory_limit_mib
+            ));
+        }
+        let mut names = std::collections::HashSet::new();
+        let entries = plugins.transform.iter().map(|e| ("plugins.transform", e));
+        for (section, entry) in entries.chain(plugins.router.iter().map(|e| ("plugins.router", e))) {
+            if entry.name.is_empty() {
+                problems.push(format!("{section}: a plugin has an empty name"));
+            } else if !names.insert(entry.name.as_str()) {
+                problems.push(format!("{section}: plugin name `{}` is used twice", entry.name));
+            }
+            if !entry.path.is_file() {
+                problems.push(format!(
+                    "{section} `{}`: file {} does not exist",
+                    entry.name,
+                    entry.path.display()
+                ));
+            }
+            for (key, value) in &entry.config {
+                if plugin_config_value(value).is_none() {
+                    problems.push(format!(
+                        "{section} `{}`: config `{key}` must be a string, number or boolean",
+                        entry.name
+                    ));
+                }
+            }
+        }
+    }
+
+    fn validate_routing(&self, problems: &mut Vec<String>) {
+        let routing = &self.routing;
+        if !(1024..=KINESIS_LARGEST_MAX_RECORD_BYTES).contains(&routing.kinesis_max_record_bytes) {
+            problems.push(format!(
+                "routing.kinesis_max_record_bytes must be 1024 to {KINESIS_LARGEST_MAX_RECORD_BYTES} (10 MiB), not {}",
+                routing.kinesis_max_record_bytes
+            ));
+        }
+        if let Err(why) = validate_stream_name(&routing.kinesis_stream) {
+            problems.push(format!("routing.kinesis_stream: {why}"));
+        }
+        let mut names = std::collections::HashSet::new();
+        for (index, rule) in routing.rules.iter().enumerate() {
+            let at = format!("routing.rules[{index}] `{}`", rule.name);
+            if rule.name.is_empty() {
+                problems.push(format!("routing.rules[{index}]: name is empty"));
+            } else if !names.insert(rule.name.as_str()) {
+                problems.push(format!("{at}: the name is used twice"));
+            }
+            if let Err(why) = TopicFilter::parse(&rule.topic) {
+                problems.push(format!("{at}: topic filter: {why}"));
+            }
+            if rule.destination.is_none() && !rule.command_and_control {
+                problems.push(format!(
+                    "{at}: has neither a destination nor command_and_control, so it does nothing"
+                ));
+            }
+            if let Some(topic) = &rule.iot_topic {
+                if let Err(why) = validate_publish_topic(topic) {
+                    problems.push(format!("{at}: iot_topic: {why}"));
+                }
+            }
+            if let Some(qos) = rule.qos {
+                if qos > 1 {
+                    problems.push(format!("{at}: qos must be 0 or 1 (IoT Core has no QoS {qos})"));
+                }
+            }
+            if let Some(stream) = &rule.stream {
+                if let Err(why) = validate_stream_name(stream) {
+                    problems.push(format!("{at}: stream: {why}"));
+                }
+            }
+            let iot_only = rule.iot_topic.is_some() || rule.qos.is_some();
+            if iot_only && !matches!(rule.destination, Some(RuleDestination::IotCore)) {
+                problems.push(format!("{at}: iot_topic and qos need destination = \"iot-core\""));
+            }
+            if rule.stream.is_some() && !matches!(rule.destination, Some(RuleDestination::Kinesis)) {
+                problems.push(format!("{at}: stream needs destination = \"kinesis\""));
+            }
+        }
+    }
+}
+
+/// A plugin config value as the string handed to the plugin; `None` for arrays/tables.
+pub fn plugin_config_value(value: &toml::Value) -> Option<String> {
+    match value {
+        toml::Value::String(text) => Some(text.clone()),
+        toml::Value::Integer(n) => Some(n.to_string()),
+        toml::Value::Float(x) => Some(x.to_string()),
+        toml::Value::Boolean(b) => Some(b.to_string()),
+        toml::Value::Datetime(d) => Some(d.to_string()),
+        toml::Value::Array(_) | toml::Value::Table(_) => None,
+    }
+}
+
+/// Kinesis stream names: 1 to 128 characters of `a-z A-Z 0-9 _ . -`.
+pub fn validate_stream_name(name: &str) -> Result<(), String> {
+    let valid_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    if name.is_empty() || name.len() > 128 || !valid_chars {
+        return Err(format!(
+            "`{name}` is not a Kinesis stream name (1 to 128 of a-z, A-Z, 0-9, `_`, `.`, `-`)"
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_embedded_default() {
+        let config = Config::parse("").unwrap();
+        assert_eq!(config.server.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert!(config.server.tls.is_none());
+        assert!(config.plugins.transform.is_empty());
+        assert_eq!(config.routing.kinesis_max_record_bytes, 1024 * 1024);
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_with_their_name() {
+        let error = Config::parse("[server]\nlisten_on = \"127.0.0.1:1\"\n").unwrap_err();
+        assert!(error.contains("listen_on"), "{error}");
+    }
+
+    #[test]
+    fn validation_reports_every_problem_at_once() {
+        let config = Config::parse(
+            r#"
+            [plugins]
+            workers = 0
+            memory_limit_mib = 0
+            [[plugins.transform]]
+            name = "a"
+            path = "/nonexistent/a.wasm"
+            config = { list = [1, 2] }
+            [[plugins.transform]]
+            name = "a"
+            path = "/nonexistent/b.wasm"
+            [routing]
+            kinesis_max_record_bytes = 20000000
+            kinesis_stream = "bad stream"
+            [[routing.rules]]
+            name = "r"
+            topic = "a/#/b"
+            destination = "kinesis"
+            qos = 2
+            "#,
+        )
+        .unwrap();
+        let ConfigError::Invalid(problems) = config.validate().unwrap_err() else {
+            panic!("expected validation problems");
+        };
+        let all = problems.join("\n");
+        for expected in [
+            "plugins.workers",
+            "memory_limit_mib",
+            "/nonexistent/a.wasm",
+            "/nonexistent/b.wasm",
+            "`a` is used twice",
+            "config `list`",
+            "kinesis_max_record_bytes",
+            "`bad stream`",
+            "topic filter",
+            "qos must be 0 or 1",
+            "need destination = \"iot-core\"",
+        ] {
+            assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+        }
+        assert_eq!(problems.len(), 11, "{all}");
+    }
+}

@@ -1,0 +1,356 @@
+//! Device-facing HTTP routes.
+//!
+//! - `POST /topics/{topic}?qos=N`: AWS IoT Core's HTTPS publish API, so existing device
+//!   code can point at Sluice unchanged. `200` with `{"message":"OK","traceId":ID,…}`.
+//! - `POST /batch`: many messages in one request, one report per message.
+//! - `GET /healthz`: `200 ok` while the listener runs.
+//!
+//! Errors are JSON `{"code": …, "message": …}` with a stable code; see
+//! [`ApiError`] for the full list.
+
+use std::sync::Arc;
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use base64::Engine as _;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::config::Config;
+use crate::message::{Message, new_id, now_ms};
+use crate::pipeline::{MessageReport, Pipeline, Status};
+use crate::plugin::FailureKind;
+use crate::route::topic::validate_publish_topic;
+use crate::sink::SinkError;
+
+/// The header naming the device while device authentication is not configured.
+pub const DEVICE_HEADER: &str = "x-device-id";
+/// The device id of requests without [`DEVICE_HEADER`].
+pub const ANONYMOUS_DEVICE: &str = "anonymous";
+/// Longest device id accepted (IoT Core's client id limit).
+pub const MAX_DEVICE_ID_LEN: usize = 128;
+
+/// What the routes share.
+#[derive(Clone)]
+pub struct AppState {
+    /// The message path.
+    pub pipeline: Arc<Pipeline>,
+    /// Most messages in one batch request.
+    pub max_batch_messages: usize,
+    /// Largest batch request body.
+    pub max_batch_bytes: usize,
+}
+
+impl AppState {
+    /// The state for `config` around `pipeline`.
+    pub fn new(config: &Config, pipeline: Arc<Pipeline>) -> AppState {
+        AppState {
+            pipeline,
+            max_batch_messages: config.limits.max_batch_messages,
+            max_batch_bytes: config.limits.max_batch_bytes,
+        }
+    }
+}
+
+/// The device-facing router.
+pub fn app(state: AppState) -> axum::Router {
+    axum::Router::new()
+        .route("/topics/{*topic}", post(publish))
+        .route("/batch", post(batch))
+        .route("/healthz", get(|| async { "ok" }))
+        // Limits are enforced by the handlers, which know which limit applies and say so.
+        .layer(DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+/// Every error a device can get.
+#[derive(Debug)]
+pub enum ApiError {
+    /// `400 bad_request`: a malformed topic, QoS, device id or batch body.
+    BadRequest(String),
+    /// `413 payload_too_large`: a payload over the record limit, or a batch over its limits.
+    TooLarge(String),
+    /// `422 plugin_refused`, `500 plugin_*`, `503 plugin_unavailable`: a plugin refused
+    /// the message or failed on it, and `plugins.on_failure` is `reject`.
+    Plugin {
+        /// The message id.
+        id: String,
+        /// How it failed.
+        kind: FailureKind,
+        /// The plugin.
+        plugin: String,
+        /// Why.
+        message: String,
+    },
+    /// `503 sink_unavailable` with `Retry-After`: nothing was acknowledged.
+    SinkUnavailable(String),
+}
+
+impl From<SinkError> for ApiError {
+    fn from(error: SinkError) -> Self {
+        ApiError::SinkUnavailable(error.to_string())
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let (status, body) = match self {
+            ApiError::BadRequest(message) => {
+                (StatusCode::BAD_REQUEST, json!({"code": "bad_request", "message": message}))
+            }
+            ApiError::TooLarge(message) => {
+                (StatusCode::PAYLOAD_TOO_LARGE, json!({"code": "payload_too_large", "message": message}))
+            }
+            ApiError::Plugin { id, kind, plugin, message } => {
+                let status = match kind {
+                    FailureKind::Refused => StatusCode::UNPROCESSABLE_ENTITY,
+                    FailureKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+                    _ => StatusCode::INTERNAL_SERVER_ERROR,
+                };
+                let body = json!({"code": kind.code(), "message": message, "plugin": plugin, "id": id});
+                (status, body)
+            }
+            ApiError::SinkUnavailable(message) => {
+                tracing::warn!(error = %message, "sink unavailable; request refused");
+                let body = json!({"code": "sink_unavailable", "message": "the gateway cannot store messages right now; retry later"});
+                let mut response = (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
+                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                return response;
+            }
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+/// Query parameters of IoT Core's HTTPS publish API. Besides `qos` they are MQTT 5
+/// publish properties; Sluice keeps them as message attributes (`mqtt.*`).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct PublishParams {
+    qos: Option<String>,
+    retain: Option<String>,
+    content_type: Option<String>,
+    response_topic: Option<String>,
+    correlation_data: Option<String>,
+    message_expiry: Option<String>,
+    payload_format_indicator: Option<String>,
+    user_properties: Option<String>,
+}
+
+async fn publish(
+    State(state): State<AppState>,
+    Path(topic): Path<String>,
+    params: Result<Query<PublishParams>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let Query(params) = params.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+    let device = device_id(&headers)?;
+    validate_publish_topic(&topic).map_err(|why| ApiError::BadRequest(format!("topic `{topic}`: {why}")))?;
+    let qos = parse_qos(params.qos.as_deref())?;
+    let limit = state.pipeline.max_payload_bytes();
+    let payload = read_body(&headers, body, limit, "payload", "the record limit").await?;
+    let content_type = params
+        .content_type
+        .clone()
+        .or_else(|| header_str(&headers, header::CONTENT_TYPE))
+        .unwrap_or_default();
+    let mut attributes = vec![("qos".to_string(), qos.to_string())];
+    let optional = [
+        ("mqtt.retain", &params.retain),
+        ("mqtt.response_topic", &params.response_topic),
+        ("mqtt.correlation_data", &params.correlation_data),
+        ("mqtt.message_expiry", &params.message_expiry),
+        ("mqtt.payload_format_indicator", &params.payload_format_indicator),
+        ("mqtt.user_properties", &params.user_properties),
+    ];
+    for (key, value) in optional {
+        if let Some(value) = value {
+            attributes.push((key.to_string(), value.clone()));
+        }
+    }
+    let message = Message {
+        id: new_id(),
+        device_id: device,
+        topic,
+        content_type,
+        attributes,
+        received_at_ms: now_ms(),
+        payload: payload.to_vec(),
+    };
+    let mut reports = state.pipeline.process(vec![message], false).await?;
+    let report = reports.pop().ok_or_else(|| ApiError::SinkUnavailable("no report".to_string()))?;
+    if report.status == Status::Rejected {
+        return Err(rejected(report));
+    }
+    let body = json!({
+        "message": "OK",
+        "traceId": report.id,
+        "id": report.id,
+        "status": report.status,
+        "routes": report.routes,
+        "error": report.error,
+    });
+    Ok((StatusCode::OK, Json(body)).into_response())
+}
+
+fn rejected(report: MessageReport) -> ApiError {
+    let error = report.error.unwrap_or_else(|| crate::pipeline::FailureReport {
+        code: FailureKind::Unavailable.code(),
+        plugin: String::new(),
+        message: "rejected".to_string(),
+    });
+    ApiError::Plugin {
+        id: report.id,
+        kind: report.failure_kind.unwrap_or(FailureKind::Unavailable),
+        plugin: error.plugin,
+        message: error.message,
+    }
+}
+
+/// One message of a `POST /batch` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchItem {
+    /// The topic, as in `POST /topics/{topic}`.
+    topic: String,
+    /// A JSON payload, stored compactly.
+    payload: Option<serde_json::Value>,
+    /// Binary payload in base64.
+    payload_base64: Option<String>,
+    /// Content type; `application/json` for `payload`.
+    content_type: Option<String>,
+    /// 0 or 1; default 0.
+    qos: Option<u8>,
+    /// Extra attributes.
+    #[serde(default)]
+    attributes: std::collections::BTreeMap<String, String>,
+}
+
+/// A `POST /batch` body.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BatchBody {
+    messages: Vec<BatchItem>,
+}
+
+async fn batch(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+    let device = device_id(&headers)?;
+    let max_bytes = state.max_batch_bytes;
+    let body = read_body(&headers, body, max_bytes, "batch body", "limits.max_batch_bytes").await?;
+    let parsed: BatchBody = serde_json::from_slice(&body)
+        .map_err(|error| ApiError::BadRequest(format!("batch body is not valid: {error}")))?;
+    if parsed.messages.len() > state.max_batch_messages {
+        return Err(ApiError::TooLarge(format!(
+            "batch of {} messages exceeds the limit of {}",
+            parsed.messages.len(),
+            state.max_batch_messages
+        )));
+    }
+    let limit = state.pipeline.max_payload_bytes();
+    let received_at_ms = now_ms();
+    let mut messages = Vec::with_capacity(parsed.messages.len());
+    for (index, item) in parsed.messages.into_iter().enumerate() {
+        let at = |why: String| format!("messages[{index}]: {why}");
+        validate_publish_topic(&item.topic).map_err(|why| ApiError::BadRequest(at(format!("topic: {why}"))))?;
+        let qos = item.qos.unwrap_or(0);
+        if qos > 1 {
+            return Err(ApiError::BadRequest(at(format!("qos must be 0 or 1, not {qos}"))));
+        }
+        let (payload, default_type) = match (item.payload, item.payload_base64) {
+            (Some(value), None) => (serde_json::to_vec(&value).unwrap_or_default(), "application/json"),
+            (None, Some(text)) => (
+                base64::engine::general_purpose::STANDARD
+                    .decode(text.as_bytes())
+                    .map_err(|error| ApiError::BadRequest(at(format!("payload_base64: {error}"))))?,
+                "",
+            ),
+            (None, None) => (Vec::new(), ""),
+            (Some(_), Some(_)) => {
+                return Err(ApiError::BadRequest(at("give `payload` or `payload_base64`, not both".to_string())));
+            }
+        };
+        if payload.len() > limit {
+            return Err(ApiError::TooLarge(at(format!(
+                "payload of {} exceeds the record limit of {limit} bytes",
+                payload.len()
+            ))));
+        }
+        let mut attributes = vec![("qos".to_string(), qos.to_string())];
+        attributes.extend(item.attributes);
+        messages.push(Message {
+            id: new_id(),
+            device_id: device.clone(),
+            topic: item.topic,
+            content_type: item.content_type.unwrap_or_else(|| default_type.to_string()),
+            attributes,
+            received_at_ms,
+            payload,
+        });
+    }
+    let reports = state.pipeline.process(messages, false).await?;
+    Ok((StatusCode::OK, Json(json!({ "results": reports }))).into_response())
+}
+
+/// The sending device, from [`DEVICE_HEADER`] (until device authentication exists).
+fn device_id(headers: &HeaderMap) -> Result<String, ApiError> {
+    let Some(value) = headers.get(DEVICE_HEADER) else {
+        return Ok(ANONYMOUS_DEVICE.to_string());
+    };
+    let id = value
+        .to_str()
+        .map_err(|_| ApiError::BadRequest(format!("{DEVICE_HEADER} must be printable ASCII")))?;
+    if id.is_empty() || id.len() > MAX_DEVICE_ID_LEN || id.contains(['/', '+', '#']) {
+        return Err(ApiError::BadRequest(format!(
+            "{DEVICE_HEADER} must be 1 to {MAX_DEVICE_ID_LEN} characters without `/`, `+` or `#`"
+        )));
+    }
+    Ok(id.to_string())
+}
+
+fn parse_qos(qos: Option<&str>) -> Result<u8, ApiError> {
+    match qos {
+        None | Some("0") => Ok(0),
+        Some("1") => Ok(1),
+        Some(other) => Err(ApiError::BadRequest(format!("qos must be 0 or 1 (IoT Core's limits), not `{other}`"))),
+    }
+}
+
+fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<String> {
+    headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+}
+
+/// Reads a body of at most `limit` bytes; over it, `413` naming `what` and the limit.
+async fn read_body(
+    headers: &HeaderMap,
+    body: Body,
+    limit: usize,
+    what: &str,
+    limit_name: &str,
+) -> Result<Bytes, ApiError> {
+    let too_large = |size: Option<u64>| {
+        let size = size.map(|n| format!(" of {n} bytes")).unwrap_or_default();
+        ApiError::TooLarge(format!("{what}{size} exceeds {limit_name} of {limit} bytes"))
+    };
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    if let Some(size) = declared {
+        if size > limit as u64 {
+            return Err(too_large(Some(size)));
+        }
+    }
+    axum::body::to_bytes(body, limit).await.map_err(|error| {
+        let source = std::error::Error::source(&error);
+        if source.is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) {
+            too_large(None)
+        } else {
+            ApiError::BadRequest(format!("cannot read the request body: {error}"))
+        }
+    })
+}

@@ -1,0 +1,199 @@
+//! The `sluice` command: parses the command line, sets up logging, and hands over to the
+//! library.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use sluice_gateway::config::Config;
+use sluice_gateway::plugin::host::{Host, Limits};
+
+/// Sluice: an ingestion gateway for IoT fleets, extended with WebAssembly plugins.
+#[derive(Debug, Parser)]
+#[command(name = "sluice", version, about, long_about = None)]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "SLUICE_LOG_FORMAT")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Clone, Copy, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Run the gateway. Without --config: the embedded default (plain HTTP on
+    /// 127.0.0.1:8080, no plugins, the local sink under ./sluice-data).
+    Run {
+        /// Configuration file (TOML).
+        #[arg(long, short, env = "SLUICE_CONFIG")]
+        config: Option<PathBuf>,
+        /// Listen address, overriding the configuration (port 0 picks a free port).
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+        /// Data directory, overriding the configuration.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+    },
+    /// Work with plugin components.
+    Plugin {
+        #[command(subcommand)]
+        command: PluginCommand,
+    },
+    /// Work with configuration files.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum PluginCommand {
+    /// Validate a component against the sluice:plugin WIT and list its imports and
+    /// exports. Exits 1 if the gateway would refuse it.
+    Check {
+        /// The component file (.wasm).
+        file: PathBuf,
+    },
+    /// Run a plugin offline over sample messages (JSON Lines) and print the outcomes.
+    Run {
+        /// The component file (.wasm).
+        file: PathBuf,
+        /// Sample messages, one JSON object per line.
+        #[arg(long, short)]
+        input: PathBuf,
+        /// Plugin configuration, as KEY=VALUE (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE", value_parser = parse_key_value)]
+        settings: Vec<(String, String)>,
+        /// Messages per plugin call.
+        #[arg(long, default_value_t = 100)]
+        batch: usize,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ConfigCommand {
+    /// Validate a configuration file, reporting every problem at once, and load its
+    /// plugins. Exits 1 if the gateway would refuse to start with it.
+    Check {
+        /// Configuration file (TOML).
+        #[arg(long, short, env = "SLUICE_CONFIG")]
+        config: PathBuf,
+    },
+}
+
+fn parse_key_value(text: &str) -> Result<(String, String), String> {
+    let (key, value) = text.split_once('=').ok_or_else(|| format!("`{text}` is not KEY=VALUE"))?;
+    Ok((key.to_string(), value.to_string()))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("sluice: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
+    match path {
+        Some(path) => Ok(Config::load(path)?),
+        None => Ok(Config::default()),
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::Run { config, listen, data_dir } => {
+            let mut config = load_config(config.as_ref())?;
+            if let Some(listen) = listen {
+                config.server.listen = listen;
+            }
+            if let Some(data_dir) = data_dir {
+                config.server.data_dir = data_dir;
+            }
+            config.validate()?;
+            let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            runtime.block_on(async {
+                let shutdown = sluice_gateway::Shutdown::on_signals();
+                sluice_gateway::run(config, shutdown).await
+            })?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Plugin { command: PluginCommand::Check { file } } => plugin_check(&file),
+        Command::Plugin { command: PluginCommand::Run { file, input, settings, batch } } => {
+            let config = Config::default();
+            let mut stdout = std::io::stdout().lock();
+            let counters = sluice_gateway::plugin::offline::run_file(&config, &file, settings, &input, batch, &mut stdout)?;
+            for (name, value) in counters {
+                eprintln!("counter {name} = {value}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Config { command: ConfigCommand::Check { config } } => {
+            let loaded = Config::load(&config)?;
+            let plugins = sluice_gateway::plugin::Plugins::start(&loaded)?;
+            let count = plugins.current().all().count();
+            plugins.stop();
+            println!("{}: OK ({count} plugin(s) loaded)", config.display());
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn plugin_check(file: &std::path::Path) -> anyhow::Result<ExitCode> {
+    let config = Config::default();
+    let limits = Limits {
+        call_timeout: std::time::Duration::from_millis(config.plugins.call_timeout_ms),
+        memory_bytes: (config.plugins.memory_limit_mib as usize) << 20,
+    };
+    let cache = std::env::temp_dir().join("sluice-plugin-check-cache");
+    let host = Host::new(limits, cache, 4)?;
+    let inspection = host.inspect(file)?;
+    println!("{}", file.display());
+    match inspection.kind {
+        Some(kind) => println!("  world: sluice:plugin/{kind}"),
+        None => println!("  world: none (exports neither transformer nor routing)"),
+    }
+    println!("  imports:");
+    for (name, allowed) in &inspection.imports {
+        println!("    {} {name}", if *allowed { "ok     " } else { "REFUSED" });
+    }
+    println!("  exports:");
+    for name in &inspection.exports {
+        println!("    {name}");
+    }
+    match host.load(file) {
+        Ok(_) => {
+            println!("OK: the gateway accepts this plugin");
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(error) => {
+            println!("REFUSED: {error}");
+            Ok(ExitCode::FAILURE)
+        }
+    }
+}

@@ -1,0 +1,443 @@
+//! The engine and everything built once per process: the linker with the host imports,
+//! the epoch ticker, the compiled-component cache, and loading with import checks.
+
+use std::collections::HashMap;
+use std::hash::{Hash, Hasher};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+use std::time::Duration;
+
+use sha2::{Digest, Sha256};
+use wasmtime::component::types::ComponentItem;
+use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
+use wasmtime::{Engine, ResourceLimiter, Store};
+use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+
+use crate::plugin::bindings::router::RouterPre;
+use crate::plugin::bindings::sluice::plugin::{host, types};
+use crate::plugin::bindings::transform::TransformPre;
+use crate::plugin::{PluginError, PluginKind};
+
+/// How often the ticker thread advances the engine's epoch. Call time limits are
+/// rounded up to whole ticks, so this is their resolution.
+pub const EPOCH_TICK: Duration = Duration::from_millis(5);
+
+/// Imports a plugin may have. Plugins built for `wasm32-wasip2` import parts of WASI
+/// through Rust's standard library; those are linked with an empty context: no
+/// preopened directories, no environment, no arguments, closed stdin, discarded output,
+/// clocks that always read zero. Everything else (sockets, HTTP, …) is refused at load.
+const ALLOWED_IMPORT_PREFIXES: &[&str] = &[
+    "sluice:plugin/host@0.1.",
+    "sluice:plugin/types@0.1.",
+    "wasi:cli/environment@0.2.",
+    "wasi:cli/exit@0.2.",
+    "wasi:cli/stdin@0.2.",
+    "wasi:cli/stdout@0.2.",
+    "wasi:cli/stderr@0.2.",
+    "wasi:cli/terminal-",
+    "wasi:io/error@0.2.",
+    "wasi:io/poll@0.2.",
+    "wasi:io/streams@0.2.",
+    "wasi:filesystem/types@0.2.",
+    "wasi:filesystem/preopens@0.2.",
+    "wasi:random/",
+    "wasi:clocks/wall-clock@0.2.",
+    "wasi:clocks/monotonic-clock@0.2.",
+];
+
+/// The state of one plugin instance's store.
+pub struct HostState {
+    /// The empty WASI context (see [`ALLOWED_IMPORT_PREFIXES`]).
+    wasi: WasiCtx,
+    /// WASI's resource handles (streams and the like).
+    table: ResourceTable,
+    /// Enforces the instance's memory limit and remembers that it was hit.
+    limiter: MemoryLimiter,
+    /// Where `log` and `counter-add` go.
+    stats: Arc<PluginStats>,
+}
+
+/// What a plugin reported through the host imports, shared by all its instances.
+#[derive(Debug, Default)]
+pub struct PluginStats {
+    /// The plugin's name, for log records.
+    pub name: String,
+    /// Counters from `counter-add`.
+    pub counters: Mutex<HashMap<String, u64>>,
+}
+
+impl PluginStats {
+    /// A snapshot of the counters, sorted by name.
+    pub fn counters(&self) -> Vec<(String, u64)> {
+        let counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        let mut list: Vec<_> = counters.iter().map(|(k, v)| (k.clone(), *v)).collect();
+        list.sort();
+        list
+    }
+}
+
+/// The per-instance memory limit. Wasmtime's `StoreLimits` enforces a limit too, but
+/// cannot tell afterwards whether a trap came from it; the gateway must report
+/// "memory limit" precisely, so this limiter records the fact.
+struct MemoryLimiter {
+    /// Most bytes of linear memory (and table elements) an instance may have.
+    max_bytes: usize,
+    /// Set when a growth was refused; read after a failed call.
+    hit: bool,
+}
+
+impl ResourceLimiter for MemoryLimiter {
+    fn memory_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        if desired > self.max_bytes {
+            self.hit = true;
+            return Err(wasmtime::format_err!(
+                "plugin memory limit of {} MiB reached",
+                self.max_bytes >> 20
+            ));
+        }
+        Ok(true)
+    }
+
+    fn table_growing(
+        &mut self,
+        _current: usize,
+        desired: usize,
+        _maximum: Option<usize>,
+    ) -> wasmtime::Result<bool> {
+        Ok(desired <= 1_000_000)
+    }
+}
+
+impl WasiView for HostState {
+    fn ctx(&mut self) -> WasiCtxView<'_> {
+        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+    }
+}
+
+impl types::Host for HostState {}
+
+impl host::Host for HostState {
+    fn log(&mut self, level: host::Level, message: String, fields: Vec<(String, String)>) {
+        let plugin = self.stats.name.as_str();
+        let fields = FieldList(&fields);
+        match level {
+            host::Level::Trace => tracing::trace!(plugin, %fields, "{message}"),
+            host::Level::Debug => tracing::debug!(plugin, %fields, "{message}"),
+            host::Level::Info => tracing::info!(plugin, %fields, "{message}"),
+            host::Level::Warn => tracing::warn!(plugin, %fields, "{message}"),
+            host::Level::Error => tracing::error!(plugin, %fields, "{message}"),
+        }
+    }
+
+    fn counter_add(&mut self, name: String, delta: u64) {
+        let mut counters = self.stats.counters.lock().unwrap_or_else(|p| p.into_inner());
+        let counter = counters.entry(name).or_insert(0);
+        *counter = counter.saturating_add(delta);
+    }
+}
+
+/// A plugin's log fields as `k=v k=v`.
+struct FieldList<'a>(&'a [(String, String)]);
+
+impl std::fmt::Display for FieldList<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        for (index, (key, value)) in self.0.iter().enumerate() {
+            if index > 0 {
+                f.write_str(" ")?;
+            }
+            write!(f, "{key}={value:?}")?;
+        }
+        Ok(())
+    }
+}
+
+/// A wall clock and a monotonic clock that always read zero: plugins get time only from
+/// `received-at-ms`, which keeps them deterministic.
+struct FrozenClock;
+
+impl wasmtime_wasi::HostWallClock for FrozenClock {
+    fn resolution(&self) -> Duration {
+        Duration::from_secs(1)
+    }
+    fn now(&self) -> Duration {
+        Duration::ZERO
+    }
+}
+
+impl wasmtime_wasi::HostMonotonicClock for FrozenClock {
+    fn resolution(&self) -> u64 {
+        1_000_000_000
+    }
+    fn now(&self) -> u64 {
+        0
+    }
+}
+
+/// Limits applied to every plugin instance.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Time limit of one call.
+    pub call_timeout: Duration,
+    /// Memory limit of one instance, in bytes.
+    pub memory_bytes: usize,
+}
+
+impl Limits {
+    /// The call time limit in epoch ticks, rounded up, plus one because the current
+    /// tick may be almost over when the call starts.
+    pub fn deadline_ticks(&self) -> u64 {
+        let tick = EPOCH_TICK.as_micros();
+        (self.call_timeout.as_micros().div_ceil(tick) as u64) + 1
+    }
+}
+
+/// The engine and what is built once with it.
+pub struct Host {
+    /// One engine for every plugin, with the pooling allocator and epoch interruption.
+    engine: Engine,
+    /// WASI plus the `sluice:plugin/host` imports.
+    linker: Linker<HostState>,
+    /// Compiled components, keyed by content hash and engine compatibility.
+    cache_dir: PathBuf,
+    /// Limits for every instance.
+    limits: Limits,
+    /// Advances the epoch; stopped and joined on drop.
+    ticker: Option<(Arc<AtomicBool>, JoinHandle<()>)>,
+}
+
+/// A component that passed the checks, ready to instantiate.
+pub enum Prepared {
+    /// A transform plugin.
+    Transform(TransformPre<HostState>),
+    /// A router plugin.
+    Router(RouterPre<HostState>),
+}
+
+impl Prepared {
+    /// Which world the component targets.
+    pub fn kind(&self) -> PluginKind {
+        match self {
+            Prepared::Transform(_) => PluginKind::Transform,
+            Prepared::Router(_) => PluginKind::Router,
+        }
+    }
+}
+
+/// What `sluice plugin check` reports about a component.
+#[derive(Debug)]
+pub struct Inspection {
+    /// Which world it targets, if any.
+    pub kind: Option<PluginKind>,
+    /// Every import, with whether it is allowed.
+    pub imports: Vec<(String, bool)>,
+    /// Every export.
+    pub exports: Vec<String>,
+}
+
+impl Host {
+    /// Builds the engine, the linker and the epoch ticker.
+    pub fn new(limits: Limits, cache_dir: PathBuf, max_instances: u32) -> Result<Host, PluginError> {
+        let mut pool = wasmtime::PoolingAllocationConfig::default();
+        pool.total_component_instances(max_instances)
+            .total_core_instances(max_instances.saturating_mul(8))
+            .total_memories(max_instances.saturating_mul(4))
+            .total_tables(max_instances.saturating_mul(8))
+            .max_memory_size(limits.memory_bytes.saturating_mul(2).max(16 << 20));
+        let mut config = wasmtime::Config::new();
+        config
+            .epoch_interruption(true)
+            .allocation_strategy(wasmtime::InstanceAllocationStrategy::Pooling(pool))
+            .max_wasm_stack(1 << 20);
+        let engine = Engine::new(&config).map_err(|e| PluginError::Engine(e.to_string()))?;
+        let mut linker = Linker::new(&engine);
+        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+            .map_err(|e| PluginError::Engine(e.to_string()))?;
+        crate::plugin::bindings::transform::Transform::add_to_linker::<_, HasSelf<_>>(
+            &mut linker,
+            |state| state,
+        )
+        .map_err(|e| PluginError::Engine(e.to_string()))?;
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let ticker = {
+            let engine = engine.clone();
+            let stop = stop.clone();
+            std::thread::Builder::new()
+                .name("sluice-epoch".to_string())
+                .spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        std::thread::sleep(EPOCH_TICK);
+                        engine.increment_epoch();
+                    }
+                })
+                .map_err(|e| PluginError::Engine(format!("cannot start the epoch ticker: {e}")))?
+        };
+        Ok(Host { engine, linker, cache_dir, limits, ticker: Some((stop, ticker)) })
+    }
+
+    /// The limits every instance gets.
+    pub fn limits(&self) -> Limits {
+        self.limits
+    }
+
+    /// A fresh store for one instance of a plugin.
+    pub fn new_store(&self, stats: Arc<PluginStats>) -> Store<HostState> {
+        let wasi = wasmtime_wasi::WasiCtx::builder()
+            .wall_clock(FrozenClock)
+            .monotonic_clock(FrozenClock)
+            .build();
+        let state = HostState {
+            wasi,
+            table: ResourceTable::new(),
+            limiter: MemoryLimiter { max_bytes: self.limits.memory_bytes, hit: false },
+            stats,
+        };
+        let mut store = Store::new(&self.engine, state);
+        store.limiter(|state| &mut state.limiter);
+        store.set_epoch_deadline(self.limits.deadline_ticks());
+        store
+    }
+
+    /// Reads a component file, compiles it (or loads it from the cache), and checks its
+    /// imports and its world. Returns the component's content hash too.
+    pub fn load(&self, path: &Path) -> Result<(Prepared, String), PluginError> {
+        let bytes = std::fs::read(path).map_err(|e| PluginError::Read {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let hash = hex::encode(Sha256::digest(&bytes));
+        let component = self.compile(&bytes, &hash, path)?;
+        let refused: Vec<String> = self
+            .inspect_component(&component)
+            .imports
+            .into_iter()
+            .filter(|(_, allowed)| !allowed)
+            .map(|(name, _)| name)
+            .collect();
+        if !refused.is_empty() {
+            return Err(PluginError::ForbiddenImports { path: path.to_path_buf(), imports: refused });
+        }
+        let pre = self.linker.instantiate_pre(&component).map_err(|e| PluginError::Invalid {
+            path: path.to_path_buf(),
+            reason: format!("cannot link: {e:#}"),
+        })?;
+        if let Ok(transform) = TransformPre::new(pre.clone()) {
+            return Ok((Prepared::Transform(transform), hash));
+        }
+        if let Ok(router) = RouterPre::new(pre) {
+            return Ok((Prepared::Router(router), hash));
+        }
+        Err(PluginError::Invalid {
+            path: path.to_path_buf(),
+            reason: "exports neither `sluice:plugin/transformer@0.1.0` (transform world) nor \
+                     `sluice:plugin/routing@0.1.0` (router world)"
+                .to_string(),
+        })
+    }
+
+    /// Lists a component's imports and exports and which world it targets, for
+    /// `sluice plugin check`.
+    pub fn inspect(&self, path: &Path) -> Result<Inspection, PluginError> {
+        let bytes = std::fs::read(path).map_err(|e| PluginError::Read {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let hash = hex::encode(Sha256::digest(&bytes));
+        let component = self.compile(&bytes, &hash, path)?;
+        let mut inspection = self.inspect_component(&component);
+        inspection.kind = self.load(path).ok().map(|(prepared, _)| prepared.kind());
+        Ok(inspection)
+    }
+
+    fn inspect_component(&self, component: &Component) -> Inspection {
+        let ty = component.component_type();
+        let imports = ty
+            .imports(&self.engine)
+            .map(|(name, _)| {
+                let allowed = ALLOWED_IMPORT_PREFIXES.iter().any(|prefix| name.starts_with(prefix));
+                (name.to_string(), allowed)
+            })
+            .collect();
+        let exports = ty
+            .exports(&self.engine)
+            .map(|(name, item)| match item.ty {
+                ComponentItem::ComponentInstance(_) => format!("{name} (interface)"),
+                ComponentItem::ComponentFunc(_) => format!("{name} (function)"),
+                _ => name.to_string(),
+            })
+            .collect();
+        Inspection { kind: None, imports, exports }
+    }
+
+    /// Compiles `bytes`, going through the on-disk cache.
+    fn compile(&self, bytes: &[u8], hash: &str, path: &Path) -> Result<Component, PluginError> {
+        let mut hasher = std::hash::DefaultHasher::new();
+        self.engine.precompile_compatibility_hash().hash(&mut hasher);
+        let cached = self.cache_dir.join(format!("{hash}-{:016x}.cwasm", hasher.finish()));
+        if cached.is_file() {
+            // SAFETY: `deserialize_file` trusts its input to be a component compiled by
+            // Wasmtime. Only the gateway writes this directory, always from
+            // `Component::serialize` of a component it compiled itself, and the file name
+            // binds the content hash and this engine's compatibility hash.
+            #[allow(unsafe_code)]
+            let loaded = unsafe { Component::deserialize_file(&self.engine, &cached) };
+            match loaded {
+                Ok(component) => return Ok(component),
+                Err(error) => {
+                    tracing::warn!(%error, cache = %cached.display(), "ignoring an unusable cache entry");
+                }
+            }
+        }
+        let component = Component::new(&self.engine, bytes).map_err(|e| PluginError::Invalid {
+            path: path.to_path_buf(),
+            reason: format!("not a valid WebAssembly component: {e:#}"),
+        })?;
+        if let Err(error) = self.store_in_cache(&component, &cached) {
+            tracing::warn!(%error, cache = %cached.display(), "cannot cache a compiled plugin");
+        }
+        Ok(component)
+    }
+
+    fn store_in_cache(&self, component: &Component, cached: &Path) -> anyhow::Result<()> {
+        std::fs::create_dir_all(&self.cache_dir)?;
+        let serialized = component.serialize().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let temporary = cached.with_extension(format!("tmp{}", std::process::id()));
+        std::fs::write(&temporary, serialized)?;
+        std::fs::rename(&temporary, cached)?;
+        Ok(())
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        if let Some((stop, ticker)) = self.ticker.take() {
+            stop.store(true, Ordering::Relaxed);
+            let _ = ticker.join();
+        }
+    }
+}
+
+/// Whether the store's memory limit was hit during the last call.
+pub fn memory_limit_hit(store: &Store<HostState>) -> bool {
+    store.data().limiter.hit
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn deadlines_round_up_to_whole_ticks() {
+        let limits = |ms| Limits { call_timeout: Duration::from_millis(ms), memory_bytes: 0 };
+        assert_eq!(limits(5).deadline_ticks(), 2);
+        assert_eq!(limits(6).deadline_ticks(), 3);
+        assert_eq!(limits(200).deadline_ticks(), 41);
+    }
+}

@@ -1,0 +1,279 @@
+//! Plugin worker threads: each owns one instance (store) per plugin, reused across
+//! batches, and runs the chain over the batches it takes from the queue.
+
+use std::collections::HashMap;
+
+use arc_swap::ArcSwap;
+use wasmtime::Store;
+
+use crate::message::Message;
+use crate::plugin::bindings::router::Router;
+use crate::plugin::bindings::transform::Transform;
+use crate::plugin::bindings::{Decision, Destination as WitDestination, Outcome};
+use crate::plugin::host::{Host, HostState, memory_limit_hit};
+use crate::plugin::{
+    FailureKind, InputResult, Job, LoadedPlugin, Output, PartFailure, PluginSet, RouterChoice,
+};
+use crate::route::Destination;
+
+/// One instantiated plugin with its own store.
+pub enum Instance {
+    /// A transform plugin.
+    Transform(Store<HostState>, Transform),
+    /// A router plugin.
+    Router(Store<HostState>, Router),
+}
+
+impl Instance {
+    /// Instantiates `plugin` in a fresh store and runs its `init`.
+    pub fn new(host: &Host, plugin: &LoadedPlugin) -> Result<Instance, String> {
+        let mut store = host.new_store(plugin.stats.clone());
+        let instance = match &plugin.prepared {
+            crate::plugin::host::Prepared::Transform(pre) => {
+                let bindings = pre.instantiate(&mut store).map_err(|e| format!("{e:#}"))?;
+                let init = bindings.sluice_plugin_transformer().call_init(&mut store, &plugin.config);
+                init.map_err(|e| format!("init trapped: {e:#}"))??;
+                Instance::Transform(store, bindings)
+            }
+            crate::plugin::host::Prepared::Router(pre) => {
+                let bindings = pre.instantiate(&mut store).map_err(|e| format!("{e:#}"))?;
+                let init = bindings.sluice_plugin_routing().call_init(&mut store, &plugin.config);
+                init.map_err(|e| format!("init trapped: {e:#}"))??;
+                Instance::Router(store, bindings)
+            }
+        };
+        Ok(instance)
+    }
+}
+
+/// A worker's loop: takes batches until the queue closes.
+pub(super) fn run(host: &Host, set: &ArcSwap<PluginSet>, queue: async_channel::Receiver<Job>) {
+    let mut instances: HashMap<u64, Instance> = HashMap::new();
+    while let Ok(job) = queue.recv_blocking() {
+        // In-flight batches finish on the set they started with; a reload only shows in
+        // the next batch, when instances of versions no longer active are dropped.
+        let current = set.load_full();
+        instances.retain(|id, _| current.contains(*id));
+        let results = run_chain(host, &current, &mut instances, job.batch);
+        let _ = job.reply.send(results);
+    }
+}
+
+/// Runs every transform, then the router, over one batch.
+pub fn run_chain(
+    host: &Host,
+    set: &PluginSet,
+    instances: &mut HashMap<u64, Instance>,
+    batch: Vec<Message>,
+) -> Vec<InputResult> {
+    let mut results: Vec<InputResult> = (0..batch.len()).map(|_| InputResult::default()).collect();
+    let mut origins: Vec<usize> = (0..batch.len()).collect();
+    let mut messages = batch;
+    for plugin in &set.transforms {
+        if messages.is_empty() {
+            break;
+        }
+        match call_transform(host, plugin, instances, &messages) {
+            Ok(outcomes) => {
+                (messages, origins) = apply_outcomes(plugin, messages, origins, outcomes, &mut results);
+            }
+            Err((kind, reason)) => {
+                fail_all(&plugin.name, kind, &reason, messages, origins, &mut results);
+                return results;
+            }
+        }
+    }
+    let choices = match &set.router {
+        Some(router) if !messages.is_empty() => match call_router(host, router, instances, &messages) {
+            Ok(decisions) => decisions.into_iter().map(|d| Some(choice(&router.name, d))).collect(),
+            Err((kind, reason)) => {
+                fail_all(&router.name, kind, &reason, messages, origins, &mut results);
+                return results;
+            }
+        },
+        _ => Vec::new(),
+    };
+    let mut choices = choices.into_iter();
+    for (message, origin) in messages.into_iter().zip(origins) {
+        let router = choices.next().flatten();
+        results[origin].outputs.push(Output { message, router });
+    }
+    results
+}
+
+type CallError = (FailureKind, String);
+
+/// Takes the plugin's instance out of the cache (creating it if needed) for one call; it
+/// goes back only if the call succeeded, so a failed instance is rebuilt next time.
+fn take_instance(
+    host: &Host,
+    plugin: &LoadedPlugin,
+    instances: &mut HashMap<u64, Instance>,
+) -> Result<Instance, CallError> {
+    match instances.remove(&plugin.id) {
+        Some(instance) => Ok(instance),
+        None => Instance::new(host, plugin).map_err(|reason| {
+            (FailureKind::Unavailable, format!("plugin `{}` cannot start: {reason}", plugin.name))
+        }),
+    }
+}
+
+fn call_transform(
+    host: &Host,
+    plugin: &LoadedPlugin,
+    instances: &mut HashMap<u64, Instance>,
+    messages: &[Message],
+) -> Result<Vec<Outcome>, CallError> {
+    let Instance::Transform(mut store, bindings) = take_instance(host, plugin, instances)? else {
+        return Err((FailureKind::Unavailable, format!("plugin `{}` is not a transform", plugin.name)));
+    };
+    store.set_epoch_deadline(host.limits().deadline_ticks());
+    let outcomes = bindings
+        .sluice_plugin_transformer()
+        .call_transform(&mut store, messages)
+        .map_err(|error| classify(host, &store, plugin, error))?;
+    if outcomes.len() != messages.len() {
+        return Err(bad_count(plugin, outcomes.len(), messages.len()));
+    }
+    instances.insert(plugin.id, Instance::Transform(store, bindings));
+    Ok(outcomes)
+}
+
+fn call_router(
+    host: &Host,
+    plugin: &LoadedPlugin,
+    instances: &mut HashMap<u64, Instance>,
+    messages: &[Message],
+) -> Result<Vec<Decision>, CallError> {
+    let Instance::Router(mut store, bindings) = take_instance(host, plugin, instances)? else {
+        return Err((FailureKind::Unavailable, format!("plugin `{}` is not a router", plugin.name)));
+    };
+    store.set_epoch_deadline(host.limits().deadline_ticks());
+    let decisions = bindings
+        .sluice_plugin_routing()
+        .call_route(&mut store, messages)
+        .map_err(|error| classify(host, &store, plugin, error))?;
+    if decisions.len() != messages.len() {
+        return Err(bad_count(plugin, decisions.len(), messages.len()));
+    }
+    instances.insert(plugin.id, Instance::Router(store, bindings));
+    Ok(decisions)
+}
+
+fn bad_count(plugin: &LoadedPlugin, got: usize, want: usize) -> CallError {
+    (
+        FailureKind::BadOutput,
+        format!("plugin `{}` returned {got} results for {want} messages", plugin.name),
+    )
+}
+
+/// Says precisely why a call failed.
+fn classify(host: &Host, store: &Store<HostState>, plugin: &LoadedPlugin, error: wasmtime::Error) -> CallError {
+    let name = &plugin.name;
+    let limits = host.limits();
+    if memory_limit_hit(store) {
+        let mib = limits.memory_bytes >> 20;
+        return (FailureKind::MemoryLimit, format!("plugin `{name}` ran over its memory limit of {mib} MiB"));
+    }
+    if matches!(error.downcast_ref::<wasmtime::Trap>(), Some(wasmtime::Trap::Interrupt)) {
+        let ms = limits.call_timeout.as_millis();
+        return (FailureKind::Timeout, format!("plugin `{name}` ran over its time limit of {ms} ms"));
+    }
+    let detail = match error.downcast_ref::<wasmtime::Trap>() {
+        Some(trap) => trap.to_string(),
+        None => error.to_string(),
+    };
+    tracing::warn!(plugin = %name, error = %format!("{error:?}"), "plugin trapped");
+    (FailureKind::Trap, format!("plugin `{name}` trapped: {detail}"))
+}
+
+/// Applies one transform's outcomes, returning the messages that go on.
+fn apply_outcomes(
+    plugin: &LoadedPlugin,
+    inputs: Vec<Message>,
+    origins: Vec<usize>,
+    outcomes: Vec<Outcome>,
+    results: &mut [InputResult],
+) -> (Vec<Message>, Vec<usize>) {
+    let mut messages = Vec::with_capacity(inputs.len());
+    let mut next_origins = Vec::with_capacity(inputs.len());
+    for ((input, origin), outcome) in inputs.into_iter().zip(origins).zip(outcomes) {
+        match outcome {
+            Outcome::Keep(mut kept) => {
+                kept.id = input.id;
+                kept.device_id = input.device_id;
+                messages.push(kept);
+                next_origins.push(origin);
+            }
+            Outcome::Drop => results[origin].dropped += 1,
+            Outcome::Split(parts) if parts.is_empty() => results[origin].dropped += 1,
+            Outcome::Split(parts) => {
+                for (index, mut part) in parts.into_iter().enumerate() {
+                    if part.id.is_empty() || part.id == input.id {
+                        part.id = format!("{}-{index}", input.id);
+                    }
+                    part.device_id.clone_from(&input.device_id);
+                    messages.push(part);
+                    next_origins.push(origin);
+                }
+            }
+            Outcome::Fail(reason) => results[origin].failures.push(PartFailure {
+                message: input,
+                plugin: plugin.name.clone(),
+                kind: FailureKind::Refused,
+                reason,
+            }),
+        }
+    }
+    (messages, next_origins)
+}
+
+/// Fails every message of a batch a plugin crashed on.
+fn fail_all(
+    plugin: &str,
+    kind: FailureKind,
+    reason: &str,
+    messages: Vec<Message>,
+    origins: Vec<usize>,
+    results: &mut [InputResult],
+) {
+    for (message, origin) in messages.into_iter().zip(origins) {
+        results[origin].failures.push(PartFailure {
+            message,
+            plugin: plugin.to_string(),
+            kind,
+            reason: reason.to_string(),
+        });
+    }
+}
+
+fn choice(plugin: &str, decision: Decision) -> RouterChoice {
+    let destination = decision.destination.map(|destination| match destination {
+        WitDestination::IotCore(target) => Destination::IotCore { topic: target.topic, qos: target.qos },
+        WitDestination::Kinesis(target) => Destination::Kinesis {
+            stream: target.stream,
+            partition_key: target.partition_key,
+            explicit_hash_key: target.explicit_hash_key,
+        },
+        WitDestination::Local => Destination::Local,
+        WitDestination::Drop => Destination::Drop,
+        WitDestination::DeadLetter => Destination::DeadLetter,
+    });
+    RouterChoice { plugin: plugin.to_string(), destination, reason: decision.reason }
+}
+
+/// Runs the chain in the calling thread with instances of its own: the offline loop of
+/// `sluice plugin run`, and the benchmarks.
+#[derive(Default)]
+pub struct LocalRunner {
+    /// This runner's own instances, by plugin load id.
+    instances: HashMap<u64, Instance>,
+}
+
+impl LocalRunner {
+    /// Runs the plugins' current set over `batch`.
+    pub fn run(&mut self, plugins: &crate::plugin::Plugins, batch: Vec<Message>) -> Vec<InputResult> {
+        let set = plugins.current();
+        run_chain(&plugins.inner.host, &set, &mut self.instances, batch)
+    }
+}

@@ -1,0 +1,143 @@
+//! MQTT topic filters and IoT Core's rules for publish topics.
+
+/// IoT Core's maximum topic length in bytes (UTF-8).
+pub const IOT_CORE_MAX_TOPIC_BYTES: usize = 256;
+/// IoT Core's maximum number of forward slashes in a topic (8 levels).
+pub const IOT_CORE_MAX_TOPIC_SLASHES: usize = 7;
+
+/// A parsed MQTT topic filter: `+` matches one level, a trailing `#` the rest.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TopicFilter {
+    levels: Vec<Level>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Level {
+    Exact(String),
+    /// `+`: any one level.
+    One,
+    /// `#`: this level and every one below (also the parent itself, as in MQTT).
+    Rest,
+}
+
+impl TopicFilter {
+    /// Parses a filter, refusing misplaced wildcards.
+    pub fn parse(filter: &str) -> Result<TopicFilter, String> {
+        if filter.is_empty() {
+            return Err("a topic filter cannot be empty".to_string());
+        }
+        let parts: Vec<&str> = filter.split('/').collect();
+        let mut levels = Vec::with_capacity(parts.len());
+        for (index, part) in parts.iter().enumerate() {
+            let level = match *part {
+                "+" => Level::One,
+                "#" if index + 1 == parts.len() => Level::Rest,
+                "#" => return Err(format!("`{filter}`: `#` must be the last level")),
+                text if text.contains(['+', '#']) => {
+                    return Err(format!("`{filter}`: `+` and `#` must fill a whole level"));
+                }
+                text => Level::Exact(text.to_string()),
+            };
+            levels.push(level);
+        }
+        Ok(TopicFilter { levels })
+    }
+
+    /// Whether `topic` matches this filter.
+    pub fn matches(&self, topic: &str) -> bool {
+        let mut parts = topic.split('/');
+        for level in &self.levels {
+            match (level, parts.next()) {
+                (Level::Rest, _) => return true,
+                (Level::One, Some(_)) => {}
+                (Level::Exact(want), Some(got)) if want == got => {}
+                _ => return false,
+            }
+        }
+        parts.next().is_none()
+    }
+}
+
+/// Checks a topic a device publishes to, by IoT Core's rules: not empty, at most 256
+/// bytes and 7 slashes, no wildcards, no NUL.
+pub fn validate_publish_topic(topic: &str) -> Result<(), String> {
+    if topic.is_empty() {
+        return Err("the topic is empty".to_string());
+    }
+    if topic.len() > IOT_CORE_MAX_TOPIC_BYTES {
+        return Err(format!(
+            "the topic is {} bytes, over IoT Core's limit of {IOT_CORE_MAX_TOPIC_BYTES}",
+            topic.len()
+        ));
+    }
+    let slashes = topic.matches('/').count();
+    if slashes > IOT_CORE_MAX_TOPIC_SLASHES {
+        return Err(format!(
+            "the topic has {slashes} slashes, over IoT Core's limit of {IOT_CORE_MAX_TOPIC_SLASHES}"
+        ));
+    }
+    if topic.contains(['+', '#']) {
+        return Err("a publish topic cannot contain the wildcards `+` or `#`".to_string());
+    }
+    if topic.contains('\0') {
+        return Err("the topic contains a NUL character".to_string());
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn filters_match_like_mqtt() {
+        let cases = [
+            ("a/b", "a/b", true),
+            ("a/b", "a/c", false),
+            ("a/b", "a/b/c", false),
+            ("a/+", "a/b", true),
+            ("a/+", "a/b/c", false),
+            ("a/+/c", "a/x/c", true),
+            ("a/+/c", "a/x/d", false),
+            ("a/#", "a", true),
+            ("a/#", "a/b/c/d", true),
+            ("a/#", "b/a", false),
+            ("#", "anything/at/all", true),
+            ("+/+", "a/b", true),
+            ("+", "a/b", false),
+            ("sites/+/alarms/#", "sites/12/alarms/fire/floor2", true),
+            ("sites/+/alarms/#", "sites/12/temps", false),
+            ("a//b", "a//b", true),
+            ("a/+/b", "a//b", true),
+        ];
+        for (filter, topic, expected) in cases {
+            let parsed = TopicFilter::parse(filter).unwrap();
+            assert_eq!(parsed.matches(topic), expected, "filter {filter:?} topic {topic:?}");
+        }
+    }
+
+    #[test]
+    fn misplaced_wildcards_are_refused() {
+        for bad in ["", "a/#/b", "a/b#", "a+/b", "#/a"] {
+            assert!(TopicFilter::parse(bad).is_err(), "{bad:?} should be refused");
+        }
+    }
+
+    #[test]
+    fn publish_topics_follow_iot_core_rules() {
+        assert!(validate_publish_topic("sites/12/temp").is_ok());
+        assert!(validate_publish_topic("a/b/c/d/e/f/g/h").is_ok());
+        let cases = [
+            ("", "empty"),
+            ("a/b/c/d/e/f/g/h/i", "8 slashes"),
+            ("a/+/b", "wildcards"),
+            ("a/#", "wildcards"),
+        ];
+        for (topic, why) in cases {
+            let error = validate_publish_topic(topic).unwrap_err();
+            assert!(error.contains(why), "{topic:?}: {error}");
+        }
+        let long = "x".repeat(257);
+        assert!(validate_publish_topic(&long).unwrap_err().contains("257 bytes"));
+    }
+}

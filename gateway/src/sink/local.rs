@@ -1,0 +1,177 @@
+//! The local sink: routed records appended as JSON Lines under the data directory, one
+//! file per destination kind (`iot-core.jsonl`, `kinesis.jsonl`, `local.jsonl`,
+//! `dead-letter.jsonl`). Each line holds the message's id, device, topic, destination,
+//! rule, reason and payload:
+//!
+//! - `payload`: the payload itself when it is JSON;
+//! - `payload_text`: the payload as a string when it is other UTF-8 text;
+//! - `payload_base64`: the payload in base64 otherwise.
+//!
+//! One writer thread owns the files: it takes every batch waiting, appends them, flushes
+//! once, and only then confirms them all.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::{BufWriter, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::mpsc;
+
+use base64::Engine as _;
+use tokio::sync::oneshot;
+
+use crate::sink::{Record, Sink, SinkError, SinkFuture};
+
+/// One batch of lines for the writer: (file stem, line) pairs and where to confirm.
+struct Job {
+    lines: Vec<(&'static str, String)>,
+    done: oneshot::Sender<Result<(), String>>,
+}
+
+/// The embedded default sink.
+pub struct LocalSink {
+    /// Hands lines to the writer thread; `None` once closed.
+    jobs: Mutex<Option<mpsc::Sender<Job>>>,
+    /// The writer thread, joined on close.
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+}
+
+impl LocalSink {
+    /// Opens (creating if needed) the sink under `dir` and starts its writer.
+    pub fn open(dir: &Path) -> anyhow::Result<LocalSink> {
+        std::fs::create_dir_all(dir)?;
+        let dir = dir.to_path_buf();
+        let (jobs, queue) = mpsc::channel::<Job>();
+        let writer = std::thread::Builder::new()
+            .name("sluice-local-sink".to_string())
+            .spawn(move || write_loop(&dir, &queue))?;
+        Ok(LocalSink { jobs: Mutex::new(Some(jobs)), writer: Mutex::new(Some(writer)) })
+    }
+
+    /// Stops taking records, writes what is queued, and waits for the writer.
+    pub fn close(&self) {
+        self.jobs.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(writer) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = writer.join();
+        }
+    }
+
+    /// The file a destination kind is written to.
+    pub fn file_for(dir: &Path, kind: &str) -> PathBuf {
+        dir.join(format!("{kind}.jsonl"))
+    }
+}
+
+impl Sink for LocalSink {
+    fn deliver(&self, records: Vec<Record>) -> SinkFuture<'_> {
+        let lines: Vec<(&'static str, String)> = records
+            .iter()
+            .map(|record| (record.decision.destination.kind(), render(record)))
+            .collect();
+        let (done, confirmed) = oneshot::channel();
+        let sent = match &*self.jobs.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(jobs) => jobs.send(Job { lines, done }).is_ok(),
+            None => false,
+        };
+        Box::pin(async move {
+            if !sent {
+                return Err(SinkError::Unavailable("the local sink is closed".to_string()));
+            }
+            match confirmed.await {
+                Ok(Ok(())) => Ok(()),
+                Ok(Err(error)) => Err(SinkError::Unavailable(error)),
+                Err(_) => Err(SinkError::Unavailable("the local sink writer stopped".to_string())),
+            }
+        })
+    }
+}
+
+/// Renders one record as a JSON line (without the newline).
+fn render(record: &Record) -> String {
+    let message = &record.message;
+    let mut line = serde_json::json!({
+        "id": message.id,
+        "device": message.device_id,
+        "topic": message.topic,
+        "destination": record.decision.destination,
+        "rule": record.decision.rule,
+        "reason": record.decision.reason,
+        "received_at_ms": message.received_at_ms,
+    });
+    if !message.content_type.is_empty() {
+        line["content_type"] = message.content_type.clone().into();
+    }
+    if !message.attributes.is_empty() {
+        let attributes: BTreeMap<&str, &str> =
+            message.attributes.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        line["attributes"] = serde_json::json!(attributes);
+    }
+    let (key, value) = payload_json(&message.payload);
+    line[key] = value;
+    line.to_string()
+}
+
+/// A payload as one JSON field: `payload` (the JSON itself), `payload_text` (other
+/// UTF-8) or `payload_base64` (anything else).
+pub fn payload_json(payload: &[u8]) -> (&'static str, serde_json::Value) {
+    if let Ok(value) = serde_json::from_slice::<serde_json::Value>(payload) {
+        return ("payload", value);
+    }
+    match std::str::from_utf8(payload) {
+        Ok(text) => ("payload_text", text.into()),
+        Err(_) => ("payload_base64", base64::engine::general_purpose::STANDARD.encode(payload).into()),
+    }
+}
+
+/// The writer thread: group-writes whatever is queued, flushes, confirms.
+fn write_loop(dir: &Path, queue: &mpsc::Receiver<Job>) {
+    let mut files: HashMap<&'static str, BufWriter<File>> = HashMap::new();
+    while let Ok(first) = queue.recv() {
+        let mut batch = vec![first];
+        batch.extend(queue.try_iter());
+        let mut result = Ok(());
+        for job in &batch {
+            for (kind, line) in &job.lines {
+                if let Err(error) = append(dir, &mut files, kind, line) {
+                    result = Err(error);
+                }
+            }
+        }
+        for (kind, file) in &mut files {
+            if let Err(error) = file.flush() {
+                result = Err(format!("cannot write {kind}.jsonl: {error}"));
+            }
+        }
+        if let Err(error) = &result {
+            tracing::error!(%error, "local sink write failed");
+            // A failed write leaves a buffer in an unknown state: reopen on the next batch.
+            files.clear();
+        }
+        for job in batch {
+            let _ = job.done.send(result.clone());
+        }
+    }
+}
+
+fn append(
+    dir: &Path,
+    files: &mut HashMap<&'static str, BufWriter<File>>,
+    kind: &'static str,
+    line: &str,
+) -> Result<(), String> {
+    let file = match files.entry(kind) {
+        std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
+        std::collections::hash_map::Entry::Vacant(entry) => {
+            let path = LocalSink::file_for(dir, kind);
+            let file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&path)
+                .map_err(|error| format!("cannot open {}: {error}", path.display()))?;
+            entry.insert(BufWriter::with_capacity(256 * 1024, file))
+        }
+    };
+    file.write_all(line.as_bytes())
+        .and_then(|()| file.write_all(b"\n"))
+        .map_err(|error| format!("cannot write {kind}.jsonl: {error}"))
+}
