@@ -1,0 +1,197 @@
+//! Starts the real `sluice` binary on a port chosen at run time and talks to it over
+//! real sockets. Every delivery claim is checked by reading the sink's files back.
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// The `sluice` binary cargo built for these tests.
+pub const SLUICE: &str = env!("CARGO_BIN_EXE_sluice");
+
+/// How long a gateway may take to start listening (compiling plugins included).
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A plugin component built by `scripts/build-plugins`.
+pub fn plugin(name: &str) -> PathBuf {
+    let dir = std::env::var_os("SLUICE_PLUGIN_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/plugins"));
+    let path = dir.join(format!("{name}.wasm"));
+    assert!(
+        path.is_file(),
+        "{} is missing: run scripts/build-plugins (or scripts/test) first",
+        path.display()
+    );
+    path
+}
+
+/// A running gateway with its own data directory; killed on drop.
+pub struct Gateway {
+    child: Child,
+    /// `http://127.0.0.1:PORT` (or https).
+    pub url: String,
+    /// Holds the config, the data directory and anything else the test puts there.
+    pub dir: tempfile::TempDir,
+    client: reqwest::blocking::Client,
+}
+
+/// A response: status and JSON body.
+#[derive(Debug)]
+pub struct Reply {
+    pub status: u16,
+    pub body: Value,
+}
+
+impl Gateway {
+    /// Starts a gateway with `config` (TOML); `{dir}` in it stands for the gateway's
+    /// temporary directory.
+    pub fn start(config: &str) -> Gateway {
+        let dir = tempfile::tempdir().expect("temp dir");
+        Gateway::start_in(dir, config, reqwest::blocking::Client::new())
+    }
+
+    /// Like [`Gateway::start`], in a directory the test prepared, with its own client.
+    pub fn start_in(dir: tempfile::TempDir, config: &str, client: reqwest::blocking::Client) -> Gateway {
+        let config = config.replace("{dir}", &dir.path().display().to_string());
+        let config_path = dir.path().join("sluice.toml");
+        std::fs::write(&config_path, config).expect("write config");
+        let mut child = Command::new(SLUICE)
+            .args(["run", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&config_path)
+            .arg("--data-dir")
+            .arg(dir.path().join("data"))
+            .env("SLUICE_LOG", "warn")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start sluice");
+        let url = read_listening_line(&mut child);
+        Gateway { child, url, dir, client }
+    }
+
+    /// `POST /topics/{topic}` as `device`.
+    pub fn publish(&self, topic: &str, device: &str, payload: impl Into<Vec<u8>>) -> Reply {
+        self.post(&format!("/topics/{topic}"), device, payload.into(), None)
+    }
+
+    /// `POST path` with a body, as `device`.
+    pub fn post(&self, path: &str, device: &str, body: Vec<u8>, content_type: Option<&str>) -> Reply {
+        let mut request = self.client.post(format!("{}{path}", self.url)).header("x-device-id", device).body(body);
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        let response = request.send().expect("request");
+        let status = response.status().as_u16();
+        let text = response.text().expect("body");
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Reply { status, body }
+    }
+
+    /// The lines of the local sink's file for a destination kind.
+    pub fn sink(&self, kind: &str) -> Vec<Value> {
+        let path = self.dir.path().join("data").join(format!("{kind}.jsonl"));
+        let Ok(text) = std::fs::read_to_string(path) else {
+            return Vec::new();
+        };
+        text.lines().map(|line| serde_json::from_str(line).expect("sink line is JSON")).collect()
+    }
+
+    /// Every sink line of every destination kind.
+    pub fn all_sink_lines(&self) -> Vec<Value> {
+        ["iot-core", "kinesis", "local", "dead-letter"].iter().flat_map(|kind| self.sink(kind)).collect()
+    }
+
+    /// The sink line with message id `id`, in any destination file.
+    pub fn find(&self, id: &str) -> Option<Value> {
+        self.all_sink_lines().into_iter().find(|line| line["id"] == id)
+    }
+
+    /// Sends SIGTERM and waits for the exit status.
+    pub fn terminate(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id().to_string();
+        let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+        assert!(sent.success());
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "sluice did not exit after SIGTERM");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Waits for `sluice: listening on URL` on the child's stdout and returns the URL.
+fn read_listening_line(child: &mut Child) -> String {
+    let stdout = child.stdout.take().expect("stdout");
+    let (found, url) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stdout).lines();
+        for line in lines.by_ref() {
+            let Ok(line) = line else { break };
+            if let Some(url) = line.strip_prefix("sluice: listening on ") {
+                let _ = found.send(url.to_string());
+                break;
+            }
+        }
+        // Keep draining so the gateway never blocks on a full pipe.
+        for _ in lines {}
+    });
+    match url.recv_timeout(START_TIMEOUT) {
+        Ok(url) => url,
+        Err(_) => {
+            let status = child.try_wait().ok().flatten();
+            panic!("sluice did not start listening (exit status: {status:?})");
+        }
+    }
+}
+
+/// Runs `sluice` with `args` to completion: (exit code, stdout, stderr).
+pub fn sluice(args: &[&str]) -> (i32, String, String) {
+    let output = Command::new(SLUICE).args(args).env("SLUICE_LOG", "warn").output().expect("run sluice");
+    (
+        output.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&output.stdout).into_owned(),
+        String::from_utf8_lossy(&output.stderr).into_owned(),
+    )
+}
+
+/// Polls `check` until it returns `Some`, or fails after `timeout`. For effects that
+/// happen asynchronously (a hot reload); never a stand-in for readiness.
+pub fn eventually<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// A sensor frame (see plugins/sensor-decoder) with readings (time, centi-°C, sensor).
+pub fn sensor_frame(readings: &[(u64, i16, u8)]) -> Vec<u8> {
+    let mut frame = vec![b'S', b'F', 1, readings.len() as u8];
+    for (time, centi, sensor) in readings {
+        frame.extend_from_slice(&time.to_le_bytes());
+        frame.extend_from_slice(&centi.to_le_bytes());
+        frame.extend_from_slice(&5000u16.to_le_bytes());
+        frame.extend_from_slice(&3300u16.to_le_bytes());
+        frame.push(*sensor);
+        frame.push(0);
+    }
+    frame
+}

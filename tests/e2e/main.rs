@@ -1,0 +1,11 @@
+//! End-to-end tests: the real `sluice` binary, driven over HTTP(S), its effects read back
+//! from the local sink's files. Plugins come from `scripts/build-plugins`.
+
+mod harness;
+
+mod cli;
+mod failures;
+mod http;
+mod plugins;
+mod reload;
+mod routing;

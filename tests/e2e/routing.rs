@@ -1,0 +1,110 @@
+//! The built-in routing policy and the payload limits, over HTTP.
+
+use serde_json::json;
+
+use crate::harness::Gateway;
+
+const RULES: &str = r#"
+    [routing]
+    kinesis_stream = "main-stream"
+    [[routing.rules]]
+    name = "bulk"
+    topic = "bulk/#"
+    destination = "kinesis"
+    stream = "bulk-stream"
+    [[routing.rules]]
+    name = "alarms"
+    topic = "sites/+/alarms"
+    destination = "iot-core"
+    iot_topic = "fleet/alarms"
+    qos = 0
+    [[routing.rules]]
+    name = "noise"
+    topic = "debug/#"
+    destination = "drop"
+    [[routing.rules]]
+    name = "keep-here"
+    topic = "archive/#"
+    destination = "local"
+"#;
+
+#[test]
+fn size_decides_between_iot_core_and_kinesis() {
+    let gateway = Gateway::start(RULES);
+    let small = gateway.publish("a/b", "dev-1", vec![b'x'; 1000]);
+    assert_eq!(small.status, 200);
+    let line = gateway.find(small.body["id"].as_str().unwrap()).unwrap();
+    assert_eq!(line["destination"]["type"], "iot-core");
+
+    let large = gateway.publish("a/b", "dev-1", vec![b'y'; 300 * 1024]);
+    assert_eq!(large.status, 200, "{:?}", large.body);
+    let line = gateway.find(large.body["id"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        line["destination"],
+        json!({"type": "kinesis", "stream": "main-stream", "partition_key": "dev-1"})
+    );
+    assert_eq!(line["rule"], "builtin:payload-over-iot-core-limit");
+    assert_eq!(line["payload_text"].as_str().unwrap().len(), 300 * 1024, "payload intact");
+
+    let at_limit = gateway.publish("a/b", "dev-1", vec![b'z'; 1024 * 1024]);
+    assert_eq!(at_limit.status, 200);
+
+    let before = gateway.all_sink_lines().len();
+    let over = gateway.publish("a/b", "dev-1", vec![b'z'; 1024 * 1024 + 1]);
+    assert_eq!(over.status, 413);
+    assert_eq!(over.body["code"], "payload_too_large");
+    assert!(over.body["message"].as_str().unwrap().contains("1048576"), "{:?}", over.body);
+    assert_eq!(gateway.all_sink_lines().len(), before, "nothing of a refused payload is stored");
+}
+
+#[test]
+fn topic_rules_choose_destinations_and_name_themselves() {
+    let gateway = Gateway::start(RULES);
+    let cases = [
+        ("bulk/data", json!({"type": "kinesis", "stream": "bulk-stream", "partition_key": "dev-5"}), "rule:bulk"),
+        ("sites/9/alarms", json!({"type": "iot-core", "topic": "fleet/alarms", "qos": 0}), "rule:alarms"),
+        ("archive/2026", json!({"type": "local"}), "rule:keep-here"),
+    ];
+    for (topic, destination, rule) in cases {
+        let reply = gateway.publish(topic, "dev-5", "{}");
+        assert_eq!(reply.status, 200);
+        let line = gateway.find(reply.body["id"].as_str().unwrap()).unwrap();
+        assert_eq!(line["destination"], destination, "{topic}");
+        assert_eq!(line["rule"], rule, "{topic}");
+    }
+    let dropped = gateway.publish("debug/x", "dev-5", "{}");
+    assert_eq!(dropped.status, 200);
+    assert_eq!(dropped.body["status"], "dropped");
+    assert_eq!(dropped.body["routes"][0]["rule"], "rule:noise");
+    assert!(gateway.find(dropped.body["id"].as_str().unwrap()).is_none());
+    assert!(gateway.dir.path().join("data/local.jsonl").is_file());
+    assert!(!gateway.dir.path().join("data/drop.jsonl").exists());
+}
+
+#[test]
+fn iot_core_publish_api_rules_are_enforced() {
+    let gateway = Gateway::start("");
+    let ok = gateway.post("/topics/a/b?qos=1", "dev-1", b"{}".to_vec(), None);
+    assert_eq!(ok.status, 200);
+    let line = gateway.find(ok.body["traceId"].as_str().unwrap()).unwrap();
+    assert_eq!(line["attributes"]["qos"], "1");
+
+    let encoded = gateway.post("/topics/a%2Fb%2Fc", "dev-1", b"{}".to_vec(), None);
+    assert_eq!(encoded.status, 200);
+    assert_eq!(gateway.find(encoded.body["id"].as_str().unwrap()).unwrap()["topic"], "a/b/c");
+
+    for (path, why) in [
+        ("/topics/a/b?qos=2", "qos"),
+        ("/topics/a/%23", "wildcards"),
+        ("/topics/a/b/c/d/e/f/g/h/i", "slashes"),
+        ("/topics/a?bogus=1", "bogus"),
+    ] {
+        let reply = gateway.post(path, "dev-1", b"{}".to_vec(), None);
+        assert_eq!(reply.status, 400, "{path}: {:?}", reply.body);
+        assert_eq!(reply.body["code"], "bad_request", "{path}");
+        assert!(reply.body["message"].as_str().unwrap().contains(why), "{path}: {:?}", reply.body);
+    }
+    let bad_device = gateway.post("/topics/a", "a/b", b"{}".to_vec(), None);
+    assert_eq!(bad_device.status, 400);
+    assert_eq!(gateway.all_sink_lines().len(), 2, "only the two good publishes are stored");
+}
