@@ -214,7 +214,9 @@ pub struct RuleConfig {
 }
 
 fn default_listen() -> SocketAddr {
-    DEFAULT_LISTEN.parse().expect("the default listen address parses")
+    DEFAULT_LISTEN
+        .parse()
+        .expect("the default listen address parses")
 }
 fn default_data_dir() -> PathBuf {
     PathBuf::from(DEFAULT_DATA_DIR)
@@ -226,7 +228,9 @@ fn default_max_batch_bytes() -> usize {
     DEFAULT_MAX_BATCH_BYTES
 }
 fn default_workers() -> usize {
-    std::thread::available_parallelism().map(usize::from).unwrap_or(2)
+    std::thread::available_parallelism()
+        .map(usize::from)
+        .unwrap_or(2)
 }
 fn default_timeout_ms() -> u64 {
     DEFAULT_PLUGIN_TIMEOUT_MS
@@ -255,7 +259,11 @@ fn default_high_throughput() -> u64 {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { listen: default_listen(), data_dir: default_data_dir(), tls: None }
+        ServerConfig {
+            listen: default_listen(),
+            data_dir: default_data_dir(),
+            tls: None,
+        }
     }
 }
 
@@ -335,12 +343,21 @@ impl Config {
     /// Reads, parses and validates a configuration file. Relative plugin paths are
     /// resolved against the file's folder.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.to_path_buf(), source })?;
-        let mut config = Config::parse(&text)
-            .map_err(|message| ConfigError::Parse { path: path.to_path_buf(), message })?;
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config = Config::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for entry in config.plugins.transform.iter_mut().chain(config.plugins.router.as_mut()) {
+        for entry in config
+            .plugins
+            .transform
+            .iter_mut()
+            .chain(config.plugins.router.as_mut())
+        {
             if entry.path.is_relative() {
                 entry.path = base.join(&entry.path);
             }
@@ -356,7 +373,10 @@ impl Config {
 
     /// The directory of compiled plugins.
     pub fn cache_dir(&self) -> PathBuf {
-        self.plugins.cache_dir.clone().unwrap_or_else(|| self.server.data_dir.join("plugin-cache"))
+        self.plugins
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| self.server.data_dir.join("plugin-cache"))
     }
 
     /// Checks every value and reports all problems at once.
@@ -365,7 +385,10 @@ impl Config {
         if let Some(tls) = &self.server.tls {
             for (what, path) in [("certificate", &tls.cert), ("key", &tls.key)] {
                 if !path.is_file() {
-                    problems.push(format!("server.tls: {what} file {} does not exist", path.display()));
+                    problems.push(format!(
+                        "server.tls: {what} file {} does not exist",
+                        path.display()
+                    ));
                 }
             }
         }
@@ -378,13 +401,20 @@ impl Config {
         }
         self.validate_plugins(&mut problems);
         self.validate_routing(&mut problems);
-        if problems.is_empty() { Ok(()) } else { Err(ConfigError::Invalid(problems)) }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
     }
 
     fn validate_plugins(&self, problems: &mut Vec<String>) {
         let plugins = &self.plugins;
         if plugins.workers == 0 || plugins.workers > 256 {
-            problems.push(format!("plugins.workers must be 1 to 256, not {}", plugins.workers));
+            problems.push(format!(
+                "plugins.workers must be 1 to 256, not {}",
+                plugins.workers
+            ));
         }
         if plugins.call_timeout_ms == 0 || plugins.call_timeout_ms > 60_000 {
             problems.push(format!(
@@ -400,11 +430,15 @@ impl Config {
         }
         let mut names = std::collections::HashSet::new();
         let entries = plugins.transform.iter().map(|e| ("plugins.transform", e));
-        for (section, entry) in entries.chain(plugins.router.iter().map(|e| ("plugins.router", e))) {
+        for (section, entry) in entries.chain(plugins.router.iter().map(|e| ("plugins.router", e)))
+        {
             if entry.name.is_empty() {
                 problems.push(format!("{section}: a plugin has an empty name"));
             } else if !names.insert(entry.name.as_str()) {
-                problems.push(format!("{section}: plugin name `{}` is used twice", entry.name));
+                problems.push(format!(
+                    "{section}: plugin name `{}` is used twice",
+                    entry.name
+                ));
             }
             if !entry.path.is_file() {
                 problems.push(format!(
@@ -458,7 +492,9 @@ impl Config {
             }
             if let Some(qos) = rule.qos {
                 if qos > 1 {
-                    problems.push(format!("{at}: qos must be 0 or 1 (IoT Core has no QoS {qos})"));
+                    problems.push(format!(
+                        "{at}: qos must be 0 or 1 (IoT Core has no QoS {qos})"
+                    ));
                 }
             }
             if let Some(stream) = &rule.stream {
@@ -468,9 +504,12 @@ impl Config {
             }
             let iot_only = rule.iot_topic.is_some() || rule.qos.is_some();
             if iot_only && !matches!(rule.destination, Some(RuleDestination::IotCore)) {
-                problems.push(format!("{at}: iot_topic and qos need destination = \"iot-core\""));
+                problems.push(format!(
+                    "{at}: iot_topic and qos need destination = \"iot-core\""
+                ));
             }
-            if rule.stream.is_some() && !matches!(rule.destination, Some(RuleDestination::Kinesis)) {
+            if rule.stream.is_some() && !matches!(rule.destination, Some(RuleDestination::Kinesis))
+            {
                 problems.push(format!("{at}: stream needs destination = \"kinesis\""));
             }
         }
@@ -491,7 +530,9 @@ pub fn plugin_config_value(value: &toml::Value) -> Option<String> {
 
 /// Kinesis stream names: 1 to 128 characters of `a-z A-Z 0-9 _ . -`.
 pub fn validate_stream_name(name: &str) -> Result<(), String> {
-    let valid_chars = name.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
+    let valid_chars = name
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
     if name.is_empty() || name.len() > 128 || !valid_chars {
         return Err(format!(
             "`{name}` is not a Kinesis stream name (1 to 128 of a-z, A-Z, 0-9, `_`, `.`, `-`)"

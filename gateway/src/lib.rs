@@ -27,8 +27,8 @@ pub mod message;
 pub mod pipeline;
 pub mod plugin;
 pub mod route;
-pub mod sink;
 mod shutdown;
+pub mod sink;
 
 use std::sync::Arc;
 
@@ -43,11 +43,18 @@ pub use crate::shutdown::Shutdown;
 /// the listen address) fails here, before the first request is accepted.
 pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.server.data_dir).with_context(|| {
-        format!("cannot create the data directory {}", config.server.data_dir.display())
+        format!(
+            "cannot create the data directory {}",
+            config.server.data_dir.display()
+        )
     })?;
     let sink = Arc::new(sink::local::LocalSink::open(&config.server.data_dir)?);
     let plugins = plugin::Plugins::start(&config)?;
-    let pipeline = Arc::new(pipeline::Pipeline::new(&config, plugins.clone(), sink.clone()));
+    let pipeline = Arc::new(pipeline::Pipeline::new(
+        &config,
+        plugins.clone(),
+        sink.clone(),
+    ));
     let watcher = if config.plugins.hot_reload {
         Some(plugin::reload::watch(plugins.clone())?)
     } else {

@@ -10,6 +10,12 @@ use clap::{Parser, Subcommand, ValueEnum};
 use sluice_gateway::config::Config;
 use sluice_gateway::plugin::host::{Host, Limits};
 
+// Messages cross the plugin boundary as many small strings, allocated and freed per
+// batch; glibc's allocator spends much of that time trimming and re-faulting its heap
+// (measured in BENCHMARKS.md). mimalloc keeps it in user space.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// Sluice: an ingestion gateway for IoT fleets, extended with WebAssembly plugins.
 #[derive(Debug, Parser)]
 #[command(name = "sluice", version, about, long_about = None)]
@@ -92,7 +98,9 @@ enum ConfigCommand {
 }
 
 fn parse_key_value(text: &str) -> Result<(String, String), String> {
-    let (key, value) = text.split_once('=').ok_or_else(|| format!("`{text}` is not KEY=VALUE"))?;
+    let (key, value) = text
+        .split_once('=')
+        .ok_or_else(|| format!("`{text}` is not KEY=VALUE"))?;
     Ok((key.to_string(), value.to_string()))
 }
 
@@ -111,7 +119,9 @@ fn main() -> ExitCode {
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_env("SLUICE_LOG")
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -127,7 +137,11 @@ fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
 
 fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
-        Command::Run { config, listen, data_dir } => {
+        Command::Run {
+            config,
+            listen,
+            data_dir,
+        } => {
             let mut config = load_config(config.as_ref())?;
             if let Some(listen) = listen {
                 config.server.listen = listen;
@@ -136,24 +150,44 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 config.server.data_dir = data_dir;
             }
             config.validate()?;
-            let runtime = tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            let runtime =
+                tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             runtime.block_on(async {
                 let shutdown = sluice_gateway::Shutdown::on_signals();
                 sluice_gateway::run(config, shutdown).await
             })?;
             Ok(ExitCode::SUCCESS)
         }
-        Command::Plugin { command: PluginCommand::Check { file } } => plugin_check(&file),
-        Command::Plugin { command: PluginCommand::Run { file, input, settings, batch } } => {
+        Command::Plugin {
+            command: PluginCommand::Check { file },
+        } => plugin_check(&file),
+        Command::Plugin {
+            command:
+                PluginCommand::Run {
+                    file,
+                    input,
+                    settings,
+                    batch,
+                },
+        } => {
             let config = Config::default();
             let mut stdout = std::io::stdout().lock();
-            let counters = sluice_gateway::plugin::offline::run_file(&config, &file, settings, &input, batch, &mut stdout)?;
+            let counters = sluice_gateway::plugin::offline::run_file(
+                &config,
+                &file,
+                settings,
+                &input,
+                batch,
+                &mut stdout,
+            )?;
             for (name, value) in counters {
                 eprintln!("counter {name} = {value}");
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Config { command: ConfigCommand::Check { config } } => {
+        Command::Config {
+            command: ConfigCommand::Check { config },
+        } => {
             let loaded = Config::load(&config)?;
             let plugins = sluice_gateway::plugin::Plugins::start(&loaded)?;
             let count = plugins.current().all().count();
@@ -180,7 +214,10 @@ fn plugin_check(file: &std::path::Path) -> anyhow::Result<ExitCode> {
     }
     println!("  imports:");
     for (name, allowed) in &inspection.imports {
-        println!("    {} {name}", if *allowed { "ok     " } else { "REFUSED" });
+        println!(
+            "    {} {name}",
+            if *allowed { "ok     " } else { "REFUSED" }
+        );
     }
     println!("  exports:");
     for name in &inspection.exports {

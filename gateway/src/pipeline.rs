@@ -110,7 +110,11 @@ impl Pipeline {
 
     /// Runs a batch through plugins, routing and the sink. `bidirectional` says the
     /// sender takes part in command & control.
-    pub async fn process(&self, batch: Vec<Message>, bidirectional: bool) -> Result<Vec<MessageReport>, SinkError> {
+    pub async fn process(
+        &self,
+        batch: Vec<Message>,
+        bidirectional: bool,
+    ) -> Result<Vec<MessageReport>, SinkError> {
         let ids: Vec<String> = batch.iter().map(|m| m.id.clone()).collect();
         let rates = self.measure(&batch);
         let results = self.plugins.run(batch).await;
@@ -135,7 +139,10 @@ impl Pipeline {
         for message in batch {
             *bytes.entry(message.device_id.as_str()).or_default() += message.payload.len() as u64;
         }
-        bytes.into_iter().map(|(device, n)| (device.to_string(), self.meter.record(device, n))).collect()
+        bytes
+            .into_iter()
+            .map(|(device, n)| (device.to_string(), self.meter.record(device, n)))
+            .collect()
     }
 
     /// Decides the fate of one input message, adding its records for the sink.
@@ -147,7 +154,13 @@ impl Pipeline {
         bidirectional: bool,
         records: &mut Vec<Record>,
     ) -> MessageReport {
-        let mut report = MessageReport { id, status: Status::Accepted, routes: Vec::new(), error: None, failure_kind: None };
+        let mut report = MessageReport {
+            id,
+            status: Status::Accepted,
+            routes: Vec::new(),
+            error: None,
+            failure_kind: None,
+        };
         if let Some(first) = result.failures.first() {
             report.error = Some(FailureReport {
                 code: first.kind.code(),
@@ -176,8 +189,14 @@ impl Pipeline {
                 rule: format!("failure:{}", failure.kind.code()),
                 reason: failure.reason,
             };
-            report.routes.push(RouteReport { id: failure.message.id.clone(), decision: decision.clone() });
-            records.push(Record { message: failure.message, decision });
+            report.routes.push(RouteReport {
+                id: failure.message.id.clone(),
+                decision: decision.clone(),
+            });
+            records.push(Record {
+                message: failure.message,
+                decision,
+            });
         }
         for output in result.outputs {
             let facts = Facts {
@@ -195,13 +214,26 @@ impl Pipeline {
                 ),
                 None => builtin,
             };
-            report.routes.push(RouteReport { id: output.message.id.clone(), decision: decision.clone() });
-            records.push(Record { message: output.message, decision });
+            report.routes.push(RouteReport {
+                id: output.message.id.clone(),
+                decision: decision.clone(),
+            });
+            records.push(Record {
+                message: output.message,
+                decision,
+            });
         }
-        let kinds = || report.routes.iter().map(|route| &route.decision.destination);
+        let kinds = || {
+            report
+                .routes
+                .iter()
+                .map(|route| &route.decision.destination)
+        };
         report.status = if report.routes.is_empty() || kinds().all(|d| *d == Destination::Drop) {
             Status::Dropped
-        } else if kinds().all(|d| matches!(d, Destination::DeadLetter | Destination::Drop)) && report.error.is_some() {
+        } else if kinds().all(|d| matches!(d, Destination::DeadLetter | Destination::Drop))
+            && report.error.is_some()
+        {
             Status::DeadLettered
         } else {
             Status::Accepted

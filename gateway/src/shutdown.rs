@@ -27,7 +27,9 @@ impl Shutdown {
         let (trigger, shutdown) = Shutdown::new();
         tokio::spawn(async move {
             let ctrl_c = tokio::signal::ctrl_c();
-            let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            let mut term = match tokio::signal::unix::signal(
+                tokio::signal::unix::SignalKind::terminate(),
+            ) {
                 Ok(term) => term,
                 Err(error) => {
                     tracing::warn!(%error, "cannot listen for SIGTERM; only Ctrl-C stops the gateway");

@@ -15,7 +15,10 @@ impl Config {
 
     /// The value of `key`, if set.
     pub fn get(&self, key: &str) -> Option<&str> {
-        self.pairs.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.pairs
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     /// The value of `key`, or `default` when unset.
@@ -29,7 +32,9 @@ impl Config {
             None => Ok(default),
             Some("true") => Ok(true),
             Some("false") => Ok(false),
-            Some(other) => Err(format!("config `{key}` must be `true` or `false`, not `{other}`")),
+            Some(other) => Err(format!(
+                "config `{key}` must be `true` or `false`, not `{other}`"
+            )),
         }
     }
 
@@ -46,7 +51,12 @@ impl Config {
     /// `key` as a comma-separated list with blanks trimmed and empty items removed.
     pub fn get_list(&self, key: &str) -> Vec<&str> {
         self.get(key)
-            .map(|text| text.split(',').map(str::trim).filter(|s| !s.is_empty()).collect())
+            .map(|text| {
+                text.split(',')
+                    .map(str::trim)
+                    .filter(|s| !s.is_empty())
+                    .collect()
+            })
             .unwrap_or_default()
     }
 

@@ -140,7 +140,10 @@ pub trait Transform: Sized + 'static {
 
     /// Decides for a whole batch; must return one outcome per input, in order.
     fn transform_batch(&mut self, batch: Vec<Message>) -> Vec<Outcome> {
-        batch.into_iter().map(|message| self.transform(message)).collect()
+        batch
+            .into_iter()
+            .map(|message| self.transform(message))
+            .collect()
     }
 }
 
@@ -164,20 +167,28 @@ pub trait Route: Sized + 'static {
 impl Decision {
     /// Keeps the gateway's built-in routing decision for this message.
     pub fn builtin(reason: impl Into<String>) -> Self {
-        Decision { destination: None, reason: reason.into() }
+        Decision {
+            destination: None,
+            reason: reason.into(),
+        }
     }
 
     /// Sends the message to `destination`, recording `reason`.
     pub fn to(destination: Destination, reason: impl Into<String>) -> Self {
-        Decision { destination: Some(destination), reason: reason.into() }
+        Decision {
+            destination: Some(destination),
+            reason: reason.into(),
+        }
     }
 }
 
 /// Writes a structured log record through the gateway's logging, tagged with the
 /// plugin's name. `fields` are extra key/value pairs.
 pub fn log(level: Level, message: &str, fields: &[(&str, &str)]) {
-    let fields: Vec<(String, String)> =
-        fields.iter().map(|(k, v)| ((*k).to_string(), (*v).to_string())).collect();
+    let fields: Vec<(String, String)> = fields
+        .iter()
+        .map(|(k, v)| ((*k).to_string(), (*v).to_string()))
+        .collect();
     crate::bindings::transform::sluice::plugin::host::log(level, message, &fields);
 }
 

@@ -5,7 +5,10 @@ use crate::Message;
 impl Message {
     /// The value of attribute `key`, if present.
     pub fn attribute(&self, key: &str) -> Option<&str> {
-        self.attributes.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+        self.attributes
+            .iter()
+            .find(|(k, _)| k == key)
+            .map(|(_, v)| v.as_str())
     }
 
     /// Sets attribute `key` to `value`, replacing an earlier value.
@@ -31,6 +34,7 @@ impl Message {
             device_id: self.device_id.clone(),
             topic: self.topic.clone(),
             content_type: self.content_type.clone(),
+            qos: self.qos,
             attributes: self.attributes.clone(),
             received_at_ms: self.received_at_ms,
             payload,

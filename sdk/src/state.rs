@@ -33,13 +33,18 @@ const NOT_INITIALISED: &str = "plugin called before init";
 pub fn run_transform<P: Transform>(batch: Vec<Message>) -> Vec<Outcome> {
     let count = batch.len();
     with_plugin(|plugin: &mut P| plugin.transform_batch(batch)).unwrap_or_else(|| {
-        (0..count).map(|_| Outcome::Fail(NOT_INITIALISED.to_string())).collect()
+        (0..count)
+            .map(|_| Outcome::Fail(NOT_INITIALISED.to_string()))
+            .collect()
     })
 }
 
 /// Runs a router plugin over one batch.
 pub fn run_router<P: Route>(batch: Vec<Message>) -> Vec<Decision> {
     with_plugin(|plugin: &mut P| plugin.route_batch(&batch)).unwrap_or_else(|| {
-        batch.iter().map(|_| Decision::builtin(NOT_INITIALISED)).collect()
+        batch
+            .iter()
+            .map(|_| Decision::builtin(NOT_INITIALISED))
+            .collect()
     })
 }

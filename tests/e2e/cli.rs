@@ -8,7 +8,10 @@ fn plugin_check_lists_imports_and_exports() {
     let (code, out, _) = sluice(&["plugin", "check", path.to_str().unwrap()]);
     assert_eq!(code, 0, "{out}");
     assert!(out.contains("world: sluice:plugin/router"), "{out}");
-    assert!(out.contains("sluice:plugin/routing@0.1.0 (interface)"), "{out}");
+    assert!(
+        out.contains("sluice:plugin/routing@0.1.0 (interface)"),
+        "{out}"
+    );
     assert!(out.contains("ok      sluice:plugin/types@0.1.0"), "{out}");
     assert!(out.contains("OK: the gateway accepts this plugin"), "{out}");
 }
@@ -29,24 +32,49 @@ fn components_with_forbidden_imports_are_refused_by_name() {
     let (code, out, _) = sluice(&["plugin", "check", path.to_str().unwrap()]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("REFUSED wasi:sockets/tcp@0.2.0"), "{out}");
-    assert!(out.contains("REFUSED wasi:http/outgoing-handler@0.2.0"), "{out}");
+    assert!(
+        out.contains("REFUSED wasi:http/outgoing-handler@0.2.0"),
+        "{out}"
+    );
 
     let config = dir.path().join("sluice.toml");
-    std::fs::write(&config, format!("[[plugins.transform]]\nname = \"sneaky\"\npath = \"{}\"\n", path.display())).unwrap();
-    let (code, _, err) = sluice(&["run", "--listen", "127.0.0.1:0", "--config", config.to_str().unwrap()]);
+    std::fs::write(
+        &config,
+        format!(
+            "[[plugins.transform]]\nname = \"sneaky\"\npath = \"{}\"\n",
+            path.display()
+        ),
+    )
+    .unwrap();
+    let (code, _, err) = sluice(&[
+        "run",
+        "--listen",
+        "127.0.0.1:0",
+        "--config",
+        config.to_str().unwrap(),
+    ]);
     assert_eq!(code, 1);
-    assert!(err.contains("imports wasi:sockets/tcp@0.2.0, wasi:http/outgoing-handler@0.2.0"), "{err}");
+    assert!(
+        err.contains("imports wasi:sockets/tcp@0.2.0, wasi:http/outgoing-handler@0.2.0"),
+        "{err}"
+    );
 }
 
 #[test]
 fn a_router_configured_as_a_transform_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let config = dir.path().join("sluice.toml");
-    let text = format!("[[plugins.transform]]\nname = \"r\"\npath = \"{}\"\n", plugin("topic_router").display());
+    let text = format!(
+        "[[plugins.transform]]\nname = \"r\"\npath = \"{}\"\n",
+        plugin("topic_router").display()
+    );
     std::fs::write(&config, text).unwrap();
     let (code, _, err) = sluice(&["config", "check", "--config", config.to_str().unwrap()]);
     assert_eq!(code, 1);
-    assert!(err.contains("is a router plugin but is configured as a transform"), "{err}");
+    assert!(
+        err.contains("is a router plugin but is configured as a transform"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -64,12 +92,25 @@ fn plugin_run_prints_outcomes_for_sample_messages() {
     )
     .unwrap();
     let path = plugin("json_enricher");
-    let (code, out, err) =
-        sluice(&["plugin", "run", path.to_str().unwrap(), "--input", input.to_str().unwrap(), "--set", "time_field=ts"]);
+    let (code, out, err) = sluice(&[
+        "plugin",
+        "run",
+        path.to_str().unwrap(),
+        "--input",
+        input.to_str().unwrap(),
+        "--set",
+        "time_field=ts",
+    ]);
     assert_eq!(code, 0, "{err}");
-    let lines: Vec<serde_json::Value> = out.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
     assert_eq!(lines.len(), 2, "{out}");
-    assert_eq!(lines[0]["outputs"][0]["payload"], serde_json::json!({"device_id": "d1", "ts": 5, "t": 1}));
+    assert_eq!(
+        lines[0]["outputs"][0]["payload"],
+        serde_json::json!({"device_id": "d1", "ts": 5, "t": 1})
+    );
     assert_eq!(lines[1]["failures"][0]["code"], "plugin_refused");
     assert!(err.contains("counter invalid_json = 1"), "{err}");
 }

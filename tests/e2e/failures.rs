@@ -24,7 +24,12 @@ fn each_failure_gets_its_documented_response_and_the_next_request_succeeds() {
     let gateway = Gateway::start(&misbehave_config("reject"));
     let cases = [
         ("loop", 500, "plugin_timeout", "time limit of 100 ms"),
-        ("alloc", 500, "plugin_memory_limit", "memory limit of 16 MiB"),
+        (
+            "alloc",
+            500,
+            "plugin_memory_limit",
+            "memory limit of 16 MiB",
+        ),
         ("trap", 500, "plugin_trap", "trapped"),
         ("fail", 422, "plugin_refused", "asked to fail"),
     ];
@@ -33,7 +38,11 @@ fn each_failure_gets_its_documented_response_and_the_next_request_succeeds() {
         assert_eq!(reply.status, status, "{payload}: {:?}", reply.body);
         assert_eq!(reply.body["code"], code, "{payload}");
         assert_eq!(reply.body["plugin"], "misbehave");
-        assert!(reply.body["message"].as_str().unwrap().contains(text), "{payload}: {:?}", reply.body);
+        assert!(
+            reply.body["message"].as_str().unwrap().contains(text),
+            "{payload}: {:?}",
+            reply.body
+        );
 
         let good = gateway.publish("t", "dev-1", "fine");
         assert_eq!(good.status, 200, "after {payload}: {:?}", good.body);
@@ -60,18 +69,33 @@ fn a_crash_fails_its_whole_batch_and_nothing_else() {
         assert_eq!(result["error"]["code"], "plugin_trap");
     }
     assert!(gateway.all_sink_lines().is_empty());
-    let next = gateway.post("/batch", "dev-1", br#"{"messages": [{"topic": "t", "payload_base64": "b2s="}]}"#.to_vec(), None);
-    assert_eq!(next.body["results"][0]["status"], "accepted", "{:?}", next.body);
+    let next = gateway.post(
+        "/batch",
+        "dev-1",
+        br#"{"messages": [{"topic": "t", "payload_base64": "b2s="}]}"#.to_vec(),
+        None,
+    );
+    assert_eq!(
+        next.body["results"][0]["status"], "accepted",
+        "{:?}",
+        next.body
+    );
 }
 
 #[test]
 fn dead_letter_path_keeps_failed_messages_with_their_reason() {
     let gateway = Gateway::start(&misbehave_config("dead-letter"));
-    for (payload, code) in [("loop", "plugin_timeout"), ("trap", "plugin_trap"), ("fail", "plugin_refused")] {
+    for (payload, code) in [
+        ("loop", "plugin_timeout"),
+        ("trap", "plugin_trap"),
+        ("fail", "plugin_refused"),
+    ] {
         let reply = gateway.publish("t", "dev-7", payload);
         assert_eq!(reply.status, 200, "{payload}: {:?}", reply.body);
         assert_eq!(reply.body["status"], "dead-lettered");
-        let line = gateway.find(reply.body["id"].as_str().unwrap()).expect("dead-lettered");
+        let line = gateway
+            .find(reply.body["id"].as_str().unwrap())
+            .expect("dead-lettered");
         assert_eq!(line["destination"]["type"], "dead-letter");
         assert_eq!(line["rule"], format!("failure:{code}"));
         assert_eq!(line["payload_text"], payload);

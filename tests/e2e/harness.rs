@@ -55,7 +55,11 @@ impl Gateway {
     }
 
     /// Like [`Gateway::start`], in a directory the test prepared, with its own client.
-    pub fn start_in(dir: tempfile::TempDir, config: &str, client: reqwest::blocking::Client) -> Gateway {
+    pub fn start_in(
+        dir: tempfile::TempDir,
+        config: &str,
+        client: reqwest::blocking::Client,
+    ) -> Gateway {
         let config = config.replace("{dir}", &dir.path().display().to_string());
         let config_path = dir.path().join("sluice.toml");
         std::fs::write(&config_path, config).expect("write config");
@@ -71,7 +75,12 @@ impl Gateway {
             .spawn()
             .expect("start sluice");
         let url = read_listening_line(&mut child);
-        Gateway { child, url, dir, client }
+        Gateway {
+            child,
+            url,
+            dir,
+            client,
+        }
     }
 
     /// `POST /topics/{topic}` as `device`.
@@ -80,8 +89,18 @@ impl Gateway {
     }
 
     /// `POST path` with a body, as `device`.
-    pub fn post(&self, path: &str, device: &str, body: Vec<u8>, content_type: Option<&str>) -> Reply {
-        let mut request = self.client.post(format!("{}{path}", self.url)).header("x-device-id", device).body(body);
+    pub fn post(
+        &self,
+        path: &str,
+        device: &str,
+        body: Vec<u8>,
+        content_type: Option<&str>,
+    ) -> Reply {
+        let mut request = self
+            .client
+            .post(format!("{}{path}", self.url))
+            .header("x-device-id", device)
+            .body(body);
         if let Some(content_type) = content_type {
             request = request.header("content-type", content_type);
         }
@@ -98,30 +117,43 @@ impl Gateway {
         let Ok(text) = std::fs::read_to_string(path) else {
             return Vec::new();
         };
-        text.lines().map(|line| serde_json::from_str(line).expect("sink line is JSON")).collect()
+        text.lines()
+            .map(|line| serde_json::from_str(line).expect("sink line is JSON"))
+            .collect()
     }
 
     /// Every sink line of every destination kind.
     pub fn all_sink_lines(&self) -> Vec<Value> {
-        ["iot-core", "kinesis", "local", "dead-letter"].iter().flat_map(|kind| self.sink(kind)).collect()
+        ["iot-core", "kinesis", "local", "dead-letter"]
+            .iter()
+            .flat_map(|kind| self.sink(kind))
+            .collect()
     }
 
     /// The sink line with message id `id`, in any destination file.
     pub fn find(&self, id: &str) -> Option<Value> {
-        self.all_sink_lines().into_iter().find(|line| line["id"] == id)
+        self.all_sink_lines()
+            .into_iter()
+            .find(|line| line["id"] == id)
     }
 
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
         let pid = self.child.id().to_string();
-        let sent = Command::new("kill").args(["-TERM", &pid]).status().expect("kill");
+        let sent = Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
         assert!(sent.success());
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "sluice did not exit after SIGTERM");
+            assert!(
+                Instant::now() < deadline,
+                "sluice did not exit after SIGTERM"
+            );
             std::thread::sleep(Duration::from_millis(20));
         }
     }
@@ -161,7 +193,11 @@ fn read_listening_line(child: &mut Child) -> String {
 
 /// Runs `sluice` with `args` to completion: (exit code, stdout, stderr).
 pub fn sluice(args: &[&str]) -> (i32, String, String) {
-    let output = Command::new(SLUICE).args(args).env("SLUICE_LOG", "warn").output().expect("run sluice");
+    let output = Command::new(SLUICE)
+        .args(args)
+        .env("SLUICE_LOG", "warn")
+        .output()
+        .expect("run sluice");
     (
         output.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&output.stdout).into_owned(),

@@ -17,32 +17,56 @@ fn batch_reports_each_message() {
     let reply = gateway.post("/batch", "dev-b", body.to_vec(), None);
     assert_eq!(reply.status, 200, "{:?}", reply.body);
     let results = reply.body["results"].as_array().unwrap();
-    let statuses: Vec<&str> = results.iter().map(|r| r["status"].as_str().unwrap()).collect();
+    let statuses: Vec<&str> = results
+        .iter()
+        .map(|r| r["status"].as_str().unwrap())
+        .collect();
     assert_eq!(statuses, ["accepted", "rejected", "accepted"]);
     assert_eq!(results[1]["error"]["code"], "plugin_refused");
     let third = gateway.find(results[2]["id"].as_str().unwrap()).unwrap();
     assert_eq!(third["attributes"]["k"], "v");
-    assert_eq!(third["attributes"]["qos"], "1");
+    assert_eq!(third["qos"], 1);
     assert_eq!(third["payload"]["value"], serde_json::json!([1, 2]));
     assert_eq!(gateway.all_sink_lines().len(), 2);
 
     let four = br#"{"messages": [{"topic": "a"}, {"topic": "a"}, {"topic": "a"}, {"topic": "a"}]}"#;
     let reply = gateway.post("/batch", "dev-b", four.to_vec(), None);
     assert_eq!(reply.status, 413);
-    assert!(reply.body["message"].as_str().unwrap().contains("4 messages"));
-    let bad = gateway.post("/batch", "dev-b", br#"{"messages": [{"topic": "a/#"}]}"#.to_vec(), None);
+    assert!(
+        reply.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("4 messages")
+    );
+    let bad = gateway.post(
+        "/batch",
+        "dev-b",
+        br#"{"messages": [{"topic": "a/#"}]}"#.to_vec(),
+        None,
+    );
     assert_eq!(bad.status, 400);
-    assert!(bad.body["message"].as_str().unwrap().contains("messages[0]"));
+    assert!(
+        bad.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("messages[0]")
+    );
     let garbage = gateway.post("/batch", "dev-b", b"[".to_vec(), None);
     assert_eq!(garbage.status, 400);
-    assert_eq!(gateway.all_sink_lines().len(), 2, "refused batches store nothing");
+    assert_eq!(
+        gateway.all_sink_lines().len(),
+        2,
+        "refused batches store nothing"
+    );
 }
 
 #[test]
 fn serves_https_with_a_configured_certificate() {
     let dir = tempfile::tempdir().unwrap();
     let key = rcgen::KeyPair::generate().unwrap();
-    let params = rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    let params =
+        rcgen::CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()])
+            .unwrap();
     let cert = params.self_signed(&key).unwrap();
     std::fs::write(dir.path().join("cert.pem"), cert.pem()).unwrap();
     std::fs::write(dir.path().join("key.pem"), key.serialize_pem()).unwrap();
@@ -52,7 +76,11 @@ fn serves_https_with_a_configured_certificate() {
         .build()
         .unwrap();
     let gateway = Gateway::start_in(dir, config, client);
-    assert!(gateway.url.starts_with("https://127.0.0.1:"), "{}", gateway.url);
+    assert!(
+        gateway.url.starts_with("https://127.0.0.1:"),
+        "{}",
+        gateway.url
+    );
     let reply = gateway.publish("secure/topic", "dev-tls", "{}");
     assert_eq!(reply.status, 200, "{:?}", reply.body);
     assert!(gateway.find(reply.body["id"].as_str().unwrap()).is_some());
@@ -61,7 +89,10 @@ fn serves_https_with_a_configured_certificate() {
         .post(gateway.url.replace("https://", "http://") + "/topics/x")
         .body("{}")
         .send();
-    assert!(plain.is_err() || !plain.unwrap().status().is_success(), "plain HTTP is not served on the TLS port");
+    assert!(
+        plain.is_err() || !plain.unwrap().status().is_success(),
+        "plain HTTP is not served on the TLS port"
+    );
 }
 
 #[test]

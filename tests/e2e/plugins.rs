@@ -19,7 +19,11 @@ fn enricher_config(on_invalid: &str) -> String {
 #[test]
 fn enricher_adds_device_id_and_receive_time() {
     let gateway = Gateway::start(&enricher_config("fail"));
-    let reply = gateway.publish("sites/7/temp", "dev-42", r#"{"temp": 21.5, "site_id": "s7"}"#);
+    let reply = gateway.publish(
+        "sites/7/temp?qos=1",
+        "dev-42",
+        r#"{"temp": 21.5, "site_id": "s7"}"#,
+    );
     assert_eq!(reply.status, 200, "{:?}", reply.body);
     assert_eq!(reply.body["message"], "OK");
     let id = reply.body["traceId"].as_str().expect("traceId").to_string();
@@ -33,7 +37,10 @@ fn enricher_adds_device_id_and_receive_time() {
     assert_eq!(line["payload"]["received_at_ms"], line["received_at_ms"]);
     assert!(line["received_at_ms"].as_u64().unwrap() > 1_700_000_000_000);
     assert_eq!(line["content_type"], "application/json");
-    assert_eq!(line["destination"], json!({"type": "iot-core", "topic": "sites/7/temp", "qos": 1}));
+    assert_eq!(
+        line["destination"],
+        json!({"type": "iot-core", "topic": "sites/7/temp", "qos": 1})
+    );
     assert_eq!(line["rule"], "builtin:default");
     assert!(line["reason"].as_str().unwrap().contains("default"));
 }
@@ -45,8 +52,16 @@ fn enricher_refuses_or_drops_invalid_json_as_configured() {
     assert_eq!(reply.status, 422, "{:?}", reply.body);
     assert_eq!(reply.body["code"], "plugin_refused");
     assert_eq!(reply.body["plugin"], "enricher");
-    assert!(reply.body["message"].as_str().unwrap().contains("not valid JSON"));
-    assert!(failing.all_sink_lines().is_empty(), "a refused message reaches no sink");
+    assert!(
+        reply.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("not valid JSON")
+    );
+    assert!(
+        failing.all_sink_lines().is_empty(),
+        "a refused message reaches no sink"
+    );
 
     let dropping = Gateway::start(&enricher_config("drop"));
     let reply = dropping.publish("a/b", "dev-1", "{not json");
@@ -55,7 +70,11 @@ fn enricher_refuses_or_drops_invalid_json_as_configured() {
     let good = dropping.publish("a/b", "dev-1", "[1,2]");
     assert_eq!(good.status, 200);
     let lines = dropping.all_sink_lines();
-    assert_eq!(lines.len(), 1, "only the valid message is stored: {lines:?}");
+    assert_eq!(
+        lines.len(),
+        1,
+        "only the valid message is stored: {lines:?}"
+    );
     assert_eq!(lines[0]["payload"]["value"], json!([1, 2]));
 }
 
@@ -70,17 +89,33 @@ fn decoder_turns_a_frame_into_one_message_per_reading() {
         plugin("sensor_decoder").display()
     );
     let gateway = Gateway::start(&config);
-    let frame = sensor_frame(&[(1_764_000_000_000, 2137, 0), (1_764_000_001_000, -450, 1), (1_764_000_002_000, 0, 2)]);
-    let reply = gateway.post("/topics/sites/3/frames", "dev-9", frame, Some("application/octet-stream"));
+    let frame = sensor_frame(&[
+        (1_764_000_000_000, 2137, 0),
+        (1_764_000_001_000, -450, 1),
+        (1_764_000_002_000, 0, 2),
+    ]);
+    let reply = gateway.post(
+        "/topics/sites/3/frames",
+        "dev-9",
+        frame,
+        Some("application/octet-stream"),
+    );
     assert_eq!(reply.status, 200, "{:?}", reply.body);
     let id = reply.body["id"].as_str().unwrap().to_string();
     let routes = reply.body["routes"].as_array().unwrap();
     let part_ids: Vec<&str> = routes.iter().map(|r| r["id"].as_str().unwrap()).collect();
-    assert_eq!(part_ids, [format!("{id}-0"), format!("{id}-1"), format!("{id}-2")]);
+    assert_eq!(
+        part_ids,
+        [format!("{id}-0"), format!("{id}-1"), format!("{id}-2")]
+    );
 
     let temperatures: Vec<f64> = part_ids
         .iter()
-        .map(|part| gateway.find(part).expect("each reading is stored")["payload"]["temperature_c"].as_f64().unwrap())
+        .map(|part| {
+            gateway.find(part).expect("each reading is stored")["payload"]["temperature_c"]
+                .as_f64()
+                .unwrap()
+        })
         .collect();
     assert_eq!(temperatures, [21.37, -4.5, 0.0]);
     let first = gateway.find(part_ids[0]).unwrap();
@@ -90,9 +125,21 @@ fn decoder_turns_a_frame_into_one_message_per_reading() {
 
     let mut cut = sensor_frame(&[(1, 1, 1)]);
     cut.pop();
-    let reply = gateway.post("/topics/sites/3/frames", "dev-9", cut, Some("application/octet-stream"));
+    let reply = gateway.post(
+        "/topics/sites/3/frames",
+        "dev-9",
+        cut,
+        Some("application/octet-stream"),
+    );
     assert_eq!(reply.status, 422);
-    assert!(reply.body["message"].as_str().unwrap().contains("announces 1 readings"), "{:?}", reply.body);
+    assert!(
+        reply.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("announces 1 readings"),
+        "{:?}",
+        reply.body
+    );
 }
 
 #[test]
@@ -108,7 +155,11 @@ fn router_routes_by_topic_prefix_and_size_with_a_partition_key_from_the_payload(
     );
     let gateway = Gateway::start(&config);
 
-    let reply = gateway.publish("telemetry/engine", "dev-1", r#"{"site_id": "north-7", "rpm": 900}"#);
+    let reply = gateway.publish(
+        "telemetry/engine",
+        "dev-1",
+        r#"{"site_id": "north-7", "rpm": 900}"#,
+    );
     assert_eq!(reply.status, 200, "{:?}", reply.body);
     let line = gateway.find(reply.body["id"].as_str().unwrap()).unwrap();
     assert_eq!(
@@ -120,18 +171,30 @@ fn router_routes_by_topic_prefix_and_size_with_a_partition_key_from_the_payload(
 
     let reply = gateway.publish("alerts/fire", "dev-1", "{}");
     let line = gateway.find(reply.body["id"].as_str().unwrap()).unwrap();
-    assert_eq!(line["destination"], json!({"type": "iot-core", "topic": "alerts/fire", "qos": 1}));
+    assert_eq!(
+        line["destination"],
+        json!({"type": "iot-core", "topic": "alerts/fire", "qos": 1})
+    );
 
     let big = format!(r#"{{"blob": "{}"}}"#, "x".repeat(2000));
     let reply = gateway.publish("misc/big", "dev-2", big);
     let line = gateway.find(reply.body["id"].as_str().unwrap()).unwrap();
     assert_eq!(line["destination"]["type"], "kinesis");
-    assert_eq!(line["destination"]["partition_key"], "dev-2", "no site_id: the device id");
-    assert!(line["reason"].as_str().unwrap().contains("over 1000 B"), "{line}");
+    assert_eq!(
+        line["destination"]["partition_key"], "dev-2",
+        "no site_id: the device id"
+    );
+    assert!(
+        line["reason"].as_str().unwrap().contains("over 1000 B"),
+        "{line}"
+    );
 
     let reply = gateway.publish("misc/small", "dev-2", "{}");
     let line = gateway.find(reply.body["id"].as_str().unwrap()).unwrap();
-    assert_eq!(line["rule"], "builtin:default", "no plugin rule: the built-in decision stands");
+    assert_eq!(
+        line["rule"], "builtin:default",
+        "no plugin rule: the built-in decision stands"
+    );
 }
 
 #[test]
@@ -149,9 +212,19 @@ fn plugins_chain_in_configured_order() {
         plugin("json_enricher").display()
     );
     let gateway = Gateway::start(&config);
-    let reply = gateway.post("/topics/s/f", "dev-3", sensor_frame(&[(5, 100, 4)]), Some("application/octet-stream"));
+    let reply = gateway.post(
+        "/topics/s/f",
+        "dev-3",
+        sensor_frame(&[(5, 100, 4)]),
+        Some("application/octet-stream"),
+    );
     assert_eq!(reply.status, 200, "{:?}", reply.body);
-    let line = gateway.find(reply.body["id"].as_str().unwrap()).expect("one reading keeps the id");
+    let line = gateway
+        .find(reply.body["id"].as_str().unwrap())
+        .expect("one reading keeps the id");
     assert_eq!(line["payload"]["temperature_c"], 1.0);
-    assert_eq!(line["payload"]["received_at_ms"], line["received_at_ms"], "the enricher ran after the decoder");
+    assert_eq!(
+        line["payload"]["received_at_ms"], line["received_at_ms"],
+        "the enricher ran after the decoder"
+    );
 }

@@ -44,7 +44,11 @@ fn size_decides_between_iot_core_and_kinesis() {
         json!({"type": "kinesis", "stream": "main-stream", "partition_key": "dev-1"})
     );
     assert_eq!(line["rule"], "builtin:payload-over-iot-core-limit");
-    assert_eq!(line["payload_text"].as_str().unwrap().len(), 300 * 1024, "payload intact");
+    assert_eq!(
+        line["payload_text"].as_str().unwrap().len(),
+        300 * 1024,
+        "payload intact"
+    );
 
     let at_limit = gateway.publish("a/b", "dev-1", vec![b'z'; 1024 * 1024]);
     assert_eq!(at_limit.status, 200);
@@ -53,16 +57,32 @@ fn size_decides_between_iot_core_and_kinesis() {
     let over = gateway.publish("a/b", "dev-1", vec![b'z'; 1024 * 1024 + 1]);
     assert_eq!(over.status, 413);
     assert_eq!(over.body["code"], "payload_too_large");
-    assert!(over.body["message"].as_str().unwrap().contains("1048576"), "{:?}", over.body);
-    assert_eq!(gateway.all_sink_lines().len(), before, "nothing of a refused payload is stored");
+    assert!(
+        over.body["message"].as_str().unwrap().contains("1048576"),
+        "{:?}",
+        over.body
+    );
+    assert_eq!(
+        gateway.all_sink_lines().len(),
+        before,
+        "nothing of a refused payload is stored"
+    );
 }
 
 #[test]
 fn topic_rules_choose_destinations_and_name_themselves() {
     let gateway = Gateway::start(RULES);
     let cases = [
-        ("bulk/data", json!({"type": "kinesis", "stream": "bulk-stream", "partition_key": "dev-5"}), "rule:bulk"),
-        ("sites/9/alarms", json!({"type": "iot-core", "topic": "fleet/alarms", "qos": 0}), "rule:alarms"),
+        (
+            "bulk/data",
+            json!({"type": "kinesis", "stream": "bulk-stream", "partition_key": "dev-5"}),
+            "rule:bulk",
+        ),
+        (
+            "sites/9/alarms",
+            json!({"type": "iot-core", "topic": "fleet/alarms", "qos": 0}),
+            "rule:alarms",
+        ),
         ("archive/2026", json!({"type": "local"}), "rule:keep-here"),
     ];
     for (topic, destination, rule) in cases {
@@ -87,11 +107,18 @@ fn iot_core_publish_api_rules_are_enforced() {
     let ok = gateway.post("/topics/a/b?qos=1", "dev-1", b"{}".to_vec(), None);
     assert_eq!(ok.status, 200);
     let line = gateway.find(ok.body["traceId"].as_str().unwrap()).unwrap();
-    assert_eq!(line["attributes"]["qos"], "1");
+    assert_eq!(line["qos"], 1);
+    assert_eq!(
+        line["destination"]["qos"], 1,
+        "IoT Core gets the QoS the device asked for"
+    );
 
     let encoded = gateway.post("/topics/a%2Fb%2Fc", "dev-1", b"{}".to_vec(), None);
     assert_eq!(encoded.status, 200);
-    assert_eq!(gateway.find(encoded.body["id"].as_str().unwrap()).unwrap()["topic"], "a/b/c");
+    assert_eq!(
+        gateway.find(encoded.body["id"].as_str().unwrap()).unwrap()["topic"],
+        "a/b/c"
+    );
 
     for (path, why) in [
         ("/topics/a/b?qos=2", "qos"),
@@ -102,9 +129,17 @@ fn iot_core_publish_api_rules_are_enforced() {
         let reply = gateway.post(path, "dev-1", b"{}".to_vec(), None);
         assert_eq!(reply.status, 400, "{path}: {:?}", reply.body);
         assert_eq!(reply.body["code"], "bad_request", "{path}");
-        assert!(reply.body["message"].as_str().unwrap().contains(why), "{path}: {:?}", reply.body);
+        assert!(
+            reply.body["message"].as_str().unwrap().contains(why),
+            "{path}: {:?}",
+            reply.body
+        );
     }
     let bad_device = gateway.post("/topics/a", "a/b", b"{}".to_vec(), None);
     assert_eq!(bad_device.status, 400);
-    assert_eq!(gateway.all_sink_lines().len(), 2, "only the two good publishes are stored");
+    assert_eq!(
+        gateway.all_sink_lines().len(),
+        2,
+        "only the two good publishes are stored"
+    );
 }

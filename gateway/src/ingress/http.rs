@@ -99,26 +99,36 @@ impl From<SinkError> for ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let (status, body) = match self {
-            ApiError::BadRequest(message) => {
-                (StatusCode::BAD_REQUEST, json!({"code": "bad_request", "message": message}))
-            }
-            ApiError::TooLarge(message) => {
-                (StatusCode::PAYLOAD_TOO_LARGE, json!({"code": "payload_too_large", "message": message}))
-            }
-            ApiError::Plugin { id, kind, plugin, message } => {
+            ApiError::BadRequest(message) => (
+                StatusCode::BAD_REQUEST,
+                json!({"code": "bad_request", "message": message}),
+            ),
+            ApiError::TooLarge(message) => (
+                StatusCode::PAYLOAD_TOO_LARGE,
+                json!({"code": "payload_too_large", "message": message}),
+            ),
+            ApiError::Plugin {
+                id,
+                kind,
+                plugin,
+                message,
+            } => {
                 let status = match kind {
                     FailureKind::Refused => StatusCode::UNPROCESSABLE_ENTITY,
                     FailureKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
                     _ => StatusCode::INTERNAL_SERVER_ERROR,
                 };
-                let body = json!({"code": kind.code(), "message": message, "plugin": plugin, "id": id});
+                let body =
+                    json!({"code": kind.code(), "message": message, "plugin": plugin, "id": id});
                 (status, body)
             }
             ApiError::SinkUnavailable(message) => {
                 tracing::warn!(error = %message, "sink unavailable; request refused");
                 let body = json!({"code": "sink_unavailable", "message": "the gateway cannot store messages right now; retry later"});
                 let mut response = (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
-                response.headers_mut().insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
                 return response;
             }
         };
@@ -150,7 +160,8 @@ async fn publish(
 ) -> Result<Response, ApiError> {
     let Query(params) = params.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
     let device = device_id(&headers)?;
-    validate_publish_topic(&topic).map_err(|why| ApiError::BadRequest(format!("topic `{topic}`: {why}")))?;
+    validate_publish_topic(&topic)
+        .map_err(|why| ApiError::BadRequest(format!("topic `{topic}`: {why}")))?;
     let qos = parse_qos(params.qos.as_deref())?;
     let limit = state.pipeline.max_payload_bytes();
     let payload = read_body(&headers, body, limit, "payload", "the record limit").await?;
@@ -159,13 +170,16 @@ async fn publish(
         .clone()
         .or_else(|| header_str(&headers, header::CONTENT_TYPE))
         .unwrap_or_default();
-    let mut attributes = vec![("qos".to_string(), qos.to_string())];
+    let mut attributes = Vec::new();
     let optional = [
         ("mqtt.retain", &params.retain),
         ("mqtt.response_topic", &params.response_topic),
         ("mqtt.correlation_data", &params.correlation_data),
         ("mqtt.message_expiry", &params.message_expiry),
-        ("mqtt.payload_format_indicator", &params.payload_format_indicator),
+        (
+            "mqtt.payload_format_indicator",
+            &params.payload_format_indicator,
+        ),
         ("mqtt.user_properties", &params.user_properties),
     ];
     for (key, value) in optional {
@@ -178,12 +192,15 @@ async fn publish(
         device_id: device,
         topic,
         content_type,
+        qos,
         attributes,
         received_at_ms: now_ms(),
         payload: payload.to_vec(),
     };
     let mut reports = state.pipeline.process(vec![message], false).await?;
-    let report = reports.pop().ok_or_else(|| ApiError::SinkUnavailable("no report".to_string()))?;
+    let report = reports
+        .pop()
+        .ok_or_else(|| ApiError::SinkUnavailable("no report".to_string()))?;
     if report.status == Status::Rejected {
         return Err(rejected(report));
     }
@@ -199,11 +216,13 @@ async fn publish(
 }
 
 fn rejected(report: MessageReport) -> ApiError {
-    let error = report.error.unwrap_or_else(|| crate::pipeline::FailureReport {
-        code: FailureKind::Unavailable.code(),
-        plugin: String::new(),
-        message: "rejected".to_string(),
-    });
+    let error = report
+        .error
+        .unwrap_or_else(|| crate::pipeline::FailureReport {
+            code: FailureKind::Unavailable.code(),
+            plugin: String::new(),
+            message: "rejected".to_string(),
+        });
     ApiError::Plugin {
         id: report.id,
         kind: report.failure_kind.unwrap_or(FailureKind::Unavailable),
@@ -238,10 +257,21 @@ struct BatchBody {
     messages: Vec<BatchItem>,
 }
 
-async fn batch(State(state): State<AppState>, headers: HeaderMap, body: Body) -> Result<Response, ApiError> {
+async fn batch(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
     let device = device_id(&headers)?;
     let max_bytes = state.max_batch_bytes;
-    let body = read_body(&headers, body, max_bytes, "batch body", "limits.max_batch_bytes").await?;
+    let body = read_body(
+        &headers,
+        body,
+        max_bytes,
+        "batch body",
+        "limits.max_batch_bytes",
+    )
+    .await?;
     let parsed: BatchBody = serde_json::from_slice(&body)
         .map_err(|error| ApiError::BadRequest(format!("batch body is not valid: {error}")))?;
     if parsed.messages.len() > state.max_batch_messages {
@@ -256,22 +286,32 @@ async fn batch(State(state): State<AppState>, headers: HeaderMap, body: Body) ->
     let mut messages = Vec::with_capacity(parsed.messages.len());
     for (index, item) in parsed.messages.into_iter().enumerate() {
         let at = |why: String| format!("messages[{index}]: {why}");
-        validate_publish_topic(&item.topic).map_err(|why| ApiError::BadRequest(at(format!("topic: {why}"))))?;
+        validate_publish_topic(&item.topic)
+            .map_err(|why| ApiError::BadRequest(at(format!("topic: {why}"))))?;
         let qos = item.qos.unwrap_or(0);
         if qos > 1 {
-            return Err(ApiError::BadRequest(at(format!("qos must be 0 or 1, not {qos}"))));
+            return Err(ApiError::BadRequest(at(format!(
+                "qos must be 0 or 1, not {qos}"
+            ))));
         }
         let (payload, default_type) = match (item.payload, item.payload_base64) {
-            (Some(value), None) => (serde_json::to_vec(&value).unwrap_or_default(), "application/json"),
+            (Some(value), None) => (
+                serde_json::to_vec(&value).unwrap_or_default(),
+                "application/json",
+            ),
             (None, Some(text)) => (
                 base64::engine::general_purpose::STANDARD
                     .decode(text.as_bytes())
-                    .map_err(|error| ApiError::BadRequest(at(format!("payload_base64: {error}"))))?,
+                    .map_err(|error| {
+                        ApiError::BadRequest(at(format!("payload_base64: {error}")))
+                    })?,
                 "",
             ),
             (None, None) => (Vec::new(), ""),
             (Some(_), Some(_)) => {
-                return Err(ApiError::BadRequest(at("give `payload` or `payload_base64`, not both".to_string())));
+                return Err(ApiError::BadRequest(at(
+                    "give `payload` or `payload_base64`, not both".to_string(),
+                )));
             }
         };
         if payload.len() > limit {
@@ -280,14 +320,15 @@ async fn batch(State(state): State<AppState>, headers: HeaderMap, body: Body) ->
                 payload.len()
             ))));
         }
-        let mut attributes = vec![("qos".to_string(), qos.to_string())];
-        attributes.extend(item.attributes);
         messages.push(Message {
             id: new_id(),
             device_id: device.clone(),
             topic: item.topic,
-            content_type: item.content_type.unwrap_or_else(|| default_type.to_string()),
-            attributes,
+            content_type: item
+                .content_type
+                .unwrap_or_else(|| default_type.to_string()),
+            qos,
+            attributes: item.attributes.into_iter().collect(),
             received_at_ms,
             payload,
         });
@@ -316,12 +357,17 @@ fn parse_qos(qos: Option<&str>) -> Result<u8, ApiError> {
     match qos {
         None | Some("0") => Ok(0),
         Some("1") => Ok(1),
-        Some(other) => Err(ApiError::BadRequest(format!("qos must be 0 or 1 (IoT Core's limits), not `{other}`"))),
+        Some(other) => Err(ApiError::BadRequest(format!(
+            "qos must be 0 or 1 (IoT Core's limits), not `{other}`"
+        ))),
     }
 }
 
 fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<String> {
-    headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string)
 }
 
 /// Reads a body of at most `limit` bytes; over it, `413` naming `what` and the limit.
@@ -334,7 +380,9 @@ async fn read_body(
 ) -> Result<Bytes, ApiError> {
     let too_large = |size: Option<u64>| {
         let size = size.map(|n| format!(" of {n} bytes")).unwrap_or_default();
-        ApiError::TooLarge(format!("{what}{size} exceeds {limit_name} of {limit} bytes"))
+        ApiError::TooLarge(format!(
+            "{what}{size} exceeds {limit_name} of {limit} bytes"
+        ))
     };
     let declared = headers
         .get(header::CONTENT_LENGTH)

@@ -29,7 +29,11 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 ///
 /// Once listening, prints `sluice: listening on <scheme>://<address>` on stdout: the
 /// address is the bound one, which matters with port 0.
-pub async fn serve(config: &Config, pipeline: Arc<Pipeline>, mut shutdown: Shutdown) -> anyhow::Result<()> {
+pub async fn serve(
+    config: &Config,
+    pipeline: Arc<Pipeline>,
+    mut shutdown: Shutdown,
+) -> anyhow::Result<()> {
     let tls = config.server.tls.as_ref().map(tls_acceptor).transpose()?;
     let listener = TcpListener::bind(config.server.listen)
         .await
@@ -67,7 +71,8 @@ pub async fn serve(config: &Config, pipeline: Arc<Pipeline>, mut shutdown: Shutd
             let result = match tls {
                 Some(acceptor) => match acceptor.accept(stream).await {
                     Ok(stream) => {
-                        let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                        let connection =
+                            builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                         watcher.watch(connection.into_owned()).await
                     }
                     Err(error) => {
@@ -76,7 +81,8 @@ pub async fn serve(config: &Config, pipeline: Arc<Pipeline>, mut shutdown: Shutd
                     }
                 },
                 None => {
-                    let connection = builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
+                    let connection =
+                        builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                     watcher.watch(connection.into_owned()).await
                 }
             };
@@ -87,7 +93,10 @@ pub async fn serve(config: &Config, pipeline: Arc<Pipeline>, mut shutdown: Shutd
     }
     drop(listener);
     tracing::info!("no longer accepting; finishing in-flight requests");
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown()).await.is_err() {
+    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
+        .await
+        .is_err()
+    {
         tracing::warn!("in-flight requests did not finish within {SHUTDOWN_GRACE:?}");
     }
     Ok(())
@@ -96,7 +105,8 @@ pub async fn serve(config: &Config, pipeline: Arc<Pipeline>, mut shutdown: Shutd
 /// Builds the TLS acceptor from the configured certificate and key.
 fn tls_acceptor(tls: &TlsConfig) -> anyhow::Result<TlsAcceptor> {
     let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
-        std::fs::File::open(&tls.cert).with_context(|| format!("cannot open {}", tls.cert.display()))?,
+        std::fs::File::open(&tls.cert)
+            .with_context(|| format!("cannot open {}", tls.cert.display()))?,
     ))
     .collect::<Result<Vec<_>, _>>()
     .with_context(|| format!("cannot read certificates from {}", tls.cert.display()))?;
@@ -104,7 +114,8 @@ fn tls_acceptor(tls: &TlsConfig) -> anyhow::Result<TlsAcceptor> {
         anyhow::bail!("{} holds no PEM certificate", tls.cert.display());
     }
     let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
-        std::fs::File::open(&tls.key).with_context(|| format!("cannot open {}", tls.key.display()))?,
+        std::fs::File::open(&tls.key)
+            .with_context(|| format!("cannot open {}", tls.key.display()))?,
     ))
     .with_context(|| format!("cannot read the private key from {}", tls.key.display()))?
     .with_context(|| format!("{} holds no PEM private key", tls.key.display()))?;

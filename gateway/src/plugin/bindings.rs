@@ -22,6 +22,6 @@ pub mod router {
     });
 }
 
-pub use self::transform::sluice;
 pub use self::router::exports::sluice::plugin::routing::{Decision, Destination};
 pub use self::transform::exports::sluice::plugin::transformer::Outcome;
+pub use self::transform::sluice;

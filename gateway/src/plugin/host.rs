@@ -117,7 +117,10 @@ impl ResourceLimiter for MemoryLimiter {
 
 impl WasiView for HostState {
     fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView { ctx: &mut self.wasi, table: &mut self.table }
+        WasiCtxView {
+            ctx: &mut self.wasi,
+            table: &mut self.table,
+        }
     }
 }
 
@@ -137,7 +140,11 @@ impl host::Host for HostState {
     }
 
     fn counter_add(&mut self, name: String, delta: u64) {
-        let mut counters = self.stats.counters.lock().unwrap_or_else(|p| p.into_inner());
+        let mut counters = self
+            .stats
+            .counters
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let counter = counters.entry(name).or_insert(0);
         *counter = counter.saturating_add(delta);
     }
@@ -243,7 +250,11 @@ pub struct Inspection {
 
 impl Host {
     /// Builds the engine, the linker and the epoch ticker.
-    pub fn new(limits: Limits, cache_dir: PathBuf, max_instances: u32) -> Result<Host, PluginError> {
+    pub fn new(
+        limits: Limits,
+        cache_dir: PathBuf,
+        max_instances: u32,
+    ) -> Result<Host, PluginError> {
         let mut pool = wasmtime::PoolingAllocationConfig::default();
         pool.total_component_instances(max_instances)
             .total_core_instances(max_instances.saturating_mul(8))
@@ -279,7 +290,13 @@ impl Host {
                 })
                 .map_err(|e| PluginError::Engine(format!("cannot start the epoch ticker: {e}")))?
         };
-        Ok(Host { engine, linker, cache_dir, limits, ticker: Some((stop, ticker)) })
+        Ok(Host {
+            engine,
+            linker,
+            cache_dir,
+            limits,
+            ticker: Some((stop, ticker)),
+        })
     }
 
     /// The limits every instance gets.
@@ -296,7 +313,10 @@ impl Host {
         let state = HostState {
             wasi,
             table: ResourceTable::new(),
-            limiter: MemoryLimiter { max_bytes: self.limits.memory_bytes, hit: false },
+            limiter: MemoryLimiter {
+                max_bytes: self.limits.memory_bytes,
+                hit: false,
+            },
             stats,
         };
         let mut store = Store::new(&self.engine, state);
@@ -322,12 +342,18 @@ impl Host {
             .map(|(name, _)| name)
             .collect();
         if !refused.is_empty() {
-            return Err(PluginError::ForbiddenImports { path: path.to_path_buf(), imports: refused });
+            return Err(PluginError::ForbiddenImports {
+                path: path.to_path_buf(),
+                imports: refused,
+            });
         }
-        let pre = self.linker.instantiate_pre(&component).map_err(|e| PluginError::Invalid {
-            path: path.to_path_buf(),
-            reason: format!("cannot link: {e:#}"),
-        })?;
+        let pre = self
+            .linker
+            .instantiate_pre(&component)
+            .map_err(|e| PluginError::Invalid {
+                path: path.to_path_buf(),
+                reason: format!("cannot link: {e:#}"),
+            })?;
         if let Ok(transform) = TransformPre::new(pre.clone()) {
             return Ok((Prepared::Transform(transform), hash));
         }
@@ -361,7 +387,9 @@ impl Host {
         let imports = ty
             .imports(&self.engine)
             .map(|(name, _)| {
-                let allowed = ALLOWED_IMPORT_PREFIXES.iter().any(|prefix| name.starts_with(prefix));
+                let allowed = ALLOWED_IMPORT_PREFIXES
+                    .iter()
+                    .any(|prefix| name.starts_with(prefix));
                 (name.to_string(), allowed)
             })
             .collect();
@@ -373,14 +401,22 @@ impl Host {
                 _ => name.to_string(),
             })
             .collect();
-        Inspection { kind: None, imports, exports }
+        Inspection {
+            kind: None,
+            imports,
+            exports,
+        }
     }
 
     /// Compiles `bytes`, going through the on-disk cache.
     fn compile(&self, bytes: &[u8], hash: &str, path: &Path) -> Result<Component, PluginError> {
         let mut hasher = std::hash::DefaultHasher::new();
-        self.engine.precompile_compatibility_hash().hash(&mut hasher);
-        let cached = self.cache_dir.join(format!("{hash}-{:016x}.cwasm", hasher.finish()));
+        self.engine
+            .precompile_compatibility_hash()
+            .hash(&mut hasher);
+        let cached = self
+            .cache_dir
+            .join(format!("{hash}-{:016x}.cwasm", hasher.finish()));
         if cached.is_file() {
             // SAFETY: `deserialize_file` trusts its input to be a component compiled by
             // Wasmtime. Only the gateway writes this directory, always from
@@ -435,7 +471,10 @@ mod tests {
 
     #[test]
     fn deadlines_round_up_to_whole_ticks() {
-        let limits = |ms| Limits { call_timeout: Duration::from_millis(ms), memory_bytes: 0 };
+        let limits = |ms| Limits {
+            call_timeout: Duration::from_millis(ms),
+            memory_bytes: 0,
+        };
         assert_eq!(limits(5).deadline_ticks(), 2);
         assert_eq!(limits(6).deadline_ticks(), 3);
         assert_eq!(limits(200).deadline_ticks(), 41);

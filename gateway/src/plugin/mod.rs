@@ -249,21 +249,37 @@ impl Plugins {
             .transform
             .iter()
             .map(|entry| (entry.clone(), PluginKind::Transform))
-            .chain(config.plugins.router.iter().map(|entry| (entry.clone(), PluginKind::Router)))
+            .chain(
+                config
+                    .plugins
+                    .router
+                    .iter()
+                    .map(|entry| (entry.clone(), PluginKind::Router)),
+            )
             .collect();
         Plugins::with_entries(config, entries)
     }
 
     /// A host running just one plugin file, of whichever kind it is (for `sluice plugin
     /// run`).
-    pub fn single(config: &Config, path: &Path, plugin_config: Vec<(String, String)>) -> Result<Plugins, PluginError> {
+    pub fn single(
+        config: &Config,
+        path: &Path,
+        plugin_config: Vec<(String, String)>,
+    ) -> Result<Plugins, PluginError> {
         let host = Plugins::make_host(config, 1)?;
         let (prepared, _) = host.load(path)?;
         let kind = prepared.kind();
         let entry = PluginEntry {
-            name: path.file_stem().map(|s| s.to_string_lossy().into_owned()).unwrap_or_default(),
+            name: path
+                .file_stem()
+                .map(|s| s.to_string_lossy().into_owned())
+                .unwrap_or_default(),
             path: path.to_path_buf(),
-            config: plugin_config.into_iter().map(|(k, v)| (k, toml::Value::String(v))).collect(),
+            config: plugin_config
+                .into_iter()
+                .map(|(k, v)| (k, toml::Value::String(v)))
+                .collect(),
         };
         Plugins::with_host(host, vec![(entry, kind)], 1)
     }
@@ -280,13 +296,20 @@ impl Plugins {
         Host::new(limits, config.cache_dir(), instances)
     }
 
-    fn with_entries(config: &Config, entries: Vec<(PluginEntry, PluginKind)>) -> Result<Plugins, PluginError> {
+    fn with_entries(
+        config: &Config,
+        entries: Vec<(PluginEntry, PluginKind)>,
+    ) -> Result<Plugins, PluginError> {
         let workers = config.plugins.workers.max(1);
         let host = Plugins::make_host(config, workers)?;
         Plugins::with_host(host, entries, workers)
     }
 
-    fn with_host(host: Host, entries: Vec<(PluginEntry, PluginKind)>, workers: usize) -> Result<Plugins, PluginError> {
+    fn with_host(
+        host: Host,
+        entries: Vec<(PluginEntry, PluginKind)>,
+        workers: usize,
+    ) -> Result<Plugins, PluginError> {
         let (jobs, queue) = async_channel::bounded(workers * QUEUED_BATCHES_PER_WORKER);
         let inner = Arc::new(Inner {
             host,
@@ -309,7 +332,11 @@ impl Plugins {
             tracing::info!(plugin = %plugin.name, kind = %plugin.prepared.kind(), hash = %&plugin.hash[..12], path = %plugin.path.display(), "plugin loaded");
         }
         plugins.inner.set.store(Arc::new(set));
-        let mut handles = plugins.inner.workers.lock().unwrap_or_else(|p| p.into_inner());
+        let mut handles = plugins
+            .inner
+            .workers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         for index in 0..workers {
             let inner = plugins.inner.clone();
             let queue = queue.clone();
@@ -347,7 +374,10 @@ impl Plugins {
             .filter_map(|(key, value)| Some((key.clone(), plugin_config_value(value)?)))
             .collect();
         let stats = stats.unwrap_or_else(|| {
-            Arc::new(PluginStats { name: entry.name.clone(), ..PluginStats::default() })
+            Arc::new(PluginStats {
+                name: entry.name.clone(),
+                ..PluginStats::default()
+            })
         });
         let plugin = Arc::new(LoadedPlugin {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
@@ -358,8 +388,10 @@ impl Plugins {
             config,
             stats,
         });
-        worker::Instance::new(host, &plugin)
-            .map_err(|reason| PluginError::Init { name: entry.name.clone(), reason })?;
+        worker::Instance::new(host, &plugin).map_err(|reason| PluginError::Init {
+            name: entry.name.clone(),
+            reason,
+        })?;
         Ok(plugin)
     }
 
@@ -374,7 +406,8 @@ impl Plugins {
         let mut reloaded = Vec::new();
         let slots = next.transforms.iter_mut().chain(next.router.as_mut());
         for slot in slots.filter(|plugin| plugin.path == path) {
-            let Some((entry, kind)) = self.inner.entries.iter().find(|(e, _)| e.name == slot.name) else {
+            let Some((entry, kind)) = self.inner.entries.iter().find(|(e, _)| e.name == slot.name)
+            else {
                 continue;
             };
             let loaded = self.load_entry(entry, *kind, Some(slot.stats.clone()))?;
@@ -393,7 +426,11 @@ impl Plugins {
 
     /// The files of the configured plugins.
     pub fn paths(&self) -> Vec<PathBuf> {
-        self.inner.entries.iter().map(|(entry, _)| entry.path.clone()).collect()
+        self.inner
+            .entries
+            .iter()
+            .map(|(entry, _)| entry.path.clone())
+            .collect()
     }
 
     /// The active plugin set.
@@ -421,7 +458,8 @@ impl Plugins {
     /// Stops the workers after the queued batches, and waits for them.
     pub fn stop(&self) {
         self.inner.jobs.close();
-        let handles = std::mem::take(&mut *self.inner.workers.lock().unwrap_or_else(|p| p.into_inner()));
+        let handles =
+            std::mem::take(&mut *self.inner.workers.lock().unwrap_or_else(|p| p.into_inner()));
         for handle in handles {
             let _ = handle.join();
         }
@@ -431,7 +469,13 @@ impl Plugins {
 impl InputResult {
     /// A message that no plugin touched.
     fn passed(message: Message) -> InputResult {
-        InputResult { outputs: vec![Output { message, router: None }], ..InputResult::default() }
+        InputResult {
+            outputs: vec![Output {
+                message,
+                router: None,
+            }],
+            ..InputResult::default()
+        }
     }
 }
 

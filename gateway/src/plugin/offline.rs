@@ -40,6 +40,8 @@ struct Sample {
     #[serde(default)]
     attributes: BTreeMap<String, String>,
     received_at_ms: Option<u64>,
+    #[serde(default)]
+    qos: u8,
     payload: Option<serde_json::Value>,
     payload_text: Option<String>,
     payload_base64: Option<String>,
@@ -65,6 +67,7 @@ impl Sample {
             device_id: self.device_id,
             topic: self.topic,
             content_type: self.content_type,
+            qos: self.qos,
             attributes: self.attributes.into_iter().collect(),
             received_at_ms: self.received_at_ms.unwrap_or_else(now_ms),
             payload,
@@ -112,6 +115,7 @@ pub fn run_file(
                         "device_id": message.device_id,
                         "topic": message.topic,
                         "content_type": message.content_type,
+                        "qos": message.qos,
                         "attributes": message.attributes.iter().cloned().collect::<BTreeMap<_, _>>(),
                     });
                     let (key, value) = payload_json(&message.payload);
@@ -132,7 +136,11 @@ pub fn run_file(
             input_index += 1;
         }
     }
-    let counters = plugins.current().all().flat_map(|p| p.stats.counters()).collect();
+    let counters = plugins
+        .current()
+        .all()
+        .flat_map(|p| p.stats.counters())
+        .collect();
     plugins.stop();
     Ok(counters)
 }

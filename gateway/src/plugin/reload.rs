@@ -25,8 +25,10 @@ pub fn watch(plugins: Plugins) -> anyhow::Result<ReloadWatcher> {
     let paths: Vec<PathBuf> = plugins.paths().iter().map(|p| absolute(p)).collect();
     let (events, changes) = std::sync::mpsc::channel::<notify::Result<notify::Event>>();
     let mut watcher = notify::recommended_watcher(events)?;
-    let folders: BTreeSet<PathBuf> =
-        paths.iter().filter_map(|path| path.parent().map(Path::to_path_buf)).collect();
+    let folders: BTreeSet<PathBuf> = paths
+        .iter()
+        .filter_map(|path| path.parent().map(Path::to_path_buf))
+        .collect();
     for folder in &folders {
         watcher.watch(folder, RecursiveMode::NonRecursive)?;
     }
@@ -48,7 +50,10 @@ pub fn watch(plugins: Plugins) -> anyhow::Result<ReloadWatcher> {
             }
         }
     })?;
-    Ok(ReloadWatcher { _watcher: watcher, _thread: thread })
+    Ok(ReloadWatcher {
+        _watcher: watcher,
+        _thread: thread,
+    })
 }
 
 fn absolute(path: &Path) -> PathBuf {

@@ -31,13 +31,17 @@ impl Instance {
         let instance = match &plugin.prepared {
             crate::plugin::host::Prepared::Transform(pre) => {
                 let bindings = pre.instantiate(&mut store).map_err(|e| format!("{e:#}"))?;
-                let init = bindings.sluice_plugin_transformer().call_init(&mut store, &plugin.config);
+                let init = bindings
+                    .sluice_plugin_transformer()
+                    .call_init(&mut store, &plugin.config);
                 init.map_err(|e| format!("init trapped: {e:#}"))??;
                 Instance::Transform(store, bindings)
             }
             crate::plugin::host::Prepared::Router(pre) => {
                 let bindings = pre.instantiate(&mut store).map_err(|e| format!("{e:#}"))?;
-                let init = bindings.sluice_plugin_routing().call_init(&mut store, &plugin.config);
+                let init = bindings
+                    .sluice_plugin_routing()
+                    .call_init(&mut store, &plugin.config);
                 init.map_err(|e| format!("init trapped: {e:#}"))??;
                 Instance::Router(store, bindings)
             }
@@ -75,7 +79,8 @@ pub fn run_chain(
         }
         match call_transform(host, plugin, instances, &messages) {
             Ok(outcomes) => {
-                (messages, origins) = apply_outcomes(plugin, messages, origins, outcomes, &mut results);
+                (messages, origins) =
+                    apply_outcomes(plugin, messages, origins, outcomes, &mut results);
             }
             Err((kind, reason)) => {
                 fail_all(&plugin.name, kind, &reason, messages, origins, &mut results);
@@ -84,13 +89,18 @@ pub fn run_chain(
         }
     }
     let choices = match &set.router {
-        Some(router) if !messages.is_empty() => match call_router(host, router, instances, &messages) {
-            Ok(decisions) => decisions.into_iter().map(|d| Some(choice(&router.name, d))).collect(),
-            Err((kind, reason)) => {
-                fail_all(&router.name, kind, &reason, messages, origins, &mut results);
-                return results;
+        Some(router) if !messages.is_empty() => {
+            match call_router(host, router, instances, &messages) {
+                Ok(decisions) => decisions
+                    .into_iter()
+                    .map(|d| Some(choice(&router.name, d)))
+                    .collect(),
+                Err((kind, reason)) => {
+                    fail_all(&router.name, kind, &reason, messages, origins, &mut results);
+                    return results;
+                }
             }
-        },
+        }
         _ => Vec::new(),
     };
     let mut choices = choices.into_iter();
@@ -113,7 +123,10 @@ fn take_instance(
     match instances.remove(&plugin.id) {
         Some(instance) => Ok(instance),
         None => Instance::new(host, plugin).map_err(|reason| {
-            (FailureKind::Unavailable, format!("plugin `{}` cannot start: {reason}", plugin.name))
+            (
+                FailureKind::Unavailable,
+                format!("plugin `{}` cannot start: {reason}", plugin.name),
+            )
         }),
     }
 }
@@ -125,7 +138,10 @@ fn call_transform(
     messages: &[Message],
 ) -> Result<Vec<Outcome>, CallError> {
     let Instance::Transform(mut store, bindings) = take_instance(host, plugin, instances)? else {
-        return Err((FailureKind::Unavailable, format!("plugin `{}` is not a transform", plugin.name)));
+        return Err((
+            FailureKind::Unavailable,
+            format!("plugin `{}` is not a transform", plugin.name),
+        ));
     };
     store.set_epoch_deadline(host.limits().deadline_ticks());
     let outcomes = bindings
@@ -146,7 +162,10 @@ fn call_router(
     messages: &[Message],
 ) -> Result<Vec<Decision>, CallError> {
     let Instance::Router(mut store, bindings) = take_instance(host, plugin, instances)? else {
-        return Err((FailureKind::Unavailable, format!("plugin `{}` is not a router", plugin.name)));
+        return Err((
+            FailureKind::Unavailable,
+            format!("plugin `{}` is not a router", plugin.name),
+        ));
     };
     store.set_epoch_deadline(host.limits().deadline_ticks());
     let decisions = bindings
@@ -163,28 +182,48 @@ fn call_router(
 fn bad_count(plugin: &LoadedPlugin, got: usize, want: usize) -> CallError {
     (
         FailureKind::BadOutput,
-        format!("plugin `{}` returned {got} results for {want} messages", plugin.name),
+        format!(
+            "plugin `{}` returned {got} results for {want} messages",
+            plugin.name
+        ),
     )
 }
 
 /// Says precisely why a call failed.
-fn classify(host: &Host, store: &Store<HostState>, plugin: &LoadedPlugin, error: wasmtime::Error) -> CallError {
+fn classify(
+    host: &Host,
+    store: &Store<HostState>,
+    plugin: &LoadedPlugin,
+    error: wasmtime::Error,
+) -> CallError {
     let name = &plugin.name;
     let limits = host.limits();
     if memory_limit_hit(store) {
         let mib = limits.memory_bytes >> 20;
-        return (FailureKind::MemoryLimit, format!("plugin `{name}` ran over its memory limit of {mib} MiB"));
+        return (
+            FailureKind::MemoryLimit,
+            format!("plugin `{name}` ran over its memory limit of {mib} MiB"),
+        );
     }
-    if matches!(error.downcast_ref::<wasmtime::Trap>(), Some(wasmtime::Trap::Interrupt)) {
+    if matches!(
+        error.downcast_ref::<wasmtime::Trap>(),
+        Some(wasmtime::Trap::Interrupt)
+    ) {
         let ms = limits.call_timeout.as_millis();
-        return (FailureKind::Timeout, format!("plugin `{name}` ran over its time limit of {ms} ms"));
+        return (
+            FailureKind::Timeout,
+            format!("plugin `{name}` ran over its time limit of {ms} ms"),
+        );
     }
     let detail = match error.downcast_ref::<wasmtime::Trap>() {
         Some(trap) => trap.to_string(),
         None => error.to_string(),
     };
     tracing::warn!(plugin = %name, error = %format!("{error:?}"), "plugin trapped");
-    (FailureKind::Trap, format!("plugin `{name}` trapped: {detail}"))
+    (
+        FailureKind::Trap,
+        format!("plugin `{name}` trapped: {detail}"),
+    )
 }
 
 /// Applies one transform's outcomes, returning the messages that go on.
@@ -199,6 +238,10 @@ fn apply_outcomes(
     let mut next_origins = Vec::with_capacity(inputs.len());
     for ((input, origin), outcome) in inputs.into_iter().zip(origins).zip(outcomes) {
         match outcome {
+            Outcome::Pass => {
+                messages.push(input);
+                next_origins.push(origin);
+            }
             Outcome::Keep(mut kept) => {
                 kept.id = input.id;
                 kept.device_id = input.device_id;
@@ -249,7 +292,10 @@ fn fail_all(
 
 fn choice(plugin: &str, decision: Decision) -> RouterChoice {
     let destination = decision.destination.map(|destination| match destination {
-        WitDestination::IotCore(target) => Destination::IotCore { topic: target.topic, qos: target.qos },
+        WitDestination::IotCore(target) => Destination::IotCore {
+            topic: target.topic,
+            qos: target.qos,
+        },
         WitDestination::Kinesis(target) => Destination::Kinesis {
             stream: target.stream,
             partition_key: target.partition_key,
@@ -259,7 +305,11 @@ fn choice(plugin: &str, decision: Decision) -> RouterChoice {
         WitDestination::Drop => Destination::Drop,
         WitDestination::DeadLetter => Destination::DeadLetter,
     });
-    RouterChoice { plugin: plugin.to_string(), destination, reason: decision.reason }
+    RouterChoice {
+        plugin: plugin.to_string(),
+        destination,
+        reason: decision.reason,
+    }
 }
 
 /// Runs the chain in the calling thread with instances of its own: the offline loop of
@@ -272,7 +322,11 @@ pub struct LocalRunner {
 
 impl LocalRunner {
     /// Runs the plugins' current set over `batch`.
-    pub fn run(&mut self, plugins: &crate::plugin::Plugins, batch: Vec<Message>) -> Vec<InputResult> {
+    pub fn run(
+        &mut self,
+        plugins: &crate::plugin::Plugins,
+        batch: Vec<Message>,
+    ) -> Vec<InputResult> {
         let set = plugins.current();
         run_chain(&plugins.inner.host, &set, &mut self.instances, batch)
     }

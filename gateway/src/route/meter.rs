@@ -20,7 +20,10 @@ pub struct ThroughputMeter {
 
 impl Default for ThroughputMeter {
     fn default() -> Self {
-        ThroughputMeter { start: Instant::now(), devices: Mutex::new(HashMap::new()) }
+        ThroughputMeter {
+            start: Instant::now(),
+            devices: Mutex::new(HashMap::new()),
+        }
     }
 }
 
@@ -28,7 +31,10 @@ impl ThroughputMeter {
     /// Counts `bytes` from `device` and returns its current rate in bytes per second.
     pub fn record(&self, device: &str, bytes: u64) -> u64 {
         let window = self.start.elapsed().as_secs();
-        let mut devices = self.devices.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut devices = self
+            .devices
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
         let rate = match devices.get_mut(device) {
             Some(entry) => {
                 advance(entry, window);

@@ -77,7 +77,13 @@ pub struct Decision {
 
 impl fmt::Display for Decision {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} by {} ({})", self.destination.kind(), self.rule, self.reason)
+        write!(
+            f,
+            "{} by {} ({})",
+            self.destination.kind(),
+            self.rule,
+            self.reason
+        )
     }
 }
 
@@ -158,7 +164,11 @@ impl Policy {
             );
         }
         let mut bidirectional = facts.bidirectional;
-        for rule in self.rules.iter().filter(|rule| rule.filter.matches(&message.topic)) {
+        for rule in self
+            .rules
+            .iter()
+            .filter(|rule| rule.filter.matches(&message.topic))
+        {
             bidirectional |= rule.command_and_control;
             if let Some(target) = rule.destination {
                 return self.apply_rule(rule, target, message);
@@ -173,7 +183,7 @@ impl Policy {
         }
         if bidirectional {
             return decision(
-                iot_core(&message.topic, 1),
+                iot_core(&message.topic, message.qos),
                 "builtin:command-and-control",
                 "bidirectional traffic goes to IoT Core".to_string(),
             );
@@ -189,11 +199,15 @@ impl Policy {
             );
         }
         let destination = match self.default_destination {
-            DefaultDestination::IotCore => iot_core(&message.topic, 1),
+            DefaultDestination::IotCore => iot_core(&message.topic, message.qos),
             DefaultDestination::Kinesis => self.kinesis(message, None),
             DefaultDestination::Local => Destination::Local,
         };
-        decision(destination, "builtin:default", "no rule matched; the default destination".to_string())
+        decision(
+            destination,
+            "builtin:default",
+            "no rule matched; the default destination".to_string(),
+        )
     }
 
     fn apply_rule(&self, rule: &Rule, target: RuleDestination, message: &Message) -> Decision {
@@ -209,9 +223,10 @@ impl Policy {
                     ),
                 );
             }
-            RuleDestination::IotCore => {
-                iot_core(rule.iot_topic.as_deref().unwrap_or(&message.topic), rule.qos)
-            }
+            RuleDestination::IotCore => iot_core(
+                rule.iot_topic.as_deref().unwrap_or(&message.topic),
+                rule.qos,
+            ),
             RuleDestination::Kinesis => self.kinesis(message, rule.stream.as_deref()),
             RuleDestination::Local => Destination::Local,
             RuleDestination::Drop => Destination::Drop,
@@ -259,11 +274,20 @@ impl Policy {
     /// Empty fields in a plugin's destination mean "the gateway's default".
     fn fill_defaults(&self, destination: Destination, message: &Message) -> Destination {
         match destination {
-            Destination::IotCore { topic, qos } if topic.is_empty() => {
-                Destination::IotCore { topic: message.topic.clone(), qos }
-            }
-            Destination::Kinesis { stream, partition_key, explicit_hash_key } => Destination::Kinesis {
-                stream: if stream.is_empty() { self.default_stream.clone() } else { stream },
+            Destination::IotCore { topic, qos } if topic.is_empty() => Destination::IotCore {
+                topic: message.topic.clone(),
+                qos,
+            },
+            Destination::Kinesis {
+                stream,
+                partition_key,
+                explicit_hash_key,
+            } => Destination::Kinesis {
+                stream: if stream.is_empty() {
+                    self.default_stream.clone()
+                } else {
+                    stream
+                },
                 partition_key: if partition_key.is_empty() {
                     message.device_id.clone()
                 } else {
@@ -290,7 +314,11 @@ impl Policy {
                 }
                 validate_publish_topic(topic)
             }
-            Destination::Kinesis { stream, partition_key, explicit_hash_key } => {
+            Destination::Kinesis {
+                stream,
+                partition_key,
+                explicit_hash_key,
+            } => {
                 crate::config::validate_stream_name(stream)?;
                 if partition_key.chars().count() > KINESIS_MAX_PARTITION_KEY_CHARS {
                     return Err(format!(
@@ -299,7 +327,9 @@ impl Policy {
                 }
                 if let Some(key) = explicit_hash_key {
                     if key.parse::<u128>().is_err() {
-                        return Err(format!("explicit hash key `{key}` is not a 128-bit decimal"));
+                        return Err(format!(
+                            "explicit hash key `{key}` is not a 128-bit decimal"
+                        ));
                     }
                 }
                 Ok(())
@@ -310,11 +340,18 @@ impl Policy {
 }
 
 fn iot_core(topic: &str, qos: u8) -> Destination {
-    Destination::IotCore { topic: topic.to_string(), qos }
+    Destination::IotCore {
+        topic: topic.to_string(),
+        qos,
+    }
 }
 
 fn decision(destination: Destination, rule: &str, reason: String) -> Decision {
-    Decision { destination, rule: rule.to_string(), reason }
+    Decision {
+        destination,
+        rule: rule.to_string(),
+        reason,
+    }
 }
 
 #[cfg(test)]
@@ -328,6 +365,7 @@ mod tests {
             device_id: "dev-1".into(),
             topic: topic.into(),
             content_type: String::new(),
+            qos: 1,
             attributes: Vec::new(),
             received_at_ms: 0,
             payload: vec![b'x'; size],
@@ -368,25 +406,95 @@ mod tests {
     fn the_routing_table() {
         let policy = policy(RULES);
         let kib = 1024;
-        let fast = Facts { bidirectional: false, device_bytes_per_sec: 600 * kib as u64 };
+        let fast = Facts {
+            bidirectional: false,
+            device_bytes_per_sec: 600 * kib as u64,
+        };
         let cases: Vec<(&str, usize, Facts, &str, &str)> = vec![
             ("a/b", 100, Facts::default(), "iot-core", "builtin:default"),
-            ("a/b", 128 * kib, Facts::default(), "iot-core", "builtin:default"),
-            ("a/b", 128 * kib + 1, Facts::default(), "kinesis", "builtin:payload-over-iot-core-limit"),
-            ("a/b", 1024 * kib, Facts::default(), "kinesis", "builtin:payload-over-iot-core-limit"),
-            ("a/b", 1024 * kib + 1, Facts::default(), "dead-letter", "builtin:over-every-limit"),
-            ("a/b", 100, fast, "kinesis", "builtin:high-throughput-producer"),
-            ("sites/1/alarms/fire", 100, Facts::default(), "iot-core", "rule:alarms"),
-            ("sites/1/alarms/fire", 200 * kib, Facts::default(), "kinesis", "builtin:payload-over-iot-core-limit"),
+            (
+                "a/b",
+                128 * kib,
+                Facts::default(),
+                "iot-core",
+                "builtin:default",
+            ),
+            (
+                "a/b",
+                128 * kib + 1,
+                Facts::default(),
+                "kinesis",
+                "builtin:payload-over-iot-core-limit",
+            ),
+            (
+                "a/b",
+                1024 * kib,
+                Facts::default(),
+                "kinesis",
+                "builtin:payload-over-iot-core-limit",
+            ),
+            (
+                "a/b",
+                1024 * kib + 1,
+                Facts::default(),
+                "dead-letter",
+                "builtin:over-every-limit",
+            ),
+            (
+                "a/b",
+                100,
+                fast,
+                "kinesis",
+                "builtin:high-throughput-producer",
+            ),
+            (
+                "sites/1/alarms/fire",
+                100,
+                Facts::default(),
+                "iot-core",
+                "rule:alarms",
+            ),
+            (
+                "sites/1/alarms/fire",
+                200 * kib,
+                Facts::default(),
+                "kinesis",
+                "builtin:payload-over-iot-core-limit",
+            ),
             ("bulk/x", 10, Facts::default(), "kinesis", "rule:bulk"),
-            ("cmd/reboot", 100, fast, "iot-core", "builtin:command-and-control"),
-            ("cmd/reboot", 200 * kib, Facts::default(), "kinesis", "builtin:payload-over-iot-core-limit"),
-            ("x", 100, Facts { bidirectional: true, device_bytes_per_sec: 0 }, "iot-core", "builtin:command-and-control"),
+            (
+                "cmd/reboot",
+                100,
+                fast,
+                "iot-core",
+                "builtin:command-and-control",
+            ),
+            (
+                "cmd/reboot",
+                200 * kib,
+                Facts::default(),
+                "kinesis",
+                "builtin:payload-over-iot-core-limit",
+            ),
+            (
+                "x",
+                100,
+                Facts {
+                    bidirectional: true,
+                    device_bytes_per_sec: 0,
+                },
+                "iot-core",
+                "builtin:command-and-control",
+            ),
             ("debug/trace", 100, Facts::default(), "drop", "rule:noise"),
         ];
         for (topic, size, facts, kind, rule) in cases {
             let got = policy.decide(&message(topic, size), facts);
-            assert_eq!((got.destination.kind(), got.rule.as_str()), (kind, rule), "{topic} {size} B");
+            assert_eq!(
+                (got.destination.kind(), got.rule.as_str()),
+                (kind, rule),
+                "{topic} {size} B"
+            );
         }
         let alarm = policy.decide(&message("sites/1/alarms/fire", 10), Facts::default());
         assert_eq!(alarm.destination, iot_core("fleet/alarms", 0));
@@ -418,7 +526,13 @@ mod tests {
             partition_key: String::new(),
             explicit_hash_key: None,
         };
-        let got = policy.overrule(builtin.clone(), "r", Some(kinesis.clone()), "my reason", &small);
+        let got = policy.overrule(
+            builtin.clone(),
+            "r",
+            Some(kinesis.clone()),
+            "my reason",
+            &small,
+        );
         assert_eq!(got.rule, "plugin:r");
         assert_eq!(got.reason, "my reason");
         assert_eq!(
@@ -429,11 +543,20 @@ mod tests {
                 explicit_hash_key: None
             }
         );
-        assert_eq!(policy.overrule(builtin.clone(), "r", None, "no opinion", &small), builtin);
+        assert_eq!(
+            policy.overrule(builtin.clone(), "r", None, "no opinion", &small),
+            builtin
+        );
 
         let big = message("a/b", 300 * 1024);
         let builtin = policy.decide(&big, Facts::default());
-        let got = policy.overrule(builtin.clone(), "r", Some(iot_core("", 1)), "want iot", &big);
+        let got = policy.overrule(
+            builtin.clone(),
+            "r",
+            Some(iot_core("", 1)),
+            "want iot",
+            &big,
+        );
         assert_eq!(got.destination, builtin.destination);
         assert_eq!(got.rule, "builtin:payload-over-iot-core-limit");
         assert!(got.reason.contains("overruled"), "{}", got.reason);
@@ -459,7 +582,10 @@ mod tests {
         ] {
             let builtin = policy.decide(&small, Facts::default());
             let got = policy.overrule(builtin.clone(), "r", Some(bad.clone()), "bad", &small);
-            assert_eq!(got.destination, builtin.destination, "{bad:?} should be overruled");
+            assert_eq!(
+                got.destination, builtin.destination,
+                "{bad:?} should be overruled"
+            );
         }
     }
 }

@@ -112,14 +112,21 @@ mod tests {
         ];
         for (filter, topic, expected) in cases {
             let parsed = TopicFilter::parse(filter).unwrap();
-            assert_eq!(parsed.matches(topic), expected, "filter {filter:?} topic {topic:?}");
+            assert_eq!(
+                parsed.matches(topic),
+                expected,
+                "filter {filter:?} topic {topic:?}"
+            );
         }
     }
 
     #[test]
     fn misplaced_wildcards_are_refused() {
         for bad in ["", "a/#/b", "a/b#", "a+/b", "#/a"] {
-            assert!(TopicFilter::parse(bad).is_err(), "{bad:?} should be refused");
+            assert!(
+                TopicFilter::parse(bad).is_err(),
+                "{bad:?} should be refused"
+            );
         }
     }
 
@@ -138,6 +145,10 @@ mod tests {
             assert!(error.contains(why), "{topic:?}: {error}");
         }
         let long = "x".repeat(257);
-        assert!(validate_publish_topic(&long).unwrap_err().contains("257 bytes"));
+        assert!(
+            validate_publish_topic(&long)
+                .unwrap_err()
+                .contains("257 bytes")
+        );
     }
 }

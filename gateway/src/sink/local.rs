@@ -7,6 +7,8 @@
 //! - `payload_text`: the payload as a string when it is other UTF-8 text;
 //! - `payload_base64`: the payload in base64 otherwise.
 //!
+//! and `received_at_ms`, `qos`, and `content_type` and `attributes` when set.
+//!
 //! One writer thread owns the files: it takes every batch waiting, appends them, flushes
 //! once, and only then confirms them all.
 
@@ -45,7 +47,10 @@ impl LocalSink {
         let writer = std::thread::Builder::new()
             .name("sluice-local-sink".to_string())
             .spawn(move || write_loop(&dir, &queue))?;
-        Ok(LocalSink { jobs: Mutex::new(Some(jobs)), writer: Mutex::new(Some(writer)) })
+        Ok(LocalSink {
+            jobs: Mutex::new(Some(jobs)),
+            writer: Mutex::new(Some(writer)),
+        })
     }
 
     /// Stops taking records, writes what is queued, and waits for the writer.
@@ -75,12 +80,16 @@ impl Sink for LocalSink {
         };
         Box::pin(async move {
             if !sent {
-                return Err(SinkError::Unavailable("the local sink is closed".to_string()));
+                return Err(SinkError::Unavailable(
+                    "the local sink is closed".to_string(),
+                ));
             }
             match confirmed.await {
                 Ok(Ok(())) => Ok(()),
                 Ok(Err(error)) => Err(SinkError::Unavailable(error)),
-                Err(_) => Err(SinkError::Unavailable("the local sink writer stopped".to_string())),
+                Err(_) => Err(SinkError::Unavailable(
+                    "the local sink writer stopped".to_string(),
+                )),
             }
         })
     }
@@ -97,13 +106,17 @@ fn render(record: &Record) -> String {
         "rule": record.decision.rule,
         "reason": record.decision.reason,
         "received_at_ms": message.received_at_ms,
+        "qos": message.qos,
     });
     if !message.content_type.is_empty() {
         line["content_type"] = message.content_type.clone().into();
     }
     if !message.attributes.is_empty() {
-        let attributes: BTreeMap<&str, &str> =
-            message.attributes.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+        let attributes: BTreeMap<&str, &str> = message
+            .attributes
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .collect();
         line["attributes"] = serde_json::json!(attributes);
     }
     let (key, value) = payload_json(&message.payload);
@@ -119,7 +132,12 @@ pub fn payload_json(payload: &[u8]) -> (&'static str, serde_json::Value) {
     }
     match std::str::from_utf8(payload) {
         Ok(text) => ("payload_text", text.into()),
-        Err(_) => ("payload_base64", base64::engine::general_purpose::STANDARD.encode(payload).into()),
+        Err(_) => (
+            "payload_base64",
+            base64::engine::general_purpose::STANDARD
+                .encode(payload)
+                .into(),
+        ),
     }
 }
 

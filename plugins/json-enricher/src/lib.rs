@@ -38,7 +38,11 @@ impl Transform for Enricher {
         let on_invalid = match config.get_or("on_invalid", "fail") {
             "fail" => OnInvalid::Fail,
             "drop" => OnInvalid::Drop,
-            other => return Err(format!("config `on_invalid` must be `fail` or `drop`, not `{other}`")),
+            other => {
+                return Err(format!(
+                    "config `on_invalid` must be `fail` or `drop`, not `{other}`"
+                ));
+            }
         };
         let device_field = config.get_or("device_field", "device_id").to_string();
         let time_field = config.get_or("time_field", "received_at_ms").to_string();
@@ -55,11 +59,19 @@ impl Transform for Enricher {
     }
 
     fn transform(&mut self, mut message: Message) -> Outcome {
-        let probe = Probe { device_field: &self.device_field, time_field: &self.time_field };
+        let probe = Probe {
+            device_field: &self.device_field,
+            time_field: &self.time_field,
+        };
         let mut parser = serde_json::Deserializer::from_slice(&message.payload);
-        let shape = probe.deserialize(&mut parser).and_then(|shape| parser.end().map(|()| shape));
+        let shape = probe
+            .deserialize(&mut parser)
+            .and_then(|shape| parser.end().map(|()| shape));
         let enriched = match shape {
-            Ok(Shape::Object { empty, collides: false }) => self.splice(&message, empty),
+            Ok(Shape::Object {
+                empty,
+                collides: false,
+            }) => self.splice(&message, empty),
             Ok(_) => self.rebuild(&message),
             Err(error) => {
                 sluice_sdk::counter_add("invalid_json", 1);
@@ -84,7 +96,12 @@ impl Enricher {
         let device = json_string(&message.device_id);
         let time = message.received_at_ms.to_string();
         let mut out = Vec::with_capacity(
-            payload.len() + self.device_key.len() + self.time_key.len() + device.len() + time.len() + 3,
+            payload.len()
+                + self.device_key.len()
+                + self.time_key.len()
+                + device.len()
+                + time.len()
+                + 3,
         );
         out.extend_from_slice(&payload[..=brace]);
         out.extend_from_slice(self.device_key.as_bytes());
@@ -110,7 +127,10 @@ impl Enricher {
                 object
             }
         };
-        object.insert(self.device_field.clone(), Value::from(message.device_id.clone()));
+        object.insert(
+            self.device_field.clone(),
+            Value::from(message.device_id.clone()),
+        );
         object.insert(self.time_field.clone(), Value::from(message.received_at_ms));
         serde_json::to_vec(&object).unwrap_or_default()
     }
@@ -152,7 +172,9 @@ impl<'de> Visitor<'de> for Probe<'_> {
     fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Shape, A::Error> {
         let mut empty = true;
         let mut collides = false;
-        while let Some(is_ours) = map.next_key_seed(KeyIsOneOf(self.device_field, self.time_field))? {
+        while let Some(is_ours) =
+            map.next_key_seed(KeyIsOneOf(self.device_field, self.time_field))?
+        {
             map.next_value::<IgnoredAny>()?;
             empty = false;
             collides |= is_ours;

@@ -10,8 +10,8 @@ impl Transform for Passthrough {
         Ok(Passthrough)
     }
 
-    fn transform(&mut self, message: Message) -> Outcome {
-        Outcome::Keep(message)
+    fn transform(&mut self, _message: Message) -> Outcome {
+        Outcome::Pass
     }
 }
 

@@ -54,8 +54,11 @@ struct Reading {
 
 impl Transform for Decoder {
     fn init(config: &Config) -> Result<Self, String> {
-        let mut content_types: Vec<String> =
-            config.get_list("content_types").into_iter().map(str::to_string).collect();
+        let mut content_types: Vec<String> = config
+            .get_list("content_types")
+            .into_iter()
+            .map(str::to_string)
+            .collect();
         if content_types.is_empty() {
             content_types = vec![
                 "application/octet-stream".to_string(),
@@ -66,10 +69,13 @@ impl Transform for Decoder {
     }
 
     fn transform(&mut self, message: Message) -> Outcome {
-        let declared = self.content_types.iter().any(|ct| *ct == message.content_type);
+        let declared = self
+            .content_types
+            .iter()
+            .any(|ct| *ct == message.content_type);
         let looks_like_frame = message.payload.starts_with(&[MAGIC[0], MAGIC[1], VERSION]);
         if !declared && !looks_like_frame {
-            return Outcome::Keep(message);
+            return Outcome::Pass;
         }
         let readings = match decode(&message.payload) {
             Ok(readings) => readings,
@@ -102,13 +108,19 @@ impl Transform for Decoder {
 /// Decodes a whole frame, or says exactly what is wrong with it.
 fn decode(frame: &[u8]) -> Result<Vec<Reading>, String> {
     if frame.len() < HEADER_LEN {
-        return Err(format!("sensor frame too short: {} bytes, the header alone is {HEADER_LEN}", frame.len()));
+        return Err(format!(
+            "sensor frame too short: {} bytes, the header alone is {HEADER_LEN}",
+            frame.len()
+        ));
     }
     if frame[..2] != MAGIC {
         return Err("sensor frame does not start with the magic bytes `SF`".to_string());
     }
     if frame[2] != VERSION {
-        return Err(format!("sensor frame version {} is not supported (only {VERSION})", frame[2]));
+        return Err(format!(
+            "sensor frame version {} is not supported (only {VERSION})",
+            frame[2]
+        ));
     }
     let count = usize::from(frame[3]);
     if count == 0 {
@@ -121,7 +133,10 @@ fn decode(frame: &[u8]) -> Result<Vec<Reading>, String> {
             frame.len()
         ));
     }
-    Ok(frame[HEADER_LEN..].chunks_exact(READING_LEN).map(Reading::parse).collect())
+    Ok(frame[HEADER_LEN..]
+        .chunks_exact(READING_LEN)
+        .map(Reading::parse)
+        .collect())
 }
 
 impl Reading {

@@ -31,20 +31,27 @@ fn list(config: &Config, key: &str, default: &str) -> Vec<String> {
     if config.get(key).is_none() {
         return default.split(',').map(str::to_string).collect();
     }
-    config.get_list(key).into_iter().map(str::to_string).collect()
+    config
+        .get_list(key)
+        .into_iter()
+        .map(str::to_string)
+        .collect()
 }
 
 impl Route for TopicRouter {
     fn init(config: &Config) -> Result<Self, String> {
         let qos = config.get_u64("qos", 1)?;
         if qos > 1 {
-            return Err(format!("config `qos` must be 0 or 1 (IoT Core has no QoS {qos})"));
+            return Err(format!(
+                "config `qos` must be 0 or 1 (IoT Core has no QoS {qos})"
+            ));
         }
         let large = config.get_u64("large_payload_bytes", 65_536)?;
         Ok(TopicRouter {
             kinesis_prefixes: list(config, "kinesis_prefixes", "telemetry/"),
             iot_core_prefixes: list(config, "iot_core_prefixes", "alerts/,cmd/"),
-            large_payload_bytes: usize::try_from(large).map_err(|_| "`large_payload_bytes` too large")?,
+            large_payload_bytes: usize::try_from(large)
+                .map_err(|_| "`large_payload_bytes` too large")?,
             stream: config.get_or("stream", "").to_string(),
             partition_key_field: config.get_or("partition_key_field", "site_id").to_string(),
             qos: qos as u8,
@@ -59,12 +66,26 @@ impl Route for TopicRouter {
                 format!("payload {size} B over {} B", self.large_payload_bytes),
             );
         }
-        if let Some(prefix) = self.kinesis_prefixes.iter().find(|p| message.topic.starts_with(p.as_str())) {
+        if let Some(prefix) = self
+            .kinesis_prefixes
+            .iter()
+            .find(|p| message.topic.starts_with(p.as_str()))
+        {
             return Decision::to(self.kinesis(message), format!("topic prefix `{prefix}`"));
         }
-        if let Some(prefix) = self.iot_core_prefixes.iter().find(|p| message.topic.starts_with(p.as_str())) {
-            let target = IotCoreTarget { topic: String::new(), qos: self.qos };
-            return Decision::to(Destination::IotCore(target), format!("topic prefix `{prefix}`"));
+        if let Some(prefix) = self
+            .iot_core_prefixes
+            .iter()
+            .find(|p| message.topic.starts_with(p.as_str()))
+        {
+            let target = IotCoreTarget {
+                topic: String::new(),
+                qos: self.qos,
+            };
+            return Decision::to(
+                Destination::IotCore(target),
+                format!("topic prefix `{prefix}`"),
+            );
         }
         Decision::builtin("no topic rule matched")
     }
@@ -81,7 +102,8 @@ impl TopicRouter {
 
     /// The configured field of a JSON object payload, as text.
     fn partition_key(&self, message: &Message) -> Option<String> {
-        let Ok(Value::Object(mut object)) = serde_json::from_slice::<Value>(&message.payload) else {
+        let Ok(Value::Object(mut object)) = serde_json::from_slice::<Value>(&message.payload)
+        else {
             return None;
         };
         match object.remove(&self.partition_key_field)? {
