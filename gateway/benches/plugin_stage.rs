@@ -5,6 +5,9 @@
 //! Run with `scripts/bench` (it builds the plugins first) or, with the plugins built,
 //! `cargo bench -p sluice-gateway --bench plugin_stage`.
 
+// criterion_group! and criterion_main! generate undocumented functions.
+#![allow(missing_docs)]
+
 use std::path::{Path, PathBuf};
 
 use criterion::{BatchSize, Criterion, Throughput, criterion_group, criterion_main};

@@ -485,22 +485,22 @@ impl Config {
                     "{at}: has neither a destination nor command_and_control, so it does nothing"
                 ));
             }
-            if let Some(topic) = &rule.iot_topic {
-                if let Err(why) = validate_publish_topic(topic) {
-                    problems.push(format!("{at}: iot_topic: {why}"));
-                }
+            if let Some(topic) = &rule.iot_topic
+                && let Err(why) = validate_publish_topic(topic)
+            {
+                problems.push(format!("{at}: iot_topic: {why}"));
             }
-            if let Some(qos) = rule.qos {
-                if qos > 1 {
-                    problems.push(format!(
-                        "{at}: qos must be 0 or 1 (IoT Core has no QoS {qos})"
-                    ));
-                }
+            if let Some(qos) = rule.qos
+                && qos > 1
+            {
+                problems.push(format!(
+                    "{at}: qos must be 0 or 1 (IoT Core has no QoS {qos})"
+                ));
             }
-            if let Some(stream) = &rule.stream {
-                if let Err(why) = validate_stream_name(stream) {
-                    problems.push(format!("{at}: stream: {why}"));
-                }
+            if let Some(stream) = &rule.stream
+                && let Err(why) = validate_stream_name(stream)
+            {
+                problems.push(format!("{at}: stream: {why}"));
             }
             let iot_only = rule.iot_topic.is_some() || rule.qos.is_some();
             if iot_only && !matches!(rule.destination, Some(RuleDestination::IotCore)) {

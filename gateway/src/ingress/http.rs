@@ -388,10 +388,10 @@ async fn read_body(
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if let Some(size) = declared {
-        if size > limit as u64 {
-            return Err(too_large(Some(size)));
-        }
+    if let Some(size) = declared
+        && size > limit as u64
+    {
+        return Err(too_large(Some(size)));
     }
     axum::body::to_bytes(body, limit).await.map_err(|error| {
         let source = std::error::Error::source(&error);

@@ -47,7 +47,7 @@ impl ThroughputMeter {
             }
         };
         // Forgetting stale devices now and then keeps the map as large as the active fleet.
-        if devices.len() > 1024 && window % FORGET_AFTER_WINDOWS == 0 {
+        if devices.len() > 1024 && window.is_multiple_of(FORGET_AFTER_WINDOWS) {
             devices.retain(|_, (seen, _, _)| window.saturating_sub(*seen) < FORGET_AFTER_WINDOWS);
         }
         rate

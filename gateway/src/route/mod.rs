@@ -325,12 +325,12 @@ impl Policy {
                         "partition key over {KINESIS_MAX_PARTITION_KEY_CHARS} characters"
                     ));
                 }
-                if let Some(key) = explicit_hash_key {
-                    if key.parse::<u128>().is_err() {
-                        return Err(format!(
-                            "explicit hash key `{key}` is not a 128-bit decimal"
-                        ));
-                    }
+                if let Some(key) = explicit_hash_key
+                    && key.parse::<u128>().is_err()
+                {
+                    return Err(format!(
+                        "explicit hash key `{key}` is not a 128-bit decimal"
+                    ));
                 }
                 Ok(())
             }

@@ -69,10 +69,7 @@ impl Transform for Decoder {
     }
 
     fn transform(&mut self, message: Message) -> Outcome {
-        let declared = self
-            .content_types
-            .iter()
-            .any(|ct| *ct == message.content_type);
+        let declared = self.content_types.contains(&message.content_type);
         let looks_like_frame = message.payload.starts_with(&[MAGIC[0], MAGIC[1], VERSION]);
         if !declared && !looks_like_frame {
             return Outcome::Pass;
