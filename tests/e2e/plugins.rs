@@ -228,3 +228,46 @@ fn plugins_chain_in_configured_order() {
         "the enricher ran after the decoder"
     );
 }
+
+#[test]
+fn compiled_plugins_are_cached_by_content_hash() {
+    use sha2::Digest as _;
+    let path = plugin("json_enricher");
+    let hash = hex::encode(sha2::Sha256::digest(std::fs::read(&path).unwrap()));
+    let config = format!(
+        "[[plugins.transform]]\nname = \"e\"\npath = \"{}\"\n",
+        path.display()
+    );
+    let gateway = Gateway::start(&config);
+    let cache = gateway.dir.path().join("data").join("plugin-cache");
+    let entries: Vec<String> = std::fs::read_dir(&cache)
+        .expect("the cache directory exists")
+        .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert!(
+        entries[0].starts_with(&format!("{hash}-")) && entries[0].ends_with(".cwasm"),
+        "{entries:?}"
+    );
+    let modified = std::fs::metadata(cache.join(&entries[0]))
+        .unwrap()
+        .modified()
+        .unwrap();
+
+    // A second gateway using the same cache directory loads the cached file instead of
+    // compiling again: the entry is not rewritten.
+    let dir = tempfile::tempdir().unwrap();
+    let config = format!(
+        "[plugins]\ncache_dir = \"{}\"\n[[plugins.transform]]\nname = \"e\"\npath = \"{}\"\n",
+        cache.display(),
+        path.display()
+    );
+    let again = Gateway::start_in(dir, &config, reqwest::blocking::Client::new());
+    assert_eq!(again.publish("a", "d", "{}").status, 200);
+    let after = std::fs::metadata(cache.join(&entries[0]))
+        .unwrap()
+        .modified()
+        .unwrap();
+    assert_eq!(modified, after);
+    drop(gateway);
+}
