@@ -18,7 +18,8 @@
 //!   overrides.
 //! - [`pipeline`]: one message batch's way from ingress through plugins and routing to the
 //!   sink, and what the device is told.
-//! - [`sink`]: delivery; [`sink::local`] is the embedded default that needs no cloud.
+//! - [`sink`]: delivery to Kinesis, IoT Core (MQTT or HTTPS), or the local sink, the
+//!   embedded default that needs no cloud.
 //! - [`message`]: the message record shared by every step.
 
 pub mod config;
@@ -48,13 +49,10 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             config.server.data_dir.display()
         )
     })?;
-    let sink = Arc::new(sink::local::LocalSink::open(&config.server.data_dir)?);
+    let local = Arc::new(sink::local::LocalSink::open(&config.server.data_dir)?);
     let plugins = plugin::Plugins::start(&config)?;
-    let pipeline = Arc::new(pipeline::Pipeline::new(
-        &config,
-        plugins.clone(),
-        sink.clone(),
-    ));
+    let sinks = Arc::new(cloud_sinks(&config, local.clone()).await?);
+    let pipeline = Arc::new(pipeline::Pipeline::new(&config, plugins.clone(), sinks));
     let watcher = if config.plugins.hot_reload {
         Some(plugin::reload::watch(plugins.clone())?)
     } else {
@@ -63,6 +61,99 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let result = ingress::serve(&config, pipeline, shutdown).await;
     drop(watcher);
     plugins.stop();
-    sink.close();
+    local.close();
     result
+}
+
+/// Builds the configured cloud sinks around the local sink.
+async fn cloud_sinks(
+    config: &Config,
+    local: Arc<sink::local::LocalSink>,
+) -> anyhow::Result<sink::Sinks> {
+    use std::time::Duration;
+
+    let needs_aws = config.sinks.kinesis.is_some()
+        || config
+            .sinks
+            .iot_core
+            .as_ref()
+            .is_some_and(|iot| iot.transport == config::IotTransport::Https);
+    let aws = if needs_aws {
+        Some(aws_sdk_config(&config.aws).await)
+    } else {
+        None
+    };
+    let with_endpoint = |shared: &aws_config::SdkConfig, endpoint: &Option<String>| match endpoint {
+        Some(url) => shared.to_builder().endpoint_url(url).build(),
+        None => shared.clone(),
+    };
+    let kinesis = match (&config.sinks.kinesis, &aws) {
+        (Some(settings), Some(shared)) => {
+            let api = sink::kinesis::service::AwsKinesis::new(&with_endpoint(
+                shared,
+                &settings.endpoint_url,
+            ));
+            Some(sink::kinesis::KinesisSink::new(
+                Arc::new(api),
+                sink::kinesis::KinesisSettings {
+                    linger: Duration::from_millis(settings.linger_ms),
+                    delivery_timeout: Duration::from_millis(settings.delivery_timeout_ms),
+                    max_record_bytes: config.routing.kinesis_max_record_bytes,
+                },
+            ))
+        }
+        _ => None,
+    };
+    let iot_core = match &config.sinks.iot_core {
+        None => None,
+        Some(iot) => Some(match (&iot.mqtt, &aws) {
+            (Some(mqtt), _) => sink::IotCoreSink::Mqtt(sink::iot_core::mqtt::MqttSink::start(
+                sink::iot_core::mqtt::MqttSettings {
+                    host: mqtt.host.clone(),
+                    port: mqtt.port,
+                    client_id: mqtt.client_id.clone(),
+                    ca: mqtt.ca.clone(),
+                    cert: mqtt.cert.clone(),
+                    key: mqtt.key.clone(),
+                    keep_alive: Duration::from_secs(mqtt.keep_alive_secs),
+                    delivery_timeout: Duration::from_millis(iot.delivery_timeout_ms),
+                    basic_ingest_rule: iot.basic_ingest_rule.clone(),
+                },
+            )?),
+            (None, Some(shared)) => {
+                sink::IotCoreSink::Https(sink::iot_core::https::HttpsSink::new(
+                    &with_endpoint(shared, &iot.endpoint_url),
+                    iot.basic_ingest_rule.clone(),
+                ))
+            }
+            (None, None) => anyhow::bail!("sinks.iot_core: no transport could be set up"),
+        }),
+    };
+    Ok(sink::Sinks {
+        local,
+        kinesis,
+        iot_core,
+    })
+}
+
+/// The shared AWS configuration: the standard credential chain, our region and endpoint,
+/// rustls with ring for TLS, and no SDK retries (the sinks retry per record).
+async fn aws_sdk_config(aws: &config::AwsConfig) -> aws_config::SdkConfig {
+    use aws_smithy_http_client::tls;
+
+    let http = aws_smithy_http_client::Builder::new()
+        .tls_provider(tls::Provider::Rustls(
+            tls::rustls_provider::CryptoMode::Ring,
+        ))
+        .build_https();
+    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
+        .http_client(http)
+        .retry_config(aws_config::retry::RetryConfig::disabled());
+    if let Some(region) = &aws.region {
+        loader = loader.region(aws_config::Region::new(region.clone()));
+    }
+    if let Some(url) = &aws.endpoint_url {
+        loader = loader.endpoint_url(url);
+    }
+    loader.load().await
 }

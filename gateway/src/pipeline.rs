@@ -128,7 +128,8 @@ impl Pipeline {
             .filter(|record| record.decision.destination != Destination::Drop)
             .collect();
         if !deliverable.is_empty() {
-            self.sink.deliver(deliverable).await?;
+            let redirects = self.sink.deliver(deliverable).await?;
+            apply_redirects(&mut reports, redirects);
         }
         Ok(reports)
     }
@@ -223,21 +224,38 @@ impl Pipeline {
                 decision,
             });
         }
-        let kinds = || {
-            report
-                .routes
-                .iter()
-                .map(|route| &route.decision.destination)
-        };
-        report.status = if report.routes.is_empty() || kinds().all(|d| *d == Destination::Drop) {
-            Status::Dropped
-        } else if kinds().all(|d| matches!(d, Destination::DeadLetter | Destination::Drop))
-            && report.error.is_some()
-        {
-            Status::DeadLettered
-        } else {
-            Status::Accepted
-        };
+        report.status = status_of(&report.routes);
         report
+    }
+}
+
+/// The status of a message from where its parts went.
+fn status_of(routes: &[RouteReport]) -> Status {
+    let kinds = || routes.iter().map(|route| &route.decision.destination);
+    if kinds().all(|d| *d == Destination::Drop) {
+        Status::Dropped
+    } else if kinds().all(|d| matches!(d, Destination::DeadLetter | Destination::Drop)) {
+        Status::DeadLettered
+    } else {
+        Status::Accepted
+    }
+}
+
+/// Updates reports for records a sink refused and the dead-letter store took instead.
+fn apply_redirects(reports: &mut [MessageReport], redirects: Vec<crate::sink::Redirect>) {
+    if redirects.is_empty() {
+        return;
+    }
+    for report in reports.iter_mut() {
+        let mut changed = false;
+        for route in &mut report.routes {
+            if let Some(redirect) = redirects.iter().find(|r| r.id == route.id) {
+                route.decision = redirect.decision.clone();
+                changed = true;
+            }
+        }
+        if changed {
+            report.status = status_of(&report.routes);
+        }
     }
 }

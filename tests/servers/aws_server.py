@@ -11,9 +11,12 @@ except for these additions:
   them (moto has no API to read them back):
   GET    /_sluice/published   JSON list, oldest first, of
                               {"topic", "qos", "retain", "payload_b64", "content_type",
-                               "signing_service", "status"}
+                               "query", "mqtt5_headers", "signing_service", "status"}
                               topic is URL-decoded; qos/retain are null when absent;
-                              status is moto's HTTP status for the request.
+                              content_type is the HTTP header (the MQTT5 content type is
+                              the contentType query parameter, in "query");
+                              signing_service is the SigV4 scope's service ("iotdata"),
+                              null if unsigned; status is moto's HTTP status.
   DELETE /_sluice/published   forget them.
 
   Fault injection for Kinesis PutRecords (header X-Amz-Target: Kinesis_20131202.PutRecords):
@@ -32,7 +35,9 @@ except for these additions:
                 partial fault always fails at least one record; fail_every=1 fails all.
                 A batch that breaks a PutRecords limit (over 500 records, a record over
                 1 MiB, over 5 MiB in all) is sent to moto unchanged, so the client sees the
-                validation error, and the fault stays queued.
+                validation error, and the fault stays queued; so does it when moto answers
+                the forwarded records with an error (e.g. ResourceNotFoundException).
+                throttle and error500 are used up by any PutRecords call.
   GET    /_sluice/faults      what is still queued.
   DELETE /_sluice/faults      clear the queue.
   GET    /_sluice/stats       {"put_records_calls": N, "put_records_records": M,
@@ -179,7 +184,15 @@ class State:
             if fault["times"] == 0:
                 self.faults.pop(0)
             self.stats["faults_applied"] += 1
-            return dict(fault)
+            return fault
+
+    def give_back(self, fault):
+        """Undoes next_fault() for a call the fault turned out not to apply to."""
+        with self.lock:
+            fault["times"] += 1
+            if not self.faults or self.faults[0] is not fault:
+                self.faults.insert(0, fault)
+            self.stats["faults_applied"] -= 1
 
 
 def parse_fault(entry):
@@ -277,16 +290,26 @@ class SluiceAwsApp:
 
     def record_publish(self, environ, start_response):
         body = read_body(environ)
-        query = urllib.parse.parse_qs(environ.get("QUERY_STRING", ""))
-        qos = query.get("qos", [None])[0]
-        retain = query.get("retain", [None])[0]
-        topic = urllib.parse.unquote(raw_path(environ)[len("/topics/"):])
+        query = dict(urllib.parse.parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True))
+        qos = query.get("qos")
+        retain = query.get("retain")
+        encoded_topic = raw_path(environ)[len("/topics/"):]
+        topic = urllib.parse.unquote_to_bytes(encoded_topic.encode("latin-1")).decode("utf-8", "replace")
         entry = {
             "topic": topic,
             "qos": int(qos) if qos is not None and qos.isdigit() else qos,
             "retain": None if retain is None else retain.lower() == "true",
             "payload_b64": base64.b64encode(body).decode(),
-            "content_type": environ.get("CONTENT_TYPE"),
+            # The HTTP Content-Type header. The MQTT5 content type of the Publish API is a
+            # query parameter (contentType), found in "query" with the others
+            # (responseTopic, messageExpiry, ...).
+            "content_type": environ.get("CONTENT_TYPE") or None,
+            "query": query,
+            # x-amz-mqtt5-user-properties, -payload-format-indicator, -correlation-data
+            "mqtt5_headers": {
+                key[len("HTTP_"):].replace("_", "-").lower(): value
+                for key, value in environ.items() if key.startswith("HTTP_X_AMZ_MQTT5_")
+            },
             "signing_service": signing_service(environ),
             "status": None,
         }
@@ -316,23 +339,25 @@ class SluiceAwsApp:
         fault = self.state.next_fault(batch_is_valid(records))
         if fault is None:
             return self.moto(environ, start_response)
-        log.info("injecting PutRecords fault %s", fault)
+        log.info("PutRecords: injecting a %s fault (%d more of it queued)", fault["kind"], fault["times"])
         if fault["kind"] == "throttle":
             return aws_json_error(start_response, "400 Bad Request",
                                   "ProvisionedThroughputExceededException", THROTTLE_MESSAGE)
         if fault["kind"] == "error500":
             return aws_json_error(start_response, "500 Internal Server Error",
                                   "InternalFailure", "injected")
-        return self.partial_failure(environ, start_response, request, fault["fail_every"])
+        return self.partial_failure(environ, start_response, request, fault)
 
-    def partial_failure(self, environ, start_response, request, fail_every):
-        records = request["Records"]
+    def partial_failure(self, environ, start_response, request, fault):
+        records, fail_every = request["Records"], fault["fail_every"]
         failed = {i for i in range(len(records)) if i % fail_every == 0}
         forwarded = [r for i, r in enumerate(records) if i not in failed]
         replace_body(environ, json.dumps({**request, "Records": forwarded}).encode())
         status, headers, body = call_app(self.moto, environ)
         if not status.startswith("200"):
-            # e.g. ResourceNotFoundException: the client sees moto's own error.
+            # e.g. ResourceNotFoundException: the client sees moto's own error, as Kinesis
+            # would answer it before throttling anything, and the fault stays queued.
+            self.state.give_back(fault)
             start_response(status, headers)
             return [body]
 

@@ -22,7 +22,7 @@ use std::sync::mpsc;
 use base64::Engine as _;
 use tokio::sync::oneshot;
 
-use crate::sink::{Record, Sink, SinkError, SinkFuture};
+use crate::sink::{Record, SinkError};
 
 /// One batch of lines for the writer: (file stem, line) pairs and where to confirm.
 struct Job {
@@ -67,8 +67,9 @@ impl LocalSink {
     }
 }
 
-impl Sink for LocalSink {
-    fn deliver(&self, records: Vec<Record>) -> SinkFuture<'_> {
+impl LocalSink {
+    /// Appends `records` to their files; resolves once they are written and flushed.
+    pub async fn write(&self, records: Vec<Record>) -> Result<(), SinkError> {
         let lines: Vec<(&'static str, String)> = records
             .iter()
             .map(|record| (record.decision.destination.kind(), render(record)))
@@ -78,20 +79,18 @@ impl Sink for LocalSink {
             Some(jobs) => jobs.send(Job { lines, done }).is_ok(),
             None => false,
         };
-        Box::pin(async move {
-            if !sent {
-                return Err(SinkError::Unavailable(
-                    "the local sink is closed".to_string(),
-                ));
-            }
-            match confirmed.await {
-                Ok(Ok(())) => Ok(()),
-                Ok(Err(error)) => Err(SinkError::Unavailable(error)),
-                Err(_) => Err(SinkError::Unavailable(
-                    "the local sink writer stopped".to_string(),
-                )),
-            }
-        })
+        if !sent {
+            return Err(SinkError::Unavailable(
+                "the local sink is closed".to_string(),
+            ));
+        }
+        match confirmed.await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(error)) => Err(SinkError::Unavailable(error)),
+            Err(_) => Err(SinkError::Unavailable(
+                "the local sink writer stopped".to_string(),
+            )),
+        }
     }
 }
 

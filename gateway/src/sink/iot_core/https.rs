@@ -1,0 +1,80 @@
+//! IoT Core over HTTPS: the IoT data-plane `Publish` call through the AWS SDK.
+
+use aws_sdk_iotdataplane::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_iotdataplane::primitives::Blob;
+
+use crate::sink::iot_core::prepare;
+use crate::sink::{Record, Rejected, SinkError, SinkFuture};
+
+/// Publishes each record with one `Publish` call, concurrently.
+pub struct HttpsSink {
+    /// The SDK client.
+    client: aws_sdk_iotdataplane::Client,
+    /// Basic Ingest rule name, if configured.
+    basic_ingest_rule: Option<String>,
+}
+
+impl HttpsSink {
+    /// A sink using the shared AWS configuration.
+    pub fn new(config: &aws_config::SdkConfig, basic_ingest_rule: Option<String>) -> HttpsSink {
+        HttpsSink {
+            client: aws_sdk_iotdataplane::Client::new(config),
+            basic_ingest_rule,
+        }
+    }
+
+    /// Publishes `records`; answers when IoT Core confirmed each (HTTP 200).
+    pub fn deliver(&self, records: Vec<Record>) -> SinkFuture<'_> {
+        Box::pin(async move {
+            let mut rejected = Vec::new();
+            let mut calls = Vec::new();
+            for record in records {
+                match prepare(&record, self.basic_ingest_rule.as_deref()) {
+                    Ok(publish) => {
+                        let call = self
+                            .client
+                            .publish()
+                            .topic(publish.topic)
+                            .qos(i32::from(publish.qos))
+                            .payload(Blob::new(publish.payload))
+                            .send();
+                        calls.push((record, call));
+                    }
+                    Err(reason) => rejected.push(Rejected { record, reason }),
+                }
+            }
+            let (records, calls): (Vec<_>, Vec<_>) = calls.into_iter().unzip();
+            let answers = futures_util::future::join_all(calls).await;
+            let mut unavailable = None;
+            for (record, answer) in records.into_iter().zip(answers) {
+                match answer {
+                    Ok(_) => {}
+                    Err(SdkError::ServiceError(context)) if !is_transient(context.err().code()) => {
+                        let reason = format!(
+                            "IoT Core refused the publish: {}: {}",
+                            context.err().code().unwrap_or("error"),
+                            context.err().message().unwrap_or_default()
+                        );
+                        rejected.push(Rejected { record, reason });
+                    }
+                    Err(error) => unavailable = Some(DisplayErrorContext(&error).to_string()),
+                }
+            }
+            match unavailable {
+                Some(error) => Err(SinkError::Unavailable(format!(
+                    "IoT Core publish failed: {error}"
+                ))),
+                None => Ok(rejected),
+            }
+        })
+    }
+}
+
+fn is_transient(code: Option<&str>) -> bool {
+    matches!(
+        code,
+        None | Some(
+            "ThrottlingException" | "ServiceUnavailableException" | "InternalFailureException"
+        )
+    )
+}

@@ -1,0 +1,54 @@
+//! The AWS IoT Core sink, over MQTT ([`mqtt`], rumqttc with the gateway's own X.509
+//! certificate, every QoS 1 PUBACK tracked) or HTTPS ([`https`], the IoT data-plane
+//! `Publish` call, SigV4-signed by the AWS SDK).
+//!
+//! IoT Core's own rules are checked before anything is sent, so a message IoT Core would
+//! refuse is dead-lettered with a clear reason instead: payload at most 128 KB, topic at
+//! most 256 bytes and 7 slashes, no wildcards, QoS 0 or 1. With `basic_ingest_rule`,
+//! messages go to `$aws/rules/<rule>/<topic>` (Basic Ingest: no messaging charge; the
+//! prefix does not count towards the topic limits).
+
+pub mod https;
+pub mod mqtt;
+
+use crate::config::IOT_CORE_MAX_PAYLOAD_BYTES;
+use crate::route::Destination;
+use crate::route::topic::validate_publish_topic;
+use crate::sink::Record;
+
+/// One publish, checked against IoT Core's rules.
+pub struct Publish {
+    /// The topic to publish to (with the Basic Ingest prefix when configured).
+    pub topic: String,
+    /// 0 or 1.
+    pub qos: u8,
+    /// The payload.
+    pub payload: Vec<u8>,
+}
+
+/// Checks a record against IoT Core's rules and builds its publish.
+pub fn prepare(record: &Record, basic_ingest_rule: Option<&str>) -> Result<Publish, String> {
+    let Destination::IotCore { topic, qos } = &record.decision.destination else {
+        return Err("not an IoT Core destination".to_string());
+    };
+    let size = record.message.payload.len();
+    if size > IOT_CORE_MAX_PAYLOAD_BYTES {
+        return Err(format!(
+            "payload of {size} bytes is over IoT Core's limit of {IOT_CORE_MAX_PAYLOAD_BYTES}"
+        ));
+    }
+    if *qos > 1 {
+        return Err(format!("IoT Core has no QoS {qos}"));
+    }
+    validate_publish_topic(topic)
+        .map_err(|why| format!("IoT Core would refuse the topic: {why}"))?;
+    let topic = match basic_ingest_rule {
+        Some(rule) => format!("$aws/rules/{rule}/{topic}"),
+        None => topic.clone(),
+    };
+    Ok(Publish {
+        topic,
+        qos: *qos,
+        payload: record.message.payload.clone(),
+    })
+}

@@ -1,0 +1,233 @@
+//! IoT Core over MQTT: one persistent TLS connection (rumqttc) with the gateway's own
+//! X.509 certificate.
+//!
+//! A QoS 1 message counts as delivered only when its PUBACK arrives; a QoS 0 message
+//! when it is written to the connection. rumqttc reconnects on its own (the event loop
+//! is polled again after a pause that grows while the broker stays away) and re-sends
+//! unacknowledged publishes after reconnecting; their PUBACKs settle the waiting
+//! requests. A request whose messages are not confirmed within the delivery timeout gets
+//! `503` (the messages may still arrive: at least once).
+
+use std::collections::{HashMap, VecDeque};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rumqttc::{
+    AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport,
+};
+use tokio::sync::oneshot;
+use tokio_rustls::rustls;
+
+use crate::sink::iot_core::prepare;
+use crate::sink::kinesis::batch::backoff;
+use crate::sink::{Record, Rejected, SinkError, SinkFuture};
+
+/// Publishes handed to rumqttc but not yet acknowledged, at most (rumqttc's in-flight
+/// window; further publishes wait, which pushes back towards ingress).
+const INFLIGHT: u16 = 100;
+
+/// Where and how to connect.
+#[derive(Debug, Clone)]
+pub struct MqttSettings {
+    /// Broker host (the account's IoT Core ATS endpoint).
+    pub host: String,
+    /// Broker port (8883).
+    pub port: u16,
+    /// MQTT client id; IoT Core allows one connection per client id.
+    pub client_id: String,
+    /// PEM bundle of the CAs that sign the broker's certificate.
+    pub ca: std::path::PathBuf,
+    /// The gateway's PEM certificate.
+    pub cert: std::path::PathBuf,
+    /// The gateway's PEM key.
+    pub key: std::path::PathBuf,
+    /// MQTT keep-alive.
+    pub keep_alive: Duration,
+    /// How long a request waits for its PUBACKs.
+    pub delivery_timeout: Duration,
+    /// Basic Ingest rule name, if configured.
+    pub basic_ingest_rule: Option<String>,
+}
+
+/// Publishes waiting for their packet id, then for their PUBACK.
+#[derive(Default)]
+struct Tracker {
+    /// In publish order: the waiters of publishes rumqttc has not sent yet.
+    unsent: VecDeque<(u8, oneshot::Sender<()>)>,
+    /// Sent QoS 1 publishes by packet id, waiting for PUBACK.
+    unacked: HashMap<u16, oneshot::Sender<()>>,
+}
+
+/// The MQTT sink.
+pub struct MqttSink {
+    client: AsyncClient,
+    tracker: Arc<Mutex<Tracker>>,
+    /// Publishes are handed to rumqttc one request at a time, so the order of the
+    /// waiters in `unsent` matches the order rumqttc sends them in.
+    publish_order: tokio::sync::Mutex<()>,
+    settings: MqttSettings,
+}
+
+impl MqttSink {
+    /// Connects (in the background) and starts the event loop.
+    pub fn start(settings: MqttSettings) -> anyhow::Result<MqttSink> {
+        let tls = client_tls(&settings.ca, &settings.cert, &settings.key)?;
+        let mut options = MqttOptions::new(&settings.client_id, &settings.host, settings.port);
+        options
+            .set_keep_alive(settings.keep_alive)
+            .set_clean_session(false)
+            .set_inflight(INFLIGHT)
+            .set_max_packet_size(256 * 1024, 256 * 1024)
+            .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                Arc::new(tls),
+            )));
+        let (client, mut events) = AsyncClient::new(options, usize::from(INFLIGHT));
+        let tracker = Arc::new(Mutex::new(Tracker::default()));
+        let loop_tracker = tracker.clone();
+        let broker = format!("{}:{}", settings.host, settings.port);
+        tokio::spawn(async move {
+            let mut failures = 0u32;
+            loop {
+                match events.poll().await {
+                    Ok(event) => {
+                        if failures > 0 && matches!(event, Event::Incoming(Packet::ConnAck(_))) {
+                            tracing::info!(%broker, "MQTT connection to IoT Core restored");
+                            failures = 0;
+                        }
+                        settle(&loop_tracker, event);
+                    }
+                    Err(rumqttc::ConnectionError::RequestsDone) => return,
+                    Err(error) => {
+                        failures = failures.saturating_add(1);
+                        let pause = backoff(failures).max(Duration::from_millis(100));
+                        tracing::warn!(%broker, %error, ?pause, "MQTT connection to IoT Core lost; reconnecting");
+                        tokio::time::sleep(pause).await;
+                    }
+                }
+            }
+        });
+        Ok(MqttSink {
+            client,
+            tracker,
+            publish_order: tokio::sync::Mutex::new(()),
+            settings,
+        })
+    }
+
+    /// Publishes `records`; answers when each is confirmed.
+    pub fn deliver(&self, records: Vec<Record>) -> SinkFuture<'_> {
+        Box::pin(async move {
+            let mut rejected = Vec::new();
+            let mut waiting = Vec::new();
+            {
+                let _order = self.publish_order.lock().await;
+                for record in records {
+                    let publish = match prepare(&record, self.settings.basic_ingest_rule.as_deref())
+                    {
+                        Ok(publish) => publish,
+                        Err(reason) => {
+                            rejected.push(Rejected { record, reason });
+                            continue;
+                        }
+                    };
+                    let (done, confirmed) = oneshot::channel();
+                    self.tracker
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .unsent
+                        .push_back((publish.qos, done));
+                    let qos = if publish.qos == 0 {
+                        QoS::AtMostOnce
+                    } else {
+                        QoS::AtLeastOnce
+                    };
+                    if let Err(error) = self
+                        .client
+                        .publish(publish.topic, qos, false, publish.payload)
+                        .await
+                    {
+                        return Err(SinkError::Unavailable(format!(
+                            "the MQTT client stopped: {error}"
+                        )));
+                    }
+                    waiting.push(confirmed);
+                }
+            }
+            let all = futures_util::future::join_all(waiting);
+            match tokio::time::timeout(self.settings.delivery_timeout, all).await {
+                Ok(answers) if answers.iter().all(Result::is_ok) => Ok(rejected),
+                Ok(_) => Err(SinkError::Unavailable(
+                    "the MQTT event loop stopped".to_string(),
+                )),
+                Err(_) => Err(SinkError::Unavailable(format!(
+                    "IoT Core did not acknowledge every publish within {:?}",
+                    self.settings.delivery_timeout
+                ))),
+            }
+        })
+    }
+}
+
+/// Moves waiters along as rumqttc reports sends and acknowledgements.
+fn settle(tracker: &Mutex<Tracker>, event: Event) {
+    let mut tracker = tracker.lock().unwrap_or_else(|p| p.into_inner());
+    match event {
+        Event::Outgoing(Outgoing::Publish(pkid)) => {
+            // A re-sent publish (after a reconnect) keeps its packet id and its waiter.
+            if pkid != 0 && tracker.unacked.contains_key(&pkid) {
+                return;
+            }
+            let Some((qos, done)) = tracker.unsent.pop_front() else {
+                return;
+            };
+            if qos == 0 || pkid == 0 {
+                let _ = done.send(());
+            } else {
+                tracker.unacked.insert(pkid, done);
+            }
+        }
+        Event::Incoming(Packet::PubAck(ack)) => {
+            if let Some(done) = tracker.unacked.remove(&ack.pkid) {
+                let _ = done.send(());
+            }
+        }
+        _ => {}
+    }
+}
+
+/// The TLS client configuration: the broker's CAs and the gateway's certificate.
+fn client_tls(ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<rustls::ClientConfig> {
+    let mut roots = rustls::RootCertStore::empty();
+    for certificate in read_certs(ca)? {
+        roots
+            .add(certificate)
+            .with_context(|| format!("bad CA certificate in {}", ca.display()))?;
+    }
+    let chain = read_certs(cert)?;
+    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
+        std::fs::File::open(key).with_context(|| format!("cannot open {}", key.display()))?,
+    ))?
+    .with_context(|| format!("{} holds no PEM private key", key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    Ok(rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()?
+        .with_root_certificates(roots)
+        .with_client_auth_cert(chain, key)
+        .context("the MQTT client certificate and key do not fit together")?)
+}
+
+fn read_certs(path: &Path) -> anyhow::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
+    let file =
+        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(file))
+        .collect::<Result<Vec<_>, _>>()
+        .with_context(|| format!("cannot read certificates from {}", path.display()))?;
+    anyhow::ensure!(
+        !certs.is_empty(),
+        "{} holds no PEM certificate",
+        path.display()
+    );
+    Ok(certs)
+}

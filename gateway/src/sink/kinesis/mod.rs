@@ -1,0 +1,320 @@
+//! The Kinesis Data Streams sink: records collected into `PutRecords` calls within
+//! Kinesis' quotas, flushed when a call is full or after a short linger, retried per
+//! record with backoff and jitter, one ordered queue per stream.
+//!
+//! - [`batch`]: which queued records make the next call (ordering per partition key).
+//! - [`service`]: the `PutRecords` call through `aws-sdk-kinesis`, behind a small trait,
+//!   with errors sorted into throttled, transient and permanent.
+//!
+//! A record counts as delivered when the answer gives it a sequence number. A record
+//! failed with a permanent error (missing stream, access denied, validation) is handed
+//! back to the caller with the error text, for the dead-letter store. Throttling slows
+//! the stream's worker down; its queue is bounded, so a slow stream pushes back towards
+//! ingress; a record not confirmed within the delivery timeout fails its request with
+//! `503` (it may still be delivered later: at least once, never silently lost).
+
+pub mod batch;
+pub mod service;
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::route::Destination;
+use crate::sink::kinesis::batch::{Queued, backoff, plan};
+use crate::sink::kinesis::service::{CallError, EntryResult, KinesisApi, PutEntry};
+use crate::sink::{Record, Rejected, SinkError, SinkFuture};
+
+/// Records waiting per stream before new ones wait in the channel (and, behind it, at
+/// ingress): about ten full calls.
+const MAX_QUEUED_PER_STREAM: usize = 5_000;
+/// Submissions (one per request) buffered per stream before `deliver` waits.
+const CHANNEL_DEPTH: usize = 1_024;
+
+/// Settings of the Kinesis sink.
+#[derive(Debug, Clone)]
+pub struct KinesisSettings {
+    /// How long a call waits for more records before it is sent part-full.
+    pub linger: Duration,
+    /// How long a request waits for its records to be confirmed.
+    pub delivery_timeout: Duration,
+    /// The streams' maximum record size (data plus partition key).
+    pub max_record_bytes: usize,
+}
+
+/// How one record ended.
+enum Fate {
+    /// Stored; Kinesis gave it this sequence number.
+    Stored,
+    /// Refused for good, with the reason.
+    Rejected(String),
+    /// Not confirmed within the delivery timeout; the last error seen.
+    TimedOut(String),
+}
+
+/// A record in a stream's queue.
+struct Entry {
+    data: Vec<u8>,
+    key: String,
+    explicit_hash_key: Option<String>,
+    not_before: Instant,
+    deadline: Instant,
+    attempts: u32,
+    last_error: String,
+    done: Option<oneshot::Sender<Fate>>,
+}
+
+impl Queued for Entry {
+    fn key(&self) -> &str {
+        &self.key
+    }
+    fn size(&self) -> usize {
+        self.data.len() + self.key.len()
+    }
+    fn not_before(&self) -> Instant {
+        self.not_before
+    }
+}
+
+impl Entry {
+    fn finish(&mut self, fate: Fate) {
+        if let Some(done) = self.done.take() {
+            let _ = done.send(fate);
+        }
+    }
+}
+
+/// The Kinesis sink; one worker task per stream, started on first use.
+pub struct KinesisSink {
+    api: Arc<dyn KinesisApi>,
+    settings: KinesisSettings,
+    streams: Mutex<HashMap<String, mpsc::Sender<Vec<Entry>>>>,
+}
+
+impl KinesisSink {
+    /// A sink calling `api`.
+    pub fn new(api: Arc<dyn KinesisApi>, settings: KinesisSettings) -> KinesisSink {
+        KinesisSink {
+            api,
+            settings,
+            streams: Mutex::new(HashMap::new()),
+        }
+    }
+
+    fn stream(&self, name: &str) -> mpsc::Sender<Vec<Entry>> {
+        let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(sender) = streams.get(name).filter(|s| !s.is_closed()) {
+            return sender.clone();
+        }
+        let (sender, receiver) = mpsc::channel(CHANNEL_DEPTH);
+        tokio::spawn(run_stream(
+            name.to_string(),
+            self.api.clone(),
+            self.settings.linger,
+            receiver,
+        ));
+        streams.insert(name.to_string(), sender.clone());
+        sender
+    }
+
+    /// Delivers Kinesis-bound records; returns the ones refused for good.
+    pub fn deliver(&self, records: Vec<Record>) -> SinkFuture<'_> {
+        Box::pin(async move {
+            let now = Instant::now();
+            let deadline = now + self.settings.delivery_timeout;
+            let mut by_stream: HashMap<String, Vec<Entry>> = HashMap::new();
+            let mut waiting = Vec::with_capacity(records.len());
+            let mut rejected = Vec::new();
+            for record in records {
+                let Destination::Kinesis {
+                    stream,
+                    partition_key,
+                    explicit_hash_key,
+                } = &record.decision.destination
+                else {
+                    rejected.push(Rejected {
+                        reason: "not a Kinesis destination".to_string(),
+                        record,
+                    });
+                    continue;
+                };
+                let size = record.message.payload.len() + partition_key.len();
+                if size > self.settings.max_record_bytes {
+                    let reason = format!(
+                        "record of {size} bytes (data plus partition key) is over the stream's limit of {} bytes",
+                        self.settings.max_record_bytes
+                    );
+                    rejected.push(Rejected { reason, record });
+                    continue;
+                }
+                let (done, fate) = oneshot::channel();
+                by_stream.entry(stream.clone()).or_default().push(Entry {
+                    data: record.message.payload.clone(),
+                    key: partition_key.clone(),
+                    explicit_hash_key: explicit_hash_key.clone(),
+                    not_before: now,
+                    deadline,
+                    attempts: 0,
+                    last_error: String::new(),
+                    done: Some(done),
+                });
+                waiting.push((record, fate));
+            }
+            for (stream, entries) in by_stream {
+                if self.stream(&stream).send(entries).await.is_err() {
+                    return Err(SinkError::Unavailable(format!(
+                        "the Kinesis worker for `{stream}` stopped"
+                    )));
+                }
+            }
+            let mut timed_out = None;
+            for (record, fate) in waiting {
+                match fate.await {
+                    Ok(Fate::Stored) => {}
+                    Ok(Fate::Rejected(reason)) => rejected.push(Rejected { reason, record }),
+                    Ok(Fate::TimedOut(error)) => timed_out = Some(error),
+                    Err(_) => timed_out = Some("the Kinesis worker stopped".to_string()),
+                }
+            }
+            match timed_out {
+                Some(error) => Err(SinkError::Unavailable(format!(
+                    "Kinesis did not confirm every record within {:?}: {error}",
+                    self.settings.delivery_timeout
+                ))),
+                None => Ok(rejected),
+            }
+        })
+    }
+}
+
+/// One stream's worker: fills calls from its queue, sends them, settles the answers.
+async fn run_stream(
+    stream: String,
+    api: Arc<dyn KinesisApi>,
+    linger: Duration,
+    mut incoming: mpsc::Receiver<Vec<Entry>>,
+) {
+    let mut queue: Vec<Entry> = Vec::new();
+    let mut throttles: u32 = 0;
+    loop {
+        if queue.is_empty() {
+            match incoming.recv().await {
+                Some(entries) => queue.extend(entries),
+                None => return,
+            }
+            // Give concurrent requests a moment to join this call.
+            let linger_end = tokio::time::Instant::now() + linger;
+            while queue.len() < batch::MAX_RECORDS_PER_CALL {
+                tokio::select! {
+                    more = incoming.recv() => match more {
+                        Some(entries) => queue.extend(entries),
+                        None => break,
+                    },
+                    () = tokio::time::sleep_until(linger_end) => break,
+                }
+            }
+        }
+        while queue.len() < MAX_QUEUED_PER_STREAM {
+            match incoming.try_recv() {
+                Ok(entries) => queue.extend(entries),
+                Err(_) => break,
+            }
+        }
+        let now = Instant::now();
+        for entry in queue.iter_mut().filter(|e| e.deadline <= now) {
+            let error = if entry.last_error.is_empty() {
+                "no answer yet".to_string()
+            } else {
+                entry.last_error.clone()
+            };
+            entry.finish(Fate::TimedOut(error));
+        }
+        queue.retain(|entry| entry.done.is_some());
+        let chosen = plan(&queue, now);
+        if chosen.is_empty() {
+            // Everything waits for a retry: sleep until the first is due, or new work.
+            let Some(next) = queue.iter().map(|e| e.not_before).min() else {
+                continue;
+            };
+            let until = tokio::time::Instant::from_std(next);
+            if queue.len() < MAX_QUEUED_PER_STREAM {
+                tokio::select! {
+                    more = incoming.recv() => if let Some(entries) = more { queue.extend(entries) },
+                    () = tokio::time::sleep_until(until) => {}
+                }
+            } else {
+                tokio::time::sleep_until(until).await;
+            }
+            continue;
+        }
+        let request: Vec<PutEntry> = chosen
+            .iter()
+            .map(|&i| PutEntry {
+                data: queue[i].data.clone(),
+                partition_key: queue[i].key.clone(),
+                explicit_hash_key: queue[i].explicit_hash_key.clone(),
+            })
+            .collect();
+        let answer = api.put_records(&stream, request).await;
+        let now = Instant::now();
+        let mut throttled = false;
+        match answer {
+            Ok(results) => {
+                for (&i, result) in chosen.iter().zip(results) {
+                    let entry = &mut queue[i];
+                    match result {
+                        EntryResult::Stored => entry.finish(Fate::Stored),
+                        EntryResult::Retry { code, message } => {
+                            throttled |= code.contains("Throughput") || code.contains("Throttling");
+                            retry_later(entry, now, format!("{code}: {message}"));
+                        }
+                        EntryResult::Permanent { code, message } => {
+                            entry.finish(Fate::Rejected(format!(
+                                "Kinesis refused the record: {code}: {message}"
+                            )));
+                        }
+                    }
+                }
+            }
+            Err(CallError::Throttled(message)) => {
+                throttled = true;
+                for &i in &chosen {
+                    retry_later(&mut queue[i], now, message.clone());
+                }
+            }
+            Err(CallError::Transient(message)) => {
+                tracing::warn!(%stream, error = %message, "PutRecords failed; retrying");
+                for &i in &chosen {
+                    retry_later(&mut queue[i], now, message.clone());
+                }
+            }
+            Err(CallError::Permanent(message)) => {
+                tracing::error!(%stream, error = %message, "PutRecords refused");
+                for &i in &chosen {
+                    queue[i].finish(Fate::Rejected(format!(
+                        "Kinesis refused the call: {message}"
+                    )));
+                }
+            }
+        }
+        queue.retain(|entry| entry.done.is_some());
+        if throttled {
+            // Slow the whole stream down, not only the records concerned: the shard is
+            // over its quota, so sending the next call at once would be refused too.
+            throttles = throttles.saturating_add(1);
+            let pause = backoff(throttles);
+            tracing::debug!(%stream, ?pause, "throttled by Kinesis; slowing down");
+            tokio::time::sleep(pause).await;
+        } else {
+            throttles = 0;
+        }
+    }
+}
+
+fn retry_later(entry: &mut Entry, now: Instant, error: String) {
+    entry.attempts = entry.attempts.saturating_add(1);
+    entry.not_before = now + backoff(entry.attempts);
+    entry.last_error = error;
+}
