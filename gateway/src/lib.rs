@@ -138,7 +138,7 @@ async fn cloud_sinks(
 
 /// The shared AWS configuration: the standard credential chain, our region and endpoint,
 /// rustls with ring for TLS, and no SDK retries (the sinks retry per record).
-async fn aws_sdk_config(aws: &config::AwsConfig) -> aws_config::SdkConfig {
+pub async fn aws_sdk_config(aws: &config::AwsConfig) -> aws_config::SdkConfig {
     use aws_smithy_http_client::tls;
 
     let http = aws_smithy_http_client::Builder::new()

@@ -4,6 +4,7 @@
 mod harness;
 
 mod cli;
+mod cloud;
 mod failures;
 mod http;
 mod plugins;

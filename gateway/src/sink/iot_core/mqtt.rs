@@ -198,7 +198,7 @@ fn settle(tracker: &Mutex<Tracker>, event: Event) {
 }
 
 /// The TLS client configuration: the broker's CAs and the gateway's certificate.
-fn client_tls(ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<rustls::ClientConfig> {
+pub fn client_tls(ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     for certificate in read_certs(ca)? {
         roots

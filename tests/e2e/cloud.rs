@@ -1,0 +1,480 @@
+//! The cloud sinks against real servers started by `scripts/test-env` (through
+//! `scripts/test`): moto for Kinesis and the IoT data plane, mosquitto with TLS and
+//! client certificates for MQTT. Every delivery is read back from the server.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+use std::time::Duration;
+
+use aws_sdk_kinesis::types::ShardIteratorType;
+use md5::{Digest, Md5};
+use serde_json::{Value, json};
+
+use crate::harness::Gateway;
+
+/// The servers' fault queue and recordings are shared: cloud tests run one at a time.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+/// What `scripts/test-env` started.
+struct TestEnv {
+    aws: String,
+    mqtt_port: u16,
+    certs: PathBuf,
+    dir: PathBuf,
+    _serial: MutexGuard<'static, ()>,
+}
+
+impl TestEnv {
+    fn get() -> TestEnv {
+        let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
+        let var = |name: &str| {
+            std::env::var(name).unwrap_or_else(|_| {
+                panic!("{name} is not set: run the tests with scripts/test, which starts the test servers")
+            })
+        };
+        let env = TestEnv {
+            aws: var("SLUICE_TEST_AWS_ENDPOINT"),
+            mqtt_port: var("SLUICE_TEST_MQTT_PORT").parse().unwrap(),
+            certs: PathBuf::from(var("SLUICE_TEST_CERTS")),
+            dir: PathBuf::from(var("SLUICE_TEST_ENV_DIR")),
+            _serial: serial,
+        };
+        let client = reqwest::blocking::Client::new();
+        client
+            .delete(format!("{}/_sluice/faults", env.aws))
+            .send()
+            .unwrap();
+        client
+            .delete(format!("{}/_sluice/stats", env.aws))
+            .send()
+            .unwrap();
+        env
+    }
+
+    fn control(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+        let client = reqwest::blocking::Client::new();
+        let mut request = client.request(method, format!("{}/_sluice/{path}", self.aws));
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        let response = request.send().unwrap();
+        assert!(
+            response.status().is_success(),
+            "{path}: {}",
+            response.status()
+        );
+        response.json().unwrap_or(Value::Null)
+    }
+
+    fn kinesis_config(&self, stream: &str, extra: &str) -> String {
+        format!(
+            r#"
+            [aws]
+            region = "us-east-1"
+            endpoint_url = "{}"
+            [sinks.kinesis]
+            linger_ms = 5
+            delivery_timeout_ms = 20000
+            [routing]
+            default_destination = "kinesis"
+            kinesis_stream = "{stream}"
+            {extra}
+            "#,
+            self.aws
+        )
+    }
+
+    fn mqtt_config(&self) -> String {
+        let certs = self.certs.display();
+        format!(
+            r#"
+            [sinks.iot_core]
+            transport = "mqtt"
+            delivery_timeout_ms = 20000
+            [sinks.iot_core.mqtt]
+            host = "localhost"
+            port = {}
+            client_id = "sluice-gateway-{}"
+            ca = "{certs}/ca.pem"
+            cert = "{certs}/sluice-gateway.pem"
+            key = "{certs}/sluice-gateway.key"
+            keep_alive_secs = 5
+            "#,
+            self.mqtt_port,
+            std::process::id()
+        )
+    }
+
+    fn runtime() -> tokio::runtime::Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    fn kinesis(&self) -> aws_sdk_kinesis::Client {
+        let aws = sluice_gateway::config::AwsConfig {
+            region: Some("us-east-1".to_string()),
+            endpoint_url: Some(self.aws.clone()),
+        };
+        let config = Self::runtime().block_on(sluice_gateway::aws_sdk_config(&aws));
+        aws_sdk_kinesis::Client::new(&config)
+    }
+
+    /// Creates a stream with `shards` shards.
+    fn create_stream(&self, name: &str, shards: i32) {
+        let client = self.kinesis();
+        Self::runtime().block_on(async {
+            client
+                .create_stream()
+                .stream_name(name)
+                .shard_count(shards)
+                .send()
+                .await
+                .unwrap();
+        });
+    }
+
+    /// Every record in the stream, by shard: (shard id, partition key, data).
+    fn read_stream(&self, name: &str) -> Vec<(String, String, Vec<u8>)> {
+        let client = self.kinesis();
+        Self::runtime().block_on(async {
+            let shards = client.list_shards().stream_name(name).send().await.unwrap();
+            let mut records = Vec::new();
+            for shard in shards.shards() {
+                let iterator = client
+                    .get_shard_iterator()
+                    .stream_name(name)
+                    .shard_id(shard.shard_id())
+                    .shard_iterator_type(ShardIteratorType::TrimHorizon)
+                    .send()
+                    .await
+                    .unwrap();
+                let mut next = iterator.shard_iterator().map(str::to_string);
+                while let Some(iterator) = next.take() {
+                    let page = client
+                        .get_records()
+                        .shard_iterator(iterator)
+                        .send()
+                        .await
+                        .unwrap();
+                    if page.records().is_empty() {
+                        break;
+                    }
+                    for record in page.records() {
+                        records.push((
+                            shard.shard_id().to_string(),
+                            record.partition_key().unwrap_or_default().to_string(),
+                            record.data().as_ref().to_vec(),
+                        ));
+                    }
+                    next = page.next_shard_iterator().map(str::to_string);
+                }
+            }
+            records
+        })
+    }
+
+    /// The shard a partition key belongs to, from the stream's hash ranges.
+    fn shard_for(&self, name: &str, key: &str) -> String {
+        let client = self.kinesis();
+        let hash = u128::from_be_bytes(Md5::digest(key.as_bytes()).into());
+        Self::runtime().block_on(async {
+            let shards = client.list_shards().stream_name(name).send().await.unwrap();
+            shards
+                .shards()
+                .iter()
+                .find(|shard| {
+                    let range = shard.hash_key_range().unwrap();
+                    let start: u128 = range.starting_hash_key().parse().unwrap();
+                    let end: u128 = range.ending_hash_key().parse().unwrap();
+                    (start..=end).contains(&hash)
+                })
+                .unwrap()
+                .shard_id()
+                .to_string()
+        })
+    }
+}
+
+fn unique(prefix: &str) -> String {
+    format!(
+        "{prefix}-{}-{}",
+        std::process::id(),
+        uuid::Uuid::now_v7().simple()
+    )
+}
+
+#[test]
+fn messages_are_read_back_from_the_right_kinesis_shard() {
+    let env = TestEnv::get();
+    let stream = unique("telemetry");
+    env.create_stream(&stream, 4);
+    let gateway = Gateway::start(&env.kinesis_config(&stream, ""));
+    let mut sent = BTreeMap::new();
+    for n in 0..40 {
+        let device = format!("device-{}", n % 8);
+        let payload = format!(r#"{{"n":{n},"device":"{device}"}}"#);
+        let reply = gateway.publish("sites/1/temp", &device, payload.clone());
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+        assert_eq!(reply.body["routes"][0]["destination"]["type"], "kinesis");
+        sent.insert(payload, device);
+    }
+    let stored = env.read_stream(&stream);
+    assert_eq!(stored.len(), sent.len(), "every message once, none dropped");
+    let mut order: HashMap<String, Vec<u64>> = HashMap::new();
+    for (shard, key, data) in &stored {
+        let payload = String::from_utf8(data.clone()).unwrap();
+        let device = sent.get(&payload).expect("a payload we sent, intact");
+        assert_eq!(key, device, "partition key: the device id");
+        assert_eq!(
+            *shard,
+            env.shard_for(&stream, key),
+            "the shard the key's MD5 selects"
+        );
+        let n = serde_json::from_str::<Value>(&payload).unwrap()["n"]
+            .as_u64()
+            .unwrap();
+        order.entry(key.clone()).or_default().push(n);
+    }
+    for (device, ns) in order {
+        assert!(
+            ns.windows(2).all(|w| w[0] < w[1]),
+            "{device}: in order {ns:?}"
+        );
+    }
+}
+
+#[test]
+fn kinesis_faults_are_retried_until_every_record_arrives() {
+    let env = TestEnv::get();
+    let stream = unique("faulty");
+    env.create_stream(&stream, 2);
+    env.control(
+        reqwest::Method::POST,
+        "faults",
+        Some(json!({"put_records": [
+            {"kind": "throttle", "times": 2},
+            {"kind": "partial", "times": 2, "fail_every": 2},
+            {"kind": "error500", "times": 1}
+        ]})),
+    );
+    let gateway = Gateway::start(&env.kinesis_config(&stream, ""));
+    let messages: Vec<Value> = (0..30)
+        .map(|n| json!({"topic": "t", "payload": {"n": n}, "attributes": {"k": "v"}}))
+        .collect();
+    let batch = serde_json::to_vec(&json!({"messages": messages})).unwrap();
+    // Different devices, so one call carries many records and partial failures bite.
+    let replies: Vec<_> = (0..3)
+        .map(|d| gateway.post("/batch", &format!("dev-{d}"), batch.clone(), None))
+        .collect();
+    for reply in &replies {
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+        assert!(
+            reply.body["results"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|r| r["status"] == "accepted")
+        );
+    }
+    let faults = env.control(reqwest::Method::GET, "faults", None);
+    assert_eq!(
+        faults["put_records"],
+        json!([]),
+        "every injected fault was met"
+    );
+    let stored = env.read_stream(&stream);
+    let mut count: HashMap<(String, u64), usize> = HashMap::new();
+    for (_, key, data) in stored {
+        let n = serde_json::from_slice::<Value>(&data).unwrap()["n"]
+            .as_u64()
+            .unwrap();
+        *count.entry((key, n)).or_default() += 1;
+    }
+    assert_eq!(count.len(), 90, "every message arrived");
+    assert!(count.values().all(|&c| c == 1), "no duplicates: {count:?}");
+    let stats = env.control(reqwest::Method::GET, "stats", None);
+    assert!(
+        stats["put_records_calls"].as_u64().unwrap() >= 6,
+        "retried: {stats}"
+    );
+}
+
+#[test]
+fn a_missing_stream_dead_letters_with_the_error() {
+    let env = TestEnv::get();
+    let gateway = Gateway::start(&env.kinesis_config(&unique("absent"), ""));
+    let reply = gateway.publish("t", "dev-1", "{}");
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    assert_eq!(reply.body["status"], "dead-lettered");
+    let line = gateway
+        .find(reply.body["id"].as_str().unwrap())
+        .expect("in the dead-letter store");
+    assert_eq!(line["destination"]["type"], "dead-letter");
+    assert_eq!(line["rule"], "sink:kinesis");
+    assert!(
+        line["reason"]
+            .as_str()
+            .unwrap()
+            .contains("ResourceNotFound"),
+        "{line}"
+    );
+}
+
+/// An MQTT subscriber with the test-subscriber certificate, collecting messages.
+struct Subscriber {
+    received: std::sync::mpsc::Receiver<(String, Vec<u8>)>,
+    _runtime: tokio::runtime::Runtime,
+}
+
+impl Subscriber {
+    fn connect(env: &TestEnv, filter: &str) -> Subscriber {
+        let runtime = TestEnv::runtime();
+        let tls = sluice_gateway::sink::iot_core::mqtt::client_tls(
+            &env.certs.join("ca.pem"),
+            &env.certs.join("test-subscriber.pem"),
+            &env.certs.join("test-subscriber.key"),
+        )
+        .unwrap();
+        let mut options =
+            rumqttc::MqttOptions::new(unique("subscriber"), "localhost", env.mqtt_port);
+        options.set_transport(rumqttc::Transport::tls_with_config(
+            rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(tls)),
+        ));
+        options.set_max_packet_size(256 * 1024, 256 * 1024);
+        let (client, mut events) =
+            runtime.block_on(async { rumqttc::AsyncClient::new(options, 100) });
+        let (deliver, received) = std::sync::mpsc::channel();
+        let (subscribed, ready) = std::sync::mpsc::channel();
+        let filter = filter.to_string();
+        runtime.spawn(async move {
+            client
+                .subscribe(filter, rumqttc::QoS::AtLeastOnce)
+                .await
+                .unwrap();
+            let _keep = client;
+            loop {
+                match events.poll().await {
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::SubAck(_))) => {
+                        let _ = subscribed.send(());
+                    }
+                    Ok(rumqttc::Event::Incoming(rumqttc::Packet::Publish(publish))) => {
+                        let _ = deliver.send((publish.topic.clone(), publish.payload.to_vec()));
+                    }
+                    Ok(_) => {}
+                    Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+                }
+            }
+        });
+        ready
+            .recv_timeout(Duration::from_secs(20))
+            .expect("subscribed");
+        Subscriber {
+            received,
+            _runtime: runtime,
+        }
+    }
+
+    fn take(&self, count: usize) -> Vec<(String, Vec<u8>)> {
+        (0..count)
+            .map(|_| {
+                self.received
+                    .recv_timeout(Duration::from_secs(20))
+                    .expect("a message from the broker")
+            })
+            .collect()
+    }
+}
+
+#[test]
+fn mqtt_publishes_reach_a_subscriber_through_mosquitto() {
+    let env = TestEnv::get();
+    let topic = unique("fleet");
+    let subscriber = Subscriber::connect(&env, &format!("{topic}/#"));
+    let gateway = Gateway::start(&env.mqtt_config());
+    for n in 0..5 {
+        let reply = gateway.publish(
+            &format!("{topic}/temp?qos=1"),
+            "dev-1",
+            format!(r#"{{"n":{n}}}"#),
+        );
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+    }
+    let got = subscriber.take(5);
+    let payloads: Vec<String> = got
+        .iter()
+        .map(|(_, p)| String::from_utf8(p.clone()).unwrap())
+        .collect();
+    assert_eq!(
+        payloads,
+        (0..5)
+            .map(|n| format!(r#"{{"n":{n}}}"#))
+            .collect::<Vec<_>>()
+    );
+    assert!(got.iter().all(|(t, _)| *t == format!("{topic}/temp")));
+}
+
+#[test]
+fn mqtt_sink_reconnects_after_a_broker_restart() {
+    let env = TestEnv::get();
+    let topic = unique("restart");
+    let gateway = Gateway::start(&env.mqtt_config());
+    assert_eq!(
+        gateway
+            .publish(&format!("{topic}/a?qos=1"), "d", "before")
+            .status,
+        200
+    );
+    let status =
+        std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/test-env"))
+            .arg("restart-mqtt")
+            .arg(&env.dir)
+            .stdout(std::process::Stdio::null())
+            .status()
+            .unwrap();
+    assert!(status.success());
+    let subscriber = Subscriber::connect(&env, &format!("{topic}/#"));
+    // The gateway notices the restart on its next send or keep-alive; a publish made
+    // meanwhile waits for the reconnect and is re-sent, never lost.
+    let reply = gateway.publish(&format!("{topic}/b?qos=1"), "d", "after");
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    let got = subscriber.take(1);
+    assert_eq!(got[0].1, b"after");
+}
+
+#[test]
+fn https_publishes_are_recorded_by_the_iot_data_plane() {
+    let env = TestEnv::get();
+    let topic = unique("https");
+    let config = format!(
+        "[aws]\nregion = \"us-east-1\"\nendpoint_url = \"{}\"\n[sinks.iot_core]\ntransport = \"https\"\n",
+        env.aws
+    );
+    let gateway = Gateway::start(&config);
+    let reply = gateway.publish(&format!("{topic}/x?qos=1"), "dev-h", r#"{"h":1}"#);
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    let published = env.control(reqwest::Method::GET, "published", None);
+    let mine: Vec<&Value> = published
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["topic"] == format!("{topic}/x"))
+        .collect();
+    assert_eq!(mine.len(), 1, "{published}");
+    assert_eq!(mine[0]["qos"], 1);
+    assert_eq!(mine[0]["signing_service"], "iotdata");
+    use base64::Engine as _;
+    let payload = base64::engine::general_purpose::STANDARD
+        .decode(mine[0]["payload_b64"].as_str().unwrap())
+        .unwrap();
+    assert_eq!(payload, br#"{"h":1}"#);
+
+    let big = gateway.publish(&format!("{topic}/big"), "dev-h", vec![b'x'; 200 * 1024]);
+    assert_eq!(
+        big.body["routes"][0]["destination"]["type"], "kinesis",
+        "over 128 KB never goes to IoT Core"
+    );
+}
