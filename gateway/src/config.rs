@@ -93,6 +93,10 @@ pub struct KinesisSinkConfig {
     pub delivery_timeout_ms: u64,
     /// Endpoint for Kinesis only, overriding `aws.endpoint_url`.
     pub endpoint_url: Option<String>,
+    /// Streams whose records are KPL-aggregated (many user records per Kinesis record;
+    /// consumers de-aggregate with the KCL or `aws-kinesis-agg`). Default: none.
+    #[serde(default)]
+    pub aggregate_streams: Vec<String>,
 }
 
 /// How the IoT Core sink talks to IoT Core.
@@ -579,6 +583,11 @@ impl Config {
             }
             if kinesis.delivery_timeout_ms == 0 {
                 problems.push("sinks.kinesis.delivery_timeout_ms must be at least 1".to_string());
+            }
+            for stream in &kinesis.aggregate_streams {
+                if let Err(why) = validate_stream_name(stream) {
+                    problems.push(format!("sinks.kinesis.aggregate_streams: {why}"));
+                }
             }
         }
         let Some(iot) = &self.sinks.iot_core else {

@@ -99,6 +99,7 @@ async fn cloud_sinks(
                     linger: Duration::from_millis(settings.linger_ms),
                     delivery_timeout: Duration::from_millis(settings.delivery_timeout_ms),
                     max_record_bytes: config.routing.kinesis_max_record_bytes,
+                    aggregate_streams: settings.aggregate_streams.clone(),
                 },
             ))
         }

@@ -139,6 +139,14 @@ impl TestEnv {
 
     /// Every record in the stream, by shard: (shard id, partition key, data).
     fn read_stream(&self, name: &str) -> Vec<(String, String, Vec<u8>)> {
+        self.read_stream_raw(name)
+            .into_iter()
+            .map(|(shard, key, _, data)| (shard, key, data))
+            .collect()
+    }
+
+    /// Every record: (shard id, partition key, sequence number, data).
+    fn read_stream_raw(&self, name: &str) -> Vec<(String, String, String, Vec<u8>)> {
         let client = self.kinesis();
         Self::runtime().block_on(async {
             let shards = client.list_shards().stream_name(name).send().await.unwrap();
@@ -167,6 +175,7 @@ impl TestEnv {
                         records.push((
                             shard.shard_id().to_string(),
                             record.partition_key().unwrap_or_default().to_string(),
+                            record.sequence_number().to_string(),
                             record.data().as_ref().to_vec(),
                         ));
                     }
@@ -476,5 +485,126 @@ fn https_publishes_are_recorded_by_the_iot_data_plane() {
     assert_eq!(
         big.body["routes"][0]["destination"]["type"], "kinesis",
         "over 128 KB never goes to IoT Core"
+    );
+}
+
+/// De-aggregates raw Kinesis records with the independent `aws-kinesis-agg` package:
+/// (partition key, data, was aggregated).
+fn deaggregate_with_kcl_library(
+    raw: &[(String, String, String, Vec<u8>)],
+) -> Vec<(String, Vec<u8>, bool)> {
+    use base64::Engine as _;
+    use std::io::Write as _;
+    let b64 = &base64::engine::general_purpose::STANDARD;
+    let python = std::env::var("SLUICE_TEST_PYTHON").expect("SLUICE_TEST_PYTHON: run scripts/test");
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/servers/deaggregate.py"
+    );
+    let mut child = std::process::Command::new(python)
+        .arg(script)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut input = String::new();
+    for (_, key, sequence, data) in raw {
+        input.push_str(&json!({"partition_key": key, "sequence_number": sequence, "data_b64": b64.encode(data)}).to_string());
+        input.push('\n');
+    }
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success());
+    String::from_utf8(output.stdout)
+        .unwrap()
+        .lines()
+        .map(|line| {
+            let user: Value = serde_json::from_str(line).unwrap();
+            (
+                user["partition_key"].as_str().unwrap().to_string(),
+                b64.decode(user["data_b64"].as_str().unwrap()).unwrap(),
+                user["aggregated"].as_bool().unwrap(),
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn aggregated_records_deaggregate_with_the_kcl_library() {
+    let env = TestEnv::get();
+    let stream = unique("aggregated");
+    env.create_stream(&stream, 2);
+    let config = env.kinesis_config(&stream, "").replace(
+        "linger_ms = 5",
+        &format!("linger_ms = 5\n            aggregate_streams = [\"{stream}\"]"),
+    );
+    let gateway = std::sync::Arc::new(Gateway::start(
+        &config.replace("linger_ms = 5", "linger_ms = 50"),
+    ));
+    // 50 devices, 4 messages each (one batch request per device), 100-byte payloads,
+    // sent by 10 concurrent clients.
+    let payload = |device: &str, round: usize| {
+        let mut payload = format!(r#"{{"d":"{device}","r":{round},"pad":""#).into_bytes();
+        payload.resize(98, b'x');
+        payload.extend_from_slice(b"\"}");
+        payload
+    };
+    let mut sent: HashMap<String, Vec<Vec<u8>>> = HashMap::new();
+    let clients: Vec<_> = (0..10)
+        .map(|client| {
+            let gateway = gateway.clone();
+            std::thread::spawn(move || {
+                for device in (0..50).filter(|d| d % 10 == client) {
+                    let device = format!("sensor-{device:03}");
+                    use base64::Engine as _;
+                    let messages: Vec<Value> = (0..4)
+                        .map(|round| json!({"topic": "t", "payload_base64": base64::engine::general_purpose::STANDARD.encode(payload(&device, round))}))
+                        .collect();
+                    let body = serde_json::to_vec(&json!({"messages": messages})).unwrap();
+                    let reply = gateway.post("/batch", &device, body, None);
+                    assert_eq!(reply.status, 200, "{:?}", reply.body);
+                    assert!(reply.body["results"].as_array().unwrap().iter().all(|r| r["status"] == "accepted"));
+                }
+            })
+        })
+        .collect();
+    for client in clients {
+        client.join().unwrap();
+    }
+    for device in 0..50 {
+        let device = format!("sensor-{device:03}");
+        let payloads = (0..4).map(|round| payload(&device, round)).collect();
+        sent.insert(device, payloads);
+    }
+    let raw = env.read_stream_raw(&stream);
+    let users = deaggregate_with_kcl_library(&raw);
+    assert!(
+        users.iter().all(|(_, _, aggregated)| *aggregated),
+        "every record is a KPL aggregate"
+    );
+    let mut got: HashMap<String, Vec<Vec<u8>>> = HashMap::new();
+    for (key, data, _) in users {
+        got.entry(key).or_default().push(data);
+    }
+    assert_eq!(got, sent, "every user record, intact, in order per device");
+    // The gateway's own decoder agrees with the library.
+    let own: usize = raw
+        .iter()
+        .map(|(_, _, _, data)| {
+            sluice_gateway::sink::kinesis::aggregate::deaggregate(data)
+                .unwrap()
+                .len()
+        })
+        .sum();
+    assert_eq!(own, 200);
+    assert!(
+        raw.len() <= 50,
+        "{} Kinesis records for 200 messages",
+        raw.len()
     );
 }

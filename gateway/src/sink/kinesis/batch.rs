@@ -28,6 +28,8 @@ pub trait Queued {
     fn key(&self) -> &str;
     /// Data plus partition key, in bytes, as Kinesis counts them.
     fn size(&self) -> usize;
+    /// Data alone, in bytes.
+    fn data_len(&self) -> usize;
     /// Not to be sent before this instant (retry backoff).
     fn not_before(&self) -> Instant;
 }
@@ -58,6 +60,112 @@ pub fn plan<Q: Queued>(queue: &[Q], now: Instant) -> Vec<usize> {
     chosen
 }
 
+/// One Kinesis record of the next call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Planned {
+    /// One user record, sent as it is.
+    Plain(usize),
+    /// Several user records (indices, in queue order) in one KPL aggregated record.
+    Aggregated(Vec<usize>),
+}
+
+impl Planned {
+    /// The user records (queue indices) in this Kinesis record.
+    pub fn members(&self) -> &[usize] {
+        match self {
+            Planned::Plain(index) => std::slice::from_ref(index),
+            Planned::Aggregated(indices) => indices,
+        }
+    }
+}
+
+/// Plans a call of aggregated records: user records are grouped by the shard their key
+/// maps to (`shard_of`), one aggregated record per shard, so a device that sends rarely
+/// still shares a record with its neighbours on the shard, as the KPL does.
+///
+/// Ordering per key holds because all of a key's records in a call sit in one Kinesis
+/// record (stored or failed together); a key whose next record does not fit, or waits
+/// for a retry, waits whole until the next call. A record too large to aggregate goes
+/// alone, as the KPL sends it, if its key has nothing else in the call.
+pub fn plan_aggregated<Q: Queued>(
+    queue: &[Q],
+    now: Instant,
+    shard_of: impl Fn(&str) -> usize,
+    max_record_bytes: usize,
+) -> Vec<Planned> {
+    use crate::sink::kinesis::aggregate::Sizer;
+    use std::collections::HashMap;
+
+    let mut blocked: HashSet<&str> = HashSet::new();
+    let mut in_call: HashSet<&str> = HashSet::new();
+    let mut group_of: HashMap<usize, usize> = HashMap::new();
+    let mut groups: Vec<(Sizer, Vec<usize>)> = Vec::new();
+    let mut plain: Vec<usize> = Vec::new();
+    let mut call_bytes = 0;
+    for (index, record) in queue.iter().enumerate() {
+        let key = record.key();
+        if blocked.contains(key) {
+            continue;
+        }
+        if record.not_before() > now {
+            blocked.insert(key);
+            continue;
+        }
+        let shard = shard_of(key);
+        let group = match group_of.get(&shard) {
+            Some(&group) => group,
+            None if groups.len() + plain.len() < MAX_RECORDS_PER_CALL => {
+                groups.push((Sizer::default(), Vec::new()));
+                group_of.insert(shard, groups.len() - 1);
+                groups.len() - 1
+            }
+            None => {
+                blocked.insert(key);
+                continue;
+            }
+        };
+        let slots_used = groups.len() + plain.len();
+        let (sizer, members) = &mut groups[group];
+        let before = sizer.size();
+        let after = sizer.size_with(key, record.data_len());
+        if after > max_record_bytes {
+            // Too large to aggregate even alone: it goes as a plain record, if its key
+            // has nothing else in this call. Otherwise the key waits for the next call.
+            let alone = Sizer::default().size_with(key, record.data_len());
+            let fits_call = call_bytes + record.size() <= MAX_BYTES_PER_CALL;
+            let room = slots_used < MAX_RECORDS_PER_CALL || members.is_empty();
+            if alone > max_record_bytes
+                && record.size() <= max_record_bytes
+                && !in_call.contains(key)
+                && fits_call
+                && room
+            {
+                call_bytes += record.size();
+                plain.push(index);
+                in_call.insert(key);
+            }
+            blocked.insert(key);
+            continue;
+        }
+        if call_bytes - before + after > MAX_BYTES_PER_CALL {
+            blocked.insert(key);
+            continue;
+        }
+        call_bytes = call_bytes - before + after;
+        sizer.add(key, record.data_len());
+        members.push(index);
+        in_call.insert(key);
+    }
+    let mut planned: Vec<Planned> = groups
+        .into_iter()
+        .filter(|(_, members)| !members.is_empty())
+        .map(|(_, members)| Planned::Aggregated(members))
+        .chain(plain.into_iter().map(Planned::Plain))
+        .collect();
+    planned.sort_by_key(|p| p.members()[0]);
+    planned
+}
+
 /// The delay before retry number `attempt` (1 for the first retry): exponential with
 /// full jitter, so throttled gateways do not retry in lockstep.
 pub fn backoff(attempt: u32) -> Duration {
@@ -79,6 +187,9 @@ mod tests {
             self.0
         }
         fn size(&self) -> usize {
+            self.1 + self.0.len()
+        }
+        fn data_len(&self) -> usize {
             self.1
         }
         fn not_before(&self) -> Instant {
@@ -128,11 +239,53 @@ mod tests {
         ];
         assert_eq!(
             plan(&big, now),
-            vec![0, 1, 2, 3, 4],
-            "5 MiB are full: the 10 bytes wait"
+            vec![0, 1, 2, 3, 5],
+            "the fifth MiB does not fit (keys count too); the small record still does"
         );
         let bigger = vec![Q("a", 3 * mib, 0), Q("b", 3 * mib, 0), Q("c", mib, 0)];
+        // (3 MiB, then 3 MiB would pass 5 MiB, then 1 MiB still fits.)
         assert_eq!(plan(&bigger, now), vec![0, 2]);
+    }
+
+    #[test]
+    fn aggregation_groups_by_shard_and_keeps_keys_whole() {
+        let now = base() + Duration::from_millis(10);
+        // Keys map to shards by their first letter.
+        let shard = |key: &str| usize::from(key.as_bytes()[0] - b'a');
+        let queue = vec![
+            Q("a1", 10, 0),
+            Q("b1", 10, 0),
+            Q("a2", 10, 0),
+            Q("a1", 10, 0),
+            Q("c1", 10, 99),
+            Q("c1", 10, 0),
+        ];
+        assert_eq!(
+            plan_aggregated(&queue, now, shard, 1024 * 1024),
+            vec![
+                Planned::Aggregated(vec![0, 2, 3]),
+                Planned::Aggregated(vec![1])
+            ],
+            "c1 waits for its retry, and so does its later record"
+        );
+
+        // A full aggregate: the key that does not fit waits whole, others still fit.
+        let queue = vec![
+            Q("a1", 600, 0),
+            Q("a2", 600, 0),
+            Q("a3", 100, 0),
+            Q("a2", 10, 0),
+        ];
+        let planned = plan_aggregated(&queue, now, shard, 1000);
+        assert_eq!(planned, vec![Planned::Aggregated(vec![0, 2])]);
+
+        // Too big to aggregate: alone, as a plain record.
+        let queue = vec![Q("a1", 995, 0), Q("a1", 10, 0), Q("a2", 10, 0)];
+        let planned = plan_aggregated(&queue, now, shard, 1000);
+        assert_eq!(
+            planned,
+            vec![Planned::Plain(0), Planned::Aggregated(vec![2])]
+        );
     }
 
     #[test]

@@ -3,6 +3,9 @@
 //! record with backoff and jitter, one ordered queue per stream.
 //!
 //! - [`batch`]: which queued records make the next call (ordering per partition key).
+//! - [`aggregate`]: KPL aggregation, opt-in per stream: many user records per Kinesis
+//!   record, grouped by the shard their keys map to (from the stream's shard map,
+//!   refreshed every [`SHARD_MAP_TTL`]).
 //! - [`service`]: the `PutRecords` call through `aws-sdk-kinesis`, behind a small trait,
 //!   with errors sorted into throttled, transient and permanent.
 //!
@@ -13,6 +16,7 @@
 //! ingress; a record not confirmed within the delivery timeout fails its request with
 //! `503` (it may still be delivered later: at least once, never silently lost).
 
+pub mod aggregate;
 pub mod batch;
 pub mod service;
 
@@ -23,8 +27,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::route::Destination;
-use crate::sink::kinesis::batch::{Queued, backoff, plan};
-use crate::sink::kinesis::service::{CallError, EntryResult, KinesisApi, PutEntry};
+use crate::sink::kinesis::aggregate::{Aggregate, hash_key};
+use crate::sink::kinesis::batch::{Planned, Queued, backoff, plan, plan_aggregated};
+use crate::sink::kinesis::service::{CallError, EntryResult, KinesisApi, PutEntry, ShardRange};
 use crate::sink::{Record, Rejected, SinkError, SinkFuture};
 
 /// Records waiting per stream before new ones wait in the channel (and, behind it, at
@@ -32,6 +37,8 @@ use crate::sink::{Record, Rejected, SinkError, SinkFuture};
 const MAX_QUEUED_PER_STREAM: usize = 5_000;
 /// Submissions (one per request) buffered per stream before `deliver` waits.
 const CHANNEL_DEPTH: usize = 1_024;
+/// How long an aggregating stream trusts its shard map before listing shards again.
+pub const SHARD_MAP_TTL: Duration = Duration::from_secs(30);
 
 /// Settings of the Kinesis sink.
 #[derive(Debug, Clone)]
@@ -42,6 +49,8 @@ pub struct KinesisSettings {
     pub delivery_timeout: Duration,
     /// The streams' maximum record size (data plus partition key).
     pub max_record_bytes: usize,
+    /// Streams whose records are KPL-aggregated.
+    pub aggregate_streams: Vec<String>,
 }
 
 /// How one record ended.
@@ -72,6 +81,9 @@ impl Queued for Entry {
     }
     fn size(&self) -> usize {
         self.data.len() + self.key.len()
+    }
+    fn data_len(&self) -> usize {
+        self.data.len()
     }
     fn not_before(&self) -> Instant {
         self.not_before
@@ -109,12 +121,19 @@ impl KinesisSink {
             return sender.clone();
         }
         let (sender, receiver) = mpsc::channel(CHANNEL_DEPTH);
-        tokio::spawn(run_stream(
-            name.to_string(),
-            self.api.clone(),
-            self.settings.linger,
-            receiver,
-        ));
+        let worker = StreamWorker {
+            stream: name.to_string(),
+            api: self.api.clone(),
+            linger: self.settings.linger,
+            max_record_bytes: self.settings.max_record_bytes,
+            shards: self
+                .settings
+                .aggregate_streams
+                .iter()
+                .any(|s| s == name)
+                .then(ShardMap::default),
+        };
+        tokio::spawn(worker.run(receiver));
         streams.insert(name.to_string(), sender.clone());
         sender
     }
@@ -189,126 +208,204 @@ impl KinesisSink {
     }
 }
 
+/// An aggregating stream's shard map: open shards' hash ranges, sorted.
+#[derive(Default)]
+struct ShardMap {
+    ranges: Vec<ShardRange>,
+    fetched: Option<Instant>,
+}
+
+impl ShardMap {
+    /// Index of the shard `key` maps to (0 when the map is unknown: one group).
+    fn shard_of(&self, key: &str) -> usize {
+        let hash = hash_key(key);
+        self.ranges
+            .iter()
+            .position(|range| range.start <= hash && hash <= range.end)
+            .unwrap_or(0)
+    }
+
+    async fn refresh_if_stale(&mut self, api: &dyn KinesisApi, stream: &str) {
+        if self.fetched.is_some_and(|at| at.elapsed() < SHARD_MAP_TTL) {
+            return;
+        }
+        self.fetched = Some(Instant::now());
+        match api.list_shards(stream).await {
+            Ok(ranges) => {
+                if ranges.len() != self.ranges.len() {
+                    tracing::info!(%stream, shards = ranges.len(), "Kinesis shard map loaded");
+                }
+                self.ranges = ranges;
+            }
+            Err(error) => {
+                tracing::warn!(%stream, ?error, "cannot list shards; aggregating without a shard map")
+            }
+        }
+    }
+}
+
 /// One stream's worker: fills calls from its queue, sends them, settles the answers.
-async fn run_stream(
+struct StreamWorker {
     stream: String,
     api: Arc<dyn KinesisApi>,
     linger: Duration,
-    mut incoming: mpsc::Receiver<Vec<Entry>>,
-) {
-    let mut queue: Vec<Entry> = Vec::new();
-    let mut throttles: u32 = 0;
-    loop {
-        if queue.is_empty() {
-            match incoming.recv().await {
-                Some(entries) => queue.extend(entries),
-                None => return,
+    max_record_bytes: usize,
+    /// `Some` when the stream's records are aggregated.
+    shards: Option<ShardMap>,
+}
+
+impl StreamWorker {
+    /// The next call: Kinesis records, each with its user records' queue indices.
+    async fn plan(&mut self, queue: &[Entry], now: Instant) -> Vec<Planned> {
+        match &mut self.shards {
+            None => plan(queue, now).into_iter().map(Planned::Plain).collect(),
+            Some(map) => {
+                map.refresh_if_stale(self.api.as_ref(), &self.stream).await;
+                plan_aggregated(queue, now, |key| map.shard_of(key), self.max_record_bytes)
             }
-            // Give concurrent requests a moment to join this call.
-            let linger_end = tokio::time::Instant::now() + linger;
-            while queue.len() < batch::MAX_RECORDS_PER_CALL {
-                tokio::select! {
-                    more = incoming.recv() => match more {
-                        Some(entries) => queue.extend(entries),
-                        None => break,
-                    },
-                    () = tokio::time::sleep_until(linger_end) => break,
+        }
+    }
+
+    async fn run(mut self, mut incoming: mpsc::Receiver<Vec<Entry>>) {
+        let stream = self.stream.clone();
+        let api = self.api.clone();
+        let linger = self.linger;
+        let mut queue: Vec<Entry> = Vec::new();
+        let mut throttles: u32 = 0;
+        loop {
+            if queue.is_empty() {
+                match incoming.recv().await {
+                    Some(entries) => queue.extend(entries),
+                    None => return,
                 }
-            }
-        }
-        while queue.len() < MAX_QUEUED_PER_STREAM {
-            match incoming.try_recv() {
-                Ok(entries) => queue.extend(entries),
-                Err(_) => break,
-            }
-        }
-        let now = Instant::now();
-        for entry in queue.iter_mut().filter(|e| e.deadline <= now) {
-            let error = if entry.last_error.is_empty() {
-                "no answer yet".to_string()
-            } else {
-                entry.last_error.clone()
-            };
-            entry.finish(Fate::TimedOut(error));
-        }
-        queue.retain(|entry| entry.done.is_some());
-        let chosen = plan(&queue, now);
-        if chosen.is_empty() {
-            // Everything waits for a retry: sleep until the first is due, or new work.
-            let Some(next) = queue.iter().map(|e| e.not_before).min() else {
-                continue;
-            };
-            let until = tokio::time::Instant::from_std(next);
-            if queue.len() < MAX_QUEUED_PER_STREAM {
-                tokio::select! {
-                    more = incoming.recv() => if let Some(entries) = more { queue.extend(entries) },
-                    () = tokio::time::sleep_until(until) => {}
-                }
-            } else {
-                tokio::time::sleep_until(until).await;
-            }
-            continue;
-        }
-        let request: Vec<PutEntry> = chosen
-            .iter()
-            .map(|&i| PutEntry {
-                data: queue[i].data.clone(),
-                partition_key: queue[i].key.clone(),
-                explicit_hash_key: queue[i].explicit_hash_key.clone(),
-            })
-            .collect();
-        let answer = api.put_records(&stream, request).await;
-        let now = Instant::now();
-        let mut throttled = false;
-        match answer {
-            Ok(results) => {
-                for (&i, result) in chosen.iter().zip(results) {
-                    let entry = &mut queue[i];
-                    match result {
-                        EntryResult::Stored => entry.finish(Fate::Stored),
-                        EntryResult::Retry { code, message } => {
-                            throttled |= code.contains("Throughput") || code.contains("Throttling");
-                            retry_later(entry, now, format!("{code}: {message}"));
-                        }
-                        EntryResult::Permanent { code, message } => {
-                            entry.finish(Fate::Rejected(format!(
-                                "Kinesis refused the record: {code}: {message}"
-                            )));
-                        }
+                // Give concurrent requests a moment to join this call.
+                let linger_end = tokio::time::Instant::now() + linger;
+                while queue.len() < batch::MAX_RECORDS_PER_CALL {
+                    tokio::select! {
+                        more = incoming.recv() => match more {
+                            Some(entries) => queue.extend(entries),
+                            None => break,
+                        },
+                        () = tokio::time::sleep_until(linger_end) => break,
                     }
                 }
             }
-            Err(CallError::Throttled(message)) => {
-                throttled = true;
-                for &i in &chosen {
-                    retry_later(&mut queue[i], now, message.clone());
+            while queue.len() < MAX_QUEUED_PER_STREAM {
+                match incoming.try_recv() {
+                    Ok(entries) => queue.extend(entries),
+                    Err(_) => break,
                 }
             }
-            Err(CallError::Transient(message)) => {
-                tracing::warn!(%stream, error = %message, "PutRecords failed; retrying");
-                for &i in &chosen {
-                    retry_later(&mut queue[i], now, message.clone());
+            let now = Instant::now();
+            for entry in queue.iter_mut().filter(|e| e.deadline <= now) {
+                let error = if entry.last_error.is_empty() {
+                    "no answer yet".to_string()
+                } else {
+                    entry.last_error.clone()
+                };
+                entry.finish(Fate::TimedOut(error));
+            }
+            queue.retain(|entry| entry.done.is_some());
+            let chosen = self.plan(&queue, now).await;
+            if chosen.is_empty() {
+                // Everything waits for a retry: sleep until the first is due, or new work.
+                let Some(next) = queue.iter().map(|e| e.not_before).min() else {
+                    continue;
+                };
+                let until = tokio::time::Instant::from_std(next);
+                if queue.len() < MAX_QUEUED_PER_STREAM {
+                    tokio::select! {
+                        more = incoming.recv() => if let Some(entries) = more { queue.extend(entries) },
+                        () = tokio::time::sleep_until(until) => {}
+                    }
+                } else {
+                    tokio::time::sleep_until(until).await;
+                }
+                continue;
+            }
+            let request: Vec<PutEntry> = chosen
+                .iter()
+                .map(|planned| put_entry(&queue, planned))
+                .collect();
+            let answer = api.put_records(&stream, request).await;
+            let now = Instant::now();
+            let mut throttled = false;
+            match answer {
+                Ok(results) => {
+                    for (planned, result) in chosen.iter().zip(results) {
+                        for &i in planned.members() {
+                            let entry = &mut queue[i];
+                            match &result {
+                                EntryResult::Stored => entry.finish(Fate::Stored),
+                                EntryResult::Retry { code, message } => {
+                                    throttled |=
+                                        code.contains("Throughput") || code.contains("Throttling");
+                                    retry_later(entry, now, format!("{code}: {message}"));
+                                }
+                                EntryResult::Permanent { code, message } => {
+                                    entry.finish(Fate::Rejected(format!(
+                                        "Kinesis refused the record: {code}: {message}"
+                                    )));
+                                }
+                            }
+                        }
+                    }
+                }
+                Err(CallError::Throttled(message)) => {
+                    throttled = true;
+                    for &i in chosen.iter().flat_map(Planned::members) {
+                        retry_later(&mut queue[i], now, message.clone());
+                    }
+                }
+                Err(CallError::Transient(message)) => {
+                    tracing::warn!(%stream, error = %message, "PutRecords failed; retrying");
+                    for &i in chosen.iter().flat_map(Planned::members) {
+                        retry_later(&mut queue[i], now, message.clone());
+                    }
+                }
+                Err(CallError::Permanent(message)) => {
+                    tracing::error!(%stream, error = %message, "PutRecords refused");
+                    for &i in chosen.iter().flat_map(Planned::members) {
+                        queue[i].finish(Fate::Rejected(format!(
+                            "Kinesis refused the call: {message}"
+                        )));
+                    }
                 }
             }
-            Err(CallError::Permanent(message)) => {
-                tracing::error!(%stream, error = %message, "PutRecords refused");
-                for &i in &chosen {
-                    queue[i].finish(Fate::Rejected(format!(
-                        "Kinesis refused the call: {message}"
-                    )));
-                }
+            queue.retain(|entry| entry.done.is_some());
+            if throttled {
+                // Slow the whole stream down, not only the records concerned: the shard is
+                // over its quota, so sending the next call at once would be refused too.
+                throttles = throttles.saturating_add(1);
+                let pause = backoff(throttles);
+                tracing::debug!(%stream, ?pause, "throttled by Kinesis; slowing down");
+                tokio::time::sleep(pause).await;
+            } else {
+                throttles = 0;
             }
         }
-        queue.retain(|entry| entry.done.is_some());
-        if throttled {
-            // Slow the whole stream down, not only the records concerned: the shard is
-            // over its quota, so sending the next call at once would be refused too.
-            throttles = throttles.saturating_add(1);
-            let pause = backoff(throttles);
-            tracing::debug!(%stream, ?pause, "throttled by Kinesis; slowing down");
-            tokio::time::sleep(pause).await;
-        } else {
-            throttles = 0;
+    }
+}
+
+/// The request entry for a planned Kinesis record.
+fn put_entry(queue: &[Entry], planned: &Planned) -> PutEntry {
+    match planned {
+        Planned::Plain(i) => PutEntry {
+            data: queue[*i].data.clone(),
+            partition_key: queue[*i].key.clone(),
+            explicit_hash_key: queue[*i].explicit_hash_key.clone(),
+        },
+        Planned::Aggregated(indices) => {
+            let mut aggregate = Aggregate::default();
+            for &i in indices {
+                aggregate.push(&queue[i].key, queue[i].data.clone());
+            }
+            let (data, partition_key) = aggregate.finish();
+            PutEntry {
+                data,
+                partition_key,
+                explicit_hash_key: None,
+            }
         }
     }
 }

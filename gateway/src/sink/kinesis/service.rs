@@ -54,10 +54,28 @@ pub enum CallError {
 pub type CallFuture<'a> =
     Pin<Box<dyn Future<Output = Result<Vec<EntryResult>, CallError>> + Send + 'a>>;
 
+/// An open shard's range of 128-bit hash keys (inclusive).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ShardRange {
+    /// The shard id.
+    pub shard_id: String,
+    /// Lowest hash key.
+    pub start: u128,
+    /// Highest hash key.
+    pub end: u128,
+}
+
+/// A boxed future for `list_shards`.
+pub type ShardsFuture<'a> =
+    Pin<Box<dyn Future<Output = Result<Vec<ShardRange>, CallError>> + Send + 'a>>;
+
 /// What the sink needs from Kinesis.
 pub trait KinesisApi: Send + Sync {
     /// One `PutRecords` call; the answer has one result per entry, in order.
     fn put_records<'a>(&'a self, stream: &'a str, entries: Vec<PutEntry>) -> CallFuture<'a>;
+
+    /// The stream's open shards (those still taking records).
+    fn list_shards<'a>(&'a self, stream: &'a str) -> ShardsFuture<'a>;
 }
 
 /// Per-record error codes that are worth a retry.
@@ -121,6 +139,47 @@ impl KinesisApi for AwsKinesis {
             }
             Ok(results)
         })
+    }
+
+    fn list_shards<'a>(&'a self, stream: &'a str) -> ShardsFuture<'a> {
+        Box::pin(self.open_shards(stream))
+    }
+}
+
+impl AwsKinesis {
+    async fn open_shards(&self, stream: &str) -> Result<Vec<ShardRange>, CallError> {
+        let mut ranges = Vec::new();
+        let mut next: Option<String> = None;
+        loop {
+            let request = match &next {
+                Some(token) => self.client.list_shards().next_token(token),
+                None => self.client.list_shards().stream_name(stream),
+            };
+            let page = request.send().await.map_err(classify)?;
+            for shard in page.shards() {
+                let open = shard
+                    .sequence_number_range()
+                    .is_some_and(|r| r.ending_sequence_number().is_none());
+                let (Some(range), true) = (shard.hash_key_range(), open) else {
+                    continue;
+                };
+                let parse = |text: &str| {
+                    text.parse::<u128>()
+                        .map_err(|e| CallError::Transient(e.to_string()))
+                };
+                ranges.push(ShardRange {
+                    shard_id: shard.shard_id().to_string(),
+                    start: parse(range.starting_hash_key())?,
+                    end: parse(range.ending_hash_key())?,
+                });
+            }
+            next = page.next_token().map(str::to_string);
+            if next.is_none() {
+                break;
+            }
+        }
+        ranges.sort_by_key(|range| range.start);
+        Ok(ranges)
     }
 }
 
