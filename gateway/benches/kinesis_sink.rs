@@ -45,7 +45,11 @@ fn record(stream: &str, n: usize) -> Record {
             payload,
         },
         decision: Decision {
-            destination: Destination::Kinesis { stream: stream.to_string(), partition_key: device, explicit_hash_key: None },
+            destination: Destination::Kinesis {
+                stream: stream.to_string(),
+                partition_key: device,
+                explicit_hash_key: None,
+            },
             rule: "bench".to_string(),
             reason: String::new(),
         },
@@ -53,16 +57,34 @@ fn record(stream: &str, n: usize) -> Record {
 }
 
 fn control(endpoint: &str, method: reqwest::Method, path: &str) -> Value {
-    let response = reqwest::blocking::Client::new().request(method, format!("{endpoint}/_sluice/{path}")).send().unwrap();
+    let response = reqwest::blocking::Client::new()
+        .request(method, format!("{endpoint}/_sluice/{path}"))
+        .send()
+        .unwrap();
     response.json().unwrap_or(Value::Null)
 }
 
 fn run(endpoint: &str, runtime: &tokio::runtime::Runtime, aggregate: bool) {
-    let stream = format!("bench-{}-{}", if aggregate { "agg" } else { "plain" }, std::process::id());
-    let aws = AwsConfig { region: Some("us-east-1".to_string()), endpoint_url: Some(endpoint.to_string()) };
+    let stream = format!(
+        "bench-{}-{}",
+        if aggregate { "agg" } else { "plain" },
+        std::process::id()
+    );
+    let aws = AwsConfig {
+        region: Some("us-east-1".to_string()),
+        endpoint_url: Some(endpoint.to_string()),
+    };
     let shared = runtime.block_on(sluice_gateway::aws_sdk_config(&aws));
     let client = aws_sdk_kinesis::Client::new(&shared);
-    runtime.block_on(client.create_stream().stream_name(&stream).shard_count(4).send()).unwrap();
+    runtime
+        .block_on(
+            client
+                .create_stream()
+                .stream_name(&stream)
+                .shard_count(4)
+                .send(),
+        )
+        .unwrap();
     control(endpoint, reqwest::Method::DELETE, "stats");
     let sink = Arc::new(KinesisSink::new(
         Arc::new(AwsKinesis::new(&shared)),
@@ -70,7 +92,11 @@ fn run(endpoint: &str, runtime: &tokio::runtime::Runtime, aggregate: bool) {
             linger: Duration::from_millis(10),
             delivery_timeout: Duration::from_secs(120),
             max_record_bytes: 1024 * 1024,
-            aggregate_streams: if aggregate { vec![stream.clone()] } else { Vec::new() },
+            aggregate_streams: if aggregate {
+                vec![stream.clone()]
+            } else {
+                Vec::new()
+            },
         },
     ));
     let started = Instant::now();
@@ -78,8 +104,11 @@ fn run(endpoint: &str, runtime: &tokio::runtime::Runtime, aggregate: bool) {
         let mut requests = tokio::task::JoinSet::new();
         for first in (0..MESSAGES).step_by(PER_REQUEST) {
             let sink = sink.clone();
-            let records: Vec<Record> = (first..first + PER_REQUEST).map(|n| record(&stream, n)).collect();
-            requests.spawn(async move { sink.deliver(records).await.map(|rejected| rejected.len()) });
+            let records: Vec<Record> = (first..first + PER_REQUEST)
+                .map(|n| record(&stream, n))
+                .collect();
+            requests
+                .spawn(async move { sink.deliver(records).await.map(|rejected| rejected.len()) });
         }
         while let Some(done) = requests.join_next().await {
             assert_eq!(done.unwrap().unwrap(), 0, "no record refused");

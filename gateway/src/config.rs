@@ -319,12 +319,15 @@ pub struct RuleConfig {
     /// policy sends to IoT Core.
     #[serde(default)]
     pub command_and_control: bool,
-    /// IoT Core topic to publish to instead of the message's own.
+    /// IoT Core topic to publish to instead of the message's own. A template:
+    /// `${device.id}`, `${topic}` and `${topic.N}` (level N) are filled in.
     pub iot_topic: Option<String>,
     /// IoT Core QoS, 0 or 1. Default 1.
     pub qos: Option<u8>,
-    /// Kinesis stream instead of the default one.
+    /// Kinesis stream instead of the default one (a template).
     pub stream: Option<String>,
+    /// Kinesis partition key instead of the device id (a template).
+    pub partition_key: Option<String>,
 }
 
 fn default_listen() -> SocketAddr {
@@ -661,10 +664,22 @@ impl Config {
                     "{at}: has neither a destination nor command_and_control, so it does nothing"
                 ));
             }
-            if let Some(topic) = &rule.iot_topic
-                && let Err(why) = validate_publish_topic(topic)
-            {
-                problems.push(format!("{at}: iot_topic: {why}"));
+            if let Some(topic) = &rule.iot_topic {
+                check_template(
+                    topic,
+                    &format!("{at}: iot_topic"),
+                    validate_publish_topic,
+                    problems,
+                );
+            }
+            if let Some(key) = &rule.partition_key {
+                let valid_key = |key: &str| match key.chars().count() {
+                    1..=256 => Ok(()),
+                    n => Err(format!(
+                        "a partition key must be 1 to 256 characters, not {n}"
+                    )),
+                };
+                check_template(key, &format!("{at}: partition_key"), valid_key, problems);
             }
             if let Some(qos) = rule.qos
                 && qos > 1
@@ -673,10 +688,13 @@ impl Config {
                     "{at}: qos must be 0 or 1 (IoT Core has no QoS {qos})"
                 ));
             }
-            if let Some(stream) = &rule.stream
-                && let Err(why) = validate_stream_name(stream)
-            {
-                problems.push(format!("{at}: stream: {why}"));
+            if let Some(stream) = &rule.stream {
+                check_template(
+                    stream,
+                    &format!("{at}: stream"),
+                    validate_stream_name,
+                    problems,
+                );
             }
             let iot_only = rule.iot_topic.is_some() || rule.qos.is_some();
             if iot_only && !matches!(rule.destination, Some(RuleDestination::IotCore)) {
@@ -684,11 +702,32 @@ impl Config {
                     "{at}: iot_topic and qos need destination = \"iot-core\""
                 ));
             }
-            if rule.stream.is_some() && !matches!(rule.destination, Some(RuleDestination::Kinesis))
-            {
-                problems.push(format!("{at}: stream needs destination = \"kinesis\""));
+            let kinesis_only = rule.stream.is_some() || rule.partition_key.is_some();
+            if kinesis_only && !matches!(rule.destination, Some(RuleDestination::Kinesis)) {
+                problems.push(format!(
+                    "{at}: stream and partition_key need destination = \"kinesis\""
+                ));
             }
         }
+    }
+}
+
+/// Checks a template: it must parse, and a template without variables must be valid as
+/// it stands (one with variables is checked per message, when it is filled in).
+fn check_template(
+    text: &str,
+    at: &str,
+    validate: impl Fn(&str) -> Result<(), String>,
+    problems: &mut Vec<String>,
+) {
+    match crate::route::template::Template::parse(text) {
+        Err(why) => problems.push(format!("{at}: {why}")),
+        Ok(template) if !text.contains("${") => {
+            if let Err(why) = validate(&template.sample()) {
+                problems.push(format!("{at}: {why}"));
+            }
+        }
+        Ok(_) => {}
     }
 }
 

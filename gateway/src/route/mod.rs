@@ -6,6 +6,7 @@
 //! ([`Policy::overrule`]), within the hard limits.
 
 pub mod meter;
+pub mod template;
 pub mod topic;
 
 use std::fmt;
@@ -16,6 +17,7 @@ use crate::config::{
     DefaultDestination, IOT_CORE_MAX_PAYLOAD_BYTES, RoutingConfig, RuleDestination,
 };
 use crate::message::Message;
+use crate::route::template::Template;
 use crate::route::topic::{TopicFilter, validate_publish_topic};
 
 /// Kinesis' limit on a partition key, in Unicode characters.
@@ -103,9 +105,10 @@ struct Rule {
     filter: TopicFilter,
     destination: Option<RuleDestination>,
     command_and_control: bool,
-    iot_topic: Option<String>,
+    iot_topic: Option<Template>,
     qos: u8,
-    stream: Option<String>,
+    stream: Option<Template>,
+    partition_key: Option<Template>,
 }
 
 /// The built-in routing policy, built once from the configuration.
@@ -130,9 +133,16 @@ impl Policy {
                     filter: TopicFilter::parse(&rule.topic).ok()?,
                     destination: rule.destination,
                     command_and_control: rule.command_and_control,
-                    iot_topic: rule.iot_topic.clone(),
+                    iot_topic: rule
+                        .iot_topic
+                        .as_deref()
+                        .and_then(|t| Template::parse(t).ok()),
                     qos: rule.qos.unwrap_or(1),
-                    stream: rule.stream.clone(),
+                    stream: rule.stream.as_deref().and_then(|t| Template::parse(t).ok()),
+                    partition_key: rule
+                        .partition_key
+                        .as_deref()
+                        .and_then(|t| Template::parse(t).ok()),
                 })
             })
             .collect();
@@ -223,15 +233,34 @@ impl Policy {
                     ),
                 );
             }
-            RuleDestination::IotCore => iot_core(
-                rule.iot_topic.as_deref().unwrap_or(&message.topic),
-                rule.qos,
-            ),
-            RuleDestination::Kinesis => self.kinesis(message, rule.stream.as_deref()),
+            RuleDestination::IotCore => {
+                let topic = rule.iot_topic.as_ref().map(|t| t.render(message));
+                iot_core(topic.as_deref().unwrap_or(&message.topic), rule.qos)
+            }
+            RuleDestination::Kinesis => {
+                let stream = rule.stream.as_ref().map(|t| t.render(message));
+                let mut destination = self.kinesis(message, stream.as_deref());
+                if let (Destination::Kinesis { partition_key, .. }, Some(template)) =
+                    (&mut destination, &rule.partition_key)
+                {
+                    *partition_key = template.render(message);
+                }
+                destination
+            }
             RuleDestination::Local => Destination::Local,
             RuleDestination::Drop => Destination::Drop,
             RuleDestination::DeadLetter => Destination::DeadLetter,
         };
+        if let Err(why) = self.check_limits(&destination, message) {
+            return decision(
+                Destination::DeadLetter,
+                &name,
+                format!(
+                    "the rule's {} destination is invalid for this message: {why}",
+                    destination.kind()
+                ),
+            );
+        }
         let reason = format!("topic `{}` matches the rule's filter", message.topic);
         decision(destination, &name, reason)
     }
@@ -507,6 +536,44 @@ mod tests {
                 explicit_hash_key: None
             }
         );
+    }
+
+    #[test]
+    fn rule_templates_fill_in_per_message() {
+        let policy = policy(
+            r#"
+            [[routing.rules]]
+            name = "per-device"
+            topic = "sites/+/alarms"
+            destination = "iot-core"
+            iot_topic = "fleet/${device.id}/alarms/${topic.1}"
+            [[routing.rules]]
+            name = "per-site"
+            topic = "sites/+/telemetry"
+            destination = "kinesis"
+            stream = "site-${topic.1}"
+            partition_key = "${topic.1}/${device.id}"
+            [[routing.rules]]
+            name = "bad"
+            topic = "bad/#"
+            destination = "iot-core"
+            iot_topic = "x/${topic}"
+            "#,
+        );
+        let got = policy.decide(&message("sites/12/alarms", 10), Facts::default());
+        assert_eq!(got.destination, iot_core("fleet/dev-1/alarms/12", 1));
+        let got = policy.decide(&message("sites/12/telemetry", 10), Facts::default());
+        assert_eq!(
+            got.destination,
+            Destination::Kinesis {
+                stream: "site-12".into(),
+                partition_key: "12/dev-1".into(),
+                explicit_hash_key: None
+            }
+        );
+        let got = policy.decide(&message("bad/a/b/c/d/e/f/g", 10), Facts::default());
+        assert_eq!(got.destination, Destination::DeadLetter, "{got}");
+        assert!(got.reason.contains("slashes"), "{}", got.reason);
     }
 
     #[test]

@@ -1,0 +1,130 @@
+//! Templates for destinations in topic rules: `fleet/${device.id}/alarms`,
+//! `telemetry-${topic.1}`. Variables: `${device.id}`, `${topic}` (the whole topic) and
+//! `${topic.N}` (level N of the topic, from 0; empty when the topic is shorter).
+
+use crate::message::Message;
+
+/// A parsed template.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Template {
+    parts: Vec<Part>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Part {
+    Text(String),
+    DeviceId,
+    Topic,
+    TopicLevel(usize),
+}
+
+impl Template {
+    /// Parses a template, refusing unknown variables and unclosed `${`.
+    pub fn parse(text: &str) -> Result<Template, String> {
+        let mut parts = Vec::new();
+        let mut rest = text;
+        while let Some(start) = rest.find("${") {
+            if start > 0 {
+                parts.push(Part::Text(rest[..start].to_string()));
+            }
+            let after = &rest[start + 2..];
+            let end = after
+                .find('}')
+                .ok_or_else(|| format!("`{text}`: `${{` without a closing `}}`"))?;
+            let name = &after[..end];
+            parts.push(match name {
+                "device.id" => Part::DeviceId,
+                "topic" => Part::Topic,
+                _ => match name.strip_prefix("topic.").and_then(|n| n.parse::<usize>().ok()) {
+                    Some(level) if level < 8 => Part::TopicLevel(level),
+                    _ => {
+                        return Err(format!(
+                            "`{text}`: unknown variable `${{{name}}}` (known: ${{device.id}}, ${{topic}}, ${{topic.0}} to ${{topic.7}})"
+                        ));
+                    }
+                },
+            });
+            rest = &after[end + 1..];
+        }
+        if !rest.is_empty() {
+            parts.push(Part::Text(rest.to_string()));
+        }
+        Ok(Template { parts })
+    }
+
+    /// The template filled in for `message`.
+    pub fn render(&self, message: &Message) -> String {
+        let mut out = String::new();
+        for part in &self.parts {
+            match part {
+                Part::Text(text) => out.push_str(text),
+                Part::DeviceId => out.push_str(&message.device_id),
+                Part::Topic => out.push_str(&message.topic),
+                Part::TopicLevel(level) => {
+                    out.push_str(message.topic.split('/').nth(*level).unwrap_or(""))
+                }
+            }
+        }
+        out
+    }
+
+    /// Renders with sample values, for checking a template's output at config time.
+    pub fn sample(&self) -> String {
+        let message = Message {
+            id: String::new(),
+            device_id: "device".to_string(),
+            topic: "a/b/c/d/e/f/g/h".to_string(),
+            content_type: String::new(),
+            qos: 0,
+            attributes: Vec::new(),
+            received_at_ms: 0,
+            payload: Vec::new(),
+        };
+        self.render(&message)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(device: &str, topic: &str) -> Message {
+        Message {
+            id: String::new(),
+            device_id: device.to_string(),
+            topic: topic.to_string(),
+            content_type: String::new(),
+            qos: 0,
+            attributes: Vec::new(),
+            received_at_ms: 0,
+            payload: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn templates_fill_in_device_and_topic() {
+        let m = message("pump-7", "sites/12/alarms");
+        let cases = [
+            ("fleet/${device.id}/alarms", "fleet/pump-7/alarms"),
+            ("telemetry-${topic.1}", "telemetry-12"),
+            ("${topic}", "sites/12/alarms"),
+            ("x${topic.5}y", "xy"),
+            ("plain", "plain"),
+            ("${device.id}${device.id}", "pump-7pump-7"),
+        ];
+        for (template, expected) in cases {
+            assert_eq!(
+                Template::parse(template).unwrap().render(&m),
+                expected,
+                "{template}"
+            );
+        }
+    }
+
+    #[test]
+    fn bad_templates_are_refused() {
+        for bad in ["${device}", "${topic.9}", "a${", "${nope}x"] {
+            assert!(Template::parse(bad).is_err(), "{bad}");
+        }
+    }
+}
