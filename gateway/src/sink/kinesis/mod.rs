@@ -266,6 +266,27 @@ impl StreamWorker {
         }
     }
 
+    /// After a reshard, records land on shards the map does not know: the map is
+    /// listed again before the next call, so aggregation follows the new shards.
+    fn notice_resharding(&mut self, chosen: &[Planned], results: &[EntryResult], queue: &[Entry]) {
+        let Some(map) = &mut self.shards else { return };
+        for (planned, result) in chosen.iter().zip(results) {
+            let EntryResult::Stored { shard_id } = result else {
+                continue;
+            };
+            let key = &queue[planned.members()[0]].key;
+            let predicted = map
+                .ranges
+                .get(map.shard_of(key))
+                .map(|range| range.shard_id.as_str());
+            if predicted.is_some_and(|predicted| predicted != shard_id) {
+                tracing::info!(stream = %self.stream, %shard_id, "a record landed on an unexpected shard; reloading the shard map");
+                map.fetched = None;
+                return;
+            }
+        }
+    }
+
     async fn run(mut self, mut incoming: mpsc::Receiver<Vec<Entry>>) {
         let stream = self.stream.clone();
         let api = self.api.clone();
@@ -332,11 +353,12 @@ impl StreamWorker {
             let mut throttled = false;
             match answer {
                 Ok(results) => {
+                    self.notice_resharding(&chosen, &results, &queue);
                     for (planned, result) in chosen.iter().zip(results) {
                         for &i in planned.members() {
                             let entry = &mut queue[i];
                             match &result {
-                                EntryResult::Stored => entry.finish(Fate::Stored),
+                                EntryResult::Stored { .. } => entry.finish(Fate::Stored),
                                 EntryResult::Retry { code, message } => {
                                     throttled |=
                                         code.contains("Throughput") || code.contains("Throttling");

@@ -21,8 +21,11 @@ pub struct PutEntry {
 /// The answer for one record of a successful call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EntryResult {
-    /// Stored.
-    Stored,
+    /// Stored, on this shard.
+    Stored {
+        /// The shard that took the record.
+        shard_id: String,
+    },
     /// Failed, worth retrying (throughput exceeded, internal failure, KMS throttling).
     Retry {
         /// Kinesis' error code.
@@ -119,7 +122,9 @@ impl KinesisApi for AwsKinesis {
                 .records()
                 .iter()
                 .map(|record| match record.error_code() {
-                    None => EntryResult::Stored,
+                    None => EntryResult::Stored {
+                        shard_id: record.shard_id().unwrap_or_default().to_string(),
+                    },
                     Some(code) => {
                         let code = code.to_string();
                         let message = record.error_message().unwrap_or_default().to_string();
