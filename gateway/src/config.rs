@@ -599,12 +599,12 @@ impl Config {
         if iot.delivery_timeout_ms == 0 {
             problems.push("sinks.iot_core.delivery_timeout_ms must be at least 1".to_string());
         }
-        if let Some(rule) = &iot.basic_ingest_rule {
-            if rule.is_empty() || !rule.chars().all(|c| c.is_ascii_alphanumeric() || c == '_') {
-                problems.push(format!(
+        if let Some(rule) = &iot.basic_ingest_rule
+            && (rule.is_empty() || !rule.chars().all(|c| c.is_ascii_alphanumeric() || c == '_'))
+        {
+            problems.push(format!(
                     "sinks.iot_core.basic_ingest_rule `{rule}` is not an IoT rule name (a-z, A-Z, 0-9, `_`)"
                 ));
-            }
         }
         match (iot.transport, &iot.mqtt) {
             (IotTransport::Mqtt, None) => {

@@ -108,8 +108,8 @@ async fn cloud_sinks(
     let iot_core = match &config.sinks.iot_core {
         None => None,
         Some(iot) => Some(match (&iot.mqtt, &aws) {
-            (Some(mqtt), _) => sink::IotCoreSink::Mqtt(sink::iot_core::mqtt::MqttSink::start(
-                sink::iot_core::mqtt::MqttSettings {
+            (Some(mqtt), _) => sink::IotCoreSink::Mqtt(Box::new(
+                sink::iot_core::mqtt::MqttSink::start(sink::iot_core::mqtt::MqttSettings {
                     host: mqtt.host.clone(),
                     port: mqtt.port,
                     client_id: mqtt.client_id.clone(),
@@ -119,8 +119,8 @@ async fn cloud_sinks(
                     keep_alive: Duration::from_secs(mqtt.keep_alive_secs),
                     delivery_timeout: Duration::from_millis(iot.delivery_timeout_ms),
                     basic_ingest_rule: iot.basic_ingest_rule.clone(),
-                },
-            )?),
+                })?,
+            )),
             (None, Some(shared)) => {
                 sink::IotCoreSink::Https(sink::iot_core::https::HttpsSink::new(
                     &with_endpoint(shared, &iot.endpoint_url),

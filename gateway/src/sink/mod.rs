@@ -72,7 +72,7 @@ pub struct Redirect {
 /// The IoT Core sink, by transport.
 pub enum IotCoreSink {
     /// MQTT with the gateway's certificate.
-    Mqtt(iot_core::mqtt::MqttSink),
+    Mqtt(Box<iot_core::mqtt::MqttSink>),
     /// HTTPS `Publish` calls.
     Https(iot_core::https::HttpsSink),
 }

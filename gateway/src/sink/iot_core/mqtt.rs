@@ -211,11 +211,11 @@ pub fn client_tls(ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<rustls::
     ))?
     .with_context(|| format!("{} holds no PEM private key", key.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    Ok(rustls::ClientConfig::builder_with_provider(provider)
+    rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()?
         .with_root_certificates(roots)
         .with_client_auth_cert(chain, key)
-        .context("the MQTT client certificate and key do not fit together")?)
+        .context("the MQTT client certificate and key do not fit together")
 }
 
 fn read_certs(path: &Path) -> anyhow::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
