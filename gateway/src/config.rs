@@ -185,7 +185,7 @@ pub struct ServerConfig {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
-    /// PEM certificate chain, leaf first.
+    /// PEM certificate chain, leaf first. Relative paths: to the config file.
     pub cert: PathBuf,
     /// PEM private key (PKCS#8, PKCS#1 or SEC1).
     pub key: PathBuf,
@@ -469,14 +469,35 @@ impl Config {
             message,
         })?;
         let base = path.parent().unwrap_or(Path::new("."));
-        for entry in config
+        let relative_to_file = |path: &mut PathBuf| {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+            // Absolute, so that hot-reload events name the same file.
+            if let Ok(absolute) = std::path::absolute(&*path) {
+                *path = absolute;
+            }
+        };
+        let plugins = config
             .plugins
             .transform
             .iter_mut()
-            .chain(config.plugins.router.as_mut())
+            .chain(config.plugins.router.as_mut());
+        for entry in plugins {
+            relative_to_file(&mut entry.path);
+        }
+        if let Some(tls) = config.server.tls.as_mut() {
+            relative_to_file(&mut tls.cert);
+            relative_to_file(&mut tls.key);
+        }
+        if let Some(mqtt) = config
+            .sinks
+            .iot_core
+            .as_mut()
+            .and_then(|iot| iot.mqtt.as_mut())
         {
-            if entry.path.is_relative() {
-                entry.path = base.join(&entry.path);
+            for path in [&mut mqtt.ca, &mut mqtt.cert, &mut mqtt.key] {
+                relative_to_file(path);
             }
         }
         config.validate()?;

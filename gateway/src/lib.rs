@@ -125,6 +125,7 @@ async fn cloud_sinks(
                 sink::IotCoreSink::Https(sink::iot_core::https::HttpsSink::new(
                     &with_endpoint(shared, &iot.endpoint_url),
                     iot.basic_ingest_rule.clone(),
+                    Duration::from_millis(iot.delivery_timeout_ms),
                 ))
             }
             (None, None) => anyhow::bail!("sinks.iot_core: no transport could be set up"),
@@ -146,9 +147,14 @@ pub async fn aws_sdk_config(aws: &config::AwsConfig) -> aws_config::SdkConfig {
         .tls_provider(tls::Provider::Rustls(
             tls::rustls_provider::CryptoMode::Ring,
         ))
-        .build_https();
+        .build_https(); // Bounded calls: a hung connection must not stall a sink past its delivery timeout.
+    let timeouts = aws_config::timeout::TimeoutConfig::builder()
+        .connect_timeout(std::time::Duration::from_secs(3))
+        .operation_attempt_timeout(std::time::Duration::from_secs(10))
+        .build();
     let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
         .http_client(http)
+        .timeout_config(timeouts)
         .retry_config(aws_config::retry::RetryConfig::disabled());
     if let Some(region) = &aws.region {
         loader = loader.region(aws_config::Region::new(region.clone()));

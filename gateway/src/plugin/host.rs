@@ -26,8 +26,11 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 
 /// Imports a plugin may have. Plugins built for `wasm32-wasip2` import parts of WASI
 /// through Rust's standard library; those are linked with an empty context: no
-/// preopened directories, no environment, no arguments, closed stdin, discarded output,
-/// clocks that always read zero. Everything else (sockets, HTTP, …) is refused at load.
+/// preopened directories, no environment, no arguments, closed stdin, discarded output.
+/// Random numbers are allowed (hash maps seed themselves). Clocks are refused: a plugin
+/// gets its time from `received-at-ms`, and a clock's sleep would hold a worker beyond
+/// the call's time limit, which epoch interruption cannot cut short. Everything else
+/// (sockets, HTTP, …) is refused too.
 const ALLOWED_IMPORT_PREFIXES: &[&str] = &[
     "sluice:plugin/host@0.1.",
     "sluice:plugin/types@0.1.",
@@ -43,8 +46,6 @@ const ALLOWED_IMPORT_PREFIXES: &[&str] = &[
     "wasi:filesystem/types@0.2.",
     "wasi:filesystem/preopens@0.2.",
     "wasi:random/",
-    "wasi:clocks/wall-clock@0.2.",
-    "wasi:clocks/monotonic-clock@0.2.",
 ];
 
 /// The state of one plugin instance's store.
@@ -328,12 +329,7 @@ impl Host {
     /// Reads a component file, compiles it (or loads it from the cache), and checks its
     /// imports and its world. Returns the component's content hash too.
     pub fn load(&self, path: &Path) -> Result<(Prepared, String), PluginError> {
-        let bytes = std::fs::read(path).map_err(|e| PluginError::Read {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        let hash = hex::encode(Sha256::digest(&bytes));
-        let component = self.compile(&bytes, &hash, path)?;
+        let (component, hash) = self.read_and_compile(path)?;
         let refused: Vec<String> = self
             .inspect_component(&component)
             .imports
@@ -371,12 +367,7 @@ impl Host {
     /// Lists a component's imports and exports and which world it targets, for
     /// `sluice plugin check`.
     pub fn inspect(&self, path: &Path) -> Result<Inspection, PluginError> {
-        let bytes = std::fs::read(path).map_err(|e| PluginError::Read {
-            path: path.to_path_buf(),
-            reason: e.to_string(),
-        })?;
-        let hash = hex::encode(Sha256::digest(&bytes));
-        let component = self.compile(&bytes, &hash, path)?;
+        let (component, _) = self.read_and_compile(path)?;
         let mut inspection = self.inspect_component(&component);
         inspection.kind = self.load(path).ok().map(|(prepared, _)| prepared.kind());
         Ok(inspection)
@@ -406,6 +397,17 @@ impl Host {
             imports,
             exports,
         }
+    }
+
+    /// Reads a component file and compiles it; returns it with its content hash.
+    fn read_and_compile(&self, path: &Path) -> Result<(Component, String), PluginError> {
+        let bytes = std::fs::read(path).map_err(|e| PluginError::Read {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+        let hash = hex::encode(Sha256::digest(&bytes));
+        let component = self.compile(&bytes, &hash, path)?;
+        Ok((component, hash))
     }
 
     /// Compiles `bytes`, going through the on-disk cache.

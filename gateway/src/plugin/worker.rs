@@ -58,7 +58,21 @@ pub(super) fn run(host: &Host, set: &ArcSwap<PluginSet>, queue: async_channel::R
         // the next batch, when instances of versions no longer active are dropped.
         let current = set.load_full();
         instances.retain(|id, _| current.contains(*id));
-        let results = run_chain(host, &current, &mut instances, job.batch);
+        let count = job.batch.len();
+        let run =
+            std::panic::AssertUnwindSafe(|| run_chain(host, &current, &mut instances, job.batch));
+        let results = match std::panic::catch_unwind(run) {
+            Ok(results) => results,
+            Err(_) => {
+                // A bug on the host side, not in a plugin: fail this batch, start the
+                // instances afresh, and keep the worker alive for the next one.
+                tracing::error!(
+                    "a plugin worker panicked; its batch fails and its instances are rebuilt"
+                );
+                instances.clear();
+                (0..count).map(|_| InputResult::default()).collect()
+            }
+        };
         let _ = job.reply.send(results);
     }
 }

@@ -332,23 +332,16 @@ impl Policy {
     fn check_limits(&self, destination: &Destination, message: &Message) -> Result<(), String> {
         let size = message.payload.len();
         match destination {
-            Destination::IotCore { topic, qos } => {
-                if size > IOT_CORE_MAX_PAYLOAD_BYTES {
-                    return Err(format!(
-                        "payload {size} B is over IoT Core's {IOT_CORE_MAX_PAYLOAD_BYTES} B limit"
-                    ));
-                }
-                if *qos > 1 {
-                    return Err(format!("IoT Core has no QoS {qos}"));
-                }
-                validate_publish_topic(topic)
-            }
+            Destination::IotCore { topic, qos } => check_iot_core(topic, *qos, size),
             Destination::Kinesis {
                 stream,
                 partition_key,
                 explicit_hash_key,
             } => {
                 crate::config::validate_stream_name(stream)?;
+                if partition_key.is_empty() {
+                    return Err("the partition key is empty".to_string());
+                }
                 if partition_key.chars().count() > KINESIS_MAX_PARTITION_KEY_CHARS {
                     return Err(format!(
                         "partition key over {KINESIS_MAX_PARTITION_KEY_CHARS} characters"
@@ -366,6 +359,20 @@ impl Policy {
             Destination::Local | Destination::Drop | Destination::DeadLetter => Ok(()),
         }
     }
+}
+
+/// IoT Core's rules for one publish: payload at most 128 KB, QoS 0 or 1, and the topic
+/// rules of [`validate_publish_topic`].
+pub fn check_iot_core(topic: &str, qos: u8, payload_len: usize) -> Result<(), String> {
+    if payload_len > IOT_CORE_MAX_PAYLOAD_BYTES {
+        return Err(format!(
+            "payload {payload_len} B is over IoT Core's {IOT_CORE_MAX_PAYLOAD_BYTES} B limit"
+        ));
+    }
+    if qos > 1 {
+        return Err(format!("IoT Core has no QoS {qos}"));
+    }
+    validate_publish_topic(topic)
 }
 
 fn iot_core(topic: &str, qos: u8) -> Destination {

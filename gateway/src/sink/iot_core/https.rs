@@ -12,14 +12,22 @@ pub struct HttpsSink {
     client: aws_sdk_iotdataplane::Client,
     /// Basic Ingest rule name, if configured.
     basic_ingest_rule: Option<String>,
+    /// How long a request waits for IoT Core's answers.
+    delivery_timeout: std::time::Duration,
 }
 
 impl HttpsSink {
     /// A sink using the shared AWS configuration.
-    pub fn new(config: &aws_config::SdkConfig, basic_ingest_rule: Option<String>) -> HttpsSink {
+    pub fn new(
+        config: &aws_config::SdkConfig,
+        basic_ingest_rule: Option<String>,
+        delivery_timeout: std::time::Duration,
+    ) -> HttpsSink {
+        let client = aws_sdk_iotdataplane::Client::new(config);
         HttpsSink {
-            client: aws_sdk_iotdataplane::Client::new(config),
+            client,
             basic_ingest_rule,
+            delivery_timeout,
         }
     }
 
@@ -44,7 +52,13 @@ impl HttpsSink {
                 }
             }
             let (records, calls): (Vec<_>, Vec<_>) = calls.into_iter().unzip();
-            let answers = futures_util::future::join_all(calls).await;
+            let all = futures_util::future::join_all(calls);
+            let Ok(answers) = tokio::time::timeout(self.delivery_timeout, all).await else {
+                return Err(SinkError::Unavailable(format!(
+                    "IoT Core did not answer every publish within {:?}",
+                    self.delivery_timeout
+                )));
+            };
             let mut unavailable = None;
             for (record, answer) in records.into_iter().zip(answers) {
                 match answer {

@@ -11,9 +11,7 @@
 pub mod https;
 pub mod mqtt;
 
-use crate::config::IOT_CORE_MAX_PAYLOAD_BYTES;
-use crate::route::Destination;
-use crate::route::topic::validate_publish_topic;
+use crate::route::{Destination, check_iot_core};
 use crate::sink::Record;
 
 /// One publish, checked against IoT Core's rules.
@@ -31,17 +29,8 @@ pub fn prepare(record: &Record, basic_ingest_rule: Option<&str>) -> Result<Publi
     let Destination::IotCore { topic, qos } = &record.decision.destination else {
         return Err("not an IoT Core destination".to_string());
     };
-    let size = record.message.payload.len();
-    if size > IOT_CORE_MAX_PAYLOAD_BYTES {
-        return Err(format!(
-            "payload of {size} bytes is over IoT Core's limit of {IOT_CORE_MAX_PAYLOAD_BYTES}"
-        ));
-    }
-    if *qos > 1 {
-        return Err(format!("IoT Core has no QoS {qos}"));
-    }
-    validate_publish_topic(topic)
-        .map_err(|why| format!("IoT Core would refuse the topic: {why}"))?;
+    check_iot_core(topic, *qos, record.message.payload.len())
+        .map_err(|why| format!("IoT Core would refuse this publish: {why}"))?;
     let topic = match basic_ingest_rule {
         Some(rule) => format!("$aws/rules/{rule}/{topic}"),
         None => topic.clone(),

@@ -51,13 +51,21 @@ pub struct MqttSettings {
     pub basic_ingest_rule: Option<String>,
 }
 
-/// Publishes waiting for their packet id, then for their PUBACK.
+/// Publishes waiting for their packet id, then for their PUBACK. A waiter hears `true`
+/// when its publish is confirmed, `false` when the broker lost it.
 #[derive(Default)]
 struct Tracker {
     /// In publish order: the waiters of publishes rumqttc has not sent yet.
-    unsent: VecDeque<(u8, oneshot::Sender<()>)>,
+    unsent: VecDeque<(u8, oneshot::Sender<bool>)>,
     /// Sent QoS 1 publishes by packet id, waiting for PUBACK.
-    unacked: HashMap<u16, oneshot::Sender<()>>,
+    unacked: HashMap<u16, oneshot::Sender<bool>>,
+    /// Whether the connection is up (a CONNACK came and no error since).
+    connected: bool,
+    /// When a connection drops, rumqttc keeps the unacknowledged publishes and the
+    /// requests already queued, for re-sending; this many waiters at the front of
+    /// `unsent` belong to those requests. If the broker then starts a fresh session,
+    /// rumqttc discards them all, and so must the tracker.
+    held_for_resend: Option<usize>,
 }
 
 /// The MQTT sink.
@@ -66,7 +74,7 @@ pub struct MqttSink {
     tracker: Arc<Mutex<Tracker>>,
     /// Publishes are handed to rumqttc one request at a time, so the order of the
     /// waiters in `unsent` matches the order rumqttc sends them in.
-    publish_order: tokio::sync::Mutex<()>,
+    publish_order: Arc<tokio::sync::Mutex<()>>,
     settings: MqttSettings,
 }
 
@@ -100,6 +108,7 @@ impl MqttSink {
                     }
                     Err(rumqttc::ConnectionError::RequestsDone) => return,
                     Err(error) => {
+                        disconnected(&loop_tracker);
                         failures = failures.saturating_add(1);
                         let pause = backoff(failures).max(Duration::from_millis(100));
                         tracing::warn!(%broker, %error, ?pause, "MQTT connection to IoT Core lost; reconnecting");
@@ -111,7 +120,7 @@ impl MqttSink {
         Ok(MqttSink {
             client,
             tracker,
-            publish_order: tokio::sync::Mutex::new(()),
+            publish_order: Arc::new(tokio::sync::Mutex::new(())),
             settings,
         })
     }
@@ -120,46 +129,58 @@ impl MqttSink {
     pub fn deliver(&self, records: Vec<Record>) -> SinkFuture<'_> {
         Box::pin(async move {
             let mut rejected = Vec::new();
-            let mut waiting = Vec::new();
-            {
-                let _order = self.publish_order.lock().await;
-                for record in records {
-                    let publish = match prepare(&record, self.settings.basic_ingest_rule.as_deref())
-                    {
-                        Ok(publish) => publish,
-                        Err(reason) => {
-                            rejected.push(Rejected { record, reason });
-                            continue;
-                        }
-                    };
+            let mut publishes = Vec::new();
+            for record in records {
+                match prepare(&record, self.settings.basic_ingest_rule.as_deref()) {
+                    Ok(publish) => publishes.push(publish),
+                    Err(reason) => rejected.push(Rejected { record, reason }),
+                }
+            }
+            let deadline = tokio::time::Instant::now() + self.settings.delivery_timeout;
+            // Handing publishes to rumqttc runs in a task of its own: the order of the
+            // waiters must match the order of the publishes even if this request is
+            // dropped half-way (the device went away).
+            let client = self.client.clone();
+            let tracker = self.tracker.clone();
+            let order = self.publish_order.clone();
+            let handing = tokio::spawn(async move {
+                let _order = order.lock().await;
+                let mut waiting = Vec::with_capacity(publishes.len());
+                for publish in publishes {
                     let (done, confirmed) = oneshot::channel();
-                    self.tracker
-                        .lock()
-                        .unwrap_or_else(|p| p.into_inner())
-                        .unsent
-                        .push_back((publish.qos, done));
+                    lock(&tracker).unsent.push_back((publish.qos, done));
                     let qos = if publish.qos == 0 {
                         QoS::AtMostOnce
                     } else {
                         QoS::AtLeastOnce
                     };
-                    if let Err(error) = self
-                        .client
+                    if let Err(error) = client
                         .publish(publish.topic, qos, false, publish.payload)
                         .await
                     {
-                        return Err(SinkError::Unavailable(format!(
-                            "the MQTT client stopped: {error}"
-                        )));
+                        // Never handed over: take its waiter back out (the last one).
+                        lock(&tracker).unsent.pop_back();
+                        return Err(format!("the MQTT client stopped: {error}"));
                     }
                     waiting.push(confirmed);
                 }
-            }
+                Ok(waiting)
+            });
+            let waiting = match tokio::time::timeout_at(deadline, handing).await {
+                Ok(Ok(Ok(waiting))) => waiting,
+                Ok(Ok(Err(error))) => return Err(SinkError::Unavailable(error)),
+                Ok(Err(_)) | Err(_) => {
+                    return Err(SinkError::Unavailable(
+                        "IoT Core did not take the publishes in time".to_string(),
+                    ));
+                }
+            };
             let all = futures_util::future::join_all(waiting);
-            match tokio::time::timeout(self.settings.delivery_timeout, all).await {
-                Ok(answers) if answers.iter().all(Result::is_ok) => Ok(rejected),
+            match tokio::time::timeout_at(deadline, all).await {
+                Ok(answers) if answers.iter().all(|a| matches!(a, Ok(true))) => Ok(rejected),
                 Ok(_) => Err(SinkError::Unavailable(
-                    "the MQTT event loop stopped".to_string(),
+                    "the connection to IoT Core was lost before every publish was acknowledged"
+                        .to_string(),
                 )),
                 Err(_) => Err(SinkError::Unavailable(format!(
                     "IoT Core did not acknowledge every publish within {:?}",
@@ -170,10 +191,39 @@ impl MqttSink {
     }
 }
 
+fn lock(tracker: &Mutex<Tracker>) -> std::sync::MutexGuard<'_, Tracker> {
+    tracker.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The connection dropped: rumqttc now holds the unacknowledged publishes and the
+/// requests it had queued, for re-sending after the reconnect.
+fn disconnected(tracker: &Mutex<Tracker>) {
+    let mut tracker = lock(tracker);
+    if tracker.connected {
+        tracker.connected = false;
+        tracker.held_for_resend = Some(tracker.unsent.len());
+    }
+}
+
 /// Moves waiters along as rumqttc reports sends and acknowledgements.
 fn settle(tracker: &Mutex<Tracker>, event: Event) {
-    let mut tracker = tracker.lock().unwrap_or_else(|p| p.into_inner());
+    let mut tracker = lock(tracker);
     match event {
+        Event::Incoming(Packet::ConnAck(ack)) => {
+            tracker.connected = true;
+            let held = tracker.held_for_resend.take();
+            if let (Some(held), false) = (held, ack.session_present) {
+                // A fresh session: rumqttc dropped what it held for re-sending. Those
+                // requests learn that their publishes were lost (and get 503).
+                for (_, done) in tracker.unacked.drain() {
+                    let _ = done.send(false);
+                }
+                let held = held.min(tracker.unsent.len());
+                for (_, done) in tracker.unsent.drain(..held) {
+                    let _ = done.send(false);
+                }
+            }
+        }
         Event::Outgoing(Outgoing::Publish(pkid)) => {
             // A re-sent publish (after a reconnect) keeps its packet id and its waiter.
             if pkid != 0 && tracker.unacked.contains_key(&pkid) {
@@ -183,14 +233,14 @@ fn settle(tracker: &Mutex<Tracker>, event: Event) {
                 return;
             };
             if qos == 0 || pkid == 0 {
-                let _ = done.send(());
+                let _ = done.send(true);
             } else {
                 tracker.unacked.insert(pkid, done);
             }
         }
         Event::Incoming(Packet::PubAck(ack)) => {
             if let Some(done) = tracker.unacked.remove(&ack.pkid) {
-                let _ = done.send(());
+                let _ = done.send(true);
             }
         }
         _ => {}

@@ -30,6 +30,11 @@ pub trait Queued {
     fn size(&self) -> usize;
     /// Data alone, in bytes.
     fn data_len(&self) -> usize;
+    /// Whether the record may share an aggregated record (not when it pins its shard
+    /// with an explicit hash key).
+    fn aggregatable(&self) -> bool {
+        true
+    }
     /// Not to be sent before this instant (retry backoff).
     fn not_before(&self) -> Instant;
 }
@@ -49,8 +54,8 @@ pub fn plan<Q: Queued>(queue: &[Q], now: Instant) -> Vec<usize> {
         }
         if record.not_before() > now {
             continue;
-        }
-        if bytes + record.size() > MAX_BYTES_PER_CALL {
+        } // A record larger than a call's budget (streams raised beyond 5 MiB) goes alone.
+        if bytes + record.size() > MAX_BYTES_PER_CALL && !chosen.is_empty() {
             // The call is full for a record this size; smaller ones may still fit.
             continue;
         }
@@ -128,13 +133,14 @@ pub fn plan_aggregated<Q: Queued>(
         let (sizer, members) = &mut groups[group];
         let before = sizer.size();
         let after = sizer.size_with(key, record.data_len());
-        if after > max_record_bytes {
-            // Too large to aggregate even alone: it goes as a plain record, if its key
-            // has nothing else in this call. Otherwise the key waits for the next call.
+        if after > max_record_bytes || !record.aggregatable() {
+            // Too large to aggregate even alone, or pinned to a shard by an explicit hash
+            // key: it goes as a plain record, if its key has nothing else in this call.
+            // Otherwise the key waits for the next call.
             let alone = Sizer::default().size_with(key, record.data_len());
-            let fits_call = call_bytes + record.size() <= MAX_BYTES_PER_CALL;
-            let room = slots_used < MAX_RECORDS_PER_CALL || members.is_empty();
-            if alone > max_record_bytes
+            let fits_call = call_bytes + record.size() <= MAX_BYTES_PER_CALL || call_bytes == 0;
+            let room = slots_used < MAX_RECORDS_PER_CALL;
+            if (alone > max_record_bytes || !record.aggregatable())
                 && record.size() <= max_record_bytes
                 && !in_call.contains(key)
                 && fits_call

@@ -85,6 +85,9 @@ impl Queued for Entry {
     fn data_len(&self) -> usize {
         self.data.len()
     }
+    fn aggregatable(&self) -> bool {
+        self.explicit_hash_key.is_none()
+    }
     fn not_before(&self) -> Instant {
         self.not_before
     }
@@ -332,8 +335,9 @@ impl StreamWorker {
                 // Everything waits for a retry: sleep until the first is due, or new work.
                 let Some(next) = queue.iter().map(|e| e.not_before).min() else {
                     continue;
-                };
-                let until = tokio::time::Instant::from_std(next);
+                }; // Never in the past: a due record that cannot go would otherwise spin.
+                let soonest = Instant::now() + Duration::from_millis(5);
+                let until = tokio::time::Instant::from_std(next.max(soonest));
                 if queue.len() < MAX_QUEUED_PER_STREAM {
                     tokio::select! {
                         more = incoming.recv() => if let Some(entries) = more { queue.extend(entries) },
