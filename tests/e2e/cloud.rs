@@ -432,6 +432,23 @@ fn mqtt_publishes_reach_a_subscriber_through_mosquitto() {
 }
 
 #[test]
+fn basic_ingest_publishes_to_the_rules_topic() {
+    let env = TestEnv::get();
+    let topic = unique("ingest");
+    let subscriber = Subscriber::connect(&env, &format!("$aws/rules/fleet_rule/{topic}/#"));
+    let config = env.mqtt_config().replace(
+        "delivery_timeout_ms = 20000",
+        "delivery_timeout_ms = 20000\n            basic_ingest_rule = \"fleet_rule\"",
+    );
+    let gateway = Gateway::start(&config);
+    let reply = gateway.publish(&format!("{topic}/temp?qos=1"), "dev-1", "cheap");
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    let got = subscriber.take(1);
+    assert_eq!(got[0].0, format!("$aws/rules/fleet_rule/{topic}/temp"));
+    assert_eq!(got[0].1, b"cheap");
+}
+
+#[test]
 fn mqtt_sink_reconnects_after_a_broker_restart() {
     let env = TestEnv::get();
     let topic = unique("restart");
