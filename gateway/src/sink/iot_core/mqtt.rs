@@ -281,3 +281,87 @@ fn read_certs(path: &Path) -> anyhow::Result<Vec<rustls::pki_types::CertificateD
     );
     Ok(certs)
 }
+
+#[cfg(test)]
+mod tests {
+    use rumqttc::{ConnAck, ConnectReturnCode, PubAck};
+
+    use super::*;
+
+    fn connack(session_present: bool) -> Event {
+        Event::Incoming(Packet::ConnAck(ConnAck {
+            session_present,
+            code: ConnectReturnCode::Success,
+        }))
+    }
+
+    fn waiter(tracker: &Mutex<Tracker>, qos: u8) -> oneshot::Receiver<bool> {
+        let (done, confirmed) = oneshot::channel();
+        lock(tracker).unsent.push_back((qos, done));
+        confirmed
+    }
+
+    #[test]
+    fn waiters_follow_packet_ids_and_acks() {
+        let tracker = Mutex::new(Tracker::default());
+        settle(&tracker, connack(false));
+        let mut first = waiter(&tracker, 1);
+        let mut second = waiter(&tracker, 0);
+        let mut third = waiter(&tracker, 1);
+        settle(&tracker, Event::Outgoing(Outgoing::Publish(7)));
+        settle(&tracker, Event::Outgoing(Outgoing::Publish(0)));
+        settle(&tracker, Event::Outgoing(Outgoing::Publish(8)));
+        assert_eq!(second.try_recv(), Ok(true), "QoS 0: confirmed once sent");
+        assert!(first.try_recv().is_err(), "QoS 1 waits for its PUBACK");
+        settle(&tracker, Event::Incoming(Packet::PubAck(PubAck::new(8))));
+        assert_eq!(third.try_recv(), Ok(true));
+        assert!(first.try_recv().is_err());
+        settle(&tracker, Event::Incoming(Packet::PubAck(PubAck::new(7))));
+        assert_eq!(first.try_recv(), Ok(true));
+    }
+
+    #[test]
+    fn a_resumed_session_resends_without_moving_waiters() {
+        let tracker = Mutex::new(Tracker::default());
+        settle(&tracker, connack(false));
+        let mut sent = waiter(&tracker, 1);
+        settle(&tracker, Event::Outgoing(Outgoing::Publish(1)));
+        let mut queued = waiter(&tracker, 1);
+        disconnected(&tracker);
+        settle(&tracker, connack(true));
+        // rumqttc re-sends packet 1 with the same id, then the queued publish.
+        settle(&tracker, Event::Outgoing(Outgoing::Publish(1)));
+        settle(&tracker, Event::Outgoing(Outgoing::Publish(2)));
+        settle(&tracker, Event::Incoming(Packet::PubAck(PubAck::new(2))));
+        assert_eq!(queued.try_recv(), Ok(true));
+        settle(&tracker, Event::Incoming(Packet::PubAck(PubAck::new(1))));
+        assert_eq!(sent.try_recv(), Ok(true));
+    }
+
+    #[test]
+    fn a_fresh_session_fails_what_rumqttc_dropped_and_keeps_later_publishes() {
+        let tracker = Mutex::new(Tracker::default());
+        settle(&tracker, connack(false));
+        let mut sent = waiter(&tracker, 1);
+        settle(&tracker, Event::Outgoing(Outgoing::Publish(1)));
+        let mut queued = waiter(&tracker, 1);
+        disconnected(&tracker);
+        // Published while the connection was down: still in rumqttc's channel.
+        let mut later = waiter(&tracker, 1);
+        settle(&tracker, connack(false));
+        assert_eq!(
+            sent.try_recv(),
+            Ok(false),
+            "unacknowledged and dropped: 503"
+        );
+        assert_eq!(
+            queued.try_recv(),
+            Ok(false),
+            "held for re-sending and dropped: 503"
+        );
+        // The later publish goes out after the reconnect and may reuse packet id 1.
+        settle(&tracker, Event::Outgoing(Outgoing::Publish(1)));
+        settle(&tracker, Event::Incoming(Packet::PubAck(PubAck::new(1))));
+        assert_eq!(later.try_recv(), Ok(true));
+    }
+}
