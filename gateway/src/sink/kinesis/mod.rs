@@ -335,12 +335,17 @@ impl StreamWorker {
                 // Everything waits for a retry: sleep until the first is due, or new work.
                 let Some(next) = queue.iter().map(|e| e.not_before).min() else {
                     continue;
-                }; // Never in the past: a due record that cannot go would otherwise spin.
+                };
+                // Never in the past: a due record that cannot go would otherwise spin.
                 let soonest = Instant::now() + Duration::from_millis(5);
                 let until = tokio::time::Instant::from_std(next.max(soonest));
                 if queue.len() < MAX_QUEUED_PER_STREAM {
                     tokio::select! {
-                        more = incoming.recv() => if let Some(entries) = more { queue.extend(entries) },
+                        more = incoming.recv() => match more {
+                            Some(entries) => queue.extend(entries),
+                            // Closed (shutting down): finish what is queued, without spinning.
+                            None => tokio::time::sleep_until(until).await,
+                        },
                         () = tokio::time::sleep_until(until) => {}
                     }
                 } else {
