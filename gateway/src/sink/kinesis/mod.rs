@@ -297,10 +297,38 @@ impl StreamWorker {
         let mut queue: Vec<Entry> = Vec::new();
         let mut throttles: u32 = 0;
         loop {
-            if queue.is_empty() {
-                match incoming.recv().await {
-                    Some(entries) => queue.extend(entries),
-                    None => return,
+            // Nothing ready to send (empty, or everything in backoff): wait for new
+            // records or the first retry; new records linger so that others can join.
+            let now = Instant::now();
+            if !queue.iter().any(|entry| entry.not_before <= now) {
+                let first_retry = queue.iter().map(|entry| entry.not_before).min();
+                let arrived = match first_retry {
+                    None => match incoming.recv().await {
+                        Some(entries) => {
+                            queue.extend(entries);
+                            true
+                        }
+                        None => return,
+                    },
+                    Some(at) => {
+                        let at = tokio::time::Instant::from_std(at);
+                        tokio::select! {
+                            more = incoming.recv() => match more {
+                                Some(entries) => {
+                                    queue.extend(entries);
+                                    true
+                                }
+                                None => {
+                                    tokio::time::sleep_until(at).await;
+                                    false
+                                }
+                            },
+                            () = tokio::time::sleep_until(at) => false,
+                        }
+                    }
+                };
+                if !arrived {
+                    continue;
                 }
                 // Give concurrent requests a moment to join this call.
                 let linger_end = tokio::time::Instant::now() + linger;
