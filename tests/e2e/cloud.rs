@@ -744,3 +744,35 @@ fn aggregation_follows_the_shards_after_a_split() {
         "every message sent after the split, on the child shard its key maps to"
     );
 }
+
+#[test]
+fn a_sink_that_cannot_confirm_in_time_answers_503_with_retry_after() {
+    let env = TestEnv::get();
+    let stream = unique("throttled");
+    env.create_stream(&stream, 1);
+    env.control(
+        reqwest::Method::POST,
+        "faults",
+        Some(json!({"put_records": [{"kind": "throttle", "times": 1000}]})),
+    );
+    let config = env
+        .kinesis_config(&stream, "")
+        .replace("delivery_timeout_ms = 20000", "delivery_timeout_ms = 700");
+    let gateway = Gateway::start(&config);
+    let reply = gateway.publish("t", "dev-1", r#"{"late": true}"#);
+    assert_eq!(reply.status, 503, "{:?}", reply.body);
+    assert_eq!(reply.body["code"], "sink_unavailable");
+    assert_eq!(reply.retry_after.as_deref(), Some("1"));
+    let stats = env.control(reqwest::Method::GET, "stats", None);
+    assert!(
+        stats["put_records_calls"].as_u64().unwrap() >= 2,
+        "it kept retrying: {stats}"
+    );
+
+    // Once Kinesis takes records again, the device's retry goes through.
+    env.control(reqwest::Method::DELETE, "faults", None);
+    let retry = gateway.publish("t", "dev-1", r#"{"late": true}"#);
+    assert_eq!(retry.status, 200, "{:?}", retry.body);
+    // The timed-out record left the queue with its 503; only the retry is stored.
+    assert_eq!(env.read_stream(&stream).len(), 1);
+}

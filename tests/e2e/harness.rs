@@ -44,6 +44,7 @@ pub struct Gateway {
 pub struct Reply {
     pub status: u16,
     pub body: Value,
+    pub retry_after: Option<String>,
 }
 
 impl Gateway {
@@ -106,9 +107,17 @@ impl Gateway {
         }
         let response = request.send().expect("request");
         let status = response.status().as_u16();
+        let retry_after = response
+            .headers()
+            .get("retry-after")
+            .map(|v| v.to_str().unwrap().to_string());
         let text = response.text().expect("body");
         let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        Reply { status, body }
+        Reply {
+            status,
+            body,
+            retry_after,
+        }
     }
 
     /// The lines of the local sink's file for a destination kind.
