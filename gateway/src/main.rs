@@ -208,9 +208,9 @@ fn plugin_check(file: &std::path::Path) -> anyhow::Result<ExitCode> {
     let host = Host::new(limits, cache, 4)?;
     let inspection = host.inspect(file)?;
     println!("{}", file.display());
-    match inspection.kind {
-        Some(kind) => println!("  world: sluice:plugin/{kind}"),
-        None => println!("  world: none (exports neither transformer nor routing)"),
+    match &inspection.verdict {
+        Ok(kind) => println!("  world: sluice:plugin/{kind}"),
+        Err(_) => println!("  world: none (exports neither transformer nor routing)"),
     }
     println!("  imports:");
     for (name, allowed) in &inspection.imports {
@@ -223,7 +223,7 @@ fn plugin_check(file: &std::path::Path) -> anyhow::Result<ExitCode> {
     for name in &inspection.exports {
         println!("    {name}");
     }
-    match host.load(file) {
+    match inspection.verdict {
         Ok(_) => {
             println!("OK: the gateway accepts this plugin");
             Ok(ExitCode::SUCCESS)

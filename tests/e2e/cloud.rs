@@ -142,43 +142,7 @@ impl TestEnv {
 
     /// Every record: (shard id, partition key, sequence number, data).
     fn read_stream_raw(&self, name: &str) -> Vec<(String, String, String, Vec<u8>)> {
-        let client = self.kinesis();
-        Self::runtime().block_on(async {
-            let shards = client.list_shards().stream_name(name).send().await.unwrap();
-            let mut records = Vec::new();
-            for shard in shards.shards() {
-                let iterator = client
-                    .get_shard_iterator()
-                    .stream_name(name)
-                    .shard_id(shard.shard_id())
-                    .shard_iterator_type(ShardIteratorType::TrimHorizon)
-                    .send()
-                    .await
-                    .unwrap();
-                let mut next = iterator.shard_iterator().map(str::to_string);
-                while let Some(iterator) = next.take() {
-                    let page = client
-                        .get_records()
-                        .shard_iterator(iterator)
-                        .send()
-                        .await
-                        .unwrap();
-                    if page.records().is_empty() {
-                        break;
-                    }
-                    for record in page.records() {
-                        records.push((
-                            shard.shard_id().to_string(),
-                            record.partition_key().unwrap_or_default().to_string(),
-                            record.sequence_number().to_string(),
-                            record.data().as_ref().to_vec(),
-                        ));
-                    }
-                    next = page.next_shard_iterator().map(str::to_string);
-                }
-            }
-            records
-        })
+        read_records(&self.kinesis(), name)
     }
 
     /// The shard a partition key belongs to, from the stream's hash ranges.
@@ -201,6 +165,50 @@ impl TestEnv {
                 .to_string()
         })
     }
+}
+
+/// Every record in a stream, shard by shard: (shard id, partition key, sequence number,
+/// data).
+fn read_records(
+    client: &aws_sdk_kinesis::Client,
+    name: &str,
+) -> Vec<(String, String, String, Vec<u8>)> {
+    TestEnv::runtime().block_on(async {
+        let shards = client.list_shards().stream_name(name).send().await.unwrap();
+        let mut records = Vec::new();
+        for shard in shards.shards() {
+            let iterator = client
+                .get_shard_iterator()
+                .stream_name(name)
+                .shard_id(shard.shard_id())
+                .shard_iterator_type(ShardIteratorType::TrimHorizon)
+                .send()
+                .await
+                .unwrap();
+            let mut next = iterator.shard_iterator().map(str::to_string);
+            while let Some(iterator) = next.take() {
+                let page = client
+                    .get_records()
+                    .shard_iterator(iterator)
+                    .send()
+                    .await
+                    .unwrap();
+                if page.records().is_empty() {
+                    break;
+                }
+                for record in page.records() {
+                    records.push((
+                        shard.shard_id().to_string(),
+                        record.partition_key().unwrap_or_default().to_string(),
+                        record.sequence_number().to_string(),
+                        record.data().as_ref().to_vec(),
+                    ));
+                }
+                next = page.next_shard_iterator().map(str::to_string);
+            }
+        }
+        records
+    })
 }
 
 /// A Kinesis client for the endpoint (credentials from the test environment).
@@ -698,6 +706,7 @@ fn aggregation_follows_the_shards_after_a_split() {
     let shards = runtime
         .block_on(client.list_shards().stream_name(&stream).send())
         .unwrap();
+    let records = read_records(&client, &stream);
     let mut after_split = 0;
     for shard in shards.shards().iter().filter(|s| s.shard_id() != parent) {
         let range = shard.hash_key_range().unwrap();
@@ -705,28 +714,9 @@ fn aggregation_follows_the_shards_after_a_split() {
             range.starting_hash_key().parse().unwrap(),
             range.ending_hash_key().parse().unwrap(),
         );
-        let iterator = runtime
-            .block_on(
-                client
-                    .get_shard_iterator()
-                    .stream_name(&stream)
-                    .shard_id(shard.shard_id())
-                    .shard_iterator_type(ShardIteratorType::TrimHorizon)
-                    .send(),
-            )
-            .unwrap();
-        let page = runtime
-            .block_on(
-                client
-                    .get_records()
-                    .shard_iterator(iterator.shard_iterator().unwrap())
-                    .send(),
-            )
-            .unwrap();
-        for record in page.records() {
-            let users =
-                sluice_gateway::sink::kinesis::aggregate::deaggregate(record.data().as_ref())
-                    .expect("an aggregated record");
+        for (_, _, _, data) in records.iter().filter(|r| r.0 == shard.shard_id()) {
+            let users = sluice_gateway::sink::kinesis::aggregate::deaggregate(data)
+                .expect("an aggregated record");
             for (key, _) in users {
                 let hash = sluice_gateway::sink::kinesis::aggregate::hash_key(&key);
                 assert!(

@@ -166,28 +166,6 @@ impl std::fmt::Display for FieldList<'_> {
     }
 }
 
-/// A wall clock and a monotonic clock that always read zero: plugins get time only from
-/// `received-at-ms`, which keeps them deterministic.
-struct FrozenClock;
-
-impl wasmtime_wasi::HostWallClock for FrozenClock {
-    fn resolution(&self) -> Duration {
-        Duration::from_secs(1)
-    }
-    fn now(&self) -> Duration {
-        Duration::ZERO
-    }
-}
-
-impl wasmtime_wasi::HostMonotonicClock for FrozenClock {
-    fn resolution(&self) -> u64 {
-        1_000_000_000
-    }
-    fn now(&self) -> u64 {
-        0
-    }
-}
-
 /// Limits applied to every plugin instance.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
@@ -241,8 +219,8 @@ impl Prepared {
 /// What `sluice plugin check` reports about a component.
 #[derive(Debug)]
 pub struct Inspection {
-    /// Which world it targets, if any.
-    pub kind: Option<PluginKind>,
+    /// The world it targets, or why the gateway refuses it.
+    pub verdict: Result<PluginKind, PluginError>,
     /// Every import, with whether it is allowed.
     pub imports: Vec<(String, bool)>,
     /// Every export.
@@ -307,10 +285,7 @@ impl Host {
 
     /// A fresh store for one instance of a plugin.
     pub fn new_store(&self, stats: Arc<PluginStats>) -> Store<HostState> {
-        let wasi = wasmtime_wasi::WasiCtx::builder()
-            .wall_clock(FrozenClock)
-            .monotonic_clock(FrozenClock)
-            .build();
+        let wasi = wasmtime_wasi::WasiCtx::builder().build();
         let state = HostState {
             wasi,
             table: ResourceTable::new(),
@@ -330,9 +305,14 @@ impl Host {
     /// imports and its world. Returns the component's content hash too.
     pub fn load(&self, path: &Path) -> Result<(Prepared, String), PluginError> {
         let (component, hash) = self.read_and_compile(path)?;
+        let prepared = self.prepare(&component, path)?;
+        Ok((prepared, hash))
+    }
+
+    /// Checks a compiled component's imports and world, and pre-instantiates it.
+    fn prepare(&self, component: &Component, path: &Path) -> Result<Prepared, PluginError> {
         let refused: Vec<String> = self
-            .inspect_component(&component)
-            .imports
+            .imports_of(component)
             .into_iter()
             .filter(|(_, allowed)| !allowed)
             .map(|(name, _)| name)
@@ -345,16 +325,16 @@ impl Host {
         }
         let pre = self
             .linker
-            .instantiate_pre(&component)
+            .instantiate_pre(component)
             .map_err(|e| PluginError::Invalid {
                 path: path.to_path_buf(),
                 reason: format!("cannot link: {e:#}"),
             })?;
         if let Ok(transform) = TransformPre::new(pre.clone()) {
-            return Ok((Prepared::Transform(transform), hash));
+            return Ok(Prepared::Transform(transform));
         }
         if let Ok(router) = RouterPre::new(pre) {
-            return Ok((Prepared::Router(router), hash));
+            return Ok(Prepared::Router(router));
         }
         Err(PluginError::Invalid {
             path: path.to_path_buf(),
@@ -364,39 +344,42 @@ impl Host {
         })
     }
 
-    /// Lists a component's imports and exports and which world it targets, for
+    /// Lists a component's imports and exports and whether the gateway accepts it, for
     /// `sluice plugin check`.
     pub fn inspect(&self, path: &Path) -> Result<Inspection, PluginError> {
         let (component, _) = self.read_and_compile(path)?;
-        let mut inspection = self.inspect_component(&component);
-        inspection.kind = self.load(path).ok().map(|(prepared, _)| prepared.kind());
-        Ok(inspection)
+        Ok(Inspection {
+            verdict: self
+                .prepare(&component, path)
+                .map(|prepared| prepared.kind()),
+            imports: self.imports_of(&component),
+            exports: self.exports_of(&component),
+        })
     }
 
-    fn inspect_component(&self, component: &Component) -> Inspection {
+    /// Every import of a component, with whether plugins may have it.
+    fn imports_of(&self, component: &Component) -> Vec<(String, bool)> {
         let ty = component.component_type();
-        let imports = ty
-            .imports(&self.engine)
+        ty.imports(&self.engine)
             .map(|(name, _)| {
                 let allowed = ALLOWED_IMPORT_PREFIXES
                     .iter()
                     .any(|prefix| name.starts_with(prefix));
                 (name.to_string(), allowed)
             })
-            .collect();
-        let exports = ty
-            .exports(&self.engine)
+            .collect()
+    }
+
+    /// Every export of a component, described.
+    fn exports_of(&self, component: &Component) -> Vec<String> {
+        let ty = component.component_type();
+        ty.exports(&self.engine)
             .map(|(name, item)| match item.ty {
                 ComponentItem::ComponentInstance(_) => format!("{name} (interface)"),
                 ComponentItem::ComponentFunc(_) => format!("{name} (function)"),
                 _ => name.to_string(),
             })
-            .collect();
-        Inspection {
-            kind: None,
-            imports,
-            exports,
-        }
+            .collect()
     }
 
     /// Reads a component file and compiles it; returns it with its content hash.
