@@ -97,6 +97,7 @@ fn run(endpoint: &str, runtime: &tokio::runtime::Runtime, aggregate: bool) {
             } else {
                 Vec::new()
             },
+            envelope: false,
         },
     ));
     let started = Instant::now();

@@ -57,6 +57,52 @@ pub struct Config {
     /// The cloud sinks; a destination without one goes to the local sink.
     #[serde(default)]
     pub sinks: SinksConfig,
+    /// The spool between routing and the sinks.
+    #[serde(default)]
+    pub spool: SpoolConfig,
+    /// The admin listener (dead letters, spool state).
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// When a device is acknowledged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Durability {
+    /// After the message is written to the spool and the write is on disk (`fsync`,
+    /// shared by every request in the same group commit). Survives a crash or power loss.
+    Durable,
+    /// As soon as the message is handed to its sink, before the sink confirms it.
+    /// Faster, but a crash or a sink that stays unreachable loses what was in flight.
+    BestEffort,
+}
+
+/// `[spool]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SpoolConfig {
+    /// When devices are acknowledged, unless a topic rule says otherwise. Default
+    /// `durable`.
+    #[serde(default = "default_durability")]
+    pub durability: Durability,
+    /// Most bytes of records waiting per sink; beyond it devices get `503` with
+    /// `Retry-After`. Default 256 MiB.
+    #[serde(default = "default_spool_bytes")]
+    pub max_bytes_per_sink: u64,
+    /// Most best-effort messages handed to sinks and not yet confirmed; beyond it
+    /// best-effort messages get `503`. Default 10000.
+    #[serde(default = "default_best_effort_in_flight")]
+    pub best_effort_max_in_flight: usize,
+}
+
+/// `[admin]`: the operators' API, on its own address.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address of the admin listener; absent: no admin listener.
+    pub listen: Option<SocketAddr>,
+    /// Bearer token every admin request must carry. Required with `listen`.
+    pub token: Option<String>,
 }
 
 /// `[aws]`: shared by the AWS sinks. Credentials come from the standard AWS chain
@@ -97,6 +143,11 @@ pub struct KinesisSinkConfig {
     /// consumers de-aggregate with the KCL or `aws-kinesis-agg`). Default: none.
     #[serde(default)]
     pub aggregate_streams: Vec<String>,
+    /// Put each message on the stream as a JSON envelope carrying its id, device, topic,
+    /// time and payload (the local sink's line format) instead of the bare payload, so
+    /// consumers can drop the duplicates at-least-once delivery may bring. Default false.
+    #[serde(default)]
+    pub envelope: bool,
 }
 
 /// How the IoT Core sink talks to IoT Core.
@@ -179,6 +230,10 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// Serve HTTPS with this certificate; plain HTTP when absent.
     pub tls: Option<TlsConfig>,
+    /// On SIGTERM or Ctrl-C: how long to keep delivering spooled records after the last
+    /// request finished, before exiting with the rest left in the spool. Default 10000.
+    #[serde(default = "default_shutdown_grace_ms")]
+    pub shutdown_grace_ms: u64,
 }
 
 /// `[server.tls]`: the gateway's own certificate.
@@ -328,8 +383,22 @@ pub struct RuleConfig {
     pub stream: Option<String>,
     /// Kinesis partition key instead of the device id (a template).
     pub partition_key: Option<String>,
+    /// When matching messages are acknowledged; default: `spool.durability`.
+    pub durability: Option<Durability>,
 }
 
+fn default_durability() -> Durability {
+    Durability::Durable
+}
+fn default_spool_bytes() -> u64 {
+    256 * 1024 * 1024
+}
+fn default_best_effort_in_flight() -> usize {
+    10_000
+}
+fn default_shutdown_grace_ms() -> u64 {
+    10_000
+}
 fn default_listen() -> SocketAddr {
     DEFAULT_LISTEN
         .parse()
@@ -380,6 +449,17 @@ impl Default for ServerConfig {
             listen: default_listen(),
             data_dir: default_data_dir(),
             tls: None,
+            shutdown_grace_ms: default_shutdown_grace_ms(),
+        }
+    }
+}
+
+impl Default for SpoolConfig {
+    fn default() -> Self {
+        SpoolConfig {
+            durability: Durability::Durable,
+            max_bytes_per_sink: default_spool_bytes(),
+            best_effort_max_in_flight: default_best_effort_in_flight(),
         }
     }
 }
@@ -540,10 +620,40 @@ impl Config {
         self.validate_plugins(&mut problems);
         self.validate_routing(&mut problems);
         self.validate_sinks(&mut problems);
+        self.validate_spool_and_admin(&mut problems);
         if problems.is_empty() {
             Ok(())
         } else {
             Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    fn validate_spool_and_admin(&self, problems: &mut Vec<String>) {
+        let spool = &self.spool;
+        // A queue smaller than one request could never take that request.
+        if spool.max_bytes_per_sink < 2 * self.limits.max_batch_bytes as u64 {
+            problems.push(format!(
+                "spool.max_bytes_per_sink must be at least twice limits.max_batch_bytes ({} bytes), not {}",
+                2 * self.limits.max_batch_bytes,
+                spool.max_bytes_per_sink
+            ));
+        }
+        if spool.best_effort_max_in_flight == 0 {
+            problems.push("spool.best_effort_max_in_flight must be at least 1".to_string());
+        }
+        let admin = &self.admin;
+        match (&admin.listen, &admin.token) {
+            (Some(_), None) => problems.push(
+                "admin.token is required when admin.listen is set (every admin request must carry it)"
+                    .to_string(),
+            ),
+            (_, Some(token)) if token.len() < 16 => {
+                problems.push("admin.token must be at least 16 characters".to_string())
+            }
+            _ => {}
+        }
+        if admin.listen.is_some() && admin.listen == Some(self.server.listen) {
+            problems.push("admin.listen must differ from server.listen".to_string());
         }
     }
 

@@ -2,8 +2,9 @@
 //!
 //! Devices publish over HTTPS; every message runs through the configured WebAssembly
 //! plugins (transforms, then a router), the routing policy picks its destination (AWS IoT
-//! Core, a Kinesis data stream, the local sink, the dead-letter store, or nowhere), and a
-//! sink delivers it before the device gets its acknowledgement.
+//! Core, a Kinesis data stream, the local sink, the dead-letter store, or nowhere), the
+//! spool keeps it on disk before the device gets its acknowledgement, and a sink delivers
+//! it from there.
 //!
 //! # Layout
 //!
@@ -18,10 +19,14 @@
 //!   overrides.
 //! - [`pipeline`]: one message batch's way from ingress through plugins and routing to the
 //!   sink, and what the device is told.
+//! - [`spool`]: the durable queue per sink (group commit), delivery from it, and the
+//!   dead-letter store.
 //! - [`sink`]: delivery to Kinesis, IoT Core (MQTT or HTTPS), or the local sink, the
 //!   embedded default that needs no cloud.
+//! - [`admin`]: the operators' API (spool state, dead letters).
 //! - [`message`]: the message record shared by every step.
 
+pub mod admin;
 pub mod config;
 pub mod ingress;
 pub mod message;
@@ -30,6 +35,7 @@ pub mod plugin;
 pub mod route;
 mod shutdown;
 pub mod sink;
+pub mod spool;
 
 use std::sync::Arc;
 
@@ -49,19 +55,58 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             config.server.data_dir.display()
         )
     })?;
+    let spool = Arc::new(spool::Spool::open(
+        &config.server.data_dir,
+        config.spool.max_bytes_per_sink,
+    )?);
     let local = Arc::new(sink::local::LocalSink::open(&config.server.data_dir)?);
     let plugins = plugin::Plugins::start(&config)?;
     let sinks = Arc::new(cloud_sinks(&config, local.clone()).await?);
-    let pipeline = Arc::new(pipeline::Pipeline::new(&config, plugins.clone(), sinks));
+    let pipeline = Arc::new(pipeline::Pipeline::new(
+        &config,
+        plugins.clone(),
+        sinks.clone(),
+        spool.clone(),
+    ));
+    let (drain, draining) = tokio::sync::watch::channel(false);
+    let deliverers = spool::deliver::start(spool.clone(), sinks, draining);
     let watcher = if config.plugins.hot_reload {
         Some(plugin::reload::watch(plugins.clone())?)
     } else {
         None
     };
+    let admin = match (&config.admin.listen, &config.admin.token) {
+        (Some(listen), Some(token)) => {
+            Some(admin::serve(*listen, token.clone(), pipeline.clone(), shutdown.clone()).await?)
+        }
+        _ => None,
+    };
     let result = ingress::serve(&config, pipeline, shutdown).await;
     drop(watcher);
+    // In-flight requests are done: deliver what the sinks take within the grace period,
+    // and leave the rest in the spool for the next start.
+    let _ = drain.send(true);
+    let grace = std::time::Duration::from_millis(config.server.shutdown_grace_ms);
+    let aborts: Vec<_> = deliverers.iter().map(|d| d.abort_handle()).collect();
+    let drained = tokio::time::timeout(grace, futures_util::future::join_all(deliverers)).await;
+    if drained.is_err() {
+        aborts.iter().for_each(tokio::task::AbortHandle::abort);
+    }
+    let left: u64 = spool.stats().queues.iter().map(|q| q.records).sum();
+    if left > 0 {
+        tracing::warn!(
+            left,
+            "stopping with records still spooled; they are delivered after the next start"
+        );
+    } else {
+        tracing::info!("every spooled record was delivered");
+    }
+    if let Some(admin) = admin {
+        let _ = admin.await;
+    }
     plugins.stop();
     local.close();
+    spool.close();
     result
 }
 
@@ -100,6 +145,7 @@ async fn cloud_sinks(
                     delivery_timeout: Duration::from_millis(settings.delivery_timeout_ms),
                     max_record_bytes: config.routing.kinesis_max_record_bytes,
                     aggregate_streams: settings.aggregate_streams.clone(),
+                    envelope: settings.envelope,
                 },
             ))
         }

@@ -10,6 +10,8 @@ use clap::{Parser, Subcommand, ValueEnum};
 use sluice_gateway::config::Config;
 use sluice_gateway::plugin::host::{Host, Limits};
 
+mod dlq_client;
+
 // Messages cross the plugin boundary as many small strings, allocated and freed per
 // batch; glibc's allocator spends much of that time trimming and re-faulting its heap
 // (measured in BENCHMARKS.md). mimalloc keeps it in user space.
@@ -59,6 +61,14 @@ enum Command {
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
+    },
+    /// Dead letters of a running gateway: list, show, redrive, discard (through its
+    /// admin API).
+    Dlq {
+        #[command(flatten)]
+        target: dlq_client::AdminTarget,
+        #[command(subcommand)]
+        command: dlq_client::DlqCommand,
     },
 }
 
@@ -183,6 +193,10 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             for (name, value) in counters {
                 eprintln!("counter {name} = {value}");
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Dlq { target, command } => {
+            dlq_client::run(target, command)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Config {

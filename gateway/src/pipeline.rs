@@ -2,27 +2,33 @@
 //!
 //! Per input message, the outcome is one of:
 //!
-//! - `accepted`: every part was routed and the sink confirmed it (dropped parts and
-//!   dead-lettered parts are listed in the report);
+//! - `accepted`: every part was routed and is safe: written to the spool and on disk
+//!   (or, on a `best-effort` route, handed to its sink); dropped parts and dead-lettered
+//!   parts are listed in the report;
 //! - `dropped`: a plugin or a rule discarded it on purpose;
 //! - `dead-lettered`: it failed in a plugin and `plugins.on_failure = "dead-letter"` put
 //!   it in the dead-letter store;
 //! - `rejected`: it failed in a plugin and `plugins.on_failure = "reject"`; none of its
 //!   parts was delivered, so the device may fix it and send it again.
 //!
-//! If the sink cannot take the batch, nothing of it is acknowledged.
+//! If the spool cannot take the batch, nothing of it is acknowledged. Dead letters (a
+//! plugin failed with `plugins.on_failure = "dead-letter"`, or a rule sends there) are
+//! written to the spool's dead-letter store in the same commit.
 
 use std::collections::HashMap;
 use std::sync::Arc;
 
 use serde::Serialize;
+use tokio::sync::Semaphore;
 
-use crate::config::{Config, FailurePath};
-use crate::message::Message;
+use crate::config::{Config, Durability, FailurePath};
+use crate::message::{Message, now_ms};
 use crate::plugin::{FailureKind, InputResult, Plugins};
 use crate::route::meter::ThroughputMeter;
 use crate::route::{Decision, Destination, Facts, Policy};
-use crate::sink::{Record, Sink, SinkError};
+use crate::sink::{Record, Sinks};
+use crate::spool::codec::{DeadLetter, Origin};
+use crate::spool::{Change, SinkId, Spool, SpoolError};
 
 /// The assembled message path.
 pub struct Pipeline {
@@ -32,10 +38,63 @@ pub struct Pipeline {
     policy: Policy,
     /// Per-device throughput, one of the policy's facts.
     meter: ThroughputMeter,
-    /// Where routed records go.
-    sink: Arc<dyn Sink>,
+    /// The sinks, for best-effort records.
+    sinks: Arc<Sinks>,
+    /// Where records wait for their sinks.
+    spool: Arc<Spool>,
     /// What happens to messages that fail in a plugin.
     on_failure: FailurePath,
+    /// When devices are acknowledged, unless a rule says otherwise.
+    durability: Durability,
+    /// Rules (`rule:NAME`) with their own durability.
+    rule_durability: HashMap<String, Durability>,
+    /// Best-effort messages handed to sinks and not yet confirmed, bounded.
+    best_effort: Arc<Semaphore>,
+    /// The bound of `best_effort`.
+    best_effort_limit: usize,
+}
+
+/// Why a batch was not acknowledged.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The spool refused the batch (full, failing disk, shutting down).
+    #[error(transparent)]
+    Spool(#[from] SpoolError),
+    /// Too many best-effort messages are waiting for their sinks.
+    #[error("{limit} best-effort messages are already waiting for their sinks")]
+    BestEffortFull {
+        /// `spool.best_effort_max_in_flight`.
+        limit: usize,
+    },
+}
+
+/// Records of one batch, sorted by how they are kept.
+#[derive(Default)]
+struct Routed {
+    /// Spooled records and dead letters: one commit.
+    durable: Change,
+    /// Handed to their sinks without the spool.
+    best_effort: Vec<(SinkId, Record)>,
+}
+
+/// What a redrive did.
+#[derive(Debug, Clone, Serialize)]
+pub struct RedriveReport {
+    /// Dead letters taken out of the store, with where their messages went now.
+    pub redriven: Vec<RedrivenLetter>,
+    /// Keys that named no dead letter.
+    pub missing: Vec<u64>,
+}
+
+/// One redriven dead letter.
+#[derive(Debug, Clone, Serialize)]
+pub struct RedrivenLetter {
+    /// The dead letter's key.
+    pub key: u64,
+    /// The message id.
+    pub id: String,
+    /// What happened this time.
+    pub status: Status,
 }
 
 /// What happened to one input message.
@@ -93,14 +152,36 @@ pub struct MessageReport {
 
 impl Pipeline {
     /// Assembles the path from its parts.
-    pub fn new(config: &Config, plugins: Plugins, sink: Arc<dyn Sink>) -> Pipeline {
+    pub fn new(
+        config: &Config,
+        plugins: Plugins,
+        sinks: Arc<Sinks>,
+        spool: Arc<Spool>,
+    ) -> Pipeline {
+        let rule_durability = config
+            .routing
+            .rules
+            .iter()
+            .filter_map(|rule| Some((format!("rule:{}", rule.name), rule.durability?)))
+            .collect();
+        let limit = config.spool.best_effort_max_in_flight;
         Pipeline {
             plugins,
             policy: Policy::new(&config.routing),
             meter: ThroughputMeter::default(),
-            sink,
+            sinks,
+            spool,
             on_failure: config.plugins.on_failure,
+            durability: config.spool.durability,
+            rule_durability,
+            best_effort: Arc::new(Semaphore::new(limit)),
+            best_effort_limit: limit,
         }
+    }
+
+    /// The spool.
+    pub fn spool(&self) -> &Arc<Spool> {
+        &self.spool
     }
 
     /// The largest payload accepted (the Kinesis record limit).
@@ -108,30 +189,161 @@ impl Pipeline {
         self.policy.max_payload_bytes()
     }
 
-    /// Runs a batch through plugins, routing and the sink. `bidirectional` says the
-    /// sender takes part in command & control.
+    /// Runs a batch through plugins and routing and stores the result. `bidirectional`
+    /// says the sender takes part in command & control.
     pub async fn process(
         &self,
         batch: Vec<Message>,
         bidirectional: bool,
-    ) -> Result<Vec<MessageReport>, SinkError> {
-        let ids: Vec<String> = batch.iter().map(|m| m.id.clone()).collect();
+    ) -> Result<Vec<MessageReport>, StoreError> {
         let rates = self.measure(&batch);
-        let results = self.plugins.run(batch).await;
-        let mut records = Vec::new();
+        self.run(batch, None, bidirectional, &rates, Change::default())
+            .await
+    }
+
+    /// Plugins, routing, then the spool (with `extra` in the same commit) and the
+    /// best-effort hand-over.
+    async fn run(
+        &self,
+        batch: Vec<Message>,
+        start: Option<String>,
+        bidirectional: bool,
+        rates: &HashMap<String, u64>,
+        extra: Change,
+    ) -> Result<Vec<MessageReport>, StoreError> {
+        let ids: Vec<String> = batch.iter().map(|m| m.id.clone()).collect();
+        let results = self.plugins.run_from(batch, start).await;
+        let mut routed = Routed {
+            durable: extra,
+            best_effort: Vec::new(),
+        };
         let mut reports = Vec::with_capacity(results.len());
         for (id, result) in ids.into_iter().zip(results) {
-            reports.push(self.settle(id, result, &rates, bidirectional, &mut records));
+            reports.push(self.settle(id, result, rates, bidirectional, &mut routed));
         }
-        let deliverable: Vec<Record> = records
-            .into_iter()
-            .filter(|record| record.decision.destination != Destination::Drop)
-            .collect();
-        if !deliverable.is_empty() {
-            let redirects = self.sink.deliver(deliverable).await?;
-            apply_redirects(&mut reports, redirects);
+        // Best-effort room is taken first: a batch is stored whole or not at all.
+        let permit = match routed.best_effort.len() {
+            0 => None,
+            n => Some(
+                self.best_effort
+                    .clone()
+                    .try_acquire_many_owned(n as u32)
+                    .map_err(|_| StoreError::BestEffortFull {
+                        limit: self.best_effort_limit,
+                    })?,
+            ),
+        };
+        self.spool.commit(routed.durable).await?;
+        if let Some(permit) = permit {
+            self.hand_over(routed.best_effort, permit);
         }
         Ok(reports)
+    }
+
+    /// Sends best-effort records to their sinks in the background; refusals become dead
+    /// letters, and a sink failure loses them (which is what best-effort means).
+    fn hand_over(&self, records: Vec<(SinkId, Record)>, permit: tokio::sync::OwnedSemaphorePermit) {
+        let mut by_sink: HashMap<SinkId, Vec<Record>> = HashMap::new();
+        for (sink, record) in records {
+            by_sink.entry(sink).or_default().push(record);
+        }
+        let sinks = self.sinks.clone();
+        let spool = self.spool.clone();
+        tokio::spawn(async move {
+            for (sink, records) in by_sink {
+                let count = records.len();
+                match sinks.deliver_to(sink, records).await {
+                    Ok(rejected) if rejected.is_empty() => {}
+                    Ok(rejected) => {
+                        let mut change = Change::default();
+                        for rejected in rejected {
+                            change.dead_letter(&DeadLetter {
+                                origin: Origin::Sink {
+                                    sink: sink.name().to_string(),
+                                },
+                                reason: rejected.reason,
+                                record: rejected.record,
+                                at_ms: now_ms(),
+                            });
+                        }
+                        if let Err(error) = spool.commit(change).await {
+                            tracing::error!(%error, "best-effort records refused by their sink could not be dead-lettered");
+                        }
+                    }
+                    Err(error) => {
+                        tracing::error!(sink = sink.name(), lost = count, %error, "best-effort messages lost: their sink failed");
+                    }
+                }
+            }
+            drop(permit);
+        });
+    }
+
+    /// Runs dead letters `keys` again: a message a plugin failed on goes through the
+    /// chain from that plugin on; one a rule dead-lettered, through the whole chain; one
+    /// a sink refused, straight back to that sink's queue. Each leaves the dead-letter
+    /// store in the same commit that stores its new outcome (a message that fails again
+    /// comes back as a new dead letter).
+    pub async fn redrive(&self, keys: &[u64]) -> Result<RedriveReport, StoreError> {
+        let mut report = RedriveReport {
+            redriven: Vec::new(),
+            missing: Vec::new(),
+        };
+        // Grouped by where the chain starts: one plugin run per group.
+        let mut again: HashMap<Option<String>, Vec<(u64, Message)>> = HashMap::new();
+        let mut requeue = Change::default();
+        for &key in keys {
+            let Some(letter) = self.spool.dead_letter(key)? else {
+                report.missing.push(key);
+                continue;
+            };
+            match letter.origin {
+                Origin::Sink { .. } => {
+                    match self.sinks.sink_for(&letter.record.decision.destination) {
+                        Some(sink) => {
+                            requeue.queue(sink, &letter.record);
+                            requeue.remove_dead_letter(key);
+                            report.redriven.push(RedrivenLetter {
+                                key,
+                                id: letter.record.message.id,
+                                status: Status::Accepted,
+                            });
+                        }
+                        None => report.missing.push(key),
+                    }
+                }
+                Origin::Plugin { plugin, .. } => again
+                    .entry(Some(plugin))
+                    .or_default()
+                    .push((key, letter.record.message)),
+                Origin::Rule { .. } => again
+                    .entry(None)
+                    .or_default()
+                    .push((key, letter.record.message)),
+            }
+        }
+        self.spool.commit(requeue).await?;
+        for (start, letters) in again {
+            let mut extra = Change::default();
+            let mut batch = Vec::with_capacity(letters.len());
+            let mut redriven_keys = Vec::with_capacity(letters.len());
+            for (key, message) in letters {
+                extra.remove_dead_letter(key);
+                redriven_keys.push(key);
+                batch.push(message);
+            }
+            let reports = self
+                .run(batch, start, false, &HashMap::new(), extra)
+                .await?;
+            for (key, message) in redriven_keys.into_iter().zip(reports) {
+                report.redriven.push(RedrivenLetter {
+                    key,
+                    id: message.id,
+                    status: message.status,
+                });
+            }
+        }
+        Ok(report)
     }
 
     /// Counts the batch's bytes per device and returns each device's rate.
@@ -153,7 +365,7 @@ impl Pipeline {
         result: InputResult,
         rates: &HashMap<String, u64>,
         bidirectional: bool,
-        records: &mut Vec<Record>,
+        routed: &mut Routed,
     ) -> MessageReport {
         let mut report = MessageReport {
             id,
@@ -194,9 +406,17 @@ impl Pipeline {
                 id: failure.message.id.clone(),
                 decision: decision.clone(),
             });
-            records.push(Record {
-                message: failure.message,
-                decision,
+            routed.durable.dead_letter(&DeadLetter {
+                origin: Origin::Plugin {
+                    plugin: failure.plugin,
+                    code: failure.kind.code().to_string(),
+                },
+                reason: decision.reason.clone(),
+                record: Record {
+                    message: failure.message,
+                    decision,
+                },
+                at_ms: now_ms(),
             });
         }
         for output in result.outputs {
@@ -219,13 +439,45 @@ impl Pipeline {
                 id: output.message.id.clone(),
                 decision: decision.clone(),
             });
-            records.push(Record {
-                message: output.message,
-                decision,
-            });
+            self.keep(
+                Record {
+                    message: output.message,
+                    decision,
+                },
+                routed,
+            );
         }
         report.status = status_of(&report.routes);
         report
+    }
+}
+
+impl Pipeline {
+    /// Puts one routed record where its route says: the spool, a best-effort hand-over,
+    /// the dead-letter store, or nowhere (`drop`).
+    fn keep(&self, record: Record, routed: &mut Routed) {
+        let Some(sink) = self.sinks.sink_for(&record.decision.destination) else {
+            if record.decision.destination == Destination::DeadLetter {
+                routed.durable.dead_letter(&DeadLetter {
+                    origin: Origin::Rule {
+                        rule: record.decision.rule.clone(),
+                    },
+                    reason: record.decision.reason.clone(),
+                    record,
+                    at_ms: now_ms(),
+                });
+            }
+            return;
+        };
+        let durability = self
+            .rule_durability
+            .get(&record.decision.rule)
+            .copied()
+            .unwrap_or(self.durability);
+        match durability {
+            Durability::Durable => routed.durable.queue(sink, &record),
+            Durability::BestEffort => routed.best_effort.push((sink, record)),
+        }
     }
 }
 
@@ -238,24 +490,5 @@ fn status_of(routes: &[RouteReport]) -> Status {
         Status::DeadLettered
     } else {
         Status::Accepted
-    }
-}
-
-/// Updates reports for records a sink refused and the dead-letter store took instead.
-fn apply_redirects(reports: &mut [MessageReport], redirects: Vec<crate::sink::Redirect>) {
-    if redirects.is_empty() {
-        return;
-    }
-    for report in reports.iter_mut() {
-        let mut changed = false;
-        for route in &mut report.routes {
-            if let Some(redirect) = redirects.iter().find(|r| r.id == route.id) {
-                route.decision = redirect.decision.clone();
-                changed = true;
-            }
-        }
-        if changed {
-            report.status = status_of(&report.routes);
-        }
     }
 }

@@ -22,10 +22,10 @@ use serde_json::json;
 
 use crate::config::Config;
 use crate::message::{Message, new_id, now_ms};
-use crate::pipeline::{MessageReport, Pipeline, Status};
+use crate::pipeline::{MessageReport, Pipeline, Status, StoreError};
 use crate::plugin::FailureKind;
 use crate::route::topic::validate_publish_topic;
-use crate::sink::SinkError;
+use crate::spool::SpoolError;
 
 /// The header naming the device while device authentication is not configured.
 pub const DEVICE_HEADER: &str = "x-device-id";
@@ -86,13 +86,33 @@ pub enum ApiError {
         /// Why.
         message: String,
     },
-    /// `503 sink_unavailable` with `Retry-After`: nothing was acknowledged.
-    SinkUnavailable(String),
+    /// `503` with `Retry-After`; nothing of the request was acknowledged or kept:
+    /// - `spool_full`: the spool for a sink the request needs is at its limit
+    ///   (`spool.max_bytes_per_sink`), because that sink is slow or down;
+    /// - `best_effort_busy`: too many best-effort messages wait for their sinks;
+    /// - `spool_unavailable`: the spool cannot write (disk error) or is shutting down.
+    Unavailable {
+        /// The code.
+        code: &'static str,
+        /// In words.
+        message: String,
+        /// Seconds the device should wait.
+        retry_after: u32,
+    },
 }
 
-impl From<SinkError> for ApiError {
-    fn from(error: SinkError) -> Self {
-        ApiError::SinkUnavailable(error.to_string())
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        let (code, retry_after) = match &error {
+            StoreError::Spool(SpoolError::Full { .. }) => ("spool_full", 5),
+            StoreError::BestEffortFull { .. } => ("best_effort_busy", 1),
+            StoreError::Spool(_) => ("spool_unavailable", 1),
+        };
+        ApiError::Unavailable {
+            code,
+            message: error.to_string(),
+            retry_after,
+        }
     }
 }
 
@@ -122,13 +142,17 @@ impl IntoResponse for ApiError {
                     json!({"code": kind.code(), "message": message, "plugin": plugin, "id": id});
                 (status, body)
             }
-            ApiError::SinkUnavailable(message) => {
-                tracing::warn!(error = %message, "sink unavailable; request refused");
-                let body = json!({"code": "sink_unavailable", "message": "the gateway cannot store messages right now; retry later"});
+            ApiError::Unavailable {
+                code,
+                message,
+                retry_after,
+            } => {
+                tracing::debug!(code, error = %message, "request refused");
+                let body = json!({"code": code, "message": format!("{message}; nothing was kept, retry later")});
                 let mut response = (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
                 response
                     .headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
+                    .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
                 return response;
             }
         };
@@ -198,9 +222,11 @@ async fn publish(
         payload: payload.to_vec(),
     };
     let mut reports = state.pipeline.process(vec![message], false).await?;
-    let report = reports
-        .pop()
-        .ok_or_else(|| ApiError::SinkUnavailable("no report".to_string()))?;
+    let report = reports.pop().ok_or_else(|| ApiError::Unavailable {
+        code: "spool_unavailable",
+        message: "no report for the message".to_string(),
+        retry_after: 1,
+    })?;
     if report.status == Status::Rejected {
         return Err(rejected(report));
     }

@@ -221,6 +221,8 @@ pub struct InputResult {
 /// One batch waiting for a worker.
 struct Job {
     batch: Vec<Message>,
+    /// Run the chain from this plugin on (a dead letter's redrive); `None`: all of it.
+    start: Option<String>,
     reply: tokio::sync::oneshot::Sender<Vec<InputResult>>,
 }
 
@@ -440,12 +442,27 @@ impl Plugins {
 
     /// Runs the chain over a batch, returning one result per input, in order.
     pub async fn run(&self, batch: Vec<Message>) -> Vec<InputResult> {
+        self.run_from(batch, None).await
+    }
+
+    /// Runs the chain from the plugin named `start` on (the whole chain when it is
+    /// `None` or names no active plugin): a dead letter's message, stored as it entered
+    /// the plugin that failed, is not transformed twice by the plugins before it.
+    pub async fn run_from(&self, batch: Vec<Message>, start: Option<String>) -> Vec<InputResult> {
         if self.inner.entries.is_empty() {
             return batch.into_iter().map(InputResult::passed).collect();
         }
         let count = batch.len();
         let (reply, answer) = tokio::sync::oneshot::channel();
-        let sent = self.inner.jobs.send(Job { batch, reply }).await;
+        let sent = self
+            .inner
+            .jobs
+            .send(Job {
+                batch,
+                start,
+                reply,
+            })
+            .await;
         match sent {
             Ok(()) => match answer.await {
                 Ok(results) => results,

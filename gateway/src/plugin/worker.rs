@@ -59,8 +59,15 @@ pub(super) fn run(host: &Host, set: &ArcSwap<PluginSet>, queue: async_channel::R
         let current = set.load_full();
         instances.retain(|id, _| current.contains(*id));
         let count = job.batch.len();
-        let run =
-            std::panic::AssertUnwindSafe(|| run_chain(host, &current, &mut instances, job.batch));
+        let run = std::panic::AssertUnwindSafe(|| {
+            run_chain(
+                host,
+                &current,
+                &mut instances,
+                job.batch,
+                job.start.as_deref(),
+            )
+        });
         let results = match std::panic::catch_unwind(run) {
             Ok(results) => results,
             Err(_) => {
@@ -77,17 +84,32 @@ pub(super) fn run(host: &Host, set: &ArcSwap<PluginSet>, queue: async_channel::R
     }
 }
 
-/// Runs every transform, then the router, over one batch.
+/// Runs every transform, then the router, over one batch; with `start`, from the plugin
+/// of that name on (the whole chain if no active plugin has that name).
 pub fn run_chain(
     host: &Host,
     set: &PluginSet,
     instances: &mut HashMap<u64, Instance>,
     batch: Vec<Message>,
+    start: Option<&str>,
 ) -> Vec<InputResult> {
     let mut results: Vec<InputResult> = (0..batch.len()).map(|_| InputResult::default()).collect();
     let mut origins: Vec<usize> = (0..batch.len()).collect();
     let mut messages = batch;
-    for plugin in &set.transforms {
+    let skip = start
+        .and_then(|name| {
+            set.transforms
+                .iter()
+                .position(|p| p.name == name)
+                .or_else(|| {
+                    set.router
+                        .as_ref()
+                        .filter(|router| router.name == name)
+                        .map(|_| set.transforms.len())
+                })
+        })
+        .unwrap_or(0);
+    for plugin in set.transforms.iter().skip(skip) {
         if messages.is_empty() {
             break;
         }
@@ -342,6 +364,6 @@ impl LocalRunner {
         batch: Vec<Message>,
     ) -> Vec<InputResult> {
         let set = plugins.current();
-        run_chain(&plugins.inner.host, &set, &mut self.instances, batch)
+        run_chain(&plugins.inner.host, &set, &mut self.instances, batch, None)
     }
 }

@@ -1,6 +1,6 @@
 //! The local sink: routed records appended as JSON Lines under the data directory, one
-//! file per destination kind (`iot-core.jsonl`, `kinesis.jsonl`, `local.jsonl`,
-//! `dead-letter.jsonl`). Each line holds the message's id, device, topic, destination,
+//! file per destination kind (`iot-core.jsonl`, `kinesis.jsonl`, `local.jsonl`). Each
+//! line ([`json_line`], also the Kinesis sink's envelope) holds the message's id, device, topic, destination,
 //! rule, reason and payload:
 //!
 //! - `payload`: the payload itself when it is JSON;
@@ -72,7 +72,7 @@ impl LocalSink {
     pub async fn write(&self, records: Vec<Record>) -> Result<(), SinkError> {
         let lines: Vec<(&'static str, String)> = records
             .iter()
-            .map(|record| (record.decision.destination.kind(), render(record)))
+            .map(|record| (record.decision.destination.kind(), json_line(record)))
             .collect();
         let (done, confirmed) = oneshot::channel();
         let sent = match &*self.jobs.lock().unwrap_or_else(|p| p.into_inner()) {
@@ -94,8 +94,8 @@ impl LocalSink {
     }
 }
 
-/// Renders one record as a JSON line (without the newline).
-fn render(record: &Record) -> String {
+/// Renders one record as a JSON object on one line (without the newline).
+pub fn json_line(record: &Record) -> String {
     let message = &record.message;
     let mut line = serde_json::json!({
         "id": message.id,

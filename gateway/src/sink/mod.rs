@@ -3,13 +3,13 @@
 //!
 //! - [`local`]: JSON Lines files under the data directory, one per destination: the
 //!   embedded default, standing in for IoT Core and Kinesis when they are not
-//!   configured, and the dead-letter store.
+//!   configured.
 //! - [`kinesis`]: Kinesis Data Streams (`PutRecords`).
 //! - [`iot_core`]: AWS IoT Core over MQTT or HTTPS.
 //!
-//! [`Sinks`] sends each record to the sink for its destination. A record a cloud sink
-//! refuses for good goes to the dead-letter store with the sink's reason, never
-//! silently away.
+//! [`Sinks`] names the sink for each destination and delivers through it; records reach
+//! it from the [`crate::spool`], which turns records a sink refuses for good into dead
+//! letters with the sink's reason, never silently dropping them.
 
 pub mod iot_core;
 pub mod kinesis;
@@ -21,6 +21,7 @@ use std::sync::Arc;
 
 use crate::message::Message;
 use crate::route::{Decision, Destination};
+use crate::spool::SinkId;
 
 /// A message with its routing decision, ready for delivery.
 pub struct Record {
@@ -50,25 +51,6 @@ pub enum SinkError {
 pub type SinkFuture<'a> =
     Pin<Box<dyn Future<Output = Result<Vec<Rejected>, SinkError>> + Send + 'a>>;
 
-/// Somewhere routed records go.
-pub trait Sink: Send + Sync {
-    /// Delivers `records`; resolves once every one is confirmed or refused. The
-    /// result lists where refused records ended up instead (message id, new decision).
-    fn deliver(
-        &self,
-        records: Vec<Record>,
-    ) -> Pin<Box<dyn Future<Output = Result<Vec<Redirect>, SinkError>> + Send + '_>>;
-}
-
-/// A record that went somewhere else than routed: refused by its sink, dead-lettered.
-#[derive(Debug, Clone)]
-pub struct Redirect {
-    /// The message id.
-    pub id: String,
-    /// The decision that now applies.
-    pub decision: Decision,
-}
-
 /// The IoT Core sink, by transport.
 pub enum IotCoreSink {
     /// MQTT with the gateway's certificate.
@@ -88,7 +70,7 @@ impl IotCoreSink {
 
 /// Every configured sink, with the local sink standing in for the missing ones.
 pub struct Sinks {
-    /// Files: `local` destinations, the dead-letter store, and stand-ins.
+    /// Files: `local` destinations and stand-ins.
     pub local: Arc<local::LocalSink>,
     /// Kinesis, when configured.
     pub kinesis: Option<kinesis::KinesisSink>,
@@ -96,56 +78,31 @@ pub struct Sinks {
     pub iot_core: Option<IotCoreSink>,
 }
 
-impl Sink for Sinks {
-    fn deliver(
+impl Sinks {
+    /// The sink that delivers to `destination`; `None` for `drop` and `dead-letter`,
+    /// which no sink delivers.
+    pub fn sink_for(&self, destination: &Destination) -> Option<SinkId> {
+        match destination {
+            Destination::Kinesis { .. } if self.kinesis.is_some() => Some(SinkId::Kinesis),
+            Destination::IotCore { .. } if self.iot_core.is_some() => Some(SinkId::IotCore),
+            Destination::Kinesis { .. } | Destination::IotCore { .. } | Destination::Local => {
+                Some(SinkId::Local)
+            }
+            Destination::Drop | Destination::DeadLetter => None,
+        }
+    }
+
+    /// Delivers `records` through `sink`; resolves once every one is confirmed or
+    /// refused for good, with the refused ones.
+    pub async fn deliver_to(
         &self,
+        sink: SinkId,
         records: Vec<Record>,
-    ) -> Pin<Box<dyn Future<Output = Result<Vec<Redirect>, SinkError>> + Send + '_>> {
-        Box::pin(async move {
-            let mut to_kinesis = Vec::new();
-            let mut to_iot_core = Vec::new();
-            let mut to_files = Vec::new();
-            for record in records {
-                match (&record.decision.destination, &self.kinesis, &self.iot_core) {
-                    (Destination::Kinesis { .. }, Some(_), _) => to_kinesis.push(record),
-                    (Destination::IotCore { .. }, _, Some(_)) => to_iot_core.push(record),
-                    _ => to_files.push(record),
-                }
-            }
-            let kinesis = async {
-                match &self.kinesis {
-                    Some(sink) if !to_kinesis.is_empty() => sink.deliver(to_kinesis).await,
-                    _ => Ok(Vec::new()),
-                }
-            };
-            let iot_core = async {
-                match &self.iot_core {
-                    Some(sink) if !to_iot_core.is_empty() => sink.deliver(to_iot_core).await,
-                    _ => Ok(Vec::new()),
-                }
-            };
-            let (kinesis, iot_core) = tokio::join!(kinesis, iot_core);
-            let mut redirects = Vec::new();
-            for rejected in kinesis?.into_iter().chain(iot_core?) {
-                let sink = rejected.record.decision.destination.kind();
-                let decision = Decision {
-                    destination: Destination::DeadLetter,
-                    rule: format!("sink:{sink}"),
-                    reason: rejected.reason,
-                };
-                redirects.push(Redirect {
-                    id: rejected.record.message.id.clone(),
-                    decision: decision.clone(),
-                });
-                to_files.push(Record {
-                    message: rejected.record.message,
-                    decision,
-                });
-            }
-            if !to_files.is_empty() {
-                self.local.write(to_files).await?;
-            }
-            Ok(redirects)
-        })
+    ) -> Result<Vec<Rejected>, SinkError> {
+        match (sink, &self.kinesis, &self.iot_core) {
+            (SinkId::Kinesis, Some(kinesis), _) => kinesis.deliver(records).await,
+            (SinkId::IotCore, _, Some(iot_core)) => iot_core.deliver(records).await,
+            _ => self.local.write(records).await.map(|()| Vec::new()),
+        }
     }
 }

@@ -51,6 +51,9 @@ pub struct KinesisSettings {
     pub max_record_bytes: usize,
     /// Streams whose records are KPL-aggregated.
     pub aggregate_streams: Vec<String>,
+    /// Send each message as a JSON envelope (id, device, topic, payload…; the local
+    /// sink's line format) instead of the bare payload, so consumers see message ids.
+    pub envelope: bool,
 }
 
 /// How one record ended.
@@ -162,7 +165,12 @@ impl KinesisSink {
                     });
                     continue;
                 };
-                let size = record.message.payload.len() + partition_key.len();
+                let data = if self.settings.envelope {
+                    crate::sink::local::json_line(&record).into_bytes()
+                } else {
+                    record.message.payload.clone()
+                };
+                let size = data.len() + partition_key.len();
                 if size > self.settings.max_record_bytes {
                     let reason = format!(
                         "record of {size} bytes (data plus partition key) is over the stream's limit of {} bytes",
@@ -173,7 +181,7 @@ impl KinesisSink {
                 }
                 let (done, fate) = oneshot::channel();
                 by_stream.entry(stream.clone()).or_default().push(Entry {
-                    data: record.message.payload.clone(),
+                    data,
                     key: partition_key.clone(),
                     explicit_hash_key: explicit_hash_key.clone(),
                     not_before: now,

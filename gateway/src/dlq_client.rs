@@ -1,0 +1,207 @@
+//! `sluice dlq …`: the dead-letter commands, a client of the running gateway's admin
+//! API (the spool file is locked while the gateway runs, and a redrive needs its
+//! plugins and sinks).
+
+use std::path::PathBuf;
+
+use anyhow::{Context as _, bail};
+use clap::Subcommand;
+use serde_json::Value;
+use sluice_gateway::config::Config;
+
+/// Where the admin API is and how to get in.
+#[derive(Debug, clap::Args)]
+pub struct AdminTarget {
+    /// Configuration file of the running gateway: its `[admin]` section gives the
+    /// address and token.
+    #[arg(long, short, env = "SLUICE_CONFIG")]
+    config: Option<PathBuf>,
+    /// Admin API base URL, e.g. http://127.0.0.1:9091 (overrides the config).
+    #[arg(long, env = "SLUICE_ADMIN_URL")]
+    admin_url: Option<String>,
+    /// Admin token (overrides the config).
+    #[arg(long, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+/// The dead-letter commands.
+#[derive(Debug, Subcommand)]
+pub enum DlqCommand {
+    /// List dead letters, oldest first.
+    List {
+        /// Start at this key.
+        #[arg(long)]
+        from: Option<u64>,
+        /// At most this many.
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show one dead letter with its payload, as JSON.
+    Show {
+        /// The dead letter's key (from `list`).
+        key: u64,
+    },
+    /// Run dead letters again (after fixing the plugin or the sink).
+    Redrive {
+        /// Keys to redrive.
+        #[arg(required_unless_present = "all", conflicts_with = "all")]
+        keys: Vec<u64>,
+        /// Redrive every dead letter.
+        #[arg(long)]
+        all: bool,
+    },
+    /// Discard one dead letter for good.
+    Discard {
+        /// The dead letter's key.
+        key: u64,
+    },
+}
+
+struct Client {
+    base: String,
+    token: String,
+    http: reqwest::blocking::Client,
+}
+
+impl Client {
+    fn new(target: AdminTarget) -> anyhow::Result<Client> {
+        let config = match &target.config {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
+        };
+        let base = match (target.admin_url, config.admin.listen) {
+            (Some(url), _) => url.trim_end_matches('/').to_string(),
+            (None, Some(listen)) => format!("http://{listen}"),
+            (None, None) => {
+                bail!("no admin API: give --admin-url, or --config with an [admin] section")
+            }
+        };
+        let token = target
+            .token
+            .or(config.admin.token)
+            .context("no admin token: give --token, or --config with admin.token")?;
+        let http = reqwest::blocking::Client::builder()
+            .timeout(std::time::Duration::from_secs(120))
+            .build()?;
+        Ok(Client { base, token, http })
+    }
+
+    fn send(&self, request: reqwest::blocking::RequestBuilder) -> anyhow::Result<Option<Value>> {
+        let response = request.bearer_auth(&self.token).send().with_context(|| {
+            format!(
+                "cannot reach the admin API at {} (is the gateway running?)",
+                self.base
+            )
+        })?;
+        let status = response.status();
+        let text = response.text()?;
+        if !status.is_success() {
+            let detail = serde_json::from_str::<Value>(&text)
+                .ok()
+                .and_then(|v| {
+                    Some(format!(
+                        "{}: {}",
+                        v["code"].as_str()?,
+                        v["message"].as_str()?
+                    ))
+                })
+                .unwrap_or(text);
+            bail!("the admin API answered {status}: {detail}");
+        }
+        if text.is_empty() {
+            return Ok(None);
+        }
+        Ok(Some(serde_json::from_str(&text)?))
+    }
+}
+
+/// Runs one `sluice dlq` command.
+pub fn run(target: AdminTarget, command: DlqCommand) -> anyhow::Result<()> {
+    let client = Client::new(target)?;
+    let base = &client.base;
+    match command {
+        DlqCommand::List { from, limit, json } => {
+            let mut query = vec![("limit", limit.to_string())];
+            if let Some(from) = from {
+                query.push(("from", from.to_string()));
+            }
+            let answer = client
+                .send(client.http.get(format!("{base}/admin/dlq")).query(&query))?
+                .unwrap_or_default();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&answer)?);
+                return Ok(());
+            }
+            let letters = answer["dead_letters"]
+                .as_array()
+                .cloned()
+                .unwrap_or_default();
+            println!(
+                "{:<8} {:<36} {:<16} {:<24} {:<24} REASON",
+                "KEY", "ID", "DEVICE", "TOPIC", "ORIGIN"
+            );
+            for letter in &letters {
+                let origin = &letter["origin"];
+                let origin = match origin["stage"].as_str() {
+                    Some("plugin") => format!("plugin:{}", origin["plugin"].as_str().unwrap_or("")),
+                    Some("sink") => format!("sink:{}", origin["sink"].as_str().unwrap_or("")),
+                    Some("rule") => origin["rule"].as_str().unwrap_or("rule").to_string(),
+                    _ => String::new(),
+                };
+                println!(
+                    "{:<8} {:<36} {:<16} {:<24} {:<24} {}",
+                    letter["key"],
+                    letter["id"].as_str().unwrap_or(""),
+                    letter["device"].as_str().unwrap_or(""),
+                    letter["topic"].as_str().unwrap_or(""),
+                    origin,
+                    letter["reason"].as_str().unwrap_or(""),
+                );
+            }
+            if let Some(next) = answer["next"].as_u64() {
+                eprintln!("more: --from {next}");
+            }
+        }
+        DlqCommand::Show { key } => {
+            let answer = client.send(client.http.get(format!("{base}/admin/dlq/{key}")))?;
+            println!(
+                "{}",
+                serde_json::to_string_pretty(&answer.unwrap_or_default())?
+            );
+        }
+        DlqCommand::Redrive { keys, all } => {
+            let body = if all {
+                serde_json::json!({"all": true})
+            } else {
+                serde_json::json!({"keys": keys})
+            };
+            let answer = client
+                .send(
+                    client
+                        .http
+                        .post(format!("{base}/admin/dlq/redrive"))
+                        .json(&body),
+                )?
+                .unwrap_or_default();
+            let redriven = answer["redriven"].as_array().cloned().unwrap_or_default();
+            for letter in &redriven {
+                println!(
+                    "{} {} {}",
+                    letter["key"],
+                    letter["id"].as_str().unwrap_or(""),
+                    letter["status"].as_str().unwrap_or("")
+                );
+            }
+            let missing = answer["missing"].as_array().cloned().unwrap_or_default();
+            println!("redriven: {}, not found: {}", redriven.len(), missing.len());
+        }
+        DlqCommand::Discard { key } => {
+            client.send(client.http.delete(format!("{base}/admin/dlq/{key}")))?;
+            println!("discarded dead letter {key}");
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,179 @@
+//! Delivery from the spool: one task per sink reads its queue in order and hands windows
+//! of records to the sink, a few windows in flight at once. A window's records leave the
+//! spool only when the sink has confirmed every one of them (a Kinesis sequence number,
+//! an MQTT PUBACK, an HTTP 200, a flushed file) or refused some for good; refused records
+//! become dead letters in the same commit.
+//!
+//! When a window fails (the sink is unreachable, or did not confirm within its delivery
+//! timeout), the task lets the windows already sent finish, waits with exponential
+//! backoff, and starts again from the oldest record still spooled ("go back N"): records
+//! keep their order per partition key and topic, and the price of a failure is records
+//! delivered twice, never records skipped.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt as _;
+use futures_util::stream::FuturesOrdered;
+use tokio::sync::watch;
+
+use crate::message::now_ms;
+use crate::sink::{Record, Sinks};
+use crate::spool::codec::{DeadLetter, Origin};
+use crate::spool::{SinkId, Spool};
+
+/// Records per window.
+const WINDOW_RECORDS: usize = 1_000;
+/// Bytes per window (about): a few full `PutRecords` calls.
+const WINDOW_BYTES: usize = 8 << 20;
+/// Windows in flight per sink. Enough to keep a sink's own batching busy while the next
+/// window is read; few enough that a failure re-sends little.
+const MAX_WINDOWS: usize = 4;
+/// Longest pause between attempts while a sink keeps failing.
+const MAX_BACKOFF: Duration = Duration::from_secs(5);
+
+/// Starts one delivery task per sink. Each runs until `drain` turns true and its queue
+/// is empty; the caller aborts them when the shutdown deadline passes.
+pub fn start(
+    spool: Arc<Spool>,
+    sinks: Arc<Sinks>,
+    drain: watch::Receiver<bool>,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    SinkId::ALL
+        .into_iter()
+        .map(|sink| {
+            let task = Deliverer {
+                sink,
+                spool: spool.clone(),
+                sinks: sinks.clone(),
+            };
+            tokio::spawn(task.run(drain.clone()))
+        })
+        .collect()
+}
+
+struct Deliverer {
+    sink: SinkId,
+    spool: Arc<Spool>,
+    sinks: Arc<Sinks>,
+}
+
+/// A window's sequence numbers and how its delivery ended.
+type Sent = (Vec<u64>, Result<Vec<DeadLetter>, String>);
+
+impl Deliverer {
+    async fn run(self, mut drain: watch::Receiver<bool>) {
+        let me = Arc::new(self);
+        let mut appended = me.spool.watch(me.sink);
+        let mut cursor = 0u64;
+        let mut in_flight: FuturesOrdered<_> = FuturesOrdered::new();
+        let mut failures = 0u32;
+        let mut failed = false;
+        loop {
+            while !failed && in_flight.len() < MAX_WINDOWS {
+                // Seen before reading: a commit after this read wakes the task.
+                appended.borrow_and_update();
+                match me.read(cursor).await {
+                    Ok(window) if window.is_empty() => break,
+                    Ok(window) => {
+                        cursor = window.last().map_or(cursor, |(seq, _)| seq + 1);
+                        let me = me.clone();
+                        in_flight.push_back(async move { me.send(window).await });
+                    }
+                    Err(error) => {
+                        tracing::error!(sink = me.sink.name(), %error, "cannot read the spool");
+                        failed = true;
+                    }
+                }
+            }
+            if in_flight.is_empty() {
+                if failed {
+                    failures = failures.saturating_add(1);
+                    tokio::time::sleep(backoff(failures)).await;
+                    failed = false;
+                    cursor = 0;
+                    continue;
+                }
+                if *drain.borrow_and_update() {
+                    return;
+                }
+                tokio::select! {
+                    _ = appended.changed() => {}
+                    _ = drain.changed() => {}
+                }
+                continue;
+            }
+            tokio::select! {
+                Some((seqs, result)) = in_flight.next() => {
+                    match result {
+                        Ok(dead) => {
+                            if let Err(error) = me.spool.delivered(me.sink, seqs, dead).await {
+                                tracing::error!(sink = me.sink.name(), %error, "cannot mark records delivered; they will be sent again");
+                                failed = true;
+                            } else if !failed {
+                                failures = 0;
+                            }
+                        }
+                        Err(error) => {
+                            if !failed {
+                                tracing::warn!(sink = me.sink.name(), %error, waiting = me.spool.depth(me.sink), "delivery failed; records stay spooled and are retried");
+                            }
+                            failed = true;
+                        }
+                    }
+                }
+                _ = appended.changed(), if !failed && in_flight.len() < MAX_WINDOWS => {}
+            }
+        }
+    }
+
+    async fn read(&self, from: u64) -> Result<Vec<(u64, Record)>, String> {
+        let spool = self.spool.clone();
+        let sink = self.sink;
+        tokio::task::spawn_blocking(move || spool.read(sink, from, WINDOW_RECORDS, WINDOW_BYTES))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())
+    }
+
+    async fn send(&self, window: Vec<(u64, Record)>) -> Sent {
+        let (seqs, records): (Vec<u64>, Vec<Record>) = window.into_iter().unzip();
+        let result = match self.sinks.deliver_to(self.sink, records).await {
+            Ok(rejected) => Ok(rejected
+                .into_iter()
+                .map(|rejected| {
+                    tracing::warn!(sink = self.sink.name(), id = %rejected.record.message.id, reason = %rejected.reason, "record refused by the sink; dead-lettered");
+                    DeadLetter {
+                        origin: Origin::Sink {
+                            sink: rejected.record.decision.destination.kind().to_string(),
+                        },
+                        reason: rejected.reason,
+                        record: rejected.record,
+                        at_ms: now_ms(),
+                    }
+                })
+                .collect()),
+            Err(error) => Err(error.to_string()),
+        };
+        (seqs, result)
+    }
+}
+
+/// 100 ms, doubling per failure, at most [`MAX_BACKOFF`].
+fn backoff(failures: u32) -> Duration {
+    let ms = 100u64.saturating_mul(1 << failures.min(10).saturating_sub(1));
+    Duration::from_millis(ms).min(MAX_BACKOFF)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_doubles_up_to_its_limit() {
+        assert_eq!(backoff(1), Duration::from_millis(100));
+        assert_eq!(backoff(2), Duration::from_millis(200));
+        assert_eq!(backoff(4), Duration::from_millis(800));
+        assert_eq!(backoff(30), MAX_BACKOFF);
+    }
+}

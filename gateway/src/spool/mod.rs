@@ -1,0 +1,724 @@
+//! The spool: routed records are written here, durably, before the device is
+//! acknowledged, and stay until their sink confirms them. Dead letters live here too.
+//!
+//! Storage is [`redb`], an embedded, crash-safe B-tree store with copy-on-write commits:
+//! one file, `spool.redb`, in the data directory, one table per sink (`queue/kinesis`,
+//! `queue/iot-core`, `queue/local`) keyed by a sequence number, and `dead-letters`.
+//!
+//! **Group commit.** One writer thread owns every change. It takes all the requests
+//! waiting, applies them in one write transaction and commits once, so one `fsync`
+//! covers every request that arrived while the previous commit was on disk; only then
+//! does it answer them. Deletions after delivery commit without `fsync`
+//! ([`redb::Durability::None`]); they become durable with the next append. A crash can
+//! only undo deletions, so records are delivered again, never lost.
+//!
+//! **Bounded.** Each sink's queue holds at most `spool.max_bytes_per_sink` bytes of
+//! records; a request that would go over is refused whole ([`SpoolError::Full`]), and
+//! nothing of it is written.
+//!
+//! [`deliver`] runs one delivery task per sink, reading the queue in order.
+
+pub mod codec;
+pub mod deliver;
+
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+
+use redb::{
+    Database, Durability, ReadableDatabase as _, ReadableTable as _, ReadableTableMetadata as _,
+    TableDefinition,
+};
+use serde::Serialize;
+use tokio::sync::{oneshot, watch};
+
+use crate::sink::Record;
+use crate::spool::codec::DeadLetter;
+
+/// The sinks that have a queue in the spool.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SinkId {
+    /// Kinesis Data Streams.
+    Kinesis,
+    /// AWS IoT Core.
+    IotCore,
+    /// The local sink (files), including stand-ins for unconfigured cloud sinks.
+    Local,
+}
+
+impl SinkId {
+    /// Every sink, in table order.
+    pub const ALL: [SinkId; 3] = [SinkId::Kinesis, SinkId::IotCore, SinkId::Local];
+
+    /// `kinesis`, `iot-core` or `local`.
+    pub fn name(self) -> &'static str {
+        match self {
+            SinkId::Kinesis => "kinesis",
+            SinkId::IotCore => "iot-core",
+            SinkId::Local => "local",
+        }
+    }
+
+    fn index(self) -> usize {
+        self as usize
+    }
+
+    fn table(self) -> TableDefinition<'static, u64, &'static [u8]> {
+        match self {
+            SinkId::Kinesis => TableDefinition::new("queue/kinesis"),
+            SinkId::IotCore => TableDefinition::new("queue/iot-core"),
+            SinkId::Local => TableDefinition::new("queue/local"),
+        }
+    }
+}
+
+const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead-letters");
+
+/// Most requests one commit takes; the rest wait for the next.
+const MAX_GROUP: usize = 4_096;
+
+/// Why the spool refused a write.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum SpoolError {
+    /// The sink's queue is at its limit.
+    #[error("the spool for the {sink} sink is full ({bytes} of {limit} bytes queued)")]
+    Full {
+        /// The sink.
+        sink: &'static str,
+        /// Bytes queued for it.
+        bytes: u64,
+        /// The limit.
+        limit: u64,
+    },
+    /// The storage failed (disk full, I/O error).
+    #[error("the spool cannot write: {0}")]
+    Storage(String),
+    /// The spool is shutting down.
+    #[error("the spool is closed")]
+    Closed,
+}
+
+/// One change for the writer: everything in it commits together or not at all.
+#[derive(Default)]
+pub struct Change {
+    /// Records to queue, per sink (encoded).
+    queued: Vec<(SinkId, Vec<u8>)>,
+    /// Dead letters to add (encoded).
+    dead: Vec<Vec<u8>>,
+    /// Dead letters to remove, by key.
+    remove_dead: Vec<u64>,
+    /// Records a sink confirmed (or refused for good), to remove from its queue.
+    delivered: Option<(SinkId, Vec<u64>)>,
+}
+
+impl Change {
+    /// Queues `record` for `sink`.
+    pub fn queue(&mut self, sink: SinkId, record: &Record) {
+        self.queued.push((sink, codec::encode_record(record)));
+    }
+
+    /// Adds a dead letter.
+    pub fn dead_letter(&mut self, dead: &DeadLetter) {
+        self.dead.push(codec::encode_dead_letter(dead));
+    }
+
+    /// Removes the dead letter `key` (after a redrive).
+    pub fn remove_dead_letter(&mut self, key: u64) {
+        self.remove_dead.push(key);
+    }
+
+    /// True when the change holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.queued.is_empty()
+            && self.dead.is_empty()
+            && self.remove_dead.is_empty()
+            && self.delivered.is_none()
+    }
+
+    /// True when the change must be on disk before it is confirmed: it adds records or
+    /// dead letters, or takes dead letters away (a redrive).
+    fn durable(&self) -> bool {
+        !self.queued.is_empty() || !self.dead.is_empty() || !self.remove_dead.is_empty()
+    }
+}
+
+struct Op {
+    change: Change,
+    reply: oneshot::Sender<Result<(), SpoolError>>,
+}
+
+/// Counters read by the admin API and the benchmarks.
+#[derive(Debug, Clone, Serialize)]
+pub struct SpoolStats {
+    /// Per sink: records and bytes waiting.
+    pub queues: Vec<QueueStats>,
+    /// Dead letters stored.
+    pub dead_letters: u64,
+    /// Commits that ended with an `fsync` since start.
+    pub durable_commits: u64,
+    /// Commits in all since start.
+    pub commits: u64,
+    /// The per-sink limit, in bytes.
+    pub max_bytes_per_sink: u64,
+    /// Requests refused because a sink's queue was full, since start.
+    pub refused_full: u64,
+}
+
+/// One sink's queue.
+#[derive(Debug, Clone, Serialize)]
+pub struct QueueStats {
+    /// The sink.
+    pub sink: SinkId,
+    /// Records waiting.
+    pub records: u64,
+    /// Their encoded size.
+    pub bytes: u64,
+}
+
+struct Shared {
+    db: Database,
+    records: [AtomicU64; 3],
+    bytes: [AtomicU64; 3],
+    dead_letters: AtomicU64,
+    commits: AtomicU64,
+    durable_commits: AtomicU64,
+    refused_full: AtomicU64,
+    /// Per sink: refusing for lack of room (logged when it starts and ends).
+    full: [std::sync::atomic::AtomicBool; 3],
+    limit: u64,
+    /// Per sink, the last sequence number committed: delivery tasks wait on it.
+    appended: [watch::Sender<u64>; 3],
+}
+
+/// The open spool; cheap to share behind an `Arc`.
+pub struct Spool {
+    shared: Arc<Shared>,
+    ops: Mutex<Option<mpsc::Sender<Op>>>,
+    writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    path: PathBuf,
+}
+
+impl Spool {
+    /// Opens (creating if needed) `spool.redb` under `dir`, counts what it holds, and
+    /// starts the writer.
+    pub fn open(dir: &Path, max_bytes_per_sink: u64) -> anyhow::Result<Spool> {
+        use anyhow::Context as _;
+        let path = dir.join("spool.redb");
+        let db = Database::builder().create(&path).map_err(|error| match error {
+            redb::DatabaseError::DatabaseAlreadyOpen => anyhow::anyhow!(
+                "the spool {} is in use by another process (is another sluice running on this data directory?)",
+                path.display()
+            ),
+            other => anyhow::anyhow!("cannot open the spool {}: {other}", path.display()),
+        })?;
+        let txn = db.begin_write().context("spool: begin")?;
+        let mut next_seq = 1u64;
+        let mut records = [0u64; 3];
+        let mut bytes = [0u64; 3];
+        let dead_letters;
+        {
+            for sink in SinkId::ALL {
+                let table = txn.open_table(sink.table()).context("spool: open table")?;
+                for entry in table.iter().context("spool: scan")? {
+                    let (key, value) = entry.context("spool: scan")?;
+                    records[sink.index()] += 1;
+                    bytes[sink.index()] += value.value().len() as u64;
+                    next_seq = next_seq.max(key.value() + 1);
+                }
+            }
+            let dead = txn.open_table(DEAD_LETTERS).context("spool: open table")?;
+            dead_letters = dead.len().context("spool: count")?;
+            if let Some(last) = dead.last().context("spool: scan")? {
+                next_seq = next_seq.max(last.0.value() + 1);
+            }
+        }
+        txn.commit().context("spool: commit")?;
+        if records.iter().any(|&n| n > 0) {
+            tracing::info!(
+                kinesis = records[0],
+                iot_core = records[1],
+                local = records[2],
+                "spool holds undelivered records from an earlier run; delivering them"
+            );
+        }
+        let appended = [
+            watch::channel(next_seq - 1).0,
+            watch::channel(next_seq - 1).0,
+            watch::channel(next_seq - 1).0,
+        ];
+        let shared = Arc::new(Shared {
+            db,
+            records: records.map(AtomicU64::new),
+            bytes: bytes.map(AtomicU64::new),
+            dead_letters: AtomicU64::new(dead_letters),
+            commits: AtomicU64::new(0),
+            durable_commits: AtomicU64::new(0),
+            refused_full: AtomicU64::new(0),
+            full: Default::default(),
+            limit: max_bytes_per_sink,
+            appended,
+        });
+        let (ops, queue) = mpsc::channel::<Op>();
+        let writer_shared = shared.clone();
+        let writer = std::thread::Builder::new()
+            .name("sluice-spool".to_string())
+            .spawn(move || write_loop(&writer_shared, next_seq, &queue))?;
+        Ok(Spool {
+            shared,
+            ops: Mutex::new(Some(ops)),
+            writer: Mutex::new(Some(writer)),
+            path,
+        })
+    }
+
+    /// The spool file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Commits `change`; resolves once it is on disk (or, for deliveries alone, applied).
+    pub async fn commit(&self, change: Change) -> Result<(), SpoolError> {
+        if change.is_empty() {
+            return Ok(());
+        }
+        let (reply, answer) = oneshot::channel();
+        let sent = match &*self.ops.lock().unwrap_or_else(|p| p.into_inner()) {
+            Some(ops) => ops.send(Op { change, reply }).is_ok(),
+            None => false,
+        };
+        if !sent {
+            return Err(SpoolError::Closed);
+        }
+        answer.await.unwrap_or(Err(SpoolError::Closed))
+    }
+
+    /// Removes delivered records from `sink`'s queue and adds `dead` letters, in one
+    /// commit.
+    pub async fn delivered(
+        &self,
+        sink: SinkId,
+        seqs: Vec<u64>,
+        dead: Vec<DeadLetter>,
+    ) -> Result<(), SpoolError> {
+        let mut change = Change {
+            delivered: Some((sink, seqs)),
+            ..Change::default()
+        };
+        for letter in &dead {
+            change.dead_letter(letter);
+        }
+        self.commit(change).await
+    }
+
+    /// Up to `max_records` records (and about `max_bytes`) queued for `sink`, from
+    /// sequence number `from` on, in order. Entries that cannot be decoded are logged and
+    /// left in place.
+    pub fn read(
+        &self,
+        sink: SinkId,
+        from: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<Vec<(u64, Record)>, SpoolError> {
+        let storage = |e: &dyn std::fmt::Display| SpoolError::Storage(e.to_string());
+        let txn = self.shared.db.begin_read().map_err(|e| storage(&e))?;
+        let table = txn.open_table(sink.table()).map_err(|e| storage(&e))?;
+        let mut out = Vec::new();
+        let mut size = 0usize;
+        for entry in table.range(from..).map_err(|e| storage(&e))? {
+            let (key, value) = entry.map_err(|e| storage(&e))?;
+            let bytes = value.value();
+            if !out.is_empty() && (out.len() >= max_records || size + bytes.len() > max_bytes) {
+                break;
+            }
+            size += bytes.len();
+            match codec::decode_record(bytes) {
+                Ok(record) => out.push((key.value(), record)),
+                Err(error) => tracing::error!(
+                    sink = sink.name(),
+                    seq = key.value(),
+                    %error,
+                    "a spooled record cannot be decoded; left in the spool"
+                ),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Dead letters with keys from `from` on, at most `limit`, oldest first.
+    pub fn dead_letters(
+        &self,
+        from: u64,
+        limit: usize,
+    ) -> Result<Vec<(u64, DeadLetter)>, SpoolError> {
+        let storage = |e: &dyn std::fmt::Display| SpoolError::Storage(e.to_string());
+        let txn = self.shared.db.begin_read().map_err(|e| storage(&e))?;
+        let table = txn.open_table(DEAD_LETTERS).map_err(|e| storage(&e))?;
+        let mut out = Vec::new();
+        for entry in table.range(from..).map_err(|e| storage(&e))? {
+            if out.len() >= limit {
+                break;
+            }
+            let (key, value) = entry.map_err(|e| storage(&e))?;
+            match codec::decode_dead_letter(value.value()) {
+                Ok(dead) => out.push((key.value(), dead)),
+                Err(error) => {
+                    tracing::error!(key = key.value(), %error, "a dead letter cannot be decoded")
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// One dead letter by key.
+    pub fn dead_letter(&self, key: u64) -> Result<Option<DeadLetter>, SpoolError> {
+        Ok(self
+            .dead_letters(key, 1)?
+            .into_iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, dead)| dead))
+    }
+
+    /// What the spool holds and has done.
+    pub fn stats(&self) -> SpoolStats {
+        let shared = &self.shared;
+        SpoolStats {
+            queues: SinkId::ALL
+                .iter()
+                .map(|&sink| QueueStats {
+                    sink,
+                    records: shared.records[sink.index()].load(Ordering::Relaxed),
+                    bytes: shared.bytes[sink.index()].load(Ordering::Relaxed),
+                })
+                .collect(),
+            dead_letters: shared.dead_letters.load(Ordering::Relaxed),
+            durable_commits: shared.durable_commits.load(Ordering::Relaxed),
+            commits: shared.commits.load(Ordering::Relaxed),
+            max_bytes_per_sink: shared.limit,
+            refused_full: shared.refused_full.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Records waiting for `sink`.
+    pub fn depth(&self, sink: SinkId) -> u64 {
+        self.shared.records[sink.index()].load(Ordering::Relaxed)
+    }
+
+    /// A receiver that changes whenever records are queued for `sink`.
+    pub fn watch(&self, sink: SinkId) -> watch::Receiver<u64> {
+        self.shared.appended[sink.index()].subscribe()
+    }
+
+    /// Stops taking changes, commits what is queued, and waits for the writer.
+    pub fn close(&self) {
+        self.ops.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(writer) = self.writer.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = writer.join();
+        }
+    }
+}
+
+/// The writer thread: one transaction and one commit per group of waiting changes.
+fn write_loop(shared: &Shared, mut next_seq: u64, queue: &mpsc::Receiver<Op>) {
+    while let Ok(first) = queue.recv() {
+        let mut ops = vec![first];
+        ops.extend(queue.try_iter().take(MAX_GROUP - 1));
+        match apply(shared, &mut next_seq, &ops) {
+            Ok(outcome) => {
+                shared.commits.fetch_add(1, Ordering::Relaxed);
+                if outcome.durable {
+                    shared.durable_commits.fetch_add(1, Ordering::Relaxed);
+                }
+                for sink in SinkId::ALL {
+                    let i = sink.index();
+                    add_signed(&shared.records[i], outcome.records[i]);
+                    add_signed(&shared.bytes[i], outcome.bytes[i]);
+                    if let Some(seq) = outcome.last_seq[i] {
+                        shared.appended[i].send_replace(seq);
+                    }
+                    // Room again once a tenth of the queue has drained.
+                    let bytes = shared.bytes[i].load(Ordering::Relaxed);
+                    if bytes < shared.limit - shared.limit / 10
+                        && shared.full[i].swap(false, Ordering::Relaxed)
+                    {
+                        tracing::info!(
+                            sink = sink.name(),
+                            bytes,
+                            "spool has room again; accepting"
+                        );
+                    }
+                }
+                add_signed(&shared.dead_letters, outcome.dead_letters);
+                for (op, result) in ops.into_iter().zip(outcome.results) {
+                    let _ = op.reply.send(result);
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, "spool commit failed");
+                for op in ops {
+                    let _ = op.reply.send(Err(SpoolError::Storage(error.clone())));
+                }
+            }
+        }
+    }
+}
+
+fn add_signed(counter: &AtomicU64, delta: i64) {
+    if delta >= 0 {
+        counter.fetch_add(delta as u64, Ordering::Relaxed);
+    } else {
+        counter.fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
+    }
+}
+
+/// What one group commit did.
+struct Outcome {
+    results: Vec<Result<(), SpoolError>>,
+    durable: bool,
+    records: [i64; 3],
+    bytes: [i64; 3],
+    dead_letters: i64,
+    last_seq: [Option<u64>; 3],
+}
+
+fn apply(shared: &Shared, next_seq: &mut u64, ops: &[Op]) -> Result<Outcome, String> {
+    let durable = ops.iter().any(|op| op.change.durable());
+    let mut txn = shared.db.begin_write().map_err(|e| e.to_string())?;
+    txn.set_durability(if durable {
+        Durability::Immediate
+    } else {
+        Durability::None
+    })
+    .map_err(|e| e.to_string())?;
+    let mut outcome = Outcome {
+        results: Vec::with_capacity(ops.len()),
+        durable,
+        records: [0; 3],
+        bytes: [0; 3],
+        dead_letters: 0,
+        last_seq: [None; 3],
+    };
+    // Sequence numbers handed out in a failed commit are skipped, never reused.
+    let mut seq = *next_seq;
+    {
+        let e = |e: redb::TableError| e.to_string();
+        let mut queues = [
+            txn.open_table(SinkId::Kinesis.table()).map_err(e)?,
+            txn.open_table(SinkId::IotCore.table()).map_err(e)?,
+            txn.open_table(SinkId::Local.table()).map_err(e)?,
+        ];
+        let mut dead = txn.open_table(DEAD_LETTERS).map_err(e)?;
+        let s = |e: redb::StorageError| e.to_string();
+        for op in ops {
+            let change = &op.change;
+            let mut adding = [0i64; 3];
+            for (sink, bytes) in &change.queued {
+                adding[sink.index()] += bytes.len() as i64;
+            }
+            let full = SinkId::ALL.into_iter().find(|sink| {
+                let i = sink.index();
+                let queued = shared.bytes[i].load(Ordering::Relaxed) as i64 + outcome.bytes[i];
+                adding[i] > 0 && (queued + adding[i]) as u64 > shared.limit
+            });
+            if let Some(sink) = full {
+                let i = sink.index();
+                shared.refused_full.fetch_add(1, Ordering::Relaxed);
+                if !shared.full[i].swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        sink = sink.name(),
+                        limit = shared.limit,
+                        "spool full: refusing messages for this sink with 503 until it drains"
+                    );
+                }
+                outcome.results.push(Err(SpoolError::Full {
+                    sink: sink.name(),
+                    bytes: (shared.bytes[i].load(Ordering::Relaxed) as i64 + outcome.bytes[i])
+                        as u64,
+                    limit: shared.limit,
+                }));
+                continue;
+            }
+            for (sink, bytes) in &change.queued {
+                let i = sink.index();
+                queues[i].insert(seq, bytes.as_slice()).map_err(s)?;
+                outcome.records[i] += 1;
+                outcome.bytes[i] += bytes.len() as i64;
+                outcome.last_seq[i] = Some(seq);
+                seq += 1;
+            }
+            for bytes in &change.dead {
+                dead.insert(seq, bytes.as_slice()).map_err(s)?;
+                outcome.dead_letters += 1;
+                seq += 1;
+            }
+            for key in &change.remove_dead {
+                if dead.remove(key).map_err(s)?.is_some() {
+                    outcome.dead_letters -= 1;
+                }
+            }
+            if let Some((sink, seqs)) = &change.delivered {
+                let i = sink.index();
+                for key in seqs {
+                    if let Some(value) = queues[i].remove(key).map_err(s)? {
+                        outcome.records[i] -= 1;
+                        outcome.bytes[i] -= value.value().len() as i64;
+                    }
+                }
+            }
+            outcome.results.push(Ok(()));
+        }
+    }
+    txn.commit().map_err(|e| e.to_string())?;
+    *next_seq = seq;
+    Ok(outcome)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Message;
+    use crate::route::{Decision, Destination};
+
+    fn record(id: &str, payload: &[u8]) -> Record {
+        Record {
+            message: Message {
+                id: id.to_string(),
+                device_id: "dev-1".to_string(),
+                topic: "t/1".to_string(),
+                content_type: String::new(),
+                qos: 1,
+                attributes: vec![("k".to_string(), "v".to_string())],
+                received_at_ms: 7,
+                payload: payload.to_vec(),
+            },
+            decision: Decision {
+                destination: Destination::Kinesis {
+                    stream: "s".to_string(),
+                    partition_key: "dev-1".to_string(),
+                    explicit_hash_key: None,
+                },
+                rule: "rule:x".to_string(),
+                reason: "because".to_string(),
+            },
+        }
+    }
+
+    #[tokio::test]
+    async fn records_survive_a_reopen_until_delivered() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let mut change = Change::default();
+        for i in 0..5 {
+            change.queue(SinkId::Kinesis, &record(&format!("m{i}"), b"hello"));
+        }
+        spool.commit(change).await.unwrap();
+        let read = spool.read(SinkId::Kinesis, 0, 100, 1 << 20).unwrap();
+        assert_eq!(read.len(), 5);
+        assert_eq!(read[2].1.message.id, "m2");
+        assert_eq!(read[2].1.decision, record("m2", b"").decision);
+        let first_two: Vec<u64> = read[..2].iter().map(|(seq, _)| *seq).collect();
+        spool
+            .delivered(SinkId::Kinesis, first_two, Vec::new())
+            .await
+            .unwrap();
+        spool.close();
+        drop(spool);
+
+        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let read = spool.read(SinkId::Kinesis, 0, 100, 1 << 20).unwrap();
+        let ids: Vec<&str> = read.iter().map(|(_, r)| r.message.id.as_str()).collect();
+        assert_eq!(ids, ["m2", "m3", "m4"]);
+        assert_eq!(spool.depth(SinkId::Kinesis), 3);
+        // New records are numbered after the old ones, so order holds across restarts.
+        let mut change = Change::default();
+        change.queue(SinkId::Kinesis, &record("m5", b"x"));
+        spool.commit(change).await.unwrap();
+        let read = spool.read(SinkId::Kinesis, 0, 100, 1 << 20).unwrap();
+        assert_eq!(read.last().unwrap().1.message.id, "m5");
+    }
+
+    #[tokio::test]
+    async fn a_full_queue_refuses_the_whole_change_and_keeps_the_rest() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 2_000).unwrap();
+        let mut change = Change::default();
+        change.queue(SinkId::Kinesis, &record("a", &[1; 900]));
+        spool.commit(change).await.unwrap();
+        let mut change = Change::default();
+        change.queue(SinkId::Local, &record("b", &[1; 100]));
+        change.queue(SinkId::Kinesis, &record("c", &[1; 1_500]));
+        let error = spool.commit(change).await.unwrap_err();
+        assert!(
+            matches!(
+                error,
+                SpoolError::Full {
+                    sink: "kinesis",
+                    ..
+                }
+            ),
+            "{error}"
+        );
+        assert_eq!(
+            spool.depth(SinkId::Local),
+            0,
+            "nothing of a refused change is kept"
+        );
+        // Other sinks are not affected by a full one.
+        let mut change = Change::default();
+        change.queue(SinkId::Local, &record("d", &[1; 1_500]));
+        spool.commit(change).await.unwrap();
+        // Delivery frees room.
+        let seqs = spool
+            .read(SinkId::Kinesis, 0, 10, 1 << 20)
+            .unwrap()
+            .into_iter()
+            .map(|(seq, _)| seq)
+            .collect();
+        spool
+            .delivered(SinkId::Kinesis, seqs, Vec::new())
+            .await
+            .unwrap();
+        let mut change = Change::default();
+        change.queue(SinkId::Kinesis, &record("c", &[1; 1_500]));
+        spool.commit(change).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn dead_letters_are_listed_and_removed() {
+        use crate::spool::codec::Origin;
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let mut change = Change::default();
+        change.queue(SinkId::Kinesis, &record("a", b"1"));
+        spool.commit(change).await.unwrap();
+        let (seq, rejected) = spool
+            .read(SinkId::Kinesis, 0, 1, 1 << 20)
+            .unwrap()
+            .remove(0);
+        let dead = DeadLetter {
+            record: rejected,
+            origin: Origin::Sink {
+                sink: "kinesis".to_string(),
+            },
+            reason: "ResourceNotFoundException".to_string(),
+            at_ms: 9,
+        };
+        spool
+            .delivered(SinkId::Kinesis, vec![seq], vec![dead])
+            .await
+            .unwrap();
+        assert_eq!(spool.depth(SinkId::Kinesis), 0);
+        let letters = spool.dead_letters(0, 10).unwrap();
+        assert_eq!(letters.len(), 1);
+        let (key, letter) = &letters[0];
+        assert_eq!(letter.record.message.id, "a");
+        assert_eq!(letter.reason, "ResourceNotFoundException");
+        assert!(spool.dead_letter(*key).unwrap().is_some());
+        let mut change = Change::default();
+        change.remove_dead_letter(*key);
+        spool.commit(change).await.unwrap();
+        assert!(spool.dead_letters(0, 10).unwrap().is_empty());
+        assert_eq!(spool.stats().dead_letters, 0);
+    }
+}
