@@ -248,7 +248,7 @@ async fn redrive(
     body: Result<Json<RedriveBody>, axum::extract::rejection::JsonRejection>,
 ) -> Response {
     let body = match body {
-        Ok(Json(body)) if body.all != body.keys.is_empty() => body,
+        Ok(Json(body)) if body.all == body.keys.is_empty() => body,
         _ => {
             return error(
                 StatusCode::BAD_REQUEST,

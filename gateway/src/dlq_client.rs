@@ -14,13 +14,13 @@ use sluice_gateway::config::Config;
 pub struct AdminTarget {
     /// Configuration file of the running gateway: its `[admin]` section gives the
     /// address and token.
-    #[arg(long, short, env = "SLUICE_CONFIG")]
+    #[arg(long, short, global = true, env = "SLUICE_CONFIG")]
     config: Option<PathBuf>,
     /// Admin API base URL, e.g. http://127.0.0.1:9091 (overrides the config).
-    #[arg(long, env = "SLUICE_ADMIN_URL")]
+    #[arg(long, global = true, env = "SLUICE_ADMIN_URL")]
     admin_url: Option<String>,
     /// Admin token (overrides the config).
-    #[arg(long, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(long, global = true, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true)]
     token: Option<String>,
 }
 

@@ -11,7 +11,7 @@ use aws_sdk_kinesis::types::ShardIteratorType;
 use md5::{Digest, Md5};
 use serde_json::{Value, json};
 
-use crate::harness::Gateway;
+use crate::harness::{Gateway, eventually};
 
 /// The servers' fault queue and recordings are shared: cloud tests run one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -244,6 +244,7 @@ fn messages_are_read_back_from_the_right_kinesis_shard() {
         assert_eq!(reply.body["routes"][0]["destination"]["type"], "kinesis");
         sent.insert(payload, device);
     }
+    gateway.settle();
     let stored = env.read_stream(&stream);
     assert_eq!(stored.len(), sent.len(), "every message once, none dropped");
     let mut order: HashMap<String, Vec<u64>> = HashMap::new();
@@ -302,6 +303,7 @@ fn kinesis_faults_are_retried_until_every_record_arrives() {
                 .all(|r| r["status"] == "accepted")
         );
     }
+    gateway.settle();
     let faults = env.control(reqwest::Method::GET, "faults", None);
     assert_eq!(
         faults["put_records"],
@@ -331,18 +333,19 @@ fn a_missing_stream_dead_letters_with_the_error() {
     let gateway = Gateway::start(&env.kinesis_config(&unique("absent"), ""));
     let reply = gateway.publish("t", "dev-1", "{}");
     assert_eq!(reply.status, 200, "{:?}", reply.body);
-    assert_eq!(reply.body["status"], "dead-lettered");
-    let line = gateway
-        .find(reply.body["id"].as_str().unwrap())
-        .expect("in the dead-letter store");
-    assert_eq!(line["destination"]["type"], "dead-letter");
-    assert_eq!(line["rule"], "sink:kinesis");
+    assert_eq!(reply.body["status"], "accepted", "spooled first");
+    let letters = gateway.dead_letters();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    let letter = &letters[0];
+    assert_eq!(letter["id"], reply.body["id"]);
+    assert_eq!(letter["origin"], json!({"stage": "sink", "sink": "kinesis"}));
+    assert_eq!(letter["destination"]["type"], "kinesis", "kept for a redrive");
     assert!(
-        line["reason"]
+        letter["reason"]
             .as_str()
             .unwrap()
             .contains("ResourceNotFound"),
-        "{line}"
+        "{letter}"
     );
 }
 
@@ -495,6 +498,7 @@ fn https_publishes_are_recorded_by_the_iot_data_plane() {
     let gateway = Gateway::start(&config);
     let reply = gateway.publish(&format!("{topic}/x?qos=1"), "dev-h", r#"{"h":1}"#);
     assert_eq!(reply.status, 200, "{:?}", reply.body);
+    gateway.settle();
     let published = env.control(reqwest::Method::GET, "published", None);
     let mine: Vec<&Value> = published
         .as_array()
@@ -611,6 +615,7 @@ fn aggregated_records_deaggregate_with_the_kcl_library() {
         let payloads = (0..4).map(|round| payload(&device, round)).collect();
         sent.insert(device, payloads);
     }
+    gateway.settle();
     let raw = env.read_stream_raw(&stream);
     let users = deaggregate_with_kcl_library(&raw);
     assert!(
@@ -686,6 +691,8 @@ fn aggregation_follows_the_shards_after_a_split() {
     );
     let gateway = std::sync::Arc::new(Gateway::start(&config));
     send_from_devices(&gateway, "before", 16);
+    // Delivered before the split, into the parent.
+    gateway.settle();
 
     let parent = "shardId-000000000000";
     runtime
@@ -701,11 +708,13 @@ fn aggregation_follows_the_shards_after_a_split() {
     // The first record after the split lands on a child the gateway's map does not know;
     // the gateway notices from the answer and lists the shards again.
     assert_eq!(gateway.publish("t", "probe", "{}").status, 200);
+    gateway.settle();
     send_from_devices(&gateway, "after", 16);
 
     let shards = runtime
         .block_on(client.list_shards().stream_name(&stream).send())
         .unwrap();
+    gateway.settle();
     let records = read_records(&client, &stream);
     let mut after_split = 0;
     for shard in shards.shards().iter().filter(|s| s.shard_id() != parent) {
@@ -736,7 +745,7 @@ fn aggregation_follows_the_shards_after_a_split() {
 }
 
 #[test]
-fn a_sink_that_cannot_confirm_in_time_answers_503_with_retry_after() {
+fn a_sink_that_cannot_confirm_in_time_keeps_the_record_spooled_until_it_can() {
     let env = TestEnv::get();
     let stream = unique("throttled");
     env.create_stream(&stream, 1);
@@ -750,19 +759,18 @@ fn a_sink_that_cannot_confirm_in_time_answers_503_with_retry_after() {
         .replace("delivery_timeout_ms = 20000", "delivery_timeout_ms = 700");
     let gateway = Gateway::start(&config);
     let reply = gateway.publish("t", "dev-1", r#"{"late": true}"#);
-    assert_eq!(reply.status, 503, "{:?}", reply.body);
-    assert_eq!(reply.body["code"], "sink_unavailable");
-    assert_eq!(reply.retry_after.as_deref(), Some("1"));
-    let stats = env.control(reqwest::Method::GET, "stats", None);
-    assert!(
-        stats["put_records_calls"].as_u64().unwrap() >= 2,
-        "it kept retrying: {stats}"
-    );
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    assert_eq!(reply.body["status"], "accepted");
+    eventually(Duration::from_secs(30), "several refused attempts", || {
+        let stats = env.control(reqwest::Method::GET, "stats", None);
+        (stats["put_records_calls"].as_u64().unwrap() >= 3).then_some(())
+    });
+    assert_eq!(gateway.spooled(), 1, "still spooled while Kinesis refuses it");
 
-    // Once Kinesis takes records again, the device's retry goes through.
+    // Once Kinesis takes records again, the spooled record goes through.
     env.control(reqwest::Method::DELETE, "faults", None);
-    let retry = gateway.publish("t", "dev-1", r#"{"late": true}"#);
-    assert_eq!(retry.status, 200, "{:?}", retry.body);
-    // The timed-out record left the queue with its 503; only the retry is stored.
-    assert_eq!(env.read_stream(&stream).len(), 1);
+    gateway.settle();
+    let stored = env.read_stream(&stream);
+    assert!(!stored.is_empty(), "delivered");
+    assert!(stored.iter().all(|(_, _, data)| data == br#"{"late": true}"#));
 }

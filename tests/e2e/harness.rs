@@ -29,11 +29,16 @@ pub fn plugin(name: &str) -> PathBuf {
     path
 }
 
+/// The admin token the harness gives every gateway it configures.
+pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
+
 /// A running gateway with its own data directory; killed on drop.
 pub struct Gateway {
     child: Child,
     /// `http://127.0.0.1:PORT` (or https).
     pub url: String,
+    /// `http://127.0.0.1:PORT` of the admin API.
+    pub admin: String,
     /// Holds the config, the data directory and anything else the test puts there.
     pub dir: tempfile::TempDir,
     client: reqwest::blocking::Client,
@@ -61,27 +66,100 @@ impl Gateway {
         config: &str,
         client: reqwest::blocking::Client,
     ) -> Gateway {
-        let config = config.replace("{dir}", &dir.path().display().to_string());
-        let config_path = dir.path().join("sluice.toml");
-        std::fs::write(&config_path, config).expect("write config");
-        let mut child = Command::new(SLUICE)
-            .args(["run", "--listen", "127.0.0.1:0", "--config"])
-            .arg(&config_path)
-            .arg("--data-dir")
-            .arg(dir.path().join("data"))
-            .env("SLUICE_LOG", "warn")
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start sluice");
-        let url = read_listening_line(&mut child);
+        let mut config = config.replace("{dir}", &dir.path().display().to_string());
+        if !config.contains("[admin]") {
+            config.push_str(&format!(
+                "\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{ADMIN_TOKEN}\"\n"
+            ));
+        }
+        std::fs::write(dir.path().join("sluice.toml"), config).expect("write config");
+        let (child, url, admin) = spawn(dir.path());
         Gateway {
             child,
             url,
+            admin,
             dir,
             client,
         }
+    }
+
+    /// Kills the gateway with SIGKILL (no chance to clean up) and starts it again on
+    /// the same configuration and data directory.
+    pub fn crash_and_restart(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let (child, url, admin) = spawn(self.dir.path());
+        self.child = child;
+        self.url = url;
+        self.admin = admin;
+    }
+
+    /// Starts the gateway again after [`Gateway::terminate`].
+    pub fn restart(&mut self) {
+        let (child, url, admin) = spawn(self.dir.path());
+        self.child = child;
+        self.url = url;
+        self.admin = admin;
+    }
+
+    /// `GET` on the admin API.
+    pub fn admin_get(&self, path: &str) -> Value {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.admin))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .expect("admin request");
+        assert!(response.status().is_success(), "{path}: {}", response.status());
+        response.json().expect("admin JSON")
+    }
+
+    /// `POST` on the admin API: (status, body).
+    pub fn admin_post(&self, path: &str, body: Value) -> (u16, Value) {
+        let response = self
+            .client
+            .post(format!("{}{path}", self.admin))
+            .bearer_auth(ADMIN_TOKEN)
+            .json(&body)
+            .send()
+            .expect("admin request");
+        (
+            response.status().as_u16(),
+            response.json().unwrap_or(Value::Null),
+        )
+    }
+
+    /// Records waiting in the spool, all sinks together.
+    pub fn spooled(&self) -> u64 {
+        self.admin_get("/admin/spool")["queues"]
+            .as_array()
+            .expect("queues")
+            .iter()
+            .map(|q| q["records"].as_u64().unwrap())
+            .sum()
+    }
+
+    /// Waits until every record acknowledged before this call has left the spool
+    /// (delivered, or dead-lettered by its sink); later traffic does not hold it up.
+    pub fn settle(&self) {
+        let last = self.admin_get("/admin/spool")["last_seq"].as_u64().unwrap();
+        eventually(Duration::from_secs(60), "the spool to drain", || {
+            let stats = self.admin_get("/admin/spool");
+            let queues = stats["queues"].as_array().unwrap();
+            queues
+                .iter()
+                .all(|q| q["oldest"].as_u64().is_none_or(|oldest| oldest > last))
+                .then_some(())
+        });
+    }
+
+    /// Every dead letter (after the spool drained), oldest first.
+    pub fn dead_letters(&self) -> Vec<Value> {
+        self.settle();
+        self.admin_get("/admin/dlq?limit=1000")["dead_letters"]
+            .as_array()
+            .expect("dead letters")
+            .clone()
     }
 
     /// `POST /topics/{topic}` as `device`.
@@ -120,8 +198,10 @@ impl Gateway {
         }
     }
 
-    /// The lines of the local sink's file for a destination kind.
+    /// The lines of the local sink's file for a destination kind, once the spool has
+    /// drained.
     pub fn sink(&self, kind: &str) -> Vec<Value> {
+        self.settle();
         let path = self.dir.path().join("data").join(format!("{kind}.jsonl"));
         let Ok(text) = std::fs::read_to_string(path) else {
             return Vec::new();
@@ -133,7 +213,7 @@ impl Gateway {
 
     /// Every sink line of every destination kind.
     pub fn all_sink_lines(&self) -> Vec<Value> {
-        ["iot-core", "kinesis", "local", "dead-letter"]
+        ["iot-core", "kinesis", "local"]
             .iter()
             .flat_map(|kind| self.sink(kind))
             .collect()
@@ -175,16 +255,39 @@ impl Drop for Gateway {
     }
 }
 
-/// Waits for `sluice: listening on URL` on the child's stdout and returns the URL.
-fn read_listening_line(child: &mut Child) -> String {
+/// Starts `sluice run` on `dir`'s `sluice.toml` and data directory; returns the child,
+/// the device URL and the admin URL (empty when the config has no admin listener).
+fn spawn(dir: &Path) -> (Child, String, String) {
+    let mut child = Command::new(SLUICE)
+        .args(["run", "--listen", "127.0.0.1:0", "--config"])
+        .arg(dir.join("sluice.toml"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .env("SLUICE_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .expect("start sluice");
+    let (url, admin) = read_listening_lines(&mut child);
+    (child, url, admin)
+}
+
+/// Waits for `sluice: listening on URL` on the child's stdout (after `sluice: admin on
+/// URL`, when there is an admin listener) and returns both URLs.
+fn read_listening_lines(child: &mut Child) -> (String, String) {
     let stdout = child.stdout.take().expect("stdout");
     let (found, url) = mpsc::channel();
     std::thread::spawn(move || {
         let mut lines = BufReader::new(stdout).lines();
+        let mut admin = String::new();
         for line in lines.by_ref() {
             let Ok(line) = line else { break };
+            if let Some(url) = line.strip_prefix("sluice: admin on ") {
+                admin = url.to_string();
+            }
             if let Some(url) = line.strip_prefix("sluice: listening on ") {
-                let _ = found.send(url.to_string());
+                let _ = found.send((url.to_string(), admin));
                 break;
             }
         }
@@ -192,7 +295,7 @@ fn read_listening_line(child: &mut Child) -> String {
         for _ in lines {}
     });
     match url.recv_timeout(START_TIMEOUT) {
-        Ok(url) => url,
+        Ok(urls) => urls,
         Err(_) => {
             let status = child.try_wait().ok().flatten();
             panic!("sluice did not start listening (exit status: {status:?})");

@@ -163,6 +163,9 @@ pub struct SpoolStats {
     pub max_bytes_per_sink: u64,
     /// Requests refused because a sink's queue was full, since start.
     pub refused_full: u64,
+    /// The last sequence number handed out: everything acknowledged so far is at or
+    /// below it.
+    pub last_seq: u64,
 }
 
 /// One sink's queue.
@@ -174,6 +177,8 @@ pub struct QueueStats {
     pub records: u64,
     /// Their encoded size.
     pub bytes: u64,
+    /// The sequence number of the oldest one, if any.
+    pub oldest: Option<u64>,
 }
 
 struct Shared {
@@ -184,6 +189,7 @@ struct Shared {
     commits: AtomicU64,
     durable_commits: AtomicU64,
     refused_full: AtomicU64,
+    last_seq: AtomicU64,
     /// Per sink: refusing for lack of room (logged when it starts and ends).
     full: [std::sync::atomic::AtomicBool; 3],
     limit: u64,
@@ -255,6 +261,7 @@ impl Spool {
             commits: AtomicU64::new(0),
             durable_commits: AtomicU64::new(0),
             refused_full: AtomicU64::new(0),
+            last_seq: AtomicU64::new(next_seq - 1),
             full: Default::default(),
             limit: max_bytes_per_sink,
             appended,
@@ -383,6 +390,14 @@ impl Spool {
     /// What the spool holds and has done.
     pub fn stats(&self) -> SpoolStats {
         let shared = &self.shared;
+        // Read before the queues, so that `oldest > last_seq` means "all of it delivered".
+        let last_seq = shared.last_seq.load(Ordering::Acquire);
+        let read = shared.db.begin_read().ok();
+        let oldest = |sink: SinkId| -> Option<u64> {
+            let table = read.as_ref()?.open_table(sink.table()).ok()?;
+            let first = table.first().ok()??;
+            Some(first.0.value())
+        };
         SpoolStats {
             queues: SinkId::ALL
                 .iter()
@@ -390,8 +405,10 @@ impl Spool {
                     sink,
                     records: shared.records[sink.index()].load(Ordering::Relaxed),
                     bytes: shared.bytes[sink.index()].load(Ordering::Relaxed),
+                    oldest: oldest(sink),
                 })
                 .collect(),
+            last_seq,
             dead_letters: shared.dead_letters.load(Ordering::Relaxed),
             durable_commits: shared.durable_commits.load(Ordering::Relaxed),
             commits: shared.commits.load(Ordering::Relaxed),
@@ -427,6 +444,7 @@ fn write_loop(shared: &Shared, mut next_seq: u64, queue: &mpsc::Receiver<Op>) {
         match apply(shared, &mut next_seq, &ops) {
             Ok(outcome) => {
                 shared.commits.fetch_add(1, Ordering::Relaxed);
+                shared.last_seq.store(next_seq - 1, Ordering::Release);
                 if outcome.durable {
                     shared.durable_commits.fetch_add(1, Ordering::Relaxed);
                 }
