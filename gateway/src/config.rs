@@ -652,7 +652,10 @@ impl Config {
             }
             _ => {}
         }
-        if admin.listen.is_some_and(|a| a.port() != 0 && a == self.server.listen) {
+        if admin
+            .listen
+            .is_some_and(|a| a.port() != 0 && a == self.server.listen)
+        {
             problems.push("admin.listen must differ from server.listen".to_string());
         }
     }

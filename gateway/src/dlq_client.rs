@@ -20,7 +20,12 @@ pub struct AdminTarget {
     #[arg(long, global = true, env = "SLUICE_ADMIN_URL")]
     admin_url: Option<String>,
     /// Admin token (overrides the config).
-    #[arg(long, global = true, env = "SLUICE_ADMIN_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "SLUICE_ADMIN_TOKEN",
+        hide_env_values = true
+    )]
     token: Option<String>,
 }
 

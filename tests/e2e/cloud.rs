@@ -17,7 +17,7 @@ use crate::harness::{Gateway, eventually};
 static SERIAL: Mutex<()> = Mutex::new(());
 
 /// What `scripts/test-env` started.
-struct TestEnv {
+pub struct TestEnv {
     aws: String,
     mqtt_port: u16,
     certs: PathBuf,
@@ -26,7 +26,7 @@ struct TestEnv {
 }
 
 impl TestEnv {
-    fn get() -> TestEnv {
+    pub fn get() -> TestEnv {
         let serial = SERIAL.lock().unwrap_or_else(|p| p.into_inner());
         let var = |name: &str| {
             std::env::var(name).unwrap_or_else(|_| {
@@ -52,6 +52,11 @@ impl TestEnv {
         env
     }
 
+    /// The moto server's address.
+    pub fn aws_endpoint(&self) -> String {
+        self.aws.clone()
+    }
+
     fn control(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
         let client = reqwest::blocking::Client::new();
         let mut request = client.request(method, format!("{}/_sluice/{path}", self.aws));
@@ -67,7 +72,7 @@ impl TestEnv {
         response.json().unwrap_or(Value::Null)
     }
 
-    fn kinesis_config(&self, stream: &str, extra: &str) -> String {
+    pub fn kinesis_config(&self, stream: &str, extra: &str) -> String {
         format!(
             r#"
             [aws]
@@ -106,7 +111,7 @@ impl TestEnv {
         )
     }
 
-    fn runtime() -> tokio::runtime::Runtime {
+    pub fn runtime() -> tokio::runtime::Runtime {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
@@ -119,7 +124,7 @@ impl TestEnv {
     }
 
     /// Creates a stream with `shards` shards.
-    fn create_stream(&self, name: &str, shards: i32) {
+    pub fn create_stream(&self, name: &str, shards: i32) {
         let client = self.kinesis();
         Self::runtime().block_on(async {
             client
@@ -133,7 +138,7 @@ impl TestEnv {
     }
 
     /// Every record in the stream, by shard: (shard id, partition key, data).
-    fn read_stream(&self, name: &str) -> Vec<(String, String, Vec<u8>)> {
+    pub fn read_stream(&self, name: &str) -> Vec<(String, String, Vec<u8>)> {
         self.read_stream_raw(name)
             .into_iter()
             .map(|(shard, key, _, data)| (shard, key, data))
@@ -169,7 +174,7 @@ impl TestEnv {
 
 /// Every record in a stream, shard by shard: (shard id, partition key, sequence number,
 /// data).
-fn read_records(
+pub fn read_records(
     client: &aws_sdk_kinesis::Client,
     name: &str,
 ) -> Vec<(String, String, String, Vec<u8>)> {
@@ -212,7 +217,7 @@ fn read_records(
 }
 
 /// A Kinesis client for the endpoint (credentials from the test environment).
-fn kinesis_client(endpoint: &str) -> aws_sdk_kinesis::Client {
+pub fn kinesis_client(endpoint: &str) -> aws_sdk_kinesis::Client {
     let aws = sluice_gateway::config::AwsConfig {
         region: Some("us-east-1".to_string()),
         endpoint_url: Some(endpoint.to_string()),
@@ -221,7 +226,7 @@ fn kinesis_client(endpoint: &str) -> aws_sdk_kinesis::Client {
     aws_sdk_kinesis::Client::new(&config)
 }
 
-fn unique(prefix: &str) -> String {
+pub fn unique(prefix: &str) -> String {
     format!(
         "{prefix}-{}-{}",
         std::process::id(),
@@ -338,8 +343,14 @@ fn a_missing_stream_dead_letters_with_the_error() {
     assert_eq!(letters.len(), 1, "{letters:?}");
     let letter = &letters[0];
     assert_eq!(letter["id"], reply.body["id"]);
-    assert_eq!(letter["origin"], json!({"stage": "sink", "sink": "kinesis"}));
-    assert_eq!(letter["destination"]["type"], "kinesis", "kept for a redrive");
+    assert_eq!(
+        letter["origin"],
+        json!({"stage": "sink", "sink": "kinesis"})
+    );
+    assert_eq!(
+        letter["destination"]["type"], "kinesis",
+        "kept for a redrive"
+    );
     assert!(
         letter["reason"]
             .as_str()
@@ -765,12 +776,20 @@ fn a_sink_that_cannot_confirm_in_time_keeps_the_record_spooled_until_it_can() {
         let stats = env.control(reqwest::Method::GET, "stats", None);
         (stats["put_records_calls"].as_u64().unwrap() >= 3).then_some(())
     });
-    assert_eq!(gateway.spooled(), 1, "still spooled while Kinesis refuses it");
+    assert_eq!(
+        gateway.spooled(),
+        1,
+        "still spooled while Kinesis refuses it"
+    );
 
     // Once Kinesis takes records again, the spooled record goes through.
     env.control(reqwest::Method::DELETE, "faults", None);
     gateway.settle();
     let stored = env.read_stream(&stream);
     assert!(!stored.is_empty(), "delivered");
-    assert!(stored.iter().all(|(_, _, data)| data == br#"{"late": true}"#));
+    assert!(
+        stored
+            .iter()
+            .all(|(_, _, data)| data == br#"{"late": true}"#)
+    );
 }

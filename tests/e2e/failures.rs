@@ -96,7 +96,11 @@ fn dead_letter_path_keeps_failed_messages_with_their_reason() {
         let reply = gateway.publish("t", "dev-7", payload);
         assert_eq!(reply.status, 200, "{payload}: {:?}", reply.body);
         assert_eq!(reply.body["status"], "dead-lettered");
-        expected.push((reply.body["id"].as_str().unwrap().to_string(), payload, code));
+        expected.push((
+            reply.body["id"].as_str().unwrap().to_string(),
+            payload,
+            code,
+        ));
     }
     let letters = gateway.dead_letters();
     assert_eq!(letters.len(), 3, "{letters:?}");
@@ -135,10 +139,14 @@ fn a_poison_message_is_redriven_with_the_cli_after_the_plugin_is_fixed() {
 
     let (code, listing, stderr) = sluice(&[&["dlq", "list"], &target[..]].concat());
     assert_eq!(code, 0, "{stderr}");
-    assert!(listing.contains(&id) && listing.contains("plugin:misbehave"), "{listing}");
+    assert!(
+        listing.contains(&id) && listing.contains("plugin:misbehave"),
+        "{listing}"
+    );
     // While the plugin is still broken, a redrive dead-letters it again, under a new key.
     let first_key = gateway.dead_letters()[0]["key"].as_u64().unwrap();
-    let (code, out, stderr) = sluice(&[&["dlq", "redrive", &first_key.to_string()], &target[..]].concat());
+    let (code, out, stderr) =
+        sluice(&[&["dlq", "redrive", &first_key.to_string()], &target[..]].concat());
     assert_eq!(code, 0, "{stderr}");
     assert!(out.contains("dead-lettered"), "{out}");
     let letters = gateway.dead_letters();
@@ -160,7 +168,9 @@ fn a_poison_message_is_redriven_with_the_cli_after_the_plugin_is_fixed() {
     // Probes sent while the reload was pending were dead-lettered too; all go through now.
     assert!(out.contains(&format!("{id} accepted")), "{out}");
     assert!(out.contains("not found: 0"), "{out}");
-    let line = eventually(Duration::from_secs(30), "the redriven message", || gateway.find(&id));
+    let line = eventually(Duration::from_secs(30), "the redriven message", || {
+        gateway.find(&id)
+    });
     assert_eq!(line["payload_text"], "trap", "the message as it was sent");
     assert_eq!(line["device"], "dev-9");
     assert!(gateway.dead_letters().is_empty());

@@ -49,7 +49,6 @@ pub struct Gateway {
 pub struct Reply {
     pub status: u16,
     pub body: Value,
-    pub retry_after: Option<String>,
 }
 
 impl Gateway {
@@ -110,23 +109,12 @@ impl Gateway {
             .bearer_auth(ADMIN_TOKEN)
             .send()
             .expect("admin request");
-        assert!(response.status().is_success(), "{path}: {}", response.status());
+        assert!(
+            response.status().is_success(),
+            "{path}: {}",
+            response.status()
+        );
         response.json().expect("admin JSON")
-    }
-
-    /// `POST` on the admin API: (status, body).
-    pub fn admin_post(&self, path: &str, body: Value) -> (u16, Value) {
-        let response = self
-            .client
-            .post(format!("{}{path}", self.admin))
-            .bearer_auth(ADMIN_TOKEN)
-            .json(&body)
-            .send()
-            .expect("admin request");
-        (
-            response.status().as_u16(),
-            response.json().unwrap_or(Value::Null),
-        )
     }
 
     /// Records waiting in the spool, all sinks together.
@@ -185,17 +173,9 @@ impl Gateway {
         }
         let response = request.send().expect("request");
         let status = response.status().as_u16();
-        let retry_after = response
-            .headers()
-            .get("retry-after")
-            .map(|v| v.to_str().unwrap().to_string());
         let text = response.text().expect("body");
         let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
-        Reply {
-            status,
-            body,
-            retry_after,
-        }
+        Reply { status, body }
     }
 
     /// The lines of the local sink's file for a destination kind, once the spool has

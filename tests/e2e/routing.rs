@@ -1,8 +1,10 @@
 //! The built-in routing policy and the payload limits, over HTTP.
 
+use std::time::Duration;
+
 use serde_json::json;
 
-use crate::harness::Gateway;
+use crate::harness::{Gateway, eventually};
 
 const RULES: &str = r#"
     [routing]
@@ -142,4 +144,47 @@ fn iot_core_publish_api_rules_are_enforced() {
         2,
         "only the two good publishes are stored"
     );
+}
+
+#[test]
+fn a_best_effort_rule_skips_the_spool_and_a_durable_one_commits() {
+    let config = r#"
+        [[routing.rules]]
+        name = "fast"
+        topic = "fast/#"
+        destination = "local"
+        durability = "best-effort"
+        [[routing.rules]]
+        name = "safe"
+        topic = "safe/#"
+        destination = "local"
+    "#;
+    let gateway = Gateway::start(config);
+    let commits = || {
+        gateway.admin_get("/admin/spool")["durable_commits"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = commits();
+    let fast = gateway.publish("fast/1", "dev-1", "quick");
+    assert_eq!(fast.status, 200, "{:?}", fast.body);
+    let id = fast.body["id"].as_str().unwrap().to_string();
+    let line = eventually(Duration::from_secs(10), "the best-effort message", || {
+        gateway.find(&id)
+    });
+    assert_eq!(line["rule"], "rule:fast");
+    assert_eq!(
+        commits(),
+        before,
+        "no spool write for a best-effort message"
+    );
+
+    let safe = gateway.publish("safe/1", "dev-1", "kept");
+    assert_eq!(safe.status, 200, "{:?}", safe.body);
+    assert_eq!(
+        commits(),
+        before + 1,
+        "one fsync-ed commit before the acknowledgement"
+    );
+    assert!(gateway.find(safe.body["id"].as_str().unwrap()).is_some());
 }

@@ -304,6 +304,7 @@ impl StreamWorker {
         let linger = self.linger;
         let mut queue: Vec<Entry> = Vec::new();
         let mut throttles: u32 = 0;
+        let mut failing_calls: u32 = 0;
         loop {
             // Nothing ready to send (empty, or everything in backoff): wait for new
             // records or the first retry; new records linger so that others can join.
@@ -394,6 +395,12 @@ impl StreamWorker {
                 .map(|planned| put_entry(&queue, planned))
                 .collect();
             let answer = api.put_records(&stream, request).await;
+            if answer.is_ok() {
+                if failing_calls > 0 {
+                    tracing::info!(%stream, failed = failing_calls, "PutRecords works again");
+                }
+                failing_calls = 0;
+            }
             let now = Instant::now();
             let mut throttled = false;
             match answer {
@@ -425,7 +432,13 @@ impl StreamWorker {
                     }
                 }
                 Err(CallError::Transient(message)) => {
-                    tracing::warn!(%stream, error = %message, "PutRecords failed; retrying");
+                    // Once per outage, not once per attempt.
+                    if failing_calls == 0 {
+                        tracing::warn!(%stream, error = %message, "PutRecords failed; retrying");
+                    } else {
+                        tracing::debug!(%stream, error = %message, "PutRecords failed again");
+                    }
+                    failing_calls += 1;
                     for &i in chosen.iter().flat_map(Planned::members) {
                         retry_later(&mut queue[i], now, message.clone());
                     }
