@@ -133,8 +133,8 @@ pub struct KinesisSinkConfig {
     /// How long a `PutRecords` call waits for more records before it is sent. Default 10.
     #[serde(default = "default_linger_ms")]
     pub linger_ms: u64,
-    /// How long a request waits for Kinesis to confirm its records before it gets
-    /// `503`. Default 10000.
+    /// How long a window of spooled records waits for Kinesis to confirm them before the
+    /// spool sends the window again. Default 10000.
     #[serde(default = "default_delivery_timeout_ms")]
     pub delivery_timeout_ms: u64,
     /// Endpoint for Kinesis only, overriding `aws.endpoint_url`.
@@ -166,8 +166,8 @@ pub enum IotTransport {
 pub struct IotCoreSinkConfig {
     /// `mqtt` or `https`.
     pub transport: IotTransport,
-    /// How long a request waits for IoT Core's confirmations before it gets `503`.
-    /// Default 10000.
+    /// How long a window of spooled records waits for IoT Core's confirmations before
+    /// the spool sends the window again. Default 10000.
     #[serde(default = "default_delivery_timeout_ms")]
     pub delivery_timeout_ms: u64,
     /// Publish through Basic Ingest to this IoT rule (`$aws/rules/<rule>/<topic>`).

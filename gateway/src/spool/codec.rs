@@ -7,8 +7,8 @@ use crate::message::Message;
 use crate::route::{Decision, Destination};
 use crate::sink::Record;
 
-/// A routed record as stored.
-#[derive(Serialize, Deserialize)]
+/// A routed record as stored (decoded; [`RecordRef`] encodes).
+#[derive(Deserialize)]
 struct StoredRecord {
     id: String,
     device_id: String,
@@ -24,8 +24,77 @@ struct StoredRecord {
     reason: String,
 }
 
+/// [`StoredRecord`] borrowing from a [`Record`], for encoding without copies. Field
+/// for field the same layout: postcard writes both the same way.
+#[derive(Serialize)]
+struct RecordRef<'a> {
+    id: &'a str,
+    device_id: &'a str,
+    topic: &'a str,
+    content_type: &'a str,
+    qos: u8,
+    attributes: &'a [(String, String)],
+    received_at_ms: u64,
+    #[serde(with = "serde_bytes")]
+    payload: &'a [u8],
+    destination: DestinationRef<'a>,
+    rule: &'a str,
+    reason: &'a str,
+}
+
+/// [`StoredDestination`], borrowed.
+#[derive(Serialize)]
+enum DestinationRef<'a> {
+    IotCore {
+        topic: &'a str,
+        qos: u8,
+    },
+    Kinesis {
+        stream: &'a str,
+        partition_key: &'a str,
+        explicit_hash_key: Option<&'a str>,
+    },
+    Local,
+    Drop,
+    DeadLetter,
+}
+
+impl<'a> RecordRef<'a> {
+    fn new(record: &'a Record) -> RecordRef<'a> {
+        let m = &record.message;
+        let destination = match &record.decision.destination {
+            Destination::IotCore { topic, qos } => DestinationRef::IotCore { topic, qos: *qos },
+            Destination::Kinesis {
+                stream,
+                partition_key,
+                explicit_hash_key,
+            } => DestinationRef::Kinesis {
+                stream,
+                partition_key,
+                explicit_hash_key: explicit_hash_key.as_deref(),
+            },
+            Destination::Local => DestinationRef::Local,
+            Destination::Drop => DestinationRef::Drop,
+            Destination::DeadLetter => DestinationRef::DeadLetter,
+        };
+        RecordRef {
+            id: &m.id,
+            device_id: &m.device_id,
+            topic: &m.topic,
+            content_type: &m.content_type,
+            qos: m.qos,
+            attributes: &m.attributes,
+            received_at_ms: m.received_at_ms,
+            payload: &m.payload,
+            destination,
+            rule: &record.decision.rule,
+            reason: &record.decision.reason,
+        }
+    }
+}
+
 /// [`Destination`] as stored (postcard cannot read serde's tagged enums).
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 enum StoredDestination {
     IotCore {
         topic: String,
@@ -42,41 +111,6 @@ enum StoredDestination {
 }
 
 impl StoredRecord {
-    fn from_record(record: &Record) -> StoredRecord {
-        let m = &record.message;
-        let destination = match &record.decision.destination {
-            Destination::IotCore { topic, qos } => StoredDestination::IotCore {
-                topic: topic.clone(),
-                qos: *qos,
-            },
-            Destination::Kinesis {
-                stream,
-                partition_key,
-                explicit_hash_key,
-            } => StoredDestination::Kinesis {
-                stream: stream.clone(),
-                partition_key: partition_key.clone(),
-                explicit_hash_key: explicit_hash_key.clone(),
-            },
-            Destination::Local => StoredDestination::Local,
-            Destination::Drop => StoredDestination::Drop,
-            Destination::DeadLetter => StoredDestination::DeadLetter,
-        };
-        StoredRecord {
-            id: m.id.clone(),
-            device_id: m.device_id.clone(),
-            topic: m.topic.clone(),
-            content_type: m.content_type.clone(),
-            qos: m.qos,
-            attributes: m.attributes.clone(),
-            received_at_ms: m.received_at_ms,
-            payload: m.payload.clone(),
-            destination,
-            rule: record.decision.rule.clone(),
-            reason: record.decision.reason.clone(),
-        }
-    }
-
     fn into_record(self) -> Record {
         let destination = match self.destination {
             StoredDestination::IotCore { topic, qos } => Destination::IotCore { topic, qos },
@@ -115,7 +149,7 @@ impl StoredRecord {
 
 /// Encodes a record for the spool.
 pub fn encode_record(record: &Record) -> Vec<u8> {
-    postcard::to_stdvec(&StoredRecord::from_record(record))
+    postcard::to_stdvec(&RecordRef::new(record))
         .expect("a record always encodes: it has no maps with non-string keys")
 }
 
@@ -148,11 +182,20 @@ pub enum Origin {
 }
 
 /// A dead letter as stored: the record, where it failed, why, and when.
-#[derive(Serialize, Deserialize)]
+#[derive(Deserialize)]
 struct StoredDeadLetter {
     record: StoredRecord,
     origin: StoredOrigin,
     reason: String,
+    at_ms: u64,
+}
+
+/// [`StoredDeadLetter`], borrowed.
+#[derive(Serialize)]
+struct DeadLetterRef<'a> {
+    record: RecordRef<'a>,
+    origin: StoredOrigin,
+    reason: &'a str,
     at_ms: u64,
 }
 
@@ -186,10 +229,10 @@ pub fn encode_dead_letter(dead: &DeadLetter) -> Vec<u8> {
         Origin::Sink { sink } => StoredOrigin::Sink { sink: sink.clone() },
         Origin::Rule { rule } => StoredOrigin::Rule { rule: rule.clone() },
     };
-    postcard::to_stdvec(&StoredDeadLetter {
-        record: StoredRecord::from_record(&dead.record),
+    postcard::to_stdvec(&DeadLetterRef {
+        record: RecordRef::new(&dead.record),
         origin,
-        reason: dead.reason.clone(),
+        reason: &dead.reason,
         at_ms: dead.at_ms,
     })
     .expect("a dead letter always encodes")

@@ -5,8 +5,8 @@
 //! when it is written to the connection. rumqttc reconnects on its own (the event loop
 //! is polled again after a pause that grows while the broker stays away) and re-sends
 //! unacknowledged publishes after reconnecting; their PUBACKs settle the waiting
-//! requests. A request whose messages are not confirmed within the delivery timeout gets
-//! `503` (the messages may still arrive: at least once).
+//! deliveries. A delivery whose messages are not confirmed within the delivery timeout
+//! fails, and the spool sends them again (they may arrive twice: at least once).
 
 use std::collections::{HashMap, VecDeque};
 use std::path::Path;
@@ -214,7 +214,7 @@ fn settle(tracker: &Mutex<Tracker>, event: Event) {
             let held = tracker.held_for_resend.take();
             if let (Some(held), false) = (held, ack.session_present) {
                 // A fresh session: rumqttc dropped what it held for re-sending. Those
-                // requests learn that their publishes were lost (and get 503).
+                // deliveries learn that their publishes were lost (the spool re-sends them).
                 for (_, done) in tracker.unacked.drain() {
                     let _ = done.send(false);
                 }
@@ -352,12 +352,12 @@ mod tests {
         assert_eq!(
             sent.try_recv(),
             Ok(false),
-            "unacknowledged and dropped: 503"
+            "unacknowledged and dropped: sent again from the spool"
         );
         assert_eq!(
             queued.try_recv(),
             Ok(false),
-            "held for re-sending and dropped: 503"
+            "held for re-sending and dropped: sent again from the spool"
         );
         // The later publish goes out after the reconnect and may reuse packet id 1.
         settle(&tracker, Event::Outgoing(Outgoing::Publish(1)));

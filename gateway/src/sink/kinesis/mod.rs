@@ -12,9 +12,9 @@
 //! A record counts as delivered when the answer gives it a sequence number. A record
 //! failed with a permanent error (missing stream, access denied, validation) is handed
 //! back to the caller with the error text, for the dead-letter store. Throttling slows
-//! the stream's worker down; its queue is bounded, so a slow stream pushes back towards
-//! ingress; a record not confirmed within the delivery timeout fails its request with
-//! `503` (it may still be delivered later: at least once, never silently lost).
+//! the stream's worker down; its queue is bounded, so a slow stream pushes back on the
+//! spool's delivery task; a record not confirmed within the delivery timeout fails its
+//! delivery, and the spool sends it again (it may arrive twice: at least once).
 
 pub mod aggregate;
 pub mod batch;
