@@ -301,13 +301,13 @@ impl Pipeline {
                 Origin::Sink { .. } => {
                     match self.sinks.sink_for(&letter.record.decision.destination) {
                         Some(sink) => {
-                            requeue.queue(sink, &letter.record);
-                            requeue.remove_dead_letter(key);
                             report.redriven.push(RedrivenLetter {
                                 key,
-                                id: letter.record.message.id,
+                                id: letter.record.message.id.clone(),
                                 status: Status::Accepted,
                             });
+                            requeue.queue(sink, letter.record);
+                            requeue.remove_dead_letter(key);
                         }
                         None => report.missing.push(key),
                     }
@@ -475,7 +475,7 @@ impl Pipeline {
             .copied()
             .unwrap_or(self.durability);
         match durability {
-            Durability::Durable => routed.durable.queue(sink, &record),
+            Durability::Durable => routed.durable.queue(sink, record),
             Durability::BestEffort => routed.best_effort.push((sink, record)),
         }
     }

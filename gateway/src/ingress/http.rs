@@ -396,6 +396,9 @@ fn header_str(headers: &HeaderMap, name: header::HeaderName) -> Option<String> {
         .map(str::to_string)
 }
 
+/// Bytes beyond a limit that are still read (and dropped) before answering `413`.
+const DRAIN_MAX_BYTES: usize = 4 * 1024 * 1024;
+
 /// Reads a body of at most `limit` bytes; over it, `413` naming `what` and the limit.
 async fn read_body(
     headers: &HeaderMap,
@@ -417,6 +420,11 @@ async fn read_body(
     if let Some(size) = declared
         && size > limit as u64
     {
+        // Read (and discard) a body that is only somewhat too large, so that the device
+        // gets its 413 instead of a connection reset while it is still sending.
+        if size <= (limit + DRAIN_MAX_BYTES) as u64 {
+            let _ = axum::body::to_bytes(body, limit + DRAIN_MAX_BYTES).await;
+        }
         return Err(too_large(Some(size)));
     }
     axum::body::to_bytes(body, limit).await.map_err(|error| {

@@ -130,7 +130,7 @@ impl Deliverer {
     async fn read(&self, from: u64) -> Result<Vec<(u64, Record)>, String> {
         let spool = self.spool.clone();
         let sink = self.sink;
-        tokio::task::spawn_blocking(move || spool.read(sink, from, WINDOW_RECORDS, WINDOW_BYTES))
+        tokio::task::spawn_blocking(move || spool.take(sink, from, WINDOW_RECORDS, WINDOW_BYTES))
             .await
             .map_err(|e| e.to_string())?
             .map_err(|e| e.to_string())

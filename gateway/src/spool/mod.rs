@@ -102,8 +102,8 @@ pub enum SpoolError {
 /// One change for the writer: everything in it commits together or not at all.
 #[derive(Default)]
 pub struct Change {
-    /// Records to queue, per sink (encoded).
-    queued: Vec<(SinkId, Vec<u8>)>,
+    /// Records to queue, per sink: encoded for the disk, and as they are for delivery.
+    queued: Vec<(SinkId, Vec<u8>, Record)>,
     /// Dead letters to add (encoded).
     dead: Vec<Vec<u8>>,
     /// Dead letters to remove, by key.
@@ -114,8 +114,9 @@ pub struct Change {
 
 impl Change {
     /// Queues `record` for `sink`.
-    pub fn queue(&mut self, sink: SinkId, record: &Record) {
-        self.queued.push((sink, codec::encode_record(record)));
+    pub fn queue(&mut self, sink: SinkId, record: Record) {
+        self.queued
+            .push((sink, codec::encode_record(&record), record));
     }
 
     /// Adds a dead letter.
@@ -146,6 +147,24 @@ impl Change {
 struct Op {
     change: Change,
     reply: oneshot::Sender<Result<(), SpoolError>>,
+}
+
+/// Most records kept in memory per sink for delivery; beyond them (a slow or failing
+/// sink) delivery reads the disk until it has caught up.
+const RECENT_MAX_RECORDS: usize = 20_000;
+
+/// A sink's most recent committed records, in memory, so that delivery in the steady
+/// state does not read back and decode what it was just handed. The disk stays the
+/// source of truth: whenever this cannot vouch for a range, delivery reads the disk.
+struct Recent {
+    /// Committed records with sequence numbers from `covered_from` on, in order; valid
+    /// only while not `spilled`.
+    entries: std::collections::VecDeque<(u64, Record)>,
+    covered_from: u64,
+    /// Entries were dropped (the cap was hit, or this is a fresh start): read the disk.
+    spilled: bool,
+    /// The last sequence number committed for this sink.
+    last_committed: u64,
 }
 
 /// Counters read by the admin API and the benchmarks.
@@ -195,6 +214,8 @@ struct Shared {
     limit: u64,
     /// Per sink, the last sequence number committed: delivery tasks wait on it.
     appended: [watch::Sender<u64>; 3],
+    /// Per sink, the newest records in memory.
+    recent: [Mutex<Recent>; 3],
 }
 
 /// The open spool; cheap to share behind an `Arc`.
@@ -262,6 +283,14 @@ impl Spool {
             durable_commits: AtomicU64::new(0),
             refused_full: AtomicU64::new(0),
             last_seq: AtomicU64::new(next_seq - 1),
+            recent: std::array::from_fn(|_| {
+                Mutex::new(Recent {
+                    entries: std::collections::VecDeque::new(),
+                    covered_from: next_seq,
+                    spilled: true,
+                    last_committed: next_seq - 1,
+                })
+            }),
             full: Default::default(),
             limit: max_bytes_per_sink,
             appended,
@@ -319,15 +348,58 @@ impl Spool {
     }
 
     /// Up to `max_records` records (and about `max_bytes`) queued for `sink`, from
-    /// sequence number `from` on, in order. Entries that cannot be decoded are logged and
-    /// left in place.
-    pub fn read(
+    /// sequence number `from` on, in order: from memory when it holds them, else from
+    /// the disk.
+    pub fn take(
         &self,
         sink: SinkId,
         from: u64,
         max_records: usize,
         max_bytes: usize,
     ) -> Result<Vec<(u64, Record)>, SpoolError> {
+        let recent = &self.shared.recent[sink.index()];
+        {
+            let mut recent = recent.lock().unwrap_or_else(|p| p.into_inner());
+            if !recent.spilled && recent.covered_from <= from {
+                while recent.entries.front().is_some_and(|(seq, _)| *seq < from) {
+                    recent.entries.pop_front();
+                }
+                let mut out = Vec::new();
+                let mut size = 0;
+                while let Some((_, record)) = recent.entries.front() {
+                    let len = record.message.payload.len();
+                    if !out.is_empty() && (out.len() >= max_records || size + len > max_bytes) {
+                        break;
+                    }
+                    size += len;
+                    out.extend(recent.entries.pop_front());
+                }
+                return Ok(out);
+            }
+        }
+        let (window, reached_end) = self.read_disk(sink, from, max_records, max_bytes)?;
+        if reached_end {
+            // Caught up with the disk: from here on, what the writer commits is in memory.
+            let mut recent = recent.lock().unwrap_or_else(|p| p.into_inner());
+            if recent.spilled {
+                recent.spilled = false;
+                recent.entries.clear();
+                recent.covered_from = recent.last_committed + 1;
+            }
+        }
+        Ok(window)
+    }
+
+    /// Up to `max_records` records (and about `max_bytes`) queued for `sink` on disk,
+    /// from sequence number `from` on, in order, and whether that reached the end of the
+    /// queue. Entries that cannot be decoded are logged and left in place.
+    pub fn read_disk(
+        &self,
+        sink: SinkId,
+        from: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Result<(Vec<(u64, Record)>, bool), SpoolError> {
         let storage = |e: &dyn std::fmt::Display| SpoolError::Storage(e.to_string());
         let txn = self.shared.db.begin_read().map_err(|e| storage(&e))?;
         let table = txn.open_table(sink.table()).map_err(|e| storage(&e))?;
@@ -337,7 +409,7 @@ impl Spool {
             let (key, value) = entry.map_err(|e| storage(&e))?;
             let bytes = value.value();
             if !out.is_empty() && (out.len() >= max_records || size + bytes.len() > max_bytes) {
-                break;
+                return Ok((out, false));
             }
             size += bytes.len();
             match codec::decode_record(bytes) {
@@ -350,7 +422,7 @@ impl Spool {
                 ),
             }
         }
-        Ok(out)
+        Ok((out, true))
     }
 
     /// Dead letters with keys from `from` on, at most `limit`, oldest first.
@@ -442,7 +514,26 @@ fn write_loop(shared: &Shared, mut next_seq: u64, queue: &mpsc::Receiver<Op>) {
         let mut ops = vec![first];
         ops.extend(queue.try_iter().take(MAX_GROUP - 1));
         match apply(shared, &mut next_seq, &ops) {
-            Ok(outcome) => {
+            Ok(mut outcome) => {
+                // Records go to memory before anyone is told about them: a delivery
+                // task woken by `appended` must find them there.
+                let mut replies = Vec::with_capacity(ops.len());
+                {
+                    let mut recent = shared
+                        .recent
+                        .each_ref()
+                        .map(|r| r.lock().unwrap_or_else(|p| p.into_inner()));
+                    let mut seqs = std::mem::take(&mut outcome.seqs).into_iter();
+                    for (op, result) in ops.into_iter().zip(outcome.results) {
+                        if result.is_ok() {
+                            let queued = op.change.queued.into_iter().zip(&mut seqs);
+                            for ((sink, _, record), seq) in queued {
+                                remember(&mut recent[sink.index()], seq, record);
+                            }
+                        }
+                        replies.push((op.reply, result));
+                    }
+                }
                 shared.commits.fetch_add(1, Ordering::Relaxed);
                 shared.last_seq.store(next_seq - 1, Ordering::Release);
                 if outcome.durable {
@@ -468,8 +559,8 @@ fn write_loop(shared: &Shared, mut next_seq: u64, queue: &mpsc::Receiver<Op>) {
                     }
                 }
                 add_signed(&shared.dead_letters, outcome.dead_letters);
-                for (op, result) in ops.into_iter().zip(outcome.results) {
-                    let _ = op.reply.send(result);
+                for (reply, result) in replies {
+                    let _ = reply.send(result);
                 }
             }
             Err(error) => {
@@ -479,6 +570,21 @@ fn write_loop(shared: &Shared, mut next_seq: u64, queue: &mpsc::Receiver<Op>) {
                 }
             }
         }
+    }
+}
+
+/// Keeps a committed record in memory for delivery, unless memory is over its cap (then
+/// delivery reads the disk until it catches up).
+fn remember(recent: &mut Recent, seq: u64, record: Record) {
+    recent.last_committed = seq;
+    if recent.spilled {
+        return;
+    }
+    if recent.entries.len() >= RECENT_MAX_RECORDS {
+        recent.spilled = true;
+        recent.entries.clear();
+    } else {
+        recent.entries.push_back((seq, record));
     }
 }
 
@@ -498,6 +604,8 @@ struct Outcome {
     bytes: [i64; 3],
     dead_letters: i64,
     last_seq: [Option<u64>; 3],
+    /// The sequence numbers given to queued records, in order, for accepted changes.
+    seqs: Vec<u64>,
 }
 
 fn apply(shared: &Shared, next_seq: &mut u64, ops: &[Op]) -> Result<Outcome, String> {
@@ -516,6 +624,7 @@ fn apply(shared: &Shared, next_seq: &mut u64, ops: &[Op]) -> Result<Outcome, Str
         bytes: [0; 3],
         dead_letters: 0,
         last_seq: [None; 3],
+        seqs: Vec::new(),
     };
     // Sequence numbers handed out in a failed commit are skipped, never reused.
     let mut seq = *next_seq;
@@ -531,7 +640,7 @@ fn apply(shared: &Shared, next_seq: &mut u64, ops: &[Op]) -> Result<Outcome, Str
         for op in ops {
             let change = &op.change;
             let mut adding = [0i64; 3];
-            for (sink, bytes) in &change.queued {
+            for (sink, bytes, _) in &change.queued {
                 adding[sink.index()] += bytes.len() as i64;
             }
             let full = SinkId::ALL.into_iter().find(|sink| {
@@ -557,9 +666,10 @@ fn apply(shared: &Shared, next_seq: &mut u64, ops: &[Op]) -> Result<Outcome, Str
                 }));
                 continue;
             }
-            for (sink, bytes) in &change.queued {
+            for (sink, bytes, _) in &change.queued {
                 let i = sink.index();
                 queues[i].insert(seq, bytes.as_slice()).map_err(s)?;
+                outcome.seqs.push(seq);
                 outcome.records[i] += 1;
                 outcome.bytes[i] += bytes.len() as i64;
                 outcome.last_seq[i] = Some(seq);
@@ -628,10 +738,10 @@ mod tests {
         let spool = Spool::open(dir.path(), 1 << 20).unwrap();
         let mut change = Change::default();
         for i in 0..5 {
-            change.queue(SinkId::Kinesis, &record(&format!("m{i}"), b"hello"));
+            change.queue(SinkId::Kinesis, record(&format!("m{i}"), b"hello"));
         }
         spool.commit(change).await.unwrap();
-        let read = spool.read(SinkId::Kinesis, 0, 100, 1 << 20).unwrap();
+        let read = spool.read_disk(SinkId::Kinesis, 0, 100, 1 << 20).unwrap().0;
         assert_eq!(read.len(), 5);
         assert_eq!(read[2].1.message.id, "m2");
         assert_eq!(read[2].1.decision, record("m2", b"").decision);
@@ -644,16 +754,58 @@ mod tests {
         drop(spool);
 
         let spool = Spool::open(dir.path(), 1 << 20).unwrap();
-        let read = spool.read(SinkId::Kinesis, 0, 100, 1 << 20).unwrap();
+        let read = spool.read_disk(SinkId::Kinesis, 0, 100, 1 << 20).unwrap().0;
         let ids: Vec<&str> = read.iter().map(|(_, r)| r.message.id.as_str()).collect();
         assert_eq!(ids, ["m2", "m3", "m4"]);
         assert_eq!(spool.depth(SinkId::Kinesis), 3);
         // New records are numbered after the old ones, so order holds across restarts.
         let mut change = Change::default();
-        change.queue(SinkId::Kinesis, &record("m5", b"x"));
+        change.queue(SinkId::Kinesis, record("m5", b"x"));
         spool.commit(change).await.unwrap();
-        let read = spool.read(SinkId::Kinesis, 0, 100, 1 << 20).unwrap();
+        let read = spool.read_disk(SinkId::Kinesis, 0, 100, 1 << 20).unwrap().0;
         assert_eq!(read.last().unwrap().1.message.id, "m5");
+    }
+
+    /// Delivery takes every record once and in order, whether it comes from memory or,
+    /// past the in-memory cap, from the disk, and whatever the interleaving with commits.
+    #[tokio::test]
+    async fn take_yields_every_record_once_in_order_across_memory_and_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 30).unwrap();
+        let mut next = 0usize;
+        let mut commit = async |n: usize| {
+            let mut change = Change::default();
+            for _ in 0..n {
+                change.queue(SinkId::Local, record(&format!("m{next}"), b"p"));
+                next += 1;
+            }
+            spool.commit(change).await.unwrap();
+        };
+        let mut seen = Vec::new();
+        let mut cursor = 0;
+        let mut take = |spool: &Spool, seen: &mut Vec<String>| {
+            let window = spool.take(SinkId::Local, cursor, 700, 1 << 20).unwrap();
+            if let Some((seq, _)) = window.last() {
+                cursor = seq + 1;
+            }
+            seen.extend(window.into_iter().map(|(_, r)| r.message.id));
+        };
+        commit(10).await;
+        take(&spool, &mut seen); // from disk (fresh start), then memory takes over
+        commit(10).await;
+        take(&spool, &mut seen); // from memory
+        commit(RECENT_MAX_RECORDS + 50).await; // over the cap: spilled
+        commit(5).await;
+        for _ in 0..40 {
+            take(&spool, &mut seen);
+        }
+        commit(3).await;
+        take(&spool, &mut seen);
+        let expected: Vec<String> = (0..RECENT_MAX_RECORDS + 78)
+            .map(|i| format!("m{i}"))
+            .collect();
+        assert_eq!(seen.len(), expected.len());
+        assert!(seen == expected, "every record once, in order");
     }
 
     #[tokio::test]
@@ -661,11 +813,11 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path(), 2_000).unwrap();
         let mut change = Change::default();
-        change.queue(SinkId::Kinesis, &record("a", &[1; 900]));
+        change.queue(SinkId::Kinesis, record("a", &[1; 900]));
         spool.commit(change).await.unwrap();
         let mut change = Change::default();
-        change.queue(SinkId::Local, &record("b", &[1; 100]));
-        change.queue(SinkId::Kinesis, &record("c", &[1; 1_500]));
+        change.queue(SinkId::Local, record("b", &[1; 100]));
+        change.queue(SinkId::Kinesis, record("c", &[1; 1_500]));
         let error = spool.commit(change).await.unwrap_err();
         assert!(
             matches!(
@@ -684,12 +836,13 @@ mod tests {
         );
         // Other sinks are not affected by a full one.
         let mut change = Change::default();
-        change.queue(SinkId::Local, &record("d", &[1; 1_500]));
+        change.queue(SinkId::Local, record("d", &[1; 1_500]));
         spool.commit(change).await.unwrap();
         // Delivery frees room.
         let seqs = spool
-            .read(SinkId::Kinesis, 0, 10, 1 << 20)
+            .read_disk(SinkId::Kinesis, 0, 10, 1 << 20)
             .unwrap()
+            .0
             .into_iter()
             .map(|(seq, _)| seq)
             .collect();
@@ -698,7 +851,7 @@ mod tests {
             .await
             .unwrap();
         let mut change = Change::default();
-        change.queue(SinkId::Kinesis, &record("c", &[1; 1_500]));
+        change.queue(SinkId::Kinesis, record("c", &[1; 1_500]));
         spool.commit(change).await.unwrap();
     }
 
@@ -708,11 +861,12 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path(), 1 << 20).unwrap();
         let mut change = Change::default();
-        change.queue(SinkId::Kinesis, &record("a", b"1"));
+        change.queue(SinkId::Kinesis, record("a", b"1"));
         spool.commit(change).await.unwrap();
         let (seq, rejected) = spool
-            .read(SinkId::Kinesis, 0, 1, 1 << 20)
+            .read_disk(SinkId::Kinesis, 0, 1, 1 << 20)
             .unwrap()
+            .0
             .remove(0);
         let dead = DeadLetter {
             record: rejected,
