@@ -298,7 +298,7 @@ impl Pipeline {
                 continue;
             };
             match letter.origin {
-                Origin::Sink { .. } => {
+                Origin::Sink { .. } | Origin::Expired => {
                     match self.sinks.sink_for(&letter.record.decision.destination) {
                         Some(sink) => {
                             report.redriven.push(RedrivenLetter {

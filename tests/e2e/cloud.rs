@@ -793,3 +793,37 @@ fn a_sink_that_cannot_confirm_in_time_keeps_the_record_spooled_until_it_can() {
             .all(|(_, _, data)| data == br#"{"late": true}"#)
     );
 }
+
+#[test]
+fn a_message_whose_expiry_passes_in_the_spool_becomes_a_dead_letter() {
+    let env = TestEnv::get();
+    let stream = unique("expiry");
+    env.create_stream(&stream, 1);
+    env.control(
+        reqwest::Method::POST,
+        "faults",
+        Some(json!({"put_records": [{"kind": "throttle", "times": 1000}]})),
+    );
+    let config = env
+        .kinesis_config(&stream, "")
+        .replace("delivery_timeout_ms = 20000", "delivery_timeout_ms = 500");
+    let gateway = Gateway::start(&config);
+    let short = gateway.publish("t?messageExpiry=1", "dev-1", r#"{"short": true}"#);
+    assert_eq!(short.status, 200, "{:?}", short.body);
+    let long = gateway.publish("t?messageExpiry=3600", "dev-1", r#"{"long": true}"#);
+    assert_eq!(long.status, 200, "{:?}", long.body);
+    // Kinesis refuses everything for well over a second, then recovers.
+    eventually(Duration::from_secs(30), "refused attempts past the expiry", || {
+        let stats = env.control(reqwest::Method::GET, "stats", None);
+        (stats["put_records_calls"].as_u64().unwrap() >= 3).then_some(())
+    });
+    std::thread::sleep(Duration::from_millis(1200)); // the expiry itself: 1 s of wall time
+    env.control(reqwest::Method::DELETE, "faults", None);
+    let letters = gateway.dead_letters();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["id"], short.body["id"]);
+    assert_eq!(letters[0]["origin"]["stage"], "expired");
+    let stored = env.read_stream(&stream);
+    assert_eq!(stored.len(), 1, "only the unexpired message arrives");
+    assert_eq!(stored[0].2, br#"{"long": true}"#);
+}

@@ -187,6 +187,13 @@ async fn publish(
     validate_publish_topic(&topic)
         .map_err(|why| ApiError::BadRequest(format!("topic `{topic}`: {why}")))?;
     let qos = parse_qos(params.qos.as_deref())?;
+    if let Some(expiry) = &params.message_expiry
+        && expiry.parse::<u32>().is_err()
+    {
+        return Err(ApiError::BadRequest(format!(
+            "messageExpiry must be a whole number of seconds, not `{expiry}`"
+        )));
+    }
     let limit = state.pipeline.max_payload_bytes();
     let payload = read_body(&headers, body, limit, "payload", "the record limit").await?;
     let content_type = params

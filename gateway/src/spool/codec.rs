@@ -179,6 +179,9 @@ pub enum Origin {
         /// The rule (`rule:NAME`).
         rule: String,
     },
+    /// Its `mqtt.message_expiry` passed while it waited in the spool (the stored record
+    /// keeps its destination).
+    Expired,
 }
 
 /// A dead letter as stored: the record, where it failed, why, and when.
@@ -205,6 +208,7 @@ enum StoredOrigin {
     Plugin { plugin: String, code: String },
     Sink { sink: String },
     Rule { rule: String },
+    Expired,
 }
 
 /// A message that cannot be delivered, with the reason.
@@ -228,6 +232,7 @@ pub fn encode_dead_letter(dead: &DeadLetter) -> Vec<u8> {
         },
         Origin::Sink { sink } => StoredOrigin::Sink { sink: sink.clone() },
         Origin::Rule { rule } => StoredOrigin::Rule { rule: rule.clone() },
+        Origin::Expired => StoredOrigin::Expired,
     };
     postcard::to_stdvec(&DeadLetterRef {
         record: RecordRef::new(&dead.record),
@@ -245,6 +250,7 @@ pub fn decode_dead_letter(bytes: &[u8]) -> Result<DeadLetter, postcard::Error> {
         StoredOrigin::Plugin { plugin, code } => Origin::Plugin { plugin, code },
         StoredOrigin::Sink { sink } => Origin::Sink { sink },
         StoredOrigin::Rule { rule } => Origin::Rule { rule },
+        StoredOrigin::Expired => Origin::Expired,
     };
     Ok(DeadLetter {
         record: stored.record.into_record(),

@@ -4,6 +4,9 @@
 //! an MQTT PUBACK, an HTTP 200, a flushed file) or refused some for good; refused records
 //! become dead letters in the same commit.
 //!
+//! A record whose `mqtt.message_expiry` (seconds, from IoT Core's publish API) passed
+//! while it waited is not sent: it becomes a dead letter (origin `expired`).
+//!
 //! When a window fails (the sink is unreachable, or did not confirm within its delivery
 //! timeout), the task lets the windows already sent finish, waits with exponential
 //! backoff, and starts again from the oldest record still spooled ("go back N"): records
@@ -138,7 +141,26 @@ impl Deliverer {
 
     async fn send(&self, window: Vec<(u64, Record)>) -> Sent {
         let (seqs, records): (Vec<u64>, Vec<Record>) = window.into_iter().unzip();
-        let result = match self.sinks.deliver_to(self.sink, records).await {
+        let now = now_ms();
+        let (expired, live): (Vec<Record>, Vec<Record>) =
+            records.into_iter().partition(|r| expired(r, now));
+        let mut dead: Vec<DeadLetter> = expired
+            .into_iter()
+            .map(|record| DeadLetter {
+                origin: Origin::Expired,
+                reason: format!(
+                    "its message expiry of {} s passed before {} could take it",
+                    attribute(&record, EXPIRY_ATTRIBUTE).unwrap_or_default(),
+                    self.sink.name()
+                ),
+                record,
+                at_ms: now,
+            })
+            .collect();
+        if live.is_empty() {
+            return (seqs, Ok(dead));
+        }
+        let result = match self.sinks.deliver_to(self.sink, live).await {
             Ok(rejected) => Ok(rejected
                 .into_iter()
                 .map(|rejected| {
@@ -152,11 +174,33 @@ impl Deliverer {
                         at_ms: now_ms(),
                     }
                 })
+                .chain(dead.drain(..))
                 .collect()),
             Err(error) => Err(error.to_string()),
         };
         (seqs, result)
     }
+}
+
+/// The attribute IoT Core's publish API fills from `messageExpiry` (seconds).
+const EXPIRY_ATTRIBUTE: &str = "mqtt.message_expiry";
+
+fn attribute<'a>(record: &'a Record, key: &str) -> Option<&'a str> {
+    record
+        .message
+        .attributes
+        .iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, v)| v.as_str())
+}
+
+/// Whether the record's message expiry (if it has one) passed by `now_ms`.
+fn expired(record: &Record, now_ms: u64) -> bool {
+    attribute(record, EXPIRY_ATTRIBUTE)
+        .and_then(|secs| secs.parse::<u64>().ok())
+        .is_some_and(|secs| {
+            record.message.received_at_ms.saturating_add(secs.saturating_mul(1000)) <= now_ms
+        })
 }
 
 /// 100 ms, doubling per failure, at most [`MAX_BACKOFF`].
