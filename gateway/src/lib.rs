@@ -27,11 +27,13 @@
 //! - [`message`]: the message record shared by every step.
 
 pub mod admin;
+pub mod auth;
 pub mod config;
 pub mod ingress;
 pub mod message;
 pub mod pipeline;
 pub mod plugin;
+pub mod policy;
 pub mod route;
 mod shutdown;
 pub mod sink;

@@ -62,6 +62,11 @@ enum Command {
         #[command(subcommand)]
         command: ConfigCommand,
     },
+    /// Device tokens.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
     /// Dead letters of a running gateway: list, show, redrive, discard (through its
     /// admin API).
     Dlq {
@@ -93,6 +98,30 @@ enum PluginCommand {
         /// Messages per plugin call.
         #[arg(long, default_value_t = 100)]
         batch: usize,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum TokenCommand {
+    /// Mint a bearer token for a device, signed with a key from `[auth.tokens]`; prints
+    /// it on stdout.
+    Issue {
+        /// Configuration file with the `[auth.tokens]` keys.
+        #[arg(long, short, env = "SLUICE_CONFIG")]
+        config: PathBuf,
+        /// The device id (the token's `sub`).
+        #[arg(long)]
+        device: String,
+        /// Lifetime, e.g. `15m`, `1h`, `1day` (at most `auth.tokens.max_ttl_secs`).
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: std::time::Duration,
+        /// Groups, for policy grants (repeatable, or comma-separated).
+        #[arg(long = "group", value_delimiter = ',')]
+        groups: Vec<String>,
+        /// Sign with this key id instead of `auth.tokens.signing_key` (default: the last
+        /// key listed).
+        #[arg(long)]
+        key_id: Option<String>,
     },
 }
 
@@ -193,6 +222,26 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             for (name, value) in counters {
                 eprintln!("counter {name} = {value}");
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Token {
+            command:
+                TokenCommand::Issue {
+                    config,
+                    device,
+                    ttl,
+                    groups,
+                    key_id,
+                },
+        } => {
+            let loaded = Config::load(&config)?;
+            let tokens = loaded
+                .auth
+                .as_ref()
+                .and_then(|auth| auth.tokens.as_ref())
+                .with_context(|| format!("{} has no [auth.tokens]", config.display()))?;
+            let keys = sluice_gateway::auth::token::TokenKeys::new(tokens);
+            println!("{}", keys.issue(&device, &groups, ttl, key_id.as_deref())?);
             Ok(ExitCode::SUCCESS)
         }
         Command::Dlq { target, command } => {

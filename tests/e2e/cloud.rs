@@ -813,10 +813,14 @@ fn a_message_whose_expiry_passes_in_the_spool_becomes_a_dead_letter() {
     let long = gateway.publish("t?messageExpiry=3600", "dev-1", r#"{"long": true}"#);
     assert_eq!(long.status, 200, "{:?}", long.body);
     // Kinesis refuses everything for well over a second, then recovers.
-    eventually(Duration::from_secs(30), "refused attempts past the expiry", || {
-        let stats = env.control(reqwest::Method::GET, "stats", None);
-        (stats["put_records_calls"].as_u64().unwrap() >= 3).then_some(())
-    });
+    eventually(
+        Duration::from_secs(30),
+        "refused attempts past the expiry",
+        || {
+            let stats = env.control(reqwest::Method::GET, "stats", None);
+            (stats["put_records_calls"].as_u64().unwrap() >= 3).then_some(())
+        },
+    );
     std::thread::sleep(Duration::from_millis(1200)); // the expiry itself: 1 s of wall time
     env.control(reqwest::Method::DELETE, "faults", None);
     let letters = gateway.dead_letters();

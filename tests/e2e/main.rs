@@ -5,6 +5,7 @@ mod harness;
 
 mod cli;
 mod cloud;
+mod devices;
 mod durability;
 mod failures;
 mod http;

@@ -12,7 +12,7 @@ use std::sync::Arc;
 
 use axum::Json;
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -20,25 +20,24 @@ use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::json;
 
+use crate::auth::{AuthError, Authenticator, Identity, PeerIdentity};
 use crate::config::Config;
 use crate::message::{Message, new_id, now_ms};
 use crate::pipeline::{MessageReport, Pipeline, Status, StoreError};
 use crate::plugin::FailureKind;
+use crate::policy::{DevicePolicy, Refusal};
 use crate::route::topic::validate_publish_topic;
 use crate::spool::SpoolError;
-
-/// The header naming the device while device authentication is not configured.
-pub const DEVICE_HEADER: &str = "x-device-id";
-/// The device id of requests without [`DEVICE_HEADER`].
-pub const ANONYMOUS_DEVICE: &str = "anonymous";
-/// Longest device id accepted (IoT Core's client id limit).
-pub const MAX_DEVICE_ID_LEN: usize = 128;
 
 /// What the routes share.
 #[derive(Clone)]
 pub struct AppState {
     /// The message path.
     pub pipeline: Arc<Pipeline>,
+    /// Who sent a request.
+    pub auth: Arc<Authenticator>,
+    /// What a device may do.
+    pub policy: Arc<DevicePolicy>,
     /// Most messages in one batch request.
     pub max_batch_messages: usize,
     /// Largest batch request body.
@@ -50,6 +49,11 @@ impl AppState {
     pub fn new(config: &Config, pipeline: Arc<Pipeline>) -> AppState {
         AppState {
             pipeline,
+            auth: Arc::new(Authenticator::new(config.auth.as_ref())),
+            policy: Arc::new(DevicePolicy::new(
+                config.policy.as_ref(),
+                config.auth.is_some(),
+            )),
             max_batch_messages: config.limits.max_batch_messages,
             max_batch_bytes: config.limits.max_batch_bytes,
         }
@@ -72,6 +76,24 @@ pub fn app(state: AppState) -> axum::Router {
 pub enum ApiError {
     /// `400 bad_request`: a malformed topic, QoS, device id or batch body.
     BadRequest(String),
+    /// `401` with the reason's code ([`AuthError::code`]).
+    Unauthorized(AuthError),
+    /// `403 topic_denied`: no policy grant lets the device publish there.
+    Forbidden {
+        /// The topic.
+        topic: String,
+        /// The device.
+        device: String,
+    },
+    /// `429 rate_limited` with `Retry-After`: over a grant's rate.
+    RateLimited {
+        /// The grant.
+        grant: String,
+        /// Which limit.
+        limit: &'static str,
+        /// Seconds to wait (at least 1).
+        retry_after: u64,
+    },
     /// `413 payload_too_large`: a payload over the record limit, or a batch over its limits.
     TooLarge(String),
     /// `422 plugin_refused`, `500 plugin_*`, `503 plugin_unavailable`: a plugin refused
@@ -127,6 +149,39 @@ impl IntoResponse for ApiError {
                 StatusCode::PAYLOAD_TOO_LARGE,
                 json!({"code": "payload_too_large", "message": message}),
             ),
+            ApiError::Unauthorized(error) => {
+                let body = json!({"code": error.code(), "message": error.to_string()});
+                let mut response = (StatusCode::UNAUTHORIZED, Json(body)).into_response();
+                response.headers_mut().insert(
+                    header::WWW_AUTHENTICATE,
+                    HeaderValue::from_static("Bearer realm=\"sluice\""),
+                );
+                return response;
+            }
+            ApiError::Forbidden { topic, device } => (
+                StatusCode::FORBIDDEN,
+                json!({
+                    "code": "topic_denied",
+                    "rule": "policy:default-deny",
+                    "message": format!("no policy grant lets `{device}` publish to `{topic}`"),
+                }),
+            ),
+            ApiError::RateLimited {
+                grant,
+                limit,
+                retry_after,
+            } => {
+                let body = json!({
+                    "code": "rate_limited",
+                    "rule": format!("policy:{grant}"),
+                    "message": format!("over the grant's {limit}; retry after {retry_after} s"),
+                });
+                let mut response = (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response();
+                response
+                    .headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
+                return response;
+            }
             ApiError::Plugin {
                 id,
                 kind,
@@ -177,13 +232,14 @@ struct PublishParams {
 
 async fn publish(
     State(state): State<AppState>,
+    peer: Option<Extension<PeerIdentity>>,
     Path(topic): Path<String>,
     params: Result<Query<PublishParams>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
+    let identity = authenticate(&state, peer.as_deref(), &headers)?;
     let Query(params) = params.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
-    let device = device_id(&headers)?;
     validate_publish_topic(&topic)
         .map_err(|why| ApiError::BadRequest(format!("topic `{topic}`: {why}")))?;
     let qos = parse_qos(params.qos.as_deref())?;
@@ -196,6 +252,15 @@ async fn publish(
     }
     let limit = state.pipeline.max_payload_bytes();
     let payload = read_body(&headers, body, limit, "payload", "the record limit").await?;
+    check_policy(
+        &state,
+        &identity,
+        [topic.as_str()],
+        1,
+        payload.len(),
+        payload.len(),
+    )?;
+    let device = identity.device_id;
     let content_type = params
         .content_type
         .clone()
@@ -292,10 +357,12 @@ struct BatchBody {
 
 async fn batch(
     State(state): State<AppState>,
+    peer: Option<Extension<PeerIdentity>>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let device = device_id(&headers)?;
+    let identity = authenticate(&state, peer.as_deref(), &headers)?;
+    let device = identity.device_id.clone();
     let max_bytes = state.max_batch_bytes;
     let body = read_body(
         &headers,
@@ -366,24 +433,66 @@ async fn batch(
             payload,
         });
     }
+    let total: usize = messages.iter().map(|m| m.payload.len()).sum();
+    let largest = messages.iter().map(|m| m.payload.len()).max().unwrap_or(0);
+    check_policy(
+        &state,
+        &identity,
+        messages.iter().map(|m| m.topic.as_str()),
+        messages.len(),
+        total,
+        largest,
+    )?;
     let reports = state.pipeline.process(messages, false).await?;
     Ok((StatusCode::OK, Json(json!({ "results": reports }))).into_response())
 }
 
-/// The sending device, from [`DEVICE_HEADER`] (until device authentication exists).
-fn device_id(headers: &HeaderMap) -> Result<String, ApiError> {
-    let Some(value) = headers.get(DEVICE_HEADER) else {
-        return Ok(ANONYMOUS_DEVICE.to_string());
-    };
-    let id = value
-        .to_str()
-        .map_err(|_| ApiError::BadRequest(format!("{DEVICE_HEADER} must be printable ASCII")))?;
-    if id.is_empty() || id.len() > MAX_DEVICE_ID_LEN || id.contains(['/', '+', '#']) {
-        return Err(ApiError::BadRequest(format!(
-            "{DEVICE_HEADER} must be 1 to {MAX_DEVICE_ID_LEN} characters without `/`, `+` or `#`"
-        )));
-    }
-    Ok(id.to_string())
+/// Who sent the request (see [`crate::auth`]).
+fn authenticate(
+    state: &AppState,
+    peer: Option<&PeerIdentity>,
+    headers: &HeaderMap,
+) -> Result<Identity, ApiError> {
+    state
+        .auth
+        .authenticate(peer, headers)
+        .map_err(|error| match error {
+            // Without [auth], a bad x-device-id is a malformed request, not a credential.
+            AuthError::BadDeviceId(why) if !state.auth.required() => ApiError::BadRequest(why),
+            other => ApiError::Unauthorized(other),
+        })
+}
+
+/// The device policy, before any plugin runs.
+fn check_policy<'a>(
+    state: &AppState,
+    identity: &Identity,
+    topics: impl IntoIterator<Item = &'a str>,
+    count: usize,
+    bytes: usize,
+    largest: usize,
+) -> Result<(), ApiError> {
+    state
+        .policy
+        .check_publish(identity, topics, count, bytes, largest)
+        .map_err(|refusal| match refusal {
+            Refusal::Denied { topic } => ApiError::Forbidden {
+                topic,
+                device: identity.device_id.clone(),
+            },
+            Refusal::TooLarge { grant, limit, size } => ApiError::TooLarge(format!(
+                "{size} payload bytes exceed the limit of {limit} of policy grant `{grant}`"
+            )),
+            Refusal::RateLimited {
+                grant,
+                limit,
+                retry_after,
+            } => ApiError::RateLimited {
+                grant,
+                limit,
+                retry_after: retry_after.as_secs_f64().ceil().max(1.0) as u64,
+            },
+        })
 }
 
 fn parse_qos(qos: Option<&str>) -> Result<u8, ApiError> {

@@ -16,8 +16,10 @@ use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls;
+use tower::ServiceExt as _;
 
-use crate::config::{Config, TlsConfig};
+use crate::auth::PeerIdentity;
+use crate::config::{AuthConfig, Config, TlsConfig};
 use crate::pipeline::Pipeline;
 use crate::shutdown::Shutdown;
 
@@ -34,7 +36,17 @@ pub async fn serve(
     pipeline: Arc<Pipeline>,
     mut shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let tls = config.server.tls.as_ref().map(tls_acceptor).transpose()?;
+    let tls = config
+        .server
+        .tls
+        .as_ref()
+        .map(|tls| tls_acceptor(tls, config.auth.as_ref()))
+        .transpose()?;
+    let id_source = config
+        .auth
+        .as_ref()
+        .and_then(|auth| auth.mtls.as_ref())
+        .map(|mtls| mtls.device_id);
     let listener = TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
@@ -63,7 +75,7 @@ pub async fn serve(
             () = shutdown.wait() => break,
         };
         let _ = stream.set_nodelay(true);
-        let service = TowerToHyperService::new(app.clone());
+        let app = app.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
         let tls = tls.clone();
@@ -71,6 +83,21 @@ pub async fn serve(
             let result = match tls {
                 Some(acceptor) => match acceptor.accept(stream).await {
                     Ok(stream) => {
+                        // The client certificate (verified in the handshake) names the
+                        // device for every request on this connection.
+                        let peer = PeerIdentity(
+                            match (id_source, stream.get_ref().1.peer_certificates()) {
+                                (Some(source), Some([leaf, ..])) => {
+                                    Some(crate::auth::mtls::identity(leaf, source))
+                                }
+                                _ => None,
+                            },
+                        );
+                        let app = app.map_request(move |mut request: axum::http::Request<_>| {
+                            request.extensions_mut().insert(peer.clone());
+                            request
+                        });
+                        let service = TowerToHyperService::new(app);
                         let connection =
                             builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                         watcher.watch(connection.into_owned()).await
@@ -81,6 +108,7 @@ pub async fn serve(
                     }
                 },
                 None => {
+                    let service = TowerToHyperService::new(app);
                     let connection =
                         builder.serve_connection_with_upgrades(TokioIo::new(stream), service);
                     watcher.watch(connection.into_owned()).await
@@ -102,8 +130,9 @@ pub async fn serve(
     Ok(())
 }
 
-/// Builds the TLS acceptor from the configured certificate and key.
-fn tls_acceptor(tls: &TlsConfig) -> anyhow::Result<TlsAcceptor> {
+/// Builds the TLS acceptor from the configured certificate and key, asking for client
+/// certificates when `[auth.mtls]` is set (optional when tokens are accepted too).
+fn tls_acceptor(tls: &TlsConfig, auth: Option<&AuthConfig>) -> anyhow::Result<TlsAcceptor> {
     let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
         std::fs::File::open(&tls.cert)
             .with_context(|| format!("cannot open {}", tls.cert.display()))?,
@@ -120,9 +149,14 @@ fn tls_acceptor(tls: &TlsConfig) -> anyhow::Result<TlsAcceptor> {
     .with_context(|| format!("cannot read the private key from {}", tls.key.display()))?
     .with_context(|| format!("{} holds no PEM private key", tls.key.display()))?;
     let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let mut server = rustls::ServerConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_no_client_auth()
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let builder = match auth.and_then(|a| a.mtls.as_ref().map(|m| (m, a.tokens.is_some()))) {
+        Some((mtls, tokens_too)) => builder
+            .with_client_cert_verifier(crate::auth::mtls::verifier(mtls, provider, tokens_too)?),
+        None => builder.with_no_client_auth(),
+    };
+    let mut server = builder
         .with_single_cert(certs, key)
         .context("the TLS certificate and key do not fit together")?;
     server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];

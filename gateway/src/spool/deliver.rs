@@ -199,7 +199,11 @@ fn expired(record: &Record, now_ms: u64) -> bool {
     attribute(record, EXPIRY_ATTRIBUTE)
         .and_then(|secs| secs.parse::<u64>().ok())
         .is_some_and(|secs| {
-            record.message.received_at_ms.saturating_add(secs.saturating_mul(1000)) <= now_ms
+            record
+                .message
+                .received_at_ms
+                .saturating_add(secs.saturating_mul(1000))
+                <= now_ms
         })
 }
 

@@ -1,0 +1,218 @@
+//! Device identity: who sent a request.
+//!
+//! - [`mtls`]: client certificates checked during the TLS handshake (trusted CAs from the
+//!   config, expiry, revocation by serial number or fingerprint); the device id comes from
+//!   the certificate's subject CN or a SAN, its groups from the subject's OUs.
+//! - [`token`]: short-lived HS256 JWTs (`Authorization: Bearer …`) carrying the device id
+//!   (`sub`) and optional `groups`, signed with keys from the config and chosen by key id,
+//!   so that several keys are valid at once while they rotate.
+//!
+//! Without `[auth]` (the embedded default, meant for loopback) the device names itself
+//! with the `x-device-id` header. With it, a request without a valid certificate or
+//! token gets `401` with a reason code ([`AuthError::code`]) and nothing about the
+//! secret.
+
+pub mod mtls;
+pub mod token;
+
+use axum::http::{HeaderMap, header};
+
+use crate::config::AuthConfig;
+
+/// The header naming the device when device authentication is not configured.
+pub const DEVICE_HEADER: &str = "x-device-id";
+/// The device id of requests without [`DEVICE_HEADER`].
+pub const ANONYMOUS_DEVICE: &str = "anonymous";
+/// Longest device id accepted (IoT Core's client id limit).
+pub const MAX_DEVICE_ID_LEN: usize = 128;
+
+/// How a device proved its identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Method {
+    /// A client certificate.
+    Certificate,
+    /// A bearer token.
+    Token,
+    /// The `x-device-id` header (no `[auth]`).
+    Header,
+}
+
+/// An authenticated device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Identity {
+    /// The device id.
+    pub device_id: String,
+    /// Groups, for policy grants.
+    pub groups: Vec<String>,
+    /// How it was established.
+    pub method: Method,
+}
+
+/// Why a device was not let in: each is a `401` with its code.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AuthError {
+    /// Neither a client certificate nor a bearer token.
+    #[error("send a client certificate or `Authorization: Bearer <token>`")]
+    MissingCredentials,
+    /// Not a JWT, or not one of ours (bad header, claims, algorithm).
+    #[error("the token is malformed")]
+    TokenMalformed,
+    /// Signed with a key id the gateway does not have.
+    #[error("the token's key is not known")]
+    TokenUnknownKey,
+    /// The signature does not match (tampered, or the wrong secret).
+    #[error("the token's signature is not valid")]
+    TokenBadSignature,
+    /// Past its `exp`.
+    #[error("the token has expired")]
+    TokenExpired,
+    /// Before its `nbf`.
+    #[error("the token is not valid yet")]
+    TokenNotYetValid,
+    /// Another issuer.
+    #[error("the token was issued by someone else")]
+    TokenWrongIssuer,
+    /// The credential names a device id the gateway cannot use.
+    #[error("the device id is not usable: {0}")]
+    BadDeviceId(String),
+    /// The client certificate carries no device id where the config says to look.
+    #[error("the client certificate carries no device id in its {0}")]
+    CertificateWithoutId(&'static str),
+}
+
+impl AuthError {
+    /// The stable code in the `401` body.
+    pub fn code(&self) -> &'static str {
+        match self {
+            AuthError::MissingCredentials => "missing_credentials",
+            AuthError::TokenMalformed => "token_malformed",
+            AuthError::TokenUnknownKey => "token_unknown_key",
+            AuthError::TokenBadSignature => "token_invalid_signature",
+            AuthError::TokenExpired => "token_expired",
+            AuthError::TokenNotYetValid => "token_not_yet_valid",
+            AuthError::TokenWrongIssuer => "token_wrong_issuer",
+            AuthError::BadDeviceId(_) => "bad_device_id",
+            AuthError::CertificateWithoutId(_) => "certificate_without_device_id",
+        }
+    }
+}
+
+/// What a connection's TLS handshake established: `None` without a client certificate.
+#[derive(Debug, Clone, Default)]
+pub struct PeerIdentity(pub Option<Result<Identity, AuthError>>);
+
+/// Authenticates requests the way the config says.
+pub struct Authenticator {
+    /// `None`: no `[auth]`, devices name themselves.
+    tokens: Option<token::TokenKeys>,
+    required: bool,
+}
+
+impl Authenticator {
+    /// From the `[auth]` section (absent: the `x-device-id` header).
+    pub fn new(auth: Option<&AuthConfig>) -> Authenticator {
+        Authenticator {
+            tokens: auth
+                .and_then(|a| a.tokens.as_ref())
+                .map(token::TokenKeys::new),
+            required: auth.is_some(),
+        }
+    }
+
+    /// Whether devices must authenticate (`[auth]` is configured).
+    pub fn required(&self) -> bool {
+        self.required
+    }
+
+    /// Who sent a request: the connection's certificate, else a bearer token, else (only
+    /// without `[auth]`) the `x-device-id` header.
+    pub fn authenticate(
+        &self,
+        peer: Option<&PeerIdentity>,
+        headers: &HeaderMap,
+    ) -> Result<Identity, AuthError> {
+        if !self.required {
+            return header_identity(headers);
+        }
+        if let Some(PeerIdentity(Some(result))) = peer {
+            return result.clone();
+        }
+        let bearer = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match (bearer, &self.tokens) {
+            (Some(token), Some(keys)) => keys.verify(token.trim()),
+            // A token where only certificates are accepted: as if none was sent.
+            _ => Err(AuthError::MissingCredentials),
+        }
+    }
+}
+
+/// The device id rules shared by every method: 1 to 128 characters, none of MQTT's
+/// `/`, `+`, `#` (the id goes into topic filters) and no control characters.
+pub fn check_device_id(id: &str) -> Result<(), String> {
+    if id.is_empty() || id.len() > MAX_DEVICE_ID_LEN {
+        return Err(format!("must be 1 to {MAX_DEVICE_ID_LEN} characters"));
+    }
+    if id.contains(['/', '+', '#']) || id.chars().any(char::is_control) {
+        return Err("must not contain `/`, `+`, `#` or control characters".to_string());
+    }
+    Ok(())
+}
+
+fn header_identity(headers: &HeaderMap) -> Result<Identity, AuthError> {
+    let id = match headers.get(DEVICE_HEADER) {
+        None => ANONYMOUS_DEVICE.to_string(),
+        Some(value) => value
+            .to_str()
+            .map_err(|_| {
+                AuthError::BadDeviceId(format!("{DEVICE_HEADER} must be printable ASCII"))
+            })?
+            .to_string(),
+    };
+    check_device_id(&id).map_err(|why| AuthError::BadDeviceId(format!("{DEVICE_HEADER} {why}")))?;
+    Ok(Identity {
+        device_id: id,
+        groups: Vec::new(),
+        method: Method::Header,
+    })
+}
+
+/// Hex digits (colons and spaces allowed between them) as bytes, leading zero bytes
+/// removed, so that serial numbers compare however they were written.
+pub fn parse_hex(text: &str) -> Option<Vec<u8>> {
+    let digits: String = text.chars().filter(|c| !matches!(c, ':' | ' ')).collect();
+    if digits.is_empty() {
+        return None;
+    }
+    let padded = if digits.len() % 2 == 1 {
+        format!("0{digits}")
+    } else {
+        digits
+    };
+    hex::decode(padded).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn hex_parses_with_colons_and_odd_lengths() {
+        assert_eq!(parse_hex("0A:1b"), Some(vec![0x0a, 0x1b]));
+        assert_eq!(parse_hex("abc"), Some(vec![0x0a, 0xbc]));
+        assert_eq!(parse_hex("zz"), None);
+        assert_eq!(parse_hex(""), None);
+    }
+
+    #[test]
+    fn device_ids_that_would_break_topic_filters_are_refused() {
+        assert!(check_device_id("sensor-17").is_ok());
+        for bad in ["", "a/b", "a+b", "a#", "a\nb"] {
+            assert!(check_device_id(bad).is_err(), "{bad:?}");
+        }
+        assert!(check_device_id(&"x".repeat(129)).is_err());
+    }
+}

@@ -1,0 +1,293 @@
+//! Per-device policy, default deny: which topics a device may publish to and receive
+//! commands on, and how fast it may send.
+//!
+//! Grants come from `[[policy.grants]]`. A grant applies to a device named in its
+//! `devices` (or `*`) or belonging to one of its `groups`. A publish is allowed when an
+//! applicable grant has a `publish` filter matching the topic (`${device.id}` stands for
+//! the device's own id); the first such grant's limits apply to it. Limits are token
+//! buckets per device and grant (`governor`): messages per second and payload bytes per
+//! second, each allowing a burst of one second's worth. The policy runs before any
+//! plugin, so plugins cannot widen it.
+
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use governor::clock::{Clock, DefaultClock};
+use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
+
+use crate::auth::Identity;
+use crate::config::{GrantConfig, PolicyConfig};
+use crate::route::topic::TopicFilter;
+
+/// Why the policy refused a publish.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// `403 topic_denied`: no grant lets this device publish there.
+    Denied {
+        /// The topic.
+        topic: String,
+    },
+    /// `413 payload_too_large`: over the grant's `max_payload_bytes`.
+    TooLarge {
+        /// The grant.
+        grant: String,
+        /// Its limit.
+        limit: usize,
+        /// The payload's size.
+        size: usize,
+    },
+    /// `429 rate_limited` with `Retry-After`.
+    RateLimited {
+        /// The grant.
+        grant: String,
+        /// `max_messages_per_sec` or `max_bytes_per_sec`.
+        limit: &'static str,
+        /// When the device may send again.
+        retry_after: Duration,
+    },
+}
+
+struct Grant {
+    config: GrantConfig,
+    messages: Option<DefaultKeyedRateLimiter<String>>,
+    bytes: Option<(DefaultKeyedRateLimiter<String>, u32)>,
+}
+
+impl Grant {
+    fn applies_to(&self, identity: &Identity) -> bool {
+        self.config
+            .devices
+            .iter()
+            .any(|d| d == "*" || *d == identity.device_id)
+            || self
+                .config
+                .groups
+                .iter()
+                .any(|g| identity.groups.contains(g))
+    }
+
+    fn allows(filters: &[String], identity: &Identity, topic: &str) -> bool {
+        filters.iter().any(|filter| {
+            TopicFilter::parse(&filter.replace("${device.id}", &identity.device_id))
+                .is_ok_and(|f| f.matches(topic))
+        })
+    }
+}
+
+/// The device policy.
+pub struct DevicePolicy {
+    /// `false`: no `[policy]` and no `[auth]`: everything is allowed.
+    enforced: bool,
+    grants: Vec<Grant>,
+    clock: DefaultClock,
+}
+
+impl DevicePolicy {
+    /// From `[policy]`; enforced when it is present or `auth_configured`.
+    pub fn new(config: Option<&PolicyConfig>, auth_configured: bool) -> DevicePolicy {
+        let per_second = |n: u32| Quota::per_second(NonZeroU32::new(n.max(1)).expect("at least 1"));
+        let grants = config
+            .map(|c| c.grants.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .map(|config| Grant {
+                messages: config
+                    .max_messages_per_sec
+                    .map(|n| RateLimiter::keyed(per_second(n))),
+                bytes: config
+                    .max_bytes_per_sec
+                    .map(|n| (RateLimiter::keyed(per_second(n)), n)),
+                config,
+            })
+            .collect();
+        DevicePolicy {
+            enforced: config.is_some() || auth_configured,
+            grants,
+            clock: DefaultClock::default(),
+        }
+    }
+
+    /// Checks `count` messages of `bytes` payload bytes in all (the largest being
+    /// `largest`) that `identity` publishes to `topics`; takes them from the rate limits
+    /// only if every check passes.
+    pub fn check_publish<'a>(
+        &self,
+        identity: &Identity,
+        topics: impl IntoIterator<Item = &'a str>,
+        count: usize,
+        bytes: usize,
+        largest: usize,
+    ) -> Result<(), Refusal> {
+        if !self.enforced {
+            return Ok(());
+        }
+        // The grant that allows each topic; the first topic's grant sets the limits.
+        let mut limits: Option<&Grant> = None;
+        for topic in topics {
+            let grant = self
+                .grants
+                .iter()
+                .find(|g| {
+                    g.applies_to(identity) && Grant::allows(&g.config.publish, identity, topic)
+                })
+                .ok_or_else(|| Refusal::Denied {
+                    topic: topic.to_string(),
+                })?;
+            limits.get_or_insert(grant);
+        }
+        let Some(grant) = limits else { return Ok(()) };
+        let name = &grant.config.name;
+        if let Some(limit) = grant.config.max_payload_bytes
+            && largest > limit
+        {
+            return Err(Refusal::TooLarge {
+                grant: name.clone(),
+                limit,
+                size: largest,
+            });
+        }
+        let key = &identity.device_id;
+        let now = self.clock.now();
+        if let Some(limiter) = &grant.messages {
+            let n = NonZeroU32::new(count.max(1) as u32).expect("at least 1");
+            match limiter.check_key_n(key, n) {
+                Ok(Ok(())) => {}
+                Ok(Err(not_until)) => {
+                    return Err(Refusal::RateLimited {
+                        grant: name.clone(),
+                        limit: "max_messages_per_sec",
+                        retry_after: not_until.wait_time_from(now),
+                    });
+                }
+                Err(_) => {
+                    return Err(Refusal::RateLimited {
+                        grant: name.clone(),
+                        limit: "max_messages_per_sec",
+                        retry_after: Duration::from_secs(1),
+                    });
+                }
+            }
+        }
+        if let Some((limiter, per_sec)) = &grant.bytes
+            && bytes > 0
+        {
+            if bytes > *per_sec as usize {
+                return Err(Refusal::TooLarge {
+                    grant: name.clone(),
+                    limit: *per_sec as usize,
+                    size: bytes,
+                });
+            }
+            let n = NonZeroU32::new(bytes as u32).expect("more than 0");
+            if let Ok(Err(not_until)) = limiter.check_key_n(key, n) {
+                return Err(Refusal::RateLimited {
+                    grant: name.clone(),
+                    limit: "max_bytes_per_sec",
+                    retry_after: not_until.wait_time_from(now),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `identity` may receive commands on `topic`.
+    pub fn may_subscribe(&self, identity: &Identity, topic: &str) -> bool {
+        !self.enforced
+            || self.grants.iter().any(|g| {
+                g.applies_to(identity) && Grant::allows(&g.config.subscribe, identity, topic)
+            })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Method;
+
+    fn policy() -> DevicePolicy {
+        let config: PolicyConfig = toml::from_str(
+            r#"
+            [[grants]]
+            name = "own"
+            devices = ["*"]
+            publish = ["devices/${device.id}/#"]
+            subscribe = ["cmd/${device.id}/#"]
+            max_messages_per_sec = 3
+            [[grants]]
+            name = "ops"
+            groups = ["ops"]
+            publish = ["fleet/#"]
+            max_payload_bytes = 10
+            "#,
+        )
+        .unwrap();
+        DevicePolicy::new(Some(&config), true)
+    }
+
+    fn device(id: &str, groups: &[&str]) -> Identity {
+        Identity {
+            device_id: id.to_string(),
+            groups: groups.iter().map(|g| g.to_string()).collect(),
+            method: Method::Token,
+        }
+    }
+
+    #[test]
+    fn devices_publish_only_where_a_grant_allows() {
+        let policy = policy();
+        let a = device("a", &[]);
+        assert!(
+            policy
+                .check_publish(&a, ["devices/a/temp"], 1, 1, 1)
+                .is_ok()
+        );
+        assert_eq!(
+            policy.check_publish(&a, ["devices/b/temp"], 1, 1, 1),
+            Err(Refusal::Denied {
+                topic: "devices/b/temp".to_string()
+            })
+        );
+        assert!(policy.check_publish(&a, ["fleet/x"], 1, 1, 1).is_err());
+        let ops = device("o", &["ops"]);
+        assert!(policy.check_publish(&ops, ["fleet/x"], 1, 5, 5).is_ok());
+        assert!(matches!(
+            policy.check_publish(&ops, ["fleet/x"], 1, 11, 11),
+            Err(Refusal::TooLarge { limit: 10, .. })
+        ));
+        assert!(policy.may_subscribe(&a, "cmd/a/reboot"));
+        assert!(!policy.may_subscribe(&a, "cmd/b/reboot"));
+    }
+
+    #[test]
+    fn a_device_over_its_rate_is_told_when_to_retry() {
+        let policy = policy();
+        let a = device("a", &[]);
+        for _ in 0..3 {
+            policy.check_publish(&a, ["devices/a/t"], 1, 1, 1).unwrap();
+        }
+        match policy.check_publish(&a, ["devices/a/t"], 1, 1, 1) {
+            Err(Refusal::RateLimited {
+                retry_after, limit, ..
+            }) => {
+                assert_eq!(limit, "max_messages_per_sec");
+                assert!(retry_after > Duration::ZERO && retry_after <= Duration::from_secs(1));
+            }
+            other => panic!("{other:?}"),
+        }
+        // Another device has its own bucket.
+        assert!(
+            policy
+                .check_publish(&device("b", &[]), ["devices/b/t"], 1, 1, 1)
+                .is_ok()
+        );
+    }
+
+    #[test]
+    fn without_policy_or_auth_everything_is_allowed() {
+        let open = DevicePolicy::new(None, false);
+        assert!(
+            open.check_publish(&device("x", &[]), ["any/topic"], 1, 1, 1)
+                .is_ok()
+        );
+    }
+}
