@@ -2,6 +2,8 @@
 //! request carries `Authorization: Bearer <admin.token>`; without it: `401 unauthorized`.
 //!
 //! - `GET /admin/spool`: records and bytes waiting per sink, dead letters, commits.
+//! - `GET /admin/devices`: the open WebSocket sessions (device, how it authenticated,
+//!   messages, in flight, the most ever in flight, the window).
 //! - `GET /admin/dlq?from=KEY&limit=N`: dead letters, oldest first (`next` pages on).
 //! - `GET /admin/dlq/{key}`: one dead letter with its payload.
 //! - `DELETE /admin/dlq/{key}`: discard one.
@@ -22,6 +24,7 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::ingress::ws::Sessions;
 use crate::pipeline::Pipeline;
 use crate::shutdown::Shutdown;
 use crate::spool::codec::DeadLetter;
@@ -32,6 +35,7 @@ const MAX_PAGE: usize = 1_000;
 #[derive(Clone)]
 struct AdminState {
     pipeline: Arc<Pipeline>,
+    sessions: Arc<Sessions>,
     token: Arc<str>,
 }
 
@@ -41,6 +45,7 @@ pub async fn serve(
     listen: SocketAddr,
     token: String,
     pipeline: Arc<Pipeline>,
+    sessions: Arc<Sessions>,
     mut shutdown: Shutdown,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     use anyhow::Context as _;
@@ -50,7 +55,7 @@ pub async fn serve(
     let address = listener.local_addr()?;
     println!("sluice: admin on http://{address}");
     tracing::info!(%address, "admin API listening");
-    let app = router(pipeline, token);
+    let app = router(pipeline, sessions, token);
     Ok(tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.wait().await })
@@ -61,13 +66,15 @@ pub async fn serve(
     }))
 }
 
-fn router(pipeline: Arc<Pipeline>, token: String) -> axum::Router {
+fn router(pipeline: Arc<Pipeline>, sessions: Arc<Sessions>, token: String) -> axum::Router {
     let state = AdminState {
         pipeline,
+        sessions,
         token: token.into(),
     };
     axum::Router::new()
         .route("/admin/spool", get(spool_stats))
+        .route("/admin/devices", get(devices))
         .route("/admin/dlq", get(list))
         .route("/admin/dlq/redrive", post(redrive))
         .route("/admin/dlq/{key}", get(show).delete(discard))
@@ -106,6 +113,12 @@ async fn authorize(State(state): State<AdminState>, request: Request, next: Next
 /// much of a guessed token is right.
 fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn devices(State(state): State<AdminState>) -> Response {
+    let open = state.sessions.list();
+    let sessions: Vec<&crate::ingress::ws::SessionInfo> = open.iter().map(|s| &**s).collect();
+    Json(json!({ "sessions": sessions })).into_response()
 }
 
 async fn spool_stats(State(state): State<AdminState>) -> Response {

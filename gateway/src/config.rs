@@ -69,6 +69,54 @@ pub struct Config {
     /// What each device may do; enforced (default deny) when present or when `[auth]`
     /// is.
     pub policy: Option<PolicyConfig>,
+    /// WebSocket sessions (`GET /ws`).
+    #[serde(default)]
+    pub websocket: WebSocketConfig,
+}
+
+/// `[websocket]`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebSocketConfig {
+    /// Messages a device may have sent and not yet had acknowledged; the gateway stops
+    /// reading from a device at its window (the device is slowed, not dropped). Default 64.
+    #[serde(default = "default_ws_window")]
+    pub window: usize,
+    /// Largest frame (and message) accepted; a larger one closes the session with 1009.
+    /// Default 1 MiB + 64 KiB (a record-sized payload with its framing).
+    #[serde(default = "default_ws_max_frame")]
+    pub max_frame_bytes: usize,
+    /// How often the gateway pings. Default 20.
+    #[serde(default = "default_ws_ping")]
+    pub ping_interval_secs: u64,
+    /// A session that sends nothing (not even a pong) for this long is closed with 4000.
+    /// Default 60.
+    #[serde(default = "default_ws_idle")]
+    pub idle_timeout_secs: u64,
+}
+
+fn default_ws_window() -> usize {
+    64
+}
+fn default_ws_max_frame() -> usize {
+    KINESIS_DEFAULT_MAX_RECORD_BYTES + 64 * 1024
+}
+fn default_ws_ping() -> u64 {
+    20
+}
+fn default_ws_idle() -> u64 {
+    60
+}
+
+impl Default for WebSocketConfig {
+    fn default() -> Self {
+        WebSocketConfig {
+            window: default_ws_window(),
+            max_frame_bytes: default_ws_max_frame(),
+            ping_interval_secs: default_ws_ping(),
+            idle_timeout_secs: default_ws_idle(),
+        }
+    }
 }
 
 /// `[auth]`: how devices prove who they are. At least one method.
@@ -752,10 +800,30 @@ impl Config {
         self.validate_sinks(&mut problems);
         self.validate_spool_and_admin(&mut problems);
         self.validate_auth_and_policy(&mut problems);
+        self.validate_websocket(&mut problems);
         if problems.is_empty() {
             Ok(())
         } else {
             Err(ConfigError::Invalid(problems))
+        }
+    }
+
+    fn validate_websocket(&self, problems: &mut Vec<String>) {
+        let ws = &self.websocket;
+        if ws.window == 0 || ws.window > 10_000 {
+            problems.push(format!(
+                "websocket.window must be 1 to 10000, not {}",
+                ws.window
+            ));
+        }
+        if ws.max_frame_bytes < 1024 {
+            problems.push("websocket.max_frame_bytes must be at least 1024".to_string());
+        }
+        if ws.ping_interval_secs == 0 || ws.idle_timeout_secs <= ws.ping_interval_secs {
+            problems.push(
+                "websocket.ping_interval_secs must be at least 1 and below idle_timeout_secs"
+                    .to_string(),
+            );
         }
     }
 

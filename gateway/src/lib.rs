@@ -77,13 +77,21 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     } else {
         None
     };
+    let sessions = Arc::new(ingress::ws::Sessions::default());
     let admin = match (&config.admin.listen, &config.admin.token) {
-        (Some(listen), Some(token)) => {
-            Some(admin::serve(*listen, token.clone(), pipeline.clone(), shutdown.clone()).await?)
-        }
+        (Some(listen), Some(token)) => Some(
+            admin::serve(
+                *listen,
+                token.clone(),
+                pipeline.clone(),
+                sessions.clone(),
+                shutdown.clone(),
+            )
+            .await?,
+        ),
         _ => None,
     };
-    let result = ingress::serve(&config, pipeline, shutdown).await;
+    let result = ingress::serve(&config, pipeline, sessions, shutdown).await;
     drop(watcher);
     // In-flight requests are done: deliver what the sinks take within the grace period,
     // and leave the rest in the spool for the next start.

@@ -12,3 +12,4 @@ mod http;
 mod plugins;
 mod reload;
 mod routing;
+mod websocket;

@@ -21,12 +21,13 @@ use serde::Deserialize;
 use serde_json::json;
 
 use crate::auth::{AuthError, Authenticator, Identity, PeerIdentity};
-use crate::config::Config;
+use crate::config::{Config, WebSocketConfig};
 use crate::message::{Message, new_id, now_ms};
 use crate::pipeline::{MessageReport, Pipeline, Status, StoreError};
 use crate::plugin::FailureKind;
 use crate::policy::{DevicePolicy, Refusal};
 use crate::route::topic::validate_publish_topic;
+use crate::shutdown::Shutdown;
 use crate::spool::SpoolError;
 
 /// What the routes share.
@@ -38,6 +39,12 @@ pub struct AppState {
     pub auth: Arc<Authenticator>,
     /// What a device may do.
     pub policy: Arc<DevicePolicy>,
+    /// WebSocket session settings.
+    pub websocket: WebSocketConfig,
+    /// Fires when the gateway stops (WebSocket sessions close with 1001).
+    pub shutdown: Shutdown,
+    /// Open WebSocket sessions.
+    pub sessions: Arc<crate::ingress::ws::Sessions>,
     /// Most messages in one batch request.
     pub max_batch_messages: usize,
     /// Largest batch request body.
@@ -46,7 +53,12 @@ pub struct AppState {
 
 impl AppState {
     /// The state for `config` around `pipeline`.
-    pub fn new(config: &Config, pipeline: Arc<Pipeline>) -> AppState {
+    pub fn new(
+        config: &Config,
+        pipeline: Arc<Pipeline>,
+        shutdown: Shutdown,
+        sessions: Arc<crate::ingress::ws::Sessions>,
+    ) -> AppState {
         AppState {
             pipeline,
             auth: Arc::new(Authenticator::new(config.auth.as_ref())),
@@ -54,6 +66,9 @@ impl AppState {
                 config.policy.as_ref(),
                 config.auth.is_some(),
             )),
+            websocket: config.websocket.clone(),
+            shutdown,
+            sessions,
             max_batch_messages: config.limits.max_batch_messages,
             max_batch_bytes: config.limits.max_batch_bytes,
         }
@@ -65,6 +80,7 @@ pub fn app(state: AppState) -> axum::Router {
     axum::Router::new()
         .route("/topics/{*topic}", post(publish))
         .route("/batch", post(batch))
+        .route("/ws", get(crate::ingress::ws::upgrade))
         .route("/healthz", get(|| async { "ok" }))
         // Limits are enforced by the handlers, which know which limit applies and say so.
         .layer(DefaultBodyLimit::disable())
@@ -134,6 +150,38 @@ impl From<StoreError> for ApiError {
             code,
             message: error.to_string(),
             retry_after,
+        }
+    }
+}
+
+impl ApiError {
+    /// The code, message and retry delay (seconds) of the error, for WebSocket error
+    /// frames.
+    pub fn parts(self) -> (&'static str, String, Option<u64>) {
+        match self {
+            ApiError::BadRequest(message) => ("bad_request", message, None),
+            ApiError::TooLarge(message) => ("payload_too_large", message, None),
+            ApiError::Unauthorized(error) => (error.code(), error.to_string(), None),
+            ApiError::Forbidden { topic, device } => (
+                "topic_denied",
+                format!("no policy grant lets `{device}` publish to `{topic}`"),
+                None,
+            ),
+            ApiError::RateLimited {
+                grant,
+                limit,
+                retry_after,
+            } => (
+                "rate_limited",
+                format!("over the {limit} of policy grant `{grant}`"),
+                Some(retry_after),
+            ),
+            ApiError::Plugin { kind, message, .. } => (kind.code(), message, None),
+            ApiError::Unavailable {
+                code,
+                message,
+                retry_after,
+            } => (code, message, Some(u64::from(retry_after))),
         }
     }
 }
@@ -313,7 +361,8 @@ async fn publish(
     Ok((StatusCode::OK, Json(body)).into_response())
 }
 
-fn rejected(report: MessageReport) -> ApiError {
+/// The error for a message the chain rejected.
+pub(crate) fn rejected(report: MessageReport) -> ApiError {
     let error = report
         .error
         .unwrap_or_else(|| crate::pipeline::FailureReport {
@@ -448,7 +497,7 @@ async fn batch(
 }
 
 /// Who sent the request (see [`crate::auth`]).
-fn authenticate(
+pub(crate) fn authenticate(
     state: &AppState,
     peer: Option<&PeerIdentity>,
     headers: &HeaderMap,
@@ -464,7 +513,7 @@ fn authenticate(
 }
 
 /// The device policy, before any plugin runs.
-fn check_policy<'a>(
+pub(crate) fn check_policy<'a>(
     state: &AppState,
     identity: &Identity,
     topics: impl IntoIterator<Item = &'a str>,

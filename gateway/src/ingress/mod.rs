@@ -4,6 +4,7 @@
 //! so every connection is tracked for graceful shutdown.
 
 pub mod http;
+pub mod ws;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -34,6 +35,7 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 pub async fn serve(
     config: &Config,
     pipeline: Arc<Pipeline>,
+    sessions: Arc<ws::Sessions>,
     mut shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let tls = config
@@ -58,7 +60,12 @@ pub async fn serve(
     println!("sluice: listening on {scheme}://{address}");
     tracing::info!(%address, scheme, "listening");
 
-    let app = http::app(http::AppState::new(config, pipeline));
+    let app = http::app(http::AppState::new(
+        config,
+        pipeline,
+        shutdown.clone(),
+        sessions,
+    ));
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
     loop {
