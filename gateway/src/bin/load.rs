@@ -1,6 +1,12 @@
 //! `sluice-load`: drives a Sluice gateway (or anything answering the same POSTs) with many
 //! connections and reports throughput and latency percentiles.
 //!
+//! With `--ws`, each connection is a WebSocket session (`sluice.v1`) that keeps `--window`
+//! publishes in flight and measures each from send to acknowledgement. With `--hold`, it
+//! opens that many WebSocket sessions, waits for every welcome, prints `holding N
+//! sessions`, and keeps them idle for `--duration` seconds (for measuring the gateway's
+//! memory per connection).
+//!
 //! Each connection is one task with its own HTTP/1.1 client and one socket, sending a
 //! request, waiting for the answer, and sending the next (closed loop). With `--rate`
 //! the connections share a fixed request rate instead (open loop), and latency counts
@@ -42,6 +48,15 @@ struct Args {
     /// Print one JSON object instead of text.
     #[arg(long)]
     json: bool,
+    /// Use WebSocket sessions (`GET /ws`) instead of HTTP POSTs.
+    #[arg(long)]
+    ws: bool,
+    /// With --ws: publishes in flight per session (at most the gateway's window).
+    #[arg(long, default_value_t = 16)]
+    window: usize,
+    /// Open this many idle WebSocket sessions and hold them for --duration seconds.
+    #[arg(long)]
+    hold: Option<usize>,
 }
 
 #[derive(Default)]
@@ -155,16 +170,139 @@ async fn connection(
     tally
 }
 
+type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+async fn ws_connect(args: &Args, index: usize) -> anyhow::Result<Socket> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+    let url = format!("{}/ws", args.url.replacen("http", "ws", 1));
+    let mut request = url.into_client_request()?;
+    request
+        .headers_mut()
+        .insert("sec-websocket-protocol", "sluice.v1".parse()?);
+    request
+        .headers_mut()
+        .insert("x-device-id", format!("load-{index}").parse()?);
+    let (mut socket, _) = tokio_tungstenite::connect_async(request).await?;
+    // The welcome frame.
+    use futures_util::StreamExt as _;
+    socket
+        .next()
+        .await
+        .ok_or_else(|| anyhow::anyhow!("closed before the welcome"))??;
+    Ok(socket)
+}
+
+/// One WebSocket session keeping `--window` publishes in flight.
+async fn ws_connection(
+    args: std::sync::Arc<Args>,
+    index: usize,
+    measure_from: Instant,
+    end: Instant,
+) -> Tally {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    use tokio_tungstenite::tungstenite::Message as Frame;
+    let mut tally = Tally::new();
+    let Ok(mut socket) = ws_connect(&args, index).await else {
+        tally.failed += 1;
+        *tally.statuses.entry(0).or_default() += 1;
+        return tally;
+    };
+    let body = String::from_utf8(payload(args.payload_bytes, index)).expect("ASCII payload");
+    let mut sent: std::collections::HashMap<u64, Instant> = std::collections::HashMap::new();
+    let mut next = 0u64;
+    loop {
+        while sent.len() < args.window && Instant::now() < end {
+            let frame = format!(
+                r#"{{"type":"publish","id":"{next}","topic":"load/{index}","payload":{body}}}"#
+            );
+            if socket.feed(Frame::Text(frame.into())).await.is_err() {
+                return tally;
+            }
+            sent.insert(next, Instant::now());
+            next += 1;
+        }
+        if sent.is_empty() {
+            break;
+        }
+        if socket.flush().await.is_err() {
+            return tally;
+        }
+        let Some(Ok(frame)) = socket.next().await else {
+            return tally;
+        };
+        let Frame::Text(text) = frame else { continue };
+        let Ok(reply) = serde_json::from_str::<serde_json::Value>(&text) else {
+            continue;
+        };
+        let Some(id) = reply["id"].as_str().and_then(|id| id.parse::<u64>().ok()) else {
+            continue;
+        };
+        let Some(at) = sent.remove(&id) else { continue };
+        if at < measure_from || at >= end {
+            continue;
+        }
+        if let Some(histogram) = &mut tally.latency {
+            histogram.saturating_record(at.elapsed().as_micros().clamp(1, 60_000_000) as u64);
+        }
+        if reply["type"] == "ack" {
+            tally.ok += 1;
+        } else {
+            tally.failed += 1;
+            *tally.statuses.entry(1).or_default() += 1;
+        }
+    }
+    let _ = socket.close(None).await;
+    tally
+}
+
+/// Opens `count` idle sessions, reports when all are open, holds them.
+async fn hold(args: std::sync::Arc<Args>, count: usize) -> anyhow::Result<()> {
+    let started = Instant::now();
+    let mut sockets = Vec::with_capacity(count);
+    // A few hundred handshakes at a time: a burst of 10,000 SYNs overflows the backlog.
+    let mut pending = futures_util::stream::FuturesUnordered::new();
+    let mut opened = 0;
+    use futures_util::StreamExt as _;
+    while opened < count || !pending.is_empty() {
+        while opened < count && pending.len() < 256 {
+            let args = args.clone();
+            pending.push(async move { ws_connect(&args, opened).await });
+            opened += 1;
+        }
+        if let Some(socket) = pending.next().await {
+            sockets.push(socket?);
+        }
+    }
+    println!(
+        "holding {} sessions (opened in {:.1} s)",
+        sockets.len(),
+        started.elapsed().as_secs_f64()
+    );
+    tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
+    drop(sockets);
+    Ok(())
+}
+
 fn main() -> anyhow::Result<()> {
     let args = std::sync::Arc::new(Args::parse());
     anyhow::ensure!(args.connections > 0, "--connections must be at least 1");
     let runtime = tokio::runtime::Runtime::new()?;
+    if let Some(count) = args.hold {
+        return runtime.block_on(hold(args.clone(), count));
+    }
     let tally = runtime.block_on(async {
         let start = Instant::now();
         let measure_from = start + Duration::from_secs_f64(args.warmup);
         let end = measure_from + Duration::from_secs_f64(args.duration);
         let tasks: Vec<_> = (0..args.connections)
-            .map(|i| tokio::spawn(connection(args.clone(), i, start, measure_from, end)))
+            .map(|i| {
+                if args.ws {
+                    tokio::spawn(ws_connection(args.clone(), i, measure_from, end))
+                } else {
+                    tokio::spawn(connection(args.clone(), i, start, measure_from, end))
+                }
+            })
             .collect();
         let mut total = Tally::new();
         for task in tasks {
@@ -176,6 +314,7 @@ fn main() -> anyhow::Result<()> {
     let seconds = args.duration;
     let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
     let report = json!({
+        "transport": if args.ws { "websocket" } else { "http" },
         "connections": args.connections,
         "payload_bytes": args.payload_bytes,
         "seconds": seconds,

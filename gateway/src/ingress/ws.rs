@@ -57,6 +57,10 @@ use crate::route::topic::validate_publish_topic;
 pub const SUBPROTOCOL: &str = "sluice.v1";
 /// Close code for a session idle past its timeout.
 pub const CLOSE_IDLE: u16 = 4000;
+/// Bytes read from a session's socket at a time.
+const READ_BUFFER_BYTES: usize = 4 * 1024;
+/// Bytes of outgoing frames collected before they are written.
+const WRITE_BUFFER_BYTES: usize = 4 * 1024;
 /// Longest message id a device may choose.
 const MAX_ID_LEN: usize = 128;
 
@@ -141,6 +145,10 @@ pub async fn upgrade(
     }
     let max = state.websocket.max_frame_bytes;
     Ok(ws
+        // Small buffers: an idle session should cost little (tungstenite's defaults are
+        // 128 KiB each way); they grow for large frames up to max_frame_bytes.
+        .read_buffer_size(READ_BUFFER_BYTES)
+        .write_buffer_size(WRITE_BUFFER_BYTES)
         .protocols([SUBPROTOCOL])
         .max_frame_size(max)
         .max_message_size(max)
