@@ -4,6 +4,8 @@
 //! - `GET /admin/spool`: records and bytes waiting per sink, dead letters, commits.
 //! - `GET /admin/devices`: the open WebSocket sessions (device, how it authenticated,
 //!   messages, in flight, the most ever in flight, the window).
+//! - `GET /admin/downlink`: the instance id, whether the broker confirmed the command and
+//!   presence subscriptions, devices with commands waiting.
 //! - `GET /admin/dlq?from=KEY&limit=N`: dead letters, oldest first (`next` pages on).
 //! - `GET /admin/dlq/{key}`: one dead letter with its payload.
 //! - `DELETE /admin/dlq/{key}`: discard one.
@@ -36,6 +38,7 @@ const MAX_PAGE: usize = 1_000;
 struct AdminState {
     pipeline: Arc<Pipeline>,
     sessions: Arc<Sessions>,
+    downlink: Option<Arc<crate::downlink::Downlink>>,
     token: Arc<str>,
 }
 
@@ -46,6 +49,7 @@ pub async fn serve(
     token: String,
     pipeline: Arc<Pipeline>,
     sessions: Arc<Sessions>,
+    downlink: Option<Arc<crate::downlink::Downlink>>,
     mut shutdown: Shutdown,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     use anyhow::Context as _;
@@ -55,7 +59,7 @@ pub async fn serve(
     let address = listener.local_addr()?;
     println!("sluice: admin on http://{address}");
     tracing::info!(%address, "admin API listening");
-    let app = router(pipeline, sessions, token);
+    let app = router(pipeline, sessions, downlink, token);
     Ok(tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.wait().await })
@@ -66,15 +70,22 @@ pub async fn serve(
     }))
 }
 
-fn router(pipeline: Arc<Pipeline>, sessions: Arc<Sessions>, token: String) -> axum::Router {
+fn router(
+    pipeline: Arc<Pipeline>,
+    sessions: Arc<Sessions>,
+    downlink: Option<Arc<crate::downlink::Downlink>>,
+    token: String,
+) -> axum::Router {
     let state = AdminState {
         pipeline,
         sessions,
+        downlink,
         token: token.into(),
     };
     axum::Router::new()
         .route("/admin/spool", get(spool_stats))
         .route("/admin/devices", get(devices))
+        .route("/admin/downlink", get(downlink_status))
         .route("/admin/dlq", get(list))
         .route("/admin/dlq/redrive", post(redrive))
         .route("/admin/dlq/{key}", get(show).delete(discard))
@@ -113,6 +124,17 @@ async fn authorize(State(state): State<AdminState>, request: Request, next: Next
 /// much of a guessed token is right.
 fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn downlink_status(State(state): State<AdminState>) -> Response {
+    match &state.downlink {
+        Some(downlink) => Json(downlink.status()).into_response(),
+        None => error(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            "no [downlink] configured",
+        ),
+    }
 }
 
 async fn devices(State(state): State<AdminState>) -> Response {

@@ -29,6 +29,7 @@
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod downlink;
 pub mod ingress;
 pub mod message;
 pub mod pipeline;
@@ -78,6 +79,11 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         None
     };
     let sessions = Arc::new(ingress::ws::Sessions::default());
+    let downlink = config
+        .downlink
+        .clone()
+        .map(downlink::Downlink::start)
+        .transpose()?;
     let admin = match (&config.admin.listen, &config.admin.token) {
         (Some(listen), Some(token)) => Some(
             admin::serve(
@@ -85,13 +91,14 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
                 token.clone(),
                 pipeline.clone(),
                 sessions.clone(),
+                downlink.clone(),
                 shutdown.clone(),
             )
             .await?,
         ),
         _ => None,
     };
-    let result = ingress::serve(&config, pipeline, sessions, shutdown).await;
+    let result = ingress::serve(&config, pipeline, sessions, downlink, shutdown).await;
     drop(watcher);
     // In-flight requests are done: deliver what the sinks take within the grace period,
     // and leave the rest in the spool for the next start.

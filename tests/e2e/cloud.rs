@@ -90,6 +90,27 @@ impl TestEnv {
         )
     }
 
+    /// A `[downlink]` section for the test broker, with topics of their own under `run`.
+    pub fn downlink_config(&self, run: &str, instance: &str, ttl_secs: u64) -> String {
+        let certs = self.certs.display();
+        format!(
+            r#"
+            [downlink]
+            host = "localhost"
+            port = {}
+            ca = "{certs}/ca.pem"
+            cert = "{certs}/sluice-gateway.pem"
+            key = "{certs}/sluice-gateway.key"
+            instance_id = "{instance}"
+            command_topic = "cmd/{run}/${{device.id}}/#"
+            reply_topic = "cmd-reply/{run}/${{device.id}}"
+            presence_topic = "sluice/presence/{run}/${{device.id}}"
+            queue_ttl_secs = {ttl_secs}
+            "#,
+            self.mqtt_port
+        )
+    }
+
     fn mqtt_config(&self) -> String {
         let certs = self.certs.display();
         format!(
@@ -361,13 +382,14 @@ fn a_missing_stream_dead_letters_with_the_error() {
 }
 
 /// An MQTT subscriber with the test-subscriber certificate, collecting messages.
-struct Subscriber {
+pub struct Subscriber {
     received: std::sync::mpsc::Receiver<(String, Vec<u8>)>,
-    _runtime: tokio::runtime::Runtime,
+    client: rumqttc::AsyncClient,
+    runtime: tokio::runtime::Runtime,
 }
 
 impl Subscriber {
-    fn connect(env: &TestEnv, filter: &str) -> Subscriber {
+    pub fn connect(env: &TestEnv, filter: &str) -> Subscriber {
         let runtime = TestEnv::runtime();
         let tls = sluice_gateway::sink::iot_core::mqtt::client_tls(
             &env.certs.join("ca.pem"),
@@ -386,6 +408,7 @@ impl Subscriber {
         let (deliver, received) = std::sync::mpsc::channel();
         let (subscribed, ready) = std::sync::mpsc::channel();
         let filter = filter.to_string();
+        let publisher = client.clone();
         runtime.spawn(async move {
             client
                 .subscribe(filter, rumqttc::QoS::AtLeastOnce)
@@ -410,11 +433,24 @@ impl Subscriber {
             .expect("subscribed");
         Subscriber {
             received,
-            _runtime: runtime,
+            client: publisher,
+            runtime,
         }
     }
 
-    fn take(&self, count: usize) -> Vec<(String, Vec<u8>)> {
+    /// Publishes with QoS 1 as the test client (which may write `cmd/#`).
+    pub fn publish(&self, topic: &str, payload: &str) {
+        self.runtime
+            .block_on(self.client.publish(
+                topic,
+                rumqttc::QoS::AtLeastOnce,
+                false,
+                payload.to_string(),
+            ))
+            .unwrap();
+    }
+
+    pub fn take(&self, count: usize) -> Vec<(String, Vec<u8>)> {
         (0..count)
             .map(|_| {
                 self.received

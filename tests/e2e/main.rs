@@ -6,6 +6,7 @@ mod harness;
 mod cli;
 mod cloud;
 mod devices;
+mod downlink;
 mod durability;
 mod failures;
 mod http;

@@ -45,6 +45,8 @@ pub struct AppState {
     pub shutdown: Shutdown,
     /// Open WebSocket sessions.
     pub sessions: Arc<crate::ingress::ws::Sessions>,
+    /// Commands to devices, when configured.
+    pub downlink: Option<Arc<crate::downlink::Downlink>>,
     /// Most messages in one batch request.
     pub max_batch_messages: usize,
     /// Largest batch request body.
@@ -58,6 +60,7 @@ impl AppState {
         pipeline: Arc<Pipeline>,
         shutdown: Shutdown,
         sessions: Arc<crate::ingress::ws::Sessions>,
+        downlink: Option<Arc<crate::downlink::Downlink>>,
     ) -> AppState {
         AppState {
             pipeline,
@@ -69,6 +72,7 @@ impl AppState {
             websocket: config.websocket.clone(),
             shutdown,
             sessions,
+            downlink,
             max_batch_messages: config.limits.max_batch_messages,
             max_batch_bytes: config.limits.max_batch_bytes,
         }
@@ -81,6 +85,8 @@ pub fn app(state: AppState) -> axum::Router {
         .route("/topics/{*topic}", post(publish))
         .route("/batch", post(batch))
         .route("/ws", get(crate::ingress::ws::upgrade))
+        .route("/commands", get(poll_commands))
+        .route("/commands/{id}/reply", post(reply_command))
         .route("/healthz", get(|| async { "ok" }))
         // Limits are enforced by the handlers, which know which limit applies and say so.
         .layer(DefaultBodyLimit::disable())
@@ -494,6 +500,75 @@ async fn batch(
     )?;
     let reports = state.pipeline.process(messages, false).await?;
     Ok((StatusCode::OK, Json(json!({ "results": reports }))).into_response())
+}
+
+/// `GET /commands?wait=SECONDS` parameters.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PollParams {
+    wait: Option<u64>,
+}
+
+/// Longest long-poll.
+const MAX_POLL_SECS: u64 = 60;
+
+/// `GET /commands?wait=N`: the device's waiting commands, waiting up to N seconds
+/// (default 30, at most 60) for one. Commands returned are removed from the queue.
+async fn poll_commands(
+    State(state): State<AppState>,
+    peer: Option<Extension<PeerIdentity>>,
+    params: Result<Query<PollParams>, axum::extract::rejection::QueryRejection>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let identity = authenticate(&state, peer.as_deref(), &headers)?;
+    let Query(params) = params.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+    let downlink = state.downlink.as_ref().ok_or_else(|| {
+        ApiError::BadRequest("commands to devices are not configured ([downlink])".to_string())
+    })?;
+    let wait = std::time::Duration::from_secs(params.wait.unwrap_or(30).min(MAX_POLL_SECS));
+    let mut commands = Vec::new();
+    for command in downlink.poll(&identity.device_id, wait).await {
+        if state.policy.may_subscribe(&identity, &command.topic) {
+            commands.push(command.to_json());
+        } else {
+            downlink
+                .reply(&identity.device_id, &command.id, "denied", None)
+                .await;
+        }
+    }
+    Ok(Json(json!({ "commands": commands })).into_response())
+}
+
+/// `POST /commands/{id}/reply` with `{"status": …, "payload": …}` (both optional):
+/// published on the device's reply topic.
+async fn reply_command(
+    State(state): State<AppState>,
+    peer: Option<Extension<PeerIdentity>>,
+    Path(id): Path<String>,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let identity = authenticate(&state, peer.as_deref(), &headers)?;
+    let downlink = state.downlink.as_ref().ok_or_else(|| {
+        ApiError::BadRequest("commands to devices are not configured ([downlink])".to_string())
+    })?;
+    let body = read_body(&headers, body, 64 * 1024, "reply", "64 KiB").await?;
+    let reply: serde_json::Value = if body.is_empty() {
+        json!({})
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::BadRequest(format!("the reply is not JSON: {e}")))?
+    };
+    let status = reply["status"].as_str().unwrap_or("done").to_string();
+    downlink
+        .reply(
+            &identity.device_id,
+            &id,
+            &status,
+            reply.get("payload").cloned(),
+        )
+        .await;
+    Ok(Json(json!({"message": "OK"})).into_response())
 }
 
 /// Who sent the request (see [`crate::auth`]).

@@ -36,6 +36,7 @@ pub async fn serve(
     config: &Config,
     pipeline: Arc<Pipeline>,
     sessions: Arc<ws::Sessions>,
+    downlink: Option<Arc<crate::downlink::Downlink>>,
     mut shutdown: Shutdown,
 ) -> anyhow::Result<()> {
     let tls = config
@@ -65,6 +66,7 @@ pub async fn serve(
         pipeline,
         shutdown.clone(),
         sessions,
+        downlink,
     ));
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();

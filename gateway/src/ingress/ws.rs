@@ -189,6 +189,39 @@ struct BadFrame {
     message: String,
 }
 
+/// A device's answer to a command.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommandReply {
+    #[serde(rename = "type")]
+    _kind: String,
+    id: String,
+    status: Option<String>,
+    payload: Option<serde_json::Value>,
+}
+
+/// What a text frame asks for.
+#[derive(Debug)]
+enum Incoming {
+    Publish(Publish),
+    Reply(CommandReply),
+}
+
+fn parse_incoming(text: &str) -> Result<Incoming, BadFrame> {
+    let is_reply =
+        serde_json::from_str::<serde_json::Value>(text).is_ok_and(|v| v["type"] == "command_reply");
+    if is_reply {
+        return serde_json::from_str::<CommandReply>(text)
+            .map(Incoming::Reply)
+            .map_err(|e| BadFrame {
+                id: None,
+                binary: false,
+                message: format!("not a command_reply frame: {e}"),
+            });
+    }
+    parse_text(text).map(Incoming::Publish)
+}
+
 fn parse_text(text: &str) -> Result<Publish, BadFrame> {
     let bad = |id: Option<String>, message: String| BadFrame {
         id,
@@ -455,7 +488,9 @@ async fn handle(state: &AppState, identity: &Identity, publish: Publish) -> Repl
         received_at_ms: now_ms(),
         payload,
     };
-    match state.pipeline.process(vec![message], false).await {
+    // A session that receives commands takes part in command & control.
+    let bidirectional = state.downlink.is_some();
+    match state.pipeline.process(vec![message], bidirectional).await {
         Ok(mut reports) => match reports.pop() {
             Some(report) if report.status == Status::Rejected => {
                 Reply::from_api(id, binary, crate::ingress::http::rejected(report))
@@ -487,7 +522,18 @@ async fn session(socket: WebSocket, state: AppState, identity: Identity) {
         return;
     }
     let info = state.sessions.open(&identity, window);
-    run_session(&mut tx, &mut rx, &state, &identity, &info).await;
+    let commands = match &state.downlink {
+        Some(downlink) => Some(downlink.attach(&identity.device_id).await),
+        None => None,
+    };
+    let (attached, commands) = match commands {
+        Some((id, receiver)) => (Some(id), Some(receiver)),
+        None => (None, None),
+    };
+    run_session(&mut tx, &mut rx, &state, &identity, &info, commands).await;
+    if let (Some(downlink), Some(id)) = (&state.downlink, attached) {
+        downlink.detach(&identity.device_id, id).await;
+    }
     state.sessions.close(info.session);
     let _ = tx.close().await;
 }
@@ -501,6 +547,7 @@ async fn run_session(
     state: &AppState,
     identity: &Identity,
     info: &SessionInfo,
+    mut commands: Option<tokio::sync::mpsc::Receiver<crate::downlink::Command>>,
 ) {
     let settings = &state.websocket;
     let window = settings.window;
@@ -531,7 +578,17 @@ async fn run_session(
                 };
                 last_heard = Instant::now();
                 let parsed = match frame {
-                    Frame::Text(text) => parse_text(text.as_str()),
+                    Frame::Text(text) => match parse_incoming(text.as_str()) {
+                        Ok(Incoming::Publish(publish)) => Ok(publish),
+                        Ok(Incoming::Reply(reply)) => {
+                            if let Some(downlink) = &state.downlink {
+                                let status = reply.status.as_deref().unwrap_or("done");
+                                downlink.reply(&identity.device_id, &reply.id, status, reply.payload).await;
+                            }
+                            continue;
+                        }
+                        Err(bad) => Err(bad),
+                    },
                     Frame::Binary(bytes) => parse_binary(&bytes),
                     Frame::Close(_) => break None,
                     Frame::Ping(_) | Frame::Pong(_) => continue,
@@ -552,6 +609,19 @@ async fn run_session(
                 info.in_flight.fetch_sub(1, Ordering::Relaxed);
                 let credit = window - in_flight.len();
                 if tx.send(reply.frame(credit)).await.is_err() {
+                    break None;
+                }
+            }
+            Some(command) = next_command(&mut commands) => {
+                let allowed = state.policy.may_subscribe(identity, &command.topic);
+                if !allowed {
+                    tracing::info!(device = %identity.device_id, topic = %command.topic, "command refused by the policy");
+                    if let Some(downlink) = &state.downlink {
+                        downlink.reply(&identity.device_id, &command.id, "denied", None).await;
+                    }
+                    continue;
+                }
+                if tx.send(text(command.to_json())).await.is_err() {
                     break None;
                 }
             }
@@ -576,6 +646,16 @@ async fn run_session(
     }
     if let Some(frame) = ending {
         let _ = tx.send(frame).await;
+    }
+}
+
+/// The next command for the session, or never without a downlink.
+async fn next_command(
+    commands: &mut Option<tokio::sync::mpsc::Receiver<crate::downlink::Command>>,
+) -> Option<crate::downlink::Command> {
+    match commands {
+        Some(receiver) => receiver.recv().await,
+        None => std::future::pending().await,
     }
 }
 
