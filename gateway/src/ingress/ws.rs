@@ -565,11 +565,12 @@ async fn run_session(
                     None => break None,
                     Some(Ok(frame)) => frame,
                     Some(Err(error)) => {
-                        let too_big = std::error::Error::source(&error)
-                            .map(|s| s.to_string())
-                            .unwrap_or_else(|| error.to_string());
-                        tracing::debug!(device = %identity.device_id, error = %too_big, "WebSocket read failed");
-                        break Some(if too_big.contains("too long") || too_big.contains("too big") {
+                        tracing::debug!(device = %identity.device_id, %error, "WebSocket read failed");
+                        let inner = error.into_inner();
+                        let too_big = inner
+                            .downcast_ref::<tokio_tungstenite::tungstenite::Error>()
+                            .is_some_and(|e| matches!(e, tokio_tungstenite::tungstenite::Error::Capacity(_)));
+                        break Some(if too_big {
                             close(1009, "frame over max_frame_bytes")
                         } else {
                             close(1002, "protocol error")
