@@ -4,6 +4,9 @@
 //! - `GET /admin/spool`: records and bytes waiting per sink, dead letters, commits.
 //! - `GET /admin/devices`: the open WebSocket sessions (device, how it authenticated,
 //!   messages, in flight, the most ever in flight, the window).
+//! - `GET /metrics`: Prometheus metrics (messages by status, refusals by code, records
+//!   leaving the spool by sink and outcome, sink failures, receipt-to-confirmation
+//!   latency per sink, spool depth and bytes, fsyncs, dead letters, WebSocket sessions).
 //! - `GET /admin/downlink`: the instance id, whether the broker confirmed the command and
 //!   presence subscriptions, devices with commands waiting.
 //! - `GET /admin/dlq?from=KEY&limit=N`: dead letters, oldest first (`next` pages on).
@@ -85,6 +88,7 @@ fn router(
     axum::Router::new()
         .route("/admin/spool", get(spool_stats))
         .route("/admin/devices", get(devices))
+        .route("/metrics", get(metrics))
         .route("/admin/downlink", get(downlink_status))
         .route("/admin/dlq", get(list))
         .route("/admin/dlq/redrive", post(redrive))
@@ -124,6 +128,32 @@ async fn authorize(State(state): State<AdminState>, request: Request, next: Next
 /// much of a guessed token is right.
 fn same(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// `GET /metrics`: Prometheus (OpenMetrics) text; state gauges are read now.
+async fn metrics(State(state): State<AdminState>) -> Response {
+    let m = &crate::metrics::METRICS;
+    let stats = state.pipeline.spool().stats();
+    for queue in &stats.queues {
+        let sink = crate::metrics::SinkLabel {
+            sink: queue.sink.name().to_string(),
+        };
+        m.spool_records
+            .get_or_create(&sink)
+            .set(queue.records as i64);
+        m.spool_bytes.get_or_create(&sink).set(queue.bytes as i64);
+    }
+    m.spool_fsyncs.set(stats.durable_commits as i64);
+    m.dead_letters.set(stats.dead_letters as i64);
+    m.sessions.set(state.sessions.list().len() as i64);
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        m.render(),
+    )
+        .into_response()
 }
 
 async fn downlink_status(State(state): State<AdminState>) -> Response {

@@ -32,6 +32,7 @@ pub mod config;
 pub mod downlink;
 pub mod ingress;
 pub mod message;
+pub mod metrics;
 pub mod pipeline;
 pub mod plugin;
 pub mod policy;

@@ -221,6 +221,9 @@ impl Pipeline {
         for (id, result) in ids.into_iter().zip(results) {
             reports.push(self.settle(id, result, rates, bidirectional, &mut routed));
         }
+        for report in &reports {
+            crate::metrics::METRICS.message(report.status.name());
+        }
         // Best-effort room is taken first: a batch is stored whole or not at all.
         let permit = match routed.best_effort.len() {
             0 => None,
@@ -477,6 +480,18 @@ impl Pipeline {
         match durability {
             Durability::Durable => routed.durable.queue(sink, record),
             Durability::BestEffort => routed.best_effort.push((sink, record)),
+        }
+    }
+}
+
+impl Status {
+    /// The status as reports and metrics spell it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Status::Accepted => "accepted",
+            Status::Dropped => "dropped",
+            Status::DeadLettered => "dead-lettered",
+            Status::Rejected => "rejected",
         }
     }
 }

@@ -817,12 +817,25 @@ fn a_sink_that_cannot_confirm_in_time_keeps_the_record_spooled_until_it_can() {
         1,
         "still spooled while Kinesis refuses it"
     );
+    // Not ready once a delivery window has failed (after its 700 ms timeout).
+    let reasons = eventually(Duration::from_secs(30), "readiness to turn false", || {
+        let readiness = reqwest::blocking::get(format!("{}/readyz", gateway.url)).ok()?;
+        (readiness.status() == 503)
+            .then(|| readiness.json::<Value>().unwrap()["reasons"].to_string())
+    });
+    assert!(reasons.contains("kinesis"), "{reasons}");
 
     // Once Kinesis takes records again, the spooled record goes through.
     env.control(reqwest::Method::DELETE, "faults", None);
     gateway.settle();
     let stored = env.read_stream(&stream);
     assert!(!stored.is_empty(), "delivered");
+    let readiness = reqwest::blocking::get(format!("{}/readyz", gateway.url)).unwrap();
+    assert_eq!(
+        readiness.status(),
+        200,
+        "ready again once the sink delivers"
+    );
     assert!(
         stored
             .iter()

@@ -188,3 +188,40 @@ fn a_best_effort_rule_skips_the_spool_and_a_durable_one_commits() {
     );
     assert!(gateway.find(safe.body["id"].as_str().unwrap()).is_some());
 }
+
+#[test]
+fn metrics_count_messages_refusals_and_deliveries_and_readiness_reports_ok() {
+    let gateway = Gateway::start("[routing]\ndefault_destination = \"local\"\n");
+    let ready = reqwest::blocking::get(format!("{}/readyz", gateway.url)).unwrap();
+    assert_eq!(ready.status(), 200);
+    assert_eq!(gateway.publish("m/1", "dev-1", "{}").status, 200);
+    assert_eq!(gateway.publish("m/2", "dev-1", "{}").status, 200);
+    assert_eq!(gateway.publish("bad/+", "dev-1", "{}").status, 400);
+    gateway.settle();
+    let client = reqwest::blocking::Client::new();
+    let unauthorized = client
+        .get(format!("{}/metrics", gateway.admin))
+        .send()
+        .unwrap();
+    assert_eq!(unauthorized.status(), 401, "metrics need the admin token");
+    let text = client
+        .get(format!("{}/metrics", gateway.admin))
+        .bearer_auth(crate::harness::ADMIN_TOKEN)
+        .send()
+        .unwrap()
+        .text()
+        .unwrap();
+    for line in [
+        r#"sluice_messages_total{status="accepted"} 2"#,
+        r#"sluice_refused_total{status="bad_request"} 1"#,
+        r#"sluice_sink_records_total{sink="local",outcome="delivered"} 2"#,
+        r#"sluice_delivery_latency_seconds_count{sink="local"} 2"#,
+        r#"sluice_spool_records{sink="local"} 0"#,
+        "sluice_spool_fsyncs 2",
+    ] {
+        assert!(
+            text.lines().any(|l| l == line),
+            "missing `{line}` in:\n{text}"
+        );
+    }
+}

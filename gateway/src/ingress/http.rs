@@ -88,6 +88,7 @@ pub fn app(state: AppState) -> axum::Router {
         .route("/commands", get(poll_commands))
         .route("/commands/{id}/reply", post(reply_command))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
         // Limits are enforced by the handlers, which know which limit applies and say so.
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
@@ -161,6 +162,19 @@ impl From<StoreError> for ApiError {
 }
 
 impl ApiError {
+    /// The stable code of the error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::TooLarge(_) => "payload_too_large",
+            ApiError::Unauthorized(error) => error.code(),
+            ApiError::Forbidden { .. } => "topic_denied",
+            ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::Plugin { kind, .. } => kind.code(),
+            ApiError::Unavailable { code, .. } => code,
+        }
+    }
+
     /// The code, message and retry delay (seconds) of the error, for WebSocket error
     /// frames.
     pub fn parts(self) -> (&'static str, String, Option<u64>) {
@@ -194,6 +208,7 @@ impl ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        crate::metrics::METRICS.refusal(self.code());
         let (status, body) = match self {
             ApiError::BadRequest(message) => (
                 StatusCode::BAD_REQUEST,
@@ -500,6 +515,38 @@ async fn batch(
     )?;
     let reports = state.pipeline.process(messages, false).await?;
     Ok((StatusCode::OK, Json(json!({ "results": reports }))).into_response())
+}
+
+/// `GET /readyz`: `200` once the gateway can take and deliver messages (plugins are
+/// loaded before the listener opens; no sink is failing; the downlink, if configured,
+/// has its subscriptions), else `503` with the reasons.
+async fn readyz(State(state): State<AppState>) -> Response {
+    let mut reasons: Vec<String> = state
+        .pipeline
+        .spool()
+        .failing_sinks()
+        .into_iter()
+        .map(|sink| {
+            format!(
+                "the {} sink is failing; records wait in the spool",
+                sink.name()
+            )
+        })
+        .collect();
+    if let Some(downlink) = &state.downlink
+        && downlink.status()["subscribed"] != true
+    {
+        reasons.push("the downlink has no confirmed subscriptions yet".to_string());
+    }
+    if reasons.is_empty() {
+        Json(json!({"ready": true})).into_response()
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false, "reasons": reasons})),
+        )
+            .into_response()
+    }
 }
 
 /// `GET /commands?wait=SECONDS` parameters.

@@ -341,6 +341,7 @@ enum Reply {
 
 impl Reply {
     fn from_bad(bad: BadFrame) -> Reply {
+        crate::metrics::METRICS.refusal("bad_frame");
         Reply::Error {
             id: bad.id,
             code: "bad_frame",
@@ -351,6 +352,7 @@ impl Reply {
     }
 
     fn from_api(id: String, binary: bool, error: ApiError) -> Reply {
+        crate::metrics::METRICS.refusal(error.code());
         let (code, message, retry_after) = error.parts();
         Reply::Error {
             id: Some(id),

@@ -21,6 +21,7 @@ use futures_util::stream::FuturesOrdered;
 use tokio::sync::watch;
 
 use crate::message::now_ms;
+use crate::metrics::{SinkLabel, SinkOutcome};
 use crate::sink::{Record, Sinks};
 use crate::spool::codec::{DeadLetter, Origin};
 use crate::spool::{SinkId, Spool};
@@ -110,6 +111,7 @@ impl Deliverer {
                 Some((seqs, result)) = in_flight.next() => {
                     match result {
                         Ok(dead) => {
+                            me.spool.set_failing(me.sink, false);
                             if let Err(error) = me.spool.delivered(me.sink, seqs, dead).await {
                                 tracing::error!(sink = me.sink.name(), %error, "cannot mark records delivered; they will be sent again");
                                 failed = true;
@@ -118,6 +120,11 @@ impl Deliverer {
                             }
                         }
                         Err(error) => {
+                            me.spool.set_failing(me.sink, true);
+                            crate::metrics::METRICS
+                                .sink_failures
+                                .get_or_create(&SinkLabel { sink: me.sink.name().to_string() })
+                                .inc();
                             if !failed {
                                 tracing::warn!(sink = me.sink.name(), %error, waiting = me.spool.depth(me.sink), "delivery failed; records stay spooled and are retried");
                             }
@@ -158,8 +165,11 @@ impl Deliverer {
             })
             .collect();
         if live.is_empty() {
+            self.count(0, dead.len());
             return (seqs, Ok(dead));
         }
+        let received: Vec<u64> = live.iter().map(|r| r.message.received_at_ms).collect();
+        let expired_count = dead.len();
         let result = match self.sinks.deliver_to(self.sink, live).await {
             Ok(rejected) => Ok(rejected
                 .into_iter()
@@ -175,10 +185,38 @@ impl Deliverer {
                     }
                 })
                 .chain(dead.drain(..))
-                .collect()),
+                .collect::<Vec<DeadLetter>>()),
             Err(error) => Err(error.to_string()),
         };
+        if let Ok(dead) = &result {
+            let now = now_ms();
+            let sink = SinkLabel {
+                sink: self.sink.name().to_string(),
+            };
+            let histogram = crate::metrics::METRICS
+                .delivery_latency
+                .get_or_create(&sink);
+            for at in &received {
+                histogram.observe(now.saturating_sub(*at) as f64 / 1000.0);
+            }
+            let refused = dead.len() - expired_count;
+            self.count(received.len().saturating_sub(refused), dead.len());
+        }
         (seqs, result)
+    }
+
+    fn count(&self, delivered: usize, dead_lettered: usize) {
+        for (outcome, n) in [("delivered", delivered), ("dead-lettered", dead_lettered)] {
+            if n > 0 {
+                crate::metrics::METRICS
+                    .sink_records
+                    .get_or_create(&SinkOutcome {
+                        sink: self.sink.name().to_string(),
+                        outcome: outcome.to_string(),
+                    })
+                    .inc_by(n as u64);
+            }
+        }
     }
 }
 

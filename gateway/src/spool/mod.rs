@@ -216,6 +216,8 @@ struct Shared {
     appended: [watch::Sender<u64>; 3],
     /// Per sink, the newest records in memory.
     recent: [Mutex<Recent>; 3],
+    /// Per sink: its delivery is failing (for readiness).
+    failing: [std::sync::atomic::AtomicBool; 3],
 }
 
 /// The open spool; cheap to share behind an `Arc`.
@@ -283,6 +285,7 @@ impl Spool {
             durable_commits: AtomicU64::new(0),
             refused_full: AtomicU64::new(0),
             last_seq: AtomicU64::new(next_seq - 1),
+            failing: Default::default(),
             recent: std::array::from_fn(|_| {
                 Mutex::new(Recent {
                     entries: std::collections::VecDeque::new(),
@@ -487,6 +490,19 @@ impl Spool {
             max_bytes_per_sink: shared.limit,
             refused_full: shared.refused_full.load(Ordering::Relaxed),
         }
+    }
+
+    /// Marks whether `sink`'s delivery is failing.
+    pub fn set_failing(&self, sink: SinkId, failing: bool) {
+        self.shared.failing[sink.index()].store(failing, Ordering::Relaxed);
+    }
+
+    /// The sinks whose delivery is failing now.
+    pub fn failing_sinks(&self) -> Vec<SinkId> {
+        SinkId::ALL
+            .into_iter()
+            .filter(|sink| self.shared.failing[sink.index()].load(Ordering::Relaxed))
+            .collect()
     }
 
     /// Records waiting for `sink`.
