@@ -57,6 +57,16 @@ struct Args {
     /// Open this many idle WebSocket sessions and hold them for --duration seconds.
     #[arg(long)]
     hold: Option<usize>,
+    /// An extra request header, `NAME: VALUE` (repeatable), e.g. an Authorization.
+    #[arg(long = "header", short = 'H', value_parser = parse_header)]
+    headers: Vec<(String, String)>,
+}
+
+fn parse_header(text: &str) -> Result<(String, String), String> {
+    let (name, value) = text
+        .split_once(':')
+        .ok_or_else(|| format!("`{text}` is not NAME: VALUE"))?;
+    Ok((name.trim().to_string(), value.trim().to_string()))
 }
 
 #[derive(Default)]
@@ -133,13 +143,14 @@ async fn connection(
         if due >= end {
             break;
         }
-        let sent = client
+        let mut request = client
             .post(&url)
             .header("x-device-id", &device)
-            .header("content-type", "application/json")
-            .body(body.clone())
-            .send()
-            .await;
+            .header("content-type", "application/json");
+        for (name, value) in &args.headers {
+            request = request.header(name, value);
+        }
+        let sent = request.body(body.clone()).send().await;
         let status = match sent {
             Ok(response) => {
                 let status = response.status().as_u16();
@@ -183,6 +194,12 @@ async fn ws_connect(args: &Args, index: usize) -> anyhow::Result<Socket> {
     request
         .headers_mut()
         .insert("x-device-id", format!("load-{index}").parse()?);
+    for (name, value) in &args.headers {
+        request.headers_mut().insert(
+            axum::http::HeaderName::from_bytes(name.as_bytes())?,
+            value.parse()?,
+        );
+    }
     let (mut socket, _) = tokio_tungstenite::connect_async(request).await?;
     // The welcome frame.
     use futures_util::StreamExt as _;
