@@ -120,6 +120,11 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
         tracing::info!("every spooled record was delivered");
     }
     if let Some(admin) = admin {
+        // It stops with the shutdown signal; if the device listener failed instead (its
+        // address was taken, say), that signal never comes.
+        if result.is_err() {
+            admin.abort();
+        }
         let _ = admin.await;
     }
     plugins.stop();
