@@ -46,12 +46,15 @@ fn components_with_forbidden_imports_are_refused_by_name() {
         ),
     )
     .unwrap();
+    let data = dir.path().join("data");
     let (code, _, err) = sluice(&[
         "run",
         "--listen",
         "127.0.0.1:0",
         "--config",
         config.to_str().unwrap(),
+        "--data-dir",
+        data.to_str().unwrap(),
     ]);
     assert_eq!(code, 1);
     assert!(
