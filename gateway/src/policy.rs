@@ -190,6 +190,20 @@ impl DevicePolicy {
         Ok(())
     }
 
+    /// Forgets the rate-limit state of devices whose buckets are full again (idle for
+    /// a second or more), so that the state follows the active devices, not every device
+    /// ever seen.
+    pub fn prune(&self) {
+        for grant in &self.grants {
+            if let Some(limiter) = &grant.messages {
+                limiter.retain_recent();
+            }
+            if let Some((limiter, _)) = &grant.bytes {
+                limiter.retain_recent();
+            }
+        }
+    }
+
     /// Whether `identity` may receive commands on `topic`.
     pub fn may_subscribe(&self, identity: &Identity, topic: &str) -> bool {
         !self.enforced

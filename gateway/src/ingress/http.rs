@@ -62,13 +62,23 @@ impl AppState {
         sessions: Arc<crate::ingress::ws::Sessions>,
         downlink: Option<Arc<crate::downlink::Downlink>>,
     ) -> AppState {
+        let policy = Arc::new(DevicePolicy::new(
+            config.policy.as_ref(),
+            config.auth.is_some(),
+        ));
+        let weak = Arc::downgrade(&policy);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                let Some(policy) = weak.upgrade() else { return };
+                policy.prune();
+            }
+        });
         AppState {
             pipeline,
             auth: Arc::new(Authenticator::new(config.auth.as_ref())),
-            policy: Arc::new(DevicePolicy::new(
-                config.policy.as_ref(),
-                config.auth.is_some(),
-            )),
+            policy,
             websocket: config.websocket.clone(),
             shutdown,
             sessions,
