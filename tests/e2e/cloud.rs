@@ -517,6 +517,9 @@ fn mqtt_sink_reconnects_after_a_broker_restart() {
             .status,
         200
     );
+    // Delivered (PUBACKed) before the restart; otherwise it would rightly be sent again
+    // after it.
+    gateway.settle();
     let status =
         std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/test-env"))
             .arg("restart-mqtt")
@@ -532,6 +535,7 @@ fn mqtt_sink_reconnects_after_a_broker_restart() {
     assert_eq!(reply.status, 200, "{:?}", reply.body);
     let got = subscriber.take(1);
     assert_eq!(got[0].1, b"after");
+    gateway.settle();
 }
 
 #[test]
