@@ -40,7 +40,7 @@ enum LogFormat {
 #[derive(Debug, Subcommand)]
 enum Command {
     /// Run the gateway. Without --config: the embedded default (plain HTTP on
-    /// 127.0.0.1:8080, no plugins, the local sink under ./sluice-data).
+    /// 127.0.0.1:8080, no plugins, the spool and the local sink under ./sluice-data).
     Run {
         /// Configuration file (TOML).
         #[arg(long, short, env = "SLUICE_CONFIG")]
