@@ -52,6 +52,27 @@ impl TestEnv {
         env
     }
 
+    /// A gateway whose Kinesis stream exists but whose every `PutRecords` is throttled
+    /// until the faults are cleared; its deliveries time out after `delivery_timeout_ms`.
+    fn gateway_with_refusing_kinesis(
+        &self,
+        prefix: &str,
+        delivery_timeout_ms: u64,
+    ) -> (Gateway, String) {
+        let stream = unique(prefix);
+        self.create_stream(&stream, 1);
+        self.control(
+            reqwest::Method::POST,
+            "faults",
+            Some(json!({"put_records": [{"kind": "throttle", "times": 1000}]})),
+        );
+        let config = self.kinesis_config(&stream, "").replace(
+            "delivery_timeout_ms = 20000",
+            &format!("delivery_timeout_ms = {delivery_timeout_ms}"),
+        );
+        (Gateway::start(&config), stream)
+    }
+
     /// The moto server's address.
     pub fn aws_endpoint(&self) -> String {
         self.aws.clone()
@@ -798,17 +819,7 @@ fn aggregation_follows_the_shards_after_a_split() {
 #[test]
 fn a_sink_that_cannot_confirm_in_time_keeps_the_record_spooled_until_it_can() {
     let env = TestEnv::get();
-    let stream = unique("throttled");
-    env.create_stream(&stream, 1);
-    env.control(
-        reqwest::Method::POST,
-        "faults",
-        Some(json!({"put_records": [{"kind": "throttle", "times": 1000}]})),
-    );
-    let config = env
-        .kinesis_config(&stream, "")
-        .replace("delivery_timeout_ms = 20000", "delivery_timeout_ms = 700");
-    let gateway = Gateway::start(&config);
+    let (gateway, stream) = env.gateway_with_refusing_kinesis("throttled", 700);
     let reply = gateway.publish("t", "dev-1", r#"{"late": true}"#);
     assert_eq!(reply.status, 200, "{:?}", reply.body);
     assert_eq!(reply.body["status"], "accepted");
@@ -850,17 +861,7 @@ fn a_sink_that_cannot_confirm_in_time_keeps_the_record_spooled_until_it_can() {
 #[test]
 fn a_message_whose_expiry_passes_in_the_spool_becomes_a_dead_letter() {
     let env = TestEnv::get();
-    let stream = unique("expiry");
-    env.create_stream(&stream, 1);
-    env.control(
-        reqwest::Method::POST,
-        "faults",
-        Some(json!({"put_records": [{"kind": "throttle", "times": 1000}]})),
-    );
-    let config = env
-        .kinesis_config(&stream, "")
-        .replace("delivery_timeout_ms = 20000", "delivery_timeout_ms = 500");
-    let gateway = Gateway::start(&config);
+    let (gateway, stream) = env.gateway_with_refusing_kinesis("expiry", 500);
     let short = gateway.publish("t?messageExpiry=1", "dev-1", r#"{"short": true}"#);
     assert_eq!(short.status, 200, "{:?}", short.body);
     let long = gateway.publish("t?messageExpiry=3600", "dev-1", r#"{"long": true}"#);

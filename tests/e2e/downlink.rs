@@ -3,16 +3,13 @@
 
 use std::time::Duration;
 
-use futures_util::{SinkExt as _, StreamExt as _};
+use futures_util::SinkExt as _;
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message as Frame;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
 use crate::cloud::{Subscriber, TestEnv, unique};
 use crate::harness::{Gateway, eventually};
-
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+use crate::wsclient::{self, Socket, next_json, runtime};
 
 fn start(env: &TestEnv, run: &str, instance: &str, ttl_secs: u64) -> Gateway {
     let config = format!(
@@ -28,35 +25,13 @@ fn start(env: &TestEnv, run: &str, instance: &str, ttl_secs: u64) -> Gateway {
     gateway
 }
 
+/// A session of `device`, past its welcome frame.
 async fn connect(gateway: &Gateway, device: &str) -> Socket {
-    let url = format!("{}/ws", gateway.url.replace("http://", "ws://"));
-    let mut request = url.into_client_request().unwrap();
-    request
-        .headers_mut()
-        .insert("sec-websocket-protocol", "sluice.v1".parse().unwrap());
-    request
-        .headers_mut()
-        .insert("x-device-id", device.parse().unwrap());
-    let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+    let mut socket = wsclient::connect(gateway, device, "sluice.v1")
+        .await
+        .unwrap();
     assert_eq!(next_json(&mut socket).await["type"], "welcome");
     socket
-}
-
-async fn next_json(socket: &mut Socket) -> Value {
-    loop {
-        match tokio::time::timeout(Duration::from_secs(20), socket.next()).await {
-            Ok(Some(Ok(Frame::Text(text)))) => return serde_json::from_str(&text).unwrap(),
-            Ok(Some(Ok(Frame::Ping(_) | Frame::Pong(_)))) => continue,
-            other => panic!("expected a text frame, got {other:?}"),
-        }
-    }
-}
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
 }
 
 /// The presence the gateway published for `device` (retained), once it says `online`.

@@ -14,3 +14,4 @@ mod plugins;
 mod reload;
 mod routing;
 mod websocket;
+mod wsclient;

@@ -6,43 +6,9 @@ use std::time::Duration;
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::{Value, json};
 use tokio_tungstenite::tungstenite::Message as Frame;
-use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
 use crate::harness::Gateway;
-
-type Socket =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-fn runtime() -> tokio::runtime::Runtime {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap()
-}
-
-async fn connect(gateway: &Gateway, device: &str, protocol: &str) -> Result<Socket, String> {
-    let url = format!("{}/ws", gateway.url.replace("http://", "ws://"));
-    let mut request = url.into_client_request().unwrap();
-    let headers = request.headers_mut();
-    headers.insert("sec-websocket-protocol", protocol.parse().unwrap());
-    headers.insert("x-device-id", device.parse().unwrap());
-    let (socket, response) = tokio_tungstenite::connect_async(request)
-        .await
-        .map_err(|e| e.to_string())?;
-    assert_eq!(response.headers()["sec-websocket-protocol"], "sluice.v1");
-    Ok(socket)
-}
-
-/// The next JSON text frame (pings are answered by the client library while reading).
-async fn next_json(socket: &mut Socket) -> Value {
-    loop {
-        match tokio::time::timeout(Duration::from_secs(30), socket.next()).await {
-            Ok(Some(Ok(Frame::Text(text)))) => return serde_json::from_str(&text).unwrap(),
-            Ok(Some(Ok(Frame::Ping(_) | Frame::Pong(_)))) => continue,
-            other => panic!("expected a text frame, got {other:?}"),
-        }
-    }
-}
+use crate::wsclient::{connect, next_json, runtime};
 
 fn publish(id: &str, topic: &str, payload: Value) -> Frame {
     Frame::Text(

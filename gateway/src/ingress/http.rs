@@ -474,26 +474,8 @@ async fn batch(
                 "qos must be 0 or 1, not {qos}"
             ))));
         }
-        let (payload, default_type) = match (item.payload, item.payload_base64) {
-            (Some(value), None) => (
-                serde_json::to_vec(&value).unwrap_or_default(),
-                "application/json",
-            ),
-            (None, Some(text)) => (
-                base64::engine::general_purpose::STANDARD
-                    .decode(text.as_bytes())
-                    .map_err(|error| {
-                        ApiError::BadRequest(at(format!("payload_base64: {error}")))
-                    })?,
-                "",
-            ),
-            (None, None) => (Vec::new(), ""),
-            (Some(_), Some(_)) => {
-                return Err(ApiError::BadRequest(at(
-                    "give `payload` or `payload_base64`, not both".to_string(),
-                )));
-            }
-        };
+        let (payload, default_type) = decode_payload(item.payload, item.payload_base64)
+            .map_err(|why| ApiError::BadRequest(at(why)))?;
         if payload.len() > limit {
             return Err(ApiError::TooLarge(at(format!(
                 "payload of {} exceeds the record limit of {limit} bytes",
@@ -525,6 +507,27 @@ async fn batch(
     )?;
     let reports = state.pipeline.process(messages, false).await?;
     Ok((StatusCode::OK, Json(json!({ "results": reports }))).into_response())
+}
+
+/// A message body given as `payload` (JSON, stored compactly) or `payload_base64`
+/// (bytes), with the content type it implies (`application/json` for JSON, else none).
+/// Shared by `POST /batch` and WebSocket text frames.
+pub(crate) fn decode_payload(
+    json: Option<serde_json::Value>,
+    encoded: Option<String>,
+) -> Result<(Vec<u8>, &'static str), String> {
+    match (json, encoded) {
+        (Some(value), None) => Ok((
+            serde_json::to_vec(&value).unwrap_or_default(),
+            "application/json",
+        )),
+        (None, Some(text)) => base64::engine::general_purpose::STANDARD
+            .decode(text.as_bytes())
+            .map(|bytes| (bytes, ""))
+            .map_err(|error| format!("payload_base64: {error}")),
+        (None, None) => Ok((Vec::new(), "")),
+        (Some(_), Some(_)) => Err("give `payload` or `payload_base64`, not both".to_string()),
+    }
 }
 
 /// `GET /readyz`: `200` once the gateway can take and deliver messages (plugins are

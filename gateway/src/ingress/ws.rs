@@ -41,14 +41,13 @@ use axum::extract::ws::{CloseFrame, Message as Frame, Utf8Bytes, WebSocket, WebS
 use axum::extract::{Extension, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use base64::Engine as _;
 use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::auth::{Identity, PeerIdentity};
-use crate::ingress::http::{ApiError, AppState, authenticate, check_policy};
+use crate::ingress::http::{ApiError, AppState, authenticate, check_policy, decode_payload};
 use crate::message::{Message, new_id, now_ms};
 use crate::pipeline::Status;
 use crate::route::topic::validate_publish_topic;
@@ -241,23 +240,9 @@ fn parse_text(text: &str) -> Result<Publish, BadFrame> {
             format!("unknown frame type `{}`", frame.kind),
         ));
     }
-    let (payload, default_type) = match (frame.payload, frame.payload_base64) {
-        (Some(value), None) => (
-            serde_json::to_vec(&value).unwrap_or_default(),
-            "application/json",
-        ),
-        (None, Some(b64)) => match base64::engine::general_purpose::STANDARD.decode(b64.as_bytes())
-        {
-            Ok(bytes) => (bytes, ""),
-            Err(e) => return Err(bad(Some(frame.id), format!("payload_base64: {e}"))),
-        },
-        (None, None) => (Vec::new(), ""),
-        (Some(_), Some(_)) => {
-            return Err(bad(
-                Some(frame.id),
-                "give `payload` or `payload_base64`, not both".to_string(),
-            ));
-        }
+    let (payload, default_type) = match decode_payload(frame.payload, frame.payload_base64) {
+        Ok(decoded) => decoded,
+        Err(why) => return Err(bad(Some(frame.id), why)),
     };
     Ok(Publish {
         id: frame.id,
