@@ -14,6 +14,17 @@
 //! - `DELETE /admin/dlq/{key}`: discard one.
 //! - `POST /admin/dlq/redrive` with `{"keys": [..]}` or `{"all": true}`: run them again
 //!   (see [`Pipeline::redrive`]).
+//! - `GET /admin/plugins`: the chain: each plugin's kind, hash, file, whether it is the
+//!   configured file or an upload, since when it serves, its uploaded versions, and its
+//!   counters (calls, messages by outcome, average call time, its own counters).
+//! - `POST /admin/plugins/{name}/versions[?activate=false]`, body the component:
+//!   validates it (compiles, imports, kind, `init` with the plugin's configuration),
+//!   stores it under the data directory and, unless `activate=false`, makes it serve.
+//!   `201` with its hash; `422 plugin_invalid` (nothing changed) when it is refused.
+//! - `POST /admin/plugins/{name}/activate` with `{"hash": H}` (a stored version) or
+//!   `{"configured": true}` (the configured file again). Activations outlive restarts.
+//! - `POST /admin/reload`: reads the configuration file again (like `SIGHUP`), see
+//!   [`crate::reconfigure`]; `422 invalid_config` (nothing changed) when it is refused.
 //!
 //! Errors are JSON `{"code": …, "message": …}` like the device API's.
 
@@ -37,11 +48,28 @@ use crate::spool::codec::DeadLetter;
 /// Most dead letters per listing page.
 const MAX_PAGE: usize = 1_000;
 
+/// The parts of the gateway the admin API reads and acts on.
+#[derive(Clone)]
+pub struct Parts {
+    /// The message path (spool, plugins, dead letters).
+    pub pipeline: Arc<Pipeline>,
+    /// Open WebSocket sessions.
+    pub sessions: Arc<Sessions>,
+    /// Commands to devices, when configured.
+    pub downlink: Option<Arc<crate::downlink::Downlink>>,
+    /// Configuration reloads.
+    pub reloader: Arc<crate::reconfigure::Reloader>,
+}
+
+/// Largest plugin component an upload may carry.
+const MAX_COMPONENT_BYTES: usize = 64 << 20;
+
 #[derive(Clone)]
 struct AdminState {
     pipeline: Arc<Pipeline>,
     sessions: Arc<Sessions>,
     downlink: Option<Arc<crate::downlink::Downlink>>,
+    reloader: Arc<crate::reconfigure::Reloader>,
     token: Arc<str>,
 }
 
@@ -50,9 +78,7 @@ struct AdminState {
 pub async fn serve(
     listen: SocketAddr,
     token: String,
-    pipeline: Arc<Pipeline>,
-    sessions: Arc<Sessions>,
-    downlink: Option<Arc<crate::downlink::Downlink>>,
+    parts: Parts,
     mut shutdown: Shutdown,
 ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     use anyhow::Context as _;
@@ -62,7 +88,7 @@ pub async fn serve(
     let address = listener.local_addr()?;
     println!("sluice: admin on http://{address}");
     tracing::info!(%address, "admin API listening");
-    let app = router(pipeline, sessions, downlink, token);
+    let app = router(parts, token);
     Ok(tokio::spawn(async move {
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.wait().await })
@@ -73,16 +99,12 @@ pub async fn serve(
     }))
 }
 
-fn router(
-    pipeline: Arc<Pipeline>,
-    sessions: Arc<Sessions>,
-    downlink: Option<Arc<crate::downlink::Downlink>>,
-    token: String,
-) -> axum::Router {
+fn router(parts: Parts, token: String) -> axum::Router {
     let state = AdminState {
-        pipeline,
-        sessions,
-        downlink,
+        pipeline: parts.pipeline,
+        sessions: parts.sessions,
+        downlink: parts.downlink,
+        reloader: parts.reloader,
         token: token.into(),
     };
     axum::Router::new()
@@ -93,6 +115,13 @@ fn router(
         .route("/admin/dlq", get(list))
         .route("/admin/dlq/redrive", post(redrive))
         .route("/admin/dlq/{key}", get(show).delete(discard))
+        .route("/admin/plugins", get(plugins))
+        .route(
+            "/admin/plugins/{name}/versions",
+            post(upload).layer(axum::extract::DefaultBodyLimit::max(MAX_COMPONENT_BYTES)),
+        )
+        .route("/admin/plugins/{name}/activate", post(activate))
+        .route("/admin/reload", post(reload))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
             authorize,
@@ -373,4 +402,155 @@ async fn redrive(
         }
     }
     Json(json!({"redriven": redriven, "missing": missing})).into_response()
+}
+
+/// `GET /admin/plugins`.
+async fn plugins(State(state): State<AdminState>) -> Response {
+    let plugins = state.pipeline.plugins();
+    let set = plugins.current();
+    let list: Vec<Value> = set
+        .all()
+        .map(|plugin| {
+            let stats = &plugin.stats;
+            let metrics = &stats.metrics;
+            let calls = metrics.calls.get();
+            let nanos = stats.call_nanos.load(std::sync::atomic::Ordering::Relaxed);
+            let mut messages = serde_json::Map::new();
+            for (outcome, n) in [
+                ("passed", metrics.passed.get()),
+                ("split", metrics.split.get()),
+                ("dropped", metrics.dropped.get()),
+                ("routed", metrics.routed.get()),
+            ] {
+                messages.insert(outcome.to_string(), n.into());
+            }
+            for kind in crate::plugin::FailureKind::ALL {
+                let code = kind.code();
+                messages.insert(code.to_string(), metrics.failures(code).into());
+            }
+            json!({
+                "name": plugin.name,
+                "kind": plugin.kind.to_string(),
+                "hash": plugin.hash,
+                "path": plugin.path,
+                "configured_path": plugin.entry.path,
+                "source": plugin.source,
+                "active_since_ms": plugin.loaded_at_ms,
+                "versions": plugins.stored_versions(&plugin.name),
+                "calls": calls,
+                "average_call_us": if calls == 0 { 0.0 } else { nanos as f64 / calls as f64 / 1000.0 },
+                "messages": messages,
+                "counters": stats.counters().into_iter().map(|(k, v)| (k, Value::from(v))).collect::<serde_json::Map<String, Value>>(),
+            })
+        })
+        .collect();
+    Json(json!({ "plugins": list })).into_response()
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct UploadParams {
+    activate: Option<bool>,
+}
+
+fn plugin_error(error: crate::plugin::AdminError) -> Response {
+    use crate::plugin::AdminError;
+    let status = match &error {
+        AdminError::UnknownPlugin(_) | AdminError::UnknownVersion { .. } => StatusCode::NOT_FOUND,
+        AdminError::UnusableName(_) | AdminError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
+        AdminError::NoStore | AdminError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
+    };
+    let code = match &error {
+        AdminError::UnknownPlugin(_) | AdminError::UnknownVersion { .. } => "not_found",
+        AdminError::UnusableName(_) | AdminError::Invalid(_) => "plugin_invalid",
+        AdminError::NoStore | AdminError::Storage(_) => "storage_unavailable",
+    };
+    self::error(status, code, error.to_string())
+}
+
+/// `POST /admin/plugins/{name}/versions`.
+async fn upload(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+    params: Result<Query<UploadParams>, axum::extract::rejection::QueryRejection>,
+    body: axum::body::Bytes,
+) -> Response {
+    let Ok(Query(params)) = params else {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "query parameters: activate=true|false",
+        );
+    };
+    if body.is_empty() {
+        return error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "send the component (.wasm) as the body",
+        );
+    }
+    let plugins = state.pipeline.plugins().clone();
+    let activate = params.activate.unwrap_or(true);
+    let done = tokio::task::spawn_blocking(move || plugins.upload(&name, &body, activate)).await;
+    match done {
+        Ok(Ok(report)) => (StatusCode::CREATED, Json(report)).into_response(),
+        Ok(Err(e)) => plugin_error(e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ActivateBody {
+    hash: Option<String>,
+    #[serde(default)]
+    configured: bool,
+}
+
+/// `POST /admin/plugins/{name}/activate`.
+async fn activate(
+    State(state): State<AdminState>,
+    Path(name): Path<String>,
+    body: Result<Json<ActivateBody>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let hash = match body {
+        Ok(Json(ActivateBody {
+            hash: Some(hash),
+            configured: false,
+        })) => Some(hash),
+        Ok(Json(ActivateBody {
+            hash: None,
+            configured: true,
+        })) => None,
+        _ => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                r#"send {"hash": "<sha256>"} or {"configured": true}"#,
+            );
+        }
+    };
+    let plugins = state.pipeline.plugins().clone();
+    let done = tokio::task::spawn_blocking(move || plugins.activate(&name, hash.as_deref())).await;
+    match done {
+        Ok(Ok(report)) => Json(report).into_response(),
+        Ok(Err(e)) => plugin_error(e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
+}
+
+/// `POST /admin/reload`.
+async fn reload(State(state): State<AdminState>) -> Response {
+    use crate::reconfigure::ReloadError;
+    match state.reloader.reload().await {
+        Ok(report) => Json(report).into_response(),
+        Err(e @ ReloadError::NoFile) => {
+            error(StatusCode::CONFLICT, "no_config_file", e.to_string())
+        }
+        Err(e @ ReloadError::Invalid(_)) => error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_config",
+            e.to_string(),
+        ),
+    }
 }

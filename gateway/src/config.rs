@@ -36,7 +36,7 @@ pub const DEFAULT_MAX_BATCH_MESSAGES: usize = 500;
 pub const DEFAULT_MAX_BATCH_BYTES: usize = 5 * 1024 * 1024;
 
 /// The whole configuration file.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Config {
     /// Listener, TLS and data directory.
@@ -77,7 +77,7 @@ pub struct Config {
 }
 
 /// `[downlink]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct DownlinkConfig {
     /// The broker (IoT Core's ATS endpoint, or any MQTT broker with TLS).
@@ -135,7 +135,7 @@ fn default_queue_depth() -> usize {
 }
 
 /// `[websocket]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct WebSocketConfig {
     /// Messages a device may have sent and not yet had acknowledged; the gateway stops
@@ -180,7 +180,7 @@ impl Default for WebSocketConfig {
 }
 
 /// `[auth]`: how devices prove who they are. At least one method.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AuthConfig {
     /// Client certificates (mutual TLS); needs `[server.tls]`.
@@ -205,7 +205,7 @@ pub enum DeviceIdSource {
 }
 
 /// `[auth.mtls]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MtlsConfig {
     /// PEM bundles of the CAs that sign device certificates ("bring your own CA").
@@ -222,7 +222,7 @@ pub struct MtlsConfig {
 }
 
 /// `[auth.tokens]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokensConfig {
     /// The `iss` claim tokens carry and must carry. Default `sluice`.
@@ -239,7 +239,7 @@ pub struct TokensConfig {
 }
 
 /// `[[auth.tokens.keys]]`.
-#[derive(Clone, Deserialize)]
+#[derive(Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TokenKeyConfig {
     /// The key id, carried in each token's header.
@@ -258,7 +258,7 @@ impl fmt::Debug for TokenKeyConfig {
 }
 
 /// `[policy]`: grants; what no grant allows is denied.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyConfig {
     /// Grants, in order; the first that allows a publish also sets its limits.
@@ -267,7 +267,7 @@ pub struct PolicyConfig {
 }
 
 /// `[[policy.grants]]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct GrantConfig {
     /// Name reported when the grant's limits refuse a message.
@@ -305,7 +305,7 @@ pub enum Durability {
 }
 
 /// `[spool]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SpoolConfig {
     /// When devices are acknowledged, unless a topic rule says otherwise. Default
@@ -323,7 +323,7 @@ pub struct SpoolConfig {
 }
 
 /// `[admin]`: the operators' API, on its own address.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Address of the admin listener; absent: no admin listener.
@@ -334,7 +334,7 @@ pub struct AdminConfig {
 
 /// `[aws]`: shared by the AWS sinks. Credentials come from the standard AWS chain
 /// (environment, shared profile files, web identity, container and instance roles).
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AwsConfig {
     /// Region, e.g. `eu-west-1`; default: from the environment or profile.
@@ -344,7 +344,7 @@ pub struct AwsConfig {
 }
 
 /// `[sinks]`: the cloud sinks.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct SinksConfig {
     /// Kinesis Data Streams; absent: Kinesis-bound messages go to the local sink.
@@ -354,7 +354,7 @@ pub struct SinksConfig {
 }
 
 /// `[sinks.kinesis]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KinesisSinkConfig {
     /// How long a `PutRecords` call waits for more records before it is sent. Default 10.
@@ -388,7 +388,7 @@ pub enum IotTransport {
 }
 
 /// `[sinks.iot_core]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct IotCoreSinkConfig {
     /// `mqtt` or `https`.
@@ -407,7 +407,7 @@ pub struct IotCoreSinkConfig {
 }
 
 /// `[sinks.iot_core.mqtt]`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MqttSinkConfig {
     /// The account's IoT Core endpoint host.
@@ -446,7 +446,7 @@ fn default_keep_alive() -> u64 {
 }
 
 /// `[server]`: where devices connect and where data is kept.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     /// Address for device traffic. Default `127.0.0.1:8080`.
@@ -464,7 +464,7 @@ pub struct ServerConfig {
 }
 
 /// `[server.tls]`: the gateway's own certificate.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct TlsConfig {
     /// PEM certificate chain, leaf first. Relative paths: to the config file.
@@ -474,7 +474,7 @@ pub struct TlsConfig {
 }
 
 /// `[limits]`: what one request may carry.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsConfig {
     /// Most messages in one `POST /batch`. Default 500.
@@ -496,7 +496,7 @@ pub enum FailurePath {
 }
 
 /// `[plugins]`: the host's limits and the chain of plugins.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginsConfig {
     /// Threads that run plugins. Default: the number of CPU cores.
@@ -524,7 +524,7 @@ pub struct PluginsConfig {
 }
 
 /// One plugin in the chain.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginEntry {
     /// Name used in logs, decisions and errors. Unique among plugins.
@@ -549,7 +549,7 @@ pub enum DefaultDestination {
 }
 
 /// `[routing]`: the built-in policy.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RoutingConfig {
     /// Destination when nothing else decides. Default `iot-core`.
@@ -588,7 +588,7 @@ pub enum RuleDestination {
 }
 
 /// `[[routing.rules]]`: one topic rule.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RuleConfig {
     /// Name recorded with every decision the rule makes.

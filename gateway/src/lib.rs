@@ -23,7 +23,8 @@
 //!   dead-letter store.
 //! - [`sink`]: delivery to Kinesis, IoT Core (MQTT or HTTPS), or the local sink, the
 //!   embedded default that needs no cloud.
-//! - [`admin`]: the operators' API (spool state, dead letters).
+//! - [`admin`]: the operators' API (spool state, dead letters, plugins, reload, metrics).
+//! - [`reconfigure`]: configuration reload without a restart (admin API and `SIGHUP`).
 //! - [`message`]: the message record shared by every step.
 
 pub mod admin;
@@ -36,6 +37,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod plugin;
 pub mod policy;
+pub mod reconfigure;
 pub mod route;
 mod shutdown;
 pub mod sink;
@@ -48,11 +50,16 @@ use anyhow::Context as _;
 pub use crate::config::Config;
 pub use crate::shutdown::Shutdown;
 
-/// Starts the gateway described by `config` and serves until `shutdown` fires.
+/// Starts the gateway described by `config` (read from `source`, which a reload reads
+/// again) and serves until `shutdown` fires.
 ///
 /// Everything that can fail because of the configuration (plugin files, TLS material,
 /// the listen address) fails here, before the first request is accepted.
-pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
+pub async fn run(
+    source: reconfigure::ConfigSource,
+    config: Config,
+    shutdown: Shutdown,
+) -> anyhow::Result<()> {
     std::fs::create_dir_all(&config.server.data_dir).with_context(|| {
         format!(
             "cannot create the data directory {}",
@@ -65,6 +72,7 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     )?);
     let local = Arc::new(sink::local::LocalSink::open(&config.server.data_dir)?);
     let plugins = plugin::Plugins::start(&config)?;
+    let live = ingress::Live::new(&config)?;
     let sinks = Arc::new(cloud_sinks(&config, local.clone()).await?);
     let pipeline = Arc::new(pipeline::Pipeline::new(
         &config,
@@ -75,10 +83,19 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
     let (drain, draining) = tokio::sync::watch::channel(false);
     let deliverers = spool::deliver::start(spool.clone(), sinks, draining);
     let watcher = if config.plugins.hot_reload {
-        Some(plugin::reload::watch(plugins.clone())?)
+        Some(Arc::new(plugin::reload::watch(plugins.clone())?))
     } else {
         None
     };
+    let reloader = Arc::new(reconfigure::Reloader::new(
+        source,
+        config.clone(),
+        live.clone(),
+        pipeline.clone(),
+        watcher.clone(),
+    ));
+    #[cfg(unix)]
+    let hangups = reconfigure::reload_on_sighup(reloader.clone())?;
     let sessions = Arc::new(ingress::ws::Sessions::default());
     let downlink = config
         .downlink
@@ -90,16 +107,22 @@ pub async fn run(config: Config, shutdown: Shutdown) -> anyhow::Result<()> {
             admin::serve(
                 *listen,
                 token.clone(),
-                pipeline.clone(),
-                sessions.clone(),
-                downlink.clone(),
+                admin::Parts {
+                    pipeline: pipeline.clone(),
+                    sessions: sessions.clone(),
+                    downlink: downlink.clone(),
+                    reloader: reloader.clone(),
+                },
                 shutdown.clone(),
             )
             .await?,
         ),
         _ => None,
     };
-    let result = ingress::serve(&config, pipeline, sessions, downlink, shutdown).await;
+    let result = ingress::serve(&config, live, pipeline, sessions, downlink, shutdown).await;
+    #[cfg(unix)]
+    hangups.abort();
+    drop(reloader);
     drop(watcher);
     // In-flight requests are done: deliver what the sinks take within the grace period,
     // and leave the rest in the spool for the next start.

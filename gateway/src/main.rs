@@ -167,13 +167,6 @@ fn init_logging(format: LogFormat) {
     }
 }
 
-fn load_config(path: Option<&PathBuf>) -> anyhow::Result<Config> {
-    match path {
-        Some(path) => Ok(Config::load(path)?),
-        None => Ok(Config::default()),
-    }
-}
-
 fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run {
@@ -181,19 +174,17 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             listen,
             data_dir,
         } => {
-            let mut config = load_config(config.as_ref())?;
-            if let Some(listen) = listen {
-                config.server.listen = listen;
-            }
-            if let Some(data_dir) = data_dir {
-                config.server.data_dir = data_dir;
-            }
-            config.validate()?;
+            let source = sluice_gateway::reconfigure::ConfigSource {
+                path: config,
+                listen,
+                data_dir,
+            };
+            let config = source.load()?;
             let runtime =
                 tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
             runtime.block_on(async {
                 let shutdown = sluice_gateway::Shutdown::on_signals();
-                sluice_gateway::run(config, shutdown).await
+                sluice_gateway::run(source, config, shutdown).await
             })?;
             Ok(ExitCode::SUCCESS)
         }

@@ -37,6 +37,41 @@ pub struct SinkOutcome {
     pub outcome: String,
 }
 
+/// A label set naming a plugin.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginLabel {
+    /// The configured plugin name.
+    pub plugin: String,
+}
+
+/// Messages out of a plugin call, by plugin and outcome.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginOutcome {
+    /// The plugin.
+    pub plugin: String,
+    /// `passed`, `split`, `dropped`, `routed`, or a failure code (`plugin_refused`,
+    /// `plugin_trap`, `plugin_timeout`, …).
+    pub outcome: String,
+}
+
+/// A counter a plugin keeps through `counter-add`.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PluginCounter {
+    /// The plugin.
+    pub plugin: String,
+    /// The counter's name, as the plugin gave it.
+    pub counter: String,
+}
+
+/// Messages by the route that decided where they went.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RouteLabel {
+    /// The deciding rule: `rule:NAME`, `builtin:…`, `plugin:NAME`, `failure:CODE`.
+    pub route: String,
+    /// `kinesis`, `iot-core`, `local`, `dead-letter` or `drop`.
+    pub destination: String,
+}
+
 /// Every metric.
 pub struct Metrics {
     registry: Registry,
@@ -60,6 +95,26 @@ pub struct Metrics {
     pub dead_letters: Gauge,
     /// Open WebSocket sessions (set at scrape time).
     pub sessions: Gauge,
+    /// Message parts routed, by route and destination.
+    pub routes: Family<RouteLabel, Counter>,
+    /// Records per delivery window taken from the spool, per sink.
+    pub sink_window_records: Family<SinkLabel, Histogram>,
+    /// Records per call to the sink's service (PutRecords), per sink.
+    pub sink_call_records: Family<SinkLabel, Histogram>,
+    /// Records sent again after the service asked for a retry, per sink.
+    pub sink_retries: Family<SinkLabel, Counter>,
+    /// Calls the service throttled, per sink.
+    pub sink_throttles: Family<SinkLabel, Counter>,
+    /// Plugin calls (one per batch), per plugin.
+    pub plugin_calls: Family<PluginLabel, Counter>,
+    /// Seconds per plugin call, per plugin.
+    pub plugin_call_seconds: Family<PluginLabel, Histogram>,
+    /// Messages per plugin call, per plugin.
+    pub plugin_batch_messages: Family<PluginLabel, Histogram>,
+    /// Messages out of plugin calls, by plugin and outcome.
+    pub plugin_messages: Family<PluginOutcome, Counter>,
+    /// Plugins' own counters (`counter-add`).
+    pub plugin_counters: Family<PluginCounter, Counter>,
     /// The `messages` counters of the four statuses, fetched once: counting a message
     /// on the hot path is then one atomic add.
     by_status: [(&'static str, Counter); 4],
@@ -68,6 +123,98 @@ pub struct Metrics {
 fn latency_histogram() -> Histogram {
     // 0.5 ms to about 65 s.
     Histogram::new(exponential_buckets(0.0005, 2.0, 18))
+}
+
+fn call_histogram() -> Histogram {
+    // 10 µs to about 1.3 s: plugin calls are short, and their limit is in milliseconds.
+    Histogram::new(exponential_buckets(0.00001, 2.0, 18))
+}
+
+fn count_histogram() -> Histogram {
+    // 1 to 4,096 items.
+    Histogram::new(exponential_buckets(1.0, 2.0, 13))
+}
+
+/// One plugin's metric handles, fetched once when it is loaded: counting a call is then
+/// a few atomic adds, without label lookups.
+#[derive(Clone, Debug)]
+pub struct PluginMetrics {
+    plugin: String,
+    /// Calls.
+    pub calls: Counter,
+    /// Seconds per call.
+    pub call_seconds: Histogram,
+    /// Messages per call.
+    pub batch_messages: Histogram,
+    /// Messages a transform passed on (unchanged or changed).
+    pub passed: Counter,
+    /// Messages a transform split into parts.
+    pub split: Counter,
+    /// Messages a transform dropped.
+    pub dropped: Counter,
+    /// Messages a router decided on.
+    pub routed: Counter,
+}
+
+impl PluginMetrics {
+    /// The handles of `plugin`'s metrics.
+    pub fn new(plugin: &str) -> PluginMetrics {
+        let m = &METRICS;
+        let label = PluginLabel {
+            plugin: plugin.to_string(),
+        };
+        let outcome = |outcome: &str| {
+            m.plugin_messages
+                .get_or_create(&PluginOutcome {
+                    plugin: plugin.to_string(),
+                    outcome: outcome.to_string(),
+                })
+                .clone()
+        };
+        PluginMetrics {
+            plugin: plugin.to_string(),
+            calls: m.plugin_calls.get_or_create(&label).clone(),
+            call_seconds: m.plugin_call_seconds.get_or_create(&label).clone(),
+            batch_messages: m.plugin_batch_messages.get_or_create(&label).clone(),
+            passed: outcome("passed"),
+            split: outcome("split"),
+            dropped: outcome("dropped"),
+            routed: outcome("routed"),
+        }
+    }
+
+    /// Counts `n` messages that failed with `code` (rare: looked up each time).
+    pub fn failed(&self, code: &str, n: u64) {
+        METRICS
+            .plugin_messages
+            .get_or_create(&PluginOutcome {
+                plugin: self.plugin.clone(),
+                outcome: code.to_string(),
+            })
+            .inc_by(n);
+    }
+
+    /// Messages that failed with `code` so far.
+    pub fn failures(&self, code: &str) -> u64 {
+        METRICS
+            .plugin_messages
+            .get_or_create(&PluginOutcome {
+                plugin: self.plugin.clone(),
+                outcome: code.to_string(),
+            })
+            .get()
+    }
+
+    /// Adds to the plugin's own counter `name`.
+    pub fn counter_add(&self, name: &str, delta: u64) {
+        METRICS
+            .plugin_counters
+            .get_or_create(&PluginCounter {
+                plugin: self.plugin.clone(),
+                counter: name.to_string(),
+            })
+            .inc_by(delta);
+    }
 }
 
 /// The process's metrics.
@@ -131,6 +278,71 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "Open WebSocket sessions",
         sessions.clone(),
     );
+    let routes = Family::<RouteLabel, Counter>::default();
+    registry.register(
+        "routed_messages",
+        "Message parts routed, by deciding route and destination",
+        routes.clone(),
+    );
+    let sink_window_records =
+        Family::<SinkLabel, Histogram>::new_with_constructor(count_histogram as fn() -> Histogram);
+    registry.register(
+        "sink_window_records",
+        "Records per delivery window taken from the spool",
+        sink_window_records.clone(),
+    );
+    let sink_call_records =
+        Family::<SinkLabel, Histogram>::new_with_constructor(count_histogram as fn() -> Histogram);
+    registry.register(
+        "sink_call_records",
+        "Records per call to the sink's service (Kinesis PutRecords)",
+        sink_call_records.clone(),
+    );
+    let sink_retries = Family::<SinkLabel, Counter>::default();
+    registry.register(
+        "sink_retries",
+        "Records sent again because the service asked for a retry",
+        sink_retries.clone(),
+    );
+    let sink_throttles = Family::<SinkLabel, Counter>::default();
+    registry.register(
+        "sink_throttles",
+        "Calls or records the sink's service throttled",
+        sink_throttles.clone(),
+    );
+    let plugin_calls = Family::<PluginLabel, Counter>::default();
+    registry.register(
+        "plugin_calls",
+        "Plugin calls (one per batch)",
+        plugin_calls.clone(),
+    );
+    let plugin_call_seconds =
+        Family::<PluginLabel, Histogram>::new_with_constructor(call_histogram as fn() -> Histogram);
+    registry.register(
+        "plugin_call_seconds",
+        "Seconds per plugin call",
+        plugin_call_seconds.clone(),
+    );
+    let plugin_batch_messages = Family::<PluginLabel, Histogram>::new_with_constructor(
+        count_histogram as fn() -> Histogram,
+    );
+    registry.register(
+        "plugin_batch_messages",
+        "Messages per plugin call",
+        plugin_batch_messages.clone(),
+    );
+    let plugin_messages = Family::<PluginOutcome, Counter>::default();
+    registry.register(
+        "plugin_messages",
+        "Messages out of plugin calls, by outcome",
+        plugin_messages.clone(),
+    );
+    let plugin_counters = Family::<PluginCounter, Counter>::default();
+    registry.register(
+        "plugin_counter",
+        "Counters plugins keep with counter-add",
+        plugin_counters.clone(),
+    );
     let by_status = ["accepted", "dropped", "dead-lettered", "rejected"].map(|status| {
         let counter = messages
             .get_or_create(&Status {
@@ -152,6 +364,16 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         spool_fsyncs,
         dead_letters,
         sessions,
+        routes,
+        sink_window_records,
+        sink_call_records,
+        sink_retries,
+        sink_throttles,
+        plugin_calls,
+        plugin_call_seconds,
+        plugin_batch_messages,
+        plugin_messages,
+        plugin_counters,
     }
 });
 
@@ -170,6 +392,16 @@ impl Metrics {
                     .inc();
             }
         }
+    }
+
+    /// Counts one routed message part.
+    pub fn route(&self, route: &str, destination: &str) {
+        self.routes
+            .get_or_create(&RouteLabel {
+                route: route.to_string(),
+                destination: destination.to_string(),
+            })
+            .inc();
     }
 
     /// Counts one refusal.

@@ -18,6 +18,7 @@
 use std::collections::HashMap;
 use std::sync::Arc;
 
+use arc_swap::ArcSwap;
 use serde::Serialize;
 use tokio::sync::Semaphore;
 
@@ -34,24 +35,48 @@ use crate::spool::{Change, SinkId, Spool, SpoolError};
 pub struct Pipeline {
     /// The plugin chain.
     plugins: Plugins,
-    /// The built-in routing policy.
-    policy: Policy,
+    /// The routing settings; a configuration reload swaps them.
+    rules: ArcSwap<RoutingRules>,
     /// Per-device throughput, one of the policy's facts.
     meter: ThroughputMeter,
     /// The sinks, for best-effort records.
     sinks: Arc<Sinks>,
     /// Where records wait for their sinks.
     spool: Arc<Spool>,
+    /// Best-effort messages handed to sinks and not yet confirmed, bounded.
+    best_effort: Arc<Semaphore>,
+    /// The bound of `best_effort`.
+    best_effort_limit: usize,
+}
+
+/// The settings that decide where messages go and when devices hear back; a batch
+/// runs with the ones it started with.
+pub struct RoutingRules {
+    /// The built-in routing policy.
+    policy: Policy,
     /// What happens to messages that fail in a plugin.
     on_failure: FailurePath,
     /// When devices are acknowledged, unless a rule says otherwise.
     durability: Durability,
     /// Rules (`rule:NAME`) with their own durability.
     rule_durability: HashMap<String, Durability>,
-    /// Best-effort messages handed to sinks and not yet confirmed, bounded.
-    best_effort: Arc<Semaphore>,
-    /// The bound of `best_effort`.
-    best_effort_limit: usize,
+}
+
+impl RoutingRules {
+    /// The rules of `config` (`[routing]`, `plugins.on_failure`, `spool.durability`).
+    pub fn new(config: &Config) -> RoutingRules {
+        RoutingRules {
+            policy: Policy::new(&config.routing),
+            on_failure: config.plugins.on_failure,
+            durability: config.spool.durability,
+            rule_durability: config
+                .routing
+                .rules
+                .iter()
+                .filter_map(|rule| Some((format!("rule:{}", rule.name), rule.durability?)))
+                .collect(),
+        }
+    }
 }
 
 /// Why a batch was not acknowledged.
@@ -158,22 +183,13 @@ impl Pipeline {
         sinks: Arc<Sinks>,
         spool: Arc<Spool>,
     ) -> Pipeline {
-        let rule_durability = config
-            .routing
-            .rules
-            .iter()
-            .filter_map(|rule| Some((format!("rule:{}", rule.name), rule.durability?)))
-            .collect();
         let limit = config.spool.best_effort_max_in_flight;
         Pipeline {
             plugins,
-            policy: Policy::new(&config.routing),
+            rules: ArcSwap::from_pointee(RoutingRules::new(config)),
             meter: ThroughputMeter::default(),
             sinks,
             spool,
-            on_failure: config.plugins.on_failure,
-            durability: config.spool.durability,
-            rule_durability,
             best_effort: Arc::new(Semaphore::new(limit)),
             best_effort_limit: limit,
         }
@@ -186,7 +202,18 @@ impl Pipeline {
 
     /// The largest payload accepted (the Kinesis record limit).
     pub fn max_payload_bytes(&self) -> usize {
-        self.policy.max_payload_bytes()
+        self.rules.load().policy.max_payload_bytes()
+    }
+
+    /// Swaps in new routing settings (a configuration reload); batches already running
+    /// finish with the old ones.
+    pub fn set_rules(&self, rules: RoutingRules) {
+        self.rules.store(Arc::new(rules));
+    }
+
+    /// The plugin host.
+    pub fn plugins(&self) -> &Plugins {
+        &self.plugins
     }
 
     /// Runs a batch through plugins and routing and stores the result. `bidirectional`
@@ -217,9 +244,10 @@ impl Pipeline {
             durable: extra,
             best_effort: Vec::new(),
         };
+        let rules = self.rules.load_full();
         let mut reports = Vec::with_capacity(results.len());
         for (id, result) in ids.into_iter().zip(results) {
-            reports.push(self.settle(id, result, rates, bidirectional, &mut routed));
+            reports.push(self.settle(&rules, id, result, rates, bidirectional, &mut routed));
         }
         for report in &reports {
             crate::metrics::METRICS.message(report.status.name());
@@ -364,6 +392,7 @@ impl Pipeline {
     /// Decides the fate of one input message, adding its records for the sink.
     fn settle(
         &self,
+        rules: &RoutingRules,
         id: String,
         result: InputResult,
         rates: &HashMap<String, u64>,
@@ -384,7 +413,7 @@ impl Pipeline {
                 message: first.reason.clone(),
             });
             report.failure_kind = Some(first.kind);
-            if self.on_failure == FailurePath::Reject {
+            if rules.on_failure == FailurePath::Reject {
                 report.status = Status::Rejected;
                 return report;
             }
@@ -405,6 +434,7 @@ impl Pipeline {
                 rule: format!("failure:{}", failure.kind.code()),
                 reason: failure.reason,
             };
+            crate::metrics::METRICS.route(&decision.rule, decision.destination.kind());
             report.routes.push(RouteReport {
                 id: failure.message.id.clone(),
                 decision: decision.clone(),
@@ -427,9 +457,9 @@ impl Pipeline {
                 bidirectional,
                 device_bytes_per_sec: rates.get(&output.message.device_id).copied().unwrap_or(0),
             };
-            let builtin = self.policy.decide(&output.message, facts);
+            let builtin = rules.policy.decide(&output.message, facts);
             let decision = match output.router {
-                Some(choice) => self.policy.overrule(
+                Some(choice) => rules.policy.overrule(
                     builtin,
                     &choice.plugin,
                     choice.destination,
@@ -443,6 +473,7 @@ impl Pipeline {
                 decision: decision.clone(),
             });
             self.keep(
+                rules,
                 Record {
                     message: output.message,
                     decision,
@@ -458,7 +489,8 @@ impl Pipeline {
 impl Pipeline {
     /// Puts one routed record where its route says: the spool, a best-effort hand-over,
     /// the dead-letter store, or nowhere (`drop`).
-    fn keep(&self, record: Record, routed: &mut Routed) {
+    fn keep(&self, rules: &RoutingRules, record: Record, routed: &mut Routed) {
+        crate::metrics::METRICS.route(&record.decision.rule, record.decision.destination.kind());
         let Some(sink) = self.sinks.sink_for(&record.decision.destination) else {
             if record.decision.destination == Destination::DeadLetter {
                 routed.durable.dead_letter(&DeadLetter {
@@ -472,11 +504,11 @@ impl Pipeline {
             }
             return;
         };
-        let durability = self
+        let durability = rules
             .rule_durability
             .get(&record.decision.rule)
             .copied()
-            .unwrap_or(self.durability);
+            .unwrap_or(rules.durability);
         match durability {
             Durability::Durable => routed.durable.queue(sink, record),
             Durability::BestEffort => routed.best_effort.push((sink, record)),

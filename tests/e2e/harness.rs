@@ -29,6 +29,9 @@ pub fn plugin(name: &str) -> PathBuf {
     path
 }
 
+/// The file in a gateway's directory that receives its JSON log, when asked for.
+const JSON_LOG: &str = "sluice-log.jsonl";
+
 /// The admin token the harness gives every gateway it configures.
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 
@@ -82,6 +85,14 @@ impl Gateway {
         }
     }
 
+    /// Like [`Gateway::start`], with info-level JSON logs written to a file in its
+    /// directory (see [`Gateway::log_records`]).
+    pub fn start_with_json_log(config: &str) -> Gateway {
+        let dir = tempfile::tempdir().expect("temp dir");
+        std::fs::write(dir.path().join(JSON_LOG), "").expect("log file");
+        Gateway::start_in(dir, config, reqwest::blocking::Client::new())
+    }
+
     /// Kills the gateway with SIGKILL (no chance to clean up) and starts it again on
     /// the same configuration and data directory.
     pub fn crash_and_restart(&mut self) {
@@ -115,6 +126,52 @@ impl Gateway {
             response.status()
         );
         response.json().expect("admin JSON")
+    }
+
+    /// `GET` on the admin API, as text (for `/metrics`).
+    pub fn admin_text(&self, path: &str) -> String {
+        let response = self
+            .client
+            .get(format!("{}{path}", self.admin))
+            .bearer_auth(ADMIN_TOKEN)
+            .send()
+            .expect("admin request");
+        assert!(
+            response.status().is_success(),
+            "{path}: {}",
+            response.status()
+        );
+        response.text().expect("admin text")
+    }
+
+    /// `POST` on the admin API with a body (JSON if `content_type` is none).
+    pub fn admin_post(&self, path: &str, body: impl Into<Vec<u8>>) -> Reply {
+        let response = self
+            .client
+            .post(format!("{}{path}", self.admin))
+            .bearer_auth(ADMIN_TOKEN)
+            .header("content-type", "application/json")
+            .body(body.into())
+            .send()
+            .expect("admin request");
+        let status = response.status().as_u16();
+        let text = response.text().expect("body");
+        let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+        Reply { status, body }
+    }
+
+    /// The process id, for signals.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The gateway's log records (JSON lines), when it was started by
+    /// [`Gateway::start_with_json_log`].
+    pub fn log_records(&self) -> Vec<Value> {
+        let text = std::fs::read_to_string(self.dir.path().join(JSON_LOG)).unwrap_or_default();
+        text.lines()
+            .filter_map(|line| serde_json::from_str(line).ok())
+            .collect()
     }
 
     /// Records waiting in the spool, all sinks together.
@@ -238,7 +295,8 @@ impl Drop for Gateway {
 /// Starts `sluice run` on `dir`'s `sluice.toml` and data directory; returns the child,
 /// the device URL and the admin URL (empty when the config has no admin listener).
 fn spawn(dir: &Path) -> (Child, String, String) {
-    let mut child = Command::new(SLUICE)
+    let mut command = Command::new(SLUICE);
+    command
         .args(["run", "--listen", "127.0.0.1:0", "--config"])
         .arg(dir.join("sluice.toml"))
         .arg("--data-dir")
@@ -246,9 +304,20 @@ fn spawn(dir: &Path) -> (Child, String, String) {
         .env("SLUICE_LOG", "warn")
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("start sluice");
+        .stderr(Stdio::inherit());
+    // A gateway started with a JSON log keeps writing it across restarts.
+    let log = dir.join(JSON_LOG);
+    if log.is_file() {
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&log)
+            .expect("log file");
+        command
+            .env("SLUICE_LOG", "info")
+            .env("SLUICE_LOG_FORMAT", "json")
+            .stderr(file);
+    }
+    let mut child = command.spawn().expect("start sluice");
     let (url, admin) = read_listening_lines(&mut child);
     (child, url, admin)
 }

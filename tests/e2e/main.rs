@@ -10,6 +10,7 @@ mod downlink;
 mod durability;
 mod failures;
 mod http;
+mod operate;
 mod plugins;
 mod reload;
 mod routing;

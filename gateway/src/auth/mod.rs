@@ -107,6 +107,8 @@ pub struct Authenticator {
     /// `None`: no `[auth]`, devices name themselves.
     tokens: Option<token::TokenKeys>,
     required: bool,
+    /// Where a client certificate names the device (`[auth.mtls] device_id`).
+    mtls_device_id: Option<crate::config::DeviceIdSource>,
 }
 
 impl Authenticator {
@@ -117,7 +119,13 @@ impl Authenticator {
                 .and_then(|a| a.tokens.as_ref())
                 .map(token::TokenKeys::new),
             required: auth.is_some(),
+            mtls_device_id: auth.and_then(|a| a.mtls.as_ref()).map(|m| m.device_id),
         }
+    }
+
+    /// Where a client certificate names the device, when `[auth.mtls]` is configured.
+    pub fn mtls_device_id(&self) -> Option<crate::config::DeviceIdSource> {
+        self.mtls_device_id
     }
 
     /// Whether devices must authenticate (`[auth]` is configured).

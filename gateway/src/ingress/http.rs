@@ -35,54 +35,63 @@ use crate::spool::SpoolError;
 pub struct AppState {
     /// The message path.
     pub pipeline: Arc<Pipeline>,
-    /// Who sent a request.
-    pub auth: Arc<Authenticator>,
-    /// What a device may do.
-    pub policy: Arc<DevicePolicy>,
-    /// WebSocket session settings.
-    pub websocket: WebSocketConfig,
+    /// Authentication, policy and limits; a configuration reload swaps them.
+    pub live: Arc<crate::ingress::Live>,
     /// Fires when the gateway stops (WebSocket sessions close with 1001).
     pub shutdown: Shutdown,
     /// Open WebSocket sessions.
     pub sessions: Arc<crate::ingress::ws::Sessions>,
     /// Commands to devices, when configured.
     pub downlink: Option<Arc<crate::downlink::Downlink>>,
+}
+
+impl AppState {
+    /// The device rules now: a request uses the ones it started with.
+    pub fn rules(&self) -> Arc<DeviceRules> {
+        self.live.rules.load_full()
+    }
+}
+
+/// What decides whether a device's request is taken: who it is, what it may do, and the
+/// limits. A configuration reload builds new ones and swaps them in whole.
+pub struct DeviceRules {
+    /// Who sent a request.
+    pub auth: Arc<Authenticator>,
+    /// What a device may do.
+    pub policy: Arc<DevicePolicy>,
+    /// WebSocket session settings (a session keeps those it opened with).
+    pub websocket: WebSocketConfig,
     /// Most messages in one batch request.
     pub max_batch_messages: usize,
     /// Largest batch request body.
     pub max_batch_bytes: usize,
 }
 
-impl AppState {
-    /// The state for `config` around `pipeline`.
-    pub fn new(
-        config: &Config,
-        pipeline: Arc<Pipeline>,
-        shutdown: Shutdown,
-        sessions: Arc<crate::ingress::ws::Sessions>,
-        downlink: Option<Arc<crate::downlink::Downlink>>,
-    ) -> AppState {
-        let policy = Arc::new(DevicePolicy::new(
-            config.policy.as_ref(),
-            config.auth.is_some(),
-        ));
-        let weak = Arc::downgrade(&policy);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
-            loop {
-                tick.tick().await;
-                let Some(policy) = weak.upgrade() else { return };
-                policy.prune();
-            }
-        });
-        AppState {
-            pipeline,
-            auth: Arc::new(Authenticator::new(config.auth.as_ref())),
+impl DeviceRules {
+    /// The rules of `config`; the authenticator and the policy (with its rate-limit
+    /// state) are taken from `previous` when their sections did not change.
+    pub fn new(config: &Config, previous: Option<(&Config, &DeviceRules)>) -> DeviceRules {
+        let unchanged = |same: fn(&Config, &Config) -> bool| {
+            previous
+                .filter(|(old, _)| same(old, config))
+                .map(|(_, rules)| rules)
+        };
+        let auth = match unchanged(|a, b| a.auth == b.auth) {
+            Some(rules) => rules.auth.clone(),
+            None => Arc::new(Authenticator::new(config.auth.as_ref())),
+        };
+        let policy =
+            match unchanged(|a, b| a.policy == b.policy && a.auth.is_some() == b.auth.is_some()) {
+                Some(rules) => rules.policy.clone(),
+                None => Arc::new(DevicePolicy::new(
+                    config.policy.as_ref(),
+                    config.auth.is_some(),
+                )),
+            };
+        DeviceRules {
+            auth,
             policy,
             websocket: config.websocket.clone(),
-            shutdown,
-            sessions,
-            downlink,
             max_batch_messages: config.limits.max_batch_messages,
             max_batch_bytes: config.limits.max_batch_bytes,
         }
@@ -101,7 +110,40 @@ pub fn app(state: AppState) -> axum::Router {
         .route("/readyz", get(readyz))
         // Limits are enforced by the handlers, which know which limit applies and say so.
         .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn(with_request_id))
         .with_state(state)
+}
+
+/// The request header naming a request; echoed in the response, generated if absent.
+pub const REQUEST_ID: &str = "x-request-id";
+
+/// Runs a request in a `request` span carrying its id (the client's `x-request-id` if it
+/// sent a usable one, else a new one) and the message id once known, so every log record
+/// of its way (plugin logs included) can be found by either; the response says the id.
+async fn with_request_id(
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    let id = request
+        .headers()
+        .get(REQUEST_ID)
+        .and_then(|value| value.to_str().ok())
+        .filter(|value| {
+            !value.is_empty() && value.len() <= 128 && value.bytes().all(|b| b.is_ascii_graphic())
+        })
+        .map_or_else(new_id, str::to_string);
+    let span = tracing::info_span!(
+        "request",
+        request_id = %id,
+        method = %request.method(),
+        path = %request.uri().path(),
+        message_id = tracing::field::Empty,
+    );
+    let mut response = tracing::Instrument::instrument(next.run(request), span).await;
+    if let Ok(value) = HeaderValue::from_str(&id) {
+        response.headers_mut().insert(REQUEST_ID, value);
+    }
+    response
 }
 
 /// Every error a device can get.
@@ -372,6 +414,7 @@ async fn publish(
         received_at_ms: now_ms(),
         payload: payload.to_vec(),
     };
+    tracing::Span::current().record("message_id", message.id.as_str());
     let mut reports = state.pipeline.process(vec![message], false).await?;
     let report = reports.pop().ok_or_else(|| ApiError::Unavailable {
         code: "spool_unavailable",
@@ -443,7 +486,8 @@ async fn batch(
 ) -> Result<Response, ApiError> {
     let identity = authenticate(&state, peer.as_deref(), &headers)?;
     let device = identity.device_id.clone();
-    let max_bytes = state.max_batch_bytes;
+    let rules = state.rules();
+    let max_bytes = rules.max_batch_bytes;
     let body = read_body(
         &headers,
         body,
@@ -454,11 +498,11 @@ async fn batch(
     .await?;
     let parsed: BatchBody = serde_json::from_slice(&body)
         .map_err(|error| ApiError::BadRequest(format!("batch body is not valid: {error}")))?;
-    if parsed.messages.len() > state.max_batch_messages {
+    if parsed.messages.len() > rules.max_batch_messages {
         return Err(ApiError::TooLarge(format!(
             "batch of {} messages exceeds the limit of {}",
             parsed.messages.len(),
-            state.max_batch_messages
+            rules.max_batch_messages
         )));
     }
     let limit = state.pipeline.max_payload_bytes();
@@ -588,7 +632,11 @@ async fn poll_commands(
     let wait = std::time::Duration::from_secs(params.wait.unwrap_or(30).min(MAX_POLL_SECS));
     let mut commands = Vec::new();
     for command in downlink.poll(&identity.device_id, wait).await {
-        if state.policy.may_subscribe(&identity, &command.topic) {
+        if state
+            .rules()
+            .policy
+            .may_subscribe(&identity, &command.topic)
+        {
             commands.push(command.to_json());
         } else {
             downlink
@@ -637,12 +685,11 @@ pub(crate) fn authenticate(
     peer: Option<&PeerIdentity>,
     headers: &HeaderMap,
 ) -> Result<Identity, ApiError> {
-    state
-        .auth
-        .authenticate(peer, headers)
+    let auth = state.rules().auth.clone();
+    auth.authenticate(peer, headers)
         .map_err(|error| match error {
             // Without [auth], a bad x-device-id is a malformed request, not a credential.
-            AuthError::BadDeviceId(why) if !state.auth.required() => ApiError::BadRequest(why),
+            AuthError::BadDeviceId(why) if !auth.required() => ApiError::BadRequest(why),
             other => ApiError::Unauthorized(other),
         })
 }
@@ -657,6 +704,7 @@ pub(crate) fn check_policy<'a>(
     largest: usize,
 ) -> Result<(), ApiError> {
     state
+        .rules()
         .policy
         .check_publish(identity, topics, count, bytes, largest)
         .map_err(|refusal| match refusal {

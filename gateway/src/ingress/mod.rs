@@ -20,12 +20,98 @@ use tokio_rustls::rustls;
 use tower::ServiceExt as _;
 
 use crate::auth::PeerIdentity;
+use arc_swap::{ArcSwap, ArcSwapOption};
+
 use crate::config::{AuthConfig, Config, TlsConfig};
 use crate::pipeline::Pipeline;
 use crate::shutdown::Shutdown;
 
 /// How long in-flight requests may take to finish after shutdown is requested.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+
+/// What a configuration reload can change on the device side without dropping a
+/// connection: the rules every request is checked against, and the TLS acceptor (new
+/// certificates and CAs apply to new connections; open ones keep their session).
+pub struct Live {
+    /// Authentication, policy and limits.
+    pub rules: ArcSwap<http::DeviceRules>,
+    /// The TLS acceptor, when the listener serves HTTPS.
+    pub tls: ArcSwapOption<TlsAcceptor>,
+}
+
+impl Live {
+    /// The device side of `config`; fails on unreadable TLS material.
+    pub fn new(config: &Config) -> anyhow::Result<Arc<Live>> {
+        let live = Arc::new(Live {
+            rules: ArcSwap::from_pointee(http::DeviceRules::new(config, None)),
+            tls: ArcSwapOption::new(
+                config
+                    .server
+                    .tls
+                    .as_ref()
+                    .map(|tls| tls_acceptor(tls, config.auth.as_ref()).map(Arc::new))
+                    .transpose()?,
+            ),
+        });
+        // Rate-limit state of devices gone quiet is forgotten now and then.
+        let weak = Arc::downgrade(&live);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                let Some(live) = weak.upgrade() else { return };
+                live.rules.load().policy.prune();
+            }
+        });
+        Ok(live)
+    }
+
+    /// Builds the device side of `new` (reading TLS material, which can fail) without
+    /// applying it. Whether the listener serves TLS at all, or asks for client
+    /// certificates, cannot change: the caller keeps those as they were.
+    pub fn prepare(&self, old: &Config, new: &Config) -> anyhow::Result<DeviceUpdate> {
+        let tls_changed = old.server.tls != new.server.tls
+            || old.auth.as_ref().map(|a| &a.mtls) != new.auth.as_ref().map(|a| &a.mtls);
+        let tls = match (&new.server.tls, tls_changed) {
+            (Some(tls), true) => Some(Arc::new(tls_acceptor(tls, new.auth.as_ref())?)),
+            _ => None,
+        };
+        let current = self.rules.load_full();
+        let mut changed = Vec::new();
+        for (differs, name) in [
+            (tls_changed, "server.tls"),
+            (old.auth != new.auth, "auth"),
+            (old.policy != new.policy, "policy"),
+            (old.limits != new.limits, "limits"),
+            (old.websocket != new.websocket, "websocket"),
+        ] {
+            if differs {
+                changed.push(name);
+            }
+        }
+        Ok(DeviceUpdate {
+            rules: http::DeviceRules::new(new, Some((old, &current))),
+            tls,
+            changed,
+        })
+    }
+
+    /// Swaps in a prepared update; returns the sections that changed.
+    pub fn commit(&self, update: DeviceUpdate) -> Vec<&'static str> {
+        self.rules.store(Arc::new(update.rules));
+        if let Some(tls) = update.tls {
+            self.tls.store(Some(tls));
+        }
+        update.changed
+    }
+}
+
+/// A device side built by [`Live::prepare`], ready to swap in.
+pub struct DeviceUpdate {
+    rules: http::DeviceRules,
+    tls: Option<Arc<TlsAcceptor>>,
+    changed: Vec<&'static str>,
+}
 
 /// Binds the listener and serves until `shutdown` fires; then stops accepting and waits
 /// up to [`SHUTDOWN_GRACE`] for in-flight requests.
@@ -34,40 +120,31 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
 /// address is the bound one, which matters with port 0.
 pub async fn serve(
     config: &Config,
+    live: Arc<Live>,
     pipeline: Arc<Pipeline>,
     sessions: Arc<ws::Sessions>,
     downlink: Option<Arc<crate::downlink::Downlink>>,
     mut shutdown: Shutdown,
 ) -> anyhow::Result<()> {
-    let tls = config
-        .server
-        .tls
-        .as_ref()
-        .map(|tls| tls_acceptor(tls, config.auth.as_ref()))
-        .transpose()?;
-    let id_source = config
-        .auth
-        .as_ref()
-        .and_then(|auth| auth.mtls.as_ref())
-        .map(|mtls| mtls.device_id);
     let listener = TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
     let address = listener.local_addr()?;
-    let scheme = if tls.is_some() { "https" } else { "http" };
-    if tls.is_none() && !address.ip().is_loopback() {
+    let serves_tls = live.tls.load().is_some();
+    let scheme = if serves_tls { "https" } else { "http" };
+    if !serves_tls && !address.ip().is_loopback() {
         tracing::warn!(%address, "serving plain HTTP beyond loopback: configure [server.tls]");
     }
     println!("sluice: listening on {scheme}://{address}");
     tracing::info!(%address, scheme, "listening");
 
-    let app = http::app(http::AppState::new(
-        config,
+    let app = http::app(http::AppState {
         pipeline,
-        shutdown.clone(),
+        live: live.clone(),
+        shutdown: shutdown.clone(),
         sessions,
         downlink,
-    ));
+    });
     let builder = auto::Builder::new(TokioExecutor::new());
     let graceful = GracefulShutdown::new();
     loop {
@@ -87,10 +164,13 @@ pub async fn serve(
         let app = app.clone();
         let builder = builder.clone();
         let watcher = graceful.watcher();
-        let tls = tls.clone();
+        let tls = live.tls.load_full();
+        // The device id source is read per connection too: `[auth.mtls]` can change on
+        // reload.
+        let id_source = live.rules.load().auth.mtls_device_id();
         tokio::spawn(async move {
             let result = match tls {
-                Some(acceptor) => match acceptor.accept(stream).await {
+                Some(acceptor) => match TlsAcceptor::clone(&acceptor).accept(stream).await {
                     Ok(stream) => {
                         // The client certificate (verified in the handshake) names the
                         // device for every request on this connection.

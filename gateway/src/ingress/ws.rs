@@ -47,6 +47,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use crate::auth::{Identity, PeerIdentity};
+use crate::config::WebSocketConfig;
 use crate::ingress::http::{ApiError, AppState, authenticate, check_policy, decode_payload};
 use crate::message::{Message, new_id, now_ms};
 use crate::pipeline::Status;
@@ -142,7 +143,7 @@ pub async fn upgrade(
             "the WebSocket subprotocol must be `{SUBPROTOCOL}`, offered `{offered}`"
         )));
     }
-    let max = state.websocket.max_frame_bytes;
+    let max = state.rules().websocket.max_frame_bytes;
     Ok(ws
         // Small buffers: an idle session should cost little (tungstenite's defaults are
         // 128 KiB each way); they grow for large frames up to max_frame_bytes.
@@ -151,7 +152,12 @@ pub async fn upgrade(
         .protocols([SUBPROTOCOL])
         .max_frame_size(max)
         .max_message_size(max)
-        .on_upgrade(move |socket| session(socket, state, identity))
+        .on_upgrade(move |socket| {
+            // The session outlives the upgrade request; it keeps its span (and request
+            // id), so log records of its messages, plugins included, can be told apart.
+            let span = tracing::info_span!(parent: &tracing::Span::current(), "ws_session", device = %identity.device_id);
+            tracing::Instrument::instrument(session(socket, state, identity), span)
+        })
         .into_response())
 }
 
@@ -495,7 +501,8 @@ async fn handle(state: &AppState, identity: &Identity, publish: Publish) -> Repl
 }
 
 async fn session(socket: WebSocket, state: AppState, identity: Identity) {
-    let settings = &state.websocket;
+    // The session keeps the settings it opened with; a reload applies to new sessions.
+    let settings = &state.rules().websocket.clone();
     let window = settings.window;
     let (mut tx, mut rx) = socket.split();
     let welcome = text(json!({
@@ -517,7 +524,10 @@ async fn session(socket: WebSocket, state: AppState, identity: Identity) {
         Some((id, receiver)) => (Some(id), Some(receiver)),
         None => (None, None),
     };
-    run_session(&mut tx, &mut rx, &state, &identity, &info, commands).await;
+    run_session(
+        &mut tx, &mut rx, &state, settings, &identity, &info, commands,
+    )
+    .await;
     if let (Some(downlink), Some(id)) = (&state.downlink, attached) {
         downlink.detach(&identity.device_id, id).await;
     }
@@ -532,11 +542,11 @@ async fn run_session(
     tx: &mut Tx,
     rx: &mut Rx,
     state: &AppState,
+    settings: &WebSocketConfig,
     identity: &Identity,
     info: &SessionInfo,
     mut commands: Option<tokio::sync::mpsc::Receiver<crate::downlink::Command>>,
 ) {
-    let settings = &state.websocket;
     let window = settings.window;
     let mut shutdown = state.shutdown.clone();
     let mut in_flight = FuturesUnordered::new();
@@ -601,7 +611,7 @@ async fn run_session(
                 }
             }
             Some(command) = next_command(&mut commands) => {
-                let allowed = state.policy.may_subscribe(identity, &command.topic);
+                let allowed = state.rules().policy.may_subscribe(identity, &command.topic);
                 if !allowed {
                     tracing::info!(device = %identity.device_id, topic = %command.topic, "command refused by the policy");
                     if let Some(downlink) = &state.downlink {

@@ -60,16 +60,40 @@ pub struct HostState {
     stats: Arc<PluginStats>,
 }
 
-/// What a plugin reported through the host imports, shared by all its instances.
-#[derive(Debug, Default)]
+/// A plugin's counters, shared by all its instances and versions: what it reported
+/// through the host imports, and what the host measured of its calls.
+#[derive(Debug)]
 pub struct PluginStats {
     /// The plugin's name, for log records.
     pub name: String,
     /// Counters from `counter-add`.
     pub counters: Mutex<HashMap<String, u64>>,
+    /// Its Prometheus metrics.
+    pub metrics: crate::metrics::PluginMetrics,
+    /// Nanoseconds spent in calls, for the admin API's average.
+    pub call_nanos: std::sync::atomic::AtomicU64,
 }
 
 impl PluginStats {
+    /// Fresh counters for the plugin `name`.
+    pub fn new(name: &str) -> PluginStats {
+        PluginStats {
+            name: name.to_string(),
+            counters: Mutex::default(),
+            metrics: crate::metrics::PluginMetrics::new(name),
+            call_nanos: std::sync::atomic::AtomicU64::new(0),
+        }
+    }
+
+    /// Counts one call of `messages` messages that took `elapsed`.
+    pub fn call(&self, messages: usize, elapsed: Duration) {
+        self.metrics.calls.inc();
+        self.metrics.call_seconds.observe(elapsed.as_secs_f64());
+        self.metrics.batch_messages.observe(messages as f64);
+        self.call_nanos
+            .fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
+    }
+
     /// A snapshot of the counters, sorted by name.
     pub fn counters(&self) -> Vec<(String, u64)> {
         let counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
@@ -141,6 +165,7 @@ impl host::Host for HostState {
     }
 
     fn counter_add(&mut self, name: String, delta: u64) {
+        self.stats.metrics.counter_add(&name, delta);
         let mut counters = self
             .stats
             .counters
@@ -164,6 +189,16 @@ impl std::fmt::Display for FieldList<'_> {
         }
         Ok(())
     }
+}
+
+/// A component's identity: SHA-256 of its bytes, hex.
+pub fn content_hash(bytes: &[u8]) -> String {
+    hex::encode(Sha256::digest(bytes))
+}
+
+/// The [`content_hash`] of a file.
+pub fn file_hash(path: &Path) -> std::io::Result<String> {
+    Ok(content_hash(&std::fs::read(path)?))
 }
 
 /// Limits applied to every plugin instance.
@@ -388,7 +423,7 @@ impl Host {
             path: path.to_path_buf(),
             reason: e.to_string(),
         })?;
-        let hash = hex::encode(Sha256::digest(&bytes));
+        let hash = content_hash(&bytes);
         let component = self.compile(&bytes, &hash, path)?;
         Ok((component, hash))
     }

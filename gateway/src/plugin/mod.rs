@@ -15,8 +15,10 @@ pub mod bindings;
 pub mod host;
 pub mod offline;
 pub mod reload;
+pub mod versions;
 pub mod worker;
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -27,6 +29,7 @@ use arc_swap::ArcSwap;
 use crate::config::{Config, PluginEntry, plugin_config_value};
 use crate::message::Message;
 use crate::plugin::host::{Host, Limits, PluginStats, Prepared};
+use crate::plugin::versions::Versions;
 use crate::route::Destination;
 
 /// Batches waiting for a worker, per worker: enough to keep workers busy, small enough
@@ -108,16 +111,34 @@ pub enum PluginError {
     },
 }
 
+/// Where a loaded version came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Source {
+    /// The file named in the configuration.
+    Configured,
+    /// A version uploaded through the admin API.
+    Uploaded,
+}
+
 /// One loaded version of one plugin.
 pub struct LoadedPlugin {
     /// Unique per load, so workers can tell versions apart.
     pub id: u64,
     /// The configured name.
     pub name: String,
-    /// The component file.
+    /// Transform or router.
+    pub kind: PluginKind,
+    /// The component file this version was loaded from.
     pub path: PathBuf,
+    /// The plugin as configured (its `path` is the configured file).
+    pub entry: PluginEntry,
+    /// The configured file, or an uploaded version.
+    pub source: Source,
     /// SHA-256 of the component file, hex.
     pub hash: String,
+    /// When this version started serving, ms since the epoch.
+    pub loaded_at_ms: u64,
     /// The pre-instantiated component.
     pub prepared: Prepared,
     /// The key/value pairs handed to `init`.
@@ -141,8 +162,17 @@ impl PluginSet {
         self.transforms.iter().chain(self.router.iter())
     }
 
+    /// The plugin called `name`.
+    pub fn find(&self, name: &str) -> Option<&Arc<LoadedPlugin>> {
+        self.all().find(|plugin| plugin.name == name)
+    }
+
     fn contains(&self, id: u64) -> bool {
         self.all().any(|plugin| plugin.id == id)
+    }
+
+    fn slots(&mut self) -> impl Iterator<Item = &mut Arc<LoadedPlugin>> {
+        self.transforms.iter_mut().chain(self.router.as_mut())
     }
 }
 
@@ -164,6 +194,16 @@ pub enum FailureKind {
 }
 
 impl FailureKind {
+    /// Every kind, for listings.
+    pub const ALL: [FailureKind; 6] = [
+        FailureKind::Refused,
+        FailureKind::Trap,
+        FailureKind::Timeout,
+        FailureKind::MemoryLimit,
+        FailureKind::BadOutput,
+        FailureKind::Unavailable,
+    ];
+
     /// A stable code for API responses and dead-letter records.
     pub fn code(self) -> &'static str {
         match self {
@@ -223,17 +263,71 @@ struct Job {
     batch: Vec<Message>,
     /// Run the chain from this plugin on (a dead letter's redrive); `None`: all of it.
     start: Option<String>,
+    /// The span of the request the batch came with, entered while the plugins run.
+    span: tracing::Span,
     reply: tokio::sync::oneshot::Sender<Vec<InputResult>>,
 }
+
+/// Plugins beyond the configured ones that the instance pool has room for, so that a
+/// configuration reload can add some without a restart.
+const SPARE_PLUGINS: usize = 4;
 
 struct Inner {
     host: Host,
     set: ArcSwap<PluginSet>,
-    /// The configured plugins, for reloads.
-    entries: Vec<(PluginEntry, PluginKind)>,
     jobs: async_channel::Sender<Job>,
     workers: Mutex<Vec<std::thread::JoinHandle<()>>>,
     next_id: AtomicU64,
+    /// Held while a new set is built and swapped in (file reloads, uploads, activations
+    /// and configuration reloads), so two changes never undo each other.
+    changing: Mutex<()>,
+    /// Counters by plugin name, kept across versions and reloads.
+    stats: Mutex<HashMap<String, Arc<PluginStats>>>,
+    /// Uploaded versions; `None` for a host without a data directory.
+    versions: Option<Versions>,
+    /// Most plugins the instance pool is sized for.
+    capacity: usize,
+}
+
+/// Why an admin request about plugins failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    /// No active plugin has that name.
+    #[error("no plugin `{0}` is configured")]
+    UnknownPlugin(String),
+    /// No stored version has that hash.
+    #[error("plugin `{name}` has no uploaded version {hash}")]
+    UnknownVersion {
+        /// The plugin.
+        name: String,
+        /// The hash asked for.
+        hash: String,
+    },
+    /// The name cannot be a folder name.
+    #[error("plugin `{0}` cannot take uploads: its name must be letters, digits, `-`, `_` and `.`")]
+    UnusableName(String),
+    /// This host keeps no versions.
+    #[error("this gateway keeps no uploaded versions")]
+    NoStore,
+    /// The version failed validation; nothing changed.
+    #[error(transparent)]
+    Invalid(#[from] PluginError),
+    /// Writing the version or the activation failed.
+    #[error("cannot store the plugin version: {0}")]
+    Storage(#[from] std::io::Error),
+}
+
+/// A version as the admin API reports it.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct VersionReport {
+    /// The plugin.
+    pub plugin: String,
+    /// Transform or router.
+    pub kind: String,
+    /// SHA-256 of the component.
+    pub hash: String,
+    /// Whether it serves now.
+    pub active: bool,
 }
 
 /// The running plugin host; cheap to clone.
@@ -242,24 +336,34 @@ pub struct Plugins {
     inner: Arc<Inner>,
 }
 
+/// The configured plugins, transforms first, with their kinds.
+pub fn configured_entries(config: &Config) -> Vec<(PluginEntry, PluginKind)> {
+    config
+        .plugins
+        .transform
+        .iter()
+        .map(|entry| (entry.clone(), PluginKind::Transform))
+        .chain(
+            config
+                .plugins
+                .router
+                .iter()
+                .map(|entry| (entry.clone(), PluginKind::Router)),
+        )
+        .collect()
+}
+
 impl Plugins {
     /// Loads every configured plugin (compiling, checking imports, running `init` once)
-    /// and starts the worker threads.
+    /// and starts the worker threads. Uploaded versions activated through the admin API
+    /// (kept under the data directory) serve in place of their configured files.
     pub fn start(config: &Config) -> Result<Plugins, PluginError> {
-        let entries: Vec<(PluginEntry, PluginKind)> = config
-            .plugins
-            .transform
-            .iter()
-            .map(|entry| (entry.clone(), PluginKind::Transform))
-            .chain(
-                config
-                    .plugins
-                    .router
-                    .iter()
-                    .map(|entry| (entry.clone(), PluginKind::Router)),
-            )
-            .collect();
-        Plugins::with_entries(config, entries)
+        let entries = configured_entries(config);
+        let workers = config.plugins.workers.max(1);
+        let capacity = entries.len() + SPARE_PLUGINS;
+        let host = Plugins::make_host(config, workers, capacity)?;
+        let versions = Versions::new(config.server.data_dir.join("plugins"));
+        Plugins::with_host(host, &entries, workers, capacity, Some(versions))
     }
 
     /// A host running just one plugin file, of whichever kind it is (for `sluice plugin
@@ -269,7 +373,7 @@ impl Plugins {
         path: &Path,
         plugin_config: Vec<(String, String)>,
     ) -> Result<Plugins, PluginError> {
-        let host = Plugins::make_host(config, 1)?;
+        let host = Plugins::make_host(config, 1, 1)?;
         let (prepared, _) = host.load(path)?;
         let kind = prepared.kind();
         let entry = PluginEntry {
@@ -283,55 +387,43 @@ impl Plugins {
                 .map(|(k, v)| (k, toml::Value::String(v)))
                 .collect(),
         };
-        Plugins::with_host(host, vec![(entry, kind)], 1)
+        Plugins::with_host(host, &[(entry, kind)], 1, 1, None)
     }
 
-    fn make_host(config: &Config, workers: usize) -> Result<Host, PluginError> {
+    fn make_host(config: &Config, workers: usize, capacity: usize) -> Result<Host, PluginError> {
         let limits = Limits {
             call_timeout: Duration::from_millis(config.plugins.call_timeout_ms),
             memory_bytes: (config.plugins.memory_limit_mib as usize) << 20,
         };
-        let plugins = config.plugins.transform.len() + usize::from(config.plugins.router.is_some());
-        // Each worker holds one instance per plugin, twice over during a reload, plus one
-        // for validating a new version.
-        let instances = (workers * plugins.max(1) * 2 + 4) as u32;
+        // Each worker holds one instance per plugin, twice over during a reload, plus a
+        // few for validating new versions.
+        let instances = (workers * capacity.max(1) * 2 + 4) as u32;
         Host::new(limits, config.cache_dir(), instances)
-    }
-
-    fn with_entries(
-        config: &Config,
-        entries: Vec<(PluginEntry, PluginKind)>,
-    ) -> Result<Plugins, PluginError> {
-        let workers = config.plugins.workers.max(1);
-        let host = Plugins::make_host(config, workers)?;
-        Plugins::with_host(host, entries, workers)
     }
 
     fn with_host(
         host: Host,
-        entries: Vec<(PluginEntry, PluginKind)>,
+        entries: &[(PluginEntry, PluginKind)],
         workers: usize,
+        capacity: usize,
+        versions: Option<Versions>,
     ) -> Result<Plugins, PluginError> {
         let (jobs, queue) = async_channel::bounded(workers * QUEUED_BATCHES_PER_WORKER);
         let inner = Arc::new(Inner {
             host,
             set: ArcSwap::from_pointee(PluginSet::default()),
-            entries,
             jobs,
             workers: Mutex::new(Vec::new()),
             next_id: AtomicU64::new(1),
+            changing: Mutex::new(()),
+            stats: Mutex::new(HashMap::new()),
+            versions,
+            capacity,
         });
         let plugins = Plugins { inner };
-        let mut set = PluginSet::default();
-        for (entry, kind) in &plugins.inner.entries {
-            let loaded = plugins.load_entry(entry, *kind, None)?;
-            match kind {
-                PluginKind::Transform => set.transforms.push(loaded),
-                PluginKind::Router => set.router = Some(loaded),
-            }
-        }
+        let (set, _) = plugins.build_set(entries, &PluginSet::default())?;
         for plugin in set.all() {
-            tracing::info!(plugin = %plugin.name, kind = %plugin.prepared.kind(), hash = %&plugin.hash[..12], path = %plugin.path.display(), "plugin loaded");
+            tracing::info!(plugin = %plugin.name, kind = %plugin.kind, source = ?plugin.source, hash = %&plugin.hash[..12], path = %plugin.path.display(), "plugin loaded");
         }
         plugins.inner.set.store(Arc::new(set));
         let mut handles = plugins
@@ -352,20 +444,92 @@ impl Plugins {
         Ok(plugins)
     }
 
-    /// Loads one version of a configured plugin and proves it can start: instantiates
+    /// The counters of plugin `name`, shared by all its versions.
+    fn stats_for(&self, name: &str) -> Arc<PluginStats> {
+        self.inner
+            .stats
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(name.to_string())
+            .or_insert_with(|| Arc::new(PluginStats::new(name)))
+            .clone()
+    }
+
+    /// The file that should serve for `entry`: an activated upload that replaced this
+    /// very configured file, else the configured file.
+    fn wanted_file(&self, entry: &PluginEntry) -> (PathBuf, Source) {
+        let Some(versions) = &self.inner.versions else {
+            return (entry.path.clone(), Source::Configured);
+        };
+        match versions.activations().remove(&entry.name) {
+            Some(active) if active.configured == entry.path => {
+                let file = versions.file(&entry.name, &active.hash);
+                if file.is_file() {
+                    (file, Source::Uploaded)
+                } else {
+                    tracing::error!(plugin = %entry.name, file = %file.display(), "the activated upload is missing; the configured file serves");
+                    (entry.path.clone(), Source::Configured)
+                }
+            }
+            _ => (entry.path.clone(), Source::Configured),
+        }
+    }
+
+    /// The set for `entries`, reusing the versions of `current` that would load the same
+    /// way (same configuration, same file content), so that their instances stay warm.
+    /// Returns it with the names of the plugins that were loaded anew.
+    fn build_set(
+        &self,
+        entries: &[(PluginEntry, PluginKind)],
+        current: &PluginSet,
+    ) -> Result<(PluginSet, Vec<String>), PluginError> {
+        let mut set = PluginSet::default();
+        let mut loaded = Vec::new();
+        for (entry, kind) in entries {
+            let (file, source) = self.wanted_file(entry);
+            let reusable = current.find(&entry.name).filter(|old| {
+                old.entry == *entry
+                    && old.kind == *kind
+                    && old.path == file
+                    && host::file_hash(&file).ok().as_deref() == Some(old.hash.as_str())
+            });
+            let plugin = match reusable {
+                Some(old) => old.clone(),
+                None => {
+                    let plugin = match self.load(entry, *kind, &file, source) {
+                        Err(error) if source == Source::Uploaded => {
+                            tracing::error!(plugin = %entry.name, %error, "the activated upload does not load; the configured file serves");
+                            self.load(entry, *kind, &entry.path, Source::Configured)?
+                        }
+                        other => other?,
+                    };
+                    loaded.push(entry.name.clone());
+                    plugin
+                }
+            };
+            match kind {
+                PluginKind::Transform => set.transforms.push(plugin),
+                PluginKind::Router => set.router = Some(plugin),
+            }
+        }
+        Ok((set, loaded))
+    }
+
+    /// Loads one version of a plugin from `file` and proves it can start: instantiates
     /// it once and runs `init` with its configuration.
-    fn load_entry(
+    fn load(
         &self,
         entry: &PluginEntry,
         kind: PluginKind,
-        stats: Option<Arc<PluginStats>>,
+        file: &Path,
+        source: Source,
     ) -> Result<Arc<LoadedPlugin>, PluginError> {
         let host = &self.inner.host;
-        let (prepared, hash) = host.load(&entry.path)?;
+        let (prepared, hash) = host.load(file)?;
         if prepared.kind() != kind {
             return Err(PluginError::WrongKind {
                 name: entry.name.clone(),
-                path: entry.path.clone(),
+                path: file.to_path_buf(),
                 expected: kind,
                 actual: prepared.kind(),
             });
@@ -375,20 +539,18 @@ impl Plugins {
             .iter()
             .filter_map(|(key, value)| Some((key.clone(), plugin_config_value(value)?)))
             .collect();
-        let stats = stats.unwrap_or_else(|| {
-            Arc::new(PluginStats {
-                name: entry.name.clone(),
-                ..PluginStats::default()
-            })
-        });
         let plugin = Arc::new(LoadedPlugin {
             id: self.inner.next_id.fetch_add(1, Ordering::Relaxed),
             name: entry.name.clone(),
-            path: entry.path.clone(),
+            kind,
+            path: file.to_path_buf(),
+            entry: entry.clone(),
+            source,
             hash,
+            loaded_at_ms: crate::message::now_ms(),
             prepared,
             config,
-            stats,
+            stats: self.stats_for(&entry.name),
         });
         worker::Instance::new(host, &plugin).map_err(|reason| PluginError::Init {
             name: entry.name.clone(),
@@ -397,22 +559,28 @@ impl Plugins {
         Ok(plugin)
     }
 
-    /// Reloads every plugin whose file is `path`; the old version keeps serving the
-    /// batches that already started, and keeps serving everything if the new one fails.
+    fn lock_changes(&self) -> std::sync::MutexGuard<'_, ()> {
+        self.inner
+            .changing
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Reloads every plugin whose configured file is `path` (and that no upload
+    /// replaces); the old version keeps serving the batches that already started, and
+    /// keeps serving everything if the new one fails.
     pub fn reload(&self, path: &Path) -> Result<Vec<String>, PluginError> {
-        let current = self.inner.set.load_full();
+        let _changing = self.lock_changes();
         let mut next = PluginSet {
-            transforms: current.transforms.clone(),
-            router: current.router.clone(),
+            transforms: self.current().transforms.clone(),
+            router: self.current().router.clone(),
         };
         let mut reloaded = Vec::new();
-        let slots = next.transforms.iter_mut().chain(next.router.as_mut());
-        for slot in slots.filter(|plugin| plugin.path == path) {
-            let Some((entry, kind)) = self.inner.entries.iter().find(|(e, _)| e.name == slot.name)
-            else {
+        for slot in next.slots() {
+            if slot.source != Source::Configured || absolute(&slot.path) != absolute(path) {
                 continue;
-            };
-            let loaded = self.load_entry(entry, *kind, Some(slot.stats.clone()))?;
+            }
+            let loaded = self.load(&slot.entry, slot.kind, &slot.entry.path, Source::Configured)?;
             if loaded.hash == slot.hash {
                 continue;
             }
@@ -426,12 +594,154 @@ impl Plugins {
         Ok(reloaded)
     }
 
-    /// The files of the configured plugins.
+    /// Replaces the chain with the plugins `entries` (a configuration reload): every new
+    /// or changed plugin is loaded and initialised first; if any fails, nothing changes.
+    /// Returns the names of the plugins loaded anew and of those removed.
+    pub fn reconfigure(
+        &self,
+        entries: &[(PluginEntry, PluginKind)],
+    ) -> Result<(Vec<String>, Vec<String>), PluginError> {
+        if entries.len() > self.inner.capacity {
+            return Err(PluginError::Engine(format!(
+                "{} plugins configured, but the instance pool was sized at start for at most \
+                 {}: restart the gateway to run this many",
+                entries.len(),
+                self.inner.capacity
+            )));
+        }
+        let _changing = self.lock_changes();
+        let current = self.current();
+        let (next, loaded) = self.build_set(entries, &current)?;
+        let removed: Vec<String> = current
+            .all()
+            .filter(|old| next.find(&old.name).is_none())
+            .map(|old| old.name.clone())
+            .collect();
+        let changed = current.all().map(|p| p.id).ne(next.all().map(|p| p.id));
+        if changed {
+            self.inner.set.store(Arc::new(next));
+        }
+        Ok((loaded, removed))
+    }
+
+    /// Stores `bytes` as a new version of plugin `name` after validating it (it compiles,
+    /// imports only what plugins may, is of the plugin's kind, and its `init` accepts the
+    /// plugin's configuration); with `activate`, it then serves in place of the current
+    /// version, which finishes the batches it started. Nothing changes if it is refused.
+    pub fn upload(
+        &self,
+        name: &str,
+        bytes: &[u8],
+        activate: bool,
+    ) -> Result<VersionReport, AdminError> {
+        let versions = self.inner.versions.as_ref().ok_or(AdminError::NoStore)?;
+        if !versions::usable_name(name) {
+            return Err(AdminError::UnusableName(name.to_string()));
+        }
+        let current = self.current();
+        let plugin = current
+            .find(name)
+            .ok_or_else(|| AdminError::UnknownPlugin(name.to_string()))?;
+        let hash = host::content_hash(bytes);
+        let (file, new) = versions.store(name, &hash, bytes)?;
+        let loaded = match self.load(&plugin.entry, plugin.kind, &file, Source::Uploaded) {
+            Ok(loaded) => loaded,
+            Err(error) => {
+                if new {
+                    let _ = std::fs::remove_file(&file);
+                }
+                return Err(error.into());
+            }
+        };
+        tracing::info!(plugin = %name, hash = %&hash[..12], "plugin version uploaded");
+        if activate {
+            self.swap_in(loaded, versions)?;
+        }
+        Ok(VersionReport {
+            plugin: name.to_string(),
+            kind: plugin.kind.to_string(),
+            hash,
+            active: activate,
+        })
+    }
+
+    /// Makes the uploaded version `hash` of plugin `name` serve, or with `None` its
+    /// configured file again; validated like an upload first.
+    pub fn activate(&self, name: &str, hash: Option<&str>) -> Result<VersionReport, AdminError> {
+        let versions = self.inner.versions.as_ref().ok_or(AdminError::NoStore)?;
+        let current = self.current();
+        let plugin = current
+            .find(name)
+            .ok_or_else(|| AdminError::UnknownPlugin(name.to_string()))?;
+        let (file, source) = match hash {
+            Some(hash) => {
+                let file = versions.file(name, hash);
+                if !versions::usable_name(name)
+                    || !hash.chars().all(|c| c.is_ascii_hexdigit())
+                    || !file.is_file()
+                {
+                    return Err(AdminError::UnknownVersion {
+                        name: name.to_string(),
+                        hash: hash.to_string(),
+                    });
+                }
+                (file, Source::Uploaded)
+            }
+            None => (plugin.entry.path.clone(), Source::Configured),
+        };
+        let loaded = self.load(&plugin.entry, plugin.kind, &file, source)?;
+        let report = VersionReport {
+            plugin: name.to_string(),
+            kind: plugin.kind.to_string(),
+            hash: loaded.hash.clone(),
+            active: true,
+        };
+        self.swap_in(loaded, versions)?;
+        Ok(report)
+    }
+
+    /// Puts `loaded` in place of the plugin of the same name and records the activation.
+    fn swap_in(&self, loaded: Arc<LoadedPlugin>, versions: &Versions) -> Result<(), AdminError> {
+        let _changing = self.lock_changes();
+        let current = self.current();
+        let mut next = PluginSet {
+            transforms: current.transforms.clone(),
+            router: current.router.clone(),
+        };
+        let Some(slot) = next.slots().find(|slot| slot.name == loaded.name) else {
+            return Err(AdminError::UnknownPlugin(loaded.name.clone()));
+        };
+        if slot.entry != loaded.entry {
+            // A configuration reload changed the plugin while this version was checked.
+            return Err(AdminError::Invalid(PluginError::Init {
+                name: loaded.name.clone(),
+                reason: "the plugin's configuration changed meanwhile; try again".to_string(),
+            }));
+        }
+        let activation = (loaded.source == Source::Uploaded).then(|| versions::Activation {
+            hash: loaded.hash.clone(),
+            configured: loaded.entry.path.clone(),
+        });
+        versions.set_activation(&loaded.name, activation)?;
+        tracing::info!(plugin = %loaded.name, old = %&slot.hash[..12], new = %&loaded.hash[..12], source = ?loaded.source, "plugin version activated");
+        *slot = loaded;
+        self.inner.set.store(Arc::new(next));
+        Ok(())
+    }
+
+    /// The uploaded versions of plugin `name`.
+    pub fn stored_versions(&self, name: &str) -> Vec<versions::StoredVersion> {
+        match &self.inner.versions {
+            Some(versions) if versions::usable_name(name) => versions.list(name),
+            _ => Vec::new(),
+        }
+    }
+
+    /// The configured files of the active plugins (those the file watcher reloads).
     pub fn paths(&self) -> Vec<PathBuf> {
-        self.inner
-            .entries
-            .iter()
-            .map(|(entry, _)| entry.path.clone())
+        self.current()
+            .all()
+            .map(|plugin| plugin.entry.path.clone())
             .collect()
     }
 
@@ -449,7 +759,7 @@ impl Plugins {
     /// `None` or names no active plugin): a dead letter's message, stored as it entered
     /// the plugin that failed, is not transformed twice by the plugins before it.
     pub async fn run_from(&self, batch: Vec<Message>, start: Option<String>) -> Vec<InputResult> {
-        if self.inner.entries.is_empty() {
+        if self.inner.set.load().all().next().is_none() {
             return batch.into_iter().map(InputResult::passed).collect();
         }
         let count = batch.len();
@@ -460,6 +770,7 @@ impl Plugins {
             .send(Job {
                 batch,
                 start,
+                span: tracing::Span::current(),
                 reply,
             })
             .await;
@@ -481,6 +792,11 @@ impl Plugins {
             let _ = handle.join();
         }
     }
+}
+
+/// `path` made absolute, for comparing file names.
+pub fn absolute(path: &Path) -> PathBuf {
+    std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
 }
 
 impl InputResult {

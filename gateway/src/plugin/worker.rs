@@ -2,6 +2,7 @@
 //! batches, and runs the chain over the batches it takes from the queue.
 
 use std::collections::HashMap;
+use std::time::Instant;
 
 use arc_swap::ArcSwap;
 use wasmtime::Store;
@@ -59,7 +60,10 @@ pub(super) fn run(host: &Host, set: &ArcSwap<PluginSet>, queue: async_channel::R
         let current = set.load_full();
         instances.retain(|id, _| current.contains(*id));
         let count = job.batch.len();
+        // The request's span: plugin log records carry its request id.
+        let span = job.span;
         let run = std::panic::AssertUnwindSafe(|| {
+            let _entered = span.enter();
             run_chain(
                 host,
                 &current,
@@ -119,7 +123,7 @@ pub fn run_chain(
                     apply_outcomes(plugin, messages, origins, outcomes, &mut results);
             }
             Err((kind, reason)) => {
-                fail_all(&plugin.name, kind, &reason, messages, origins, &mut results);
+                fail_all(plugin, kind, &reason, messages, origins, &mut results);
                 return results;
             }
         }
@@ -127,12 +131,15 @@ pub fn run_chain(
     let choices = match &set.router {
         Some(router) if !messages.is_empty() => {
             match call_router(host, router, instances, &messages) {
-                Ok(decisions) => decisions
-                    .into_iter()
-                    .map(|d| Some(choice(&router.name, d)))
-                    .collect(),
+                Ok(decisions) => {
+                    router.stats.metrics.routed.inc_by(decisions.len() as u64);
+                    decisions
+                        .into_iter()
+                        .map(|d| Some(choice(&router.name, d)))
+                        .collect()
+                }
                 Err((kind, reason)) => {
-                    fail_all(&router.name, kind, &reason, messages, origins, &mut results);
+                    fail_all(router, kind, &reason, messages, origins, &mut results);
                     return results;
                 }
             }
@@ -180,10 +187,12 @@ fn call_transform(
         ));
     };
     store.set_epoch_deadline(host.limits().deadline_ticks());
+    let started = Instant::now();
     let outcomes = bindings
         .sluice_plugin_transformer()
-        .call_transform(&mut store, messages)
-        .map_err(|error| classify(host, &store, plugin, error))?;
+        .call_transform(&mut store, messages);
+    plugin.stats.call(messages.len(), started.elapsed());
+    let outcomes = outcomes.map_err(|error| classify(host, &store, plugin, error))?;
     if outcomes.len() != messages.len() {
         return Err(bad_count(plugin, outcomes.len(), messages.len()));
     }
@@ -204,10 +213,12 @@ fn call_router(
         ));
     };
     store.set_epoch_deadline(host.limits().deadline_ticks());
+    let started = Instant::now();
     let decisions = bindings
         .sluice_plugin_routing()
-        .call_route(&mut store, messages)
-        .map_err(|error| classify(host, &store, plugin, error))?;
+        .call_route(&mut store, messages);
+    plugin.stats.call(messages.len(), started.elapsed());
+    let decisions = decisions.map_err(|error| classify(host, &store, plugin, error))?;
     if decisions.len() != messages.len() {
         return Err(bad_count(plugin, decisions.len(), messages.len()));
     }
@@ -272,21 +283,31 @@ fn apply_outcomes(
 ) -> (Vec<Message>, Vec<usize>) {
     let mut messages = Vec::with_capacity(inputs.len());
     let mut next_origins = Vec::with_capacity(inputs.len());
+    let (mut passed, mut split, mut dropped, mut refused) = (0u64, 0u64, 0u64, 0u64);
     for ((input, origin), outcome) in inputs.into_iter().zip(origins).zip(outcomes) {
         match outcome {
             Outcome::Pass => {
+                passed += 1;
                 messages.push(input);
                 next_origins.push(origin);
             }
             Outcome::Keep(mut kept) => {
+                passed += 1;
                 kept.id = input.id;
                 kept.device_id = input.device_id;
                 messages.push(kept);
                 next_origins.push(origin);
             }
-            Outcome::Drop => results[origin].dropped += 1,
-            Outcome::Split(parts) if parts.is_empty() => results[origin].dropped += 1,
+            Outcome::Drop => {
+                dropped += 1;
+                results[origin].dropped += 1;
+            }
+            Outcome::Split(parts) if parts.is_empty() => {
+                dropped += 1;
+                results[origin].dropped += 1;
+            }
             Outcome::Split(parts) => {
+                split += 1;
                 for (index, mut part) in parts.into_iter().enumerate() {
                     if part.id.is_empty() || part.id == input.id {
                         part.id = format!("{}-{index}", input.id);
@@ -296,30 +317,44 @@ fn apply_outcomes(
                     next_origins.push(origin);
                 }
             }
-            Outcome::Fail(reason) => results[origin].failures.push(PartFailure {
-                message: input,
-                plugin: plugin.name.clone(),
-                kind: FailureKind::Refused,
-                reason,
-            }),
+            Outcome::Fail(reason) => {
+                refused += 1;
+                results[origin].failures.push(PartFailure {
+                    message: input,
+                    plugin: plugin.name.clone(),
+                    kind: FailureKind::Refused,
+                    reason,
+                });
+            }
         }
+    }
+    let metrics = &plugin.stats.metrics;
+    metrics.passed.inc_by(passed);
+    metrics.split.inc_by(split);
+    metrics.dropped.inc_by(dropped);
+    if refused > 0 {
+        metrics.failed(FailureKind::Refused.code(), refused);
     }
     (messages, next_origins)
 }
 
 /// Fails every message of a batch a plugin crashed on.
 fn fail_all(
-    plugin: &str,
+    plugin: &LoadedPlugin,
     kind: FailureKind,
     reason: &str,
     messages: Vec<Message>,
     origins: Vec<usize>,
     results: &mut [InputResult],
 ) {
+    plugin
+        .stats
+        .metrics
+        .failed(kind.code(), messages.len() as u64);
     for (message, origin) in messages.into_iter().zip(origins) {
         results[origin].failures.push(PartFailure {
             message,
-            plugin: plugin.to_string(),
+            plugin: plugin.name.clone(),
             kind,
             reason: reason.to_string(),
         });

@@ -1,7 +1,8 @@
 //! A transform that misbehaves on request, for the gateway's failure-path tests.
 //!
 //! The payload says what to do: `loop` spins forever, `alloc` allocates until memory
-//! runs out, `trap` panics (a WebAssembly trap), `fail` returns a `fail` outcome;
+//! runs out, `trap` panics (a WebAssembly trap), `fail` returns a `fail` outcome, `log`
+//! writes a warning through the host's log (with the topic as a field) and passes;
 //! anything else is kept unchanged.
 
 use sluice_sdk::{Config, Message, Outcome, Transform};
@@ -27,6 +28,14 @@ impl Transform for Misbehave {
             }
             b"trap" => panic!("asked to trap"),
             b"fail" => Outcome::Fail("asked to fail".to_string()),
+            b"log" => {
+                sluice_sdk::log(
+                    sluice_sdk::Level::Warn,
+                    "asked to log",
+                    &[("topic", &message.topic)],
+                );
+                Outcome::Pass
+            }
             _ => Outcome::Pass,
         }
     }

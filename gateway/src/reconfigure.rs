@@ -1,0 +1,341 @@
+//! Configuration reload without a restart: `POST /admin/reload` and `SIGHUP`.
+//!
+//! The file is read and validated again; then everything new that can fail is built
+//! before anything is swapped in: the plugins that changed are loaded and initialised,
+//! new TLS material is read. If any step fails, the running configuration stays whole
+//! and the error says why. Nothing closes a connection: listeners keep running, open
+//! WebSocket sessions keep their window and timeouts, and from the swap on every
+//! request, frame and batch is checked against the new rules.
+//!
+//! Live sections: `[plugins]` chain (`transform`, `router`, their configuration,
+//! `on_failure`), `[routing]`, `spool.durability`, `[auth]`, `[policy]`, `[limits]`,
+//! `[websocket]` (for new sessions), and the certificate, key and CAs of
+//! `[server.tls]` / `[auth.mtls]` (for new connections). The rest (addresses, the data
+//! directory, the spool's size, the sinks, AWS, the admin listener, the downlink, the
+//! plugin host's workers and limits, turning TLS on or off) is only read at start: a
+//! reload that changes it applies the live sections and lists the others under
+//! `restart_required`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use serde::Serialize;
+
+use crate::config::Config;
+use crate::ingress::Live;
+use crate::pipeline::{Pipeline, RoutingRules};
+use crate::plugin::reload::ReloadWatcher;
+
+/// Where the configuration comes from: the file and the command-line overrides, which
+/// a reload applies again.
+#[derive(Debug, Clone, Default)]
+pub struct ConfigSource {
+    /// The file; `None`: the embedded default (nothing to reload).
+    pub path: Option<PathBuf>,
+    /// `--listen`.
+    pub listen: Option<SocketAddr>,
+    /// `--data-dir`.
+    pub data_dir: Option<PathBuf>,
+}
+
+impl ConfigSource {
+    /// Reads and validates the configuration.
+    pub fn load(&self) -> anyhow::Result<Config> {
+        let mut config = match &self.path {
+            Some(path) => Config::load(path)?,
+            None => Config::default(),
+        };
+        if let Some(listen) = self.listen {
+            config.server.listen = listen;
+        }
+        if let Some(data_dir) = &self.data_dir {
+            config.server.data_dir.clone_from(data_dir);
+        }
+        config.validate()?;
+        Ok(config)
+    }
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReloadReport {
+    /// Live sections that changed and now apply.
+    pub applied: Vec<String>,
+    /// Plugins loaded anew (new, changed file or changed configuration).
+    pub plugins_loaded: Vec<String>,
+    /// Plugins no longer in the chain.
+    pub plugins_removed: Vec<String>,
+    /// Settings that changed but only apply after a restart.
+    pub restart_required: Vec<String>,
+}
+
+/// Why a reload changed nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum ReloadError {
+    /// The gateway runs on the embedded default.
+    #[error("the gateway was started without --config: there is no file to reload")]
+    NoFile,
+    /// The file does not parse or validate, or its plugins or TLS material do not load.
+    #[error("{0:#}")]
+    Invalid(anyhow::Error),
+}
+
+/// Applies configuration reloads to the running gateway.
+pub struct Reloader {
+    source: ConfigSource,
+    /// The configuration running now (with restart-only settings as they were at start).
+    running: tokio::sync::Mutex<Config>,
+    live: Arc<Live>,
+    pipeline: Arc<Pipeline>,
+    watcher: Option<Arc<ReloadWatcher>>,
+}
+
+impl Reloader {
+    /// A reloader for the gateway started with `config` from `source`.
+    pub fn new(
+        source: ConfigSource,
+        config: Config,
+        live: Arc<Live>,
+        pipeline: Arc<Pipeline>,
+        watcher: Option<Arc<ReloadWatcher>>,
+    ) -> Reloader {
+        Reloader {
+            source,
+            running: tokio::sync::Mutex::new(config),
+            live,
+            pipeline,
+            watcher,
+        }
+    }
+
+    /// Reads the file again and applies what changed; all or nothing for the live
+    /// sections. One reload at a time.
+    pub async fn reload(&self) -> Result<ReloadReport, ReloadError> {
+        if self.source.path.is_none() {
+            return Err(ReloadError::NoFile);
+        }
+        let source = self.source.clone();
+        let new = tokio::task::spawn_blocking(move || source.load())
+            .await
+            .map_err(|e| ReloadError::Invalid(e.into()))?
+            .map_err(ReloadError::Invalid)?;
+        let mut running = self.running.lock().await;
+        let (effective, restart_required) = split(&running, &new);
+        // Routing rules are checked against the sinks that actually run.
+        effective.validate().map_err(|e| {
+            ReloadError::Invalid(anyhow::anyhow!(
+                "{e}\n(the sinks, spool and listeners stay as they were started; changing \
+                 them needs a restart)"
+            ))
+        })?;
+        let device = self
+            .live
+            .prepare(&running, &effective)
+            .map_err(ReloadError::Invalid)?;
+        let plugins = self.pipeline.plugins().clone();
+        let entries = crate::plugin::configured_entries(&effective);
+        let (plugins_loaded, plugins_removed) =
+            tokio::task::spawn_blocking(move || plugins.reconfigure(&entries))
+                .await
+                .map_err(|e| ReloadError::Invalid(e.into()))?
+                .map_err(|e| ReloadError::Invalid(e.into()))?;
+        // Nothing below can fail.
+        let mut applied: Vec<String> = self
+            .live
+            .commit(device)
+            .into_iter()
+            .map(String::from)
+            .collect();
+        if running.routing != effective.routing
+            || running.plugins.on_failure != effective.plugins.on_failure
+            || running.spool.durability != effective.spool.durability
+        {
+            self.pipeline.set_rules(RoutingRules::new(&effective));
+            for (changed, name) in [
+                (running.routing != effective.routing, "routing"),
+                (
+                    running.plugins.on_failure != effective.plugins.on_failure,
+                    "plugins.on_failure",
+                ),
+                (
+                    running.spool.durability != effective.spool.durability,
+                    "spool.durability",
+                ),
+            ] {
+                if changed {
+                    applied.push(name.to_string());
+                }
+            }
+        }
+        if running.plugins.transform != effective.plugins.transform
+            || running.plugins.router != effective.plugins.router
+            || !plugins_loaded.is_empty()
+        {
+            applied.push("plugins".to_string());
+        }
+        if let Some(watcher) = &self.watcher
+            && let Err(error) = watcher.follow()
+        {
+            tracing::warn!(%error, "cannot watch the new plugin folders; hot reload misses them");
+        }
+        *running = effective;
+        let report = ReloadReport {
+            applied,
+            plugins_loaded,
+            plugins_removed,
+            restart_required,
+        };
+        tracing::info!(applied = ?report.applied, plugins = ?report.plugins_loaded, removed = ?report.plugins_removed, restart_required = ?report.restart_required, "configuration reloaded");
+        Ok(report)
+    }
+}
+
+/// The configuration to run after a reload from `running` to `new`: the live sections
+/// of `new`, the rest of `running`; with the names of the settings that differ but wait
+/// for a restart.
+fn split(running: &Config, new: &Config) -> (Config, Vec<String>) {
+    let mut restart = Vec::new();
+    let mut note = |changed: bool, name: &str| {
+        if changed {
+            restart.push(name.to_string());
+        }
+    };
+    let (old_server, new_server) = (&running.server, &new.server);
+    note(old_server.listen != new_server.listen, "server.listen");
+    note(
+        old_server.data_dir != new_server.data_dir,
+        "server.data_dir",
+    );
+    note(
+        old_server.shutdown_grace_ms != new_server.shutdown_grace_ms,
+        "server.shutdown_grace_ms",
+    );
+    let tls_switch = old_server.tls.is_some() != new_server.tls.is_some();
+    note(tls_switch, "server.tls (turning TLS on or off)");
+    let (old_plugins, new_plugins) = (&running.plugins, &new.plugins);
+    note(
+        old_plugins.workers != new_plugins.workers,
+        "plugins.workers",
+    );
+    note(
+        old_plugins.call_timeout_ms != new_plugins.call_timeout_ms,
+        "plugins.call_timeout_ms",
+    );
+    note(
+        old_plugins.memory_limit_mib != new_plugins.memory_limit_mib,
+        "plugins.memory_limit_mib",
+    );
+    note(
+        old_plugins.hot_reload != new_plugins.hot_reload,
+        "plugins.hot_reload",
+    );
+    note(
+        old_plugins.cache_dir != new_plugins.cache_dir,
+        "plugins.cache_dir",
+    );
+    note(
+        running.spool.max_bytes_per_sink != new.spool.max_bytes_per_sink,
+        "spool.max_bytes_per_sink",
+    );
+    note(
+        running.spool.best_effort_max_in_flight != new.spool.best_effort_max_in_flight,
+        "spool.best_effort_max_in_flight",
+    );
+    note(running.aws != new.aws, "aws");
+    note(running.sinks != new.sinks, "sinks");
+    note(running.admin != new.admin, "admin");
+    note(running.downlink != new.downlink, "downlink");
+    // mTLS on or off changes what the TLS handshake asks for, which is part of turning
+    // client certificates on: that too waits for a restart.
+    let mtls_switch = running.auth.as_ref().is_some_and(|a| a.mtls.is_some())
+        != new.auth.as_ref().is_some_and(|a| a.mtls.is_some());
+    note(
+        mtls_switch,
+        "auth.mtls (turning client certificates on or off)",
+    );
+
+    let mut effective = new.clone();
+    effective.server = crate::config::ServerConfig {
+        tls: if tls_switch {
+            running.server.tls.clone()
+        } else {
+            new.server.tls.clone()
+        },
+        ..running.server.clone()
+    };
+    effective.plugins = crate::config::PluginsConfig {
+        on_failure: new.plugins.on_failure,
+        transform: new.plugins.transform.clone(),
+        router: new.plugins.router.clone(),
+        ..running.plugins.clone()
+    };
+    effective.spool = crate::config::SpoolConfig {
+        durability: new.spool.durability,
+        ..running.spool.clone()
+    };
+    effective.aws = running.aws.clone();
+    effective.sinks = running.sinks.clone();
+    effective.admin = running.admin.clone();
+    effective.downlink = running.downlink.clone();
+    if mtls_switch && let Some(auth) = effective.auth.as_mut() {
+        auth.mtls = running.auth.as_ref().and_then(|a| a.mtls.clone());
+    }
+    (effective, restart)
+}
+
+/// Reloads on every `SIGHUP` until the gateway stops; the outcome goes to the log.
+#[cfg(unix)]
+pub fn reload_on_sighup(reloader: Arc<Reloader>) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut hangups = signal(SignalKind::hangup())?;
+    Ok(tokio::spawn(async move {
+        while hangups.recv().await.is_some() {
+            tracing::info!("SIGHUP: reloading the configuration");
+            if let Err(error) = reloader.reload().await {
+                tracing::error!(%error, "configuration reload refused; the running configuration stays");
+            }
+        }
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn restart_only_settings_stay_and_are_listed() {
+        let running = Config::parse(
+            r#"
+            [server]
+            listen = "127.0.0.1:8080"
+            [plugins]
+            workers = 2
+            [routing]
+            default_destination = "local"
+            "#,
+        )
+        .unwrap();
+        let new = Config::parse(
+            r#"
+            [server]
+            listen = "127.0.0.1:9999"
+            [plugins]
+            workers = 4
+            on_failure = "dead-letter"
+            [routing]
+            default_destination = "kinesis"
+            "#,
+        )
+        .unwrap();
+        let (effective, restart) = split(&running, &new);
+        assert_eq!(restart, ["server.listen", "plugins.workers"]);
+        assert_eq!(effective.server.listen, running.server.listen);
+        assert_eq!(effective.plugins.workers, 2);
+        assert_eq!(effective.plugins.on_failure, new.plugins.on_failure);
+        assert_eq!(effective.routing, new.routing);
+        let (same, nothing) = split(&running, &running);
+        assert_eq!(same, running);
+        assert!(nothing.is_empty());
+    }
+}
