@@ -372,6 +372,18 @@ fn kinesis_faults_are_retried_until_every_record_arrives() {
         stats["put_records_calls"].as_u64().unwrap() >= 6,
         "retried: {stats}"
     );
+    // The gateway's metrics saw the same: throttled calls, records sent again, calls.
+    let metrics = gateway.admin_text("/metrics");
+    let value = |name: &str| {
+        metrics
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.trim().parse::<f64>().ok())
+            .unwrap_or_else(|| panic!("{name} in {metrics}"))
+    };
+    assert!(value("sluice_sink_throttles_total{sink=\"kinesis\"}") >= 2.0);
+    assert!(value("sluice_sink_retries_total{sink=\"kinesis\"}") >= 4.0);
+    assert!(value("sluice_sink_call_records_count{sink=\"kinesis\"}") >= 6.0);
+    assert!(value("sluice_sink_window_records_count{sink=\"kinesis\"}") >= 1.0);
 }
 
 #[test]

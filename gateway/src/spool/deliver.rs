@@ -169,6 +169,12 @@ impl Deliverer {
             return (seqs, Ok(dead));
         }
         let received: Vec<u64> = live.iter().map(|r| r.message.received_at_ms).collect();
+        crate::metrics::METRICS
+            .sink_window_records
+            .get_or_create(&SinkLabel {
+                sink: self.sink.name().to_string(),
+            })
+            .observe(live.len() as f64);
         let expired_count = dead.len();
         let result = match self.sinks.deliver_to(self.sink, live).await {
             Ok(rejected) => Ok(rejected

@@ -394,6 +394,14 @@ impl StreamWorker {
                 .iter()
                 .map(|planned| put_entry(&queue, planned))
                 .collect();
+            let metrics = &crate::metrics::METRICS;
+            let sink = crate::metrics::SinkLabel {
+                sink: "kinesis".to_string(),
+            };
+            metrics
+                .sink_call_records
+                .get_or_create(&sink)
+                .observe(request.len() as f64);
             let answer = api.put_records(&stream, request).await;
             if answer.is_ok() {
                 if failing_calls > 0 {
@@ -403,6 +411,7 @@ impl StreamWorker {
             }
             let now = Instant::now();
             let mut throttled = false;
+            let mut retries = 0u64;
             match answer {
                 Ok(results) => {
                     self.notice_resharding(&chosen, &results, &queue);
@@ -415,6 +424,7 @@ impl StreamWorker {
                                     throttled |=
                                         code.contains("Throughput") || code.contains("Throttling");
                                     retry_later(entry, now, format!("{code}: {message}"));
+                                    retries += 1;
                                 }
                                 EntryResult::Permanent { code, message } => {
                                     entry.finish(Fate::Rejected(format!(
@@ -429,6 +439,7 @@ impl StreamWorker {
                     throttled = true;
                     for &i in chosen.iter().flat_map(Planned::members) {
                         retry_later(&mut queue[i], now, message.clone());
+                        retries += 1;
                     }
                 }
                 Err(CallError::Transient(message)) => {
@@ -441,6 +452,7 @@ impl StreamWorker {
                     failing_calls += 1;
                     for &i in chosen.iter().flat_map(Planned::members) {
                         retry_later(&mut queue[i], now, message.clone());
+                        retries += 1;
                     }
                 }
                 Err(CallError::Permanent(message)) => {
@@ -453,7 +465,11 @@ impl StreamWorker {
                 }
             }
             queue.retain(|entry| entry.done.is_some());
+            if retries > 0 {
+                metrics.sink_retries.get_or_create(&sink).inc_by(retries);
+            }
             if throttled {
+                metrics.sink_throttles.get_or_create(&sink).inc();
                 // Slow the whole stream down, not only the records concerned: the shard is
                 // over its quota, so sending the next call at once would be refused too.
                 throttles = throttles.saturating_add(1);
