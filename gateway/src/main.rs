@@ -10,7 +10,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use sluice_gateway::config::Config;
 use sluice_gateway::plugin::host::{Host, Limits};
 
-mod dlq_client;
+mod admin_client;
 
 // Messages cross the plugin boundary as many small strings, allocated and freed per
 // batch; glibc's allocator spends much of that time trimming and re-faulting its heap
@@ -71,9 +71,17 @@ enum Command {
     /// admin API).
     Dlq {
         #[command(flatten)]
-        target: dlq_client::AdminTarget,
+        target: admin_client::AdminTarget,
         #[command(subcommand)]
-        command: dlq_client::DlqCommand,
+        command: admin_client::DlqCommand,
+    },
+    /// A running gateway, through its admin API: reload the configuration, list plugins,
+    /// upload and activate plugin versions.
+    Admin {
+        #[command(flatten)]
+        target: admin_client::AdminTarget,
+        #[command(subcommand)]
+        command: admin_client::AdminCommand,
     },
 }
 
@@ -236,7 +244,11 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Dlq { target, command } => {
-            dlq_client::run(target, command)?;
+            admin_client::run(target, command)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Admin { target, command } => {
+            admin_client::run_admin(target, command)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Config {

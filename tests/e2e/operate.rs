@@ -208,6 +208,38 @@ fn uploaded_plugin_versions_are_validated_then_activated_and_survive_restarts() 
     );
     assert_eq!(unknown.status, 404, "{:?}", unknown.body);
     assert_eq!(gateway.publish("t", "dev-1", "fail").status, 200);
+
+    // The same through the command line.
+    let admin = |args: &[&str]| {
+        let mut all = vec![
+            "admin",
+            "--admin-url",
+            gateway.admin.as_str(),
+            "--token",
+            crate::harness::ADMIN_TOKEN,
+        ];
+        all.extend_from_slice(args);
+        crate::harness::sluice(&all)
+    };
+    let misbehave = plugin("misbehave");
+    let (code, out, err) = admin(&["upload", "chain", misbehave.to_str().unwrap()]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(gateway.publish("t", "dev-1", "fail").status, 422);
+    let (code, out, err) = admin(&["plugins"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("chain") && out.contains(&misbehave_hash[..12]),
+        "{out}"
+    );
+    let (code, _, err) = admin(&["activate", "chain", "--configured"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(gateway.publish("t", "dev-1", "fail").status, 200);
+    let (code, out, err) = admin(&["reload"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("restart_required"), "{out}");
+    let (code, _, err) = admin(&["upload", "chain", "/nonexistent.wasm"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("/nonexistent.wasm"), "{err}");
 }
 
 #[test]

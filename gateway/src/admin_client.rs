@@ -1,6 +1,6 @@
-//! `sluice dlq …`: the dead-letter commands, a client of the running gateway's admin
-//! API (the spool file is locked while the gateway runs, and a redrive needs its
-//! plugins and sinks).
+//! `sluice dlq …` and `sluice admin …`: clients of the running gateway's admin API (the
+//! spool file is locked while the gateway runs, a redrive needs its plugins and sinks,
+//! and plugin versions and reloads act on the running process).
 
 use std::path::PathBuf;
 
@@ -65,6 +65,46 @@ pub enum DlqCommand {
     },
 }
 
+/// The other admin commands.
+#[derive(Debug, Subcommand)]
+pub enum AdminCommand {
+    /// Read the configuration file again and apply it (like SIGHUP); prints what was
+    /// applied and what needs a restart.
+    Reload,
+    /// List the plugin chain: versions, hashes, counters.
+    Plugins {
+        /// Print the API's JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Upload a new version of a plugin: validated first, then (unless --no-activate)
+    /// serving in place of the current one.
+    Upload {
+        /// The plugin's configured name.
+        name: String,
+        /// The component file (.wasm).
+        file: PathBuf,
+        /// Only store and validate it; activate later with `sluice admin activate`.
+        #[arg(long)]
+        no_activate: bool,
+    },
+    /// Make an uploaded version serve, or the configured file again.
+    Activate {
+        /// The plugin's configured name.
+        name: String,
+        /// The uploaded version's hash (from `sluice admin plugins`).
+        #[arg(
+            long,
+            required_unless_present = "configured",
+            conflicts_with = "configured"
+        )]
+        hash: Option<String>,
+        /// Go back to the file named in the configuration.
+        #[arg(long)]
+        configured: bool,
+    },
+}
+
 struct Client {
     base: String,
     token: String,
@@ -120,6 +160,79 @@ impl Client {
             return Ok(None);
         }
         Ok(Some(serde_json::from_str(&text)?))
+    }
+}
+
+/// Runs one `sluice admin` command.
+pub fn run_admin(target: AdminTarget, command: AdminCommand) -> anyhow::Result<()> {
+    let client = Client::new(target)?;
+    let base = &client.base;
+    let print = |value: Option<Value>| -> anyhow::Result<()> {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&value.unwrap_or_default())?
+        );
+        Ok(())
+    };
+    match command {
+        AdminCommand::Reload => {
+            print(client.send(client.http.post(format!("{base}/admin/reload")))?)
+        }
+        AdminCommand::Plugins { json } => {
+            let answer = client
+                .send(client.http.get(format!("{base}/admin/plugins")))?
+                .unwrap_or_default();
+            if json {
+                return print(Some(answer));
+            }
+            println!(
+                "{:<16} {:<10} {:<14} {:<11} {:>10} {:>10}  FILE",
+                "NAME", "KIND", "HASH", "SOURCE", "CALLS", "AVG µs"
+            );
+            for plugin in answer["plugins"].as_array().cloned().unwrap_or_default() {
+                println!(
+                    "{:<16} {:<10} {:<14} {:<11} {:>10} {:>10.1}  {}",
+                    plugin["name"].as_str().unwrap_or(""),
+                    plugin["kind"].as_str().unwrap_or(""),
+                    plugin["hash"]
+                        .as_str()
+                        .unwrap_or("")
+                        .get(..12)
+                        .unwrap_or(""),
+                    plugin["source"].as_str().unwrap_or(""),
+                    plugin["calls"],
+                    plugin["average_call_us"].as_f64().unwrap_or(0.0),
+                    plugin["path"].as_str().unwrap_or(""),
+                );
+            }
+            Ok(())
+        }
+        AdminCommand::Upload {
+            name,
+            file,
+            no_activate,
+        } => {
+            let bytes =
+                std::fs::read(&file).with_context(|| format!("cannot read {}", file.display()))?;
+            let request = client
+                .http
+                .post(format!("{base}/admin/plugins/{name}/versions"))
+                .query(&[("activate", (!no_activate).to_string())])
+                .body(bytes);
+            print(client.send(request)?)
+        }
+        AdminCommand::Activate { name, hash, .. } => {
+            // clap requires --hash or --configured, never both.
+            let body = match hash {
+                Some(hash) => serde_json::json!({ "hash": hash }),
+                None => serde_json::json!({ "configured": true }),
+            };
+            let request = client
+                .http
+                .post(format!("{base}/admin/plugins/{name}/activate"))
+                .json(&body);
+            print(client.send(request)?)
+        }
     }
 }
 
