@@ -27,12 +27,20 @@ struct Claims {
     groups: Vec<String>,
 }
 
+/// Tokens verified lately, at most this many: a device sends the same token with every
+/// request until it renews it, so the signature and claims are checked once, not per
+/// request. When full, the cache starts afresh.
+const VERIFIED_CACHE_MAX: usize = 16_384;
+
 /// The configured keys, ready to sign and verify.
 pub struct TokenKeys {
     keys: HashMap<String, (EncodingKey, DecodingKey)>,
     signing: String,
     issuer: String,
     max_ttl: Duration,
+    /// Verified tokens with their identity and the second (`exp` plus the leeway) after
+    /// which they are refused. New keys (a configuration reload) start with an empty one.
+    verified: std::sync::Mutex<HashMap<String, (Identity, u64)>>,
 }
 
 impl TokenKeys {
@@ -62,6 +70,7 @@ impl TokenKeys {
             signing,
             issuer: config.issuer.clone(),
             max_ttl: Duration::from_secs(config.max_ttl_secs),
+            verified: std::sync::Mutex::new(HashMap::new()),
         }
     }
 
@@ -102,6 +111,29 @@ impl TokenKeys {
 
     /// Checks a token and returns the device it names.
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        let now = jsonwebtoken::get_current_timestamp();
+        {
+            let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+            match verified.get(token) {
+                Some((identity, until)) if now <= *until => return Ok(identity.clone()),
+                Some(_) => {
+                    // Expired: the full check below says so precisely.
+                    verified.remove(token);
+                }
+                None => {}
+            }
+        }
+        let (identity, exp) = self.verify_uncached(token)?;
+        let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
+        if verified.len() >= VERIFIED_CACHE_MAX {
+            verified.clear();
+        }
+        verified.insert(token.to_string(), (identity.clone(), exp + LEEWAY_SECS));
+        Ok(identity)
+    }
+
+    /// Checks a token's signature and claims; returns the device and the token's `exp`.
+    fn verify_uncached(&self, token: &str) -> Result<(Identity, u64), AuthError> {
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::TokenMalformed)?;
         if header.alg != Algorithm::HS256 {
             return Err(AuthError::TokenMalformed);
@@ -126,11 +158,14 @@ impl TokenKeys {
         let claims = data.claims;
         check_device_id(&claims.sub)
             .map_err(|why| AuthError::BadDeviceId(format!("`sub` {why}")))?;
-        Ok(Identity {
-            device_id: claims.sub,
-            groups: claims.groups,
-            method: Method::Token,
-        })
+        Ok((
+            Identity {
+                device_id: claims.sub,
+                groups: claims.groups,
+                method: Method::Token,
+            },
+            claims.exp,
+        ))
     }
 }
 
@@ -169,6 +204,34 @@ mod tests {
         assert_eq!(identity.device_id, "dev-1");
         assert_eq!(identity.groups, ["sensors"]);
         assert_eq!(identity.method, Method::Token);
+    }
+
+    #[test]
+    fn a_verified_token_is_refused_from_the_cache_once_it_expires() {
+        let keys = keys(&["k1"]);
+        // Expired a moment ago, but within the leeway: valid for about one more second.
+        let now = jsonwebtoken::get_current_timestamp();
+        let claims = Claims {
+            sub: "dev-1".to_string(),
+            iss: "sluice".to_string(),
+            iat: now - 60,
+            exp: now + 1 - LEEWAY_SECS,
+            groups: Vec::new(),
+        };
+        let mut header = Header::new(Algorithm::HS256);
+        header.kid = Some("k1".to_string());
+        let token = jsonwebtoken::encode(&header, &claims, &keys.keys["k1"].0).unwrap();
+        assert_eq!(keys.verify(&token).unwrap().device_id, "dev-1");
+        assert_eq!(
+            keys.verify(&token).unwrap().device_id,
+            "dev-1",
+            "from the cache"
+        );
+        assert_eq!(keys.verified.lock().unwrap().len(), 1);
+        // Real time has to pass: the check compares with the wall clock.
+        std::thread::sleep(Duration::from_millis(2_100));
+        assert_eq!(keys.verify(&token), Err(AuthError::TokenExpired));
+        assert!(keys.verified.lock().unwrap().is_empty());
     }
 
     #[test]

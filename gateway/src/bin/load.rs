@@ -134,13 +134,17 @@ async fn connection(
         });
     let mut tally = Tally::new();
     loop {
-        if let Some(interval) = interval {
-            tokio::time::sleep_until(due.into()).await;
-            due += interval;
-        } else {
-            due = Instant::now();
-        }
-        if due >= end {
+        // When this request is due: its latency counts from here.
+        let slot = match interval {
+            Some(interval) => {
+                tokio::time::sleep_until(due.into()).await;
+                let slot = due;
+                due += interval;
+                slot
+            }
+            None => Instant::now(),
+        };
+        if slot >= end {
             break;
         }
         let mut request = client
@@ -159,10 +163,10 @@ async fn connection(
             }
             Err(_) => None,
         };
-        if due < measure_from {
+        if slot < measure_from {
             continue;
         }
-        let micros = due.elapsed().as_micros().clamp(1, 60_000_000) as u64;
+        let micros = slot.elapsed().as_micros().clamp(1, 60_000_000) as u64;
         if let Some(histogram) = &mut tally.latency {
             histogram.saturating_record(micros);
         }

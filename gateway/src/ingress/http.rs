@@ -424,15 +424,31 @@ async fn publish(
     if report.status == Status::Rejected {
         return Err(rejected(report));
     }
-    let body = json!({
-        "message": "OK",
-        "traceId": report.id,
-        "id": report.id,
-        "status": report.status,
-        "routes": report.routes,
-        "error": report.error,
-    });
-    Ok((StatusCode::OK, Json(body)).into_response())
+    Ok((
+        StatusCode::OK,
+        Json(Published {
+            message: "OK",
+            trace_id: &report.id,
+            id: &report.id,
+            status: report.status,
+            routes: &report.routes,
+            error: &report.error,
+        }),
+    )
+        .into_response())
+}
+
+/// The answer to `POST /topics/{topic}`: IoT Core's `message` and `traceId`, then the
+/// report.
+#[derive(serde::Serialize)]
+struct Published<'a> {
+    message: &'static str,
+    #[serde(rename = "traceId")]
+    trace_id: &'a str,
+    id: &'a str,
+    status: Status,
+    routes: &'a [crate::pipeline::RouteReport],
+    error: &'a Option<crate::pipeline::FailureReport>,
 }
 
 /// The error for a message the chain rejected.

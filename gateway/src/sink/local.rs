@@ -94,33 +94,69 @@ impl LocalSink {
     }
 }
 
+/// A local sink line without its payload, in field order.
+#[derive(serde::Serialize)]
+struct LineHead<'a> {
+    id: &'a str,
+    device: &'a str,
+    topic: &'a str,
+    destination: &'a crate::route::Destination,
+    rule: &'a str,
+    reason: &'a str,
+    received_at_ms: u64,
+    qos: u8,
+    #[serde(skip_serializing_if = "str::is_empty")]
+    content_type: &'a str,
+    #[serde(skip_serializing_if = "BTreeMap::is_empty")]
+    attributes: BTreeMap<&'a str, &'a str>,
+}
+
 /// Renders one record as a JSON object on one line (without the newline).
 pub fn json_line(record: &Record) -> String {
     let message = &record.message;
-    let mut line = serde_json::json!({
-        "id": message.id,
-        "device": message.device_id,
-        "topic": message.topic,
-        "destination": record.decision.destination,
-        "rule": record.decision.rule,
-        "reason": record.decision.reason,
-        "received_at_ms": message.received_at_ms,
-        "qos": message.qos,
-    });
-    if !message.content_type.is_empty() {
-        line["content_type"] = message.content_type.clone().into();
-    }
-    if !message.attributes.is_empty() {
-        let attributes: BTreeMap<&str, &str> = message
+    let head = LineHead {
+        id: &message.id,
+        device: &message.device_id,
+        topic: &message.topic,
+        destination: &record.decision.destination,
+        rule: &record.decision.rule,
+        reason: &record.decision.reason,
+        received_at_ms: message.received_at_ms,
+        qos: message.qos,
+        content_type: &message.content_type,
+        attributes: message
             .attributes
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
-            .collect();
-        line["attributes"] = serde_json::json!(attributes);
+            .collect(),
+    };
+    let mut line = serde_json::to_string(&head).expect("a line head always serialises");
+    line.pop(); // Its closing brace: the payload field follows.
+    match embeddable_json(&message.payload) {
+        // JSON payloads (the common case) go in as they are: checked, not rebuilt.
+        Some(json) => {
+            line.push_str(",\"payload\":");
+            line.push_str(json);
+        }
+        None => {
+            let (key, value) = payload_json(&message.payload);
+            line.push_str(&format!(",\"{key}\":{value}"));
+        }
     }
-    let (key, value) = payload_json(&message.payload);
-    line[key] = value;
-    line.to_string()
+    line.push('}');
+    line
+}
+
+/// The payload as JSON text to embed verbatim in a line: valid JSON on one line.
+fn embeddable_json(payload: &[u8]) -> Option<&str> {
+    let text = std::str::from_utf8(payload).ok()?.trim();
+    // Inside JSON strings line breaks are escaped; outside they are whitespace that
+    // would split the line.
+    if text.is_empty() || text.contains(['\n', '\r']) {
+        return None;
+    }
+    serde_json::from_str::<serde::de::IgnoredAny>(text).ok()?;
+    Some(text)
 }
 
 /// A payload as one JSON field: `payload` (the JSON itself), `payload_text` (other
@@ -191,4 +227,73 @@ fn append(
     file.write_all(line.as_bytes())
         .and_then(|()| file.write_all(b"\n"))
         .map_err(|error| format!("cannot write {kind}.jsonl: {error}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::message::Message;
+    use crate::route::{Decision, Destination};
+
+    fn record(payload: &[u8], content_type: &str, attributes: &[(&str, &str)]) -> Record {
+        Record {
+            message: Message {
+                id: "m-1".into(),
+                device_id: "dev-1".into(),
+                topic: "a/b".into(),
+                content_type: content_type.into(),
+                qos: 1,
+                attributes: attributes
+                    .iter()
+                    .map(|(k, v)| (k.to_string(), v.to_string()))
+                    .collect(),
+                received_at_ms: 42,
+                payload: payload.to_vec(),
+            },
+            decision: Decision {
+                destination: Destination::Local,
+                rule: "builtin:default".into(),
+                reason: "a \"quoted\" reason".into(),
+            },
+        }
+    }
+
+    #[test]
+    fn a_line_is_one_json_object_with_the_payload_in_its_best_form() {
+        let cases: [(&[u8], &str, serde_json::Value); 6] = [
+            (
+                br#"{"t": 21.5, "n": [1, 2]}"#,
+                "payload",
+                serde_json::json!({"t": 21.5, "n": [1, 2]}),
+            ),
+            (b" 7 ", "payload", serde_json::json!(7)),
+            (
+                b"{\n  \"pretty\": true\n}",
+                "payload",
+                serde_json::json!({"pretty": true}),
+            ),
+            (b"not json", "payload_text", serde_json::json!("not json")),
+            (
+                b"{\"cut\": ",
+                "payload_text",
+                serde_json::json!("{\"cut\": "),
+            ),
+            (&[0xff, 0x00], "payload_base64", serde_json::json!("/wA=")),
+        ];
+        for (payload, field, expected) in cases {
+            let line = json_line(&record(payload, "", &[]));
+            assert!(!line.contains('\n'), "{line}");
+            let parsed: serde_json::Value = serde_json::from_str(&line).unwrap();
+            assert_eq!(parsed[field], expected, "{line}");
+            assert_eq!(parsed["id"], "m-1");
+            assert_eq!(parsed["reason"], "a \"quoted\" reason");
+            assert_eq!(parsed["destination"], serde_json::json!({"type": "local"}));
+            assert!(parsed.get("content_type").is_none() && parsed.get("attributes").is_none());
+        }
+        let line = json_line(&record(b"{}", "application/json", &[("k", "v")]));
+        let parsed: serde_json::Value = serde_json::from_str(&line).unwrap();
+        assert_eq!(parsed["content_type"], "application/json");
+        assert_eq!(parsed["attributes"], serde_json::json!({"k": "v"}));
+        assert_eq!(parsed["payload"], serde_json::json!({}));
+    }
 }

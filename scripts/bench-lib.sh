@@ -1,0 +1,207 @@
+# The three servers that scripts/bench-baselines and scripts/bench-sweep compare, and the
+# load run they share; sourced after lib.sh, not run.
+#
+#   nginx           `return 204` without reading anything into the application: the floor
+#                   for an HTTP request on this machine;
+#   wasmtime serve  benches/http-hello, a wasi:http component instantiated per request that
+#                   reads the body and answers 204: the reference way to serve HTTP with
+#                   WebAssembly;
+#   sluice          the real gateway with its whole path: bearer-token authentication, the
+#                   policy, the json-enricher and topic-router plugins, the durable spool,
+#                   the local sink.
+#
+# Each listens on a free loopback port. Every request of every server carries the same
+# `Authorization` header, and is driven by the same sluice-load command.
+#
+# Environment: SLUICE_BENCH_BIN=/dir takes `sluice` and `sluice-load` from /dir instead of
+# building the gateway (the plugins and http-hello are still built).
+
+# `wasmtime serve` options. A fresh instance per request (serve's default for a WASIp2
+# component, `--max-instance-reuse-count 1`), taken from the pooling allocator's
+# pre-reserved slots: wasmtime's recommended set-up for serving. serve turns pooling on
+# by itself when the address space allows; it is forced here so that a failed probe cannot
+# silently change what is measured. Measured on the 2-vCPU machine of BENCHMARKS.md (64
+# connections, alternating runs): without pooling, about 0.65x the rate; freed slots'
+# pages returned to the kernel 64 at a time instead of one by one (decommit batches), up
+# to 1.15x (within the noise in some runs); pages kept resident between instances, no
+# gain. Reusing instances across requests (`--max-instance-reuse-count`) is about 3x as
+# fast, but is no longer an instance per request, so it is not used. The pool's totals
+# (1,000 by default), like serve's limits on concurrent connections and requests (1,000
+# each: connection 1,001 would wait forever for a permit), are raised above the 1,024
+# connections of scripts/bench-sweep.
+WASMTIME_SERVE_OPTS=(
+    -O pooling-allocator=y
+    -O pooling-decommit-batch-size=64
+    -O pooling-total-component-instances=4096
+    -O pooling-total-core-instances=4096
+    -O pooling-total-memories=4096
+    -O pooling-total-tables=4096
+    -O pooling-total-stacks=4096
+    --max-concurrent-connections 4096
+    --max-concurrent-requests 4096
+)
+
+# Installs nginx and wasmtime if missing, builds the plugins and http-hello and (unless
+# SLUICE_BENCH_BIN) the gateway, makes the work directory, and stops every server on exit.
+# Sets $bin (sluice, sluice-load), $wasmtime and $work.
+bench_setup() {
+    command -v nginx >/dev/null || { say "installing nginx"; apt-get install -y -q nginx-light >/dev/null; }
+    wasmtime=$("$ROOT/scripts/install-wasmtime")
+    "$ROOT/scripts/build-plugins"
+    cd "$ROOT"
+    if [[ -n ${SLUICE_BENCH_BIN:-} ]]; then
+        bin=$SLUICE_BENCH_BIN
+        [[ -x $bin/sluice && -x $bin/sluice-load ]] || die "SLUICE_BENCH_BIN=$bin holds no sluice and sluice-load"
+        say "using the prebuilt sluice and sluice-load in $bin"
+    else
+        cargo build --release -p sluice-gateway --bins
+        bin="${CARGO_TARGET_DIR:-$ROOT/target}/release"
+    fi
+    work=$(mktemp -d)
+    trap bench_cleanup EXIT
+}
+
+bench_cleanup() {
+    kill $(jobs -p) 2>/dev/null || true
+    if [[ -f $work/nginx.pid ]]; then kill "$(cat "$work/nginx.pid")" 2>/dev/null || true; fi
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+
+# Raises the soft limit on open files to at least $1 (each connection is a socket in
+# sluice-load and one in the server, both started from this shell).
+need_open_files() {
+    local soft hard
+    soft=$(ulimit -Sn) hard=$(ulimit -Hn)
+    [[ $soft == unlimited ]] || (( soft >= $1 )) && return 0
+    [[ $hard == unlimited ]] || (( hard >= $1 )) ||
+        die "needs $1 open files, the hard limit (ulimit -Hn) is $hard"
+    ulimit -n "$1"
+}
+
+free_port() {
+    python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'
+}
+
+# Waits until $1 answers HTTP; $2 names the server in the error.
+wait_http() {
+    for _ in $(seq 300); do
+        curl -s -o /dev/null "$1/" && return 0
+        sleep 0.1
+    done
+    die "$2 does not answer on $1"
+}
+
+# Sets $nginx_url. Keep-alive connections are never closed by nginx (its default closes
+# each after 1,000 requests; sluice and wasmtime serve have no such limit), and bodies up
+# to 2 MiB are taken (the sweep sends 1 MiB).
+start_nginx() {
+    local port
+    port=$(free_port)
+    cat >"$work/nginx.conf" <<CONF
+worker_processes auto;
+pid $work/nginx.pid;
+error_log $work/nginx.err warn;
+events { worker_connections 4096; }
+http {
+    access_log off;
+    keepalive_requests 1000000000;
+    client_max_body_size 2m;
+    client_body_temp_path $work/body;
+    server {
+        listen 127.0.0.1:$port;
+        location / { return 204; }
+    }
+}
+CONF
+    nginx -e "$work/nginx.err" -c "$work/nginx.conf"
+    nginx_url="http://127.0.0.1:$port"
+    wait_http "$nginx_url" nginx
+}
+
+# Sets $wasmtime_url.
+start_wasmtime_serve() {
+    local port
+    port=$(free_port)
+    "$wasmtime" serve --addr "127.0.0.1:$port" "${WASMTIME_SERVE_OPTS[@]}" \
+        "$SLUICE_PLUGIN_DIR/http_hello.wasm" >"$work/wasmtime.out" 2>"$work/wasmtime.err" &
+    wasmtime_pid=$!
+    wasmtime_url="http://127.0.0.1:$port"
+    for _ in $(seq 300); do
+        curl -s -o /dev/null "$wasmtime_url/" && return 0
+        kill -0 "$wasmtime_pid" 2>/dev/null || die "wasmtime serve exited: $(cat "$work/wasmtime.err")"
+        sleep 0.1
+    done
+    die "wasmtime serve does not answer on $wasmtime_url"
+}
+
+bench_secret=bench-secret-0123456789abcdef0123456789abcdef
+
+# Starts the gateway on an empty data directory (compiled plugins are cached across
+# starts). $1: extra lines for [routing]; $2: extra TOML tables. Sets $sluice_url,
+# $sluice_pid and $token (a device token for the Authorization header of every server).
+start_sluice() {
+    rm -rf "$work/data"
+    cat >"$work/sluice.toml" <<TOML
+[server]
+listen = "127.0.0.1:0"
+data_dir = "$work/data"
+[auth.tokens]
+keys = [{ id = "bench", secret = "$bench_secret" }]
+[[policy.grants]]
+name = "load"
+devices = ["*"]
+publish = ["load/#"]
+[plugins]
+cache_dir = "$work/plugin-cache"
+[[plugins.transform]]
+name = "enricher"
+path = "$SLUICE_PLUGIN_DIR/json_enricher.wasm"
+[plugins.router]
+name = "router"
+path = "$SLUICE_PLUGIN_DIR/topic_router.wasm"
+config = { kinesis_prefixes = "telemetry/" }
+[routing]
+default_destination = "local"
+${1:-}
+${2:-}
+TOML
+    token=$("$bin/sluice" token issue --config "$work/sluice.toml" --device bench-device --ttl 12h)
+    # Emptied here, not only by the redirection below: that happens in the background, and
+    # until it has, the loop would read the previous gateway's address.
+    : >"$work/sluice.out"
+    "$bin/sluice" run --config "$work/sluice.toml" >"$work/sluice.out" 2>"$work/sluice.err" &
+    sluice_pid=$!
+    sluice_url=
+    for _ in $(seq 600); do
+        sluice_url=$(sed -n 's/^sluice: listening on //p' "$work/sluice.out")
+        [[ -n $sluice_url ]] && return 0
+        kill -0 "$sluice_pid" 2>/dev/null || die "sluice exited: $(cat "$work/sluice.err")"
+        sleep 0.1
+    done
+    die "sluice did not start: $(cat "$work/sluice.err")"
+}
+
+stop_sluice() {
+    kill -TERM "$sluice_pid" 2>/dev/null || true
+    wait "$sluice_pid" 2>/dev/null || true
+    rm -rf "$work/data"
+}
+
+# The URL of server $1 (nginx, wasmtime-serve or sluice).
+server_url() {
+    case $1 in
+        nginx) echo "$nginx_url" ;;
+        wasmtime-serve) echo "$wasmtime_url" ;;
+        sluice) echo "$sluice_url" ;;
+        *) die "no server $1" ;;
+    esac
+}
+
+# One sluice-load run against server $1, its JSON report written to $2; the rest are
+# sluice-load options (connections, duration, payload size, rate).
+run_load() {
+    local url
+    url=$(server_url "$1")
+    "$bin/sluice-load" --url "$url" --warmup 1 -H "authorization: Bearer $token" --json "${@:3}" >"$2"
+}
