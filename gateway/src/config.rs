@@ -499,7 +499,8 @@ pub enum FailurePath {
 #[derive(Debug, Clone, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct PluginsConfig {
-    /// Threads that run plugins. Default: the number of CPU cores.
+    /// Threads that serve requests and run plugins (the async runtime's workers).
+    /// Default: the number of CPU cores.
     #[serde(default = "default_workers")]
     pub workers: usize,
     /// Time limit of one plugin call (one batch), in milliseconds. Default 200.

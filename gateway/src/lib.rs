@@ -13,8 +13,8 @@
 //! - [`config`]: the configuration file, its defaults, and validation that reports every
 //!   error at once.
 //! - [`ingress`]: the HTTP(S) listener and its routes (`POST /topics/{topic}`, batches).
-//! - [`plugin`]: the wasmtime host: engine, compiled-component cache, worker threads with
-//!   reused stores, time and memory limits, hot reload.
+//! - [`plugin`]: the wasmtime host: engine, compiled-component cache, instances reused
+//!   across batches, time and memory limits, hot reload, uploaded versions.
 //! - [`route`]: the routing decision: topic filters, the built-in policy, router-plugin
 //!   overrides.
 //! - [`pipeline`]: one message batch's way from ingress through plugins and routing to the

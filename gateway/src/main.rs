@@ -188,8 +188,12 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 data_dir,
             };
             let config = source.load()?;
-            let runtime =
-                tokio::runtime::Runtime::new().context("cannot start the async runtime")?;
+            // Plugins run on these threads too (see `plugins.workers`).
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(config.plugins.workers)
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
             runtime.block_on(async {
                 let shutdown = sluice_gateway::Shutdown::on_signals();
                 sluice_gateway::run(source, config, shutdown).await

@@ -6,6 +6,7 @@ pub mod transform {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "sluice:plugin/transform",
+        exports: { default: async },
     });
 }
 
@@ -15,6 +16,7 @@ pub mod router {
     wasmtime::component::bindgen!({
         path: "../wit",
         world: "sluice:plugin/router",
+        exports: { default: async },
         with: {
             "sluice:plugin/types": super::transform::sluice::plugin::types,
             "sluice:plugin/host": super::transform::sluice::plugin::host,

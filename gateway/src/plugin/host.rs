@@ -274,7 +274,8 @@ impl Host {
             .total_core_instances(max_instances.saturating_mul(8))
             .total_memories(max_instances.saturating_mul(4))
             .total_tables(max_instances.saturating_mul(8))
-            .max_memory_size(limits.memory_bytes.saturating_mul(2).max(16 << 20));
+            .max_memory_size(limits.memory_bytes.saturating_mul(2).max(16 << 20))
+            .total_stacks(max_instances);
         let mut config = wasmtime::Config::new();
         config
             .epoch_interruption(true)
@@ -282,7 +283,7 @@ impl Host {
             .max_wasm_stack(1 << 20);
         let engine = Engine::new(&config).map_err(|e| PluginError::Engine(e.to_string()))?;
         let mut linker = Linker::new(&engine);
-        wasmtime_wasi::p2::add_to_linker_sync(&mut linker)
+        wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| PluginError::Engine(e.to_string()))?;
         crate::plugin::bindings::transform::Transform::add_to_linker::<_, HasSelf<_>>(
             &mut linker,

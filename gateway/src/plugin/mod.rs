@@ -2,14 +2,17 @@
 //!
 //! - [`host`]: the one engine (pooling allocator, epoch interruption), the linker with the
 //!   host imports, the compiled-component cache, import checks at load.
-//! - [`worker`]: worker threads, each owning one store per plugin, reused across batches
-//!   and rebuilt after a trap, a timeout or a memory blow-up.
+//! - [`worker`]: the chain's calls, with instances (one store per plugin) reused across
+//!   batches and rebuilt after a trap, a timeout or a memory blow-up.
 //! - [`reload`]: watches plugin files and swaps in new versions; in-flight batches finish
 //!   on the version they started with.
 //!
-//! Plugins run with synchronous calls on dedicated threads, never on the async runtime;
-//! the runtime hands them batches over a bounded channel, which is also where
-//! backpressure starts when the plugins are the bottleneck.
+//! Plugins run on the async runtime's threads, in the request's own task, with wasmtime's
+//! `call_async`: handing each batch to a plugin thread and back cost more than the plugins
+//! themselves (BENCHMARKS.md). Nothing a plugin can call waits on I/O, so a call runs to
+//! its end in one go; its time limit (epoch interruption) bounds how long it holds the
+//! thread, and the runtime's other threads take over the queued work meanwhile. Sets of
+//! instances are kept in a pool and lent to one batch at a time.
 
 pub mod bindings;
 pub mod host;
@@ -31,10 +34,6 @@ use crate::message::Message;
 use crate::plugin::host::{Host, Limits, PluginStats, Prepared};
 use crate::plugin::versions::Versions;
 use crate::route::Destination;
-
-/// Batches waiting for a worker, per worker: enough to keep workers busy, small enough
-/// that a slow plugin pushes back on ingress quickly.
-const QUEUED_BATCHES_PER_WORKER: usize = 4;
 
 /// Which world a plugin targets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -258,15 +257,8 @@ pub struct InputResult {
     pub failures: Vec<PartFailure>,
 }
 
-/// One batch waiting for a worker.
-struct Job {
-    batch: Vec<Message>,
-    /// Run the chain from this plugin on (a dead letter's redrive); `None`: all of it.
-    start: Option<String>,
-    /// The span of the request the batch came with, entered while the plugins run.
-    span: tracing::Span,
-    reply: tokio::sync::oneshot::Sender<Vec<InputResult>>,
-}
+/// One instance per active plugin, by load id: what one batch runs with.
+type InstanceSet = HashMap<u64, worker::Instance>;
 
 /// Plugins beyond the configured ones that the instance pool has room for, so that a
 /// configuration reload can add some without a restart.
@@ -275,8 +267,11 @@ const SPARE_PLUGINS: usize = 4;
 struct Inner {
     host: Host,
     set: ArcSwap<PluginSet>,
-    jobs: async_channel::Sender<Job>,
-    workers: Mutex<Vec<std::thread::JoinHandle<()>>>,
+    /// Instance sets not lent to a batch right now (as many as batches ever ran at once:
+    /// about one per runtime thread).
+    idle: Mutex<Vec<InstanceSet>>,
+    /// Set by [`Plugins::stop`]: batches are refused from then on.
+    stopped: std::sync::atomic::AtomicBool,
     next_id: AtomicU64,
     /// Held while a new set is built and swapped in (file reloads, uploads, activations
     /// and configuration reloads), so two changes never undo each other.
@@ -355,7 +350,7 @@ pub fn configured_entries(config: &Config) -> Vec<(PluginEntry, PluginKind)> {
 
 impl Plugins {
     /// Loads every configured plugin (compiling, checking imports, running `init` once)
-    /// and starts the worker threads. Uploaded versions activated through the admin API
+    /// (nothing else starts: batches run on their callers' threads). Uploaded versions activated through the admin API
     /// (kept under the data directory) serve in place of their configured files.
     pub fn start(config: &Config) -> Result<Plugins, PluginError> {
         let entries = configured_entries(config);
@@ -408,12 +403,11 @@ impl Plugins {
         capacity: usize,
         versions: Option<Versions>,
     ) -> Result<Plugins, PluginError> {
-        let (jobs, queue) = async_channel::bounded(workers * QUEUED_BATCHES_PER_WORKER);
         let inner = Arc::new(Inner {
             host,
             set: ArcSwap::from_pointee(PluginSet::default()),
-            jobs,
-            workers: Mutex::new(Vec::new()),
+            idle: Mutex::new(Vec::with_capacity(workers)),
+            stopped: std::sync::atomic::AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             changing: Mutex::new(()),
             stats: Mutex::new(HashMap::new()),
@@ -426,21 +420,6 @@ impl Plugins {
             tracing::info!(plugin = %plugin.name, kind = %plugin.kind, source = ?plugin.source, hash = %&plugin.hash[..12], path = %plugin.path.display(), "plugin loaded");
         }
         plugins.inner.set.store(Arc::new(set));
-        let mut handles = plugins
-            .inner
-            .workers
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        for index in 0..workers {
-            let inner = plugins.inner.clone();
-            let queue = queue.clone();
-            let handle = std::thread::Builder::new()
-                .name(format!("sluice-plugin-{index}"))
-                .spawn(move || worker::run(&inner.host, &inner.set, queue))
-                .map_err(|e| PluginError::Engine(format!("cannot start a plugin worker: {e}")))?;
-            handles.push(handle);
-        }
-        drop(handles);
         Ok(plugins)
     }
 
@@ -552,9 +531,13 @@ impl Plugins {
             config,
             stats: self.stats_for(&entry.name),
         });
-        worker::Instance::new(host, &plugin).map_err(|reason| PluginError::Init {
-            name: entry.name.clone(),
-            reason,
+        // Loading happens off the request path (start, reloads, uploads); nothing `init`
+        // can call waits on I/O, so the call finishes on this thread.
+        futures_executor::block_on(worker::Instance::new(host, &plugin)).map_err(|reason| {
+            PluginError::Init {
+                name: entry.name.clone(),
+                reason,
+            }
         })?;
         Ok(plugin)
     }
@@ -759,38 +742,62 @@ impl Plugins {
     /// `None` or names no active plugin): a dead letter's message, stored as it entered
     /// the plugin that failed, is not transformed twice by the plugins before it.
     pub async fn run_from(&self, batch: Vec<Message>, start: Option<String>) -> Vec<InputResult> {
-        if self.inner.set.load().all().next().is_none() {
+        use futures_util::FutureExt as _;
+
+        let count = batch.len();
+        if self.inner.stopped.load(Ordering::Relaxed) {
+            return unavailable(count, batch);
+        }
+        // The batch runs on the set active now; a reload shows in the next batch, when
+        // instances of versions no longer active are dropped.
+        let set = self.current();
+        if set.all().next().is_none() {
             return batch.into_iter().map(InputResult::passed).collect();
         }
-        let count = batch.len();
-        let (reply, answer) = tokio::sync::oneshot::channel();
-        let sent = self
+        let mut instances = self
             .inner
-            .jobs
-            .send(Job {
-                batch,
-                start,
-                span: tracing::Span::current(),
-                reply,
-            })
-            .await;
-        match sent {
-            Ok(()) => match answer.await {
-                Ok(results) => results,
-                Err(_) => unavailable(count, Vec::new()),
-            },
-            Err(async_channel::SendError(job)) => unavailable(count, job.batch),
+            .idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop()
+            .unwrap_or_default();
+        instances.retain(|id, _| set.contains(*id));
+        let run = worker::run_chain(
+            &self.inner.host,
+            &set,
+            &mut instances,
+            batch,
+            start.as_deref(),
+        );
+        match std::panic::AssertUnwindSafe(run).catch_unwind().await {
+            Ok(results) => {
+                self.inner
+                    .idle
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(instances);
+                results
+            }
+            Err(_) => {
+                // A bug on the host side, not in a plugin: fail this batch, and let its
+                // instances go (the next batch builds new ones).
+                tracing::error!(
+                    "the plugin host panicked; the batch fails and its instances are rebuilt"
+                );
+                (0..count).map(|_| InputResult::default()).collect()
+            }
         }
     }
 
-    /// Stops the workers after the queued batches, and waits for them.
+    /// Refuses batches from now on (the gateway is stopping), and lets the idle
+    /// instances go.
     pub fn stop(&self) {
-        self.inner.jobs.close();
-        let handles =
-            std::mem::take(&mut *self.inner.workers.lock().unwrap_or_else(|p| p.into_inner()));
-        for handle in handles {
-            let _ = handle.join();
-        }
+        self.inner.stopped.store(true, Ordering::Relaxed);
+        self.inner
+            .idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 }
 

@@ -1,10 +1,9 @@
-//! Plugin worker threads: each owns one instance (store) per plugin, reused across
-//! batches, and runs the chain over the batches it takes from the queue.
+//! Running the chain: instances (one store per plugin), reused across batches, and the
+//! calls with their failure handling.
 
 use std::collections::HashMap;
 use std::time::Instant;
 
-use arc_swap::ArcSwap;
 use wasmtime::Store;
 
 use crate::message::Message;
@@ -13,7 +12,7 @@ use crate::plugin::bindings::transform::Transform;
 use crate::plugin::bindings::{Decision, Destination as WitDestination, Outcome};
 use crate::plugin::host::{Host, HostState, memory_limit_hit};
 use crate::plugin::{
-    FailureKind, InputResult, Job, LoadedPlugin, Output, PartFailure, PluginSet, RouterChoice,
+    FailureKind, InputResult, LoadedPlugin, Output, PartFailure, PluginSet, RouterChoice,
 };
 use crate::route::Destination;
 
@@ -27,22 +26,30 @@ pub enum Instance {
 
 impl Instance {
     /// Instantiates `plugin` in a fresh store and runs its `init`.
-    pub fn new(host: &Host, plugin: &LoadedPlugin) -> Result<Instance, String> {
+    pub async fn new(host: &Host, plugin: &LoadedPlugin) -> Result<Instance, String> {
         let mut store = host.new_store(plugin.stats.clone());
         let instance = match &plugin.prepared {
             crate::plugin::host::Prepared::Transform(pre) => {
-                let bindings = pre.instantiate(&mut store).map_err(|e| format!("{e:#}"))?;
+                let bindings = pre
+                    .instantiate_async(&mut store)
+                    .await
+                    .map_err(|e| format!("{e:#}"))?;
                 let init = bindings
                     .sluice_plugin_transformer()
-                    .call_init(&mut store, &plugin.config);
+                    .call_init(&mut store, &plugin.config)
+                    .await;
                 init.map_err(|e| format!("init trapped: {e:#}"))??;
                 Instance::Transform(store, bindings)
             }
             crate::plugin::host::Prepared::Router(pre) => {
-                let bindings = pre.instantiate(&mut store).map_err(|e| format!("{e:#}"))?;
+                let bindings = pre
+                    .instantiate_async(&mut store)
+                    .await
+                    .map_err(|e| format!("{e:#}"))?;
                 let init = bindings
                     .sluice_plugin_routing()
-                    .call_init(&mut store, &plugin.config);
+                    .call_init(&mut store, &plugin.config)
+                    .await;
                 init.map_err(|e| format!("init trapped: {e:#}"))??;
                 Instance::Router(store, bindings)
             }
@@ -51,46 +58,9 @@ impl Instance {
     }
 }
 
-/// A worker's loop: takes batches until the queue closes.
-pub(super) fn run(host: &Host, set: &ArcSwap<PluginSet>, queue: async_channel::Receiver<Job>) {
-    let mut instances: HashMap<u64, Instance> = HashMap::new();
-    while let Ok(job) = queue.recv_blocking() {
-        // In-flight batches finish on the set they started with; a reload only shows in
-        // the next batch, when instances of versions no longer active are dropped.
-        let current = set.load_full();
-        instances.retain(|id, _| current.contains(*id));
-        let count = job.batch.len();
-        // The request's span: plugin log records carry its request id.
-        let span = job.span;
-        let run = std::panic::AssertUnwindSafe(|| {
-            let _entered = span.enter();
-            run_chain(
-                host,
-                &current,
-                &mut instances,
-                job.batch,
-                job.start.as_deref(),
-            )
-        });
-        let results = match std::panic::catch_unwind(run) {
-            Ok(results) => results,
-            Err(_) => {
-                // A bug on the host side, not in a plugin: fail this batch, start the
-                // instances afresh, and keep the worker alive for the next one.
-                tracing::error!(
-                    "a plugin worker panicked; its batch fails and its instances are rebuilt"
-                );
-                instances.clear();
-                (0..count).map(|_| InputResult::default()).collect()
-            }
-        };
-        let _ = job.reply.send(results);
-    }
-}
-
 /// Runs every transform, then the router, over one batch; with `start`, from the plugin
 /// of that name on (the whole chain if no active plugin has that name).
-pub fn run_chain(
+pub async fn run_chain(
     host: &Host,
     set: &PluginSet,
     instances: &mut HashMap<u64, Instance>,
@@ -117,7 +87,7 @@ pub fn run_chain(
         if messages.is_empty() {
             break;
         }
-        match call_transform(host, plugin, instances, &messages) {
+        match call_transform(host, plugin, instances, &messages).await {
             Ok(outcomes) => {
                 (messages, origins) =
                     apply_outcomes(plugin, messages, origins, outcomes, &mut results);
@@ -130,7 +100,7 @@ pub fn run_chain(
     }
     let choices = match &set.router {
         Some(router) if !messages.is_empty() => {
-            match call_router(host, router, instances, &messages) {
+            match call_router(host, router, instances, &messages).await {
                 Ok(decisions) => {
                     router.stats.metrics.routed.inc_by(decisions.len() as u64);
                     decisions
@@ -158,14 +128,14 @@ type CallError = (FailureKind, String);
 
 /// Takes the plugin's instance out of the cache (creating it if needed) for one call; it
 /// goes back only if the call succeeded, so a failed instance is rebuilt next time.
-fn take_instance(
+async fn take_instance(
     host: &Host,
     plugin: &LoadedPlugin,
     instances: &mut HashMap<u64, Instance>,
 ) -> Result<Instance, CallError> {
     match instances.remove(&plugin.id) {
         Some(instance) => Ok(instance),
-        None => Instance::new(host, plugin).map_err(|reason| {
+        None => Instance::new(host, plugin).await.map_err(|reason| {
             (
                 FailureKind::Unavailable,
                 format!("plugin `{}` cannot start: {reason}", plugin.name),
@@ -174,13 +144,14 @@ fn take_instance(
     }
 }
 
-fn call_transform(
+async fn call_transform(
     host: &Host,
     plugin: &LoadedPlugin,
     instances: &mut HashMap<u64, Instance>,
     messages: &[Message],
 ) -> Result<Vec<Outcome>, CallError> {
-    let Instance::Transform(mut store, bindings) = take_instance(host, plugin, instances)? else {
+    let Instance::Transform(mut store, bindings) = take_instance(host, plugin, instances).await?
+    else {
         return Err((
             FailureKind::Unavailable,
             format!("plugin `{}` is not a transform", plugin.name),
@@ -190,7 +161,8 @@ fn call_transform(
     let started = Instant::now();
     let outcomes = bindings
         .sluice_plugin_transformer()
-        .call_transform(&mut store, messages);
+        .call_transform(&mut store, messages)
+        .await;
     plugin.stats.call(messages.len(), started.elapsed());
     let outcomes = outcomes.map_err(|error| classify(host, &store, plugin, error))?;
     if outcomes.len() != messages.len() {
@@ -200,13 +172,14 @@ fn call_transform(
     Ok(outcomes)
 }
 
-fn call_router(
+async fn call_router(
     host: &Host,
     plugin: &LoadedPlugin,
     instances: &mut HashMap<u64, Instance>,
     messages: &[Message],
 ) -> Result<Vec<Decision>, CallError> {
-    let Instance::Router(mut store, bindings) = take_instance(host, plugin, instances)? else {
+    let Instance::Router(mut store, bindings) = take_instance(host, plugin, instances).await?
+    else {
         return Err((
             FailureKind::Unavailable,
             format!("plugin `{}` is not a router", plugin.name),
@@ -216,7 +189,8 @@ fn call_router(
     let started = Instant::now();
     let decisions = bindings
         .sluice_plugin_routing()
-        .call_route(&mut store, messages);
+        .call_route(&mut store, messages)
+        .await;
     plugin.stats.call(messages.len(), started.elapsed());
     let decisions = decisions.map_err(|error| classify(host, &store, plugin, error))?;
     if decisions.len() != messages.len() {
@@ -383,8 +357,8 @@ fn choice(plugin: &str, decision: Decision) -> RouterChoice {
     }
 }
 
-/// Runs the chain in the calling thread with instances of its own: the offline loop of
-/// `sluice plugin run`, and the benchmarks.
+/// Runs the chain in the calling thread, outside any async runtime, with instances of
+/// its own: the offline loop of `sluice plugin run`, and the benchmarks.
 #[derive(Default)]
 pub struct LocalRunner {
     /// This runner's own instances, by plugin load id.
@@ -399,6 +373,13 @@ impl LocalRunner {
         batch: Vec<Message>,
     ) -> Vec<InputResult> {
         let set = plugins.current();
-        run_chain(&plugins.inner.host, &set, &mut self.instances, batch, None)
+        // Nothing a plugin can call waits on I/O, so the calls finish on this thread.
+        futures_executor::block_on(run_chain(
+            &plugins.inner.host,
+            &set,
+            &mut self.instances,
+            batch,
+            None,
+        ))
     }
 }
