@@ -7,8 +7,11 @@
 #                   reads the body and answers 204: the reference way to serve HTTP with
 #                   WebAssembly;
 #   sluice          the real gateway with its whole path: bearer-token authentication, the
-#                   policy, the json-enricher and topic-router plugins, the durable spool,
-#                   the local sink.
+#                   policy, one plugin (json-enricher), the routing rules, the durable
+#                   spool, the local sink: issue 6's configuration for its targets ("with
+#                   one plugin in the path");
+#   sluice-2p       the same with a second plugin, the topic-router plugin deciding each
+#                   message's destination (bench-baselines only).
 #
 # Each listens on a free loopback port. Every request of every server carries the same
 # `Authorization` header, and is driven by the same sluice-load command.
@@ -138,14 +141,22 @@ start_wasmtime_serve() {
 bench_secret=bench-secret-0123456789abcdef0123456789abcdef
 
 # Starts the gateway on an empty data directory (compiled plugins are cached across
-# starts). $1: extra lines for [routing]; $2: extra TOML tables. Sets $sluice_url,
-# $sluice_pid and $token (a device token for the Authorization header of every server).
+# starts). $1: extra lines for [routing]; $2: extra TOML tables. SLUICE_INSTANCE=sluice-2p
+# adds the router plugin. Sets $sluice_url, $sluice_pid and $token (a device token for
+# the Authorization header of every server), and $url_sluice or $url_sluice_2p.
 start_sluice() {
-    rm -rf "$work/data"
-    cat >"$work/sluice.toml" <<TOML
+    local name=${SLUICE_INSTANCE:-sluice} router=
+    if [[ $name == sluice-2p ]]; then
+        router="[plugins.router]
+name = \"router\"
+path = \"$SLUICE_PLUGIN_DIR/topic_router.wasm\"
+config = { kinesis_prefixes = \"telemetry/\" }"
+    fi
+    rm -rf "$work/data-$name"
+    cat >"$work/$name.toml" <<TOML
 [server]
 listen = "127.0.0.1:0"
-data_dir = "$work/data"
+data_dir = "$work/data-$name"
 [auth.tokens]
 keys = [{ id = "bench", secret = "$bench_secret" }]
 [[policy.grants]]
@@ -157,35 +168,35 @@ cache_dir = "$work/plugin-cache"
 [[plugins.transform]]
 name = "enricher"
 path = "$SLUICE_PLUGIN_DIR/json_enricher.wasm"
-[plugins.router]
-name = "router"
-path = "$SLUICE_PLUGIN_DIR/topic_router.wasm"
-config = { kinesis_prefixes = "telemetry/" }
+$router
 [routing]
 default_destination = "local"
 ${1:-}
 ${2:-}
 TOML
-    token=$("$bin/sluice" token issue --config "$work/sluice.toml" --device bench-device --ttl 12h)
+    token=$("$bin/sluice" token issue --config "$work/$name.toml" --device bench-device --ttl 12h)
     # Emptied here, not only by the redirection below: that happens in the background, and
     # until it has, the loop would read the previous gateway's address.
-    : >"$work/sluice.out"
-    "$bin/sluice" run --config "$work/sluice.toml" >"$work/sluice.out" 2>"$work/sluice.err" &
+    : >"$work/$name.out"
+    "$bin/sluice" run --config "$work/$name.toml" >"$work/$name.out" 2>"$work/$name.err" &
     sluice_pid=$!
     sluice_url=
     for _ in $(seq 600); do
-        sluice_url=$(sed -n 's/^sluice: listening on //p' "$work/sluice.out")
-        [[ -n $sluice_url ]] && return 0
-        kill -0 "$sluice_pid" 2>/dev/null || die "sluice exited: $(cat "$work/sluice.err")"
+        sluice_url=$(sed -n 's/^sluice: listening on //p' "$work/$name.out")
+        if [[ -n $sluice_url ]]; then
+            printf -v "url_${name//-/_}" '%s' "$sluice_url"
+            return 0
+        fi
+        kill -0 "$sluice_pid" 2>/dev/null || die "sluice exited: $(cat "$work/$name.err")"
         sleep 0.1
     done
-    die "sluice did not start: $(cat "$work/sluice.err")"
+    die "sluice did not start: $(cat "$work/$name.err")"
 }
 
 stop_sluice() {
     kill -TERM "$sluice_pid" 2>/dev/null || true
     wait "$sluice_pid" 2>/dev/null || true
-    rm -rf "$work/data"
+    rm -rf "$work/data-${SLUICE_INSTANCE:-sluice}"
 }
 
 # The URL of server $1 (nginx, wasmtime-serve or sluice).
@@ -193,7 +204,8 @@ server_url() {
     case $1 in
         nginx) echo "$nginx_url" ;;
         wasmtime-serve) echo "$wasmtime_url" ;;
-        sluice) echo "$sluice_url" ;;
+        sluice) echo "$url_sluice" ;;
+        sluice-2p) echo "$url_sluice_2p" ;;
         *) die "no server $1" ;;
     esac
 }

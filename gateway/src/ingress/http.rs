@@ -132,11 +132,11 @@ async fn with_request_id(
             !value.is_empty() && value.len() <= 128 && value.bytes().all(|b| b.is_ascii_graphic())
         })
         .map_or_else(new_id, str::to_string);
+    // Few fields: the text and JSON log layers format a span's fields when it opens,
+    // on every request.
     let span = tracing::info_span!(
         "request",
         request_id = %id,
-        method = %request.method(),
-        path = %request.uri().path(),
         message_id = tracing::field::Empty,
     );
     let mut response = tracing::Instrument::instrument(next.run(request), span).await;

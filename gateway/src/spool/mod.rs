@@ -78,6 +78,11 @@ const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead-let
 /// Most requests one commit takes; the rest wait for the next.
 const MAX_GROUP: usize = 4_096;
 
+/// How long a commit may wait for more changes when the last one carried several (see
+/// `write_loop`): short next to an fsync's latency, long enough for concurrent requests
+/// to join.
+const GROUP_LINGER: std::time::Duration = std::time::Duration::from_micros(200);
+
 /// Why the spool refused a write.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum SpoolError {
@@ -526,9 +531,23 @@ impl Spool {
 
 /// The writer thread: one transaction and one commit per group of waiting changes.
 fn write_loop(shared: &Shared, mut next_seq: u64, queue: &mpsc::Receiver<Op>) {
+    let mut last_group = 0;
     while let Ok(first) = queue.recv() {
         let mut ops = vec![first];
         ops.extend(queue.try_iter().take(MAX_GROUP - 1));
+        // Under concurrent load (the last commit carried several changes), wait a moment
+        // for more before paying for an fsync: fewer fsyncs leave more CPU for requests.
+        // A lone writer (one device, one request at a time) never waits.
+        if last_group > 1 && ops.len() < last_group && ops[0].change.durable() {
+            let until = std::time::Instant::now() + GROUP_LINGER;
+            while ops.len() < last_group.min(MAX_GROUP) {
+                match queue.recv_timeout(until.saturating_duration_since(std::time::Instant::now())) {
+                    Ok(op) => ops.push(op),
+                    Err(_) => break,
+                }
+            }
+        }
+        last_group = ops.len();
         match apply(shared, &mut next_seq, &ops) {
             Ok(mut outcome) => {
                 // Records go to memory before anyone is told about them: a delivery
