@@ -541,7 +541,8 @@ fn write_loop(shared: &Shared, mut next_seq: u64, queue: &mpsc::Receiver<Op>) {
         if last_group > 1 && ops.len() < last_group && ops[0].change.durable() {
             let until = std::time::Instant::now() + GROUP_LINGER;
             while ops.len() < last_group.min(MAX_GROUP) {
-                match queue.recv_timeout(until.saturating_duration_since(std::time::Instant::now())) {
+                match queue.recv_timeout(until.saturating_duration_since(std::time::Instant::now()))
+                {
                     Ok(op) => ops.push(op),
                     Err(_) => break,
                 }
