@@ -23,6 +23,8 @@
 //!   `201` with its hash; `422 plugin_invalid` (nothing changed) when it is refused.
 //! - `POST /admin/plugins/{name}/activate` with `{"hash": H}` (a stored version) or
 //!   `{"configured": true}` (the configured file again). Activations outlive restarts.
+//! - `DELETE /admin/plugins/{name}/versions/{hash}`: deletes a stored version (`409
+//!   version_active` for the one serving).
 //! - `POST /admin/reload`: reads the configuration file again (like `SIGHUP`), see
 //!   [`crate::reconfigure`]; `422 invalid_config` (nothing changed) when it is refused.
 //!
@@ -121,6 +123,10 @@ fn router(parts: Parts, token: String) -> axum::Router {
             post(upload).layer(axum::extract::DefaultBodyLimit::max(MAX_COMPONENT_BYTES)),
         )
         .route("/admin/plugins/{name}/activate", post(activate))
+        .route(
+            "/admin/plugins/{name}/versions/{hash}",
+            axum::routing::delete(delete_version),
+        )
         .route("/admin/reload", post(reload))
         .layer(axum::middleware::from_fn_with_state(
             state.clone(),
@@ -457,11 +463,13 @@ fn plugin_error(error: crate::plugin::AdminError) -> Response {
     use crate::plugin::AdminError;
     let status = match &error {
         AdminError::UnknownPlugin(_) | AdminError::UnknownVersion { .. } => StatusCode::NOT_FOUND,
+        AdminError::Active { .. } => StatusCode::CONFLICT,
         AdminError::UnusableName(_) | AdminError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
         AdminError::NoStore | AdminError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
     let code = match &error {
         AdminError::UnknownPlugin(_) | AdminError::UnknownVersion { .. } => "not_found",
+        AdminError::Active { .. } => "version_active",
         AdminError::UnusableName(_) | AdminError::Invalid(_) => "plugin_invalid",
         AdminError::NoStore | AdminError::Storage(_) => "storage_unavailable",
     };
@@ -539,10 +547,33 @@ async fn activate(
     }
 }
 
+/// `DELETE /admin/plugins/{name}/versions/{hash}`.
+async fn delete_version(
+    State(state): State<AdminState>,
+    Path((name, hash)): Path<(String, String)>,
+) -> Response {
+    let plugins = state.pipeline.plugins().clone();
+    let done = tokio::task::spawn_blocking(move || plugins.delete_version(&name, &hash)).await;
+    match done {
+        Ok(Ok(())) => StatusCode::NO_CONTENT.into_response(),
+        Ok(Err(e)) => plugin_error(e),
+        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    }
+}
+
 /// `POST /admin/reload`.
 async fn reload(State(state): State<AdminState>) -> Response {
     use crate::reconfigure::ReloadError;
-    match state.reloader.reload().await {
+    // In its own task: a client that hangs up must not cut a reload in half.
+    let reloader = state.reloader.clone();
+    let Ok(done) = tokio::spawn(async move { reloader.reload().await }).await else {
+        return error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "the reload task failed",
+        );
+    };
+    match done {
         Ok(report) => Json(report).into_response(),
         Err(e @ ReloadError::NoFile) => {
             error(StatusCode::CONFLICT, "no_config_file", e.to_string())

@@ -88,6 +88,13 @@ pub enum AdminCommand {
         #[arg(long)]
         no_activate: bool,
     },
+    /// Delete an uploaded version (not the one serving).
+    DeleteVersion {
+        /// The plugin's configured name.
+        name: String,
+        /// The version's hash (from `sluice admin plugins --json`).
+        hash: String,
+    },
     /// Make an uploaded version serve, or the configured file again.
     Activate {
         /// The plugin's configured name.
@@ -220,6 +227,15 @@ pub fn run_admin(target: AdminTarget, command: AdminCommand) -> anyhow::Result<(
                 .query(&[("activate", (!no_activate).to_string())])
                 .body(bytes);
             print(client.send(request)?)
+        }
+        AdminCommand::DeleteVersion { name, hash } => {
+            client.send(
+                client
+                    .http
+                    .delete(format!("{base}/admin/plugins/{name}/versions/{hash}")),
+            )?;
+            println!("deleted version {hash} of plugin {name}");
+            Ok(())
         }
         AdminCommand::Activate { name, hash, .. } => {
             // clap requires --hash or --configured, never both.

@@ -263,7 +263,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             command: ConfigCommand::Check { config },
         } => {
             let loaded = Config::load(&config)?;
-            let plugins = sluice_gateway::plugin::Plugins::start(&loaded)?;
+            let plugins = sluice_gateway::plugin::Plugins::check(&loaded)?;
             let count = plugins.current().all().count();
             plugins.stop();
             println!("{}: OK ({count} plugin(s) loaded)", config.display());

@@ -10,7 +10,7 @@
 //! Live sections: `[plugins]` chain (`transform`, `router`, their configuration,
 //! `on_failure`), `[routing]`, `spool.durability`, `[auth]`, `[policy]`, `[limits]`,
 //! `[websocket]` (for new sessions), and the certificate, key and CAs of
-//! `[server.tls]` / `[auth.mtls]` (for new connections). The rest (addresses, the data
+//! `[server.tls]` / `[auth.mtls]`, read again on every reload (for new connections). The rest (addresses, the data
 //! directory, the spool's size, the sinks, AWS, the admin listener, the downlink, the
 //! plugin host's workers and limits, turning TLS on or off) is only read at start: a
 //! reload that changes it applies the live sections and lists the others under
@@ -252,7 +252,7 @@ fn split(running: &Config, new: &Config) -> (Config, Vec<String>) {
         != new.auth.as_ref().is_some_and(|a| a.mtls.is_some());
     note(
         mtls_switch,
-        "auth.mtls (turning client certificates on or off)",
+        "auth (turning client certificates on or off; the whole [auth] change waits)",
     );
 
     let mut effective = new.clone();
@@ -278,8 +278,10 @@ fn split(running: &Config, new: &Config) -> (Config, Vec<String>) {
     effective.sinks = running.sinks.clone();
     effective.admin = running.admin.clone();
     effective.downlink = running.downlink.clone();
-    if mtls_switch && let Some(auth) = effective.auth.as_mut() {
-        auth.mtls = running.auth.as_ref().and_then(|a| a.mtls.clone());
+    if mtls_switch {
+        // The whole `[auth]` section waits with it: half of it (tokens without the
+        // certificates they were configured with, or the reverse) could lock devices out.
+        effective.auth.clone_from(&running.auth);
     }
     (effective, restart)
 }

@@ -207,6 +207,39 @@ fn uploaded_plugin_versions_are_validated_then_activated_and_survive_restarts() 
         json!({"hash": "00ff"}).to_string(),
     );
     assert_eq!(unknown.status, 404, "{:?}", unknown.body);
+
+    // Stored versions can be deleted, but not the one serving.
+    let delete = |hash: &str| {
+        reqwest::blocking::Client::new()
+            .delete(format!(
+                "{}/admin/plugins/chain/versions/{hash}",
+                gateway.admin
+            ))
+            .bearer_auth(crate::harness::ADMIN_TOKEN)
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    let activated = gateway.admin_post(
+        "/admin/plugins/chain/activate",
+        json!({"hash": misbehave_hash}).to_string(),
+    );
+    assert_eq!(activated.status, 200);
+    assert_eq!(delete(&misbehave_hash), 409, "the serving version stays");
+    let back = gateway.admin_post(
+        "/admin/plugins/chain/activate",
+        json!({"configured": true}).to_string(),
+    );
+    assert_eq!(back.status, 200);
+    assert_eq!(delete(&misbehave_hash), 204);
+    assert_eq!(delete(&misbehave_hash), 404);
+    assert!(
+        plugin_entry(&gateway, "chain")["versions"]
+            .as_array()
+            .unwrap()
+            .is_empty()
+    );
     assert_eq!(gateway.publish("t", "dev-1", "fail").status, 200);
 
     // The same through the command line.
@@ -234,9 +267,19 @@ fn uploaded_plugin_versions_are_validated_then_activated_and_survive_restarts() 
     let (code, _, err) = admin(&["activate", "chain", "--configured"]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(gateway.publish("t", "dev-1", "fail").status, 200);
+    let (code, _, err) = admin(&["delete-version", "chain", &misbehave_hash]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = admin(&["delete-version", "chain", &misbehave_hash]);
+    assert_eq!(code, 1);
+    assert!(err.contains("not_found"), "{err}");
     let (code, out, err) = admin(&["reload"]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("restart_required"), "{out}");
+    let report: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        report["applied"],
+        json!([]),
+        "nothing changed in the file: {out}"
+    );
     let (code, _, err) = admin(&["upload", "chain", "/nonexistent.wasm"]);
     assert_eq!(code, 1);
     assert!(err.contains("/nonexistent.wasm"), "{err}");
@@ -348,6 +391,18 @@ fn config_reload_applies_live_sections_without_dropping_connections() {
                 "[sinks.iot_core]\ntransport = \"mqtt\"\n",
             ),
             "an invalid section",
+        ),
+        (
+            // Valid on paper, with a policy change too, but the plugin's init refuses
+            // its configuration: found only when loading, after the device side is built.
+            base(
+                &grant("a", "a/#"),
+                &format!(
+                    "[[plugins.transform]]\nname = \"enrich\"\npath = \"{}\"\nconfig = {{ on_invalid = \"explode\" }}\n",
+                    plugin("json_enricher").display()
+                ),
+            ),
+            "a plugin whose init refuses",
         ),
     ] {
         write(broken);

@@ -128,7 +128,10 @@ impl TokenKeys {
         if verified.len() >= VERIFIED_CACHE_MAX {
             verified.clear();
         }
-        verified.insert(token.to_string(), (identity.clone(), exp + LEEWAY_SECS));
+        verified.insert(
+            token.to_string(),
+            (identity.clone(), exp.saturating_add(LEEWAY_SECS)),
+        );
         Ok(identity)
     }
 

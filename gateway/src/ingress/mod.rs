@@ -72,10 +72,15 @@ impl Live {
     pub fn prepare(&self, old: &Config, new: &Config) -> anyhow::Result<DeviceUpdate> {
         let tls_changed = old.server.tls != new.server.tls
             || old.auth.as_ref().map(|a| &a.mtls) != new.auth.as_ref().map(|a| &a.mtls);
-        let tls = match (&new.server.tls, tls_changed) {
-            (Some(tls), true) => Some(Arc::new(tls_acceptor(tls, new.auth.as_ref())?)),
-            _ => None,
-        };
+        // Read again on every reload, changed or not: certificates are usually rotated by
+        // writing new files under the same names. (Whether tokens are accepted besides
+        // client certificates is part of the acceptor too.)
+        let tls = new
+            .server
+            .tls
+            .as_ref()
+            .map(|tls| tls_acceptor(tls, new.auth.as_ref()).map(Arc::new))
+            .transpose()?;
         let current = self.rules.load_full();
         let mut changed = Vec::new();
         for (differs, name) in [

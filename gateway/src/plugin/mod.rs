@@ -304,6 +304,17 @@ pub enum AdminError {
     /// This host keeps no versions.
     #[error("this gateway keeps no uploaded versions")]
     NoStore,
+    /// The version serves now; activate another one first.
+    #[error(
+        "version {hash} of plugin `{name}` is active: activate another version (or the \
+         configured file) first"
+    )]
+    Active {
+        /// The plugin.
+        name: String,
+        /// The version.
+        hash: String,
+    },
     /// The version failed validation; nothing changed.
     #[error(transparent)]
     Invalid(#[from] PluginError),
@@ -359,6 +370,15 @@ impl Plugins {
         let host = Plugins::make_host(config, workers, capacity)?;
         let versions = Versions::new(config.server.data_dir.join("plugins"));
         Plugins::with_host(host, &entries, workers, capacity, Some(versions))
+    }
+
+    /// Loads the configured plugins from their configured files only (uploaded versions
+    /// and their activations are left alone): `sluice config check`.
+    pub fn check(config: &Config) -> Result<Plugins, PluginError> {
+        let entries = configured_entries(config);
+        let capacity = entries.len().max(1);
+        let host = Plugins::make_host(config, 1, capacity)?;
+        Plugins::with_host(host, &entries, 1, capacity, None)
     }
 
     /// A host running just one plugin file, of whichever kind it is (for `sluice plugin
@@ -441,7 +461,15 @@ impl Plugins {
             return (entry.path.clone(), Source::Configured);
         };
         match versions.activations().remove(&entry.name) {
-            Some(active) if active.configured == entry.path => {
+            Some(active) if active.configured != entry.path => {
+                // The configuration now names another file: that ends the activation.
+                tracing::info!(plugin = %entry.name, "the configured file changed; the uploaded version no longer serves");
+                if let Err(error) = versions.set_activation(&entry.name, None) {
+                    tracing::warn!(plugin = %entry.name, %error, "cannot record the end of the activation");
+                }
+                (entry.path.clone(), Source::Configured)
+            }
+            Some(active) => {
                 let file = versions.file(&entry.name, &active.hash);
                 if file.is_file() {
                     (file, Source::Uploaded)
@@ -542,6 +570,23 @@ impl Plugins {
         Ok(plugin)
     }
 
+    /// Makes `next` the active set, and lets the idle instance sets drop their instances
+    /// of versions no longer in it (they would otherwise hold pool slots and memory until
+    /// their set is lent again).
+    fn install(&self, next: PluginSet) {
+        self.inner.set.store(Arc::new(next));
+        let current = self.current();
+        for instances in self
+            .inner
+            .idle
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter_mut()
+        {
+            instances.retain(|id, _| current.contains(*id));
+        }
+    }
+
     fn lock_changes(&self) -> std::sync::MutexGuard<'_, ()> {
         self.inner
             .changing
@@ -572,7 +617,7 @@ impl Plugins {
             *slot = loaded;
         }
         if !reloaded.is_empty() {
-            self.inner.set.store(Arc::new(next));
+            self.install(next);
         }
         Ok(reloaded)
     }
@@ -602,7 +647,7 @@ impl Plugins {
             .collect();
         let changed = current.all().map(|p| p.id).ne(next.all().map(|p| p.id));
         if changed {
-            self.inner.set.store(Arc::new(next));
+            self.install(next);
         }
         Ok((loaded, removed))
     }
@@ -652,6 +697,9 @@ impl Plugins {
     /// configured file again; validated like an upload first.
     pub fn activate(&self, name: &str, hash: Option<&str>) -> Result<VersionReport, AdminError> {
         let versions = self.inner.versions.as_ref().ok_or(AdminError::NoStore)?;
+        // Held from loading to swapping: a file reload in between would otherwise be
+        // overwritten by what was loaded before it.
+        let changing = self.lock_changes();
         let current = self.current();
         let plugin = current
             .find(name)
@@ -679,13 +727,23 @@ impl Plugins {
             hash: loaded.hash.clone(),
             active: true,
         };
-        self.swap_in(loaded, versions)?;
+        self.swap_in_locked(&changing, loaded, versions)?;
         Ok(report)
     }
 
     /// Puts `loaded` in place of the plugin of the same name and records the activation.
     fn swap_in(&self, loaded: Arc<LoadedPlugin>, versions: &Versions) -> Result<(), AdminError> {
-        let _changing = self.lock_changes();
+        let changing = self.lock_changes();
+        self.swap_in_locked(&changing, loaded, versions)
+    }
+
+    /// [`Plugins::swap_in`] with the change lock already held.
+    fn swap_in_locked(
+        &self,
+        _changing: &std::sync::MutexGuard<'_, ()>,
+        loaded: Arc<LoadedPlugin>,
+        versions: &Versions,
+    ) -> Result<(), AdminError> {
         let current = self.current();
         let mut next = PluginSet {
             transforms: current.transforms.clone(),
@@ -708,8 +766,41 @@ impl Plugins {
         versions.set_activation(&loaded.name, activation)?;
         tracing::info!(plugin = %loaded.name, old = %&slot.hash[..12], new = %&loaded.hash[..12], source = ?loaded.source, "plugin version activated");
         *slot = loaded;
-        self.inner.set.store(Arc::new(next));
+        self.install(next);
         Ok(())
+    }
+
+    /// Deletes the uploaded version `hash` of plugin `name`; the version serving now (or
+    /// recorded as active) cannot be deleted.
+    pub fn delete_version(&self, name: &str, hash: &str) -> Result<(), AdminError> {
+        let versions = self.inner.versions.as_ref().ok_or(AdminError::NoStore)?;
+        let _changing = self.lock_changes();
+        let unknown = || AdminError::UnknownVersion {
+            name: name.to_string(),
+            hash: hash.to_string(),
+        };
+        if !versions::usable_name(name) || !hash.chars().all(|c| c.is_ascii_hexdigit()) {
+            return Err(unknown());
+        }
+        let serving = self
+            .current()
+            .find(name)
+            .is_some_and(|plugin| plugin.source == Source::Uploaded && plugin.hash == hash);
+        let recorded = versions
+            .activations()
+            .get(name)
+            .is_some_and(|active| active.hash == hash);
+        if serving || recorded {
+            return Err(AdminError::Active {
+                name: name.to_string(),
+                hash: hash.to_string(),
+            });
+        }
+        match std::fs::remove_file(versions.file(name, hash)) {
+            Ok(()) => Ok(()),
+            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Err(unknown()),
+            Err(error) => Err(error.into()),
+        }
     }
 
     /// The uploaded versions of plugin `name`.

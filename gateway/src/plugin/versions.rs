@@ -42,6 +42,7 @@ pub struct Versions {
 pub fn usable_name(name: &str) -> bool {
     !name.is_empty()
         && !name.starts_with('.')
+        && name != "active.json"
         && name
             .chars()
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
@@ -191,7 +192,7 @@ mod tests {
     #[test]
     fn only_plain_names_get_folders() {
         assert!(usable_name("json-enricher_2.v1"));
-        for bad in ["", "..", ".hidden", "a/b", "a\\b", "naïve"] {
+        for bad in ["", "..", ".hidden", "a/b", "a\\b", "naïve", "active.json"] {
             assert!(!usable_name(bad), "{bad}");
         }
     }

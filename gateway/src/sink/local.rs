@@ -148,11 +148,25 @@ pub fn json_line(record: &Record) -> String {
 }
 
 /// The payload as JSON text to embed verbatim in a line: valid JSON on one line.
+///
+/// Checking the syntax (`IgnoredAny`) is enough for most payloads, but it lets through
+/// two things a full parse refuses: `\u` escapes of lone surrogates and numbers out of
+/// `f64`'s range. Payloads that could hold either (any `\u`, or a digit followed by an
+/// exponent) take the full parse instead.
 fn embeddable_json(payload: &[u8]) -> Option<&str> {
-    let text = std::str::from_utf8(payload).ok()?.trim();
+    let text = std::str::from_utf8(payload)
+        .ok()?
+        .trim_matches(|c| matches!(c, ' ' | '\t' | '\n' | '\r'));
     // Inside JSON strings line breaks are escaped; outside they are whitespace that
     // would split the line.
-    if text.is_empty() || text.contains(['\n', '\r']) {
+    if text.is_empty() || text.contains(['\n', '\r']) || text.contains("\\u") {
+        return None;
+    }
+    let exponent = text
+        .as_bytes()
+        .windows(2)
+        .any(|w| w[0].is_ascii_digit() && matches!(w[1], b'e' | b'E'));
+    if exponent {
         return None;
     }
     serde_json::from_str::<serde::de::IgnoredAny>(text).ok()?;
@@ -260,7 +274,7 @@ mod tests {
 
     #[test]
     fn a_line_is_one_json_object_with_the_payload_in_its_best_form() {
-        let cases: [(&[u8], &str, serde_json::Value); 6] = [
+        let cases: [(&[u8], &str, serde_json::Value); 10] = [
             (
                 br#"{"t": 21.5, "n": [1, 2]}"#,
                 "payload",
@@ -279,6 +293,22 @@ mod tests {
                 serde_json::json!("{\"cut\": "),
             ),
             (&[0xff, 0x00], "payload_base64", serde_json::json!("/wA=")),
+            (
+                br#"{"big": 1e999}"#,
+                "payload_text",
+                serde_json::json!(r#"{"big": 1e999}"#),
+            ),
+            (
+                br#""\ud800""#,
+                "payload_text",
+                serde_json::json!(r#""\ud800""#),
+            ),
+            (
+                br#"{"e": 2.5e3}"#,
+                "payload",
+                serde_json::json!({"e": 2500.0}),
+            ),
+            (b"\xc2\xa07", "payload_text", serde_json::json!("\u{a0}7")),
         ];
         for (payload, field, expected) in cases {
             let line = json_line(&record(payload, "", &[]));

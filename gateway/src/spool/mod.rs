@@ -548,7 +548,9 @@ fn write_loop(shared: &Shared, mut next_seq: u64, queue: &mpsc::Receiver<Op>) {
                 }
             }
         }
-        last_group = ops.len();
+        // Only changes that need the fsync count: a delivery's deletions riding along do
+        // not make a lone writer look concurrent.
+        last_group = ops.iter().filter(|op| op.change.durable()).count();
         match apply(shared, &mut next_seq, &ops) {
             Ok(mut outcome) => {
                 // Records go to memory before anyone is told about them: a delivery
