@@ -41,6 +41,8 @@ enum LogFormat {
 enum Command {
     /// Run the gateway. Without --config: the embedded default (plain HTTP on
     /// 127.0.0.1:8080, no plugins, the spool and the local sink under ./sluice-data).
+    /// SIGHUP reads the configuration file again (like `sluice admin reload`); SIGTERM
+    /// or Ctrl-C stops it cleanly.
     Run {
         /// Configuration file (TOML).
         #[arg(long, short, env = "SLUICE_CONFIG")]
