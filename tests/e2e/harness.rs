@@ -243,7 +243,11 @@ impl Gateway {
         let Ok(text) = std::fs::read_to_string(path) else {
             return Vec::new();
         };
-        text.lines()
+        // With traffic still flowing, the writer may be in the middle of a line: a line
+        // is complete once its newline is written (a reader can catch a flush half done).
+        let complete = &text[..text.rfind('\n').map_or(0, |end| end + 1)];
+        complete
+            .lines()
             .map(|line| serde_json::from_str(line).expect("sink line is JSON"))
             .collect()
     }
