@@ -499,11 +499,24 @@ async fn upload(
     }
     let plugins = state.pipeline.plugins().clone();
     let activate = params.activate.unwrap_or(true);
-    let done = tokio::task::spawn_blocking(move || plugins.upload(&name, &body, activate)).await;
-    match done {
-        Ok(Ok(report)) => (StatusCode::CREATED, Json(report)).into_response(),
-        Ok(Err(e)) => plugin_error(e),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    match plugin_task(move || plugins.upload(&name, &body, activate)).await {
+        Ok(report) => (StatusCode::CREATED, Json(report)).into_response(),
+        Err(response) => response,
+    }
+}
+
+/// Runs a plugin operation (it compiles and initialises components, so off the runtime
+/// threads); its error as the API's answer.
+async fn plugin_task<T: Send + 'static>(
+    operation: impl FnOnce() -> Result<T, crate::plugin::AdminError> + Send + 'static,
+) -> Result<T, Response> {
+    match tokio::task::spawn_blocking(operation).await {
+        Ok(result) => result.map_err(plugin_error),
+        Err(e) => Err(error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            e.to_string(),
+        )),
     }
 }
 
@@ -539,11 +552,9 @@ async fn activate(
         }
     };
     let plugins = state.pipeline.plugins().clone();
-    let done = tokio::task::spawn_blocking(move || plugins.activate(&name, hash.as_deref())).await;
-    match done {
-        Ok(Ok(report)) => Json(report).into_response(),
-        Ok(Err(e)) => plugin_error(e),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    match plugin_task(move || plugins.activate(&name, hash.as_deref())).await {
+        Ok(report) => Json(report).into_response(),
+        Err(response) => response,
     }
 }
 
@@ -553,11 +564,9 @@ async fn delete_version(
     Path((name, hash)): Path<(String, String)>,
 ) -> Response {
     let plugins = state.pipeline.plugins().clone();
-    let done = tokio::task::spawn_blocking(move || plugins.delete_version(&name, &hash)).await;
-    match done {
-        Ok(Ok(())) => StatusCode::NO_CONTENT.into_response(),
-        Ok(Err(e)) => plugin_error(e),
-        Err(e) => error(StatusCode::INTERNAL_SERVER_ERROR, "internal", e.to_string()),
+    match plugin_task(move || plugins.delete_version(&name, &hash)).await {
+        Ok(()) => StatusCode::NO_CONTENT.into_response(),
+        Err(response) => response,
     }
 }
 

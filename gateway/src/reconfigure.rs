@@ -195,65 +195,65 @@ impl Reloader {
 /// of `new`, the rest of `running`; with the names of the settings that differ but wait
 /// for a restart.
 fn split(running: &Config, new: &Config) -> (Config, Vec<String>) {
-    let mut restart = Vec::new();
-    let mut note = |changed: bool, name: &str| {
-        if changed {
-            restart.push(name.to_string());
-        }
-    };
     let (old_server, new_server) = (&running.server, &new.server);
-    note(old_server.listen != new_server.listen, "server.listen");
-    note(
-        old_server.data_dir != new_server.data_dir,
-        "server.data_dir",
-    );
-    note(
-        old_server.shutdown_grace_ms != new_server.shutdown_grace_ms,
-        "server.shutdown_grace_ms",
-    );
-    let tls_switch = old_server.tls.is_some() != new_server.tls.is_some();
-    note(tls_switch, "server.tls (turning TLS on or off)");
     let (old_plugins, new_plugins) = (&running.plugins, &new.plugins);
-    note(
-        old_plugins.workers != new_plugins.workers,
-        "plugins.workers",
-    );
-    note(
-        old_plugins.call_timeout_ms != new_plugins.call_timeout_ms,
-        "plugins.call_timeout_ms",
-    );
-    note(
-        old_plugins.memory_limit_mib != new_plugins.memory_limit_mib,
-        "plugins.memory_limit_mib",
-    );
-    note(
-        old_plugins.hot_reload != new_plugins.hot_reload,
-        "plugins.hot_reload",
-    );
-    note(
-        old_plugins.cache_dir != new_plugins.cache_dir,
-        "plugins.cache_dir",
-    );
-    note(
-        running.spool.max_bytes_per_sink != new.spool.max_bytes_per_sink,
-        "spool.max_bytes_per_sink",
-    );
-    note(
-        running.spool.best_effort_max_in_flight != new.spool.best_effort_max_in_flight,
-        "spool.best_effort_max_in_flight",
-    );
-    note(running.aws != new.aws, "aws");
-    note(running.sinks != new.sinks, "sinks");
-    note(running.admin != new.admin, "admin");
-    note(running.downlink != new.downlink, "downlink");
+    let tls_switch = old_server.tls.is_some() != new_server.tls.is_some();
     // mTLS on or off changes what the TLS handshake asks for, which is part of turning
     // client certificates on: that too waits for a restart.
     let mtls_switch = running.auth.as_ref().is_some_and(|a| a.mtls.is_some())
         != new.auth.as_ref().is_some_and(|a| a.mtls.is_some());
-    note(
-        mtls_switch,
-        "auth (turning client certificates on or off; the whole [auth] change waits)",
-    );
+    let restart: Vec<String> = [
+        (old_server.listen != new_server.listen, "server.listen"),
+        (
+            old_server.data_dir != new_server.data_dir,
+            "server.data_dir",
+        ),
+        (
+            old_server.shutdown_grace_ms != new_server.shutdown_grace_ms,
+            "server.shutdown_grace_ms",
+        ),
+        (tls_switch, "server.tls (turning TLS on or off)"),
+        (
+            old_plugins.workers != new_plugins.workers,
+            "plugins.workers",
+        ),
+        (
+            old_plugins.call_timeout_ms != new_plugins.call_timeout_ms,
+            "plugins.call_timeout_ms",
+        ),
+        (
+            old_plugins.memory_limit_mib != new_plugins.memory_limit_mib,
+            "plugins.memory_limit_mib",
+        ),
+        (
+            old_plugins.hot_reload != new_plugins.hot_reload,
+            "plugins.hot_reload",
+        ),
+        (
+            old_plugins.cache_dir != new_plugins.cache_dir,
+            "plugins.cache_dir",
+        ),
+        (
+            running.spool.max_bytes_per_sink != new.spool.max_bytes_per_sink,
+            "spool.max_bytes_per_sink",
+        ),
+        (
+            running.spool.best_effort_max_in_flight != new.spool.best_effort_max_in_flight,
+            "spool.best_effort_max_in_flight",
+        ),
+        (running.aws != new.aws, "aws"),
+        (running.sinks != new.sinks, "sinks"),
+        (running.admin != new.admin, "admin"),
+        (running.downlink != new.downlink, "downlink"),
+        (
+            mtls_switch,
+            "auth (turning client certificates on or off; the whole [auth] change waits)",
+        ),
+    ]
+    .into_iter()
+    .filter(|(changed, _)| *changed)
+    .map(|(_, name)| name.to_string())
+    .collect();
 
     let mut effective = new.clone();
     effective.server = crate::config::ServerConfig {

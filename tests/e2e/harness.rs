@@ -114,18 +114,7 @@ impl Gateway {
 
     /// `GET` on the admin API.
     pub fn admin_get(&self, path: &str) -> Value {
-        let response = self
-            .client
-            .get(format!("{}{path}", self.admin))
-            .bearer_auth(ADMIN_TOKEN)
-            .send()
-            .expect("admin request");
-        assert!(
-            response.status().is_success(),
-            "{path}: {}",
-            response.status()
-        );
-        response.json().expect("admin JSON")
+        serde_json::from_str(&self.admin_text(path)).expect("admin JSON")
     }
 
     /// `GET` on the admin API, as text (for `/metrics`).

@@ -46,6 +46,15 @@ fn sample(metrics: &str, name_and_labels: &str) -> Option<f64> {
     })
 }
 
+/// Opens a WebSocket session as `dev-ws` and reads its welcome.
+async fn open_session(gateway: &Gateway) -> wsclient::Socket {
+    let mut socket = wsclient::connect(gateway, "dev-ws", "sluice.v1")
+        .await
+        .unwrap();
+    assert_eq!(next_json(&mut socket).await["type"], "welcome");
+    socket
+}
+
 /// Sends one publish frame on a session and returns the gateway's answer frame.
 async fn ws_publish(socket: &mut wsclient::Socket, id: &str, topic: &str) -> Value {
     use futures_util::SinkExt as _;
@@ -77,13 +86,7 @@ fn uploaded_plugin_versions_are_validated_then_activated_and_survive_restarts() 
     assert_eq!(before["kind"], "transform");
 
     let rt = wsclient::runtime();
-    let mut session = rt.block_on(async {
-        let mut socket = wsclient::connect(&gateway, "dev-ws", "sluice.v1")
-            .await
-            .unwrap();
-        assert_eq!(next_json(&mut socket).await["type"], "welcome");
-        socket
-    });
+    let mut session = rt.block_on(open_session(&gateway));
     assert_eq!(gateway.publish("t", "dev-1", "fail").status, 200);
 
     // Refused uploads change nothing.
@@ -323,13 +326,7 @@ fn config_reload_applies_live_sections_without_dropping_connections() {
             .as_u16()
     };
     let rt = wsclient::runtime();
-    let mut session = rt.block_on(async {
-        let mut socket = wsclient::connect(&gateway, "dev-ws", "sluice.v1")
-            .await
-            .unwrap();
-        assert_eq!(next_json(&mut socket).await["type"], "welcome");
-        socket
-    });
+    let mut session = rt.block_on(open_session(&gateway));
     assert_eq!(post("a/1"), 200);
     assert_eq!(post("b/1"), 403);
     let denied = rt.block_on(ws_publish(&mut session, "b-before", "b/1"));
