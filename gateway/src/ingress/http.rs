@@ -359,7 +359,9 @@ async fn publish(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let identity = authenticate(&state, peer.as_deref(), &headers)?;
+    // One snapshot for the whole request: a reload meanwhile applies to the next one.
+    let rules = state.rules();
+    let identity = authenticate(&rules, peer.as_deref(), &headers)?;
     let Query(params) = params.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
     validate_publish_topic(&topic)
         .map_err(|why| ApiError::BadRequest(format!("topic `{topic}`: {why}")))?;
@@ -374,7 +376,7 @@ async fn publish(
     let limit = state.pipeline.max_payload_bytes();
     let payload = read_body(&headers, body, limit, "payload", "the record limit").await?;
     check_policy(
-        &state,
+        &rules,
         &identity,
         [topic.as_str()],
         1,
@@ -500,9 +502,9 @@ async fn batch(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let identity = authenticate(&state, peer.as_deref(), &headers)?;
-    let device = identity.device_id.clone();
     let rules = state.rules();
+    let identity = authenticate(&rules, peer.as_deref(), &headers)?;
+    let device = identity.device_id.clone();
     let max_bytes = rules.max_batch_bytes;
     let body = read_body(
         &headers,
@@ -558,7 +560,7 @@ async fn batch(
     let total: usize = messages.iter().map(|m| m.payload.len()).sum();
     let largest = messages.iter().map(|m| m.payload.len()).max().unwrap_or(0);
     check_policy(
-        &state,
+        &rules,
         &identity,
         messages.iter().map(|m| m.topic.as_str()),
         messages.len(),
@@ -640,7 +642,7 @@ async fn poll_commands(
     params: Result<Query<PollParams>, axum::extract::rejection::QueryRejection>,
     headers: HeaderMap,
 ) -> Result<Response, ApiError> {
-    let identity = authenticate(&state, peer.as_deref(), &headers)?;
+    let identity = authenticate(&state.rules(), peer.as_deref(), &headers)?;
     let Query(params) = params.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
     let downlink = state.downlink.as_ref().ok_or_else(|| {
         ApiError::BadRequest("commands to devices are not configured ([downlink])".to_string())
@@ -672,7 +674,7 @@ async fn reply_command(
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
-    let identity = authenticate(&state, peer.as_deref(), &headers)?;
+    let identity = authenticate(&state.rules(), peer.as_deref(), &headers)?;
     let downlink = state.downlink.as_ref().ok_or_else(|| {
         ApiError::BadRequest("commands to devices are not configured ([downlink])".to_string())
     })?;
@@ -697,30 +699,30 @@ async fn reply_command(
 
 /// Who sent the request (see [`crate::auth`]).
 pub(crate) fn authenticate(
-    state: &AppState,
+    rules: &DeviceRules,
     peer: Option<&PeerIdentity>,
     headers: &HeaderMap,
 ) -> Result<Identity, ApiError> {
-    let auth = state.rules().auth.clone();
-    auth.authenticate(peer, headers)
+    rules
+        .auth
+        .authenticate(peer, headers)
         .map_err(|error| match error {
             // Without [auth], a bad x-device-id is a malformed request, not a credential.
-            AuthError::BadDeviceId(why) if !auth.required() => ApiError::BadRequest(why),
+            AuthError::BadDeviceId(why) if !rules.auth.required() => ApiError::BadRequest(why),
             other => ApiError::Unauthorized(other),
         })
 }
 
 /// The device policy, before any plugin runs.
 pub(crate) fn check_policy<'a>(
-    state: &AppState,
+    rules: &DeviceRules,
     identity: &Identity,
     topics: impl IntoIterator<Item = &'a str>,
     count: usize,
     bytes: usize,
     largest: usize,
 ) -> Result<(), ApiError> {
-    state
-        .rules()
+    rules
         .policy
         .check_publish(identity, topics, count, bytes, largest)
         .map_err(|refusal| match refusal {

@@ -132,7 +132,8 @@ pub async fn upgrade(
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
-    let identity = authenticate(&state, peer.as_deref(), &headers)?;
+    let rules = state.rules();
+    let identity = authenticate(&rules, peer.as_deref(), &headers)?;
     let offered = headers
         .get(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
         .and_then(|v| v.to_str().ok());
@@ -143,7 +144,7 @@ pub async fn upgrade(
             "the WebSocket subprotocol must be `{SUBPROTOCOL}`, offered `{offered}`"
         )));
     }
-    let max = state.rules().websocket.max_frame_bytes;
+    let max = rules.websocket.max_frame_bytes;
     Ok(ws
         // Small buffers: an idle session should cost little (tungstenite's defaults are
         // 128 KiB each way); they grow for large frames up to max_frame_bytes.
@@ -462,7 +463,7 @@ async fn handle(state: &AppState, identity: &Identity, publish: Publish) -> Repl
         );
     }
     if let Err(error) = check_policy(
-        state,
+        &state.rules(),
         identity,
         [topic.as_str()],
         1,

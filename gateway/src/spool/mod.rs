@@ -365,30 +365,15 @@ impl Spool {
         max_records: usize,
         max_bytes: usize,
     ) -> Result<Vec<(u64, Record)>, SpoolError> {
-        let recent = &self.shared.recent[sink.index()];
-        {
-            let mut recent = recent.lock().unwrap_or_else(|p| p.into_inner());
-            if !recent.spilled && recent.covered_from <= from {
-                while recent.entries.front().is_some_and(|(seq, _)| *seq < from) {
-                    recent.entries.pop_front();
-                }
-                let mut out = Vec::new();
-                let mut size = 0;
-                while let Some((_, record)) = recent.entries.front() {
-                    let len = record.message.payload.len();
-                    if !out.is_empty() && (out.len() >= max_records || size + len > max_bytes) {
-                        break;
-                    }
-                    size += len;
-                    out.extend(recent.entries.pop_front());
-                }
-                return Ok(out);
-            }
+        if let Some(window) = self.take_recent(sink, from, max_records, max_bytes) {
+            return Ok(window);
         }
         let (window, reached_end) = self.read_disk(sink, from, max_records, max_bytes)?;
         if reached_end {
             // Caught up with the disk: from here on, what the writer commits is in memory.
-            let mut recent = recent.lock().unwrap_or_else(|p| p.into_inner());
+            let mut recent = self.shared.recent[sink.index()]
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
             if recent.spilled {
                 recent.spilled = false;
                 recent.entries.clear();
@@ -396,6 +381,37 @@ impl Spool {
             }
         }
         Ok(window)
+    }
+
+    /// Like [`Spool::take`], from memory only: `None` when memory cannot vouch for the
+    /// range and the disk must be read. Never blocks on I/O.
+    pub fn take_recent(
+        &self,
+        sink: SinkId,
+        from: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> Option<Vec<(u64, Record)>> {
+        let mut recent = self.shared.recent[sink.index()]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if recent.spilled || recent.covered_from > from {
+            return None;
+        }
+        while recent.entries.front().is_some_and(|(seq, _)| *seq < from) {
+            recent.entries.pop_front();
+        }
+        let mut out = Vec::new();
+        let mut size = 0;
+        while let Some((_, record)) = recent.entries.front() {
+            let len = record.message.payload.len();
+            if !out.is_empty() && (out.len() >= max_records || size + len > max_bytes) {
+                break;
+            }
+            size += len;
+            out.extend(recent.entries.pop_front());
+        }
+        Some(out)
     }
 
     /// Up to `max_records` records (and about `max_bytes`) queued for `sink` on disk,
