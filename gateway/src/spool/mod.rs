@@ -1,16 +1,24 @@
 //! The spool: routed records are written here, durably, before the device is
 //! acknowledged, and stay until their sink confirms them. Dead letters live here too.
 //!
-//! Storage is [`redb`], an embedded, crash-safe B-tree store with copy-on-write commits:
-//! one file, `spool.redb`, in the data directory, one table per sink (`queue/kinesis`,
-//! `queue/iot-core`, `queue/local`) keyed by a sequence number, and `dead-letters`.
+//! Storage, in the data directory:
+//! - `queue/`: the sinks' queues, an append-only log of segment files ([`log`]), each
+//!   record under a sequence number;
+//! - `spool.redb`: the dead letters, in [`redb`], an embedded, crash-safe B-tree store
+//!   (keyed by sequence numbers from the same counter), where they can be listed, read
+//!   and removed one by one. Spools written before the queue log kept the queues here
+//!   too; opening one moves those records to the log.
 //!
 //! **Group commit.** One writer thread owns every change. It takes all the requests
-//! waiting, applies them in one write transaction and commits once, so one `fsync`
-//! covers every request that arrived while the previous commit was on disk; only then
-//! does it answer them. Deletions after delivery commit without `fsync`
-//! ([`redb::Durability::None`]); they become durable with the next append. A crash can
-//! only undo deletions, so records are delivered again, never lost.
+//! waiting and writes them at once, so one `fsync` covers every request that arrived
+//! while the previous one was on disk; only then does it answer them. Deliveries are
+//! appended without an `fsync`; they become durable with the next append. A crash can
+//! only undo deliveries, so records are delivered again, never lost.
+//!
+//! **Additions before removals.** A change can touch both stores (a sink refuses a record
+//! for good: the record leaves its queue, a dead letter takes its place; a redrive: the
+//! reverse). New records and dead letters are on disk before anything they replace is
+//! removed, so a crash in between leaves a message twice, never nowhere.
 //!
 //! **Bounded.** Each sink's queue holds at most `spool.max_bytes_per_sink` bytes of
 //! records; a request that would go over is refused whole ([`SpoolError::Full`]), and
@@ -20,13 +28,14 @@
 
 pub mod codec;
 pub mod deliver;
+mod log;
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
 use redb::{
-    Database, Durability, ReadableDatabase as _, ReadableTable as _, ReadableTableMetadata as _,
+    Database, ReadableDatabase as _, ReadableTable as _, ReadableTableMetadata as _,
     TableDefinition,
 };
 use serde::Serialize;
@@ -64,7 +73,8 @@ impl SinkId {
         self as usize
     }
 
-    fn table(self) -> TableDefinition<'static, u64, &'static [u8]> {
+    /// The sink's queue table in spools written before the queue log.
+    fn legacy_table(self) -> TableDefinition<'static, u64, &'static [u8]> {
         match self {
             SinkId::Kinesis => TableDefinition::new("queue/kinesis"),
             SinkId::IotCore => TableDefinition::new("queue/iot-core"),
@@ -207,6 +217,8 @@ pub struct QueueStats {
 
 struct Shared {
     db: Database,
+    /// Where each queued record is in the queue log.
+    index: Mutex<log::Index>,
     records: [AtomicU64; 3],
     bytes: [AtomicU64; 3],
     dead_letters: AtomicU64,
@@ -234,9 +246,13 @@ pub struct Spool {
 }
 
 impl Spool {
-    /// Opens (creating if needed) `spool.redb` under `dir`, counts what it holds, and
-    /// starts the writer.
+    /// Opens (creating if needed) the spool under `dir`, counts what it holds, and starts
+    /// the writer.
     pub fn open(dir: &Path, max_bytes_per_sink: u64) -> anyhow::Result<Spool> {
+        Spool::open_with(dir, max_bytes_per_sink, log::SEGMENT_BYTES)
+    }
+
+    fn open_with(dir: &Path, max_bytes_per_sink: u64, segment_bytes: u64) -> anyhow::Result<Spool> {
         use anyhow::Context as _;
         let path = dir.join("spool.redb");
         let db = Database::builder().create(&path).map_err(|error| match error {
@@ -246,28 +262,37 @@ impl Spool {
             ),
             other => anyhow::anyhow!("cannot open the spool {}: {other}", path.display()),
         })?;
-        let txn = db.begin_write().context("spool: begin")?;
         let mut next_seq = 1u64;
-        let mut records = [0u64; 3];
-        let mut bytes = [0u64; 3];
         let dead_letters;
         {
-            for sink in SinkId::ALL {
-                let table = txn.open_table(sink.table()).context("spool: open table")?;
-                for entry in table.iter().context("spool: scan")? {
-                    let (key, value) = entry.context("spool: scan")?;
-                    records[sink.index()] += 1;
-                    bytes[sink.index()] += value.value().len() as u64;
-                    next_seq = next_seq.max(key.value() + 1);
+            let txn = db.begin_write().context("spool: begin")?;
+            {
+                let dead = txn.open_table(DEAD_LETTERS).context("spool: open table")?;
+                dead_letters = dead.len().context("spool: count")?;
+                if let Some(last) = dead.last().context("spool: scan")? {
+                    next_seq = last.0.value() + 1;
                 }
             }
-            let dead = txn.open_table(DEAD_LETTERS).context("spool: open table")?;
-            dead_letters = dead.len().context("spool: count")?;
-            if let Some(last) = dead.last().context("spool: scan")? {
-                next_seq = next_seq.max(last.0.value() + 1);
+            txn.commit().context("spool: commit")?;
+        }
+        let legacy = legacy_records(&db)?;
+        if let Some((_, seq, _)) = legacy.iter().max_by_key(|(_, seq, _)| *seq) {
+            next_seq = next_seq.max(seq + 1);
+        }
+        let opened = log::Log::open(&dir.join("queue"), segment_bytes, next_seq)?;
+        let (mut log, index) = (opened.log, Mutex::new(opened.index));
+        let next_seq = opened.next_seq;
+        if !legacy.is_empty() {
+            move_legacy_records(&db, &mut log, &index, next_seq, &legacy)?;
+        }
+        let mut records = [0u64; 3];
+        let mut bytes = [0u64; 3];
+        {
+            let index = index.lock().unwrap_or_else(|p| p.into_inner());
+            for sink in SinkId::ALL {
+                (records[sink.index()], bytes[sink.index()]) = index.totals(sink);
             }
         }
-        txn.commit().context("spool: commit")?;
         if records.iter().any(|&n| n > 0) {
             tracing::info!(
                 kinesis = records[0],
@@ -283,6 +308,7 @@ impl Spool {
         ];
         let shared = Arc::new(Shared {
             db,
+            index,
             records: records.map(AtomicU64::new),
             bytes: bytes.map(AtomicU64::new),
             dead_letters: AtomicU64::new(dead_letters),
@@ -307,7 +333,7 @@ impl Spool {
         let writer_shared = shared.clone();
         let writer = std::thread::Builder::new()
             .name("sluice-spool".to_string())
-            .spawn(move || write_loop(&writer_shared, next_seq, &queue))?;
+            .spawn(move || write_loop(&writer_shared, log, next_seq, &queue))?;
         Ok(Spool {
             shared,
             ops: Mutex::new(Some(ops)),
@@ -424,29 +450,27 @@ impl Spool {
         max_records: usize,
         max_bytes: usize,
     ) -> Result<(Vec<(u64, Record)>, bool), SpoolError> {
-        let storage = |e: &dyn std::fmt::Display| SpoolError::Storage(e.to_string());
-        let txn = self.shared.db.begin_read().map_err(|e| storage(&e))?;
-        let table = txn.open_table(sink.table()).map_err(|e| storage(&e))?;
-        let mut out = Vec::new();
-        let mut size = 0usize;
-        for entry in table.range(from..).map_err(|e| storage(&e))? {
-            let (key, value) = entry.map_err(|e| storage(&e))?;
-            let bytes = value.value();
-            if !out.is_empty() && (out.len() >= max_records || size + bytes.len() > max_bytes) {
-                return Ok((out, false));
-            }
-            size += bytes.len();
-            match codec::decode_record(bytes) {
-                Ok(record) => out.push((key.value(), record)),
+        let (window, reached_end) = self
+            .shared
+            .index
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .window(sink, from, max_records, max_bytes);
+        let mut out = Vec::with_capacity(window.len());
+        for (seq, loc, file) in window {
+            let record = log::read_record(&file, seq, loc)
+                .and_then(|bytes| codec::decode_record(&bytes).map_err(|e| e.to_string()));
+            match record {
+                Ok(record) => out.push((seq, record)),
                 Err(error) => tracing::error!(
                     sink = sink.name(),
-                    seq = key.value(),
+                    seq,
                     %error,
-                    "a spooled record cannot be decoded; left in the spool"
+                    "a spooled record cannot be read; left in the spool"
                 ),
             }
         }
-        Ok((out, true))
+        Ok((out, reached_end))
     }
 
     /// Dead letters with keys from `from` on, at most `limit`, oldest first.
@@ -488,11 +512,12 @@ impl Spool {
         let shared = &self.shared;
         // Read before the queues, so that `oldest > last_seq` means "all of it delivered".
         let last_seq = shared.last_seq.load(Ordering::Acquire);
-        let read = shared.db.begin_read().ok();
         let oldest = |sink: SinkId| -> Option<u64> {
-            let table = read.as_ref()?.open_table(sink.table()).ok()?;
-            let first = table.first().ok()??;
-            Some(first.0.value())
+            shared
+                .index
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .oldest(sink)
         };
         SpoolStats {
             queues: SinkId::ALL
@@ -545,8 +570,8 @@ impl Spool {
     }
 }
 
-/// The writer thread: one transaction and one commit per group of waiting changes.
-fn write_loop(shared: &Shared, mut next_seq: u64, queue: &mpsc::Receiver<Op>) {
+/// The writer thread: one write (and `fsync`) per group of waiting changes.
+fn write_loop(shared: &Shared, mut log: log::Log, mut next_seq: u64, queue: &mpsc::Receiver<Op>) {
     let mut last_group = 0;
     while let Ok(first) = queue.recv() {
         let mut ops = vec![first];
@@ -567,62 +592,53 @@ fn write_loop(shared: &Shared, mut next_seq: u64, queue: &mpsc::Receiver<Op>) {
         // Only changes that need the fsync count: a delivery's deletions riding along do
         // not make a lone writer look concurrent.
         last_group = ops.iter().filter(|op| op.change.durable()).count();
-        match apply(shared, &mut next_seq, &ops) {
-            Ok(mut outcome) => {
-                // Records go to memory before anyone is told about them: a delivery
-                // task woken by `appended` must find them there.
-                let mut replies = Vec::with_capacity(ops.len());
-                {
-                    let mut recent = shared
-                        .recent
-                        .each_ref()
-                        .map(|r| r.lock().unwrap_or_else(|p| p.into_inner()));
-                    let mut seqs = std::mem::take(&mut outcome.seqs).into_iter();
-                    for (op, result) in ops.into_iter().zip(outcome.results) {
-                        if result.is_ok() {
-                            let queued = op.change.queued.into_iter().zip(&mut seqs);
-                            for ((sink, _, record), seq) in queued {
-                                remember(&mut recent[sink.index()], seq, record);
-                            }
-                        }
-                        replies.push((op.reply, result));
+        let outcome = apply(shared, &mut log, &mut next_seq, &ops);
+        if let Some(error) = &outcome.error {
+            tracing::error!(%error, "spool commit failed");
+        }
+        // Records go to memory before anyone is told about them: a delivery task woken by
+        // `appended` must find them there.
+        let mut replies = Vec::with_capacity(ops.len());
+        {
+            let mut recent = shared
+                .recent
+                .each_ref()
+                .map(|r| r.lock().unwrap_or_else(|p| p.into_inner()));
+            let mut seqs = outcome.seqs.into_iter();
+            let done = outcome.results.into_iter().zip(outcome.written);
+            for (op, (result, written)) in ops.into_iter().zip(done) {
+                if written {
+                    let queued = op.change.queued.into_iter().zip(&mut seqs);
+                    for ((sink, _, record), seq) in queued {
+                        remember(&mut recent[sink.index()], seq, record);
                     }
                 }
-                shared.commits.fetch_add(1, Ordering::Relaxed);
-                shared.last_seq.store(next_seq - 1, Ordering::Release);
-                if outcome.durable {
-                    shared.durable_commits.fetch_add(1, Ordering::Relaxed);
-                }
-                for sink in SinkId::ALL {
-                    let i = sink.index();
-                    add_signed(&shared.records[i], outcome.records[i]);
-                    add_signed(&shared.bytes[i], outcome.bytes[i]);
-                    if let Some(seq) = outcome.last_seq[i] {
-                        shared.appended[i].send_replace(seq);
-                    }
-                    // Room again once a tenth of the queue has drained.
-                    let bytes = shared.bytes[i].load(Ordering::Relaxed);
-                    if bytes < shared.limit - shared.limit / 10
-                        && shared.full[i].swap(false, Ordering::Relaxed)
-                    {
-                        tracing::info!(
-                            sink = sink.name(),
-                            bytes,
-                            "spool has room again; accepting"
-                        );
-                    }
-                }
-                add_signed(&shared.dead_letters, outcome.dead_letters);
-                for (reply, result) in replies {
-                    let _ = reply.send(result);
-                }
+                replies.push((op.reply, result));
             }
-            Err(error) => {
-                tracing::error!(%error, "spool commit failed");
-                for op in ops {
-                    let _ = op.reply.send(Err(SpoolError::Storage(error.clone())));
-                }
+        }
+        shared.commits.fetch_add(1, Ordering::Relaxed);
+        shared.last_seq.store(next_seq - 1, Ordering::Release);
+        if outcome.durable {
+            shared.durable_commits.fetch_add(1, Ordering::Relaxed);
+        }
+        for sink in SinkId::ALL {
+            let i = sink.index();
+            add_signed(&shared.records[i], outcome.records[i]);
+            add_signed(&shared.bytes[i], outcome.bytes[i]);
+            if let Some(seq) = outcome.last_seq[i] {
+                shared.appended[i].send_replace(seq);
             }
+            // Room again once a tenth of the queue has drained.
+            let bytes = shared.bytes[i].load(Ordering::Relaxed);
+            if bytes < shared.limit - shared.limit / 10
+                && shared.full[i].swap(false, Ordering::Relaxed)
+            {
+                tracing::info!(sink = sink.name(), bytes, "spool has room again; accepting");
+            }
+        }
+        add_signed(&shared.dead_letters, outcome.dead_letters);
+        for (reply, result) in replies {
+            let _ = reply.send(result);
         }
     }
 }
@@ -651,109 +667,258 @@ fn add_signed(counter: &AtomicU64, delta: i64) {
 }
 
 /// What one group commit did.
+#[derive(Default)]
 struct Outcome {
+    /// Per change: its answer.
     results: Vec<Result<(), SpoolError>>,
+    /// Per change: its records are in the queue log (even if another part of it failed,
+    /// they will be delivered).
+    written: Vec<bool>,
+    /// Something was `fsync`ed.
     durable: bool,
     records: [i64; 3],
     bytes: [i64; 3],
     dead_letters: i64,
     last_seq: [Option<u64>; 3],
-    /// The sequence numbers given to queued records, in order, for accepted changes.
+    /// The sequence numbers given to written records, in order.
     seqs: Vec<u64>,
+    /// What failed, for the log.
+    error: Option<String>,
 }
 
-fn apply(shared: &Shared, next_seq: &mut u64, ops: &[Op]) -> Result<Outcome, String> {
-    let durable = ops.iter().any(|op| op.change.durable());
-    let mut txn = shared.db.begin_write().map_err(|e| e.to_string())?;
-    txn.set_durability(if durable {
-        Durability::Immediate
-    } else {
-        Durability::None
-    })
-    .map_err(|e| e.to_string())?;
-    let mut outcome = Outcome {
-        results: Vec::with_capacity(ops.len()),
-        durable,
-        records: [0; 3],
-        bytes: [0; 3],
-        dead_letters: 0,
-        last_seq: [None; 3],
-        seqs: Vec::new(),
-    };
-    // Sequence numbers handed out in a failed commit are skipped, never reused.
+impl Outcome {
+    /// Nothing of `changes` changes was written.
+    fn failed(changes: usize, error: String) -> Outcome {
+        Outcome {
+            results: vec![Err(SpoolError::Storage(error.clone())); changes],
+            written: vec![false; changes],
+            error: Some(error),
+            ..Outcome::default()
+        }
+    }
+}
+
+/// Applies a group of changes: records (and deliveries, unless dead letters come with
+/// the group) in one write to the queue log, `fsync`ed if it adds records; then dead
+/// letters in one redb transaction; then the deliveries held back for them.
+fn apply(shared: &Shared, log: &mut log::Log, next_seq: &mut u64, ops: &[Op]) -> Outcome {
+    if let Err(error) = log.begin(&shared.index, *next_seq) {
+        return Outcome::failed(ops.len(), error.to_string());
+    }
+    // A delivery that dead-letters records is written only once its dead letters are on
+    // disk; so are the other deliveries of the group, to keep one order.
+    let deliveries_last = ops.iter().any(|op| !op.change.dead.is_empty());
+    let mut results = Vec::with_capacity(ops.len());
+    let mut accepted = vec![false; ops.len()];
+    let mut staged = Vec::new();
+    let mut adding = [0i64; 3];
+    let mut dead_added: Vec<(u64, &[u8])> = Vec::new();
+    let mut dead_removed: Vec<u64> = Vec::new();
     let mut seq = *next_seq;
+    for (n, op) in ops.iter().enumerate() {
+        let change = &op.change;
+        let mut more = [0i64; 3];
+        for (sink, bytes, _) in &change.queued {
+            more[sink.index()] += bytes.len() as i64;
+        }
+        let full = SinkId::ALL.into_iter().find(|sink| {
+            let i = sink.index();
+            let queued = shared.bytes[i].load(Ordering::Relaxed) as i64 + adding[i];
+            more[i] > 0 && (queued + more[i]) as u64 > shared.limit
+        });
+        if let Some(sink) = full {
+            let i = sink.index();
+            shared.refused_full.fetch_add(1, Ordering::Relaxed);
+            if !shared.full[i].swap(true, Ordering::Relaxed) {
+                tracing::warn!(
+                    sink = sink.name(),
+                    limit = shared.limit,
+                    "spool full: refusing messages for this sink with 503 until it drains"
+                );
+            }
+            results.push(Err(SpoolError::Full {
+                sink: sink.name(),
+                bytes: (shared.bytes[i].load(Ordering::Relaxed) as i64 + adding[i]) as u64,
+                limit: shared.limit,
+            }));
+            continue;
+        }
+        accepted[n] = true;
+        results.push(Ok(()));
+        for (sink, bytes, _) in &change.queued {
+            adding[sink.index()] += bytes.len() as i64;
+            staged.push((*sink, seq, log.stage_record(*sink, seq, bytes)));
+            seq += 1;
+        }
+        for bytes in &change.dead {
+            dead_added.push((seq, bytes.as_slice()));
+            seq += 1;
+        }
+        dead_removed.extend(&change.remove_dead);
+        if !deliveries_last && let Some((sink, seqs)) = &change.delivered {
+            log.stage_delivery(*sink, seqs);
+        }
+    }
+    let adds_records = !staged.is_empty();
+    if let Err(error) = log.write(adds_records) {
+        return Outcome::failed(ops.len(), error.to_string());
+    }
+    *next_seq = seq;
+    let mut outcome = Outcome {
+        written: accepted.clone(),
+        durable: adds_records,
+        ..Outcome::default()
+    };
     {
-        let e = |e: redb::TableError| e.to_string();
-        let mut queues = [
-            txn.open_table(SinkId::Kinesis.table()).map_err(e)?,
-            txn.open_table(SinkId::IotCore.table()).map_err(e)?,
-            txn.open_table(SinkId::Local.table()).map_err(e)?,
-        ];
-        let mut dead = txn.open_table(DEAD_LETTERS).map_err(e)?;
-        let s = |e: redb::StorageError| e.to_string();
-        for op in ops {
-            let change = &op.change;
-            let mut adding = [0i64; 3];
-            for (sink, bytes, _) in &change.queued {
-                adding[sink.index()] += bytes.len() as i64;
+        let mut index = shared.index.lock().unwrap_or_else(|p| p.into_inner());
+        for (sink, seq, loc) in staged {
+            let i = sink.index();
+            index.insert(sink, seq, loc);
+            outcome.seqs.push(seq);
+            outcome.records[i] += 1;
+            outcome.bytes[i] += loc.len() as i64;
+            outcome.last_seq[i] = Some(seq);
+        }
+    }
+    let dead_ok = if dead_added.is_empty() && dead_removed.is_empty() {
+        true
+    } else {
+        match commit_dead_letters(shared, &dead_added, &dead_removed) {
+            Ok(delta) => {
+                outcome.dead_letters = delta;
+                outcome.durable = true;
+                true
             }
-            let full = SinkId::ALL.into_iter().find(|sink| {
+            Err(error) => {
+                outcome.error = Some(error);
+                false
+            }
+        }
+    };
+    let mut deliveries_written = !deliveries_last;
+    if deliveries_last && dead_ok {
+        for (op, _) in ops.iter().zip(&accepted).filter(|(_, accepted)| **accepted) {
+            if let Some((sink, seqs)) = &op.change.delivered {
+                log.stage_delivery(*sink, seqs);
+            }
+        }
+        match log.write(false) {
+            Ok(()) => deliveries_written = true,
+            Err(error) => outcome.error = Some(error.to_string()),
+        }
+    }
+    if deliveries_written {
+        let mut index = shared.index.lock().unwrap_or_else(|p| p.into_inner());
+        for (op, _) in ops.iter().zip(&accepted).filter(|(_, accepted)| **accepted) {
+            if let Some((sink, seqs)) = &op.change.delivered {
                 let i = sink.index();
-                let queued = shared.bytes[i].load(Ordering::Relaxed) as i64 + outcome.bytes[i];
-                adding[i] > 0 && (queued + adding[i]) as u64 > shared.limit
-            });
-            if let Some(sink) = full {
-                let i = sink.index();
-                shared.refused_full.fetch_add(1, Ordering::Relaxed);
-                if !shared.full[i].swap(true, Ordering::Relaxed) {
-                    tracing::warn!(
-                        sink = sink.name(),
-                        limit = shared.limit,
-                        "spool full: refusing messages for this sink with 503 until it drains"
-                    );
-                }
-                outcome.results.push(Err(SpoolError::Full {
-                    sink: sink.name(),
-                    bytes: (shared.bytes[i].load(Ordering::Relaxed) as i64 + outcome.bytes[i])
-                        as u64,
-                    limit: shared.limit,
-                }));
-                continue;
-            }
-            for (sink, bytes, _) in &change.queued {
-                let i = sink.index();
-                queues[i].insert(seq, bytes.as_slice()).map_err(s)?;
-                outcome.seqs.push(seq);
-                outcome.records[i] += 1;
-                outcome.bytes[i] += bytes.len() as i64;
-                outcome.last_seq[i] = Some(seq);
-                seq += 1;
-            }
-            for bytes in &change.dead {
-                dead.insert(seq, bytes.as_slice()).map_err(s)?;
-                outcome.dead_letters += 1;
-                seq += 1;
-            }
-            for key in &change.remove_dead {
-                if dead.remove(key).map_err(s)?.is_some() {
-                    outcome.dead_letters -= 1;
-                }
-            }
-            if let Some((sink, seqs)) = &change.delivered {
-                let i = sink.index();
-                for key in seqs {
-                    if let Some(value) = queues[i].remove(key).map_err(s)? {
+                for &seq in seqs {
+                    if let Some(loc) = index.remove(*sink, seq) {
                         outcome.records[i] -= 1;
-                        outcome.bytes[i] -= value.value().len() as i64;
+                        outcome.bytes[i] -= loc.len() as i64;
                     }
                 }
             }
-            outcome.results.push(Ok(()));
+        }
+        log.drop_delivered(&mut index);
+    }
+    // A change fails if a part of it did not make it; its records, if written, stay.
+    for ((op, result), accepted) in ops.iter().zip(&mut results).zip(&accepted) {
+        let change = &op.change;
+        let dead_failed = !dead_ok && (!change.dead.is_empty() || !change.remove_dead.is_empty());
+        let delivery_failed = !deliveries_written && change.delivered.is_some();
+        if *accepted && (dead_failed || delivery_failed) {
+            let error = outcome.error.clone().unwrap_or_default();
+            *result = Err(SpoolError::Storage(error));
+        }
+    }
+    outcome.results = results;
+    outcome
+}
+
+/// Adds and removes dead letters in one durable redb transaction; the change in their
+/// number.
+fn commit_dead_letters(
+    shared: &Shared,
+    added: &[(u64, &[u8])],
+    removed: &[u64],
+) -> Result<i64, String> {
+    let txn = shared.db.begin_write().map_err(|e| e.to_string())?;
+    let mut delta = 0i64;
+    {
+        let mut dead = txn.open_table(DEAD_LETTERS).map_err(|e| e.to_string())?;
+        for (key, bytes) in added {
+            dead.insert(key, bytes).map_err(|e| e.to_string())?;
+            delta += 1;
+        }
+        for key in removed {
+            if dead.remove(key).map_err(|e| e.to_string())?.is_some() {
+                delta -= 1;
+            }
         }
     }
     txn.commit().map_err(|e| e.to_string())?;
-    *next_seq = seq;
-    Ok(outcome)
+    Ok(delta)
+}
+
+/// The queued records of a spool written before the queue log: `(sink, seq, bytes)`.
+fn legacy_records(db: &Database) -> anyhow::Result<Vec<(SinkId, u64, Vec<u8>)>> {
+    use anyhow::Context as _;
+    let txn = db.begin_read().context("spool: begin")?;
+    let mut out = Vec::new();
+    for sink in SinkId::ALL {
+        let table = match txn.open_table(sink.legacy_table()) {
+            Ok(table) => table,
+            Err(redb::TableError::TableDoesNotExist(_)) => continue,
+            Err(error) => return Err(error).context("spool: open table"),
+        };
+        for entry in table.iter().context("spool: scan")? {
+            let (key, value) = entry.context("spool: scan")?;
+            out.push((sink, key.value(), value.value().to_vec()));
+        }
+    }
+    Ok(out)
+}
+
+/// Moves `legacy` records into the queue log (durably), then drops redb's queue tables.
+/// A crash in between moves them again on the next start; those already in the log are
+/// skipped.
+fn move_legacy_records(
+    db: &Database,
+    log: &mut log::Log,
+    index: &Mutex<log::Index>,
+    next_seq: u64,
+    legacy: &[(SinkId, u64, Vec<u8>)],
+) -> anyhow::Result<()> {
+    use anyhow::Context as _;
+    log.begin(index, next_seq).context("spool: queue log")?;
+    let mut staged = Vec::new();
+    {
+        let index = index.lock().unwrap_or_else(|p| p.into_inner());
+        for (sink, seq, bytes) in legacy {
+            if !index.contains(*sink, *seq) {
+                staged.push((*sink, *seq, log.stage_record(*sink, *seq, bytes)));
+            }
+        }
+    }
+    log.write(true).context("spool: queue log")?;
+    {
+        let mut index = index.lock().unwrap_or_else(|p| p.into_inner());
+        for (sink, seq, loc) in staged {
+            index.insert(sink, seq, loc);
+        }
+    }
+    let txn = db.begin_write().context("spool: begin")?;
+    for sink in SinkId::ALL {
+        txn.delete_table(sink.legacy_table())
+            .context("spool: drop table")?;
+    }
+    txn.commit().context("spool: commit")?;
+    tracing::info!(
+        records = legacy.len(),
+        "moved the queued records of spool.redb to the queue log"
+    );
+    Ok(())
 }
 
 #[cfg(test)]
@@ -946,5 +1111,140 @@ mod tests {
         spool.commit(change).await.unwrap();
         assert!(spool.dead_letters(0, 10).unwrap().is_empty());
         assert_eq!(spool.stats().dead_letters, 0);
+    }
+
+    fn segments(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(dir.join("queue"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn seqs(spool: &Spool, sink: SinkId) -> Vec<u64> {
+        let window = spool.read_disk(sink, 0, 100_000, usize::MAX).unwrap().0;
+        window.into_iter().map(|(seq, _)| seq).collect()
+    }
+
+    /// A write cut short by a crash (here: half an entry, then garbage) is cut off on the
+    /// next start; everything before it is kept and new records follow it.
+    #[tokio::test]
+    async fn a_torn_tail_is_cut_and_what_came_before_kept() {
+        use std::io::Write as _;
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let mut change = Change::default();
+        change.queue(SinkId::Local, record("a", b"1"));
+        change.queue(SinkId::Local, record("b", b"2"));
+        spool.commit(change).await.unwrap();
+        spool.close();
+        drop(spool);
+        let head = dir.path().join("queue").join(&segments(dir.path())[0]);
+        let whole = std::fs::metadata(&head).unwrap().len();
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(&head)
+            .unwrap();
+        file.write_all(&[40, 0, 0, 0, 1, 2, 3, 4, 1, 2]).unwrap();
+        drop(file);
+
+        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(std::fs::metadata(&head).unwrap().len(), whole);
+        assert_eq!(spool.depth(SinkId::Local), 2);
+        let mut change = Change::default();
+        change.queue(SinkId::Local, record("c", b"3"));
+        spool.commit(change).await.unwrap();
+        spool.close();
+        drop(spool);
+        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let read = spool.read_disk(SinkId::Local, 0, 10, 1 << 20).unwrap().0;
+        let ids: Vec<&str> = read.iter().map(|(_, r)| r.message.id.as_str()).collect();
+        assert_eq!(ids, ["a", "b", "c"]);
+    }
+
+    /// Segments are cut at their size and deleted once every record in them is
+    /// delivered, in whatever order; the newest stays.
+    #[tokio::test]
+    async fn delivered_segments_are_deleted() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open_with(dir.path(), 1 << 30, 1_000).unwrap();
+        for round in 0..10 {
+            let mut change = Change::default();
+            for i in 0..5 {
+                change.queue(SinkId::Kinesis, record(&format!("k{round}.{i}"), &[7; 100]));
+                change.queue(SinkId::Local, record(&format!("l{round}.{i}"), &[7; 100]));
+            }
+            spool.commit(change).await.unwrap();
+        }
+        assert_eq!(segments(dir.path()).len(), 10, "{:?}", segments(dir.path()));
+        let kinesis = seqs(&spool, SinkId::Kinesis);
+        let local = seqs(&spool, SinkId::Local);
+        // Kinesis delivers everything, newest window first; local only its first half.
+        for window in kinesis.chunks(7).rev() {
+            spool
+                .delivered(SinkId::Kinesis, window.to_vec(), Vec::new())
+                .await
+                .unwrap();
+        }
+        spool
+            .delivered(SinkId::Local, local[..25].to_vec(), Vec::new())
+            .await
+            .unwrap();
+        // Rounds 0-4 are all delivered; rounds 5-9 hold local records; the deliveries
+        // went to a new segment, the tenth round having filled the last one.
+        assert_eq!(segments(dir.path()).len(), 6, "{:?}", segments(dir.path()));
+        spool.close();
+        drop(spool);
+
+        let spool = Spool::open_with(dir.path(), 1 << 30, 1_000).unwrap();
+        assert_eq!(spool.depth(SinkId::Kinesis), 0);
+        assert_eq!(seqs(&spool, SinkId::Local), local[25..].to_vec());
+        spool
+            .delivered(SinkId::Local, local[25..].to_vec(), Vec::new())
+            .await
+            .unwrap();
+        assert_eq!(
+            segments(dir.path()).len(),
+            1,
+            "only the newest segment is left"
+        );
+        assert_eq!(spool.stats().queues.iter().map(|q| q.bytes).sum::<u64>(), 0);
+    }
+
+    /// A spool written before the queue log kept its queues in redb: opening it moves
+    /// them to the log, in order, and new records are numbered after them.
+    #[tokio::test]
+    async fn queues_of_an_older_spool_are_moved_to_the_log() {
+        let dir = tempfile::tempdir().unwrap();
+        {
+            let db = Database::builder()
+                .create(dir.path().join("spool.redb"))
+                .unwrap();
+            let txn = db.begin_write().unwrap();
+            {
+                let mut table = txn.open_table(SinkId::IotCore.legacy_table()).unwrap();
+                for (seq, id) in [(4u64, "old-a"), (9, "old-b")] {
+                    let bytes = codec::encode_record(&record(id, b"x"));
+                    table.insert(seq, bytes.as_slice()).unwrap();
+                }
+            }
+            txn.commit().unwrap();
+        }
+        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(seqs(&spool, SinkId::IotCore), [4, 9]);
+        let mut change = Change::default();
+        change.queue(SinkId::IotCore, record("new", b"y"));
+        spool.commit(change).await.unwrap();
+        spool.close();
+        drop(spool);
+
+        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let read = spool.read_disk(SinkId::IotCore, 0, 10, 1 << 20).unwrap().0;
+        let ids: Vec<(u64, &str)> = read
+            .iter()
+            .map(|(seq, r)| (*seq, r.message.id.as_str()))
+            .collect();
+        assert_eq!(ids, [(4, "old-a"), (9, "old-b"), (10, "new")]);
     }
 }

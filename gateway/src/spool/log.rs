@@ -1,0 +1,463 @@
+//! The queue log: the sinks' queues as append-only segment files in `<data_dir>/queue/`.
+//!
+//! Each file is named after the first sequence number it may hold and is a run of
+//! entries, `[body length: u32][CRC-32 of the body: u32][body]`, little-endian:
+//! - a record: `1, sink, seq: u64, encoded record`;
+//! - a delivery: `2, sink, count: u32, count × seq: u64`, the records a sink confirmed.
+//!
+//! A group of changes is one `write` at the end of the newest segment and, when it adds
+//! records, one `fdatasync`. Deliveries are appended without one: lost in a crash, they
+//! only mean records delivered again. Once every record in an older segment is delivered
+//! the file is deleted, so the queue takes no more disk than what waits in it (plus one
+//! segment). Opening reads every segment, stops at the first entry whose length or
+//! checksum is wrong (a write cut short by a crash: nothing after it was acknowledged,
+//! since an `fdatasync` covers everything before it), and cuts the newest segment there.
+//!
+//! Written here rather than taken from a crate: the spool needs group commit, removal of
+//! confirmed records in any order, in-order reads by sequence number and whole files
+//! dropped once delivered. redb (which keeps the dead letters) rewrites B-tree pages on
+//! every commit, about a dozen page writes per group, and costed a tenth of the gateway's
+//! CPU under load; the persistent-queue crates on crates.io `fsync` per item or cannot
+//! remove records out of order.
+
+use std::collections::BTreeMap;
+use std::fs::{File, OpenOptions};
+use std::io::Write as _;
+use std::os::unix::fs::FileExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::SinkId;
+
+/// A segment is closed, and a new one begun, once it is this long.
+pub const SEGMENT_BYTES: u64 = 64 << 20;
+
+const HEADER: usize = 8;
+const RECORD: u8 = 1;
+const DELIVERY: u8 = 2;
+/// Kind, sink and sequence number before a record's bytes.
+const RECORD_PREFIX: usize = 10;
+
+/// Where a queued record is.
+#[derive(Debug, Clone, Copy)]
+pub struct Loc {
+    segment: u64,
+    /// The entry's first byte.
+    offset: u64,
+    /// The record's encoded length (the entry is longer by its header and prefix).
+    len: u32,
+}
+
+impl Loc {
+    /// The record's encoded length.
+    pub fn len(&self) -> u64 {
+        u64::from(self.len)
+    }
+}
+
+struct Segment {
+    file: Arc<File>,
+    /// Records in it not yet delivered.
+    live: u64,
+}
+
+/// Where every queued record is; shared by the writer and the readers.
+#[derive(Default)]
+pub struct Index {
+    queues: [BTreeMap<u64, Loc>; 3],
+    segments: BTreeMap<u64, Segment>,
+}
+
+impl Index {
+    /// Records and encoded bytes queued for `sink`.
+    pub fn totals(&self, sink: SinkId) -> (u64, u64) {
+        let queue = &self.queues[sink.index()];
+        (queue.len() as u64, queue.values().map(Loc::len).sum())
+    }
+
+    /// The sequence number of the oldest record queued for `sink`.
+    pub fn oldest(&self, sink: SinkId) -> Option<u64> {
+        self.queues[sink.index()].keys().next().copied()
+    }
+
+    /// Whether `seq` is queued for `sink`.
+    pub fn contains(&self, sink: SinkId, seq: u64) -> bool {
+        self.queues[sink.index()].contains_key(&seq)
+    }
+
+    /// Records `seq` for `sink` at `loc`.
+    pub fn insert(&mut self, sink: SinkId, seq: u64, loc: Loc) {
+        if self.queues[sink.index()].insert(seq, loc).is_none()
+            && let Some(segment) = self.segments.get_mut(&loc.segment)
+        {
+            segment.live += 1;
+        }
+    }
+
+    /// Forgets `seq` for `sink` (delivered); its location if it was queued.
+    pub fn remove(&mut self, sink: SinkId, seq: u64) -> Option<Loc> {
+        let loc = self.queues[sink.index()].remove(&seq)?;
+        if let Some(segment) = self.segments.get_mut(&loc.segment) {
+            segment.live = segment.live.saturating_sub(1);
+        }
+        Some(loc)
+    }
+
+    /// Up to `max_records` locations (and about `max_bytes`) for `sink` from `from` on,
+    /// with their files, and whether that reached the end of the queue.
+    pub fn window(
+        &self,
+        sink: SinkId,
+        from: u64,
+        max_records: usize,
+        max_bytes: usize,
+    ) -> (Vec<(u64, Loc, Arc<File>)>, bool) {
+        let mut out = Vec::new();
+        let mut size = 0usize;
+        for (&seq, &loc) in self.queues[sink.index()].range(from..) {
+            let len = loc.len as usize;
+            if !out.is_empty() && (out.len() >= max_records || size + len > max_bytes) {
+                return (out, false);
+            }
+            size += len;
+            if let Some(segment) = self.segments.get(&loc.segment) {
+                out.push((seq, loc, segment.file.clone()));
+            }
+        }
+        (out, true)
+    }
+
+    /// Takes the segments other than `head` with nothing left to deliver.
+    fn take_empty(&mut self, head: u64) -> Vec<u64> {
+        let empty: Vec<u64> = self
+            .segments
+            .iter()
+            .filter(|&(&id, segment)| id != head && segment.live == 0)
+            .map(|(&id, _)| id)
+            .collect();
+        for id in &empty {
+            self.segments.remove(id);
+        }
+        empty
+    }
+}
+
+/// Reads the record at `loc` from `file`, checking its entry.
+pub fn read_record(file: &File, seq: u64, loc: Loc) -> Result<Vec<u8>, String> {
+    let body_len = RECORD_PREFIX + loc.len as usize;
+    let mut entry = vec![0u8; HEADER + body_len];
+    file.read_exact_at(&mut entry, loc.offset)
+        .map_err(|e| format!("cannot read segment {}: {e}", loc.segment))?;
+    let body = check_entry(&entry).ok_or_else(|| {
+        format!(
+            "entry at byte {} of segment {} is damaged",
+            loc.offset, loc.segment
+        )
+    })?;
+    if body.len() != body_len || body[0] != RECORD || u64_at(body, 2) != seq {
+        return Err(format!(
+            "entry at byte {} of segment {} is not record {seq}",
+            loc.offset, loc.segment
+        ));
+    }
+    Ok(body[RECORD_PREFIX..].to_vec())
+}
+
+/// The body of the entry at the start of `bytes` if its length and checksum hold.
+fn check_entry(bytes: &[u8]) -> Option<&[u8]> {
+    let len = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
+    let crc = u32::from_le_bytes(bytes.get(4..8)?.try_into().ok()?);
+    let body = bytes.get(HEADER..HEADER.checked_add(len)?)?;
+    (len > 0 && crc32fast::hash(body) == crc).then_some(body)
+}
+
+fn u64_at(bytes: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes(bytes[at..at + 8].try_into().expect("eight bytes"))
+}
+
+fn sink_of(byte: u8) -> Option<SinkId> {
+    SinkId::ALL.get(usize::from(byte)).copied()
+}
+
+/// The writer's side: the newest segment and the entries staged for the next write.
+pub struct Log {
+    dir: PathBuf,
+    head: Arc<File>,
+    head_id: u64,
+    head_len: u64,
+    segment_bytes: u64,
+    staged: Vec<u8>,
+}
+
+/// What opening found.
+pub struct Opened {
+    /// The writer's side.
+    pub log: Log,
+    /// Where the queued records are.
+    pub index: Index,
+    /// One past the highest sequence number in the log.
+    pub next_seq: u64,
+}
+
+impl Log {
+    /// Opens (creating if needed) the log in `dir`, reads every segment into an index,
+    /// cuts a torn tail, and deletes segments with nothing left to deliver. Sequence
+    /// numbers continue from at least `next_seq`.
+    pub fn open(dir: &Path, segment_bytes: u64, next_seq: u64) -> anyhow::Result<Opened> {
+        use anyhow::Context as _;
+        std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+        let mut ids: Vec<u64> = Vec::new();
+        for entry in
+            std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?
+        {
+            let name = entry?.file_name();
+            if let Some(id) = name
+                .to_str()
+                .and_then(|n| n.strip_suffix(".log"))
+                .and_then(|n| n.parse().ok())
+            {
+                ids.push(id);
+            }
+        }
+        ids.sort_unstable();
+        let mut index = Index::default();
+        let mut next_seq = next_seq.max(ids.last().copied().unwrap_or(0));
+        let mut head_len = 0;
+        for (n, &id) in ids.iter().enumerate() {
+            let path = segment_path(dir, id);
+            let file = OpenOptions::new()
+                .read(true)
+                .append(true)
+                .open(&path)
+                .with_context(|| format!("cannot open {}", path.display()))?;
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            index.segments.insert(
+                id,
+                Segment {
+                    file: Arc::new(file),
+                    live: 0,
+                },
+            );
+            let good = replay(&bytes, id, &mut index, &mut next_seq);
+            let newest = n + 1 == ids.len();
+            if good < bytes.len() {
+                if newest {
+                    tracing::warn!(
+                        segment = %path.display(),
+                        kept = good,
+                        dropped = bytes.len() - good,
+                        "the spool's newest segment ends in a write cut short; cutting it there (nothing in it was acknowledged)"
+                    );
+                    index.segments[&id]
+                        .file
+                        .set_len(good as u64)
+                        .with_context(|| format!("cannot cut {}", path.display()))?;
+                } else {
+                    tracing::error!(
+                        segment = %path.display(),
+                        at = good,
+                        "a spool segment is damaged; the records after this point in it are skipped"
+                    );
+                }
+            }
+            if newest {
+                head_len = good as u64;
+            }
+        }
+        let head_id = match ids.last() {
+            Some(&id) => id,
+            None => {
+                let id = next_seq;
+                index.segments.insert(
+                    id,
+                    Segment {
+                        file: Arc::new(create_segment(dir, id)?),
+                        live: 0,
+                    },
+                );
+                id
+            }
+        };
+        for id in index.take_empty(head_id) {
+            remove_segment(dir, id);
+        }
+        let head = index.segments[&head_id].file.clone();
+        Ok(Opened {
+            log: Log {
+                dir: dir.to_path_buf(),
+                head,
+                head_id,
+                head_len,
+                segment_bytes,
+                staged: Vec::new(),
+            },
+            index,
+            next_seq,
+        })
+    }
+
+    /// Starts a group: begins a new segment (named `next_seq`) if the newest is full.
+    /// Nothing may be staged.
+    pub fn begin(&mut self, index: &std::sync::Mutex<Index>, next_seq: u64) -> std::io::Result<()> {
+        debug_assert!(self.staged.is_empty());
+        if self.head_len < self.segment_bytes {
+            return Ok(());
+        }
+        let file = Arc::new(create_segment(&self.dir, next_seq)?);
+        lock(index).segments.insert(
+            next_seq,
+            Segment {
+                file: file.clone(),
+                live: 0,
+            },
+        );
+        self.head = file;
+        self.head_id = next_seq;
+        self.head_len = 0;
+        Ok(())
+    }
+
+    /// Stages record `seq` for `sink`; where it will be once written.
+    pub fn stage_record(&mut self, sink: SinkId, seq: u64, record: &[u8]) -> Loc {
+        let offset = self.head_len + self.staged.len() as u64;
+        let len = u32::try_from(record.len()).expect("records are far below 4 GiB");
+        self.entry(RECORD_PREFIX + record.len(), |body| {
+            body.push(RECORD);
+            body.push(sink.index() as u8);
+            body.extend_from_slice(&seq.to_le_bytes());
+            body.extend_from_slice(record);
+        });
+        Loc {
+            segment: self.head_id,
+            offset,
+            len,
+        }
+    }
+
+    /// Stages the delivery of `seqs` from `sink`'s queue.
+    pub fn stage_delivery(&mut self, sink: SinkId, seqs: &[u64]) {
+        if seqs.is_empty() {
+            return;
+        }
+        let count = u32::try_from(seqs.len()).expect("windows are far below 4 G records");
+        self.entry(6 + 8 * seqs.len(), |body| {
+            body.push(DELIVERY);
+            body.push(sink.index() as u8);
+            body.extend_from_slice(&count.to_le_bytes());
+            for seq in seqs {
+                body.extend_from_slice(&seq.to_le_bytes());
+            }
+        });
+    }
+
+    fn entry(&mut self, body_len: usize, fill: impl FnOnce(&mut Vec<u8>)) {
+        let start = self.staged.len();
+        self.staged.extend_from_slice(&[0; HEADER]);
+        fill(&mut self.staged);
+        let body = &self.staged[start + HEADER..];
+        debug_assert_eq!(body.len(), body_len);
+        let crc = crc32fast::hash(body);
+        let len = u32::try_from(body.len()).expect("entries are far below 4 GiB");
+        self.staged[start..start + 4].copy_from_slice(&len.to_le_bytes());
+        self.staged[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+    }
+
+    /// Writes what is staged, then `fdatasync`s when `sync`. On failure the segment is
+    /// cut back to where it was, so nothing staged counts.
+    pub fn write(&mut self, sync: bool) -> std::io::Result<()> {
+        if self.staged.is_empty() {
+            return Ok(());
+        }
+        let result = (&*self.head)
+            .write_all(&self.staged)
+            .and_then(|()| if sync { self.head.sync_data() } else { Ok(()) });
+        match result {
+            Ok(()) => {
+                self.head_len += self.staged.len() as u64;
+                self.staged.clear();
+                Ok(())
+            }
+            Err(error) => {
+                self.staged.clear();
+                if let Err(cut) = self.head.set_len(self.head_len) {
+                    tracing::error!(%cut, "cannot cut the spool's segment back after a failed write");
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// Deletes the segments whose records were all delivered (never the newest).
+    pub fn drop_delivered(&self, index: &mut Index) {
+        for id in index.take_empty(self.head_id) {
+            remove_segment(&self.dir, id);
+        }
+    }
+}
+
+/// Reads the entries of segment `id` into `index`; how many bytes of it were whole.
+fn replay(bytes: &[u8], id: u64, index: &mut Index, next_seq: &mut u64) -> usize {
+    let mut at = 0;
+    while at < bytes.len() {
+        let Some(body) = check_entry(&bytes[at..]) else {
+            break;
+        };
+        let sink = body.get(1).copied().and_then(sink_of);
+        match (body[0], sink) {
+            (RECORD, Some(sink)) if body.len() >= RECORD_PREFIX => {
+                let seq = u64_at(body, 2);
+                let len = (body.len() - RECORD_PREFIX) as u32;
+                index.insert(
+                    sink,
+                    seq,
+                    Loc {
+                        segment: id,
+                        offset: at as u64,
+                        len,
+                    },
+                );
+                *next_seq = (*next_seq).max(seq + 1);
+            }
+            (DELIVERY, Some(sink)) if body.len() >= 6 => {
+                let count = u32::from_le_bytes(body[2..6].try_into().expect("four bytes")) as usize;
+                if body.len() != 6 + 8 * count {
+                    break;
+                }
+                for n in 0..count {
+                    index.remove(sink, u64_at(body, 6 + 8 * n));
+                }
+            }
+            _ => break,
+        }
+        at += HEADER + body.len();
+    }
+    at
+}
+
+fn segment_path(dir: &Path, id: u64) -> PathBuf {
+    dir.join(format!("{id:020}.log"))
+}
+
+/// Creates segment `id` and makes its name durable.
+fn create_segment(dir: &Path, id: u64) -> std::io::Result<File> {
+    let file = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .truncate(false)
+        .open(segment_path(dir, id))?;
+    File::open(dir)?.sync_all()?;
+    Ok(file)
+}
+
+fn remove_segment(dir: &Path, id: u64) {
+    let path = segment_path(dir, id);
+    if let Err(error) = std::fs::remove_file(&path) {
+        tracing::warn!(segment = %path.display(), %error, "cannot delete a delivered spool segment");
+    }
+}
+
+fn lock(index: &std::sync::Mutex<Index>) -> std::sync::MutexGuard<'_, Index> {
+    index.lock().unwrap_or_else(|p| p.into_inner())
+}
