@@ -760,10 +760,11 @@ fn apply(shared: &Shared, log: &mut log::Log, next_seq: &mut u64, ops: &[Op]) ->
         }
     }
     let adds_records = !staged.is_empty();
+    // Numbers handed out are never used again, even if the write fails.
+    *next_seq = seq;
     if let Err(error) = log.write(adds_records) {
         return Outcome::failed(ops.len(), error.to_string());
     }
-    *next_seq = seq;
     let mut outcome = Outcome {
         written: accepted.clone(),
         durable: adds_records,
@@ -1127,11 +1128,12 @@ mod tests {
         window.into_iter().map(|(seq, _)| seq).collect()
     }
 
-    /// A write cut short by a crash (here: half an entry, then garbage) is cut off on the
-    /// next start; everything before it is kept and new records follow it.
+    /// A write cut short by a crash (here: the start of an entry whose body never made
+    /// it) is cut off on the next start, with the zeros ahead of the data; everything
+    /// before it is kept and new records follow it.
     #[tokio::test]
     async fn a_torn_tail_is_cut_and_what_came_before_kept() {
-        use std::io::Write as _;
+        use std::os::unix::fs::FileExt as _;
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path(), 1 << 20).unwrap();
         let mut change = Change::default();
@@ -1141,16 +1143,21 @@ mod tests {
         spool.close();
         drop(spool);
         let head = dir.path().join("queue").join(&segments(dir.path())[0]);
-        let whole = std::fs::metadata(&head).unwrap().len();
-        let mut file = std::fs::OpenOptions::new()
-            .append(true)
-            .open(&head)
+        let bytes = std::fs::read(&head).unwrap();
+        // The entries: a length, a checksum, the body; then zeros.
+        let mut data = 0;
+        while let len @ 1.. = u32::from_le_bytes(bytes[data..data + 4].try_into().unwrap()) {
+            data += 8 + len as usize;
+        }
+        assert!(bytes[data..].iter().all(|&b| b == 0) && bytes.len() > data + 10);
+        let data = data as u64;
+        let file = std::fs::OpenOptions::new().write(true).open(&head).unwrap();
+        file.write_all_at(&[40, 0, 0, 0, 1, 2, 3, 4, 1, 2], data)
             .unwrap();
-        file.write_all(&[40, 0, 0, 0, 1, 2, 3, 4, 1, 2]).unwrap();
         drop(file);
 
         let spool = Spool::open(dir.path(), 1 << 20).unwrap();
-        assert_eq!(std::fs::metadata(&head).unwrap().len(), whole);
+        assert_eq!(std::fs::metadata(&head).unwrap().len(), data);
         assert_eq!(spool.depth(SinkId::Local), 2);
         let mut change = Change::default();
         change.queue(SinkId::Local, record("c", b"3"));
