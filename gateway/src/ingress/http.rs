@@ -356,9 +356,10 @@ async fn publish(
     peer: Option<Extension<PeerIdentity>>,
     Path(topic): Path<String>,
     params: Result<Query<PublishParams>, axum::extract::rejection::QueryRejection>,
-    headers: HeaderMap,
-    body: Body,
+    request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
+    // The headers taken from the request, not extracted: that would copy them.
+    let (axum::http::request::Parts { headers, .. }, body) = request.into_parts();
     // One snapshot for the whole request: a reload meanwhile applies to the next one.
     let rules = state.rules();
     let identity = authenticate(&rules, peer.as_deref(), &headers)?;
@@ -499,9 +500,9 @@ struct BatchBody {
 async fn batch(
     State(state): State<AppState>,
     peer: Option<Extension<PeerIdentity>>,
-    headers: HeaderMap,
-    body: Body,
+    request: axum::extract::Request,
 ) -> Result<Response, ApiError> {
+    let (axum::http::request::Parts { headers, .. }, body) = request.into_parts();
     let rules = state.rules();
     let identity = authenticate(&rules, peer.as_deref(), &headers)?;
     let device = identity.device_id.clone();
