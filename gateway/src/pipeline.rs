@@ -13,7 +13,7 @@
 //!
 //! If the spool cannot take the batch, nothing of it is acknowledged. Dead letters (a
 //! plugin failed with `plugins.on_failure = "dead-letter"`, or a rule sends there) are
-//! written to the spool's dead-letter store in the same commit.
+//! written to the spool's dead-letter store in the same change, before it is answered.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -228,7 +228,7 @@ impl Pipeline {
             .await
     }
 
-    /// Plugins, routing, then the spool (with `extra` in the same commit) and the
+    /// Plugins, routing, then the spool (with `extra` in the same change) and the
     /// best-effort hand-over.
     async fn run(
         &self,
@@ -313,8 +313,8 @@ impl Pipeline {
     /// Runs dead letters `keys` again: a message a plugin failed on goes through the
     /// chain from that plugin on; one a rule dead-lettered, through the whole chain; one
     /// a sink refused, straight back to that sink's queue. Each leaves the dead-letter
-    /// store in the same commit that stores its new outcome (a message that fails again
-    /// comes back as a new dead letter).
+    /// store once its new outcome is stored (a message that fails again comes back as a
+    /// new dead letter).
     pub async fn redrive(&self, keys: &[u64]) -> Result<RedriveReport, StoreError> {
         let mut report = RedriveReport {
             redriven: Vec::new(),

@@ -2,7 +2,7 @@
 //! of records to the sink, a few windows in flight at once. A window's records leave the
 //! spool only when the sink has confirmed every one of them (a Kinesis sequence number,
 //! an MQTT PUBACK, an HTTP 200, a flushed file) or refused some for good; refused records
-//! become dead letters in the same commit.
+//! become dead letters, stored before the records leave their queue.
 //!
 //! A record whose `mqtt.message_expiry` (seconds, from IoT Core's publish API) passed
 //! while it waited is not sent: it becomes a dead letter (origin `expired`).

@@ -114,7 +114,9 @@ pub enum SpoolError {
     Closed,
 }
 
-/// One change for the writer: everything in it commits together or not at all.
+/// One change for the writer, answered once all of it is on disk. What it adds (records,
+/// dead letters) is written before what it removes; if a part fails, the change fails,
+/// and records already written stay queued (delivered at least once).
 #[derive(Default)]
 pub struct Change {
     /// Records to queue, per sink: encoded for the disk, and as they are for delivery.
