@@ -1,27 +1,34 @@
 //! The queue log: the sinks' queues as append-only segment files in `<data_dir>/queue/`.
 //!
 //! Each file is named after the first sequence number it may hold and is a run of
-//! entries, `[body length: u32][CRC-32 of the body: u32][body]`, little-endian:
+//! entries, `[body length: u32][checksum: u32][body]`, little-endian, the checksum a
+//! CRC-32 of the segment's number and the body:
 //! - a record: `1, sink, seq: u64, encoded record`;
 //! - a delivery: `2, sink, count: u32, count × seq: u64`, the records a sink confirmed.
 //!
 //! A group of changes is one `write` at the end of the newest segment and, when it adds
-//! records, one `fdatasync`. Deliveries are appended without one: lost in a crash, they
-//! only mean records delivered again. The file is extended with zeros a mebibyte ahead of
-//! its data, so that an append overwrites blocks the file already has and its
-//! `fdatasync` writes the data alone, not the file's new size too: on ext4 one disk write
-//! instead of two, a third less time and CPU per `fdatasync` on the machine of
-//! `BENCHMARKS.md`. A zero length ends a segment's entries. Once every record in an older segment is delivered
-//! the file is deleted, so the queue takes no more disk than what waits in it (plus one
-//! segment). Opening reads every segment, stops at the first entry whose length or
-//! checksum is wrong (a write cut short by a crash: nothing after it was acknowledged,
-//! since an `fdatasync` covers everything before it), and cuts the newest segment there.
-//! A write that fails is cut off too, and its sequence numbers are never used again.
+//! records, one `fdatasync`. Deliveries are written without one: lost in a crash, they
+//! only mean records delivered again.
+//!
+//! Once every record in an older segment is delivered the file is recycled: kept (two at
+//! most, as `<n>.spare`; the rest are deleted) and renamed to be the next segment. Its
+//! new entries overwrite blocks the file already has, so their `fdatasync` writes the
+//! data alone, not the file's new size too: on ext4 one disk write instead of two, a
+//! third less time and CPU per `fdatasync` on the machine of `BENCHMARKS.md`. What the
+//! file held before cannot pass for new entries: their checksums were made with another
+//! segment number. So the queue takes about as much disk as what waits in it, plus three
+//! segments.
+//!
+//! Opening reads every segment up to its first entry whose length or checksum is wrong:
+//! the end of what was written, or a write cut short by a crash, of which nothing was
+//! acknowledged (an `fdatasync` covers everything before it). Writing then goes on in a
+//! new segment, never after such an end. A write that fails is cut off, and its sequence
+//! numbers are never used again.
 //!
 //! Written here rather than taken from a crate: the spool needs group commit, removal of
 //! confirmed records in any order, in-order reads by sequence number and whole files
 //! dropped once delivered. redb (which keeps the dead letters) rewrites B-tree pages on
-//! every commit, about a dozen page writes per group, and costed a tenth of the gateway's
+//! every commit, about a dozen page writes per group, and cost a tenth of the gateway's
 //! CPU under load; the persistent-queue crates on crates.io `fsync` per item or cannot
 //! remove records out of order.
 
@@ -36,8 +43,8 @@ use super::SinkId;
 /// A segment is closed, and a new one begun, once it is this long.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
 
-/// How far ahead of its data a segment is filled with zeros.
-const ZERO_AHEAD: u64 = 1 << 20;
+/// Delivered segments kept for reuse.
+const MAX_SPARES: usize = 2;
 
 const HEADER: usize = 8;
 const RECORD: u8 = 1;
@@ -155,7 +162,7 @@ pub fn read_record(file: &File, seq: u64, loc: Loc) -> Result<Vec<u8>, String> {
     let mut entry = vec![0u8; HEADER + body_len];
     file.read_exact_at(&mut entry, loc.offset)
         .map_err(|e| format!("cannot read segment {}: {e}", loc.segment))?;
-    let body = check_entry(&entry).ok_or_else(|| {
+    let body = check_entry(&entry, loc.segment).ok_or_else(|| {
         format!(
             "entry at byte {} of segment {} is damaged",
             loc.offset, loc.segment
@@ -170,12 +177,21 @@ pub fn read_record(file: &File, seq: u64, loc: Loc) -> Result<Vec<u8>, String> {
     Ok(body[RECORD_PREFIX..].to_vec())
 }
 
-/// The body of the entry at the start of `bytes` if its length and checksum hold.
-fn check_entry(bytes: &[u8]) -> Option<&[u8]> {
+/// The body of the entry of segment `segment` at the start of `bytes` if its length and
+/// checksum hold.
+fn check_entry(bytes: &[u8], segment: u64) -> Option<&[u8]> {
     let len = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
     let crc = u32::from_le_bytes(bytes.get(4..8)?.try_into().ok()?);
     let body = bytes.get(HEADER..HEADER.checked_add(len)?)?;
-    (len > 0 && crc32fast::hash(body) == crc).then_some(body)
+    (len > 0 && checksum(segment, body) == crc).then_some(body)
+}
+
+/// The checksum of an entry of segment `segment`: a recycled file's old entries fail it.
+pub(super) fn checksum(segment: u64, body: &[u8]) -> u32 {
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&segment.to_le_bytes());
+    crc.update(body);
+    crc.finalize()
 }
 
 fn u64_at(bytes: &[u8], at: usize) -> u64 {
@@ -193,9 +209,9 @@ pub struct Log {
     head_id: u64,
     /// Where the newest segment's data ends.
     head_len: u64,
-    /// Where its zeros end.
-    zeroed: u64,
     segment_bytes: u64,
+    /// Delivered segments to reuse.
+    spares: Vec<PathBuf>,
     staged: Vec<u8>,
     /// A failed write could not be cut off: nothing more may be written.
     broken: bool,
@@ -219,23 +235,28 @@ impl Log {
         use anyhow::Context as _;
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
         let mut ids: Vec<u64> = Vec::new();
+        let mut spares = Vec::new();
         for entry in
             std::fs::read_dir(dir).with_context(|| format!("cannot read {}", dir.display()))?
         {
-            let name = entry?.file_name();
-            if let Some(id) = name
-                .to_str()
-                .and_then(|n| n.strip_suffix(".log"))
-                .and_then(|n| n.parse().ok())
-            {
+            let path = entry?.path();
+            let name = path
+                .file_name()
+                .and_then(|n| n.to_str())
+                .unwrap_or_default();
+            if let Some(id) = name.strip_suffix(".log").and_then(|n| n.parse().ok()) {
                 ids.push(id);
+            } else if name.ends_with(".spare") {
+                spares.push(path);
             }
         }
         ids.sort_unstable();
+        for extra in spares.drain(MAX_SPARES.min(spares.len())..) {
+            let _ = std::fs::remove_file(extra);
+        }
         let mut index = Index::default();
-        let mut next_seq = next_seq.max(ids.last().copied().unwrap_or(0));
-        let mut head_len = 0;
-        for (n, &id) in ids.iter().enumerate() {
+        let mut next_seq = next_seq.max(ids.last().map_or(0, |id| id + 1));
+        for &id in &ids {
             let path = segment_path(dir, id);
             let file = OpenOptions::new()
                 .read(true)
@@ -251,67 +272,29 @@ impl Log {
                     live: 0,
                 },
             );
-            let good = replay(&bytes, id, &mut index, &mut next_seq);
-            let newest = n + 1 == ids.len();
-            let torn = bytes[good..].iter().any(|&b| b != 0);
-            if newest && good < bytes.len() {
-                // Zeros ahead of the data, and whatever a crash cut short.
-                index.segments[&id]
-                    .file
-                    .set_len(good as u64)
-                    .with_context(|| format!("cannot cut {}", path.display()))?;
-            }
-            if torn {
-                if newest {
-                    tracing::warn!(
-                        segment = %path.display(),
-                        kept = good,
-                        dropped = bytes.len() - good,
-                        "the spool's newest segment ends in a write cut short; cut there (nothing in it was acknowledged)"
-                    );
-                } else {
-                    tracing::error!(
-                        segment = %path.display(),
-                        at = good,
-                        "a spool segment is damaged; the records after this point in it are skipped"
-                    );
-                }
-            }
-            if newest {
-                head_len = good as u64;
-            }
+            let end = replay(&bytes, id, &mut index, &mut next_seq);
+            tracing::debug!(segment = %path.display(), end, "spool segment read");
         }
-        let head_id = match ids.last() {
-            Some(&id) => id,
-            None => {
-                let id = next_seq;
-                index.segments.insert(
-                    id,
-                    Segment {
-                        file: Arc::new(create_segment(dir, id)?),
-                        live: 0,
-                    },
-                );
-                id
-            }
+        let mut log = Log {
+            dir: dir.to_path_buf(),
+            head: Arc::new(File::open(dir)?),
+            head_id: 0,
+            head_len: 0,
+            segment_bytes,
+            staged: Vec::new(),
+            spares,
+            broken: false,
         };
+        // Never written after an end found here: a new segment, past every number used.
+        log.start_segment(&mut index, next_seq)?;
+        let head_id = log.head_id;
         for id in index.take_empty(head_id) {
-            remove_segment(dir, id);
+            log.retire(id);
         }
-        let head = index.segments[&head_id].file.clone();
         Ok(Opened {
-            log: Log {
-                dir: dir.to_path_buf(),
-                head,
-                head_id,
-                head_len,
-                zeroed: head_len,
-                segment_bytes,
-                staged: Vec::new(),
-                broken: false,
-            },
+            log,
             index,
-            next_seq,
+            next_seq: next_seq.max(head_id),
         })
     }
 
@@ -327,19 +310,55 @@ impl Log {
         if self.head_len < self.segment_bytes {
             return Ok(());
         }
-        let file = Arc::new(create_segment(&self.dir, next_seq)?);
-        lock(index).segments.insert(
-            next_seq,
+        self.start_segment(&mut lock(index), next_seq)
+    }
+
+    /// Makes segment `id` the newest: a spare renamed, or a new file.
+    fn start_segment(&mut self, index: &mut Index, id: u64) -> std::io::Result<()> {
+        let path = segment_path(&self.dir, id);
+        let file = loop {
+            let Some(spare) = self.spares.pop() else {
+                break OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create_new(true)
+                    .open(&path)?;
+            };
+            match std::fs::rename(&spare, &path) {
+                Ok(()) => break OpenOptions::new().read(true).write(true).open(&path)?,
+                Err(error) => {
+                    tracing::warn!(spare = %spare.display(), %error, "cannot reuse a spool segment");
+                }
+            }
+        };
+        // The name must survive a crash before anything in the file counts.
+        File::open(&self.dir)?.sync_all()?;
+        let file = Arc::new(file);
+        index.segments.insert(
+            id,
             Segment {
                 file: file.clone(),
                 live: 0,
             },
         );
         self.head = file;
-        self.head_id = next_seq;
+        self.head_id = id;
         self.head_len = 0;
-        self.zeroed = 0;
         Ok(())
+    }
+
+    /// Keeps delivered segment `id` as a spare, or deletes it.
+    fn retire(&mut self, id: u64) {
+        let path = segment_path(&self.dir, id);
+        let result = if self.spares.len() < MAX_SPARES {
+            let spare = self.dir.join(format!("{id:020}.spare"));
+            std::fs::rename(&path, &spare).map(|()| self.spares.push(spare))
+        } else {
+            std::fs::remove_file(&path)
+        };
+        if let Err(error) = result {
+            tracing::warn!(segment = %path.display(), %error, "cannot retire a delivered spool segment");
+        }
     }
 
     /// Stages record `seq` for `sink`; where it will be once written.
@@ -381,7 +400,7 @@ impl Log {
         fill(&mut self.staged);
         let body = &self.staged[start + HEADER..];
         debug_assert_eq!(body.len(), body_len);
-        let crc = crc32fast::hash(body);
+        let crc = checksum(self.head_id, body);
         let len = u32::try_from(body.len()).expect("entries are far below 4 GiB");
         self.staged[start..start + 4].copy_from_slice(&len.to_le_bytes());
         self.staged[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
@@ -395,8 +414,8 @@ impl Log {
         }
         let end = self.head_len + self.staged.len() as u64;
         let result = self
-            .zero_ahead(end)
-            .and_then(|()| self.head.write_all_at(&self.staged, self.head_len))
+            .head
+            .write_all_at(&self.staged, self.head_len)
             .and_then(|()| if sync { self.head.sync_data() } else { Ok(()) });
         self.staged.clear();
         match result {
@@ -405,7 +424,6 @@ impl Log {
                 Ok(())
             }
             Err(error) => {
-                self.zeroed = self.head_len;
                 if let Err(cut) = self.head.set_len(self.head_len) {
                     tracing::error!(%cut, "cannot cut the spool's segment back after a failed write");
                     self.broken = true;
@@ -415,23 +433,10 @@ impl Log {
         }
     }
 
-    /// Fills the newest segment with zeros to [`ZERO_AHEAD`] past `end` when `end` is
-    /// beyond its zeros.
-    fn zero_ahead(&mut self, end: u64) -> std::io::Result<()> {
-        if end <= self.zeroed {
-            return Ok(());
-        }
-        let until = end + ZERO_AHEAD;
-        let zeros = vec![0u8; (until - self.zeroed) as usize];
-        self.head.write_all_at(&zeros, self.zeroed)?;
-        self.zeroed = until;
-        Ok(())
-    }
-
-    /// Deletes the segments whose records were all delivered (never the newest).
-    pub fn drop_delivered(&self, index: &mut Index) {
+    /// Retires the segments whose records were all delivered (never the newest).
+    pub fn drop_delivered(&mut self, index: &mut Index) {
         for id in index.take_empty(self.head_id) {
-            remove_segment(&self.dir, id);
+            self.retire(id);
         }
     }
 }
@@ -440,7 +445,7 @@ impl Log {
 fn replay(bytes: &[u8], id: u64, index: &mut Index, next_seq: &mut u64) -> usize {
     let mut at = 0;
     while at < bytes.len() {
-        let Some(body) = check_entry(&bytes[at..]) else {
+        let Some(body) = check_entry(&bytes[at..], id) else {
             break;
         };
         let sink = body.get(1).copied().and_then(sink_of);
@@ -477,25 +482,6 @@ fn replay(bytes: &[u8], id: u64, index: &mut Index, next_seq: &mut u64) -> usize
 
 fn segment_path(dir: &Path, id: u64) -> PathBuf {
     dir.join(format!("{id:020}.log"))
-}
-
-/// Creates segment `id` and makes its name durable.
-fn create_segment(dir: &Path, id: u64) -> std::io::Result<File> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .create(true)
-        .truncate(false)
-        .open(segment_path(dir, id))?;
-    File::open(dir)?.sync_all()?;
-    Ok(file)
-}
-
-fn remove_segment(dir: &Path, id: u64) {
-    let path = segment_path(dir, id);
-    if let Err(error) = std::fs::remove_file(&path) {
-        tracing::warn!(segment = %path.display(), %error, "cannot delete a delivered spool segment");
-    }
 }
 
 fn lock(index: &std::sync::Mutex<Index>) -> std::sync::MutexGuard<'_, Index> {

@@ -1116,10 +1116,12 @@ mod tests {
         assert_eq!(spool.stats().dead_letters, 0);
     }
 
+    /// The names of the segment files (not the spares), in order.
     fn segments(dir: &Path) -> Vec<String> {
         let mut names: Vec<String> = std::fs::read_dir(dir.join("queue"))
             .unwrap()
             .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .filter(|name| name.ends_with(".log"))
             .collect();
         names.sort();
         names
@@ -1130,12 +1132,12 @@ mod tests {
         window.into_iter().map(|(seq, _)| seq).collect()
     }
 
-    /// A write cut short by a crash (here: the start of an entry whose body never made
-    /// it) is cut off on the next start, with the zeros ahead of the data; everything
-    /// before it is kept and new records follow it.
+    /// A write cut short by a crash (here: an entry whose body never made it, then a
+    /// whole one) ends what is read of a segment on the next start: what came before is
+    /// kept, nothing after it counts, and new records go to a new segment.
     #[tokio::test]
-    async fn a_torn_tail_is_cut_and_what_came_before_kept() {
-        use std::os::unix::fs::FileExt as _;
+    async fn a_torn_write_ends_the_segment_and_what_came_before_is_kept() {
+        use std::io::Write as _;
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path(), 1 << 20).unwrap();
         let mut change = Change::default();
@@ -1144,22 +1146,21 @@ mod tests {
         spool.commit(change).await.unwrap();
         spool.close();
         drop(spool);
-        let head = dir.path().join("queue").join(&segments(dir.path())[0]);
-        let bytes = std::fs::read(&head).unwrap();
-        // The entries: a length, a checksum, the body; then zeros.
-        let mut data = 0;
-        while let len @ 1.. = u32::from_le_bytes(bytes[data..data + 4].try_into().unwrap()) {
-            data += 8 + len as usize;
-        }
-        assert!(bytes[data..].iter().all(|&b| b == 0) && bytes.len() > data + 10);
-        let data = data as u64;
-        let file = std::fs::OpenOptions::new().write(true).open(&head).unwrap();
-        file.write_all_at(&[40, 0, 0, 0, 1, 2, 3, 4, 1, 2], data)
-            .unwrap();
+        let name = segments(dir.path()).pop().unwrap();
+        let segment: u64 = name.strip_suffix(".log").unwrap().parse().unwrap();
+        let mut ghost = vec![1, SinkId::Local.index() as u8];
+        ghost.extend_from_slice(&99u64.to_le_bytes());
+        ghost.extend_from_slice(&codec::encode_record(&record("ghost", b"9")));
+        let mut torn = vec![40, 0, 0, 0, 1, 2, 3, 4, 1, 2];
+        torn.extend_from_slice(&(ghost.len() as u32).to_le_bytes());
+        torn.extend_from_slice(&log::checksum(segment, &ghost).to_le_bytes());
+        torn.extend_from_slice(&ghost);
+        let path = dir.path().join("queue").join(&name);
+        let mut file = std::fs::OpenOptions::new().append(true).open(path).unwrap();
+        file.write_all(&torn).unwrap();
         drop(file);
 
         let spool = Spool::open(dir.path(), 1 << 20).unwrap();
-        assert_eq!(std::fs::metadata(&head).unwrap().len(), data);
         assert_eq!(spool.depth(SinkId::Local), 2);
         let mut change = Change::default();
         change.queue(SinkId::Local, record("c", b"3"));
@@ -1172,10 +1173,11 @@ mod tests {
         assert_eq!(ids, ["a", "b", "c"]);
     }
 
-    /// Segments are cut at their size and deleted once every record in them is
-    /// delivered, in whatever order; the newest stays.
+    /// Segments are cut at their size and retired once every record in them is
+    /// delivered, in whatever order: two kept for reuse, the rest deleted; the newest
+    /// stays.
     #[tokio::test]
-    async fn delivered_segments_are_deleted() {
+    async fn delivered_segments_are_reused_or_deleted() {
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open_with(dir.path(), 1 << 30, 1_000).unwrap();
         for round in 0..10 {
@@ -1219,6 +1221,30 @@ mod tests {
             "only the newest segment is left"
         );
         assert_eq!(spool.stats().queues.iter().map(|q| q.bytes).sum::<u64>(), 0);
+        let files = || std::fs::read_dir(dir.path().join("queue")).unwrap().count();
+        assert_eq!(files(), 3, "the newest segment and two spares");
+
+        // Spares become the next segments; what they held before does not count.
+        for round in 0..4 {
+            let mut change = Change::default();
+            for i in 0..5 {
+                change.queue(SinkId::Local, record(&format!("n{round}.{i}"), &[8; 100]));
+            }
+            spool.commit(change).await.unwrap();
+        }
+        // Four rounds fill the newest segment and then both spares.
+        assert_eq!(segments(dir.path()).len(), 3);
+        assert_eq!(files(), 3, "both spares reused");
+        spool.close();
+        drop(spool);
+        let spool = Spool::open_with(dir.path(), 1 << 30, 1_000).unwrap();
+        let read = spool.read_disk(SinkId::Local, 0, 100, 1 << 20).unwrap().0;
+        let ids: Vec<&str> = read.iter().map(|(_, r)| r.message.id.as_str()).collect();
+        let expected: Vec<String> = (0..4)
+            .flat_map(|round| (0..5).map(move |i| format!("n{round}.{i}")))
+            .collect();
+        assert_eq!(ids, expected);
+        assert_eq!(spool.depth(SinkId::Kinesis), 0);
     }
 
     /// A spool written before the queue log kept its queues in redb: opening it moves
