@@ -20,7 +20,9 @@
 //! - `POST /admin/plugins/{name}/versions[?activate=false]`, body the component:
 //!   validates it (compiles, imports, kind, `init` with the plugin's configuration),
 //!   stores it under the data directory and, unless `activate=false`, makes it serve.
-//!   `201` with its hash; `422 plugin_invalid` (nothing changed) when it is refused.
+//!   `201` with its hash; `422 plugin_invalid` (nothing changed) when it is refused;
+//!   `409 config_changed` (nothing changed) when a configuration reload changed the
+//!   plugin meanwhile.
 //! - `POST /admin/plugins/{name}/activate` with `{"hash": H}` (a stored version) or
 //!   `{"configured": true}` (the configured file again). Activations outlive restarts.
 //! - `DELETE /admin/plugins/{name}/versions/{hash}`: deletes a stored version (`409
@@ -463,13 +465,14 @@ fn plugin_error(error: crate::plugin::AdminError) -> Response {
     use crate::plugin::AdminError;
     let status = match &error {
         AdminError::UnknownPlugin(_) | AdminError::UnknownVersion { .. } => StatusCode::NOT_FOUND,
-        AdminError::Active { .. } => StatusCode::CONFLICT,
+        AdminError::Active { .. } | AdminError::Changed(_) => StatusCode::CONFLICT,
         AdminError::UnusableName(_) | AdminError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
         AdminError::NoStore | AdminError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
     };
     let code = match &error {
         AdminError::UnknownPlugin(_) | AdminError::UnknownVersion { .. } => "not_found",
         AdminError::Active { .. } => "version_active",
+        AdminError::Changed(_) => "config_changed",
         AdminError::UnusableName(_) | AdminError::Invalid(_) => "plugin_invalid",
         AdminError::NoStore | AdminError::Storage(_) => "storage_unavailable",
     };

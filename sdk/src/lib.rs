@@ -193,7 +193,8 @@ pub fn log(level: Level, message: &str, fields: &[(&str, &str)]) {
 }
 
 /// Adds `delta` to this plugin's counter `name`; the gateway reports plugin counters
-/// alongside its own statistics.
+/// alongside its own statistics. Use a fixed set of names: a plugin gets at most 100, of
+/// up to 64 bytes; counts under further names are added to `_other`.
 pub fn counter_add(name: &str, delta: u64) {
     crate::bindings::transform::sluice::plugin::host::counter_add(name, delta);
 }

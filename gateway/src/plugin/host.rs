@@ -165,15 +165,44 @@ impl host::Host for HostState {
     }
 
     fn counter_add(&mut self, name: String, delta: u64) {
-        self.stats.metrics.counter_add(&name, delta);
         let mut counters = self
             .stats
             .counters
             .lock()
             .unwrap_or_else(|p| p.into_inner());
+        let (name, first_overflow) = counter_name(&counters, name);
+        if first_overflow {
+            tracing::warn!(
+                plugin = %self.stats.name,
+                "the plugin uses more than {MAX_COUNTERS} counter names (or names over {MAX_COUNTER_NAME} bytes); the rest are counted as `{OTHER_COUNTER}`"
+            );
+        }
+        self.stats.metrics.counter_add(&name, delta);
         let counter = counters.entry(name).or_insert(0);
         *counter = counter.saturating_add(delta);
     }
+}
+
+/// Most counter names a plugin has (each is a Prometheus label value: a plugin making
+/// names from its data must not grow the metrics without end).
+pub const MAX_COUNTERS: usize = 100;
+/// Longest counter name.
+pub const MAX_COUNTER_NAME: usize = 64;
+/// Where counts beyond those limits go.
+pub const OTHER_COUNTER: &str = "_other";
+
+/// The name `name` is counted under, given the plugin's `counters` so far, and whether
+/// this is the first one turned away.
+fn counter_name(counters: &HashMap<String, u64>, name: String) -> (String, bool) {
+    let known = counters.contains_key(&name);
+    let fits = name.len() <= MAX_COUNTER_NAME && name != OTHER_COUNTER;
+    if known || (fits && counters.len() < MAX_COUNTERS) {
+        return (name, false);
+    }
+    (
+        OTHER_COUNTER.to_string(),
+        !counters.contains_key(OTHER_COUNTER),
+    )
 }
 
 /// A plugin's log fields as `k=v k=v`.
@@ -489,6 +518,33 @@ pub fn memory_limit_hit(store: &Store<HostState>) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn counter_names_are_bounded() {
+        let mut counters = HashMap::new();
+        for n in 0..MAX_COUNTERS {
+            let (name, overflow) = counter_name(&counters, format!("c{n}"));
+            assert_eq!((name.as_str(), overflow), (format!("c{n}").as_str(), false));
+            counters.insert(name, 1);
+        }
+        // Known names keep counting; a new one, or one too long, goes to `_other`, and
+        // only the first of those is reported.
+        assert_eq!(counter_name(&counters, "c7".into()), ("c7".into(), false));
+        assert_eq!(
+            counter_name(&counters, "new".into()),
+            (OTHER_COUNTER.into(), true)
+        );
+        counters.insert(OTHER_COUNTER.to_string(), 1);
+        assert_eq!(
+            counter_name(&counters, "again".into()),
+            (OTHER_COUNTER.into(), false)
+        );
+        let long = "x".repeat(MAX_COUNTER_NAME + 1);
+        assert_eq!(
+            counter_name(&HashMap::new(), long),
+            (OTHER_COUNTER.into(), true)
+        );
+    }
 
     #[test]
     fn deadlines_round_up_to_whole_ticks() {

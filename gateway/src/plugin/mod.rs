@@ -276,6 +276,9 @@ struct Inner {
     /// Held while a new set is built and swapped in (file reloads, uploads, activations
     /// and configuration reloads), so two changes never undo each other.
     changing: Mutex<()>,
+    /// Held by an upload from storing its file to its answer: a second upload of the same
+    /// bytes must not find a file that the first is about to delete as invalid.
+    uploading: Mutex<()>,
     /// Counters by plugin name, kept across versions and reloads.
     stats: Mutex<HashMap<String, Arc<PluginStats>>>,
     /// Uploaded versions; `None` for a host without a data directory.
@@ -315,6 +318,10 @@ pub enum AdminError {
         /// The version.
         hash: String,
     },
+    /// A configuration reload changed the plugin while the version was checked; nothing
+    /// changed (try again).
+    #[error("the configuration of plugin `{0}` changed while this version was checked; try again")]
+    Changed(String),
     /// The version failed validation; nothing changed.
     #[error(transparent)]
     Invalid(#[from] PluginError),
@@ -430,6 +437,7 @@ impl Plugins {
             stopped: std::sync::atomic::AtomicBool::new(false),
             next_id: AtomicU64::new(1),
             changing: Mutex::new(()),
+            uploading: Mutex::new(()),
             stats: Mutex::new(HashMap::new()),
             versions,
             capacity,
@@ -671,6 +679,11 @@ impl Plugins {
             .find(name)
             .ok_or_else(|| AdminError::UnknownPlugin(name.to_string()))?;
         let hash = host::content_hash(bytes);
+        let _uploading = self
+            .inner
+            .uploading
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
         let (file, new) = versions.store(name, &hash, bytes)?;
         let loaded = match self.load(&plugin.entry, plugin.kind, &file, Source::Uploaded) {
             Ok(loaded) => loaded,
@@ -753,11 +766,7 @@ impl Plugins {
             return Err(AdminError::UnknownPlugin(loaded.name.clone()));
         };
         if slot.entry != loaded.entry {
-            // A configuration reload changed the plugin while this version was checked.
-            return Err(AdminError::Invalid(PluginError::Init {
-                name: loaded.name.clone(),
-                reason: "the plugin's configuration changed meanwhile; try again".to_string(),
-            }));
+            return Err(AdminError::Changed(loaded.name.clone()));
         }
         let activation = (loaded.source == Source::Uploaded).then(|| versions::Activation {
             hash: loaded.hash.clone(),

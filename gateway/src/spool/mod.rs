@@ -30,7 +30,7 @@ pub mod codec;
 pub mod deliver;
 mod log;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
@@ -244,7 +244,6 @@ pub struct Spool {
     shared: Arc<Shared>,
     ops: Mutex<Option<mpsc::Sender<Op>>>,
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
-    path: PathBuf,
 }
 
 impl Spool {
@@ -340,13 +339,7 @@ impl Spool {
             shared,
             ops: Mutex::new(Some(ops)),
             writer: Mutex::new(Some(writer)),
-            path,
         })
-    }
-
-    /// The spool file.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// Commits `change`; resolves once it is on disk (or, for deliveries alone, applied).
