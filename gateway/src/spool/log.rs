@@ -235,9 +235,9 @@ pub struct Opened {
 }
 
 impl Log {
-    /// Opens (creating if needed) the log in `dir`, reads every segment into an index,
-    /// cuts a torn tail, and deletes segments with nothing left to deliver. Sequence
-    /// numbers continue from at least `next_seq`.
+    /// Opens (creating if needed) the log in `dir`, reads every segment into an index (up
+    /// to its first bad entry), starts a new segment to write to, and retires segments
+    /// with nothing left to deliver. Sequence numbers continue from at least `next_seq`.
     pub fn open(dir: &Path, segment_bytes: u64, next_seq: u64) -> anyhow::Result<Opened> {
         use anyhow::Context as _;
         std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
