@@ -709,6 +709,8 @@ fn apply(shared: &Shared, log: &mut log::Log, next_seq: &mut u64, ops: &[Op]) ->
     let mut adding = [0i64; 3];
     let mut dead_added: Vec<(u64, &[u8])> = Vec::new();
     let mut dead_removed: Vec<u64> = Vec::new();
+    // The accepted changes' deliveries: (sink, sequence numbers).
+    let mut deliveries: Vec<(SinkId, &[u64])> = Vec::new();
     let mut seq = *next_seq;
     for (n, op) in ops.iter().enumerate() {
         let change = &op.change;
@@ -750,8 +752,11 @@ fn apply(shared: &Shared, log: &mut log::Log, next_seq: &mut u64, ops: &[Op]) ->
             seq += 1;
         }
         dead_removed.extend(&change.remove_dead);
-        if !deliveries_last && let Some((sink, seqs)) = &change.delivered {
-            log.stage_delivery(*sink, seqs);
+        if let Some((sink, seqs)) = &change.delivered {
+            deliveries.push((*sink, seqs));
+            if !deliveries_last {
+                log.stage_delivery(*sink, seqs);
+            }
         }
     }
     let adds_records = !staged.is_empty();
@@ -793,10 +798,8 @@ fn apply(shared: &Shared, log: &mut log::Log, next_seq: &mut u64, ops: &[Op]) ->
     };
     let mut deliveries_written = !deliveries_last;
     if deliveries_last && dead_ok {
-        for (op, _) in ops.iter().zip(&accepted).filter(|(_, accepted)| **accepted) {
-            if let Some((sink, seqs)) = &op.change.delivered {
-                log.stage_delivery(*sink, seqs);
-            }
+        for &(sink, seqs) in &deliveries {
+            log.stage_delivery(sink, seqs);
         }
         match log.write(false) {
             Ok(()) => deliveries_written = true,
@@ -805,14 +808,12 @@ fn apply(shared: &Shared, log: &mut log::Log, next_seq: &mut u64, ops: &[Op]) ->
     }
     if deliveries_written {
         let mut index = shared.index.lock().unwrap_or_else(|p| p.into_inner());
-        for (op, _) in ops.iter().zip(&accepted).filter(|(_, accepted)| **accepted) {
-            if let Some((sink, seqs)) = &op.change.delivered {
-                let i = sink.index();
-                for &seq in seqs {
-                    if let Some(loc) = index.remove(*sink, seq) {
-                        outcome.records[i] -= 1;
-                        outcome.bytes[i] -= loc.len() as i64;
-                    }
+        for &(sink, seqs) in &deliveries {
+            let i = sink.index();
+            for &seq in seqs {
+                if let Some(loc) = index.remove(sink, seq) {
+                    outcome.records[i] -= 1;
+                    outcome.bytes[i] -= loc.len() as i64;
                 }
             }
         }
@@ -1120,6 +1121,12 @@ mod tests {
         names
     }
 
+    /// The message ids queued for `sink`, in order, read from the disk.
+    fn ids(spool: &Spool, sink: SinkId) -> Vec<String> {
+        let window = spool.read_disk(sink, 0, 100_000, usize::MAX).unwrap().0;
+        window.into_iter().map(|(_, r)| r.message.id).collect()
+    }
+
     fn seqs(spool: &Spool, sink: SinkId) -> Vec<u64> {
         let window = spool.read_disk(sink, 0, 100_000, usize::MAX).unwrap().0;
         window.into_iter().map(|(seq, _)| seq).collect()
@@ -1161,9 +1168,7 @@ mod tests {
         spool.close();
         drop(spool);
         let spool = Spool::open(dir.path(), 1 << 20).unwrap();
-        let read = spool.read_disk(SinkId::Local, 0, 10, 1 << 20).unwrap().0;
-        let ids: Vec<&str> = read.iter().map(|(_, r)| r.message.id.as_str()).collect();
-        assert_eq!(ids, ["a", "b", "c"]);
+        assert_eq!(ids(&spool, SinkId::Local), ["a", "b", "c"]);
     }
 
     /// Segments are cut at their size and retired once every record in them is
@@ -1231,12 +1236,10 @@ mod tests {
         spool.close();
         drop(spool);
         let spool = Spool::open_with(dir.path(), 1 << 30, 1_000).unwrap();
-        let read = spool.read_disk(SinkId::Local, 0, 100, 1 << 20).unwrap().0;
-        let ids: Vec<&str> = read.iter().map(|(_, r)| r.message.id.as_str()).collect();
         let expected: Vec<String> = (0..4)
             .flat_map(|round| (0..5).map(move |i| format!("n{round}.{i}")))
             .collect();
-        assert_eq!(ids, expected);
+        assert_eq!(ids(&spool, SinkId::Local), expected);
         assert_eq!(spool.depth(SinkId::Kinesis), 0);
     }
 
