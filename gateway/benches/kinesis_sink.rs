@@ -15,8 +15,8 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 use sluice_gateway::config::AwsConfig;
 use sluice_gateway::message::Message;
+use sluice_gateway::record::Record;
 use sluice_gateway::route::{Decision, Destination};
-use sluice_gateway::sink::Record;
 use sluice_gateway::sink::kinesis::service::AwsKinesis;
 use sluice_gateway::sink::kinesis::{KinesisSettings, KinesisSink};
 

@@ -44,7 +44,7 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::{Value, json};
 
-use crate::ingress::ws::Sessions;
+use crate::ingress::sessions::Sessions;
 use crate::pipeline::Pipeline;
 use crate::shutdown::Shutdown;
 use crate::spool::codec::DeadLetter;
@@ -206,7 +206,7 @@ async fn downlink_status(State(state): State<AdminState>) -> Response {
 
 async fn devices(State(state): State<AdminState>) -> Response {
     let open = state.sessions.list();
-    let sessions: Vec<&crate::ingress::ws::SessionInfo> = open.iter().map(|s| &**s).collect();
+    let sessions: Vec<&crate::ingress::sessions::SessionInfo> = open.iter().map(|s| &**s).collect();
     Json(json!({ "sessions": sessions })).into_response()
 }
 
@@ -386,11 +386,13 @@ async fn redrive(
         body.keys
     };
     let mut redriven = Vec::new();
+    let mut kept = Vec::new();
     let mut missing = Vec::new();
     for chunk in keys.chunks(MAX_PAGE) {
         match state.pipeline.redrive(chunk).await {
             Ok(report) => {
                 redriven.extend(report.redriven);
+                kept.extend(report.kept);
                 missing.extend(report.missing);
             }
             Err(e) => {
@@ -409,7 +411,7 @@ async fn redrive(
             }
         }
     }
-    Json(json!({"redriven": redriven, "missing": missing})).into_response()
+    Json(json!({"redriven": redriven, "kept": kept, "missing": missing})).into_response()
 }
 
 /// `GET /admin/plugins`.

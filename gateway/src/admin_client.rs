@@ -329,8 +329,24 @@ pub fn run(target: AdminTarget, command: DlqCommand) -> anyhow::Result<()> {
                     letter["status"].as_str().unwrap_or("")
                 );
             }
+            let kept = answer["kept"].as_array().cloned().unwrap_or_default();
+            for letter in &kept {
+                println!(
+                    "{} {} kept: {}",
+                    letter["key"],
+                    letter["id"].as_str().unwrap_or(""),
+                    letter["error"]["message"]
+                        .as_str()
+                        .unwrap_or("refused again")
+                );
+            }
             let missing = answer["missing"].as_array().cloned().unwrap_or_default();
-            println!("redriven: {}, not found: {}", redriven.len(), missing.len());
+            println!(
+                "redriven: {}, kept (refused again): {}, not found: {}",
+                redriven.len(),
+                kept.len(),
+                missing.len()
+            );
         }
         DlqCommand::Discard { key } => {
             client.send(client.http.delete(format!("{base}/admin/dlq/{key}")))?;

@@ -320,6 +320,27 @@ pub struct SpoolConfig {
     /// best-effort messages get `503`. Default 10000.
     #[serde(default = "default_best_effort_in_flight")]
     pub best_effort_max_in_flight: usize,
+    /// Most bytes of dead letters kept. A request whose messages would be dead-lettered
+    /// past it is refused (`503 dead_letters_full`), and expired records are dropped
+    /// (counted) instead of kept. Records a sink refuses for good are kept past it: they
+    /// were acknowledged. Default 1 GiB.
+    #[serde(default = "default_dead_letter_bytes")]
+    pub max_dead_letter_bytes: u64,
+    /// What happens to a record whose `mqtt.message_expiry` passed before delivery:
+    /// `dead-letter` (default) keeps it as a dead letter, `drop` drops it and counts it
+    /// (`sluice_dead_letters_refused_total{status="expired_dropped"}`).
+    #[serde(default = "default_expired")]
+    pub expired: ExpiredPath,
+}
+
+/// `spool.expired`: what becomes of records that expired before delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExpiredPath {
+    /// Kept as dead letters (origin `expired`), up to `spool.max_dead_letter_bytes`.
+    DeadLetter,
+    /// Dropped and counted.
+    Drop,
 }
 
 /// `[admin]`: the operators' API, on its own address.
@@ -461,6 +482,28 @@ pub struct ServerConfig {
     /// request finished, before exiting with the rest left in the spool. Default 10000.
     #[serde(default = "default_shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
+    /// Without `[auth]` the device id is whatever a client says (`x-device-id`), so the
+    /// gateway refuses to start on an address other than loopback unless this is `true`.
+    /// Default `false`.
+    #[serde(default)]
+    pub allow_unauthenticated: bool,
+    /// Most device connections open at once; further ones are closed as soon as they are
+    /// accepted (`sluice_connections_closed_total{reason="refused_full"}`). Default
+    /// 10000.
+    #[serde(default = "default_max_connections")]
+    pub max_connections: usize,
+    /// Seconds a client has for its TLS handshake. Default 10.
+    #[serde(default = "default_handshake_timeout")]
+    pub handshake_timeout_secs: u64,
+    /// Seconds a client has to send a request's headers once it started (HTTP/1.1).
+    /// Default 10.
+    #[serde(default = "default_header_timeout")]
+    pub header_timeout_secs: u64,
+    /// A connection on which nothing was read or written for this many seconds is
+    /// closed (long polls wait at most 60 s, WebSocket sessions ping more often than
+    /// this). Default 90.
+    #[serde(default = "default_connection_idle")]
+    pub idle_timeout_secs: u64,
 }
 
 /// `[server.tls]`: the gateway's own certificate.
@@ -483,6 +526,15 @@ pub struct LimitsConfig {
     /// Largest `POST /batch` body in bytes. Default 5 MiB.
     #[serde(default = "default_max_batch_bytes")]
     pub max_batch_bytes: usize,
+    /// Most attributes one message may carry (batch `attributes`, the MQTT 5 parameters
+    /// of the publish API). Default 32.
+    #[serde(default = "default_max_attributes")]
+    pub max_attributes: usize,
+    /// Most bytes of attribute names and values one message may carry; they count
+    /// with the payload against the record limit and a grant's `max_payload_bytes` and
+    /// `max_bytes_per_sec`. Default 8192, IoT Core's limit for MQTT 5 user properties.
+    #[serde(default = "default_max_attribute_bytes")]
+    pub max_attribute_bytes: usize,
 }
 
 /// What happens to messages a plugin refuses or a plugin failure takes down.
@@ -633,6 +685,30 @@ fn default_best_effort_in_flight() -> usize {
 fn default_shutdown_grace_ms() -> u64 {
     10_000
 }
+fn default_dead_letter_bytes() -> u64 {
+    1 << 30
+}
+fn default_expired() -> ExpiredPath {
+    ExpiredPath::DeadLetter
+}
+fn default_max_connections() -> usize {
+    10_000
+}
+fn default_handshake_timeout() -> u64 {
+    10
+}
+fn default_header_timeout() -> u64 {
+    10
+}
+fn default_connection_idle() -> u64 {
+    90
+}
+fn default_max_attributes() -> usize {
+    32
+}
+fn default_max_attribute_bytes() -> usize {
+    8 * 1024
+}
 fn default_listen() -> SocketAddr {
     DEFAULT_LISTEN
         .parse()
@@ -684,6 +760,11 @@ impl Default for ServerConfig {
             data_dir: default_data_dir(),
             tls: None,
             shutdown_grace_ms: default_shutdown_grace_ms(),
+            allow_unauthenticated: false,
+            max_connections: default_max_connections(),
+            handshake_timeout_secs: default_handshake_timeout(),
+            header_timeout_secs: default_header_timeout(),
+            idle_timeout_secs: default_connection_idle(),
         }
     }
 }
@@ -694,6 +775,8 @@ impl Default for SpoolConfig {
             durability: Durability::Durable,
             max_bytes_per_sink: default_spool_bytes(),
             best_effort_max_in_flight: default_best_effort_in_flight(),
+            max_dead_letter_bytes: default_dead_letter_bytes(),
+            expired: default_expired(),
         }
     }
 }
@@ -703,6 +786,8 @@ impl Default for LimitsConfig {
         LimitsConfig {
             max_batch_messages: DEFAULT_MAX_BATCH_MESSAGES,
             max_batch_bytes: DEFAULT_MAX_BATCH_BYTES,
+            max_attributes: default_max_attributes(),
+            max_attribute_bytes: default_max_attribute_bytes(),
         }
     }
 }
@@ -861,6 +946,34 @@ impl Config {
         if limits.max_batch_bytes < 1024 {
             problems.push("limits.max_batch_bytes must be at least 1024".to_string());
         }
+        let server = &self.server;
+        if self.auth.is_none() && !server.listen.ip().is_loopback() && !server.allow_unauthenticated
+        {
+            problems.push(format!(
+                "server.listen: {} is not a loopback address, and without [auth] any client \
+                 could name itself any device (x-device-id); configure [auth], listen on \
+                 127.0.0.1, or set server.allow_unauthenticated = true",
+                server.listen
+            ));
+        }
+        if server.max_connections == 0 {
+            problems.push("server.max_connections must be at least 1".to_string());
+        }
+        for (name, secs) in [
+            ("handshake_timeout_secs", server.handshake_timeout_secs),
+            ("header_timeout_secs", server.header_timeout_secs),
+            ("idle_timeout_secs", server.idle_timeout_secs),
+        ] {
+            if secs == 0 {
+                problems.push(format!("server.{name} must be at least 1"));
+            }
+        }
+        if server.idle_timeout_secs <= 60 {
+            problems.push(format!(
+                "server.idle_timeout_secs must be over 60 (the longest long poll), not {}",
+                server.idle_timeout_secs
+            ));
+        }
         self.validate_plugins(&mut problems);
         self.validate_routing(&mut problems);
         self.validate_sinks(&mut problems);
@@ -935,6 +1048,13 @@ impl Config {
                     .to_string(),
             );
         }
+        if ws.ping_interval_secs >= self.server.idle_timeout_secs {
+            problems.push(format!(
+                "websocket.ping_interval_secs ({}) must be below server.idle_timeout_secs ({}): \
+                 the pings keep a quiet session's connection from counting as idle",
+                ws.ping_interval_secs, self.server.idle_timeout_secs
+            ));
+        }
     }
 
     fn validate_auth_and_policy(&self, problems: &mut Vec<String>) {
@@ -962,7 +1082,7 @@ impl Config {
                     ("revoked_fingerprints", &mtls.revoked_fingerprints),
                 ] {
                     for value in list {
-                        if crate::auth::parse_hex(value).is_none() {
+                        if parse_hex(value).is_none() {
                             problems.push(format!("auth.mtls.{what}: `{value}` is not hex"));
                         }
                     }
@@ -1356,4 +1476,19 @@ mod tests {
         }
         assert_eq!(problems.len(), 11, "{all}");
     }
+}
+
+/// Hex digits (colons and spaces allowed between them) as bytes, as certificate serial
+/// numbers and fingerprints are written in `[auth.mtls]`.
+pub fn parse_hex(text: &str) -> Option<Vec<u8>> {
+    let digits: String = text.chars().filter(|c| !matches!(c, ':' | ' ')).collect();
+    if digits.is_empty() {
+        return None;
+    }
+    let padded = if digits.len() % 2 == 1 {
+        format!("0{digits}")
+    } else {
+        digits
+    };
+    hex::decode(padded).ok()
 }

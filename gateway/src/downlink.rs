@@ -161,6 +161,11 @@ impl Downlink {
         self.devices.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The topic `device`'s replies are published on.
+    pub fn reply_topic(&self, device: &str) -> String {
+        Self::topic(&self.settings.reply_topic, device)
+    }
+
     fn topic(pattern: &str, device: &str) -> String {
         pattern.replace("${device.id}", device)
     }

@@ -8,24 +8,39 @@
 //!
 //! # Layout
 //!
-//! One module per step of a message's way:
+//! One module per step of a message's way, in its order:
 //!
-//! - [`config`]: the configuration file, its defaults, and validation that reports every
-//!   error at once.
-//! - [`ingress`]: the HTTP(S) listener and its routes (`POST /topics/{topic}`, batches).
+//! - [`ingress`]: the device listener and its protocols: connection limits and timeouts
+//!   ([`ingress::guard`]), the HTTP routes (`POST /topics/{topic}`, batches, long-poll
+//!   commands), WebSocket sessions, and the one admission step they all call
+//!   ([`ingress::admit`]).
+//! - [`auth`]: who a device is: client certificates (with revocation) or bearer tokens.
+//! - [`policy`]: what a device may do: per-grant topics, sizes and rates.
+//! - [`pipeline`]: one batch's way through plugins and routing to the spool, and what
+//!   the device is told; re-drives of dead letters.
 //! - [`plugin`]: the wasmtime host: engine, compiled-component cache, instances reused
 //!   across batches, time and memory limits, hot reload, uploaded versions.
 //! - [`route`]: the routing decision: topic filters, the built-in policy, router-plugin
 //!   overrides.
-//! - [`pipeline`]: one message batch's way from ingress through plugins and routing to the
-//!   sink, and what the device is told.
+//! - [`record`]: a routed message ([`record::Record`]) and the sink that delivers it
+//!   ([`record::SinkId`]), shared by the spool and the sinks.
 //! - [`spool`]: the durable queue per sink (group commit), delivery from it, and the
 //!   dead-letter store.
 //! - [`sink`]: delivery to Kinesis, IoT Core (MQTT or HTTPS), or the local sink, the
 //!   embedded default that needs no cloud.
-//! - [`admin`]: the operators' API (spool state, dead letters, plugins, reload, metrics).
+//! - [`downlink`]: commands from the cloud to devices, through the MQTT broker.
+//!
+//! Around the way:
+//!
+//! - [`config`]: the configuration file, its defaults, and validation that reports every
+//!   error at once.
 //! - [`reconfigure`]: configuration reload without a restart (admin API and `SIGHUP`).
+//! - [`admin`]: the operators' API (spool state, dead letters, plugins, reload, metrics);
+//!   the binary's `admin_client` holds the `sluice dlq` and `sluice admin` commands
+//!   that call it.
+//! - [`metrics`]: the Prometheus metrics.
 //! - [`message`]: the message record shared by every step.
+//! - `shutdown`: the signal every task stops on.
 
 pub mod admin;
 pub mod auth;
@@ -38,6 +53,7 @@ pub mod pipeline;
 pub mod plugin;
 pub mod policy;
 pub mod reconfigure;
+pub mod record;
 pub mod route;
 mod shutdown;
 pub mod sink;
@@ -70,9 +86,10 @@ pub async fn run(
         &config.server.data_dir,
         config.spool.max_bytes_per_sink,
     )?);
+    spool.set_dead_letter_limit(config.spool.max_dead_letter_bytes);
     let local = Arc::new(sink::local::LocalSink::open(&config.server.data_dir)?);
     let plugins = plugin::Plugins::start(&config)?;
-    let live = ingress::Live::new(&config)?;
+    let live = ingress::live::Live::new(&config)?;
     let sinks = Arc::new(cloud_sinks(&config, local.clone()).await?);
     let pipeline = Arc::new(pipeline::Pipeline::new(
         &config,
@@ -81,7 +98,7 @@ pub async fn run(
         spool.clone(),
     ));
     let (drain, draining) = tokio::sync::watch::channel(false);
-    let deliverers = spool::deliver::start(spool.clone(), sinks, draining);
+    let deliverers = spool::deliver::start(spool.clone(), sinks, config.spool.expired, draining);
     let watcher = if config.plugins.hot_reload {
         Some(Arc::new(plugin::reload::watch(plugins.clone())?))
     } else {
@@ -96,7 +113,7 @@ pub async fn run(
     ));
     #[cfg(unix)]
     let hangups = reconfigure::reload_on_sighup(reloader.clone())?;
-    let sessions = Arc::new(ingress::ws::Sessions::default());
+    let sessions = Arc::new(ingress::sessions::Sessions::default());
     let downlink = config
         .downlink
         .clone()
@@ -119,7 +136,14 @@ pub async fn run(
         ),
         _ => None,
     };
-    let result = ingress::serve(&config, live, pipeline, sessions, downlink, shutdown).await;
+    let state = ingress::state::AppState {
+        pipeline,
+        live,
+        shutdown,
+        sessions,
+        downlink,
+    };
+    let result = ingress::listener::serve(&config, state).await;
     #[cfg(unix)]
     hangups.abort();
     drop(reloader);

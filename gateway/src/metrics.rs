@@ -72,6 +72,22 @@ pub struct RouteLabel {
     pub destination: String,
 }
 
+/// A label set naming a device listener.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ListenerLabel {
+    /// `http` (the device listener) or, for later listeners, their name.
+    pub listener: String,
+}
+
+/// Connections a listener closed, by listener and why.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ConnectionEnd {
+    /// The listener.
+    pub listener: String,
+    /// `refused_full`, `handshake_timeout` or `idle_timeout`.
+    pub reason: String,
+}
+
 /// Every metric.
 pub struct Metrics {
     registry: Registry,
@@ -93,6 +109,17 @@ pub struct Metrics {
     pub spool_fsyncs: Gauge,
     /// Dead letters stored (set at scrape time).
     pub dead_letters: Gauge,
+    /// Bytes of dead letters stored (set at scrape time).
+    pub dead_letter_bytes: Gauge,
+    /// Messages not kept as dead letters, by why: `store_full` (the store was at
+    /// `spool.max_dead_letter_bytes`) or `expired_dropped` (`spool.expired = "drop"`).
+    pub dead_letters_refused: Family<Status, Counter>,
+    /// Damaged spool entries skipped when the spool was read at start.
+    pub spool_damaged_entries: Counter,
+    /// Open device connections, per listener.
+    pub connections: Family<ListenerLabel, Gauge>,
+    /// Connections the gateway closed or refused, by listener and reason.
+    pub connections_closed: Family<ConnectionEnd, Counter>,
     /// Open WebSocket sessions (set at scrape time).
     pub sessions: Gauge,
     /// Message parts routed, by route and destination.
@@ -272,6 +299,36 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
     );
     let dead_letters = Gauge::default();
     registry.register("dead_letters", "Dead letters stored", dead_letters.clone());
+    let dead_letter_bytes = Gauge::default();
+    registry.register(
+        "dead_letter_bytes",
+        "Bytes of dead letters stored",
+        dead_letter_bytes.clone(),
+    );
+    let dead_letters_refused = Family::<Status, Counter>::default();
+    registry.register(
+        "dead_letters_refused",
+        "Messages not kept as dead letters (store_full, expired_dropped)",
+        dead_letters_refused.clone(),
+    );
+    let spool_damaged_entries = Counter::default();
+    registry.register(
+        "spool_damaged_entries",
+        "Damaged spool entries skipped when the spool was read at start",
+        spool_damaged_entries.clone(),
+    );
+    let connections = Family::<ListenerLabel, Gauge>::default();
+    registry.register(
+        "connections",
+        "Open device connections, per listener",
+        connections.clone(),
+    );
+    let connections_closed = Family::<ConnectionEnd, Counter>::default();
+    registry.register(
+        "connections_closed",
+        "Connections the gateway refused or closed (refused_full, handshake_timeout, idle_timeout)",
+        connections_closed.clone(),
+    );
     let sessions = Gauge::default();
     registry.register(
         "websocket_sessions",
@@ -363,6 +420,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         spool_bytes,
         spool_fsyncs,
         dead_letters,
+        dead_letter_bytes,
+        dead_letters_refused,
+        spool_damaged_entries,
+        connections,
+        connections_closed,
         sessions,
         routes,
         sink_window_records,
@@ -400,6 +462,25 @@ impl Metrics {
             .get_or_create(&RouteLabel {
                 route: route.to_string(),
                 destination: destination.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts a message not kept as a dead letter (`store_full`, `expired_dropped`).
+    pub fn dead_letter_refused(&self, why: &str) {
+        self.dead_letters_refused
+            .get_or_create(&Status {
+                status: why.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts a connection `listener` refused or closed for `reason`.
+    pub fn connection_closed(&self, listener: &str, reason: &str) {
+        self.connections_closed
+            .get_or_create(&ConnectionEnd {
+                listener: listener.to_string(),
+                reason: reason.to_string(),
             })
             .inc();
     }

@@ -25,11 +25,13 @@ use tokio::sync::Semaphore;
 use crate::config::{Config, Durability, FailurePath};
 use crate::message::{Message, now_ms};
 use crate::plugin::{FailureKind, InputResult, Plugins};
+use crate::record::Record;
+use crate::record::SinkId;
 use crate::route::meter::ThroughputMeter;
 use crate::route::{Decision, Destination, Facts, Policy};
-use crate::sink::{Record, Sinks};
+use crate::sink::Sinks;
 use crate::spool::codec::{DeadLetter, Origin};
-use crate::spool::{Change, SinkId, Spool, SpoolError};
+use crate::spool::{Change, Spool, SpoolError};
 
 /// The assembled message path.
 pub struct Pipeline {
@@ -102,13 +104,39 @@ struct Routed {
     best_effort: Vec<(SinkId, Record)>,
 }
 
+/// How a batch's records are kept.
+struct Keep<'a> {
+    /// The routing settings the batch runs with.
+    rules: &'a RoutingRules,
+    /// Every route is durable (a redrive: the dead letter was durable).
+    durable_only: bool,
+}
+
 /// What a redrive did.
 #[derive(Debug, Clone, Serialize)]
 pub struct RedriveReport {
     /// Dead letters taken out of the store, with where their messages went now.
     pub redriven: Vec<RedrivenLetter>,
+    /// Dead letters left in the store because their message was refused again (a plugin
+    /// failed on it and `plugins.on_failure` is `reject`): the letter is all that is left
+    /// of the message, so it stays, and can be redriven once the cause is fixed.
+    pub kept: Vec<KeptLetter>,
     /// Keys that named no dead letter.
     pub missing: Vec<u64>,
+}
+
+/// A dead letter a redrive left in the store.
+#[derive(Debug, Clone, Serialize)]
+pub struct KeptLetter {
+    /// The dead letter's key.
+    pub key: u64,
+    /// The message id.
+    pub id: String,
+    /// What happened this time (`rejected`).
+    pub status: Status,
+    /// Why.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<FailureReport>,
 }
 
 /// One redriven dead letter.
@@ -224,30 +252,45 @@ impl Pipeline {
         bidirectional: bool,
     ) -> Result<Vec<MessageReport>, StoreError> {
         let rates = self.measure(&batch);
-        self.run(batch, None, bidirectional, &rates, Change::default())
-            .await
+        self.run(batch, None, bidirectional, &rates, None).await
     }
 
-    /// Plugins, routing, then the spool (with `extra` in the same change) and the
-    /// best-effort hand-over.
+    /// Plugins, routing, then the spool and the best-effort hand-over.
+    ///
+    /// `letters`, for a redrive, names the dead letter each message of `batch` comes
+    /// from: every route is then durable (the letter was), and a letter leaves the store
+    /// in the same change that stores its message's new outcome, unless the message was
+    /// rejected (then nothing else holds it).
     async fn run(
         &self,
         batch: Vec<Message>,
         start: Option<String>,
         bidirectional: bool,
         rates: &HashMap<String, u64>,
-        extra: Change,
+        letters: Option<&[u64]>,
     ) -> Result<Vec<MessageReport>, StoreError> {
         let ids: Vec<String> = batch.iter().map(|m| m.id.clone()).collect();
         let results = self.plugins.run_from(batch, start).await;
-        let mut routed = Routed {
-            durable: extra,
-            best_effort: Vec::new(),
-        };
+        let mut routed = Routed::default();
         let rules = self.rules.load_full();
+        let keep = Keep {
+            rules: &rules,
+            durable_only: letters.is_some(),
+        };
         let mut reports = Vec::with_capacity(results.len());
         for (id, result) in ids.into_iter().zip(results) {
-            reports.push(self.settle(&rules, id, result, rates, bidirectional, &mut routed));
+            reports.push(self.settle(&keep, id, result, rates, bidirectional, &mut routed));
+        }
+        match letters {
+            Some(keys) => {
+                for (key, report) in keys.iter().zip(&reports) {
+                    if report.status != Status::Rejected {
+                        routed.durable.remove_dead_letter(*key);
+                    }
+                }
+            }
+            // A device's request: what it would add to the dead-letter store is bounded.
+            None => routed.durable.bound_dead_letters(),
         }
         for report in &reports {
             crate::metrics::METRICS.message(report.status.name());
@@ -318,6 +361,7 @@ impl Pipeline {
     pub async fn redrive(&self, keys: &[u64]) -> Result<RedriveReport, StoreError> {
         let mut report = RedriveReport {
             redriven: Vec::new(),
+            kept: Vec::new(),
             missing: Vec::new(),
         };
         // Grouped by where the chain starts: one plugin run per group.
@@ -355,23 +399,25 @@ impl Pipeline {
         }
         self.spool.commit(requeue).await?;
         for (start, letters) in again {
-            let mut extra = Change::default();
-            let mut batch = Vec::with_capacity(letters.len());
-            let mut redriven_keys = Vec::with_capacity(letters.len());
-            for (key, message) in letters {
-                extra.remove_dead_letter(key);
-                redriven_keys.push(key);
-                batch.push(message);
-            }
+            let (keys, batch): (Vec<u64>, Vec<Message>) = letters.into_iter().unzip();
             let reports = self
-                .run(batch, start, false, &HashMap::new(), extra)
+                .run(batch, start, false, &HashMap::new(), Some(&keys))
                 .await?;
-            for (key, message) in redriven_keys.into_iter().zip(reports) {
-                report.redriven.push(RedrivenLetter {
-                    key,
-                    id: message.id,
-                    status: message.status,
-                });
+            for (key, message) in keys.into_iter().zip(reports) {
+                if message.status == Status::Rejected {
+                    report.kept.push(KeptLetter {
+                        key,
+                        id: message.id,
+                        status: message.status,
+                        error: message.error,
+                    });
+                } else {
+                    report.redriven.push(RedrivenLetter {
+                        key,
+                        id: message.id,
+                        status: message.status,
+                    });
+                }
             }
         }
         Ok(report)
@@ -392,7 +438,7 @@ impl Pipeline {
     /// Decides the fate of one input message, adding its records for the sink.
     fn settle(
         &self,
-        rules: &RoutingRules,
+        keep: &Keep<'_>,
         id: String,
         result: InputResult,
         rates: &HashMap<String, u64>,
@@ -413,6 +459,7 @@ impl Pipeline {
                 message: first.reason.clone(),
             });
             report.failure_kind = Some(first.kind);
+            let rules = keep.rules;
             if rules.on_failure == FailurePath::Reject {
                 report.status = Status::Rejected;
                 return report;
@@ -457,6 +504,7 @@ impl Pipeline {
                 bidirectional,
                 device_bytes_per_sec: rates.get(&output.message.device_id).copied().unwrap_or(0),
             };
+            let rules = keep.rules;
             let builtin = rules.policy.decide(&output.message, facts);
             let decision = match output.router {
                 Some(choice) => rules.policy.overrule(
@@ -473,7 +521,7 @@ impl Pipeline {
                 decision: decision.clone(),
             });
             self.keep(
-                rules,
+                keep,
                 Record {
                     message: output.message,
                     decision,
@@ -489,7 +537,8 @@ impl Pipeline {
 impl Pipeline {
     /// Puts one routed record where its route says: the spool, a best-effort hand-over,
     /// the dead-letter store, or nowhere (`drop`).
-    fn keep(&self, rules: &RoutingRules, record: Record, routed: &mut Routed) {
+    fn keep(&self, keep: &Keep<'_>, record: Record, routed: &mut Routed) {
+        let rules = keep.rules;
         crate::metrics::METRICS.route(&record.decision.rule, record.decision.destination.kind());
         let Some(sink) = self.sinks.sink_for(&record.decision.destination) else {
             if record.decision.destination == Destination::DeadLetter {
@@ -510,8 +559,10 @@ impl Pipeline {
             .copied()
             .unwrap_or(rules.durability);
         match durability {
-            Durability::Durable => routed.durable.queue(sink, record),
-            Durability::BestEffort => routed.best_effort.push((sink, record)),
+            Durability::BestEffort if !keep.durable_only => {
+                routed.best_effort.push((sink, record));
+            }
+            _ => routed.durable.queue(sink, record),
         }
     }
 }

@@ -107,49 +107,68 @@ impl DevicePolicy {
         }
     }
 
-    /// Checks `count` messages of `bytes` payload bytes in all (the largest being
-    /// `largest`) that `identity` publishes to `topics`; takes them from the rate limits
-    /// only if every check passes.
+    /// Checks the messages `identity` publishes, each a topic and its size (payload and
+    /// attributes). Each message is held to the grant that allows its topic: its size to
+    /// that grant's `max_payload_bytes`, and it counts against that grant's rates. The
+    /// rates are taken only once every message passed the topic and size checks; a
+    /// batch refused by one grant's rate may already have used another grant's.
     pub fn check_publish<'a>(
         &self,
         identity: &Identity,
-        topics: impl IntoIterator<Item = &'a str>,
-        count: usize,
-        bytes: usize,
-        largest: usize,
+        messages: impl IntoIterator<Item = (&'a str, usize)>,
     ) -> Result<(), Refusal> {
         if !self.enforced {
             return Ok(());
         }
-        // The grant that allows each topic; the first topic's grant sets the limits.
-        let mut limits: Option<&Grant> = None;
-        for topic in topics {
-            let grant = self
+        // Per grant (by index): messages and bytes to take from its rates.
+        let mut usage: Vec<(usize, u32, usize)> = Vec::new();
+        for (topic, size) in messages {
+            let (index, grant) = self
                 .grants
                 .iter()
-                .find(|g| {
+                .enumerate()
+                .find(|(_, g)| {
                     g.applies_to(identity) && Grant::allows(&g.config.publish, identity, topic)
                 })
                 .ok_or_else(|| Refusal::Denied {
                     topic: topic.to_string(),
                 })?;
-            limits.get_or_insert(grant);
+            if let Some(limit) = grant.config.max_payload_bytes
+                && size > limit
+            {
+                return Err(Refusal::TooLarge {
+                    grant: grant.config.name.clone(),
+                    limit,
+                    size,
+                });
+            }
+            match usage.iter_mut().find(|(i, _, _)| *i == index) {
+                Some((_, count, bytes)) => {
+                    *count = count.saturating_add(1);
+                    *bytes += size;
+                }
+                None => usage.push((index, 1, size)),
+            }
         }
-        let Some(grant) = limits else { return Ok(()) };
+        for (index, count, bytes) in usage {
+            self.take_rates(&self.grants[index], identity, count, bytes)?;
+        }
+        Ok(())
+    }
+
+    /// Takes `count` messages of `bytes` from `grant`'s rates for `identity`.
+    fn take_rates(
+        &self,
+        grant: &Grant,
+        identity: &Identity,
+        count: u32,
+        bytes: usize,
+    ) -> Result<(), Refusal> {
         let name = &grant.config.name;
-        if let Some(limit) = grant.config.max_payload_bytes
-            && largest > limit
-        {
-            return Err(Refusal::TooLarge {
-                grant: name.clone(),
-                limit,
-                size: largest,
-            });
-        }
         let key = &identity.device_id;
         let now = self.clock.now();
         if let Some(limiter) = &grant.messages {
-            let n = NonZeroU32::new(count.max(1) as u32).expect("at least 1");
+            let n = NonZeroU32::new(count.max(1)).expect("at least 1");
             match limiter.check_key_n(key, n) {
                 Ok(Ok(())) => {}
                 Ok(Err(not_until)) => {
@@ -243,6 +262,8 @@ mod tests {
             device_id: id.to_string(),
             groups: groups.iter().map(|g| g.to_string()).collect(),
             method: Method::Token,
+            expires_at_secs: None,
+            certificate: None,
         }
     }
 
@@ -250,22 +271,18 @@ mod tests {
     fn devices_publish_only_where_a_grant_allows() {
         let policy = policy();
         let a = device("a", &[]);
-        assert!(
-            policy
-                .check_publish(&a, ["devices/a/temp"], 1, 1, 1)
-                .is_ok()
-        );
+        assert!(policy.check_publish(&a, [("devices/a/temp", 1)]).is_ok());
         assert_eq!(
-            policy.check_publish(&a, ["devices/b/temp"], 1, 1, 1),
+            policy.check_publish(&a, [("devices/b/temp", 1)]),
             Err(Refusal::Denied {
                 topic: "devices/b/temp".to_string()
             })
         );
-        assert!(policy.check_publish(&a, ["fleet/x"], 1, 1, 1).is_err());
+        assert!(policy.check_publish(&a, [("fleet/x", 1)]).is_err());
         let ops = device("o", &["ops"]);
-        assert!(policy.check_publish(&ops, ["fleet/x"], 1, 5, 5).is_ok());
+        assert!(policy.check_publish(&ops, [("fleet/x", 5)]).is_ok());
         assert!(matches!(
-            policy.check_publish(&ops, ["fleet/x"], 1, 11, 11),
+            policy.check_publish(&ops, [("fleet/x", 11)]),
             Err(Refusal::TooLarge { limit: 10, .. })
         ));
         assert!(policy.may_subscribe(&a, "cmd/a/reboot"));
@@ -277,9 +294,9 @@ mod tests {
         let policy = policy();
         let a = device("a", &[]);
         for _ in 0..3 {
-            policy.check_publish(&a, ["devices/a/t"], 1, 1, 1).unwrap();
+            policy.check_publish(&a, [("devices/a/t", 1)]).unwrap();
         }
-        match policy.check_publish(&a, ["devices/a/t"], 1, 1, 1) {
+        match policy.check_publish(&a, [("devices/a/t", 1)]) {
             Err(Refusal::RateLimited {
                 retry_after, limit, ..
             }) => {
@@ -291,16 +308,55 @@ mod tests {
         // Another device has its own bucket.
         assert!(
             policy
-                .check_publish(&device("b", &[]), ["devices/b/t"], 1, 1, 1)
+                .check_publish(&device("b", &[]), [("devices/b/t", 1)])
                 .is_ok()
         );
+    }
+
+    /// A batch mixing topics holds each message to its own grant: a message under a
+    /// strict grant cannot ride along behind one under a lenient grant.
+    #[test]
+    fn each_message_of_a_batch_is_held_to_its_own_grant() {
+        let config: PolicyConfig = toml::from_str(
+            r#"
+            [[grants]]
+            name = "status"
+            devices = ["*"]
+            publish = ["status/#"]
+            [[grants]]
+            name = "telemetry"
+            devices = ["*"]
+            publish = ["telemetry/#"]
+            max_payload_bytes = 10
+            max_messages_per_sec = 1
+            "#,
+        )
+        .unwrap();
+        let policy = DevicePolicy::new(Some(&config), true);
+        let a = device("a", &[]);
+        let refused = policy.check_publish(&a, [("status/x", 1), ("telemetry/t", 42)]);
+        assert!(
+            matches!(refused, Err(Refusal::TooLarge { ref grant, limit: 10, size: 42 }) if grant == "telemetry"),
+            "{refused:?}"
+        );
+        let batch = [("status/x", 1), ("telemetry/t", 5), ("telemetry/t", 5)];
+        assert!(
+            matches!(
+                policy.check_publish(&a, batch),
+                Err(Refusal::RateLimited { ref grant, .. }) if grant == "telemetry"
+            ),
+            "two telemetry messages exceed its 1 msg/s"
+        );
+        // Status has no limits: many of them pass.
+        let statuses = [("status/x", 1000); 50];
+        assert!(policy.check_publish(&a, statuses).is_ok());
     }
 
     #[test]
     fn without_policy_or_auth_everything_is_allowed() {
         let open = DevicePolicy::new(None, false);
         assert!(
-            open.check_publish(&device("x", &[]), ["any/topic"], 1, 1, 1)
+            open.check_publish(&device("x", &[]), [("any/topic", 1)])
                 .is_ok()
         );
     }

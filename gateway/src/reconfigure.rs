@@ -8,10 +8,13 @@
 //! request, frame and batch is checked against the new rules.
 //!
 //! Live sections: `[plugins]` chain (`transform`, `router`, their configuration,
-//! `on_failure`), `[routing]`, `spool.durability`, `[auth]`, `[policy]`, `[limits]`,
+//! `on_failure`), `[routing]`, `spool.durability`, `spool.max_dead_letter_bytes`,
+//! `[auth]` (a certificate revoked this way also ends its open WebSocket sessions),
+//! `[policy]`, `[limits]`,
 //! `[websocket]` (for new sessions), and the certificate, key and CAs of
 //! `[server.tls]` / `[auth.mtls]`, read again on every reload (for new connections). The rest (addresses, the data
-//! directory, the spool's size, the sinks, AWS, the admin listener, the downlink, the
+//! directory, the connection limits and timeouts, the spool's size, `spool.expired`, the
+//! sinks, AWS, the admin listener, the downlink, the
 //! plugin host's workers and limits, turning TLS on or off) is only read at start: a
 //! reload that changes it applies the live sections and lists the others under
 //! `restart_required`.
@@ -23,7 +26,7 @@ use std::sync::Arc;
 use serde::Serialize;
 
 use crate::config::Config;
-use crate::ingress::Live;
+use crate::ingress::live::Live;
 use crate::pipeline::{Pipeline, RoutingRules};
 use crate::plugin::reload::ReloadWatcher;
 
@@ -168,6 +171,11 @@ impl Reloader {
                 }
             }
         }
+        if running.spool.max_dead_letter_bytes != effective.spool.max_dead_letter_bytes {
+            let limit = effective.spool.max_dead_letter_bytes;
+            self.pipeline.spool().set_dead_letter_limit(limit);
+            applied.push("spool.max_dead_letter_bytes".to_string());
+        }
         if running.plugins.transform != effective.plugins.transform
             || running.plugins.router != effective.plugins.router
             || !plugins_loaded.is_empty()
@@ -214,6 +222,20 @@ fn split(running: &Config, new: &Config) -> (Config, Vec<String>) {
         ),
         (tls_switch, "server.tls (turning TLS on or off)"),
         (
+            old_server.allow_unauthenticated != new_server.allow_unauthenticated,
+            "server.allow_unauthenticated",
+        ),
+        (
+            old_server.max_connections != new_server.max_connections,
+            "server.max_connections",
+        ),
+        (
+            old_server.handshake_timeout_secs != new_server.handshake_timeout_secs
+                || old_server.header_timeout_secs != new_server.header_timeout_secs
+                || old_server.idle_timeout_secs != new_server.idle_timeout_secs,
+            "server.*_timeout_secs",
+        ),
+        (
             old_plugins.workers != new_plugins.workers,
             "plugins.workers",
         ),
@@ -241,6 +263,7 @@ fn split(running: &Config, new: &Config) -> (Config, Vec<String>) {
             running.spool.best_effort_max_in_flight != new.spool.best_effort_max_in_flight,
             "spool.best_effort_max_in_flight",
         ),
+        (running.spool.expired != new.spool.expired, "spool.expired"),
         (running.aws != new.aws, "aws"),
         (running.sinks != new.sinks, "sinks"),
         (running.admin != new.admin, "admin"),
@@ -272,6 +295,7 @@ fn split(running: &Config, new: &Config) -> (Config, Vec<String>) {
     };
     effective.spool = crate::config::SpoolConfig {
         durability: new.spool.durability,
+        max_dead_letter_bytes: new.spool.max_dead_letter_bytes,
         ..running.spool.clone()
     };
     effective.aws = running.aws.clone();

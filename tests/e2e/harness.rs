@@ -104,7 +104,14 @@ impl Gateway {
         self.admin = admin;
     }
 
-    /// Starts the gateway again after [`Gateway::terminate`].
+    /// Kills the gateway with SIGKILL and waits for it; [`Gateway::restart`] starts it
+    /// again (after the test changed something on disk, say).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the gateway again after [`Gateway::terminate`] or [`Gateway::kill`].
     pub fn restart(&mut self) {
         let (child, url, admin) = spawn(self.dir.path());
         self.child = child;

@@ -9,6 +9,7 @@ mod devices;
 mod downlink;
 mod durability;
 mod failures;
+mod hardening;
 mod http;
 mod operate;
 mod plugins;

@@ -47,6 +47,20 @@ pub struct Identity {
     pub groups: Vec<String>,
     /// How it was established.
     pub method: Method,
+    /// When the credential stops being valid (seconds since the Unix epoch): a token's
+    /// `exp`, a certificate's end of validity. A session ends then.
+    pub expires_at_secs: Option<u64>,
+    /// The client certificate, so that a session can be ended when a reload revokes it.
+    pub certificate: Option<CertificateKey>,
+}
+
+/// What names a client certificate in the revocation lists.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CertificateKey {
+    /// The serial number, leading zero bytes removed.
+    pub serial: Vec<u8>,
+    /// The SHA-256 fingerprint of the DER encoding.
+    pub fingerprint: Vec<u8>,
 }
 
 /// Why a device was not let in: each is a `401` with its code.
@@ -79,6 +93,13 @@ pub enum AuthError {
     /// The client certificate carries no device id where the config says to look.
     #[error("the client certificate carries no device id in its {0}")]
     CertificateWithoutId(&'static str),
+    /// The client certificate was revoked (by a configuration reload, for a session
+    /// opened before; new connections fail in the TLS handshake).
+    #[error("the client certificate was revoked")]
+    CertificateRevoked,
+    /// The client certificate's validity ended during a session.
+    #[error("the client certificate has expired")]
+    CertificateExpired,
 }
 
 impl AuthError {
@@ -94,6 +115,8 @@ impl AuthError {
             AuthError::TokenWrongIssuer => "token_wrong_issuer",
             AuthError::BadDeviceId(_) => "bad_device_id",
             AuthError::CertificateWithoutId(_) => "certificate_without_device_id",
+            AuthError::CertificateRevoked => "certificate_revoked",
+            AuthError::CertificateExpired => "certificate_expired",
         }
     }
 }
@@ -109,6 +132,8 @@ pub struct Authenticator {
     required: bool,
     /// Where a client certificate names the device (`[auth.mtls] device_id`).
     mtls_device_id: Option<crate::config::DeviceIdSource>,
+    /// The revoked certificates, for sessions opened before a reload revoked theirs.
+    revoked: Option<mtls::RevocationList>,
 }
 
 impl Authenticator {
@@ -120,7 +145,29 @@ impl Authenticator {
                 .map(token::TokenKeys::new),
             required: auth.is_some(),
             mtls_device_id: auth.and_then(|a| a.mtls.as_ref()).map(|m| m.device_id),
+            revoked: auth
+                .and_then(|a| a.mtls.as_ref())
+                .map(mtls::RevocationList::new),
         }
+    }
+
+    /// Whether a session of `identity` may go on at `now_secs` (seconds since the Unix
+    /// epoch): its credential has not expired, and its certificate is not revoked.
+    pub fn still_valid(&self, identity: &Identity, now_secs: u64) -> Result<(), AuthError> {
+        if let Some(expires) = identity.expires_at_secs
+            && now_secs > expires
+        {
+            return Err(match identity.method {
+                Method::Certificate => AuthError::CertificateExpired,
+                _ => AuthError::TokenExpired,
+            });
+        }
+        if let (Some(key), Some(revoked)) = (&identity.certificate, &self.revoked)
+            && revoked.contains(key)
+        {
+            return Err(AuthError::CertificateRevoked);
+        }
+        Ok(())
     }
 
     /// Where a client certificate names the device, when `[auth.mtls]` is configured.
@@ -185,35 +232,14 @@ fn header_identity(headers: &HeaderMap) -> Result<Identity, AuthError> {
         device_id: id,
         groups: Vec::new(),
         method: Method::Header,
+        expires_at_secs: None,
+        certificate: None,
     })
-}
-
-/// Hex digits (colons and spaces allowed between them) as bytes, leading zero bytes
-/// removed, so that serial numbers compare however they were written.
-pub fn parse_hex(text: &str) -> Option<Vec<u8>> {
-    let digits: String = text.chars().filter(|c| !matches!(c, ':' | ' ')).collect();
-    if digits.is_empty() {
-        return None;
-    }
-    let padded = if digits.len() % 2 == 1 {
-        format!("0{digits}")
-    } else {
-        digits
-    };
-    hex::decode(padded).ok()
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn hex_parses_with_colons_and_odd_lengths() {
-        assert_eq!(parse_hex("0A:1b"), Some(vec![0x0a, 0x1b]));
-        assert_eq!(parse_hex("abc"), Some(vec![0x0a, 0xbc]));
-        assert_eq!(parse_hex("zz"), None);
-        assert_eq!(parse_hex(""), None);
-    }
 
     #[test]
     fn device_ids_that_would_break_topic_filters_are_refused() {

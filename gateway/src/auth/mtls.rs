@@ -25,8 +25,8 @@ use tokio_rustls::rustls::{
 };
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
-use crate::auth::{AuthError, Identity, Method, check_device_id, parse_hex};
-use crate::config::{DeviceIdSource, MtlsConfig};
+use crate::auth::{AuthError, CertificateKey, Identity, Method, check_device_id};
+use crate::config::{DeviceIdSource, MtlsConfig, parse_hex};
 
 /// Builds the client-certificate verifier. With `optional`, clients without a
 /// certificate get through the handshake (to authenticate with a token instead).
@@ -60,18 +60,48 @@ pub fn verifier(
         .context("cannot build the client certificate verifier")?;
     Ok(Arc::new(Revocations {
         inner,
-        serials: config
-            .revoked_serials
-            .iter()
-            .filter_map(|s| parse_hex(s))
-            .map(strip_zeros)
-            .collect(),
-        fingerprints: config
-            .revoked_fingerprints
-            .iter()
-            .filter_map(|s| parse_hex(s))
-            .collect(),
+        revoked: RevocationList::new(config),
     }))
+}
+
+/// The certificates `[auth.mtls]` lists as revoked, by serial number or fingerprint.
+#[derive(Debug)]
+pub struct RevocationList {
+    serials: HashSet<Vec<u8>>,
+    fingerprints: HashSet<Vec<u8>>,
+}
+
+impl RevocationList {
+    /// The lists of `config` (validated: every entry is hex).
+    pub fn new(config: &MtlsConfig) -> RevocationList {
+        RevocationList {
+            serials: config
+                .revoked_serials
+                .iter()
+                .filter_map(|s| parse_hex(s))
+                .map(strip_zeros)
+                .collect(),
+            fingerprints: config
+                .revoked_fingerprints
+                .iter()
+                .filter_map(|s| parse_hex(s))
+                .collect(),
+        }
+    }
+
+    /// Whether the certificate `key` names is revoked.
+    pub fn contains(&self, key: &CertificateKey) -> bool {
+        self.fingerprints.contains(&key.fingerprint) || self.serials.contains(&key.serial)
+    }
+}
+
+/// What names `cert` in the revocation lists.
+fn key_of(der: &[u8]) -> Option<CertificateKey> {
+    let (_, cert) = X509Certificate::from_der(der).ok()?;
+    Some(CertificateKey {
+        serial: strip_zeros(cert.raw_serial().to_vec()),
+        fingerprint: Sha256::digest(der).to_vec(),
+    })
 }
 
 fn read_certs(path: &PathBuf) -> anyhow::Result<Vec<CertificateDer<'static>>> {
@@ -91,8 +121,7 @@ fn strip_zeros(bytes: Vec<u8>) -> Vec<u8> {
 #[derive(Debug)]
 struct Revocations {
     inner: Arc<dyn ClientCertVerifier>,
-    serials: HashSet<Vec<u8>>,
-    fingerprints: HashSet<Vec<u8>>,
+    revoked: RevocationList,
 }
 
 impl ClientCertVerifier for Revocations {
@@ -117,16 +146,9 @@ impl ClientCertVerifier for Revocations {
         let verified = self
             .inner
             .verify_client_cert(end_entity, intermediates, now)?;
-        let fingerprint = Sha256::digest(end_entity.as_ref()).to_vec();
-        let revoked = self.fingerprints.contains(&fingerprint)
-            || X509Certificate::from_der(end_entity.as_ref())
-                .map(|(_, cert)| {
-                    self.serials
-                        .contains(&strip_zeros(cert.raw_serial().to_vec()))
-                })
-                .unwrap_or(false);
-        if revoked {
-            tracing::info!(fingerprint = %hex::encode(&fingerprint), "revoked client certificate refused");
+        let key = key_of(end_entity.as_ref());
+        if let Some(key) = key.filter(|key| self.revoked.contains(key)) {
+            tracing::info!(fingerprint = %hex::encode(&key.fingerprint), "revoked client certificate refused");
             return Err(Error::InvalidCertificate(CertificateError::Revoked));
         }
         Ok(verified)
@@ -157,8 +179,8 @@ impl ClientCertVerifier for Revocations {
 
 /// The identity in a verified client certificate: the device id from `source`, groups
 /// from the subject's organizational units.
-pub fn identity(cert: &CertificateDer<'_>, source: DeviceIdSource) -> Result<Identity, AuthError> {
-    let (_, cert) = X509Certificate::from_der(cert.as_ref())
+pub fn identity(der: &CertificateDer<'_>, source: DeviceIdSource) -> Result<Identity, AuthError> {
+    let (_, cert) = X509Certificate::from_der(der.as_ref())
         .map_err(|_| AuthError::CertificateWithoutId("certificate (unreadable)"))?;
     let subject = cert.subject();
     let san = || cert.subject_alternative_name().ok().flatten();
@@ -195,9 +217,12 @@ pub fn identity(cert: &CertificateDer<'_>, source: DeviceIdSource) -> Result<Ide
         .iter_organizational_unit()
         .filter_map(|ou| ou.as_str().ok().map(str::to_string))
         .collect();
+    let expires_at_secs = u64::try_from(cert.validity().not_after.timestamp()).ok();
     Ok(Identity {
         device_id: id,
         groups,
         method: Method::Certificate,
+        expires_at_secs,
+        certificate: key_of(der.as_ref()),
     })
 }

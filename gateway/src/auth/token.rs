@@ -166,6 +166,8 @@ impl TokenKeys {
                 device_id: claims.sub,
                 groups: claims.groups,
                 method: Method::Token,
+                expires_at_secs: Some(claims.exp.saturating_add(LEEWAY_SECS)),
+                certificate: None,
             },
             claims.exp,
         ))

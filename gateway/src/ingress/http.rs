@@ -8,95 +8,23 @@
 //! Errors are JSON `{"code": …, "message": …}` with a stable code; see
 //! [`ApiError`] for the full list.
 
-use std::sync::Arc;
-
 use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use base64::Engine as _;
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::auth::{AuthError, Authenticator, Identity, PeerIdentity};
-use crate::config::{Config, WebSocketConfig};
-use crate::message::{Message, new_id, now_ms};
-use crate::pipeline::{MessageReport, Pipeline, Status, StoreError};
+use crate::auth::PeerIdentity;
+use crate::ingress::admit::{
+    ApiError, Publish, admit, admit_reply, authenticate, decode_payload, rejected,
+};
+use crate::ingress::state::AppState;
+use crate::message::new_id;
+use crate::pipeline::Status;
 use crate::plugin::FailureKind;
-use crate::policy::{DevicePolicy, Refusal};
-use crate::route::topic::validate_publish_topic;
-use crate::shutdown::Shutdown;
-use crate::spool::SpoolError;
-
-/// What the routes share.
-#[derive(Clone)]
-pub struct AppState {
-    /// The message path.
-    pub pipeline: Arc<Pipeline>,
-    /// Authentication, policy and limits; a configuration reload swaps them.
-    pub live: Arc<crate::ingress::Live>,
-    /// Fires when the gateway stops (WebSocket sessions close with 1001).
-    pub shutdown: Shutdown,
-    /// Open WebSocket sessions.
-    pub sessions: Arc<crate::ingress::ws::Sessions>,
-    /// Commands to devices, when configured.
-    pub downlink: Option<Arc<crate::downlink::Downlink>>,
-}
-
-impl AppState {
-    /// The device rules now: a request uses the ones it started with.
-    pub fn rules(&self) -> Arc<DeviceRules> {
-        self.live.rules.load_full()
-    }
-}
-
-/// What decides whether a device's request is taken: who it is, what it may do, and the
-/// limits. A configuration reload builds new ones and swaps them in whole.
-pub struct DeviceRules {
-    /// Who sent a request.
-    pub auth: Arc<Authenticator>,
-    /// What a device may do.
-    pub policy: Arc<DevicePolicy>,
-    /// WebSocket session settings (a session keeps those it opened with).
-    pub websocket: WebSocketConfig,
-    /// Most messages in one batch request.
-    pub max_batch_messages: usize,
-    /// Largest batch request body.
-    pub max_batch_bytes: usize,
-}
-
-impl DeviceRules {
-    /// The rules of `config`; the authenticator and the policy (with its rate-limit
-    /// state) are taken from `previous` when their sections did not change.
-    pub fn new(config: &Config, previous: Option<(&Config, &DeviceRules)>) -> DeviceRules {
-        let unchanged = |same: fn(&Config, &Config) -> bool| {
-            previous
-                .filter(|(old, _)| same(old, config))
-                .map(|(_, rules)| rules)
-        };
-        let auth = match unchanged(|a, b| a.auth == b.auth) {
-            Some(rules) => rules.auth.clone(),
-            None => Arc::new(Authenticator::new(config.auth.as_ref())),
-        };
-        let policy =
-            match unchanged(|a, b| a.policy == b.policy && a.auth.is_some() == b.auth.is_some()) {
-                Some(rules) => rules.policy.clone(),
-                None => Arc::new(DevicePolicy::new(
-                    config.policy.as_ref(),
-                    config.auth.is_some(),
-                )),
-            };
-        DeviceRules {
-            auth,
-            policy,
-            websocket: config.websocket.clone(),
-            max_batch_messages: config.limits.max_batch_messages,
-            max_batch_bytes: config.limits.max_batch_bytes,
-        }
-    }
-}
 
 /// The device-facing router.
 pub fn app(state: AppState) -> axum::Router {
@@ -146,193 +74,61 @@ async fn with_request_id(
     response
 }
 
-/// Every error a device can get.
-#[derive(Debug)]
-pub enum ApiError {
-    /// `400 bad_request`: a malformed topic, QoS, device id or batch body.
-    BadRequest(String),
-    /// `401` with the reason's code ([`AuthError::code`]).
-    Unauthorized(AuthError),
-    /// `403 topic_denied`: no policy grant lets the device publish there.
-    Forbidden {
-        /// The topic.
-        topic: String,
-        /// The device.
-        device: String,
-    },
-    /// `429 rate_limited` with `Retry-After`: over a grant's rate.
-    RateLimited {
-        /// The grant.
-        grant: String,
-        /// Which limit.
-        limit: &'static str,
-        /// Seconds to wait (at least 1).
-        retry_after: u64,
-    },
-    /// `413 payload_too_large`: a payload over the record limit, or a batch over its limits.
-    TooLarge(String),
-    /// `422 plugin_refused`, `500 plugin_*`, `503 plugin_unavailable`: a plugin refused
-    /// the message or failed on it, and `plugins.on_failure` is `reject`.
-    Plugin {
-        /// The message id.
-        id: String,
-        /// How it failed.
-        kind: FailureKind,
-        /// The plugin.
-        plugin: String,
-        /// Why.
-        message: String,
-    },
-    /// `503` with `Retry-After`; nothing of the request was acknowledged or kept:
-    /// - `spool_full`: the spool for a sink the request needs is at its limit
-    ///   (`spool.max_bytes_per_sink`), because that sink is slow or down;
-    /// - `best_effort_busy`: too many best-effort messages wait for their sinks;
-    /// - `spool_unavailable`: the spool cannot write (disk error) or is shutting down.
-    Unavailable {
-        /// The code.
-        code: &'static str,
-        /// In words.
-        message: String,
-        /// Seconds the device should wait.
-        retry_after: u32,
-    },
-}
-
-impl From<StoreError> for ApiError {
-    fn from(error: StoreError) -> Self {
-        let (code, retry_after) = match &error {
-            StoreError::Spool(SpoolError::Full { .. }) => ("spool_full", 5),
-            StoreError::BestEffortFull { .. } => ("best_effort_busy", 1),
-            StoreError::Spool(_) => ("spool_unavailable", 1),
-        };
-        ApiError::Unavailable {
-            code,
-            message: error.to_string(),
-            retry_after,
-        }
-    }
-}
-
-impl ApiError {
-    /// The stable code of the error.
-    pub fn code(&self) -> &'static str {
-        match self {
-            ApiError::BadRequest(_) => "bad_request",
-            ApiError::TooLarge(_) => "payload_too_large",
-            ApiError::Unauthorized(error) => error.code(),
-            ApiError::Forbidden { .. } => "topic_denied",
-            ApiError::RateLimited { .. } => "rate_limited",
-            ApiError::Plugin { kind, .. } => kind.code(),
-            ApiError::Unavailable { code, .. } => code,
-        }
-    }
-
-    /// The code, message and retry delay (seconds) of the error, for WebSocket error
-    /// frames.
-    pub fn parts(self) -> (&'static str, String, Option<u64>) {
-        match self {
-            ApiError::BadRequest(message) => ("bad_request", message, None),
-            ApiError::TooLarge(message) => ("payload_too_large", message, None),
-            ApiError::Unauthorized(error) => (error.code(), error.to_string(), None),
-            ApiError::Forbidden { topic, device } => (
-                "topic_denied",
-                format!("no policy grant lets `{device}` publish to `{topic}`"),
-                None,
-            ),
-            ApiError::RateLimited {
-                grant,
-                limit,
-                retry_after,
-            } => (
-                "rate_limited",
-                format!("over the {limit} of policy grant `{grant}`"),
-                Some(retry_after),
-            ),
-            ApiError::Plugin { kind, message, .. } => (kind.code(), message, None),
-            ApiError::Unavailable {
-                code,
-                message,
-                retry_after,
-            } => (code, message, Some(u64::from(retry_after))),
-        }
-    }
-}
-
+/// A refusal as an HTTP answer: the status, `{"code", "message"}` (plus `rule` for
+/// policy refusals and `plugin`, `id` for plugin failures), and `Retry-After` or
+/// `WWW-Authenticate` where they apply.
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         crate::metrics::METRICS.refusal(self.code());
+        let code = self.code();
+        let message = self.message();
+        let retry_after = self.retry_after();
         let (status, body) = match self {
-            ApiError::BadRequest(message) => (
-                StatusCode::BAD_REQUEST,
-                json!({"code": "bad_request", "message": message}),
-            ),
-            ApiError::TooLarge(message) => (
-                StatusCode::PAYLOAD_TOO_LARGE,
-                json!({"code": "payload_too_large", "message": message}),
-            ),
-            ApiError::Unauthorized(error) => {
-                let body = json!({"code": error.code(), "message": error.to_string()});
-                let mut response = (StatusCode::UNAUTHORIZED, Json(body)).into_response();
-                response.headers_mut().insert(
-                    header::WWW_AUTHENTICATE,
-                    HeaderValue::from_static("Bearer realm=\"sluice\""),
-                );
-                return response;
-            }
-            ApiError::Forbidden { topic, device } => (
+            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, json!({})),
+            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, json!({})),
+            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, json!({})),
+            ApiError::Forbidden { .. } => (
                 StatusCode::FORBIDDEN,
-                json!({
-                    "code": "topic_denied",
-                    "rule": "policy:default-deny",
-                    "message": format!("no policy grant lets `{device}` publish to `{topic}`"),
-                }),
+                json!({"rule": "policy:default-deny"}),
             ),
-            ApiError::RateLimited {
-                grant,
-                limit,
-                retry_after,
-            } => {
-                let body = json!({
-                    "code": "rate_limited",
-                    "rule": format!("policy:{grant}"),
-                    "message": format!("over the grant's {limit}; retry after {retry_after} s"),
-                });
-                let mut response = (StatusCode::TOO_MANY_REQUESTS, Json(body)).into_response();
-                response
-                    .headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
-                return response;
-            }
+            ApiError::Reserved { .. } => (
+                StatusCode::FORBIDDEN,
+                json!({"rule": "policy:reserved-topic"}),
+            ),
+            ApiError::RateLimited { grant, .. } => (
+                StatusCode::TOO_MANY_REQUESTS,
+                json!({"rule": format!("policy:{grant}")}),
+            ),
             ApiError::Plugin {
-                id,
-                kind,
-                plugin,
-                message,
+                id, kind, plugin, ..
             } => {
                 let status = match kind {
                     FailureKind::Refused => StatusCode::UNPROCESSABLE_ENTITY,
                     FailureKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
                     _ => StatusCode::INTERNAL_SERVER_ERROR,
                 };
-                let body =
-                    json!({"code": kind.code(), "message": message, "plugin": plugin, "id": id});
-                (status, body)
+                (status, json!({"plugin": plugin, "id": id}))
             }
-            ApiError::Unavailable {
-                code,
-                message,
-                retry_after,
-            } => {
+            ApiError::Unavailable { .. } => {
                 tracing::debug!(code, error = %message, "request refused");
-                let body = json!({"code": code, "message": format!("{message}; nothing was kept, retry later")});
-                let mut response = (StatusCode::SERVICE_UNAVAILABLE, Json(body)).into_response();
-                response
-                    .headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from(retry_after));
-                return response;
+                (StatusCode::SERVICE_UNAVAILABLE, json!({}))
             }
         };
-        (status, Json(body)).into_response()
+        let mut body = body;
+        body["code"] = code.into();
+        body["message"] = message.into();
+        let mut response = (status, Json(body)).into_response();
+        let headers = response.headers_mut();
+        if status == StatusCode::UNAUTHORIZED {
+            headers.insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static("Bearer realm=\"sluice\""),
+            );
+        }
+        if let Some(secs) = retry_after {
+            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
+        response
     }
 }
 
@@ -364,8 +160,6 @@ async fn publish(
     let rules = state.rules();
     let identity = authenticate(&rules, peer.as_deref(), &headers)?;
     let Query(params) = params.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
-    validate_publish_topic(&topic)
-        .map_err(|why| ApiError::BadRequest(format!("topic `{topic}`: {why}")))?;
     let qos = parse_qos(params.qos.as_deref())?;
     if let Some(expiry) = &params.message_expiry
         && expiry.parse::<u32>().is_err()
@@ -376,15 +170,6 @@ async fn publish(
     }
     let limit = state.pipeline.max_payload_bytes();
     let payload = read_body(&headers, body, limit, "payload", "the record limit").await?;
-    check_policy(
-        &rules,
-        &identity,
-        [topic.as_str()],
-        1,
-        payload.len(),
-        payload.len(),
-    )?;
-    let device = identity.device_id;
     let content_type = params
         .content_type
         .clone()
@@ -407,18 +192,18 @@ async fn publish(
             attributes.push((key.to_string(), value.clone()));
         }
     }
-    let message = Message {
-        id: new_id(),
-        device_id: device,
+    let publish = Publish {
         topic,
+        payload: payload.to_vec(),
         content_type,
         qos,
         attributes,
-        received_at_ms: now_ms(),
-        payload: payload.to_vec(),
     };
-    tracing::Span::current().record("message_id", message.id.as_str());
-    let mut reports = state.pipeline.process(vec![message], false).await?;
+    let messages = admit(&rules, &identity, limit, vec![publish], false)?;
+    if let Some(message) = messages.first() {
+        tracing::Span::current().record("message_id", message.id.as_str());
+    }
+    let mut reports = state.pipeline.process(messages, false).await?;
     let report = reports.pop().ok_or_else(|| ApiError::Unavailable {
         code: "spool_unavailable",
         message: "no report for the message".to_string(),
@@ -452,23 +237,6 @@ struct Published<'a> {
     status: Status,
     routes: &'a [crate::pipeline::RouteReport],
     error: &'a Option<crate::pipeline::FailureReport>,
-}
-
-/// The error for a message the chain rejected.
-pub(crate) fn rejected(report: MessageReport) -> ApiError {
-    let error = report
-        .error
-        .unwrap_or_else(|| crate::pipeline::FailureReport {
-            code: FailureKind::Unavailable.code(),
-            plugin: String::new(),
-            message: "rejected".to_string(),
-        });
-    ApiError::Plugin {
-        id: report.id,
-        kind: report.failure_kind.unwrap_or(FailureKind::Unavailable),
-        plugin: error.plugin,
-        message: error.message,
-    }
 }
 
 /// One message of a `POST /batch` body.
@@ -505,7 +273,6 @@ async fn batch(
     let (axum::http::request::Parts { headers, .. }, body) = request.into_parts();
     let rules = state.rules();
     let identity = authenticate(&rules, peer.as_deref(), &headers)?;
-    let device = identity.device_id.clone();
     let max_bytes = rules.max_batch_bytes;
     let body = read_body(
         &headers,
@@ -524,73 +291,24 @@ async fn batch(
             rules.max_batch_messages
         )));
     }
-    let limit = state.pipeline.max_payload_bytes();
-    let received_at_ms = now_ms();
-    let mut messages = Vec::with_capacity(parsed.messages.len());
+    let mut publishes = Vec::with_capacity(parsed.messages.len());
     for (index, item) in parsed.messages.into_iter().enumerate() {
-        let at = |why: String| format!("messages[{index}]: {why}");
-        validate_publish_topic(&item.topic)
-            .map_err(|why| ApiError::BadRequest(at(format!("topic: {why}"))))?;
-        let qos = item.qos.unwrap_or(0);
-        if qos > 1 {
-            return Err(ApiError::BadRequest(at(format!(
-                "qos must be 0 or 1, not {qos}"
-            ))));
-        }
         let (payload, default_type) = decode_payload(item.payload, item.payload_base64)
-            .map_err(|why| ApiError::BadRequest(at(why)))?;
-        if payload.len() > limit {
-            return Err(ApiError::TooLarge(at(format!(
-                "payload of {} exceeds the record limit of {limit} bytes",
-                payload.len()
-            ))));
-        }
-        messages.push(Message {
-            id: new_id(),
-            device_id: device.clone(),
+            .map_err(|why| ApiError::BadRequest(format!("messages[{index}]: {why}")))?;
+        publishes.push(Publish {
             topic: item.topic,
+            payload,
             content_type: item
                 .content_type
                 .unwrap_or_else(|| default_type.to_string()),
-            qos,
+            qos: item.qos.unwrap_or(0),
             attributes: item.attributes.into_iter().collect(),
-            received_at_ms,
-            payload,
         });
     }
-    let total: usize = messages.iter().map(|m| m.payload.len()).sum();
-    let largest = messages.iter().map(|m| m.payload.len()).max().unwrap_or(0);
-    check_policy(
-        &rules,
-        &identity,
-        messages.iter().map(|m| m.topic.as_str()),
-        messages.len(),
-        total,
-        largest,
-    )?;
+    let limit = state.pipeline.max_payload_bytes();
+    let messages = admit(&rules, &identity, limit, publishes, true)?;
     let reports = state.pipeline.process(messages, false).await?;
     Ok((StatusCode::OK, Json(json!({ "results": reports }))).into_response())
-}
-
-/// A message body given as `payload` (JSON, stored compactly) or `payload_base64`
-/// (bytes), with the content type it implies (`application/json` for JSON, else none).
-/// Shared by `POST /batch` and WebSocket text frames.
-pub(crate) fn decode_payload(
-    json: Option<serde_json::Value>,
-    encoded: Option<String>,
-) -> Result<(Vec<u8>, &'static str), String> {
-    match (json, encoded) {
-        (Some(value), None) => Ok((
-            serde_json::to_vec(&value).unwrap_or_default(),
-            "application/json",
-        )),
-        (None, Some(text)) => base64::engine::general_purpose::STANDARD
-            .decode(text.as_bytes())
-            .map(|bytes| (bytes, ""))
-            .map_err(|error| format!("payload_base64: {error}")),
-        (None, None) => Ok((Vec::new(), "")),
-        (Some(_), Some(_)) => Err("give `payload` or `payload_base64`, not both".to_string()),
-    }
 }
 
 /// `GET /readyz`: `200` once the gateway can take and deliver messages (plugins are
@@ -680,6 +398,8 @@ async fn reply_command(
         ApiError::BadRequest("commands to devices are not configured ([downlink])".to_string())
     })?;
     let body = read_body(&headers, body, 64 * 1024, "reply", "64 KiB").await?;
+    let topic = downlink.reply_topic(&identity.device_id);
+    admit_reply(&state.rules(), &identity, &topic, body.len())?;
     let reply: serde_json::Value = if body.is_empty() {
         json!({})
     } else {
@@ -696,54 +416,6 @@ async fn reply_command(
         )
         .await;
     Ok(Json(json!({"message": "OK"})).into_response())
-}
-
-/// Who sent the request (see [`crate::auth`]).
-pub(crate) fn authenticate(
-    rules: &DeviceRules,
-    peer: Option<&PeerIdentity>,
-    headers: &HeaderMap,
-) -> Result<Identity, ApiError> {
-    rules
-        .auth
-        .authenticate(peer, headers)
-        .map_err(|error| match error {
-            // Without [auth], a bad x-device-id is a malformed request, not a credential.
-            AuthError::BadDeviceId(why) if !rules.auth.required() => ApiError::BadRequest(why),
-            other => ApiError::Unauthorized(other),
-        })
-}
-
-/// The device policy, before any plugin runs.
-pub(crate) fn check_policy<'a>(
-    rules: &DeviceRules,
-    identity: &Identity,
-    topics: impl IntoIterator<Item = &'a str>,
-    count: usize,
-    bytes: usize,
-    largest: usize,
-) -> Result<(), ApiError> {
-    rules
-        .policy
-        .check_publish(identity, topics, count, bytes, largest)
-        .map_err(|refusal| match refusal {
-            Refusal::Denied { topic } => ApiError::Forbidden {
-                topic,
-                device: identity.device_id.clone(),
-            },
-            Refusal::TooLarge { grant, limit, size } => ApiError::TooLarge(format!(
-                "{size} payload bytes exceed the limit of {limit} of policy grant `{grant}`"
-            )),
-            Refusal::RateLimited {
-                grant,
-                limit,
-                retry_after,
-            } => ApiError::RateLimited {
-                grant,
-                limit,
-                retry_after: retry_after.as_secs_f64().ceil().max(1.0) as u64,
-            },
-        })
 }
 
 fn parse_qos(qos: Option<&str>) -> Result<u8, ApiError> {

@@ -30,11 +30,15 @@
 //! **Keepalive and close codes.** The gateway pings every `ping_interval_secs`; a session
 //! silent for `idle_timeout_secs` is closed with 4000 (`idle timeout`). A frame over
 //! `max_frame_bytes` closes it with 1009, a protocol error with 1002, gateway shutdown
-//! with 1001; messages already received are still processed and acknowledged first.
+//! with 1001. A session ends when its credential does: 4001 when its token or
+//! certificate expires, 4003 when a configuration reload revokes its certificate.
+//! Messages already received are still processed and acknowledged first.
+//!
+//! **Command replies** (`{"type": "command_reply", "id", "status"?, "payload"?}`) are
+//! publishes on the device's reply topic, held to the policy like any other: a refused
+//! one gets an error frame.
 
-use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message as Frame, Utf8Bytes, WebSocket, WebSocketUpgrade};
@@ -43,87 +47,32 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use futures_util::stream::FuturesUnordered;
 use futures_util::{SinkExt as _, StreamExt as _};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use serde_json::json;
 
 use crate::auth::{Identity, PeerIdentity};
 use crate::config::WebSocketConfig;
-use crate::ingress::http::{ApiError, AppState, authenticate, check_policy, decode_payload};
-use crate::message::{Message, new_id, now_ms};
+use crate::ingress::admit::{
+    ApiError, Publish as Admitted, admit, admit_reply, authenticate, decode_payload, rejected,
+};
+use crate::ingress::sessions::SessionInfo;
+use crate::ingress::state::AppState;
 use crate::pipeline::Status;
-use crate::route::topic::validate_publish_topic;
 
 /// The subprotocol name.
 pub const SUBPROTOCOL: &str = "sluice.v1";
 /// Close code for a session idle past its timeout.
 pub const CLOSE_IDLE: u16 = 4000;
+/// Close code for a session whose token or certificate expired.
+pub const CLOSE_EXPIRED: u16 = 4001;
+/// Close code for a session whose certificate a reload revoked.
+pub const CLOSE_REVOKED: u16 = 4003;
 /// Bytes read from a session's socket at a time.
 const READ_BUFFER_BYTES: usize = 4 * 1024;
 /// Bytes of outgoing frames collected before they are written.
 const WRITE_BUFFER_BYTES: usize = 4 * 1024;
 /// Longest message id a device may choose.
 const MAX_ID_LEN: usize = 128;
-
-/// The open sessions, for the admin API's device list.
-#[derive(Default)]
-pub struct Sessions {
-    next: AtomicU64,
-    open: Mutex<HashMap<u64, Arc<SessionInfo>>>,
-}
-
-/// One session, as the admin API shows it.
-#[derive(Debug, Serialize)]
-pub struct SessionInfo {
-    /// The session number (unique in this process).
-    pub session: u64,
-    /// The device.
-    pub device: String,
-    /// How it authenticated.
-    pub auth: crate::auth::Method,
-    /// When it connected (milliseconds since the Unix epoch).
-    pub connected_at_ms: u64,
-    /// Messages received.
-    pub messages: AtomicU64,
-    /// Messages received and not yet acknowledged.
-    pub in_flight: AtomicU64,
-    /// The most that were ever in flight (at most the window).
-    pub max_in_flight: AtomicU64,
-    /// The window.
-    pub window: usize,
-}
-
-impl Sessions {
-    fn open(&self, identity: &Identity, window: usize) -> Arc<SessionInfo> {
-        let session = self.next.fetch_add(1, Ordering::Relaxed) + 1;
-        let info = Arc::new(SessionInfo {
-            session,
-            device: identity.device_id.clone(),
-            auth: identity.method,
-            connected_at_ms: now_ms(),
-            messages: AtomicU64::new(0),
-            in_flight: AtomicU64::new(0),
-            max_in_flight: AtomicU64::new(0),
-            window,
-        });
-        self.lock().insert(session, info.clone());
-        info
-    }
-
-    fn close(&self, session: u64) {
-        self.lock().remove(&session);
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<SessionInfo>>> {
-        self.open.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The open sessions, oldest first.
-    pub fn list(&self) -> Vec<Arc<SessionInfo>> {
-        let mut all: Vec<_> = self.lock().values().cloned().collect();
-        all.sort_by_key(|info| info.session);
-        all
-    }
-}
 
 /// `GET /ws`: authenticates, then upgrades.
 pub async fn upgrade(
@@ -345,12 +294,11 @@ impl Reply {
 
     fn from_api(id: String, binary: bool, error: ApiError) -> Reply {
         crate::metrics::METRICS.refusal(error.code());
-        let (code, message, retry_after) = error.parts();
         Reply::Error {
             id: Some(id),
-            code,
-            message,
-            retry_after,
+            code: error.code(),
+            message: error.message(),
+            retry_after: error.retry_after(),
             binary,
         }
     }
@@ -437,57 +385,24 @@ async fn handle(state: &AppState, identity: &Identity, publish: Publish) -> Repl
             ApiError::BadRequest(format!("the id must be 1 to {MAX_ID_LEN} bytes")),
         );
     }
-    if let Err(why) = validate_publish_topic(&topic) {
-        return Reply::from_api(
-            id,
-            binary,
-            ApiError::BadRequest(format!("topic `{topic}`: {why}")),
-        );
-    }
-    if qos > 1 {
-        return Reply::from_api(
-            id,
-            binary,
-            ApiError::BadRequest(format!("qos must be 0 or 1, not {qos}")),
-        );
-    }
-    let limit = state.pipeline.max_payload_bytes();
-    if payload.len() > limit {
-        return Reply::from_api(
-            id,
-            binary,
-            ApiError::TooLarge(format!(
-                "payload of {} exceeds the record limit of {limit} bytes",
-                payload.len()
-            )),
-        );
-    }
-    if let Err(error) = check_policy(
-        &state.rules(),
-        identity,
-        [topic.as_str()],
-        1,
-        payload.len(),
-        payload.len(),
-    ) {
-        return Reply::from_api(id, binary, error);
-    }
-    let message = Message {
-        id: new_id(),
-        device_id: identity.device_id.clone(),
+    let publish = Admitted {
         topic,
+        payload,
         content_type,
         qos,
         attributes: vec![("ws.id".to_string(), id.clone())],
-        received_at_ms: now_ms(),
-        payload,
+    };
+    let limit = state.pipeline.max_payload_bytes();
+    let messages = match admit(&state.rules(), identity, limit, vec![publish], false) {
+        Ok(messages) => messages,
+        Err(error) => return Reply::from_api(id, binary, error),
     };
     // A session that receives commands takes part in command & control.
     let bidirectional = state.downlink.is_some();
-    match state.pipeline.process(vec![message], bidirectional).await {
+    match state.pipeline.process(messages, bidirectional).await {
         Ok(mut reports) => match reports.pop() {
             Some(report) if report.status == Status::Rejected => {
-                Reply::from_api(id, binary, crate::ingress::http::rejected(report))
+                Reply::from_api(id, binary, rejected(report))
             }
             Some(report) => Reply::Ack {
                 id,
@@ -555,6 +470,18 @@ async fn run_session(
     let idle = Duration::from_secs(settings.idle_timeout_secs);
     let mut ping = tokio::time::interval(Duration::from_secs(settings.ping_interval_secs));
     ping.tick().await;
+    // The session ends with its credential: at its expiry, or when a reload revokes it.
+    let expiry = async {
+        match identity.expires_at_secs {
+            Some(at) => {
+                let left = at.saturating_sub(crate::message::now_ms() / 1000);
+                tokio::time::sleep(Duration::from_secs(left.saturating_add(1))).await;
+            }
+            None => std::future::pending().await,
+        }
+    };
+    tokio::pin!(expiry);
+    let mut updates = state.live.updates.subscribe();
     // Why the session ends (a close frame to send), once the loop stops reading.
     let ending: Option<Frame> = loop {
         tokio::select! {
@@ -581,8 +508,21 @@ async fn run_session(
                         Ok(Incoming::Publish(publish)) => Ok(publish),
                         Ok(Incoming::Reply(reply)) => {
                             if let Some(downlink) = &state.downlink {
-                                let status = reply.status.as_deref().unwrap_or("done");
-                                downlink.reply(&identity.device_id, &reply.id, status, reply.payload).await;
+                                let topic = downlink.reply_topic(&identity.device_id);
+                                let size = text.len();
+                                match admit_reply(&state.rules(), identity, &topic, size) {
+                                    Ok(()) => {
+                                        let status = reply.status.as_deref().unwrap_or("done");
+                                        downlink.reply(&identity.device_id, &reply.id, status, reply.payload).await;
+                                    }
+                                    Err(error) => {
+                                        let credit = window - in_flight.len();
+                                        let frame = Reply::from_api(reply.id, false, error).frame(credit);
+                                        if tx.send(frame).await.is_err() {
+                                            break None;
+                                        }
+                                    }
+                                }
                             }
                             continue;
                         }
@@ -630,6 +570,17 @@ async fn run_session(
                 }
                 if tx.send(Frame::Ping(Default::default())).await.is_err() {
                     break None;
+                }
+            }
+            () = &mut expiry => break Some(close(CLOSE_EXPIRED, "the credential expired")),
+            Ok(()) = updates.changed() => {
+                let now = crate::message::now_ms() / 1000;
+                match state.rules().auth.still_valid(identity, now) {
+                    Ok(()) => {}
+                    Err(crate::auth::AuthError::CertificateRevoked) => {
+                        break Some(close(CLOSE_REVOKED, "the certificate was revoked"));
+                    }
+                    Err(_) => break Some(close(CLOSE_EXPIRED, "the credential expired")),
                 }
             }
             () = shutdown.wait() => break Some(close(1001, "the gateway is shutting down")),

@@ -43,8 +43,13 @@ impl TopicFilter {
         Ok(TopicFilter { levels })
     }
 
-    /// Whether `topic` matches this filter.
+    /// Whether `topic` matches this filter. As MQTT requires, a wildcard in the first
+    /// level does not match a topic starting with `$` (`#` does not match `$aws/…`;
+    /// `$aws/#` does).
     pub fn matches(&self, topic: &str) -> bool {
+        if topic.starts_with('$') && matches!(self.levels.first(), Some(Level::One | Level::Rest)) {
+            return false;
+        }
         let mut parts = topic.split('/');
         for level in &self.levels {
             match (level, parts.next()) {
@@ -109,6 +114,12 @@ mod tests {
             ("sites/+/alarms/#", "sites/12/temps", false),
             ("a//b", "a//b", true),
             ("a/+/b", "a//b", true),
+            // Topics starting with `$` are not matched by a leading wildcard.
+            ("#", "$aws/things/t/shadow/update", false),
+            ("+/things/#", "$aws/things/t", false),
+            ("$aws/#", "$aws/things/t", true),
+            ("$aws/things/+/shadow/#", "$aws/things/t/shadow/get", true),
+            ("a/#", "a/$b", true),
         ];
         for (filter, topic, expected) in cases {
             let parsed = TopicFilter::parse(filter).unwrap();

@@ -9,20 +9,24 @@
 //!
 //! and `received_at_ms`, `qos`, and `content_type` and `attributes` when set.
 //!
-//! One writer thread owns the files: it takes every batch waiting, appends them, flushes
-//! once, and only then confirms them all.
+//! One writer thread owns the files: it takes every batch waiting, appends them, writes
+//! them out and `fdatasync`s each file it wrote to (once per group, not per record), and
+//! only then confirms them all: the spool treats confirmed records as delivered and drops
+//! them, so they must survive a power cut here first. A file created on the way has its
+//! directory entry synced too.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
 use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
-use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
 
 use base64::Engine as _;
 use tokio::sync::oneshot;
 
-use crate::sink::{Record, SinkError};
+use crate::record::Record;
+use crate::sink::SinkError;
 
 /// One batch of lines for the writer: (file stem, line) pairs and where to confirm.
 struct Job {
@@ -36,6 +40,8 @@ pub struct LocalSink {
     jobs: Mutex<Option<mpsc::Sender<Job>>>,
     /// The writer thread, joined on close.
     writer: Mutex<Option<std::thread::JoinHandle<()>>>,
+    /// `fdatasync`s of sink files so far: one per file per group of batches.
+    syncs: Arc<AtomicU64>,
 }
 
 impl LocalSink {
@@ -44,13 +50,21 @@ impl LocalSink {
         std::fs::create_dir_all(dir)?;
         let dir = dir.to_path_buf();
         let (jobs, queue) = mpsc::channel::<Job>();
+        let syncs = Arc::new(AtomicU64::new(0));
+        let counted = syncs.clone();
         let writer = std::thread::Builder::new()
             .name("sluice-local-sink".to_string())
-            .spawn(move || write_loop(&dir, &queue))?;
+            .spawn(move || write_loop(&dir, &queue, &counted))?;
         Ok(LocalSink {
             jobs: Mutex::new(Some(jobs)),
             writer: Mutex::new(Some(writer)),
+            syncs,
         })
+    }
+
+    /// `fdatasync`s of sink files so far.
+    pub fn syncs(&self) -> u64 {
+        self.syncs.load(Ordering::Relaxed)
     }
 
     /// Stops taking records, writes what is queued, and waits for the writer.
@@ -190,9 +204,18 @@ pub fn payload_json(payload: &[u8]) -> (&'static str, serde_json::Value) {
     }
 }
 
-/// The writer thread: group-writes whatever is queued, flushes, confirms.
-fn write_loop(dir: &Path, queue: &mpsc::Receiver<Job>) {
-    let mut files: HashMap<&'static str, BufWriter<File>> = HashMap::new();
+/// An open sink file.
+struct OpenFile {
+    writer: BufWriter<File>,
+    /// Written to since its last `fdatasync`.
+    dirty: bool,
+    /// Created by this writer: its directory entry must be synced too.
+    created: bool,
+}
+
+/// The writer thread: group-writes whatever is queued, syncs, confirms.
+fn write_loop(dir: &Path, queue: &mpsc::Receiver<Job>, syncs: &AtomicU64) {
+    let mut files: HashMap<&'static str, OpenFile> = HashMap::new();
     while let Ok(first) = queue.recv() {
         let mut batch = vec![first];
         batch.extend(queue.try_iter());
@@ -204,10 +227,26 @@ fn write_loop(dir: &Path, queue: &mpsc::Receiver<Job>) {
                 }
             }
         }
+        let mut created = false;
         for (kind, file) in &mut files {
-            if let Err(error) = file.flush() {
-                result = Err(format!("cannot write {kind}.jsonl: {error}"));
+            if !file.dirty {
+                continue;
             }
+            file.dirty = false;
+            created |= std::mem::take(&mut file.created);
+            let synced = file
+                .writer
+                .flush()
+                .and_then(|()| file.writer.get_ref().sync_data());
+            match synced {
+                Ok(()) => {
+                    syncs.fetch_add(1, Ordering::Relaxed);
+                }
+                Err(error) => result = Err(format!("cannot write {kind}.jsonl: {error}")),
+            }
+        }
+        if created && let Err(error) = File::open(dir).and_then(|d| d.sync_all()) {
+            result = Err(format!("cannot sync {}: {error}", dir.display()));
         }
         if let Err(error) = &result {
             tracing::error!(%error, "local sink write failed");
@@ -222,7 +261,7 @@ fn write_loop(dir: &Path, queue: &mpsc::Receiver<Job>) {
 
 fn append(
     dir: &Path,
-    files: &mut HashMap<&'static str, BufWriter<File>>,
+    files: &mut HashMap<&'static str, OpenFile>,
     kind: &'static str,
     line: &str,
 ) -> Result<(), String> {
@@ -230,16 +269,23 @@ fn append(
         std::collections::hash_map::Entry::Occupied(entry) => entry.into_mut(),
         std::collections::hash_map::Entry::Vacant(entry) => {
             let path = LocalSink::file_for(dir, kind);
+            let existed = path.exists();
             let file = OpenOptions::new()
                 .create(true)
                 .append(true)
                 .open(&path)
                 .map_err(|error| format!("cannot open {}: {error}", path.display()))?;
-            entry.insert(BufWriter::with_capacity(256 * 1024, file))
+            entry.insert(OpenFile {
+                writer: BufWriter::with_capacity(256 * 1024, file),
+                dirty: false,
+                created: !existed,
+            })
         }
     };
-    file.write_all(line.as_bytes())
-        .and_then(|()| file.write_all(b"\n"))
+    file.dirty = true;
+    file.writer
+        .write_all(line.as_bytes())
+        .and_then(|()| file.writer.write_all(b"\n"))
         .map_err(|error| format!("cannot write {kind}.jsonl: {error}"))
 }
 
@@ -270,6 +316,33 @@ mod tests {
                 reason: "a \"quoted\" reason".into(),
             },
         }
+    }
+
+    /// Records are confirmed only once their file is synced, once per group of records
+    /// and file, not once per record.
+    #[tokio::test]
+    async fn a_write_is_confirmed_after_one_sync_per_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let sink = LocalSink::open(dir.path()).unwrap();
+        let mut kinesis = record(b"{}", "", &[]);
+        kinesis.decision.destination = Destination::Kinesis {
+            stream: "s".into(),
+            partition_key: "k".into(),
+            explicit_hash_key: None,
+        };
+        let records = vec![
+            record(b"1", "", &[]),
+            record(b"2", "", &[]),
+            record(b"3", "", &[]),
+            kinesis,
+        ];
+        sink.write(records).await.unwrap();
+        assert_eq!(sink.syncs(), 2, "local.jsonl and kinesis.jsonl, once each");
+        let lines = std::fs::read_to_string(LocalSink::file_for(dir.path(), "local")).unwrap();
+        assert_eq!(lines.lines().count(), 3);
+        sink.write(vec![record(b"4", "", &[])]).await.unwrap();
+        assert_eq!(sink.syncs(), 3, "only the file written to is synced");
+        sink.close();
     }
 
     #[test]

@@ -19,17 +19,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use crate::message::Message;
-use crate::route::{Decision, Destination};
-use crate::spool::SinkId;
-
-/// A message with its routing decision, ready for delivery.
-pub struct Record {
-    /// The message as the plugins left it.
-    pub message: Message,
-    /// Where it goes, and why.
-    pub decision: Decision,
-}
+use crate::record::{Record, SinkId};
+use crate::route::Destination;
 
 /// A record a sink refused for good.
 pub struct Rejected {

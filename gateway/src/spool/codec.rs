@@ -4,8 +4,8 @@
 use serde::{Deserialize, Serialize};
 
 use crate::message::Message;
+use crate::record::Record;
 use crate::route::{Decision, Destination};
-use crate::sink::Record;
 
 /// A routed record as stored (decoded; [`RecordRef`] encodes).
 #[derive(Deserialize)]

@@ -5,7 +5,9 @@
 //! become dead letters, stored before the records leave their queue.
 //!
 //! A record whose `mqtt.message_expiry` (seconds, from IoT Core's publish API) passed
-//! while it waited is not sent: it becomes a dead letter (origin `expired`).
+//! while it waited is not sent: it becomes a dead letter (origin `expired`), or, with
+//! `spool.expired = "drop"` or while the dead-letter store is full, it is dropped and
+//! counted (`sluice_dead_letters_refused_total`, `expired_dropped` or `store_full`).
 //!
 //! When a window fails (the sink is unreachable, or did not confirm within its delivery
 //! timeout), the task lets the windows already sent finish, waits with exponential
@@ -20,11 +22,14 @@ use futures_util::StreamExt as _;
 use futures_util::stream::FuturesOrdered;
 use tokio::sync::watch;
 
+use crate::config::ExpiredPath;
 use crate::message::now_ms;
 use crate::metrics::{SinkLabel, SinkOutcome};
-use crate::sink::{Record, Sinks};
+use crate::record::Record;
+use crate::record::SinkId;
+use crate::sink::Sinks;
+use crate::spool::Spool;
 use crate::spool::codec::{DeadLetter, Origin};
-use crate::spool::{SinkId, Spool};
 
 /// Records per window.
 const WINDOW_RECORDS: usize = 1_000;
@@ -41,6 +46,7 @@ const MAX_BACKOFF: Duration = Duration::from_secs(5);
 pub fn start(
     spool: Arc<Spool>,
     sinks: Arc<Sinks>,
+    expired: ExpiredPath,
     drain: watch::Receiver<bool>,
 ) -> Vec<tokio::task::JoinHandle<()>> {
     SinkId::ALL
@@ -50,6 +56,7 @@ pub fn start(
                 sink,
                 spool: spool.clone(),
                 sinks: sinks.clone(),
+                expired,
             };
             tokio::spawn(task.run(drain.clone()))
         })
@@ -60,6 +67,8 @@ struct Deliverer {
     sink: SinkId,
     spool: Arc<Spool>,
     sinks: Arc<Sinks>,
+    /// `spool.expired`.
+    expired: ExpiredPath,
 }
 
 /// A window's sequence numbers and how its delivery ended.
@@ -158,7 +167,7 @@ impl Deliverer {
         let now = now_ms();
         let (expired, live): (Vec<Record>, Vec<Record>) =
             records.into_iter().partition(|r| expired(r, now));
-        let mut dead: Vec<DeadLetter> = expired
+        let dead: Vec<DeadLetter> = expired
             .into_iter()
             .map(|record| DeadLetter {
                 origin: Origin::Expired,
@@ -171,6 +180,7 @@ impl Deliverer {
                 at_ms: now,
             })
             .collect();
+        let mut dead = self.keep_expired(dead);
         if live.is_empty() {
             self.count(0, dead.len());
             return (seqs, Ok(dead));
@@ -216,6 +226,37 @@ impl Deliverer {
             self.count(received.len().saturating_sub(refused), dead.len());
         }
         (seqs, result)
+    }
+
+    /// The expired records' dead letters to keep: none with `spool.expired = "drop"`,
+    /// and none when they do not fit in the store; the others are dropped and counted.
+    fn keep_expired(&self, dead: Vec<DeadLetter>) -> Vec<DeadLetter> {
+        if dead.is_empty() {
+            return dead;
+        }
+        let why = match self.expired {
+            ExpiredPath::Drop => "expired_dropped",
+            ExpiredPath::DeadLetter => {
+                let bytes: usize = dead
+                    .iter()
+                    .map(|letter| crate::spool::codec::encode_dead_letter(letter).len())
+                    .sum();
+                if self.spool.dead_letters_fit(bytes as u64) {
+                    return dead;
+                }
+                "store_full"
+            }
+        };
+        tracing::info!(
+            sink = self.sink.name(),
+            dropped = dead.len(),
+            why,
+            "expired records dropped instead of kept as dead letters"
+        );
+        for _ in &dead {
+            crate::metrics::METRICS.dead_letter_refused(why);
+        }
+        Vec::new()
     }
 
     fn count(&self, delivered: usize, dead_lettered: usize) {

@@ -1,8 +1,9 @@
 //! The queue log: the sinks' queues as append-only segment files in `<data_dir>/queue/`.
 //!
 //! Each file is named after the first sequence number it may hold and is a run of
-//! entries, `[body length: u32][checksum: u32][body]`, little-endian, the checksum a
-//! CRC-32 of the segment's number and the body:
+//! entries, `[marker: u32][body length: u32][checksum: u32][body]`, little-endian, the
+//! marker the constant [`MARKER`], the checksum a CRC-32 of the segment's number and the
+//! body:
 //! - a record: `1, sink, seq: u64, encoded record`;
 //! - a delivery: `2, sink, count: u32, count × seq: u64`, the records a sink confirmed.
 //!
@@ -20,11 +21,19 @@
 //! segments. A new segment gets much the same by being filled with zeros a little ahead of
 //! small groups ([`Log::write`]); a zero length ends the entries.
 //!
-//! Opening reads every segment up to its first entry whose length or checksum is wrong:
-//! the end of what was written, or a write cut short by a crash, of which nothing was
+//! Opening reads every segment entry by entry. Where an entry's marker, length or checksum
+//! is wrong, it looks for the next marker that starts a whole entry and goes on from
+//! there: one damaged entry (a flipped bit on the disk) costs that entry alone, and is
+//! logged at error level with its segment and offset and counted
+//! (`sluice_spool_damaged_entries_total`). Where no whole entry follows, that is the end
+//! of what was written, or a write cut short by a crash, of which nothing was
 //! acknowledged (an `fdatasync` covers everything before it). Writing then goes on in a
 //! new segment, never after such an end. A write that fails is cut off, and its sequence
 //! numbers are never used again.
+//!
+//! Segments written before the marker (`[length][checksum][body]` entries) are still
+//! read, the old way: up to their first bad entry. Writing always starts a new segment,
+//! so a segment is of one format throughout.
 //!
 //! Written here rather than taken from a crate: the spool needs group commit, removal of
 //! confirmed records in any order, in-order reads by sequence number and whole files
@@ -39,7 +48,7 @@ use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::SinkId;
+use crate::record::SinkId;
 
 /// A segment is closed, and a new one begun, once it is this long.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
@@ -51,7 +60,15 @@ const MAX_SPARES: usize = 2;
 /// next to it (see [`Log::write`]).
 const ZERO_AHEAD: u64 = 128 << 10;
 
-const HEADER: usize = 8;
+/// The first four bytes of every entry (`SLQ1` read as little-endian bytes): where an
+/// entry is damaged, the next one is found again by it. A payload can hold these bytes
+/// too, but an entry found by them counts only if its checksum, salted with the segment
+/// number, holds.
+pub const MARKER: u32 = u32::from_le_bytes(*b"SLQ1");
+
+const HEADER: usize = 12;
+/// The header of entries in segments written before [`MARKER`]: no marker.
+const LEGACY_HEADER: usize = 8;
 const RECORD: u8 = 1;
 const DELIVERY: u8 = 2;
 /// Kind, sink and sequence number before a record's bytes.
@@ -78,6 +95,8 @@ struct Segment {
     file: Arc<File>,
     /// Records in it not yet delivered.
     live: u64,
+    /// Written before [`MARKER`]: entries have the older, shorter header.
+    legacy: bool,
 }
 
 /// Where every queued record is; shared by the writer and the readers.
@@ -130,7 +149,7 @@ impl Index {
         from: u64,
         max_records: usize,
         max_bytes: usize,
-    ) -> (Vec<(u64, Loc, Arc<File>)>, bool) {
+    ) -> (Vec<(u64, Loc, Source)>, bool) {
         let mut out = Vec::new();
         let mut size = 0usize;
         for (&seq, &loc) in self.queues[sink.index()].range(from..) {
@@ -140,7 +159,11 @@ impl Index {
             }
             size += len;
             if let Some(segment) = self.segments.get(&loc.segment) {
-                out.push((seq, loc, segment.file.clone()));
+                let source = Source {
+                    file: segment.file.clone(),
+                    legacy: segment.legacy,
+                };
+                out.push((seq, loc, source));
             }
         }
         (out, true)
@@ -161,13 +184,27 @@ impl Index {
     }
 }
 
-/// Reads the record at `loc` from `file`, checking its entry.
-pub fn read_record(file: &File, seq: u64, loc: Loc) -> Result<Vec<u8>, String> {
+/// The segment file a record is in, and its format.
+pub struct Source {
+    file: Arc<File>,
+    legacy: bool,
+}
+
+/// Reads the record at `loc` from `source`, checking its entry.
+pub fn read_record(source: &Source, seq: u64, loc: Loc) -> Result<Vec<u8>, String> {
     let body_len = RECORD_PREFIX + loc.len as usize;
-    let mut entry = vec![0u8; HEADER + body_len];
-    file.read_exact_at(&mut entry, loc.offset)
+    let header = if source.legacy { LEGACY_HEADER } else { HEADER };
+    let mut entry = vec![0u8; header + body_len];
+    source
+        .file
+        .read_exact_at(&mut entry, loc.offset)
         .map_err(|e| format!("cannot read segment {}: {e}", loc.segment))?;
-    let body = check_entry(&entry, loc.segment).ok_or_else(|| {
+    let checked = if source.legacy {
+        check_legacy_entry(&entry, loc.segment)
+    } else {
+        check_entry(&entry, loc.segment)
+    };
+    let body = checked.ok_or_else(|| {
         format!(
             "entry at byte {} of segment {} is damaged",
             loc.offset, loc.segment
@@ -182,12 +219,21 @@ pub fn read_record(file: &File, seq: u64, loc: Loc) -> Result<Vec<u8>, String> {
     Ok(body[RECORD_PREFIX..].to_vec())
 }
 
-/// The body of the entry of segment `segment` at the start of `bytes` if its length and
-/// checksum hold.
+/// The body of the entry of segment `segment` at the start of `bytes` if its marker,
+/// length and checksum hold.
 fn check_entry(bytes: &[u8], segment: u64) -> Option<&[u8]> {
+    let marker = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?);
+    if marker != MARKER {
+        return None;
+    }
+    check_legacy_entry(&bytes[4..], segment)
+}
+
+/// Like [`check_entry`], for an entry without a marker (segments written before it).
+fn check_legacy_entry(bytes: &[u8], segment: u64) -> Option<&[u8]> {
     let len = u32::from_le_bytes(bytes.get(..4)?.try_into().ok()?) as usize;
     let crc = u32::from_le_bytes(bytes.get(4..8)?.try_into().ok()?);
-    let body = bytes.get(HEADER..HEADER.checked_add(len)?)?;
+    let body = bytes.get(LEGACY_HEADER..LEGACY_HEADER.checked_add(len)?)?;
     (len > 0 && checksum(segment, body) == crc).then_some(body)
 }
 
@@ -272,14 +318,23 @@ impl Log {
                 .with_context(|| format!("cannot open {}", path.display()))?;
             let bytes =
                 std::fs::read(&path).with_context(|| format!("cannot read {}", path.display()))?;
+            // A segment whose first entry is whole without a marker was written before
+            // the marker existed. (One whose first entry is damaged is read as of today's
+            // format: the entries after it are found again.)
+            let legacy = check_legacy_entry(&bytes, id).is_some();
             index.segments.insert(
                 id,
                 Segment {
                     file: Arc::new(file),
                     live: 0,
+                    legacy,
                 },
             );
-            let end = replay(&bytes, id, &mut index, &mut next_seq);
+            let end = if legacy {
+                replay_legacy(&bytes, id, &mut index, &mut next_seq)
+            } else {
+                replay(&bytes, id, &mut index, &mut next_seq)
+            };
             tracing::debug!(segment = %path.display(), end, "spool segment read");
         }
         let mut log = Log {
@@ -347,6 +402,7 @@ impl Log {
             Segment {
                 file: file.clone(),
                 live: 0,
+                legacy: false,
             },
         );
         self.allocated = file.metadata()?.len();
@@ -411,8 +467,9 @@ impl Log {
         debug_assert_eq!(body.len(), body_len);
         let crc = checksum(self.head_id, body);
         let len = u32::try_from(body.len()).expect("entries are far below 4 GiB");
-        self.staged[start..start + 4].copy_from_slice(&len.to_le_bytes());
-        self.staged[start + 4..start + 8].copy_from_slice(&crc.to_le_bytes());
+        self.staged[start..start + 4].copy_from_slice(&MARKER.to_le_bytes());
+        self.staged[start + 4..start + 8].copy_from_slice(&len.to_le_bytes());
+        self.staged[start + 8..start + 12].copy_from_slice(&crc.to_le_bytes());
     }
 
     /// Writes what is staged, then `fdatasync`s when `sync`. On failure the segment is
@@ -466,41 +523,108 @@ impl Log {
     }
 }
 
-/// Reads the entries of segment `id` into `index`; how many bytes of it were whole.
+/// Reads the entries of segment `id` into `index`, skipping damaged ones; how many bytes
+/// of it hold entries (the end of the last whole one).
 fn replay(bytes: &[u8], id: u64, index: &mut Index, next_seq: &mut u64) -> usize {
     let mut at = 0;
+    let mut end = 0;
     while at < bytes.len() {
-        let Some(body) = check_entry(&bytes[at..], id) else {
+        match check_entry(&bytes[at..], id) {
+            Some(body) if apply_entry(body, id, at, index, next_seq) => {
+                at += HEADER + body.len();
+                end = at;
+            }
+            _ => {
+                let Some(next) = next_entry(bytes, at + 1, id) else {
+                    // Nothing whole after it: the end of what was written (zeros, a
+                    // recycled file's old entries, or a write a crash cut short, of which
+                    // nothing was acknowledged).
+                    break;
+                };
+                tracing::error!(
+                    segment = id,
+                    offset = at,
+                    skipped_bytes = next - at,
+                    "a damaged spool entry is skipped: the record in it (if any) is lost, \
+                     or a delivery in it is made again"
+                );
+                crate::metrics::METRICS.spool_damaged_entries.inc();
+                at = next;
+            }
+        }
+    }
+    end
+}
+
+/// Where the next whole entry of segment `id` starts in `bytes`, from `from` on.
+fn next_entry(bytes: &[u8], from: usize, id: u64) -> Option<usize> {
+    let marker = MARKER.to_le_bytes();
+    let mut at = from;
+    while at + HEADER <= bytes.len() {
+        let found = bytes[at..].windows(4).position(|w| w == marker)?;
+        at += found;
+        if check_entry(&bytes[at..], id).is_some_and(|body| entry_is_sane(body)) {
+            return Some(at);
+        }
+        at += 1;
+    }
+    None
+}
+
+/// Whether a checked entry's body is one this log writes.
+fn entry_is_sane(body: &[u8]) -> bool {
+    let sink = body.get(1).copied().and_then(sink_of);
+    match (body[0], sink) {
+        (RECORD, Some(_)) => body.len() >= RECORD_PREFIX,
+        (DELIVERY, Some(_)) if body.len() >= 6 => {
+            let count = u32::from_le_bytes(body[2..6].try_into().expect("four bytes")) as usize;
+            body.len() == 6 + 8 * count
+        }
+        _ => false,
+    }
+}
+
+/// Applies one checked entry at byte `at` of segment `id` to `index`; false if its body
+/// is not one this log writes.
+fn apply_entry(body: &[u8], id: u64, at: usize, index: &mut Index, next_seq: &mut u64) -> bool {
+    if !entry_is_sane(body) {
+        return false;
+    }
+    let sink = sink_of(body[1]).expect("checked by entry_is_sane");
+    if body[0] == RECORD {
+        let seq = u64_at(body, 2);
+        let len = (body.len() - RECORD_PREFIX) as u32;
+        index.insert(
+            sink,
+            seq,
+            Loc {
+                segment: id,
+                offset: at as u64,
+                len,
+            },
+        );
+        *next_seq = (*next_seq).max(seq + 1);
+    } else {
+        let count = u32::from_le_bytes(body[2..6].try_into().expect("four bytes")) as usize;
+        for n in 0..count {
+            index.remove(sink, u64_at(body, 6 + 8 * n));
+        }
+    }
+    true
+}
+
+/// Reads the entries of a segment written before [`MARKER`] into `index`, up to its
+/// first bad one; how many bytes of it were whole.
+fn replay_legacy(bytes: &[u8], id: u64, index: &mut Index, next_seq: &mut u64) -> usize {
+    let mut at = 0;
+    while at < bytes.len() {
+        let Some(body) = check_legacy_entry(&bytes[at..], id) else {
             break;
         };
-        let sink = body.get(1).copied().and_then(sink_of);
-        match (body[0], sink) {
-            (RECORD, Some(sink)) if body.len() >= RECORD_PREFIX => {
-                let seq = u64_at(body, 2);
-                let len = (body.len() - RECORD_PREFIX) as u32;
-                index.insert(
-                    sink,
-                    seq,
-                    Loc {
-                        segment: id,
-                        offset: at as u64,
-                        len,
-                    },
-                );
-                *next_seq = (*next_seq).max(seq + 1);
-            }
-            (DELIVERY, Some(sink)) if body.len() >= 6 => {
-                let count = u32::from_le_bytes(body[2..6].try_into().expect("four bytes")) as usize;
-                if body.len() != 6 + 8 * count {
-                    break;
-                }
-                for n in 0..count {
-                    index.remove(sink, u64_at(body, 6 + 8 * n));
-                }
-            }
-            _ => break,
+        if !apply_entry(body, id, at, index, next_seq) {
+            break;
         }
-        at += HEADER + body.len();
+        at += LEGACY_HEADER + body.len();
     }
     at
 }

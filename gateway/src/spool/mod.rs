@@ -41,45 +41,15 @@ use redb::{
 use serde::Serialize;
 use tokio::sync::{oneshot, watch};
 
-use crate::sink::Record;
+use crate::record::{Record, SinkId};
 use crate::spool::codec::DeadLetter;
 
-/// The sinks that have a queue in the spool.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum SinkId {
-    /// Kinesis Data Streams.
-    Kinesis,
-    /// AWS IoT Core.
-    IotCore,
-    /// The local sink (files), including stand-ins for unconfigured cloud sinks.
-    Local,
-}
-
-impl SinkId {
-    /// Every sink, in table order.
-    pub const ALL: [SinkId; 3] = [SinkId::Kinesis, SinkId::IotCore, SinkId::Local];
-
-    /// `kinesis`, `iot-core` or `local`.
-    pub fn name(self) -> &'static str {
-        match self {
-            SinkId::Kinesis => "kinesis",
-            SinkId::IotCore => "iot-core",
-            SinkId::Local => "local",
-        }
-    }
-
-    fn index(self) -> usize {
-        self as usize
-    }
-
-    /// The sink's queue table in spools written before the queue log.
-    fn legacy_table(self) -> TableDefinition<'static, u64, &'static [u8]> {
-        match self {
-            SinkId::Kinesis => TableDefinition::new("queue/kinesis"),
-            SinkId::IotCore => TableDefinition::new("queue/iot-core"),
-            SinkId::Local => TableDefinition::new("queue/local"),
-        }
+/// The sink's queue table in spools written before the queue log.
+fn legacy_table(sink: SinkId) -> TableDefinition<'static, u64, &'static [u8]> {
+    match sink {
+        SinkId::Kinesis => TableDefinition::new("queue/kinesis"),
+        SinkId::IotCore => TableDefinition::new("queue/iot-core"),
+        SinkId::Local => TableDefinition::new("queue/local"),
     }
 }
 
@@ -109,6 +79,14 @@ pub enum SpoolError {
     /// The storage failed (disk full, I/O error).
     #[error("the spool cannot write: {0}")]
     Storage(String),
+    /// The change adds dead letters and the dead-letter store is at its limit.
+    #[error("the dead-letter store is full ({bytes} of {limit} bytes kept)")]
+    DeadLettersFull {
+        /// Bytes of dead letters kept.
+        bytes: u64,
+        /// `spool.max_dead_letter_bytes`.
+        limit: u64,
+    },
     /// The spool is shutting down.
     #[error("the spool is closed")]
     Closed,
@@ -127,6 +105,10 @@ pub struct Change {
     remove_dead: Vec<u64>,
     /// Records a sink confirmed (or refused for good), to remove from its queue.
     delivered: Option<(SinkId, Vec<u64>)>,
+    /// Its dead letters count against `spool.max_dead_letter_bytes`: the change is
+    /// refused whole if they would go over (a device's request; not a sink's refusals,
+    /// which were acknowledged already).
+    bounded: bool,
 }
 
 impl Change {
@@ -144,6 +126,11 @@ impl Change {
     /// Removes the dead letter `key` (after a redrive).
     pub fn remove_dead_letter(&mut self, key: u64) {
         self.remove_dead.push(key);
+    }
+
+    /// Holds the change's dead letters to `spool.max_dead_letter_bytes`.
+    pub fn bound_dead_letters(&mut self) {
+        self.bounded = true;
     }
 
     /// True when the change holds nothing.
@@ -191,6 +178,12 @@ pub struct SpoolStats {
     pub queues: Vec<QueueStats>,
     /// Dead letters stored.
     pub dead_letters: u64,
+    /// Their encoded size.
+    pub dead_letter_bytes: u64,
+    /// `spool.max_dead_letter_bytes`.
+    pub max_dead_letter_bytes: u64,
+    /// Requests refused because the dead-letter store was full, since start.
+    pub refused_dead_letters_full: u64,
     /// Commits that ended with an `fsync` since start.
     pub durable_commits: u64,
     /// Commits in all since start.
@@ -224,6 +217,12 @@ struct Shared {
     records: [AtomicU64; 3],
     bytes: [AtomicU64; 3],
     dead_letters: AtomicU64,
+    /// Encoded bytes of the dead letters stored.
+    dead_letter_bytes: AtomicU64,
+    /// `spool.max_dead_letter_bytes` (a reload can change it).
+    dead_letter_limit: AtomicU64,
+    /// Changes refused because their dead letters would not fit.
+    refused_dead_full: AtomicU64,
     commits: AtomicU64,
     durable_commits: AtomicU64,
     refused_full: AtomicU64,
@@ -265,6 +264,7 @@ impl Spool {
         })?;
         let mut next_seq = 1u64;
         let dead_letters;
+        let mut dead_letter_bytes = 0u64;
         {
             let txn = db.begin_write().context("spool: begin")?;
             {
@@ -272,6 +272,10 @@ impl Spool {
                 dead_letters = dead.len().context("spool: count")?;
                 if let Some(last) = dead.last().context("spool: scan")? {
                     next_seq = last.0.value() + 1;
+                }
+                for entry in dead.iter().context("spool: scan")? {
+                    let (_, value) = entry.context("spool: scan")?;
+                    dead_letter_bytes += value.value().len() as u64;
                 }
             }
             txn.commit().context("spool: commit")?;
@@ -313,6 +317,9 @@ impl Spool {
             records: records.map(AtomicU64::new),
             bytes: bytes.map(AtomicU64::new),
             dead_letters: AtomicU64::new(dead_letters),
+            dead_letter_bytes: AtomicU64::new(dead_letter_bytes),
+            dead_letter_limit: AtomicU64::new(u64::MAX),
+            refused_dead_full: AtomicU64::new(0),
             commits: AtomicU64::new(0),
             durable_commits: AtomicU64::new(0),
             refused_full: AtomicU64::new(0),
@@ -452,8 +459,8 @@ impl Spool {
             .unwrap_or_else(|p| p.into_inner())
             .window(sink, from, max_records, max_bytes);
         let mut out = Vec::with_capacity(window.len());
-        for (seq, loc, file) in window {
-            let record = log::read_record(&file, seq, loc)
+        for (seq, loc, source) in window {
+            let record = log::read_record(&source, seq, loc)
                 .and_then(|bytes| codec::decode_record(&bytes).map_err(|e| e.to_string()));
             match record {
                 Ok(record) => out.push((seq, record)),
@@ -526,11 +533,31 @@ impl Spool {
                 .collect(),
             last_seq,
             dead_letters: shared.dead_letters.load(Ordering::Relaxed),
+            dead_letter_bytes: shared.dead_letter_bytes.load(Ordering::Relaxed),
+            max_dead_letter_bytes: shared.dead_letter_limit.load(Ordering::Relaxed),
+            refused_dead_letters_full: shared.refused_dead_full.load(Ordering::Relaxed),
             durable_commits: shared.durable_commits.load(Ordering::Relaxed),
             commits: shared.commits.load(Ordering::Relaxed),
             max_bytes_per_sink: shared.limit,
             refused_full: shared.refused_full.load(Ordering::Relaxed),
         }
+    }
+
+    /// Sets `spool.max_dead_letter_bytes` (at start, and on a reload).
+    pub fn set_dead_letter_limit(&self, bytes: u64) {
+        self.shared
+            .dead_letter_limit
+            .store(bytes, Ordering::Relaxed);
+    }
+
+    /// Whether `bytes` more of dead letters fit under the limit now.
+    pub fn dead_letters_fit(&self, bytes: u64) -> bool {
+        let shared = &self.shared;
+        shared
+            .dead_letter_bytes
+            .load(Ordering::Relaxed)
+            .saturating_add(bytes)
+            <= shared.dead_letter_limit.load(Ordering::Relaxed)
     }
 
     /// Marks whether `sink`'s delivery is failing.
@@ -632,6 +659,7 @@ fn write_loop(shared: &Shared, mut log: log::Log, mut next_seq: u64, queue: &mps
             }
         }
         add_signed(&shared.dead_letters, outcome.dead_letters);
+        add_signed(&shared.dead_letter_bytes, outcome.dead_letter_bytes);
         for (reply, result) in replies {
             let _ = reply.send(result);
         }
@@ -674,6 +702,7 @@ struct Outcome {
     records: [i64; 3],
     bytes: [i64; 3],
     dead_letters: i64,
+    dead_letter_bytes: i64,
     last_seq: [Option<u64>; 3],
     /// The sequence numbers given to written records, in order.
     seqs: Vec<u64>,
@@ -709,6 +738,8 @@ fn apply(shared: &Shared, log: &mut log::Log, next_seq: &mut u64, ops: &[Op]) ->
     let mut adding = [0i64; 3];
     let mut dead_added: Vec<(u64, &[u8])> = Vec::new();
     let mut dead_removed: Vec<u64> = Vec::new();
+    let mut dead_adding = 0u64;
+    let dead_limit = shared.dead_letter_limit.load(Ordering::Relaxed);
     // The accepted changes' deliveries: (sink, sequence numbers).
     let mut deliveries: Vec<(SinkId, &[u64])> = Vec::new();
     let mut seq = *next_seq;
@@ -740,6 +771,18 @@ fn apply(shared: &Shared, log: &mut log::Log, next_seq: &mut u64, ops: &[Op]) ->
             }));
             continue;
         }
+        let dead_bytes: u64 = change.dead.iter().map(|d| d.len() as u64).sum();
+        let dead_kept = shared.dead_letter_bytes.load(Ordering::Relaxed) + dead_adding;
+        if change.bounded && dead_bytes > 0 && dead_kept + dead_bytes > dead_limit {
+            shared.refused_dead_full.fetch_add(1, Ordering::Relaxed);
+            crate::metrics::METRICS.dead_letter_refused("store_full");
+            results.push(Err(SpoolError::DeadLettersFull {
+                bytes: dead_kept,
+                limit: dead_limit,
+            }));
+            continue;
+        }
+        dead_adding += dead_bytes;
         accepted[n] = true;
         results.push(Ok(()));
         for (sink, bytes, _) in &change.queued {
@@ -785,8 +828,9 @@ fn apply(shared: &Shared, log: &mut log::Log, next_seq: &mut u64, ops: &[Op]) ->
         true
     } else {
         match commit_dead_letters(shared, &dead_added, &dead_removed) {
-            Ok(delta) => {
+            Ok((delta, bytes)) => {
                 outcome.dead_letters = delta;
+                outcome.dead_letter_bytes = bytes;
                 outcome.durable = true;
                 true
             }
@@ -834,28 +878,31 @@ fn apply(shared: &Shared, log: &mut log::Log, next_seq: &mut u64, ops: &[Op]) ->
 }
 
 /// Adds and removes dead letters in one durable redb transaction; the change in their
-/// number.
+/// number and in their bytes.
 fn commit_dead_letters(
     shared: &Shared,
     added: &[(u64, &[u8])],
     removed: &[u64],
-) -> Result<i64, String> {
+) -> Result<(i64, i64), String> {
     let txn = shared.db.begin_write().map_err(|e| e.to_string())?;
     let mut delta = 0i64;
+    let mut bytes = 0i64;
     {
         let mut dead = txn.open_table(DEAD_LETTERS).map_err(|e| e.to_string())?;
-        for (key, bytes) in added {
-            dead.insert(key, bytes).map_err(|e| e.to_string())?;
+        for (key, value) in added {
+            dead.insert(key, value).map_err(|e| e.to_string())?;
             delta += 1;
+            bytes += value.len() as i64;
         }
         for key in removed {
-            if dead.remove(key).map_err(|e| e.to_string())?.is_some() {
+            if let Some(value) = dead.remove(key).map_err(|e| e.to_string())? {
                 delta -= 1;
+                bytes -= value.value().len() as i64;
             }
         }
     }
     txn.commit().map_err(|e| e.to_string())?;
-    Ok(delta)
+    Ok((delta, bytes))
 }
 
 /// The queued records of a spool written before the queue log: `(sink, seq, bytes)`.
@@ -864,7 +911,7 @@ fn legacy_records(db: &Database) -> anyhow::Result<Vec<(SinkId, u64, Vec<u8>)>> 
     let txn = db.begin_read().context("spool: begin")?;
     let mut out = Vec::new();
     for sink in SinkId::ALL {
-        let table = match txn.open_table(sink.legacy_table()) {
+        let table = match txn.open_table(legacy_table(sink)) {
             Ok(table) => table,
             Err(redb::TableError::TableDoesNotExist(_)) => continue,
             Err(error) => return Err(error).context("spool: open table"),
@@ -907,7 +954,7 @@ fn move_legacy_records(
     }
     let txn = db.begin_write().context("spool: begin")?;
     for sink in SinkId::ALL {
-        txn.delete_table(sink.legacy_table())
+        txn.delete_table(legacy_table(sink))
             .context("spool: drop table")?;
     }
     txn.commit().context("spool: commit")?;
@@ -1132,12 +1179,27 @@ mod tests {
         window.into_iter().map(|(seq, _)| seq).collect()
     }
 
-    /// A write cut short by a crash (here: an entry whose body never made it, then a
-    /// whole one) ends what is read of a segment on the next start: what came before is
-    /// kept, nothing after it counts, and new records go to a new segment.
+    /// The entry for record `seq` of `sink` as segment `segment` holds it, in today's
+    /// format (`legacy`: without the marker).
+    fn entry(segment: u64, sink: SinkId, seq: u64, id: &str, legacy: bool) -> Vec<u8> {
+        let mut body = vec![1, sink.index() as u8];
+        body.extend_from_slice(&seq.to_le_bytes());
+        body.extend_from_slice(&codec::encode_record(&record(id, b"9")));
+        let mut entry = Vec::new();
+        if !legacy {
+            entry.extend_from_slice(&log::MARKER.to_le_bytes());
+        }
+        entry.extend_from_slice(&(body.len() as u32).to_le_bytes());
+        entry.extend_from_slice(&log::checksum(segment, &body).to_le_bytes());
+        entry.extend_from_slice(&body);
+        entry
+    }
+
+    /// A write cut short by a crash (an entry whose body never made it) ends what is read
+    /// of a segment on the next start: what came before is kept, and new records go to a
+    /// new segment.
     #[tokio::test]
     async fn a_torn_write_ends_the_segment_and_what_came_before_is_kept() {
-        use std::io::Write as _;
         let dir = tempfile::tempdir().unwrap();
         let spool = Spool::open(dir.path(), 1 << 20).unwrap();
         let mut change = Change::default();
@@ -1148,17 +1210,14 @@ mod tests {
         drop(spool);
         let name = segments(dir.path()).pop().unwrap();
         let segment: u64 = name.strip_suffix(".log").unwrap().parse().unwrap();
-        let mut ghost = vec![1, SinkId::Local.index() as u8];
-        ghost.extend_from_slice(&99u64.to_le_bytes());
-        ghost.extend_from_slice(&codec::encode_record(&record("ghost", b"9")));
-        let mut torn = vec![40, 0, 0, 0, 1, 2, 3, 4, 1, 2];
-        torn.extend_from_slice(&(ghost.len() as u32).to_le_bytes());
-        torn.extend_from_slice(&log::checksum(segment, &ghost).to_le_bytes());
-        torn.extend_from_slice(&ghost);
         let path = dir.path().join("queue").join(&name);
-        let mut file = std::fs::OpenOptions::new().append(true).open(path).unwrap();
-        file.write_all(&torn).unwrap();
-        drop(file);
+        let mut bytes = std::fs::read(&path).unwrap();
+        // Where the data ends, the zeros written ahead of it begin.
+        let end = bytes.len() - bytes.iter().rev().take_while(|&&b| b == 0).count();
+        let torn = entry(segment, SinkId::Local, 99, "ghost", false);
+        bytes.truncate(end);
+        bytes.extend_from_slice(&torn[..torn.len() - 5]);
+        std::fs::write(&path, &bytes).unwrap();
 
         let spool = Spool::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(spool.depth(SinkId::Local), 2);
@@ -1169,6 +1228,63 @@ mod tests {
         drop(spool);
         let spool = Spool::open(dir.path(), 1 << 20).unwrap();
         assert_eq!(ids(&spool, SinkId::Local), ["a", "b", "c"]);
+    }
+
+    /// One damaged entry (a flipped byte on the disk) costs that entry alone: replay finds
+    /// the next whole entry again by its marker, and counts the damage.
+    #[tokio::test]
+    async fn a_damaged_entry_is_skipped_and_the_rest_of_its_segment_is_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        let mut change = Change::default();
+        for id in ["a", "b", "c", "d", "e"] {
+            change.queue(SinkId::Kinesis, record(id, b"payload"));
+        }
+        spool.commit(change).await.unwrap();
+        spool.close();
+        drop(spool);
+        let name = segments(dir.path()).pop().unwrap();
+        let path = dir.path().join("queue").join(&name);
+        let mut bytes = std::fs::read(&path).unwrap();
+        // The second entry starts at the second marker; flip a byte inside its body.
+        let marker = log::MARKER.to_le_bytes();
+        let starts: Vec<usize> = bytes
+            .windows(4)
+            .enumerate()
+            .filter(|(_, w)| *w == marker)
+            .map(|(at, _)| at)
+            .collect();
+        assert_eq!(starts.len(), 5);
+        bytes[starts[1] + 20] ^= 0x40;
+        std::fs::write(&path, &bytes).unwrap();
+
+        let damaged = || crate::metrics::METRICS.spool_damaged_entries.get();
+        let before = damaged();
+        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(ids(&spool, SinkId::Kinesis), ["a", "c", "d", "e"]);
+        assert_eq!(spool.depth(SinkId::Kinesis), 4);
+        assert!(damaged() > before, "the damaged entry is counted");
+    }
+
+    /// Segments written before entries had a marker are still read.
+    #[tokio::test]
+    async fn segments_of_the_format_without_markers_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("queue")).unwrap();
+        let mut bytes = entry(1, SinkId::IotCore, 1, "old-1", true);
+        bytes.extend(entry(1, SinkId::IotCore, 2, "old-2", true));
+        bytes.extend_from_slice(&[0; 64]);
+        std::fs::write(
+            dir.path().join("queue").join(format!("{:020}.log", 1)),
+            &bytes,
+        )
+        .unwrap();
+        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(ids(&spool, SinkId::IotCore), ["old-1", "old-2"]);
+        let mut change = Change::default();
+        change.queue(SinkId::IotCore, record("new", b"y"));
+        spool.commit(change).await.unwrap();
+        assert_eq!(seqs(&spool, SinkId::IotCore), [1, 2, 3]);
     }
 
     /// Segments are cut at their size and retired once every record in them is
@@ -1254,7 +1370,7 @@ mod tests {
                 .unwrap();
             let txn = db.begin_write().unwrap();
             {
-                let mut table = txn.open_table(SinkId::IotCore.legacy_table()).unwrap();
+                let mut table = txn.open_table(legacy_table(SinkId::IotCore)).unwrap();
                 for (seq, id) in [(4u64, "old-a"), (9, "old-b")] {
                     let bytes = codec::encode_record(&record(id, b"x"));
                     table.insert(seq, bytes.as_slice()).unwrap();

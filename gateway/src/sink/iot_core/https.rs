@@ -3,8 +3,9 @@
 use aws_sdk_iotdataplane::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
 use aws_sdk_iotdataplane::primitives::Blob;
 
+use crate::record::Record;
 use crate::sink::iot_core::prepare;
-use crate::sink::{Record, Rejected, SinkError, SinkFuture};
+use crate::sink::{Rejected, SinkError, SinkFuture};
 
 /// Publishes each record with one `Publish` call, concurrently.
 pub struct HttpsSink {

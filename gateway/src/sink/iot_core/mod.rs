@@ -11,8 +11,8 @@
 pub mod https;
 pub mod mqtt;
 
+use crate::record::Record;
 use crate::route::{Destination, check_iot_core};
-use crate::sink::Record;
 
 /// One publish, checked against IoT Core's rules.
 pub struct Publish {

@@ -20,9 +20,10 @@ use rumqttc::{
 use tokio::sync::oneshot;
 use tokio_rustls::rustls;
 
+use crate::record::Record;
 use crate::sink::iot_core::prepare;
 use crate::sink::kinesis::batch::backoff;
-use crate::sink::{Record, Rejected, SinkError, SinkFuture};
+use crate::sink::{Rejected, SinkError, SinkFuture};
 
 /// Publishes handed to rumqttc but not yet acknowledged, at most (rumqttc's in-flight
 /// window; further publishes wait, which pushes back towards ingress).

@@ -26,11 +26,12 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::record::Record;
 use crate::route::Destination;
 use crate::sink::kinesis::aggregate::{Aggregate, hash_key};
 use crate::sink::kinesis::batch::{Planned, Queued, backoff, plan, plan_aggregated};
 use crate::sink::kinesis::service::{CallError, EntryResult, KinesisApi, PutEntry, ShardRange};
-use crate::sink::{Record, Rejected, SinkError, SinkFuture};
+use crate::sink::{Rejected, SinkError, SinkFuture};
 
 /// Records waiting per stream before new ones wait in the channel (and, behind it, at
 /// ingress): about ten full calls.

@@ -1,0 +1,558 @@
+//! Admission: the one step every device protocol calls before the pipeline, so that HTTP,
+//! the `sluice.v1` WebSocket dialect and MQTT cannot drift apart.
+//!
+//! A protocol parses its own framing into [`Publish`]es and hands them to [`admit`], which
+//! checks, in this order and the same way for all of them:
+//!
+//! 1. the topic (IoT Core's rules; topics the gateway owns are reserved);
+//! 2. the QoS (0 or 1);
+//! 3. the attributes (`limits.max_attributes`, `limits.max_attribute_bytes`);
+//! 4. the payload against the record limit;
+//! 5. the device policy, each message against the grant that allows its topic, its size
+//!    being its payload and attribute bytes;
+//!
+//! and builds the [`Message`]s. What comes back from the pipeline is mapped by
+//! [`rejected`]; every refusal is an [`ApiError`], which each protocol renders its way
+//! (an HTTP status, a WebSocket error frame, an MQTT reason code).
+
+use base64::Engine as _;
+
+use crate::auth::{AuthError, Authenticator, Identity, PeerIdentity};
+use crate::config::{Config, WebSocketConfig};
+use crate::message::{Message, new_id, now_ms};
+use crate::pipeline::{MessageReport, StoreError};
+use crate::plugin::FailureKind;
+use crate::policy::{DevicePolicy, Refusal};
+use crate::route::topic::{TopicFilter, validate_publish_topic};
+use crate::spool::SpoolError;
+
+/// What decides whether a device's request is taken: who it is, what it may do, and the
+/// limits. A configuration reload builds new ones and swaps them in whole.
+pub struct DeviceRules {
+    /// Who sent a request.
+    pub auth: std::sync::Arc<Authenticator>,
+    /// What a device may do.
+    pub policy: std::sync::Arc<DevicePolicy>,
+    /// WebSocket session settings (a session keeps those it opened with).
+    pub websocket: WebSocketConfig,
+    /// Most messages in one batch request.
+    pub max_batch_messages: usize,
+    /// Largest batch request body.
+    pub max_batch_bytes: usize,
+    /// Most attributes per message.
+    pub max_attributes: usize,
+    /// Most attribute bytes (names and values) per message.
+    pub max_attribute_bytes: usize,
+    /// Topics the gateway owns (the downlink's command and presence topics, any device):
+    /// no device publishes there.
+    pub reserved: Vec<TopicFilter>,
+}
+
+impl DeviceRules {
+    /// The rules of `config`; the authenticator and the policy (with its rate-limit
+    /// state) are taken from `previous` when their sections did not change.
+    pub fn new(config: &Config, previous: Option<(&Config, &DeviceRules)>) -> DeviceRules {
+        let unchanged = |same: fn(&Config, &Config) -> bool| {
+            previous
+                .filter(|(old, _)| same(old, config))
+                .map(|(_, rules)| rules)
+        };
+        let auth = match unchanged(|a, b| a.auth == b.auth) {
+            Some(rules) => rules.auth.clone(),
+            None => std::sync::Arc::new(Authenticator::new(config.auth.as_ref())),
+        };
+        let policy =
+            match unchanged(|a, b| a.policy == b.policy && a.auth.is_some() == b.auth.is_some()) {
+                Some(rules) => rules.policy.clone(),
+                None => std::sync::Arc::new(DevicePolicy::new(
+                    config.policy.as_ref(),
+                    config.auth.is_some(),
+                )),
+            };
+        DeviceRules {
+            auth,
+            policy,
+            websocket: config.websocket.clone(),
+            max_batch_messages: config.limits.max_batch_messages,
+            max_batch_bytes: config.limits.max_batch_bytes,
+            max_attributes: config.limits.max_attributes,
+            max_attribute_bytes: config.limits.max_attribute_bytes,
+            reserved: reserved_topics(config),
+        }
+    }
+}
+
+/// The downlink's command and presence topics, for every device: a device publishing
+/// there could send another device commands, or clear its command queue.
+fn reserved_topics(config: &Config) -> Vec<TopicFilter> {
+    let Some(downlink) = &config.downlink else {
+        return Vec::new();
+    };
+    [&downlink.command_topic, &downlink.presence_topic]
+        .into_iter()
+        .filter_map(|template| TopicFilter::parse(&template.replace("${device.id}", "+")).ok())
+        .collect()
+}
+
+/// Every refusal a device can get, whatever its protocol.
+#[derive(Debug)]
+pub enum ApiError {
+    /// `400 bad_request`: a malformed topic, QoS, device id, attributes or batch body.
+    BadRequest(String),
+    /// `401` with the reason's code ([`AuthError::code`]).
+    Unauthorized(AuthError),
+    /// `403 topic_denied`: no policy grant lets the device publish there.
+    Forbidden {
+        /// The topic.
+        topic: String,
+        /// The device.
+        device: String,
+    },
+    /// `403 topic_reserved`: the topic belongs to the gateway (commands, presence).
+    Reserved {
+        /// The topic.
+        topic: String,
+    },
+    /// `429 rate_limited` with `Retry-After`: over a grant's rate.
+    RateLimited {
+        /// The grant.
+        grant: String,
+        /// Which limit.
+        limit: &'static str,
+        /// Seconds to wait (at least 1).
+        retry_after: u64,
+    },
+    /// `413 payload_too_large`: a payload over the record limit or a grant's
+    /// `max_payload_bytes`, or a batch over its limits.
+    TooLarge(String),
+    /// `422 plugin_refused`, `500 plugin_*`, `503 plugin_unavailable`: a plugin refused
+    /// the message or failed on it, and `plugins.on_failure` is `reject`.
+    Plugin {
+        /// The message id.
+        id: String,
+        /// How it failed.
+        kind: FailureKind,
+        /// The plugin.
+        plugin: String,
+        /// Why.
+        message: String,
+    },
+    /// `503` with `Retry-After`; nothing of the request was acknowledged or kept:
+    /// - `spool_full`: the spool for a sink the request needs is at its limit
+    ///   (`spool.max_bytes_per_sink`), because that sink is slow or down;
+    /// - `dead_letters_full`: the request's messages would be dead-lettered, and the
+    ///   dead-letter store is at `spool.max_dead_letter_bytes`;
+    /// - `best_effort_busy`: too many best-effort messages wait for their sinks;
+    /// - `spool_unavailable`: the spool cannot write (disk error) or is shutting down.
+    Unavailable {
+        /// The code.
+        code: &'static str,
+        /// In words.
+        message: String,
+        /// Seconds the device should wait.
+        retry_after: u32,
+    },
+}
+
+impl From<StoreError> for ApiError {
+    fn from(error: StoreError) -> Self {
+        let (code, retry_after) = match &error {
+            StoreError::Spool(SpoolError::Full { .. }) => ("spool_full", 5),
+            StoreError::Spool(SpoolError::DeadLettersFull { .. }) => ("dead_letters_full", 30),
+            StoreError::BestEffortFull { .. } => ("best_effort_busy", 1),
+            StoreError::Spool(_) => ("spool_unavailable", 1),
+        };
+        ApiError::Unavailable {
+            code,
+            message: error.to_string(),
+            retry_after,
+        }
+    }
+}
+
+impl ApiError {
+    /// The stable code of the error.
+    pub fn code(&self) -> &'static str {
+        match self {
+            ApiError::BadRequest(_) => "bad_request",
+            ApiError::TooLarge(_) => "payload_too_large",
+            ApiError::Unauthorized(error) => error.code(),
+            ApiError::Forbidden { .. } => "topic_denied",
+            ApiError::Reserved { .. } => "topic_reserved",
+            ApiError::RateLimited { .. } => "rate_limited",
+            ApiError::Plugin { kind, .. } => kind.code(),
+            ApiError::Unavailable { code, .. } => code,
+        }
+    }
+
+    /// The message in words.
+    pub fn message(&self) -> String {
+        match self {
+            ApiError::BadRequest(message) | ApiError::TooLarge(message) => message.clone(),
+            ApiError::Unauthorized(error) => error.to_string(),
+            ApiError::Forbidden { topic, device } => {
+                format!("no policy grant lets `{device}` publish to `{topic}`")
+            }
+            ApiError::Reserved { topic } => format!(
+                "`{topic}` is a topic the gateway owns (device commands and presence); devices do not publish there"
+            ),
+            ApiError::RateLimited {
+                grant,
+                limit,
+                retry_after,
+            } => format!("over the {limit} of policy grant `{grant}`; retry after {retry_after} s"),
+            ApiError::Plugin { message, .. } => message.clone(),
+            ApiError::Unavailable { message, .. } => {
+                format!("{message}; nothing was kept, retry later")
+            }
+        }
+    }
+
+    /// Seconds the device should wait before sending again, when it should.
+    pub fn retry_after(&self) -> Option<u64> {
+        match self {
+            ApiError::RateLimited { retry_after, .. } => Some(*retry_after),
+            ApiError::Unavailable { retry_after, .. } => Some(u64::from(*retry_after)),
+            _ => None,
+        }
+    }
+}
+
+/// Who sent a request (see [`crate::auth`]): the peer's client certificate, or the
+/// request's headers (bearer token, or `x-device-id` without `[auth]`).
+pub fn authenticate(
+    rules: &DeviceRules,
+    peer: Option<&PeerIdentity>,
+    headers: &axum::http::HeaderMap,
+) -> Result<Identity, ApiError> {
+    rules
+        .auth
+        .authenticate(peer, headers)
+        .map_err(|error| match error {
+            // Without [auth], a bad x-device-id is a malformed request, not a credential.
+            AuthError::BadDeviceId(why) if !rules.auth.required() => ApiError::BadRequest(why),
+            other => ApiError::Unauthorized(other),
+        })
+}
+
+/// A device's publish as its protocol read it, before admission.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Publish {
+    /// The topic.
+    pub topic: String,
+    /// The payload.
+    pub payload: Vec<u8>,
+    /// Its content type (empty: none).
+    pub content_type: String,
+    /// The QoS the device asked for.
+    pub qos: u8,
+    /// Attributes (MQTT 5 properties as `mqtt.*`, batch attributes, the dialect's own).
+    pub attributes: Vec<(String, String)>,
+}
+
+/// Admits `publishes` of `identity`: every check of this module's list, the same way for
+/// every protocol, then the messages. `max_payload` is the record limit. In a batch
+/// (`numbered`), a refusal names the message by its index, and refuses the batch whole.
+pub fn admit(
+    rules: &DeviceRules,
+    identity: &Identity,
+    max_payload: usize,
+    publishes: Vec<Publish>,
+    numbered: bool,
+) -> Result<Vec<Message>, ApiError> {
+    let at = |index: usize, why: String| {
+        if numbered {
+            format!("messages[{index}]: {why}")
+        } else {
+            why
+        }
+    };
+    let mut sizes = Vec::with_capacity(publishes.len());
+    for (index, publish) in publishes.iter().enumerate() {
+        let topic = &publish.topic;
+        validate_publish_topic(topic)
+            .map_err(|why| ApiError::BadRequest(at(index, format!("topic `{topic}`: {why}"))))?;
+        if rules.reserved.iter().any(|filter| filter.matches(topic)) {
+            return Err(ApiError::Reserved {
+                topic: topic.clone(),
+            });
+        }
+        if publish.qos > 1 {
+            return Err(ApiError::BadRequest(at(
+                index,
+                format!("qos must be 0 or 1, not {}", publish.qos),
+            )));
+        }
+        let attributes = &publish.attributes;
+        if attributes.len() > rules.max_attributes {
+            return Err(ApiError::BadRequest(at(
+                index,
+                format!(
+                    "{} attributes exceed limits.max_attributes of {}",
+                    attributes.len(),
+                    rules.max_attributes
+                ),
+            )));
+        }
+        let attribute_bytes: usize = attributes.iter().map(|(k, v)| k.len() + v.len()).sum();
+        if attribute_bytes > rules.max_attribute_bytes {
+            return Err(ApiError::TooLarge(at(
+                index,
+                format!(
+                    "{attribute_bytes} bytes of attributes exceed limits.max_attribute_bytes of {}",
+                    rules.max_attribute_bytes
+                ),
+            )));
+        }
+        if publish.payload.len() > max_payload {
+            return Err(ApiError::TooLarge(at(
+                index,
+                format!(
+                    "payload of {} bytes exceeds the record limit of {max_payload} bytes",
+                    publish.payload.len()
+                ),
+            )));
+        }
+        sizes.push(publish.payload.len() + attribute_bytes);
+    }
+    let topics = publishes.iter().map(|p| p.topic.as_str());
+    rules
+        .policy
+        .check_publish(identity, topics.zip(sizes))
+        .map_err(|refusal| policy_refusal(identity, refusal))?;
+    let received_at_ms = now_ms();
+    Ok(publishes
+        .into_iter()
+        .map(|publish| Message {
+            id: new_id(),
+            device_id: identity.device_id.clone(),
+            topic: publish.topic,
+            content_type: publish.content_type,
+            qos: publish.qos,
+            attributes: publish.attributes,
+            received_at_ms,
+            payload: publish.payload,
+        })
+        .collect())
+}
+
+/// Admits a device's reply to a command, `size` bytes published on its reply `topic`:
+/// held to the policy (and its rates) like a publish there.
+pub fn admit_reply(
+    rules: &DeviceRules,
+    identity: &Identity,
+    topic: &str,
+    size: usize,
+) -> Result<(), ApiError> {
+    rules
+        .policy
+        .check_publish(identity, [(topic, size)])
+        .map_err(|refusal| policy_refusal(identity, refusal))
+}
+
+/// The refusal a device gets for the policy's.
+fn policy_refusal(identity: &Identity, refusal: Refusal) -> ApiError {
+    match refusal {
+        Refusal::Denied { topic } => ApiError::Forbidden {
+            topic,
+            device: identity.device_id.clone(),
+        },
+        Refusal::TooLarge { grant, limit, size } => ApiError::TooLarge(format!(
+            "{size} bytes of payload and attributes exceed the limit of {limit} of policy grant `{grant}`"
+        )),
+        Refusal::RateLimited {
+            grant,
+            limit,
+            retry_after,
+        } => ApiError::RateLimited {
+            grant,
+            limit,
+            retry_after: retry_after.as_secs_f64().ceil().max(1.0) as u64,
+        },
+    }
+}
+
+/// The refusal for a message the chain rejected.
+pub fn rejected(report: MessageReport) -> ApiError {
+    let error = report
+        .error
+        .unwrap_or_else(|| crate::pipeline::FailureReport {
+            code: FailureKind::Unavailable.code(),
+            plugin: String::new(),
+            message: "rejected".to_string(),
+        });
+    ApiError::Plugin {
+        id: report.id,
+        kind: report.failure_kind.unwrap_or(FailureKind::Unavailable),
+        plugin: error.plugin,
+        message: error.message,
+    }
+}
+
+/// A message body given as `payload` (JSON, stored compactly) or `payload_base64`
+/// (bytes), with the content type it implies (`application/json` for JSON, else none).
+/// Shared by `POST /batch` and WebSocket text frames.
+pub fn decode_payload(
+    json: Option<serde_json::Value>,
+    encoded: Option<String>,
+) -> Result<(Vec<u8>, &'static str), String> {
+    match (json, encoded) {
+        (Some(value), None) => Ok((
+            serde_json::to_vec(&value).unwrap_or_default(),
+            "application/json",
+        )),
+        (None, Some(text)) => base64::engine::general_purpose::STANDARD
+            .decode(text.as_bytes())
+            .map(|bytes| (bytes, ""))
+            .map_err(|error| format!("payload_base64: {error}")),
+        (None, None) => Ok((Vec::new(), "")),
+        (Some(_), Some(_)) => Err("give `payload` or `payload_base64`, not both".to_string()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Method;
+
+    fn rules(extra: &str) -> DeviceRules {
+        let config = Config::parse(&format!(
+            r#"
+            [limits]
+            max_attributes = 2
+            max_attribute_bytes = 20
+            [policy]
+            [[policy.grants]]
+            name = "status"
+            devices = ["*"]
+            publish = ["status/#", "cmd/#"]
+            [[policy.grants]]
+            name = "telemetry"
+            devices = ["*"]
+            publish = ["telemetry/#"]
+            max_payload_bytes = 10
+            {extra}
+            "#
+        ))
+        .unwrap();
+        DeviceRules::new(&config, None)
+    }
+
+    fn device() -> Identity {
+        Identity {
+            device_id: "d1".to_string(),
+            groups: Vec::new(),
+            method: Method::Token,
+            expires_at_secs: None,
+            certificate: None,
+        }
+    }
+
+    fn publish(topic: &str, payload: &[u8], attributes: &[(&str, &str)]) -> Publish {
+        Publish {
+            topic: topic.to_string(),
+            payload: payload.to_vec(),
+            content_type: String::new(),
+            qos: 1,
+            attributes: attributes
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+        }
+    }
+
+    /// Every check, for one message, with the code a device gets.
+    #[test]
+    fn each_check_refuses_with_its_code() {
+        let downlink = r#"
+            [downlink]
+            host = "broker"
+            ca = "ca.pem"
+            cert = "c.pem"
+            key = "k.pem"
+        "#;
+        let rules = rules(downlink);
+        let mut qos2 = publish("status/x", b"1", &[]);
+        qos2.qos = 2;
+        let cases: Vec<(Publish, Option<&str>)> = vec![
+            (publish("status/x", b"ok", &[]), None),
+            (publish("", b"1", &[]), Some("bad_request")),
+            (publish("a/+/b", b"1", &[]), Some("bad_request")),
+            (qos2, Some("bad_request")),
+            (publish("elsewhere/x", b"1", &[]), Some("topic_denied")),
+            // Another device's command topic and presence topic are the gateway's.
+            (
+                publish("cmd/other/reboot", b"1", &[]),
+                Some("topic_reserved"),
+            ),
+            (
+                publish("sluice/presence/d1", b"", &[]),
+                Some("topic_reserved"),
+            ),
+            (
+                publish("status/x", &[0; 101], &[]),
+                Some("payload_too_large"),
+            ),
+            (
+                publish("telemetry/t", &[0; 11], &[]),
+                Some("payload_too_large"),
+            ),
+            (
+                publish("status/x", b"1", &[("a", "1"), ("b", "2"), ("c", "3")]),
+                Some("bad_request"),
+            ),
+            (
+                publish("status/x", b"1", &[("key", "a-very-long-value-xx")]),
+                Some("payload_too_large"),
+            ),
+            // Attributes count with the payload against the grant's size: 4 + 7 > 10.
+            (
+                publish("telemetry/t", b"1234", &[("k", "123456")]),
+                Some("payload_too_large"),
+            ),
+            (publish("telemetry/t", b"1234", &[("k", "12345")]), None),
+        ];
+        for (index, (publish, expected)) in cases.into_iter().enumerate() {
+            let topic = publish.topic.clone();
+            let result = admit(&rules, &device(), 100, vec![publish], false);
+            assert_eq!(
+                result.as_ref().err().map(ApiError::code),
+                expected,
+                "case {index} ({topic}): {result:?}"
+            );
+        }
+    }
+
+    /// A batch is refused whole, naming the message that failed.
+    #[test]
+    fn a_batch_names_the_message_that_failed() {
+        let rules = rules("");
+        let batch = vec![
+            publish("status/a", b"1", &[]),
+            publish("status/b", b"2", &[]),
+            publish("bad/+", b"3", &[]),
+        ];
+        match admit(&rules, &device(), 100, batch, true) {
+            Err(ApiError::BadRequest(message)) => {
+                assert!(message.starts_with("messages[2]: "), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+        let batch = vec![
+            publish("status/a", b"1", &[]),
+            publish("telemetry/b", &[1; 42], &[]),
+        ];
+        let refused = admit(&rules, &device(), 100, batch, true).unwrap_err();
+        assert_eq!(refused.code(), "payload_too_large", "{refused:?}");
+        let admitted = admit(
+            &rules,
+            &device(),
+            100,
+            vec![publish("status/a", b"1", &[("k", "v")])],
+            true,
+        )
+        .unwrap();
+        assert_eq!(admitted[0].device_id, "d1");
+        assert_eq!(admitted[0].attributes, [("k".to_string(), "v".to_string())]);
+    }
+}

@@ -1,0 +1,140 @@
+//! What a configuration reload can swap on the device side without dropping a
+//! connection: the device rules ([`DeviceRules`]) and the TLS acceptor.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use arc_swap::{ArcSwap, ArcSwapOption};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls;
+
+use crate::config::{AuthConfig, Config, TlsConfig};
+use crate::ingress::admit::DeviceRules;
+
+/// What a configuration reload can change on the device side without dropping a
+/// connection: the rules every request is checked against, and the TLS acceptor (new
+/// certificates and CAs apply to new connections; open ones keep their session).
+pub struct Live {
+    /// Authentication, policy and limits.
+    pub rules: ArcSwap<DeviceRules>,
+    /// The TLS acceptor, when the listener serves HTTPS.
+    pub tls: ArcSwapOption<TlsAcceptor>,
+    /// Counts the updates committed, so that open sessions check their credentials
+    /// again at once (a certificate revoked by a reload ends its sessions).
+    pub updates: tokio::sync::watch::Sender<u64>,
+}
+
+impl Live {
+    /// The device side of `config`; fails on unreadable TLS material.
+    pub fn new(config: &Config) -> anyhow::Result<Arc<Live>> {
+        let live = Arc::new(Live {
+            rules: ArcSwap::from_pointee(DeviceRules::new(config, None)),
+            tls: ArcSwapOption::new(
+                config
+                    .server
+                    .tls
+                    .as_ref()
+                    .map(|tls| tls_acceptor(tls, config.auth.as_ref()).map(Arc::new))
+                    .transpose()?,
+            ),
+            updates: tokio::sync::watch::Sender::new(0),
+        });
+        // Rate-limit state of devices gone quiet is forgotten now and then.
+        let weak = Arc::downgrade(&live);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(60));
+            loop {
+                tick.tick().await;
+                let Some(live) = weak.upgrade() else { return };
+                live.rules.load().policy.prune();
+            }
+        });
+        Ok(live)
+    }
+
+    /// Builds the device side of `new` (reading TLS material, which can fail) without
+    /// applying it. Whether the listener serves TLS at all, or asks for client
+    /// certificates, cannot change: the caller keeps those as they were.
+    pub fn prepare(&self, old: &Config, new: &Config) -> anyhow::Result<DeviceUpdate> {
+        let tls_changed = old.server.tls != new.server.tls
+            || old.auth.as_ref().map(|a| &a.mtls) != new.auth.as_ref().map(|a| &a.mtls);
+        // Read again on every reload, changed or not: certificates are usually rotated by
+        // writing new files under the same names. (Whether tokens are accepted besides
+        // client certificates is part of the acceptor too.)
+        let tls = new
+            .server
+            .tls
+            .as_ref()
+            .map(|tls| tls_acceptor(tls, new.auth.as_ref()).map(Arc::new))
+            .transpose()?;
+        let current = self.rules.load_full();
+        let mut changed = Vec::new();
+        for (differs, name) in [
+            (tls_changed, "server.tls"),
+            (old.auth != new.auth, "auth"),
+            (old.policy != new.policy, "policy"),
+            (old.limits != new.limits, "limits"),
+            (old.websocket != new.websocket, "websocket"),
+        ] {
+            if differs {
+                changed.push(name);
+            }
+        }
+        Ok(DeviceUpdate {
+            rules: DeviceRules::new(new, Some((old, &current))),
+            tls,
+            changed,
+        })
+    }
+
+    /// Swaps in a prepared update; returns the sections that changed.
+    pub fn commit(&self, update: DeviceUpdate) -> Vec<&'static str> {
+        self.rules.store(Arc::new(update.rules));
+        if let Some(tls) = update.tls {
+            self.tls.store(Some(tls));
+        }
+        self.updates.send_modify(|n| *n += 1);
+        update.changed
+    }
+}
+
+/// A device side built by [`Live::prepare`], ready to swap in.
+pub struct DeviceUpdate {
+    rules: DeviceRules,
+    tls: Option<Arc<TlsAcceptor>>,
+    changed: Vec<&'static str>,
+}
+
+/// Builds the TLS acceptor from the configured certificate and key, asking for client
+/// certificates when `[auth.mtls]` is set (optional when tokens are accepted too).
+fn tls_acceptor(tls: &TlsConfig, auth: Option<&AuthConfig>) -> anyhow::Result<TlsAcceptor> {
+    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
+        std::fs::File::open(&tls.cert)
+            .with_context(|| format!("cannot open {}", tls.cert.display()))?,
+    ))
+    .collect::<Result<Vec<_>, _>>()
+    .with_context(|| format!("cannot read certificates from {}", tls.cert.display()))?;
+    if certs.is_empty() {
+        anyhow::bail!("{} holds no PEM certificate", tls.cert.display());
+    }
+    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
+        std::fs::File::open(&tls.key)
+            .with_context(|| format!("cannot open {}", tls.key.display()))?,
+    ))
+    .with_context(|| format!("cannot read the private key from {}", tls.key.display()))?
+    .with_context(|| format!("{} holds no PEM private key", tls.key.display()))?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+        .with_safe_default_protocol_versions()?;
+    let builder = match auth.and_then(|a| a.mtls.as_ref().map(|m| (m, a.tokens.is_some()))) {
+        Some((mtls, tokens_too)) => builder
+            .with_client_cert_verifier(crate::auth::mtls::verifier(mtls, provider, tokens_too)?),
+        None => builder.with_no_client_auth(),
+    };
+    let mut server = builder
+        .with_single_cert(certs, key)
+        .context("the TLS certificate and key do not fit together")?;
+    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(TlsAcceptor::from(Arc::new(server)))
+}

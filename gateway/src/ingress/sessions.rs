@@ -1,0 +1,76 @@
+//! The open device sessions (WebSocket today), for the admin API's device list and the
+//! metrics.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use serde::Serialize;
+
+use crate::auth::Identity;
+use crate::message::now_ms;
+
+/// The open sessions, for the admin API's device list.
+#[derive(Default)]
+pub struct Sessions {
+    /// The last session number handed out.
+    next: AtomicU64,
+    /// The open sessions by number.
+    open: Mutex<HashMap<u64, Arc<SessionInfo>>>,
+}
+
+/// One session, as the admin API shows it.
+#[derive(Debug, Serialize)]
+pub struct SessionInfo {
+    /// The session number (unique in this process).
+    pub session: u64,
+    /// The device.
+    pub device: String,
+    /// How it authenticated.
+    pub auth: crate::auth::Method,
+    /// When it connected (milliseconds since the Unix epoch).
+    pub connected_at_ms: u64,
+    /// Messages received.
+    pub messages: AtomicU64,
+    /// Messages received and not yet acknowledged.
+    pub in_flight: AtomicU64,
+    /// The most that were ever in flight (at most the window).
+    pub max_in_flight: AtomicU64,
+    /// The window.
+    pub window: usize,
+}
+
+impl Sessions {
+    /// Registers a session of `identity` with `window` messages in flight at most.
+    pub fn open(&self, identity: &Identity, window: usize) -> Arc<SessionInfo> {
+        let session = self.next.fetch_add(1, Ordering::Relaxed) + 1;
+        let info = Arc::new(SessionInfo {
+            session,
+            device: identity.device_id.clone(),
+            auth: identity.method,
+            connected_at_ms: now_ms(),
+            messages: AtomicU64::new(0),
+            in_flight: AtomicU64::new(0),
+            max_in_flight: AtomicU64::new(0),
+            window,
+        });
+        self.lock().insert(session, info.clone());
+        info
+    }
+
+    /// Forgets session `session`.
+    pub fn close(&self, session: u64) {
+        self.lock().remove(&session);
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<SessionInfo>>> {
+        self.open.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The open sessions, oldest first.
+    pub fn list(&self) -> Vec<Arc<SessionInfo>> {
+        let mut all: Vec<_> = self.lock().values().cloned().collect();
+        all.sort_by_key(|info| info.session);
+        all
+    }
+}

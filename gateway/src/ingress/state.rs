@@ -1,0 +1,31 @@
+//! What the device-facing routes and sessions share.
+
+use std::sync::Arc;
+
+use crate::ingress::admit::DeviceRules;
+use crate::ingress::live::Live;
+use crate::ingress::sessions::Sessions;
+use crate::pipeline::Pipeline;
+use crate::shutdown::Shutdown;
+
+/// What the routes share.
+#[derive(Clone)]
+pub struct AppState {
+    /// The message path.
+    pub pipeline: Arc<Pipeline>,
+    /// Authentication, policy and limits; a configuration reload swaps them.
+    pub live: Arc<Live>,
+    /// Fires when the gateway stops (WebSocket sessions close with 1001).
+    pub shutdown: Shutdown,
+    /// Open WebSocket sessions.
+    pub sessions: Arc<Sessions>,
+    /// Commands to devices, when configured.
+    pub downlink: Option<Arc<crate::downlink::Downlink>>,
+}
+
+impl AppState {
+    /// The device rules now: a request uses the ones it started with.
+    pub fn rules(&self) -> Arc<DeviceRules> {
+        self.live.rules.load_full()
+    }
+}

@@ -1,0 +1,430 @@
+//! The fixes of issue 12, each against the real binary: a redrive refused again keeps its
+//! dead letter, a damaged spool entry costs only itself, each message of a batch is held
+//! to its own grant, the dead-letter store is bounded, attributes are bounded and
+//! counted, slow and surplus connections are closed, the unauthenticated mode stays on
+//! loopback unless allowed, `$` topics are not matched by wildcards, and a WebSocket
+//! session ends with its token.
+
+use std::io::{Read as _, Write as _};
+use std::net::TcpStream;
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt as _;
+use serde_json::{Value, json};
+use tokio_tungstenite::tungstenite::Message as Frame;
+use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
+
+use crate::harness::{Gateway, eventually, plugin, sluice};
+use crate::wsclient::runtime;
+
+fn misbehave(on_failure: &str, extra: &str) -> String {
+    format!(
+        r#"
+        [routing]
+        default_destination = "local"
+        [plugins]
+        on_failure = "{on_failure}"
+        hot_reload = false
+        [[plugins.transform]]
+        name = "misbehave"
+        path = "{}"
+        {extra}
+        "#,
+        plugin("misbehave").display()
+    )
+}
+
+/// A Prometheus sample's value (`name{labels}`), 0 when absent.
+fn metric(gateway: &Gateway, sample: &str) -> f64 {
+    gateway
+        .admin_text("/metrics")
+        .lines()
+        .find_map(|line| line.strip_prefix(sample)?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// A letter whose message a plugin refuses again stays in the store, with the outcome
+/// said; nothing reaches a sink.
+#[test]
+fn a_redrive_refused_again_keeps_its_dead_letter() {
+    let gateway = Gateway::start(&misbehave("dead-letter", ""));
+    let reply = gateway.publish("t", "dev-1", "fail");
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    assert_eq!(reply.body["status"], "dead-lettered");
+    let letters = gateway.dead_letters();
+    assert_eq!(letters.len(), 1);
+    let key = letters[0]["key"].as_u64().unwrap();
+
+    let path = gateway.dir.path().join("sluice.toml");
+    let config = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        config.replace(r#"on_failure = "dead-letter""#, r#"on_failure = "reject""#),
+    )
+    .unwrap();
+    let reload = gateway.admin_post("/admin/reload", "");
+    assert_eq!(reload.status, 200, "{:?}", reload.body);
+
+    let redrive = gateway.admin_post("/admin/dlq/redrive", json!({"keys": [key]}).to_string());
+    assert_eq!(redrive.status, 200, "{:?}", redrive.body);
+    assert_eq!(redrive.body["redriven"], json!([]), "{:?}", redrive.body);
+    let kept = &redrive.body["kept"][0];
+    assert_eq!(kept["key"], key);
+    assert_eq!(kept["status"], "rejected");
+    assert_eq!(kept["error"]["code"], "plugin_refused");
+    let letters = gateway.dead_letters();
+    assert_eq!(letters.len(), 1, "the letter is still there: {letters:?}");
+    assert_eq!(letters[0]["key"], key);
+    assert!(gateway.all_sink_lines().is_empty(), "and no sink has it");
+}
+
+/// Five records wait for an unreachable Kinesis; after `kill -9` one byte of the second
+/// is flipped on disk: the restart keeps the other four and counts the damage.
+#[test]
+fn a_damaged_spool_entry_costs_only_itself() {
+    let config = r#"
+        [aws]
+        region = "us-east-1"
+        [routing]
+        default_destination = "kinesis"
+        [sinks.kinesis]
+        endpoint_url = "http://127.0.0.1:9"
+        "#;
+    let mut gateway = Gateway::start_with_json_log(config);
+    for n in 0..5 {
+        let reply = gateway.publish("t", "dev-1", format!("{{\"n\": {n}}}"));
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+    }
+    assert_eq!(gateway.spooled(), 5);
+    gateway.kill();
+
+    let queue = gateway.dir.path().join("data").join("queue");
+    let marker = b"SLQ1";
+    let mut damaged = false;
+    for entry in std::fs::read_dir(&queue).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "log") {
+            continue;
+        }
+        let mut bytes = std::fs::read(&path).unwrap();
+        let starts: Vec<usize> = bytes
+            .windows(4)
+            .enumerate()
+            .filter(|(_, w)| w == marker)
+            .map(|(at, _)| at)
+            .collect();
+        if starts.len() == 5 {
+            bytes[starts[1] + 30] ^= 0x01;
+            std::fs::write(&path, bytes).unwrap();
+            damaged = true;
+        }
+    }
+    assert!(damaged, "a segment with the five records");
+
+    gateway.restart();
+    assert_eq!(gateway.spooled(), 4, "only the damaged record is lost");
+    assert_eq!(metric(&gateway, "sluice_spool_damaged_entries_total"), 1.0);
+    let logged = gateway.log_records().into_iter().any(|record| {
+        record["level"] == "ERROR"
+            && record["fields"]["segment"].is_u64()
+            && record["fields"]["offset"].is_u64()
+    });
+    assert!(
+        logged,
+        "the damage is logged at error level with segment and offset"
+    );
+}
+
+/// A lenient grant and a strict one, by topic.
+const GRANTS: &str = r#"
+    [routing]
+    default_destination = "local"
+    [limits]
+    max_attributes = 4
+    [[policy.grants]]
+    name = "status"
+    devices = ["*"]
+    publish = ["status/#"]
+    [[policy.grants]]
+    name = "telemetry"
+    devices = ["*"]
+    publish = ["telemetry/#"]
+    max_payload_bytes = 10
+    max_messages_per_sec = 1
+"#;
+
+#[test]
+fn each_message_of_a_batch_is_held_to_its_own_grant() {
+    let gateway = Gateway::start(GRANTS);
+    let large = "x".repeat(40);
+    let single = gateway.publish("telemetry/t", "dev-1", format!("\"{large}\""));
+    assert_eq!(single.status, 413, "{:?}", single.body);
+    let mut messages = vec![json!({"topic": "status/s", "payload": 1})];
+    for _ in 0..5 {
+        messages.push(json!({"topic": "telemetry/t", "payload": large}));
+    }
+    let batch = json!({ "messages": messages }).to_string();
+    for _ in 0..3 {
+        let reply = gateway.post("/batch", "dev-1", batch.clone().into_bytes(), None);
+        assert_eq!(reply.status, 413, "{:?}", reply.body);
+        assert!(
+            reply.body["message"]
+                .as_str()
+                .unwrap()
+                .contains("`telemetry`"),
+            "{:?}",
+            reply.body
+        );
+    }
+    // Small telemetry messages are held to its rate: two in one batch are one too many.
+    let two = json!({"messages": [
+        {"topic": "status/s", "payload": 1},
+        {"topic": "telemetry/t", "payload": 1},
+        {"topic": "telemetry/t", "payload": 2},
+    ]});
+    let reply = gateway.post("/batch", "dev-2", two.to_string().into_bytes(), None);
+    assert_eq!(reply.status, 429, "{:?}", reply.body);
+    assert!(gateway.all_sink_lines().is_empty());
+}
+
+/// Attributes are bounded in number and counted with the payload against a grant's size.
+#[test]
+fn attributes_are_bounded_and_counted() {
+    let gateway = Gateway::start(GRANTS);
+    let many: serde_json::Map<String, Value> =
+        (0..5).map(|n| (format!("k{n}"), json!("v"))).collect();
+    let batch = json!({"messages": [{"topic": "status/s", "payload": 1, "attributes": many}]});
+    let reply = gateway.post("/batch", "dev-1", batch.to_string().into_bytes(), None);
+    assert_eq!(reply.status, 400, "{:?}", reply.body);
+    assert!(
+        reply.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_attributes"),
+        "{:?}",
+        reply.body
+    );
+    // 4 payload bytes and 8 attribute bytes are over the telemetry grant's 10.
+    let batch = json!({"messages": [
+        {"topic": "telemetry/t", "payload_base64": "MTIzNA==", "attributes": {"k": "1234567"}}
+    ]});
+    let reply = gateway.post("/batch", "dev-1", batch.to_string().into_bytes(), None);
+    assert_eq!(reply.status, 413, "{:?}", reply.body);
+    let batch = json!({"messages": [
+        {"topic": "telemetry/t", "payload_base64": "MTIzNA==", "attributes": {"k": "1"}}
+    ]});
+    let reply = gateway.post("/batch", "dev-1", batch.to_string().into_bytes(), None);
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    assert_eq!(gateway.sink("local").len(), 1);
+}
+
+/// Over `spool.max_dead_letter_bytes`, a request that would add dead letters is refused
+/// (nothing of it kept) and others go on; expired records are dropped and counted.
+#[test]
+fn the_dead_letter_store_is_bounded() {
+    let gateway = Gateway::start(&misbehave(
+        "dead-letter",
+        "[spool]\nmax_dead_letter_bytes = 2000",
+    ));
+    let mut stored = 0;
+    let refused = loop {
+        let reply = gateway.publish("t", "dev-1", "fail");
+        if reply.status != 200 {
+            break reply;
+        }
+        stored += 1;
+        assert!(stored < 100, "the store never filled");
+    };
+    assert_eq!(refused.status, 503, "{:?}", refused.body);
+    assert_eq!(refused.body["code"], "dead_letters_full");
+    assert!(stored >= 2, "{stored} letters fit in 2000 bytes");
+    let spool = gateway.admin_get("/admin/spool");
+    assert!(
+        spool["dead_letter_bytes"].as_u64().unwrap() <= 2000,
+        "{spool}"
+    );
+    assert_eq!(gateway.dead_letters().len(), stored);
+    // Other traffic is not affected.
+    let good = gateway.publish("t", "dev-2", "fine");
+    assert_eq!(good.status, 200, "{:?}", good.body);
+    // An expired message that no longer fits is dropped and counted, not stored.
+    let expired = gateway.post("/topics/t?messageExpiry=0", "dev-3", b"fine".to_vec(), None);
+    assert_eq!(expired.status, 200, "{:?}", expired.body);
+    gateway.settle();
+    assert_eq!(gateway.dead_letters().len(), stored);
+    let dropped = r#"sluice_dead_letters_refused_total{status="store_full"}"#;
+    assert!(metric(&gateway, dropped) >= 2.0, "the refusals are counted");
+}
+
+#[test]
+fn expired_messages_can_be_dropped_instead_of_kept() {
+    let gateway =
+        Gateway::start("[routing]\ndefault_destination = \"local\"\n[spool]\nexpired = \"drop\"\n");
+    for _ in 0..3 {
+        let reply = gateway.post("/topics/t?messageExpiry=0", "dev-1", b"x".to_vec(), None);
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+    }
+    assert!(gateway.dead_letters().is_empty());
+    assert!(gateway.sink("local").is_empty());
+    let dropped = r#"sluice_dead_letters_refused_total{status="expired_dropped"}"#;
+    assert_eq!(metric(&gateway, dropped), 3.0);
+}
+
+/// 200 clients that send half a request line are cut off at the first-request timeout;
+/// a whole request still works meanwhile and after.
+#[test]
+fn half_requests_are_cut_off_at_the_header_timeout() {
+    let gateway = Gateway::start("[server]\nheader_timeout_secs = 2\n");
+    let address = gateway.url.trim_start_matches("http://").to_string();
+    let started = Instant::now();
+    let mut slow: Vec<TcpStream> = (0..200)
+        .map(|_| {
+            let mut stream = TcpStream::connect(&address).unwrap();
+            stream.write_all(b"GET /healthz HT").unwrap();
+            stream
+        })
+        .collect();
+    let ok = gateway.publish("t", "dev-1", "x");
+    assert_eq!(ok.status, 200, "{:?}", ok.body);
+    for stream in &mut slow {
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        let mut buf = [0u8; 64];
+        match stream.read(&mut buf) {
+            Ok(0) => {}
+            Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => {}
+            other => panic!("the connection was not closed: {other:?}"),
+        }
+    }
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(15), "closed after {took:?}");
+    let closed =
+        r#"sluice_connections_closed_total{listener="http",reason="first_request_timeout"}"#;
+    assert!(metric(&gateway, closed) >= 200.0);
+    let ok = gateway.publish("t", "dev-1", "x");
+    assert_eq!(ok.status, 200, "{:?}", ok.body);
+}
+
+/// Past `server.max_connections`, a new connection is closed at once, counted; when one
+/// closes, there is room again.
+#[test]
+fn connections_past_the_limit_are_refused() {
+    let gateway = Gateway::start("[server]\nmax_connections = 3\nheader_timeout_secs = 60\n");
+    let address = gateway.url.trim_start_matches("http://").to_string();
+    let mut held: Vec<TcpStream> = (0..3)
+        .map(|_| TcpStream::connect(&address).unwrap())
+        .collect();
+    // The gateway counts them as open before the fourth comes.
+    eventually(Duration::from_secs(10), "three open connections", || {
+        (metric(&gateway, r#"sluice_connections{listener="http"}"#) == 3.0).then_some(())
+    });
+    let mut extra = TcpStream::connect(&address).unwrap();
+    extra
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let _ = extra.write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\n\r\n");
+    let mut buf = [0u8; 64];
+    match extra.read(&mut buf) {
+        Ok(0) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the fourth connection was served: {other:?}"),
+    }
+    let refused = r#"sluice_connections_closed_total{listener="http",reason="refused_full"}"#;
+    assert!(metric(&gateway, refused) >= 1.0);
+    held.pop();
+    eventually(Duration::from_secs(10), "room again", || {
+        let mut stream = TcpStream::connect(&address).ok()?;
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n")
+            .ok()?;
+        let mut answer = String::new();
+        stream.read_to_string(&mut answer).ok()?;
+        answer.starts_with("HTTP/1.1 200").then_some(())
+    });
+}
+
+/// Without `[auth]`, a non-loopback address is refused unless explicitly allowed.
+#[test]
+fn the_unauthenticated_mode_stays_on_loopback_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("open.toml");
+    std::fs::write(&path, "[server]\nlisten = \"0.0.0.0:8080\"\n").unwrap();
+    let (code, _, stderr) = sluice(&["config", "check", path.to_str().unwrap()]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("allow_unauthenticated"), "{stderr}");
+    std::fs::write(
+        &path,
+        "[server]\nlisten = \"0.0.0.0:8080\"\nallow_unauthenticated = true\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = sluice(&["config", "check", path.to_str().unwrap()]);
+    assert_eq!(code, 0, "{stderr}");
+}
+
+/// A grant of `#` does not reach topics starting with `$` (MQTT's rule).
+#[test]
+fn wildcards_do_not_match_dollar_topics() {
+    let gateway = Gateway::start(
+        "[routing]\ndefault_destination = \"local\"\n[[policy.grants]]\nname = \"all\"\ndevices = [\"*\"]\npublish = [\"#\"]\n",
+    );
+    let reply = gateway.publish("$aws/things/t/shadow/update", "dev-1", "{}");
+    assert_eq!(reply.status, 403, "{:?}", reply.body);
+    assert_eq!(reply.body["code"], "topic_denied");
+    let reply = gateway.publish("sites/1", "dev-1", "{}");
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+}
+
+const TOKEN_SECRET: &str = "hardening-secret-0123456789abcdef0123";
+
+/// A WebSocket session opened with a token is closed (4001) once the token expires.
+#[test]
+fn a_websocket_session_ends_with_its_token() {
+    let gateway = Gateway::start(&format!(
+        r#"
+        [auth.tokens]
+        keys = [{{ id = "k1", secret = "{TOKEN_SECRET}" }}]
+        [[policy.grants]]
+        name = "own"
+        devices = ["*"]
+        publish = ["devices/${{device.id}}/#"]
+        "#
+    ));
+    let config = gateway.dir.path().join("sluice.toml");
+    let (code, token, stderr) = sluice(&[
+        "token",
+        "issue",
+        "--config",
+        config.to_str().unwrap(),
+        "--device",
+        "valve-1",
+        "--ttl",
+        "1s",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let token = token.trim().to_string();
+    runtime().block_on(async {
+        let url = format!("{}/ws", gateway.url.replace("http://", "ws://"));
+        let mut request = url.into_client_request().unwrap();
+        let headers = request.headers_mut();
+        headers.insert("sec-websocket-protocol", "sluice.v1".parse().unwrap());
+        headers.insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let (mut socket, _) = tokio_tungstenite::connect_async(request).await.unwrap();
+        let opened = Instant::now();
+        let close = loop {
+            match tokio::time::timeout(Duration::from_secs(30), socket.next()).await {
+                Ok(Some(Ok(Frame::Close(frame)))) => break frame,
+                Ok(Some(Ok(_))) => continue,
+                other => panic!("expected a close frame, got {other:?}"),
+            }
+        };
+        let close = close.expect("a close code");
+        assert_eq!(u16::from(close.code), 4001, "{close:?}");
+        // The token lived 1 s (plus the verifier's 5 s leeway); no earlier.
+        assert!(
+            opened.elapsed() >= Duration::from_secs(3),
+            "{:?}",
+            opened.elapsed()
+        );
+    });
+}
