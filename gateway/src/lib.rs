@@ -208,7 +208,7 @@ async fn cloud_sinks(
                 shared,
                 &settings.endpoint_url,
             ));
-            Some(sink::kinesis::KinesisSink::new(
+            Some(Arc::new(sink::kinesis::KinesisSink::new(
                 Arc::new(api),
                 sink::kinesis::KinesisSettings {
                     linger: Duration::from_millis(settings.linger_ms),
@@ -217,15 +217,15 @@ async fn cloud_sinks(
                     aggregate_streams: settings.aggregate_streams.clone(),
                     envelope: settings.envelope,
                 },
-            ))
+            )) as Arc<dyn sink::Sink>)
         }
         _ => None,
     };
     let iot_core = match &config.sinks.iot_core {
         None => None,
         Some(iot) => Some(match (&iot.mqtt, &aws) {
-            (Some(mqtt), _) => sink::IotCoreSink::Mqtt(Box::new(
-                sink::iot_core::mqtt::MqttSink::start(sink::iot_core::mqtt::MqttSettings {
+            (Some(mqtt), _) => Arc::new(sink::iot_core::mqtt::MqttSink::start(
+                sink::iot_core::mqtt::MqttSettings {
                     host: mqtt.host.clone(),
                     port: mqtt.port,
                     client_id: mqtt.client_id.clone(),
@@ -235,23 +235,17 @@ async fn cloud_sinks(
                     keep_alive: Duration::from_secs(mqtt.keep_alive_secs),
                     delivery_timeout: Duration::from_millis(iot.delivery_timeout_ms),
                     basic_ingest_rule: iot.basic_ingest_rule.clone(),
-                })?,
+                },
+            )?) as Arc<dyn sink::Sink>,
+            (None, Some(shared)) => Arc::new(sink::iot_core::https::HttpsSink::new(
+                &with_endpoint(shared, &iot.endpoint_url),
+                iot.basic_ingest_rule.clone(),
+                Duration::from_millis(iot.delivery_timeout_ms),
             )),
-            (None, Some(shared)) => {
-                sink::IotCoreSink::Https(sink::iot_core::https::HttpsSink::new(
-                    &with_endpoint(shared, &iot.endpoint_url),
-                    iot.basic_ingest_rule.clone(),
-                    Duration::from_millis(iot.delivery_timeout_ms),
-                ))
-            }
             (None, None) => anyhow::bail!("sinks.iot_core: no transport could be set up"),
         }),
     };
-    Ok(sink::Sinks {
-        local,
-        kinesis,
-        iot_core,
-    })
+    Ok(sink::Sinks::new(local, kinesis, iot_core))
 }
 
 /// The shared AWS configuration: the standard credential chain, our region and endpoint,

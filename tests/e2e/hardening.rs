@@ -350,7 +350,7 @@ fn the_unauthenticated_mode_stays_on_loopback_unless_allowed() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("open.toml");
     std::fs::write(&path, "[server]\nlisten = \"0.0.0.0:8080\"\n").unwrap();
-    let (code, _, stderr) = sluice(&["config", "check", path.to_str().unwrap()]);
+    let (code, _, stderr) = sluice(&["config", "check", "--config", path.to_str().unwrap()]);
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("allow_unauthenticated"), "{stderr}");
     std::fs::write(
@@ -358,7 +358,7 @@ fn the_unauthenticated_mode_stays_on_loopback_unless_allowed() {
         "[server]\nlisten = \"0.0.0.0:8080\"\nallow_unauthenticated = true\n",
     )
     .unwrap();
-    let (code, _, stderr) = sluice(&["config", "check", path.to_str().unwrap()]);
+    let (code, _, stderr) = sluice(&["config", "check", "--config", path.to_str().unwrap()]);
     assert_eq!(code, 0, "{stderr}");
 }
 

@@ -13,15 +13,12 @@ use std::fmt;
 
 use serde::Serialize;
 
-use crate::config::{
-    DefaultDestination, IOT_CORE_MAX_PAYLOAD_BYTES, RoutingConfig, RuleDestination,
-};
+use crate::config::{DefaultDestination, RoutingConfig, RuleDestination};
 use crate::message::Message;
 use crate::route::template::Template;
 use crate::route::topic::{TopicFilter, validate_publish_topic};
-
-/// Kinesis' limit on a partition key, in Unicode characters.
-pub const KINESIS_MAX_PARTITION_KEY_CHARS: usize = 256;
+use crate::sink::iot_core::quota::IOT_CORE_MAX_PAYLOAD_BYTES;
+use crate::sink::kinesis::quota::KINESIS_MAX_PARTITION_KEY_CHARS;
 
 /// Where one message goes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

@@ -108,6 +108,12 @@ impl LocalSink {
     }
 }
 
+impl crate::sink::Sink for LocalSink {
+    fn deliver(&self, records: Vec<Record>) -> crate::sink::SinkFuture<'_> {
+        Box::pin(async move { self.write(records).await.map(|()| Vec::new()) })
+    }
+}
+
 /// A local sink line without its payload, in field order.
 #[derive(serde::Serialize)]
 struct LineHead<'a> {

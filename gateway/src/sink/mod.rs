@@ -42,45 +42,55 @@ pub enum SinkError {
 pub type SinkFuture<'a> =
     Pin<Box<dyn Future<Output = Result<Vec<Rejected>, SinkError>> + Send + 'a>>;
 
-/// The IoT Core sink, by transport.
-pub enum IotCoreSink {
-    /// MQTT with the gateway's certificate.
-    Mqtt(Box<iot_core::mqtt::MqttSink>),
-    /// HTTPS `Publish` calls.
-    Https(iot_core::https::HttpsSink),
+/// A sink: takes records and answers once each is confirmed or refused for good (with
+/// the refused ones), or fails the whole call (the spool sends them again).
+pub trait Sink: Send + Sync {
+    /// Delivers `records`.
+    fn deliver(&self, records: Vec<Record>) -> SinkFuture<'_>;
 }
 
-impl IotCoreSink {
-    fn deliver(&self, records: Vec<Record>) -> SinkFuture<'_> {
-        match self {
-            IotCoreSink::Mqtt(sink) => sink.deliver(records),
-            IotCoreSink::Https(sink) => sink.deliver(records),
-        }
-    }
-}
-
-/// Every configured sink, with the local sink standing in for the missing ones.
+/// Every configured sink, with the local sink standing in for the missing ones: the one
+/// place that knows which sink delivers what.
 pub struct Sinks {
-    /// Files: `local` destinations and stand-ins.
-    pub local: Arc<local::LocalSink>,
-    /// Kinesis, when configured.
-    pub kinesis: Option<kinesis::KinesisSink>,
-    /// IoT Core, when configured.
-    pub iot_core: Option<IotCoreSink>,
+    /// Per [`SinkId`] (by [`SinkId::index`]), the sink that delivers its queue.
+    by_id: [Arc<dyn Sink>; 3],
+    /// Which cloud sinks are configured (the others' destinations go to the local sink).
+    configured: [bool; 3],
 }
 
 impl Sinks {
+    /// The local sink, and the cloud sinks that are configured.
+    pub fn new(
+        local: Arc<local::LocalSink>,
+        kinesis: Option<Arc<dyn Sink>>,
+        iot_core: Option<Arc<dyn Sink>>,
+    ) -> Sinks {
+        let configured = [kinesis.is_some(), iot_core.is_some(), true];
+        let local: Arc<dyn Sink> = local;
+        Sinks {
+            by_id: [
+                kinesis.unwrap_or_else(|| local.clone()),
+                iot_core.unwrap_or_else(|| local.clone()),
+                local,
+            ],
+            configured,
+        }
+    }
+
     /// The sink that delivers to `destination`; `None` for `drop` and `dead-letter`,
     /// which no sink delivers.
     pub fn sink_for(&self, destination: &Destination) -> Option<SinkId> {
-        match destination {
-            Destination::Kinesis { .. } if self.kinesis.is_some() => Some(SinkId::Kinesis),
-            Destination::IotCore { .. } if self.iot_core.is_some() => Some(SinkId::IotCore),
-            Destination::Kinesis { .. } | Destination::IotCore { .. } | Destination::Local => {
-                Some(SinkId::Local)
-            }
-            Destination::Drop | Destination::DeadLetter => None,
-        }
+        let wanted = match destination {
+            Destination::Kinesis { .. } => SinkId::Kinesis,
+            Destination::IotCore { .. } => SinkId::IotCore,
+            Destination::Local => SinkId::Local,
+            Destination::Drop | Destination::DeadLetter => return None,
+        };
+        Some(if self.configured[wanted.index()] {
+            wanted
+        } else {
+            SinkId::Local
+        })
     }
 
     /// Delivers `records` through `sink`; resolves once every one is confirmed or
@@ -90,10 +100,6 @@ impl Sinks {
         sink: SinkId,
         records: Vec<Record>,
     ) -> Result<Vec<Rejected>, SinkError> {
-        match (sink, &self.kinesis, &self.iot_core) {
-            (SinkId::Kinesis, Some(kinesis), _) => kinesis.deliver(records).await,
-            (SinkId::IotCore, _, Some(iot_core)) => iot_core.deliver(records).await,
-            _ => self.local.write(records).await.map(|()| Vec::new()),
-        }
+        self.by_id[sink.index()].deliver(records).await
     }
 }

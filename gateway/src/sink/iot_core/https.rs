@@ -93,3 +93,9 @@ fn is_transient(code: Option<&str>) -> bool {
         )
     )
 }
+
+impl crate::sink::Sink for HttpsSink {
+    fn deliver(&self, records: Vec<Record>) -> SinkFuture<'_> {
+        HttpsSink::deliver(self, records)
+    }
+}

@@ -366,3 +366,9 @@ mod tests {
         assert_eq!(later.try_recv(), Ok(true));
     }
 }
+
+impl crate::sink::Sink for MqttSink {
+    fn deliver(&self, records: Vec<Record>) -> SinkFuture<'_> {
+        MqttSink::deliver(self, records)
+    }
+}

@@ -18,6 +18,7 @@
 
 pub mod aggregate;
 pub mod batch;
+pub mod quota;
 pub mod service;
 
 use std::collections::HashMap;
@@ -511,4 +512,10 @@ fn retry_later(entry: &mut Entry, now: Instant, error: String) {
     entry.attempts = entry.attempts.saturating_add(1);
     entry.not_before = now + backoff(entry.attempts);
     entry.last_error = error;
+}
+
+impl crate::sink::Sink for KinesisSink {
+    fn deliver(&self, records: Vec<Record>) -> SinkFuture<'_> {
+        KinesisSink::deliver(self, records)
+    }
 }

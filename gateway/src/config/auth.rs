@@ -1,0 +1,238 @@
+//! `[auth]` and `[policy]`: how devices prove who they are, and what each may do.
+
+use std::fmt;
+use std::path::PathBuf;
+
+use serde::Deserialize;
+
+use super::Config;
+use crate::route::topic::TopicFilter;
+
+/// `[auth]`: how devices prove who they are. At least one method.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuthConfig {
+    /// Client certificates (mutual TLS); needs `[server.tls]`.
+    pub mtls: Option<MtlsConfig>,
+    /// Short-lived signed tokens (JWT, HS256) in `Authorization: Bearer`.
+    pub tokens: Option<TokensConfig>,
+}
+
+/// Where a client certificate names its device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum DeviceIdSource {
+    /// The subject's common name.
+    #[default]
+    Cn,
+    /// The first DNS name among the subject alternative names.
+    SanDns,
+    /// The first URI among the subject alternative names.
+    SanUri,
+    /// The first e-mail address among the subject alternative names.
+    SanEmail,
+}
+
+/// `[auth.mtls]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MtlsConfig {
+    /// PEM bundles of the CAs that sign device certificates ("bring your own CA").
+    pub ca: Vec<PathBuf>,
+    /// Where the device id is read from. Default `cn`.
+    #[serde(default)]
+    pub device_id: DeviceIdSource,
+    /// Serial numbers of revoked certificates, in hex (colons allowed).
+    #[serde(default)]
+    pub revoked_serials: Vec<String>,
+    /// SHA-256 fingerprints (of the DER certificate) of revoked certificates, in hex.
+    #[serde(default)]
+    pub revoked_fingerprints: Vec<String>,
+}
+
+/// `[auth.tokens]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokensConfig {
+    /// The `iss` claim tokens carry and must carry. Default `sluice`.
+    #[serde(default = "default_issuer")]
+    pub issuer: String,
+    /// Longest lifetime `sluice token issue` grants, in seconds. Default 86400.
+    #[serde(default = "default_max_ttl")]
+    pub max_ttl_secs: u64,
+    /// The key `sluice token issue` signs with. Default: the last one listed.
+    pub signing_key: Option<String>,
+    /// Keys, by id (`kid`); all of them are accepted, so keys rotate by adding the new
+    /// one, signing with it, and removing the old one once its tokens expired.
+    pub keys: Vec<TokenKeyConfig>,
+}
+
+/// `[[auth.tokens.keys]]`.
+#[derive(Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenKeyConfig {
+    /// The key id, carried in each token's header.
+    pub id: String,
+    /// The shared secret (HMAC-SHA256), at least 32 bytes.
+    pub secret: String,
+}
+
+impl fmt::Debug for TokenKeyConfig {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("TokenKeyConfig")
+            .field("id", &self.id)
+            .field("secret", &"<redacted>")
+            .finish()
+    }
+}
+
+/// `[policy]`: grants; what no grant allows is denied.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Grants, in order; the first that allows a publish also sets its limits.
+    #[serde(default)]
+    pub grants: Vec<GrantConfig>,
+}
+
+/// `[[policy.grants]]`.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GrantConfig {
+    /// Name reported when the grant's limits refuse a message.
+    pub name: String,
+    /// Devices it applies to, by id; `*` for every device.
+    #[serde(default)]
+    pub devices: Vec<String>,
+    /// Groups it applies to (token `groups`, certificate OUs).
+    #[serde(default)]
+    pub groups: Vec<String>,
+    /// Topic filters the devices may publish to; `${device.id}` is the device's id.
+    #[serde(default)]
+    pub publish: Vec<String>,
+    /// Topic filters the devices may receive commands on.
+    #[serde(default)]
+    pub subscribe: Vec<String>,
+    /// Messages per second per device (bursts up to this many).
+    pub max_messages_per_sec: Option<u32>,
+    /// Payload bytes per second per device (bursts up to this many).
+    pub max_bytes_per_sec: Option<u32>,
+    /// Largest payload per message.
+    pub max_payload_bytes: Option<usize>,
+}
+
+fn default_issuer() -> String {
+    "sluice".to_string()
+}
+
+fn default_max_ttl() -> u64 {
+    86_400
+}
+
+/// Hex digits (colons and spaces allowed between them) as bytes, as certificate serial
+/// numbers and fingerprints are written in `[auth.mtls]`.
+pub fn parse_hex(text: &str) -> Option<Vec<u8>> {
+    let digits: String = text.chars().filter(|c| !matches!(c, ':' | ' ')).collect();
+    if digits.is_empty() {
+        return None;
+    }
+    let padded = if digits.len() % 2 == 1 {
+        format!("0{digits}")
+    } else {
+        digits
+    };
+    hex::decode(padded).ok()
+}
+
+impl Config {
+    pub(super) fn validate_auth_and_policy(&self, problems: &mut Vec<String>) {
+        if let Some(auth) = &self.auth {
+            if auth.mtls.is_none() && auth.tokens.is_none() {
+                problems.push("[auth] needs [auth.mtls], [auth.tokens] or both".to_string());
+            }
+            if let Some(mtls) = &auth.mtls {
+                if self.server.tls.is_none() {
+                    problems.push(
+                        "auth.mtls needs [server.tls]: client certificates come with TLS"
+                            .to_string(),
+                    );
+                }
+                if mtls.ca.is_empty() {
+                    problems.push("auth.mtls.ca must name at least one CA bundle".to_string());
+                }
+                for path in &mtls.ca {
+                    if !path.is_file() {
+                        problems.push(format!("auth.mtls.ca: {} does not exist", path.display()));
+                    }
+                }
+                for (what, list) in [
+                    ("revoked_serials", &mtls.revoked_serials),
+                    ("revoked_fingerprints", &mtls.revoked_fingerprints),
+                ] {
+                    for value in list {
+                        if parse_hex(value).is_none() {
+                            problems.push(format!("auth.mtls.{what}: `{value}` is not hex"));
+                        }
+                    }
+                }
+            }
+            if let Some(tokens) = &auth.tokens {
+                if tokens.keys.is_empty() {
+                    problems.push("auth.tokens.keys must list at least one key".to_string());
+                }
+                let mut ids = std::collections::BTreeSet::new();
+                for key in &tokens.keys {
+                    if !ids.insert(key.id.as_str()) {
+                        problems.push(format!("auth.tokens.keys: id `{}` appears twice", key.id));
+                    }
+                    if key.secret.len() < 32 {
+                        problems.push(format!(
+                            "auth.tokens.keys: the secret of `{}` must be at least 32 bytes",
+                            key.id
+                        ));
+                    }
+                }
+                if let Some(signing) = &tokens.signing_key
+                    && !ids.contains(signing.as_str())
+                {
+                    problems.push(format!("auth.tokens.signing_key: no key `{signing}`"));
+                }
+                if tokens.max_ttl_secs == 0 {
+                    problems.push("auth.tokens.max_ttl_secs must be at least 1".to_string());
+                }
+            }
+            if self.policy.as_ref().is_none_or(|p| p.grants.is_empty()) {
+                problems.push(
+                    "[auth] is set but no [[policy.grants]]: every device would be denied everything"
+                        .to_string(),
+                );
+            }
+        }
+        if let Some(policy) = &self.policy {
+            let mut names = std::collections::BTreeSet::new();
+            for grant in &policy.grants {
+                let at = format!("policy.grants `{}`", grant.name);
+                if !names.insert(grant.name.as_str()) {
+                    problems.push(format!("{at}: the name appears twice"));
+                }
+                if grant.devices.is_empty() && grant.groups.is_empty() {
+                    problems.push(format!("{at}: give `devices` or `groups`"));
+                }
+                for filter in grant.publish.iter().chain(&grant.subscribe) {
+                    let sample = filter.replace("${device.id}", "device");
+                    if let Err(why) = TopicFilter::parse(&sample) {
+                        problems.push(format!("{at}: filter `{filter}`: {why}"));
+                    }
+                }
+                for (what, value) in [
+                    ("max_messages_per_sec", grant.max_messages_per_sec),
+                    ("max_bytes_per_sec", grant.max_bytes_per_sec),
+                ] {
+                    if value == Some(0) {
+                        problems.push(format!("{at}: {what} must be at least 1"));
+                    }
+                }
+            }
+        }
+    }
+}

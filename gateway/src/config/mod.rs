@@ -1,0 +1,280 @@
+//! The configuration file (TOML): types, documented defaults, and validation that reports
+//! every problem at once before anything binds a port.
+//!
+//! An empty file (or no file) is the embedded default: plain HTTP on loopback, no
+//! plugins, every routed message written by the local sink under `./sluice-data`.
+//!
+//! One file per section, each with its types, defaults and checks: `server` (with
+//! `[limits]`, `[admin]`, `[websocket]`), `auth` (with `[policy]`), `plugins`,
+//! `routing`, `spool`, `sinks` (with `[aws]`), `downlink`. The AWS quotas the
+//! defaults and checks use live with their sinks (`sink::kinesis::quota`,
+//! `sink::iot_core::quota`).
+
+mod auth;
+mod downlink;
+mod plugins;
+mod routing;
+mod server;
+mod sinks;
+mod spool;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+pub use auth::{
+    AuthConfig, DeviceIdSource, GrantConfig, MtlsConfig, PolicyConfig, TokenKeyConfig,
+    TokensConfig, parse_hex,
+};
+pub use downlink::DownlinkConfig;
+pub use plugins::{
+    DEFAULT_PLUGIN_MEMORY_MIB, DEFAULT_PLUGIN_TIMEOUT_MS, FailurePath, PluginEntry, PluginsConfig,
+    plugin_config_value,
+};
+pub use routing::{DefaultDestination, RoutingConfig, RuleConfig, RuleDestination};
+pub use server::{
+    AdminConfig, DEFAULT_DATA_DIR, DEFAULT_LISTEN, DEFAULT_MAX_BATCH_BYTES,
+    DEFAULT_MAX_BATCH_MESSAGES, LimitsConfig, ServerConfig, TlsConfig, WebSocketConfig,
+};
+pub use sinks::{
+    AwsConfig, IotCoreSinkConfig, IotTransport, KinesisSinkConfig, MqttSinkConfig, SinksConfig,
+    validate_stream_name,
+};
+pub use spool::{Durability, ExpiredPath, SpoolConfig};
+
+/// The whole configuration file.
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    /// Listener, TLS and data directory.
+    #[serde(default)]
+    pub server: ServerConfig,
+    /// Request limits.
+    #[serde(default)]
+    pub limits: LimitsConfig,
+    /// The plugin host and the plugin chain.
+    #[serde(default)]
+    pub plugins: PluginsConfig,
+    /// The routing policy.
+    #[serde(default)]
+    pub routing: RoutingConfig,
+    /// Region, endpoint and credentials for the AWS sinks.
+    #[serde(default)]
+    pub aws: AwsConfig,
+    /// The cloud sinks; a destination without one goes to the local sink.
+    #[serde(default)]
+    pub sinks: SinksConfig,
+    /// The spool between routing and the sinks.
+    #[serde(default)]
+    pub spool: SpoolConfig,
+    /// The admin listener (dead letters, spool state).
+    #[serde(default)]
+    pub admin: AdminConfig,
+    /// Device authentication; present: every device must authenticate (no more
+    /// `x-device-id`).
+    pub auth: Option<AuthConfig>,
+    /// What each device may do; enforced (default deny) when present or when `[auth]`
+    /// is.
+    pub policy: Option<PolicyConfig>,
+    /// WebSocket sessions (`GET /ws`).
+    #[serde(default)]
+    pub websocket: WebSocketConfig,
+    /// Commands from the cloud to devices, through an MQTT broker; absent: none.
+    pub downlink: Option<DownlinkConfig>,
+}
+
+/// Everything wrong with a configuration, reported together.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or does not fit the schema.
+    #[error("{path}: {message}")]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's explanation, with line and column.
+        message: String,
+    },
+    /// The file parsed, but some values are wrong.
+    #[error("{}", Problems(.0))]
+    Invalid(Vec<String>),
+}
+
+struct Problems<'a>(&'a [String]);
+
+impl fmt::Display for Problems<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} problem(s) in the configuration:", self.0.len())?;
+        for problem in self.0 {
+            write!(f, "\n  - {problem}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Config {
+    /// Reads, parses and validates a configuration file. Relative plugin paths are
+    /// resolved against the file's folder.
+    pub fn load(path: &Path) -> Result<Config, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_path_buf(),
+            source,
+        })?;
+        let mut config = Config::parse(&text).map_err(|message| ConfigError::Parse {
+            path: path.to_path_buf(),
+            message,
+        })?;
+        let base = path.parent().unwrap_or(Path::new("."));
+        let relative_to_file = |path: &mut PathBuf| {
+            if path.is_relative() {
+                *path = base.join(&*path);
+            }
+            // Absolute, so that hot-reload events name the same file.
+            if let Ok(absolute) = std::path::absolute(&*path) {
+                *path = absolute;
+            }
+        };
+        let plugins = config
+            .plugins
+            .transform
+            .iter_mut()
+            .chain(config.plugins.router.as_mut());
+        for entry in plugins {
+            relative_to_file(&mut entry.path);
+        }
+        if let Some(tls) = config.server.tls.as_mut() {
+            relative_to_file(&mut tls.cert);
+            relative_to_file(&mut tls.key);
+        }
+        if let Some(downlink) = config.downlink.as_mut() {
+            for path in [&mut downlink.ca, &mut downlink.cert, &mut downlink.key] {
+                relative_to_file(path);
+            }
+        }
+        if let Some(mtls) = config.auth.as_mut().and_then(|auth| auth.mtls.as_mut()) {
+            for path in &mut mtls.ca {
+                relative_to_file(path);
+            }
+        }
+        if let Some(mqtt) = config
+            .sinks
+            .iot_core
+            .as_mut()
+            .and_then(|iot| iot.mqtt.as_mut())
+        {
+            for path in [&mut mqtt.ca, &mut mqtt.cert, &mut mqtt.key] {
+                relative_to_file(path);
+            }
+        }
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Parses TOML text without validating it.
+    pub fn parse(text: &str) -> Result<Config, String> {
+        toml::from_str(text).map_err(|error| error.to_string())
+    }
+
+    /// The directory of compiled plugins.
+    pub fn cache_dir(&self) -> PathBuf {
+        self.plugins
+            .cache_dir
+            .clone()
+            .unwrap_or_else(|| self.server.data_dir.join("plugin-cache"))
+    }
+
+    /// Checks every value and reports all problems at once.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Vec::new();
+        self.validate_server(&mut problems);
+        self.validate_plugins(&mut problems);
+        self.validate_routing(&mut problems);
+        self.validate_sinks(&mut problems);
+        self.validate_spool(&mut problems);
+        self.validate_admin(&mut problems);
+        self.validate_auth_and_policy(&mut problems);
+        self.validate_websocket(&mut problems);
+        self.validate_downlink(&mut problems);
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_is_the_embedded_default() {
+        let config = Config::parse("").unwrap();
+        assert_eq!(config.server.listen, DEFAULT_LISTEN.parse().unwrap());
+        assert!(config.server.tls.is_none());
+        assert!(config.plugins.transform.is_empty());
+        assert_eq!(config.routing.kinesis_max_record_bytes, 1024 * 1024);
+        config.validate().unwrap();
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_with_their_name() {
+        let error = Config::parse("[server]\nlisten_on = \"127.0.0.1:1\"\n").unwrap_err();
+        assert!(error.contains("listen_on"), "{error}");
+    }
+
+    #[test]
+    fn validation_reports_every_problem_at_once() {
+        let config = Config::parse(
+            r#"
+            [plugins]
+            workers = 0
+            memory_limit_mib = 0
+            [[plugins.transform]]
+            name = "a"
+            path = "/nonexistent/a.wasm"
+            config = { list = [1, 2] }
+            [[plugins.transform]]
+            name = "a"
+            path = "/nonexistent/b.wasm"
+            [routing]
+            kinesis_max_record_bytes = 20000000
+            kinesis_stream = "bad stream"
+            [[routing.rules]]
+            name = "r"
+            topic = "a/#/b"
+            destination = "kinesis"
+            qos = 2
+            "#,
+        )
+        .unwrap();
+        let ConfigError::Invalid(problems) = config.validate().unwrap_err() else {
+            panic!("expected validation problems");
+        };
+        let all = problems.join("\n");
+        for expected in [
+            "plugins.workers",
+            "memory_limit_mib",
+            "/nonexistent/a.wasm",
+            "/nonexistent/b.wasm",
+            "`a` is used twice",
+            "config `list`",
+            "kinesis_max_record_bytes",
+            "`bad stream`",
+            "topic filter",
+            "qos must be 0 or 1",
+            "need destination = \"iot-core\"",
+        ] {
+            assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+        }
+        assert_eq!(problems.len(), 11, "{all}");
+    }
+}
