@@ -10,51 +10,74 @@ use crate::message::Message;
 use crate::plugin::bindings::router::Router;
 use crate::plugin::bindings::transform::Transform;
 use crate::plugin::bindings::{Decision, Destination as WitDestination, Outcome};
-use crate::plugin::host::{Host, HostState, memory_limit_hit};
+use crate::plugin::host::{Host, HostState, Prepared, memory_limit_hit};
 use crate::plugin::{
     FailureKind, InputResult, LoadedPlugin, Output, PartFailure, PluginSet, RouterChoice,
 };
 use crate::route::Destination;
 
 /// One instantiated plugin with its own store.
-pub enum Instance {
+pub struct Instance {
+    /// The plugin's store: its memory, limits and host state.
+    store: Store<HostState>,
+    /// The plugin's exports.
+    bindings: Bindings,
+}
+
+/// A plugin's exports, by world.
+enum Bindings {
     /// A transform plugin.
-    Transform(Store<HostState>, Transform),
+    Transform(Transform),
     /// A router plugin.
-    Router(Store<HostState>, Router),
+    Router(Router),
+}
+
+/// What one call returned, by world.
+enum Results {
+    /// A transform's outcome per message.
+    Outcomes(Vec<Outcome>),
+    /// A router's decision per message.
+    Decisions(Vec<Decision>),
+}
+
+impl Results {
+    fn len(&self) -> usize {
+        match self {
+            Results::Outcomes(outcomes) => outcomes.len(),
+            Results::Decisions(decisions) => decisions.len(),
+        }
+    }
 }
 
 impl Instance {
     /// Instantiates `plugin` in a fresh store and runs its `init`.
     pub async fn new(host: &Host, plugin: &LoadedPlugin) -> Result<Instance, String> {
         let mut store = host.new_store(plugin.stats.clone());
-        let instance = match &plugin.prepared {
-            crate::plugin::host::Prepared::Transform(pre) => {
-                let bindings = pre
-                    .instantiate_async(&mut store)
+        let instantiated = |e: wasmtime::Error| format!("{e:#}");
+        let bindings = match &plugin.prepared {
+            Prepared::Transform(pre) => Bindings::Transform(
+                pre.instantiate_async(&mut store)
                     .await
-                    .map_err(|e| format!("{e:#}"))?;
-                let init = bindings
-                    .sluice_plugin_transformer()
-                    .call_init(&mut store, &plugin.config)
-                    .await;
-                init.map_err(|e| format!("init trapped: {e:#}"))??;
-                Instance::Transform(store, bindings)
+                    .map_err(instantiated)?,
+            ),
+            Prepared::Router(pre) => Bindings::Router(
+                pre.instantiate_async(&mut store)
+                    .await
+                    .map_err(instantiated)?,
+            ),
+        };
+        let init = match &bindings {
+            Bindings::Transform(b) => {
+                let exports = b.sluice_plugin_transformer();
+                exports.call_init(&mut store, &plugin.config).await
             }
-            crate::plugin::host::Prepared::Router(pre) => {
-                let bindings = pre
-                    .instantiate_async(&mut store)
-                    .await
-                    .map_err(|e| format!("{e:#}"))?;
-                let init = bindings
-                    .sluice_plugin_routing()
-                    .call_init(&mut store, &plugin.config)
-                    .await;
-                init.map_err(|e| format!("init trapped: {e:#}"))??;
-                Instance::Router(store, bindings)
+            Bindings::Router(b) => {
+                let exports = b.sluice_plugin_routing();
+                exports.call_init(&mut store, &plugin.config).await
             }
         };
-        Ok(instance)
+        init.map_err(|e| format!("init trapped: {e:#}"))??;
+        Ok(Instance { store, bindings })
     }
 }
 
@@ -87,7 +110,8 @@ pub async fn run_chain(
         if messages.is_empty() {
             break;
         }
-        match call_transform(host, plugin, instances, &messages).await {
+        let called = call(host, plugin, instances, &messages).await;
+        match called.and_then(|results| results.outcomes(plugin)) {
             Ok(outcomes) => {
                 (messages, origins) =
                     apply_outcomes(plugin, messages, origins, outcomes, &mut results);
@@ -100,7 +124,8 @@ pub async fn run_chain(
     }
     let choices = match &set.router {
         Some(router) if !messages.is_empty() => {
-            match call_router(host, router, instances, &messages).await {
+            let called = call(host, router, instances, &messages).await;
+            match called.and_then(|results| results.decisions(router)) {
                 Ok(decisions) => {
                     router.stats.metrics.routed.inc_by(decisions.len() as u64);
                     decisions
@@ -144,60 +169,62 @@ async fn take_instance(
     }
 }
 
-async fn call_transform(
+/// Calls `plugin` with `messages` in its instance (made first if needed), within its
+/// time limit; the instance goes back to `instances` only if the call succeeded.
+async fn call(
     host: &Host,
     plugin: &LoadedPlugin,
     instances: &mut HashMap<u64, Instance>,
     messages: &[Message],
-) -> Result<Vec<Outcome>, CallError> {
-    let Instance::Transform(mut store, bindings) = take_instance(host, plugin, instances).await?
-    else {
-        return Err((
-            FailureKind::Unavailable,
-            format!("plugin `{}` is not a transform", plugin.name),
-        ));
-    };
+) -> Result<Results, CallError> {
+    let mut instance = take_instance(host, plugin, instances).await?;
+    let Instance { store, bindings } = &mut instance;
     store.set_epoch_deadline(host.limits().deadline_ticks());
     let started = Instant::now();
-    let outcomes = bindings
-        .sluice_plugin_transformer()
-        .call_transform(&mut store, messages)
-        .await;
+    let results = match bindings {
+        Bindings::Transform(exports) => exports
+            .sluice_plugin_transformer()
+            .call_transform(&mut *store, messages)
+            .await
+            .map(Results::Outcomes),
+        Bindings::Router(exports) => exports
+            .sluice_plugin_routing()
+            .call_route(&mut *store, messages)
+            .await
+            .map(Results::Decisions),
+    };
     plugin.stats.call(messages.len(), started.elapsed());
-    let outcomes = outcomes.map_err(|error| classify(host, &store, plugin, error))?;
-    if outcomes.len() != messages.len() {
-        return Err(bad_count(plugin, outcomes.len(), messages.len()));
+    let results = results.map_err(|error| classify(host, store, plugin, error))?;
+    if results.len() != messages.len() {
+        return Err(bad_count(plugin, results.len(), messages.len()));
     }
-    instances.insert(plugin.id, Instance::Transform(store, bindings));
-    Ok(outcomes)
+    instances.insert(plugin.id, instance);
+    Ok(results)
 }
 
-async fn call_router(
-    host: &Host,
-    plugin: &LoadedPlugin,
-    instances: &mut HashMap<u64, Instance>,
-    messages: &[Message],
-) -> Result<Vec<Decision>, CallError> {
-    let Instance::Router(mut store, bindings) = take_instance(host, plugin, instances).await?
-    else {
-        return Err((
-            FailureKind::Unavailable,
-            format!("plugin `{}` is not a router", plugin.name),
-        ));
-    };
-    store.set_epoch_deadline(host.limits().deadline_ticks());
-    let started = Instant::now();
-    let decisions = bindings
-        .sluice_plugin_routing()
-        .call_route(&mut store, messages)
-        .await;
-    plugin.stats.call(messages.len(), started.elapsed());
-    let decisions = decisions.map_err(|error| classify(host, &store, plugin, error))?;
-    if decisions.len() != messages.len() {
-        return Err(bad_count(plugin, decisions.len(), messages.len()));
+impl Results {
+    /// A transform's outcomes; an error if `plugin` answered as a router.
+    fn outcomes(self, plugin: &LoadedPlugin) -> Result<Vec<Outcome>, CallError> {
+        match self {
+            Results::Outcomes(outcomes) => Ok(outcomes),
+            Results::Decisions(_) => Err(wrong_world(plugin, "transform")),
+        }
     }
-    instances.insert(plugin.id, Instance::Router(store, bindings));
-    Ok(decisions)
+
+    /// A router's decisions; an error if `plugin` answered as a transform.
+    fn decisions(self, plugin: &LoadedPlugin) -> Result<Vec<Decision>, CallError> {
+        match self {
+            Results::Decisions(decisions) => Ok(decisions),
+            Results::Outcomes(_) => Err(wrong_world(plugin, "router")),
+        }
+    }
+}
+
+fn wrong_world(plugin: &LoadedPlugin, want: &str) -> CallError {
+    (
+        FailureKind::Unavailable,
+        format!("plugin `{}` is not a {want}", plugin.name),
+    )
 }
 
 fn bad_count(plugin: &LoadedPlugin, got: usize, want: usize) -> CallError {

@@ -25,43 +25,38 @@
 //! nothing of it is written.
 //!
 //! [`deliver`] runs one delivery task per sink, reading the queue in order.
+//!
+//! The files: this one, the spool's API and its shared state (one [`SinkState`] per
+//! sink); `change` (what a request asks of the writer); `writer` (the group-commit
+//! thread); [`log`] (the queue log's segments); `recent` (the newest records in memory);
+//! `dead` (the dead-letter table); `legacy` (moving an older spool's queues);
+//! [`codec`] (the encodings on disk).
 
+mod change;
 pub mod codec;
+mod dead;
 pub mod deliver;
+mod legacy;
 mod log;
+mod recent;
+mod writer;
 
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, mpsc};
 
-use redb::{
-    Database, ReadableDatabase as _, ReadableTable as _, ReadableTableMetadata as _,
-    TableDefinition,
-};
+use redb::{Database, ReadableDatabase as _, ReadableTable as _, ReadableTableMetadata as _};
 use serde::Serialize;
 use tokio::sync::{oneshot, watch};
 
 use crate::record::{Record, SinkId};
+use crate::spool::change::Op;
 use crate::spool::codec::DeadLetter;
+use crate::spool::dead::DEAD_LETTERS;
+use crate::spool::legacy::{legacy_records, move_legacy_records};
+use crate::spool::recent::Recent;
 
-/// The sink's queue table in spools written before the queue log.
-fn legacy_table(sink: SinkId) -> TableDefinition<'static, u64, &'static [u8]> {
-    match sink {
-        SinkId::Kinesis => TableDefinition::new("queue/kinesis"),
-        SinkId::IotCore => TableDefinition::new("queue/iot-core"),
-        SinkId::Local => TableDefinition::new("queue/local"),
-    }
-}
-
-const DEAD_LETTERS: TableDefinition<u64, &[u8]> = TableDefinition::new("dead-letters");
-
-/// Most requests one commit takes; the rest wait for the next.
-const MAX_GROUP: usize = 4_096;
-
-/// How long a commit may wait for more changes when the last one carried several (see
-/// `write_loop`): short next to an fsync's latency, long enough for concurrent requests
-/// to join.
-const GROUP_LINGER: std::time::Duration = std::time::Duration::from_micros(200);
+pub use crate::spool::change::Change;
 
 /// Why the spool refused a write.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -90,85 +85,6 @@ pub enum SpoolError {
     /// The spool is shutting down.
     #[error("the spool is closed")]
     Closed,
-}
-
-/// One change for the writer, answered once all of it is on disk. What it adds (records,
-/// dead letters) is written before what it removes; if a part fails, the change fails,
-/// and records already written stay queued (delivered at least once).
-#[derive(Default)]
-pub struct Change {
-    /// Records to queue, per sink: encoded for the disk, and as they are for delivery.
-    queued: Vec<(SinkId, Vec<u8>, Record)>,
-    /// Dead letters to add (encoded).
-    dead: Vec<Vec<u8>>,
-    /// Dead letters to remove, by key.
-    remove_dead: Vec<u64>,
-    /// Records a sink confirmed (or refused for good), to remove from its queue.
-    delivered: Option<(SinkId, Vec<u64>)>,
-    /// Its dead letters count against `spool.max_dead_letter_bytes`: the change is
-    /// refused whole if they would go over (a device's request; not a sink's refusals,
-    /// which were acknowledged already).
-    bounded: bool,
-}
-
-impl Change {
-    /// Queues `record` for `sink`.
-    pub fn queue(&mut self, sink: SinkId, record: Record) {
-        self.queued
-            .push((sink, codec::encode_record(&record), record));
-    }
-
-    /// Adds a dead letter.
-    pub fn dead_letter(&mut self, dead: &DeadLetter) {
-        self.dead.push(codec::encode_dead_letter(dead));
-    }
-
-    /// Removes the dead letter `key` (after a redrive).
-    pub fn remove_dead_letter(&mut self, key: u64) {
-        self.remove_dead.push(key);
-    }
-
-    /// Holds the change's dead letters to `spool.max_dead_letter_bytes`.
-    pub fn bound_dead_letters(&mut self) {
-        self.bounded = true;
-    }
-
-    /// True when the change holds nothing.
-    pub fn is_empty(&self) -> bool {
-        self.queued.is_empty()
-            && self.dead.is_empty()
-            && self.remove_dead.is_empty()
-            && self.delivered.is_none()
-    }
-
-    /// True when the change must be on disk before it is confirmed: it adds records or
-    /// dead letters, or takes dead letters away (a redrive).
-    fn durable(&self) -> bool {
-        !self.queued.is_empty() || !self.dead.is_empty() || !self.remove_dead.is_empty()
-    }
-}
-
-struct Op {
-    change: Change,
-    reply: oneshot::Sender<Result<(), SpoolError>>,
-}
-
-/// Most records kept in memory per sink for delivery; beyond them (a slow or failing
-/// sink) delivery reads the disk until it has caught up.
-const RECENT_MAX_RECORDS: usize = 20_000;
-
-/// A sink's most recent committed records, in memory, so that delivery in the steady
-/// state does not read back and decode what it was just handed. The disk stays the
-/// source of truth: whenever this cannot vouch for a range, delivery reads the disk.
-struct Recent {
-    /// Committed records with sequence numbers from `covered_from` on, in order; valid
-    /// only while not `spilled`.
-    entries: std::collections::VecDeque<(u64, Record)>,
-    covered_from: u64,
-    /// Entries were dropped (the cap was hit, or this is a fresh start): read the disk.
-    spilled: bool,
-    /// The last sequence number committed for this sink.
-    last_committed: u64,
 }
 
 /// Counters read by the admin API and the benchmarks.
@@ -214,8 +130,8 @@ struct Shared {
     db: Database,
     /// Where each queued record is in the queue log.
     index: Mutex<log::Index>,
-    records: [AtomicU64; 3],
-    bytes: [AtomicU64; 3],
+    /// Per sink (by [`SinkId::index`]): its queue's counters and state.
+    sinks: [SinkState; 3],
     dead_letters: AtomicU64,
     /// Encoded bytes of the dead letters stored.
     dead_letter_bytes: AtomicU64,
@@ -227,15 +143,24 @@ struct Shared {
     durable_commits: AtomicU64,
     refused_full: AtomicU64,
     last_seq: AtomicU64,
-    /// Per sink: refusing for lack of room (logged when it starts and ends).
-    full: [std::sync::atomic::AtomicBool; 3],
+    /// `spool.max_bytes_per_sink`.
     limit: u64,
-    /// Per sink, the last sequence number committed: delivery tasks wait on it.
-    appended: [watch::Sender<u64>; 3],
-    /// Per sink, the newest records in memory.
-    recent: [Mutex<Recent>; 3],
-    /// Per sink: its delivery is failing (for readiness).
-    failing: [std::sync::atomic::AtomicBool; 3],
+}
+
+/// One sink's queue, as the writer and the readers share it.
+struct SinkState {
+    /// Records waiting.
+    records: AtomicU64,
+    /// Their encoded bytes.
+    bytes: AtomicU64,
+    /// Refusing for lack of room (logged when it starts and ends).
+    full: AtomicBool,
+    /// The last sequence number committed: delivery tasks wait on it.
+    appended: watch::Sender<u64>,
+    /// The newest records, in memory.
+    recent: Mutex<Recent>,
+    /// Its delivery is failing (for readiness).
+    failing: AtomicBool,
 }
 
 /// The open spool; cheap to share behind an `Arc`.
@@ -306,16 +231,17 @@ impl Spool {
                 "spool holds undelivered records from an earlier run; delivering them"
             );
         }
-        let appended = [
-            watch::channel(next_seq - 1).0,
-            watch::channel(next_seq - 1).0,
-            watch::channel(next_seq - 1).0,
-        ];
         let shared = Arc::new(Shared {
             db,
             index,
-            records: records.map(AtomicU64::new),
-            bytes: bytes.map(AtomicU64::new),
+            sinks: std::array::from_fn(|i| SinkState {
+                records: AtomicU64::new(records[i]),
+                bytes: AtomicU64::new(bytes[i]),
+                full: AtomicBool::new(false),
+                appended: watch::channel(next_seq - 1).0,
+                recent: Mutex::new(Recent::new(next_seq)),
+                failing: AtomicBool::new(false),
+            }),
             dead_letters: AtomicU64::new(dead_letters),
             dead_letter_bytes: AtomicU64::new(dead_letter_bytes),
             dead_letter_limit: AtomicU64::new(u64::MAX),
@@ -324,24 +250,13 @@ impl Spool {
             durable_commits: AtomicU64::new(0),
             refused_full: AtomicU64::new(0),
             last_seq: AtomicU64::new(next_seq - 1),
-            failing: Default::default(),
-            recent: std::array::from_fn(|_| {
-                Mutex::new(Recent {
-                    entries: std::collections::VecDeque::new(),
-                    covered_from: next_seq,
-                    spilled: true,
-                    last_committed: next_seq - 1,
-                })
-            }),
-            full: Default::default(),
             limit: max_bytes_per_sink,
-            appended,
         });
         let (ops, queue) = mpsc::channel::<Op>();
         let writer_shared = shared.clone();
         let writer = std::thread::Builder::new()
             .name("sluice-spool".to_string())
-            .spawn(move || write_loop(&writer_shared, log, next_seq, &queue))?;
+            .spawn(move || writer::write_loop(&writer_shared, log, next_seq, &queue))?;
         Ok(Spool {
             shared,
             ops: Mutex::new(Some(ops)),
@@ -399,14 +314,11 @@ impl Spool {
         let (window, reached_end) = self.read_disk(sink, from, max_records, max_bytes)?;
         if reached_end {
             // Caught up with the disk: from here on, what the writer commits is in memory.
-            let mut recent = self.shared.recent[sink.index()]
+            self.shared.sinks[sink.index()]
+                .recent
                 .lock()
-                .unwrap_or_else(|p| p.into_inner());
-            if recent.spilled {
-                recent.spilled = false;
-                recent.entries.clear();
-                recent.covered_from = recent.last_committed + 1;
-            }
+                .unwrap_or_else(|p| p.into_inner())
+                .caught_up();
         }
         Ok(window)
     }
@@ -420,26 +332,11 @@ impl Spool {
         max_records: usize,
         max_bytes: usize,
     ) -> Option<Vec<(u64, Record)>> {
-        let mut recent = self.shared.recent[sink.index()]
+        self.shared.sinks[sink.index()]
+            .recent
             .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if recent.spilled || recent.covered_from > from {
-            return None;
-        }
-        while recent.entries.front().is_some_and(|(seq, _)| *seq < from) {
-            recent.entries.pop_front();
-        }
-        let mut out = Vec::new();
-        let mut size = 0;
-        while let Some((_, record)) = recent.entries.front() {
-            let len = record.message.payload.len();
-            if !out.is_empty() && (out.len() >= max_records || size + len > max_bytes) {
-                break;
-            }
-            size += len;
-            out.extend(recent.entries.pop_front());
-        }
-        Some(out)
+            .unwrap_or_else(|p| p.into_inner())
+            .take(from, max_records, max_bytes)
     }
 
     /// Up to `max_records` records (and about `max_bytes`) queued for `sink` on disk,
@@ -526,8 +423,8 @@ impl Spool {
                 .iter()
                 .map(|&sink| QueueStats {
                     sink,
-                    records: shared.records[sink.index()].load(Ordering::Relaxed),
-                    bytes: shared.bytes[sink.index()].load(Ordering::Relaxed),
+                    records: shared.sinks[sink.index()].records.load(Ordering::Relaxed),
+                    bytes: shared.sinks[sink.index()].bytes.load(Ordering::Relaxed),
                     oldest: oldest(sink),
                 })
                 .collect(),
@@ -562,25 +459,33 @@ impl Spool {
 
     /// Marks whether `sink`'s delivery is failing.
     pub fn set_failing(&self, sink: SinkId, failing: bool) {
-        self.shared.failing[sink.index()].store(failing, Ordering::Relaxed);
+        self.shared.sinks[sink.index()]
+            .failing
+            .store(failing, Ordering::Relaxed);
     }
 
     /// The sinks whose delivery is failing now.
     pub fn failing_sinks(&self) -> Vec<SinkId> {
         SinkId::ALL
             .into_iter()
-            .filter(|sink| self.shared.failing[sink.index()].load(Ordering::Relaxed))
+            .filter(|sink| {
+                self.shared.sinks[sink.index()]
+                    .failing
+                    .load(Ordering::Relaxed)
+            })
             .collect()
     }
 
     /// Records waiting for `sink`.
     pub fn depth(&self, sink: SinkId) -> u64 {
-        self.shared.records[sink.index()].load(Ordering::Relaxed)
+        self.shared.sinks[sink.index()]
+            .records
+            .load(Ordering::Relaxed)
     }
 
     /// A receiver that changes whenever records are queued for `sink`.
     pub fn watch(&self, sink: SinkId) -> watch::Receiver<u64> {
-        self.shared.appended[sink.index()].subscribe()
+        self.shared.sinks[sink.index()].appended.subscribe()
     }
 
     /// Stops taking changes, commits what is queued, and waits for the writer.
@@ -592,384 +497,13 @@ impl Spool {
     }
 }
 
-/// The writer thread: one write (and `fsync`) per group of waiting changes.
-fn write_loop(shared: &Shared, mut log: log::Log, mut next_seq: u64, queue: &mpsc::Receiver<Op>) {
-    let mut last_group = 0;
-    while let Ok(first) = queue.recv() {
-        let mut ops = vec![first];
-        ops.extend(queue.try_iter().take(MAX_GROUP - 1));
-        // Under concurrent load (the last commit carried several changes), wait a moment
-        // for more before paying for an fsync: fewer fsyncs leave more CPU for requests.
-        // A lone writer (one device, one request at a time) never waits.
-        if last_group > 1 && ops.len() < last_group && ops[0].change.durable() {
-            let until = std::time::Instant::now() + GROUP_LINGER;
-            while ops.len() < last_group.min(MAX_GROUP) {
-                match queue.recv_timeout(until.saturating_duration_since(std::time::Instant::now()))
-                {
-                    Ok(op) => ops.push(op),
-                    Err(_) => break,
-                }
-            }
-        }
-        // Only changes that need the fsync count: a delivery's deletions riding along do
-        // not make a lone writer look concurrent.
-        last_group = ops.iter().filter(|op| op.change.durable()).count();
-        let outcome = apply(shared, &mut log, &mut next_seq, &ops);
-        if let Some(error) = &outcome.error {
-            tracing::error!(%error, "spool commit failed");
-        }
-        // Records go to memory before anyone is told about them: a delivery task woken by
-        // `appended` must find them there.
-        let mut replies = Vec::with_capacity(ops.len());
-        {
-            let mut recent = shared
-                .recent
-                .each_ref()
-                .map(|r| r.lock().unwrap_or_else(|p| p.into_inner()));
-            let mut seqs = outcome.seqs.into_iter();
-            let done = outcome.results.into_iter().zip(outcome.written);
-            for (op, (result, written)) in ops.into_iter().zip(done) {
-                if written {
-                    let queued = op.change.queued.into_iter().zip(&mut seqs);
-                    for ((sink, _, record), seq) in queued {
-                        remember(&mut recent[sink.index()], seq, record);
-                    }
-                }
-                replies.push((op.reply, result));
-            }
-        }
-        shared.commits.fetch_add(1, Ordering::Relaxed);
-        shared.last_seq.store(next_seq - 1, Ordering::Release);
-        if outcome.durable {
-            shared.durable_commits.fetch_add(1, Ordering::Relaxed);
-        }
-        for sink in SinkId::ALL {
-            let i = sink.index();
-            add_signed(&shared.records[i], outcome.records[i]);
-            add_signed(&shared.bytes[i], outcome.bytes[i]);
-            if let Some(seq) = outcome.last_seq[i] {
-                shared.appended[i].send_replace(seq);
-            }
-            // Room again once a tenth of the queue has drained.
-            let bytes = shared.bytes[i].load(Ordering::Relaxed);
-            if bytes < shared.limit - shared.limit / 10
-                && shared.full[i].swap(false, Ordering::Relaxed)
-            {
-                tracing::info!(sink = sink.name(), bytes, "spool has room again; accepting");
-            }
-        }
-        add_signed(&shared.dead_letters, outcome.dead_letters);
-        add_signed(&shared.dead_letter_bytes, outcome.dead_letter_bytes);
-        for (reply, result) in replies {
-            let _ = reply.send(result);
-        }
-    }
-}
-
-/// Keeps a committed record in memory for delivery, unless memory is over its cap (then
-/// delivery reads the disk until it catches up).
-fn remember(recent: &mut Recent, seq: u64, record: Record) {
-    recent.last_committed = seq;
-    if recent.spilled {
-        return;
-    }
-    if recent.entries.len() >= RECENT_MAX_RECORDS {
-        recent.spilled = true;
-        recent.entries.clear();
-    } else {
-        recent.entries.push_back((seq, record));
-    }
-}
-
-fn add_signed(counter: &AtomicU64, delta: i64) {
-    if delta >= 0 {
-        counter.fetch_add(delta as u64, Ordering::Relaxed);
-    } else {
-        counter.fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
-    }
-}
-
-/// What one group commit did.
-#[derive(Default)]
-struct Outcome {
-    /// Per change: its answer.
-    results: Vec<Result<(), SpoolError>>,
-    /// Per change: its records are in the queue log (even if another part of it failed,
-    /// they will be delivered).
-    written: Vec<bool>,
-    /// Something was `fsync`ed.
-    durable: bool,
-    records: [i64; 3],
-    bytes: [i64; 3],
-    dead_letters: i64,
-    dead_letter_bytes: i64,
-    last_seq: [Option<u64>; 3],
-    /// The sequence numbers given to written records, in order.
-    seqs: Vec<u64>,
-    /// What failed, for the log.
-    error: Option<String>,
-}
-
-impl Outcome {
-    /// Nothing of `changes` changes was written.
-    fn failed(changes: usize, error: String) -> Outcome {
-        Outcome {
-            results: vec![Err(SpoolError::Storage(error.clone())); changes],
-            written: vec![false; changes],
-            error: Some(error),
-            ..Outcome::default()
-        }
-    }
-}
-
-/// Applies a group of changes: records (and deliveries, unless dead letters come with
-/// the group) in one write to the queue log, `fsync`ed if it adds records; then dead
-/// letters in one redb transaction; then the deliveries held back for them.
-fn apply(shared: &Shared, log: &mut log::Log, next_seq: &mut u64, ops: &[Op]) -> Outcome {
-    if let Err(error) = log.begin(&shared.index, *next_seq) {
-        return Outcome::failed(ops.len(), error.to_string());
-    }
-    // A delivery that dead-letters records is written only once its dead letters are on
-    // disk; so are the other deliveries of the group, to keep one order.
-    let deliveries_last = ops.iter().any(|op| !op.change.dead.is_empty());
-    let mut results = Vec::with_capacity(ops.len());
-    let mut accepted = vec![false; ops.len()];
-    let mut staged = Vec::new();
-    let mut adding = [0i64; 3];
-    let mut dead_added: Vec<(u64, &[u8])> = Vec::new();
-    let mut dead_removed: Vec<u64> = Vec::new();
-    let mut dead_adding = 0u64;
-    let dead_limit = shared.dead_letter_limit.load(Ordering::Relaxed);
-    // The accepted changes' deliveries: (sink, sequence numbers).
-    let mut deliveries: Vec<(SinkId, &[u64])> = Vec::new();
-    let mut seq = *next_seq;
-    for (n, op) in ops.iter().enumerate() {
-        let change = &op.change;
-        let mut more = [0i64; 3];
-        for (sink, bytes, _) in &change.queued {
-            more[sink.index()] += bytes.len() as i64;
-        }
-        let full = SinkId::ALL.into_iter().find(|sink| {
-            let i = sink.index();
-            let queued = shared.bytes[i].load(Ordering::Relaxed) as i64 + adding[i];
-            more[i] > 0 && (queued + more[i]) as u64 > shared.limit
-        });
-        if let Some(sink) = full {
-            let i = sink.index();
-            shared.refused_full.fetch_add(1, Ordering::Relaxed);
-            if !shared.full[i].swap(true, Ordering::Relaxed) {
-                tracing::warn!(
-                    sink = sink.name(),
-                    limit = shared.limit,
-                    "spool full: refusing messages for this sink with 503 until it drains"
-                );
-            }
-            results.push(Err(SpoolError::Full {
-                sink: sink.name(),
-                bytes: (shared.bytes[i].load(Ordering::Relaxed) as i64 + adding[i]) as u64,
-                limit: shared.limit,
-            }));
-            continue;
-        }
-        let dead_bytes: u64 = change.dead.iter().map(|d| d.len() as u64).sum();
-        let dead_kept = shared.dead_letter_bytes.load(Ordering::Relaxed) + dead_adding;
-        if change.bounded && dead_bytes > 0 && dead_kept + dead_bytes > dead_limit {
-            shared.refused_dead_full.fetch_add(1, Ordering::Relaxed);
-            crate::metrics::METRICS.dead_letter_refused("store_full");
-            results.push(Err(SpoolError::DeadLettersFull {
-                bytes: dead_kept,
-                limit: dead_limit,
-            }));
-            continue;
-        }
-        dead_adding += dead_bytes;
-        accepted[n] = true;
-        results.push(Ok(()));
-        for (sink, bytes, _) in &change.queued {
-            adding[sink.index()] += bytes.len() as i64;
-            staged.push((*sink, seq, log.stage_record(*sink, seq, bytes)));
-            seq += 1;
-        }
-        for bytes in &change.dead {
-            dead_added.push((seq, bytes.as_slice()));
-            seq += 1;
-        }
-        dead_removed.extend(&change.remove_dead);
-        if let Some((sink, seqs)) = &change.delivered {
-            deliveries.push((*sink, seqs));
-            if !deliveries_last {
-                log.stage_delivery(*sink, seqs);
-            }
-        }
-    }
-    let adds_records = !staged.is_empty();
-    // Numbers handed out are never used again, even if the write fails.
-    *next_seq = seq;
-    if let Err(error) = log.write(adds_records) {
-        return Outcome::failed(ops.len(), error.to_string());
-    }
-    let mut outcome = Outcome {
-        written: accepted.clone(),
-        durable: adds_records,
-        ..Outcome::default()
-    };
-    {
-        let mut index = shared.index.lock().unwrap_or_else(|p| p.into_inner());
-        for (sink, seq, loc) in staged {
-            let i = sink.index();
-            index.insert(sink, seq, loc);
-            outcome.seqs.push(seq);
-            outcome.records[i] += 1;
-            outcome.bytes[i] += loc.len() as i64;
-            outcome.last_seq[i] = Some(seq);
-        }
-    }
-    let dead_ok = if dead_added.is_empty() && dead_removed.is_empty() {
-        true
-    } else {
-        match commit_dead_letters(shared, &dead_added, &dead_removed) {
-            Ok((delta, bytes)) => {
-                outcome.dead_letters = delta;
-                outcome.dead_letter_bytes = bytes;
-                outcome.durable = true;
-                true
-            }
-            Err(error) => {
-                outcome.error = Some(error);
-                false
-            }
-        }
-    };
-    let mut deliveries_written = !deliveries_last;
-    if deliveries_last && dead_ok {
-        for &(sink, seqs) in &deliveries {
-            log.stage_delivery(sink, seqs);
-        }
-        match log.write(false) {
-            Ok(()) => deliveries_written = true,
-            Err(error) => outcome.error = Some(error.to_string()),
-        }
-    }
-    if deliveries_written {
-        let mut index = shared.index.lock().unwrap_or_else(|p| p.into_inner());
-        for &(sink, seqs) in &deliveries {
-            let i = sink.index();
-            for &seq in seqs {
-                if let Some(loc) = index.remove(sink, seq) {
-                    outcome.records[i] -= 1;
-                    outcome.bytes[i] -= loc.len() as i64;
-                }
-            }
-        }
-        log.drop_delivered(&mut index);
-    }
-    // A change fails if a part of it did not make it; its records, if written, stay.
-    for ((op, result), accepted) in ops.iter().zip(&mut results).zip(&accepted) {
-        let change = &op.change;
-        let dead_failed = !dead_ok && (!change.dead.is_empty() || !change.remove_dead.is_empty());
-        let delivery_failed = !deliveries_written && change.delivered.is_some();
-        if *accepted && (dead_failed || delivery_failed) {
-            let error = outcome.error.clone().unwrap_or_default();
-            *result = Err(SpoolError::Storage(error));
-        }
-    }
-    outcome.results = results;
-    outcome
-}
-
-/// Adds and removes dead letters in one durable redb transaction; the change in their
-/// number and in their bytes.
-fn commit_dead_letters(
-    shared: &Shared,
-    added: &[(u64, &[u8])],
-    removed: &[u64],
-) -> Result<(i64, i64), String> {
-    let txn = shared.db.begin_write().map_err(|e| e.to_string())?;
-    let mut delta = 0i64;
-    let mut bytes = 0i64;
-    {
-        let mut dead = txn.open_table(DEAD_LETTERS).map_err(|e| e.to_string())?;
-        for (key, value) in added {
-            dead.insert(key, value).map_err(|e| e.to_string())?;
-            delta += 1;
-            bytes += value.len() as i64;
-        }
-        for key in removed {
-            if let Some(value) = dead.remove(key).map_err(|e| e.to_string())? {
-                delta -= 1;
-                bytes -= value.value().len() as i64;
-            }
-        }
-    }
-    txn.commit().map_err(|e| e.to_string())?;
-    Ok((delta, bytes))
-}
-
-/// The queued records of a spool written before the queue log: `(sink, seq, bytes)`.
-fn legacy_records(db: &Database) -> anyhow::Result<Vec<(SinkId, u64, Vec<u8>)>> {
-    use anyhow::Context as _;
-    let txn = db.begin_read().context("spool: begin")?;
-    let mut out = Vec::new();
-    for sink in SinkId::ALL {
-        let table = match txn.open_table(legacy_table(sink)) {
-            Ok(table) => table,
-            Err(redb::TableError::TableDoesNotExist(_)) => continue,
-            Err(error) => return Err(error).context("spool: open table"),
-        };
-        for entry in table.iter().context("spool: scan")? {
-            let (key, value) = entry.context("spool: scan")?;
-            out.push((sink, key.value(), value.value().to_vec()));
-        }
-    }
-    Ok(out)
-}
-
-/// Moves `legacy` records into the queue log (durably), then drops redb's queue tables.
-/// A crash in between moves them again on the next start; those already in the log are
-/// skipped.
-fn move_legacy_records(
-    db: &Database,
-    log: &mut log::Log,
-    index: &Mutex<log::Index>,
-    next_seq: u64,
-    legacy: &[(SinkId, u64, Vec<u8>)],
-) -> anyhow::Result<()> {
-    use anyhow::Context as _;
-    log.begin(index, next_seq).context("spool: queue log")?;
-    let mut staged = Vec::new();
-    {
-        let index = index.lock().unwrap_or_else(|p| p.into_inner());
-        for (sink, seq, bytes) in legacy {
-            if !index.contains(*sink, *seq) {
-                staged.push((*sink, *seq, log.stage_record(*sink, *seq, bytes)));
-            }
-        }
-    }
-    log.write(true).context("spool: queue log")?;
-    {
-        let mut index = index.lock().unwrap_or_else(|p| p.into_inner());
-        for (sink, seq, loc) in staged {
-            index.insert(sink, seq, loc);
-        }
-    }
-    let txn = db.begin_write().context("spool: begin")?;
-    for sink in SinkId::ALL {
-        txn.delete_table(legacy_table(sink))
-            .context("spool: drop table")?;
-    }
-    txn.commit().context("spool: commit")?;
-    tracing::info!(
-        records = legacy.len(),
-        "moved the queued records of spool.redb to the queue log"
-    );
-    Ok(())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::message::Message;
     use crate::route::{Decision, Destination};
+    use crate::spool::legacy::legacy_table;
+    use crate::spool::recent::RECENT_MAX_RECORDS;
 
     fn record(id: &str, payload: &[u8]) -> Record {
         Record {
