@@ -347,7 +347,7 @@ mod tests {
             .write_all(b"GET / HTTP/1.1\r\n\r\n")
             .await
             .unwrap();
-        guarded.read(&mut buf).await.unwrap();
+        assert_eq!(guarded.read(&mut buf).await.unwrap(), 18);
         // Traffic every 200 ms, under the 500 ms idle timeout, for over a second: more
         // than twice the idle timeout.
         for _ in 0..6 {

@@ -6,6 +6,10 @@
 //!   batches and rebuilt after a trap, a timeout or a memory blow-up.
 //! - [`reload`]: watches plugin files and swaps in new versions; in-flight batches finish
 //!   on the version they started with.
+//! - `manage`: uploaded versions, activations and deletions (the admin API's);
+//!   [`versions`]: where they are stored.
+//! - `outcome`: what the chain made of each message ([`InputResult`]).
+//! - [`offline`]: `sluice plugin run`, a plugin over a samples file without a gateway.
 //!
 //! Plugins run on the async runtime's threads, in the request's own task, with wasmtime's
 //! `call_async`: handing each batch to a plugin thread and back cost more than the plugins
@@ -16,7 +20,9 @@
 
 pub mod bindings;
 pub mod host;
+mod manage;
 pub mod offline;
+mod outcome;
 pub mod reload;
 pub mod versions;
 pub mod worker;
@@ -32,8 +38,10 @@ use arc_swap::ArcSwap;
 use crate::config::{Config, PluginEntry, plugin_config_value};
 use crate::message::Message;
 use crate::plugin::host::{Host, Limits, PluginStats, Prepared};
+pub use crate::plugin::manage::{AdminError, VersionReport};
+use crate::plugin::outcome::unavailable;
+pub use crate::plugin::outcome::{FailureKind, InputResult, Output, PartFailure, RouterChoice};
 use crate::plugin::versions::Versions;
-use crate::route::Destination;
 
 /// Which world a plugin targets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -175,88 +183,6 @@ impl PluginSet {
     }
 }
 
-/// Why a part of an input message did not go on to routing.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum FailureKind {
-    /// The plugin returned `fail` for it.
-    Refused,
-    /// The plugin trapped (a panic, an illegal operation).
-    Trap,
-    /// The call ran over its time limit.
-    Timeout,
-    /// The instance ran over its memory limit.
-    MemoryLimit,
-    /// The plugin returned the wrong number of outcomes.
-    BadOutput,
-    /// No instance of the plugin could be created.
-    Unavailable,
-}
-
-impl FailureKind {
-    /// Every kind, for listings.
-    pub const ALL: [FailureKind; 6] = [
-        FailureKind::Refused,
-        FailureKind::Trap,
-        FailureKind::Timeout,
-        FailureKind::MemoryLimit,
-        FailureKind::BadOutput,
-        FailureKind::Unavailable,
-    ];
-
-    /// A stable code for API responses and dead-letter records.
-    pub fn code(self) -> &'static str {
-        match self {
-            FailureKind::Refused => "plugin_refused",
-            FailureKind::Trap => "plugin_trap",
-            FailureKind::Timeout => "plugin_timeout",
-            FailureKind::MemoryLimit => "plugin_memory_limit",
-            FailureKind::BadOutput => "plugin_bad_output",
-            FailureKind::Unavailable => "plugin_unavailable",
-        }
-    }
-}
-
-/// A message (or a part of one) that failed in a plugin.
-pub struct PartFailure {
-    /// The message as it entered the failing plugin.
-    pub message: Message,
-    /// The failing plugin.
-    pub plugin: String,
-    /// What went wrong.
-    pub kind: FailureKind,
-    /// In words.
-    pub reason: String,
-}
-
-/// A router plugin's answer for one message.
-pub struct RouterChoice {
-    /// The router plugin's name.
-    pub plugin: String,
-    /// Its destination; `None` keeps the built-in decision.
-    pub destination: Option<Destination>,
-    /// Its reason.
-    pub reason: String,
-}
-
-/// A message that made it through the transforms.
-pub struct Output {
-    /// The transformed message.
-    pub message: Message,
-    /// The router plugin's choice, if there is a router.
-    pub router: Option<RouterChoice>,
-}
-
-/// What the chain made of one input message.
-#[derive(Default)]
-pub struct InputResult {
-    /// Messages to route (several after a split).
-    pub outputs: Vec<Output>,
-    /// Parts discarded by a plugin.
-    pub dropped: usize,
-    /// Parts that failed.
-    pub failures: Vec<PartFailure>,
-}
-
 /// One instance per active plugin, by load id: what one batch runs with.
 type InstanceSet = HashMap<u64, worker::Instance>;
 
@@ -285,62 +211,6 @@ struct Inner {
     versions: Option<Versions>,
     /// Most plugins the instance pool is sized for.
     capacity: usize,
-}
-
-/// Why an admin request about plugins failed.
-#[derive(Debug, thiserror::Error)]
-pub enum AdminError {
-    /// No active plugin has that name.
-    #[error("no plugin `{0}` is configured")]
-    UnknownPlugin(String),
-    /// No stored version has that hash.
-    #[error("plugin `{name}` has no uploaded version {hash}")]
-    UnknownVersion {
-        /// The plugin.
-        name: String,
-        /// The hash asked for.
-        hash: String,
-    },
-    /// The name cannot be a folder name.
-    #[error("plugin `{0}` cannot take uploads: its name must be letters, digits, `-`, `_` and `.`")]
-    UnusableName(String),
-    /// This host keeps no versions.
-    #[error("this gateway keeps no uploaded versions")]
-    NoStore,
-    /// The version serves now; activate another one first.
-    #[error(
-        "version {hash} of plugin `{name}` is active: activate another version (or the \
-         configured file) first"
-    )]
-    Active {
-        /// The plugin.
-        name: String,
-        /// The version.
-        hash: String,
-    },
-    /// A configuration reload changed the plugin while the version was checked; nothing
-    /// changed (try again).
-    #[error("the configuration of plugin `{0}` changed while this version was checked; try again")]
-    Changed(String),
-    /// The version failed validation; nothing changed.
-    #[error(transparent)]
-    Invalid(#[from] PluginError),
-    /// Writing the version or the activation failed.
-    #[error("cannot store the plugin version: {0}")]
-    Storage(#[from] std::io::Error),
-}
-
-/// A version as the admin API reports it.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct VersionReport {
-    /// The plugin.
-    pub plugin: String,
-    /// Transform or router.
-    pub kind: String,
-    /// SHA-256 of the component.
-    pub hash: String,
-    /// Whether it serves now.
-    pub active: bool,
 }
 
 /// The running plugin host; cheap to clone.
@@ -660,166 +530,6 @@ impl Plugins {
         Ok((loaded, removed))
     }
 
-    /// Stores `bytes` as a new version of plugin `name` after validating it (it compiles,
-    /// imports only what plugins may, is of the plugin's kind, and its `init` accepts the
-    /// plugin's configuration); with `activate`, it then serves in place of the current
-    /// version, which finishes the batches it started. Nothing changes if it is refused.
-    pub fn upload(
-        &self,
-        name: &str,
-        bytes: &[u8],
-        activate: bool,
-    ) -> Result<VersionReport, AdminError> {
-        let versions = self.inner.versions.as_ref().ok_or(AdminError::NoStore)?;
-        if !versions::usable_name(name) {
-            return Err(AdminError::UnusableName(name.to_string()));
-        }
-        let current = self.current();
-        let plugin = current
-            .find(name)
-            .ok_or_else(|| AdminError::UnknownPlugin(name.to_string()))?;
-        let hash = host::content_hash(bytes);
-        let _uploading = self
-            .inner
-            .uploading
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let (file, new) = versions.store(name, &hash, bytes)?;
-        let loaded = match self.load(&plugin.entry, plugin.kind, &file, Source::Uploaded) {
-            Ok(loaded) => loaded,
-            Err(error) => {
-                if new {
-                    let _ = std::fs::remove_file(&file);
-                }
-                return Err(error.into());
-            }
-        };
-        tracing::info!(plugin = %name, hash = %&hash[..12], "plugin version uploaded");
-        if activate {
-            self.swap_in(loaded, versions)?;
-        }
-        Ok(VersionReport {
-            plugin: name.to_string(),
-            kind: plugin.kind.to_string(),
-            hash,
-            active: activate,
-        })
-    }
-
-    /// Makes the uploaded version `hash` of plugin `name` serve, or with `None` its
-    /// configured file again; validated like an upload first.
-    pub fn activate(&self, name: &str, hash: Option<&str>) -> Result<VersionReport, AdminError> {
-        let versions = self.inner.versions.as_ref().ok_or(AdminError::NoStore)?;
-        // Held from loading to swapping: a file reload in between would otherwise be
-        // overwritten by what was loaded before it.
-        let changing = self.lock_changes();
-        let current = self.current();
-        let plugin = current
-            .find(name)
-            .ok_or_else(|| AdminError::UnknownPlugin(name.to_string()))?;
-        let (file, source) = match hash {
-            Some(hash) => {
-                let file = versions.file(name, hash);
-                if !versions::usable_name(name)
-                    || !hash.chars().all(|c| c.is_ascii_hexdigit())
-                    || !file.is_file()
-                {
-                    return Err(AdminError::UnknownVersion {
-                        name: name.to_string(),
-                        hash: hash.to_string(),
-                    });
-                }
-                (file, Source::Uploaded)
-            }
-            None => (plugin.entry.path.clone(), Source::Configured),
-        };
-        let loaded = self.load(&plugin.entry, plugin.kind, &file, source)?;
-        let report = VersionReport {
-            plugin: name.to_string(),
-            kind: plugin.kind.to_string(),
-            hash: loaded.hash.clone(),
-            active: true,
-        };
-        self.swap_in_locked(&changing, loaded, versions)?;
-        Ok(report)
-    }
-
-    /// Puts `loaded` in place of the plugin of the same name and records the activation.
-    fn swap_in(&self, loaded: Arc<LoadedPlugin>, versions: &Versions) -> Result<(), AdminError> {
-        let changing = self.lock_changes();
-        self.swap_in_locked(&changing, loaded, versions)
-    }
-
-    /// [`Plugins::swap_in`] with the change lock already held.
-    fn swap_in_locked(
-        &self,
-        _changing: &std::sync::MutexGuard<'_, ()>,
-        loaded: Arc<LoadedPlugin>,
-        versions: &Versions,
-    ) -> Result<(), AdminError> {
-        let current = self.current();
-        let mut next = PluginSet {
-            transforms: current.transforms.clone(),
-            router: current.router.clone(),
-        };
-        let Some(slot) = next.slots().find(|slot| slot.name == loaded.name) else {
-            return Err(AdminError::UnknownPlugin(loaded.name.clone()));
-        };
-        if slot.entry != loaded.entry {
-            return Err(AdminError::Changed(loaded.name.clone()));
-        }
-        let activation = (loaded.source == Source::Uploaded).then(|| versions::Activation {
-            hash: loaded.hash.clone(),
-            configured: loaded.entry.path.clone(),
-        });
-        versions.set_activation(&loaded.name, activation)?;
-        tracing::info!(plugin = %loaded.name, old = %&slot.hash[..12], new = %&loaded.hash[..12], source = ?loaded.source, "plugin version activated");
-        *slot = loaded;
-        self.install(next);
-        Ok(())
-    }
-
-    /// Deletes the uploaded version `hash` of plugin `name`; the version serving now (or
-    /// recorded as active) cannot be deleted.
-    pub fn delete_version(&self, name: &str, hash: &str) -> Result<(), AdminError> {
-        let versions = self.inner.versions.as_ref().ok_or(AdminError::NoStore)?;
-        let _changing = self.lock_changes();
-        let unknown = || AdminError::UnknownVersion {
-            name: name.to_string(),
-            hash: hash.to_string(),
-        };
-        if !versions::usable_name(name) || !hash.chars().all(|c| c.is_ascii_hexdigit()) {
-            return Err(unknown());
-        }
-        let serving = self
-            .current()
-            .find(name)
-            .is_some_and(|plugin| plugin.source == Source::Uploaded && plugin.hash == hash);
-        let recorded = versions
-            .activations()
-            .get(name)
-            .is_some_and(|active| active.hash == hash);
-        if serving || recorded {
-            return Err(AdminError::Active {
-                name: name.to_string(),
-                hash: hash.to_string(),
-            });
-        }
-        match std::fs::remove_file(versions.file(name, hash)) {
-            Ok(()) => Ok(()),
-            Err(error) if error.kind() == std::io::ErrorKind::NotFound => Err(unknown()),
-            Err(error) => Err(error.into()),
-        }
-    }
-
-    /// The uploaded versions of plugin `name`.
-    pub fn stored_versions(&self, name: &str) -> Vec<versions::StoredVersion> {
-        match &self.inner.versions {
-            Some(versions) if versions::usable_name(name) => versions.list(name),
-            _ => Vec::new(),
-        }
-    }
-
     /// The configured files of the active plugins (those the file watcher reloads).
     pub fn paths(&self) -> Vec<PathBuf> {
         self.current()
@@ -904,31 +614,4 @@ impl Plugins {
 /// `path` made absolute, for comparing file names.
 pub fn absolute(path: &Path) -> PathBuf {
     std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf())
-}
-
-impl InputResult {
-    /// A message that no plugin touched.
-    fn passed(message: Message) -> InputResult {
-        InputResult {
-            outputs: vec![Output {
-                message,
-                router: None,
-            }],
-            ..InputResult::default()
-        }
-    }
-}
-
-/// Results for a batch no worker could take (the host is stopping).
-fn unavailable(count: usize, batch: Vec<Message>) -> Vec<InputResult> {
-    let mut results: Vec<InputResult> = (0..count).map(|_| InputResult::default()).collect();
-    for (result, message) in results.iter_mut().zip(batch) {
-        result.failures.push(PartFailure {
-            message,
-            plugin: String::new(),
-            kind: FailureKind::Unavailable,
-            reason: "the plugin host is shutting down".to_string(),
-        });
-    }
-    results
 }

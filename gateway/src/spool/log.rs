@@ -563,7 +563,7 @@ fn next_entry(bytes: &[u8], from: usize, id: u64) -> Option<usize> {
     while at + HEADER <= bytes.len() {
         let found = bytes[at..].windows(4).position(|w| w == marker)?;
         at += found;
-        if check_entry(&bytes[at..], id).is_some_and(|body| entry_is_sane(body)) {
+        if check_entry(&bytes[at..], id).is_some_and(entry_is_sane) {
             return Some(at);
         }
         at += 1;

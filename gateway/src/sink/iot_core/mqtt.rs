@@ -283,6 +283,12 @@ fn read_certs(path: &Path) -> anyhow::Result<Vec<rustls::pki_types::CertificateD
     Ok(certs)
 }
 
+impl crate::sink::Sink for MqttSink {
+    fn deliver(&self, records: Vec<Record>) -> SinkFuture<'_> {
+        MqttSink::deliver(self, records)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use rumqttc::{ConnAck, ConnectReturnCode, PubAck};
@@ -364,11 +370,5 @@ mod tests {
         settle(&tracker, Event::Outgoing(Outgoing::Publish(1)));
         settle(&tracker, Event::Incoming(Packet::PubAck(PubAck::new(1))));
         assert_eq!(later.try_recv(), Ok(true));
-    }
-}
-
-impl crate::sink::Sink for MqttSink {
-    fn deliver(&self, records: Vec<Record>) -> SinkFuture<'_> {
-        MqttSink::deliver(self, records)
     }
 }
