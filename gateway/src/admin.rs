@@ -137,12 +137,97 @@ fn router(parts: Parts, token: String) -> axum::Router {
         .with_state(state)
 }
 
-fn error(status: StatusCode, code: &str, message: impl Into<String>) -> Response {
-    (
-        status,
-        Json(json!({"code": code, "message": message.into()})),
-    )
-        .into_response()
+/// Every error the admin API answers with: JSON `{"code", "message"}` and the status.
+#[derive(Debug)]
+pub enum AdminApiError {
+    /// `400 bad_request`: a malformed query or body.
+    BadRequest(String),
+    /// `401 unauthorized`: no admin token, or the wrong one.
+    Unauthorized,
+    /// `404 not_found`: no such dead letter, plugin or version; no `[downlink]`.
+    NotFound(String),
+    /// `503 spool_unavailable` (with `Retry-After: 5`): the spool cannot read or write.
+    Spool(String),
+    /// A plugin operation refused: `404`, `409 version_active` / `config_changed`,
+    /// `422 plugin_invalid`, `503 storage_unavailable`.
+    Plugin(crate::plugin::AdminError),
+    /// A configuration reload refused: `409 no_config_file`, `422 invalid_config`.
+    Reload(crate::reconfigure::ReloadError),
+    /// `500 internal`: a task the request ran failed.
+    Internal(String),
+}
+
+impl From<crate::spool::SpoolError> for AdminApiError {
+    fn from(error: crate::spool::SpoolError) -> Self {
+        AdminApiError::Spool(error.to_string())
+    }
+}
+
+impl From<crate::plugin::AdminError> for AdminApiError {
+    fn from(error: crate::plugin::AdminError) -> Self {
+        AdminApiError::Plugin(error)
+    }
+}
+
+impl From<crate::reconfigure::ReloadError> for AdminApiError {
+    fn from(error: crate::reconfigure::ReloadError) -> Self {
+        AdminApiError::Reload(error)
+    }
+}
+
+impl AdminApiError {
+    /// The status and stable code.
+    fn status_and_code(&self) -> (StatusCode, &'static str) {
+        use crate::plugin::AdminError as Plugin;
+        use crate::reconfigure::ReloadError as Reload;
+        match self {
+            AdminApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, "bad_request"),
+            AdminApiError::Unauthorized => (StatusCode::UNAUTHORIZED, "unauthorized"),
+            AdminApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
+            AdminApiError::Spool(_) => (StatusCode::SERVICE_UNAVAILABLE, "spool_unavailable"),
+            AdminApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            AdminApiError::Plugin(error) => match error {
+                Plugin::UnknownPlugin(_) | Plugin::UnknownVersion { .. } => {
+                    (StatusCode::NOT_FOUND, "not_found")
+                }
+                Plugin::Active { .. } => (StatusCode::CONFLICT, "version_active"),
+                Plugin::Changed(_) => (StatusCode::CONFLICT, "config_changed"),
+                Plugin::UnusableName(_) | Plugin::Invalid(_) => {
+                    (StatusCode::UNPROCESSABLE_ENTITY, "plugin_invalid")
+                }
+                Plugin::NoStore | Plugin::Storage(_) => {
+                    (StatusCode::SERVICE_UNAVAILABLE, "storage_unavailable")
+                }
+            },
+            AdminApiError::Reload(Reload::NoFile) => (StatusCode::CONFLICT, "no_config_file"),
+            AdminApiError::Reload(Reload::Invalid(_)) => {
+                (StatusCode::UNPROCESSABLE_ENTITY, "invalid_config")
+            }
+        }
+    }
+}
+
+impl IntoResponse for AdminApiError {
+    fn into_response(self) -> Response {
+        let (status, code) = self.status_and_code();
+        let message = match self {
+            AdminApiError::BadRequest(message)
+            | AdminApiError::NotFound(message)
+            | AdminApiError::Spool(message)
+            | AdminApiError::Internal(message) => message,
+            AdminApiError::Unauthorized => "send `Authorization: Bearer <admin.token>`".to_string(),
+            AdminApiError::Plugin(error) => error.to_string(),
+            AdminApiError::Reload(error) => error.to_string(),
+        };
+        let mut response =
+            (status, Json(json!({"code": code, "message": message}))).into_response();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            response
+                .headers_mut()
+                .insert(header::RETRY_AFTER, axum::http::HeaderValue::from(5u32));
+        }
+        response
+    }
 }
 
 async fn authorize(State(state): State<AdminState>, request: Request, next: Next) -> Response {
@@ -153,11 +238,7 @@ async fn authorize(State(state): State<AdminState>, request: Request, next: Next
         .and_then(|value| value.strip_prefix("Bearer "));
     match presented {
         Some(token) if same(token.as_bytes(), state.token.as_bytes()) => next.run(request).await,
-        _ => error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "send `Authorization: Bearer <admin.token>`",
-        ),
+        _ => AdminApiError::Unauthorized.into_response(),
     }
 }
 
@@ -196,11 +277,7 @@ async fn metrics(State(state): State<AdminState>) -> Response {
 async fn downlink_status(State(state): State<AdminState>) -> Response {
     match &state.downlink {
         Some(downlink) => Json(downlink.status()).into_response(),
-        None => error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            "no [downlink] configured",
-        ),
+        None => AdminApiError::NotFound("no [downlink] configured".into()).into_response(),
     }
 }
 
@@ -260,11 +337,8 @@ async fn list(
     params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
 ) -> Response {
     let Ok(Query(params)) = params else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "query parameters: from=KEY, limit=N",
-        );
+        return AdminApiError::BadRequest("query parameters: from=KEY, limit=N".into())
+            .into_response();
     };
     let limit = params.limit.unwrap_or(100).clamp(1, MAX_PAGE);
     match state
@@ -281,27 +355,15 @@ async fn list(
                 .collect();
             Json(json!({"dead_letters": items, "next": next})).into_response()
         }
-        Err(e) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "spool_unavailable",
-            e.to_string(),
-        ),
+        Err(e) => AdminApiError::from(e).into_response(),
     }
 }
 
 async fn show(State(state): State<AdminState>, Path(key): Path<u64>) -> Response {
     match state.pipeline.spool().dead_letter(key) {
         Ok(Some(letter)) => Json(letter_json(key, &letter, true)).into_response(),
-        Ok(None) => error(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no dead letter {key}"),
-        ),
-        Err(e) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "spool_unavailable",
-            e.to_string(),
-        ),
+        Ok(None) => AdminApiError::NotFound(format!("no dead letter {key}")).into_response(),
+        Err(e) => AdminApiError::from(e).into_response(),
     }
 }
 
@@ -310,29 +372,17 @@ async fn discard(State(state): State<AdminState>, Path(key): Path<u64>) -> Respo
     match spool.dead_letter(key) {
         Ok(Some(_)) => {}
         Ok(None) => {
-            return error(
-                StatusCode::NOT_FOUND,
-                "not_found",
-                format!("no dead letter {key}"),
-            );
+            return AdminApiError::NotFound(format!("no dead letter {key}")).into_response();
         }
         Err(e) => {
-            return error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "spool_unavailable",
-                e.to_string(),
-            );
+            return AdminApiError::from(e).into_response();
         }
     }
     let mut change = crate::spool::Change::default();
     change.remove_dead_letter(key);
     match spool.commit(change).await {
         Ok(()) => StatusCode::NO_CONTENT.into_response(),
-        Err(e) => error(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "spool_unavailable",
-            e.to_string(),
-        ),
+        Err(e) => AdminApiError::from(e).into_response(),
     }
 }
 
@@ -352,11 +402,10 @@ async fn redrive(
     let body = match body {
         Ok(Json(body)) if body.all == body.keys.is_empty() => body,
         _ => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                r#"send {"keys": [KEY, ...]} or {"all": true}"#,
-            );
+            return AdminApiError::BadRequest(
+                r#"send {"keys": [KEY, ...]} or {"all": true}"#.into(),
+            )
+            .into_response();
         }
     };
     let spool = state.pipeline.spool();
@@ -373,11 +422,7 @@ async fn redrive(
                     keys.extend(page.into_iter().map(|(key, _)| key));
                 }
                 Err(e) => {
-                    return error(
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        "spool_unavailable",
-                        e.to_string(),
-                    );
+                    return AdminApiError::from(e).into_response();
                 }
             }
         }
@@ -396,18 +441,11 @@ async fn redrive(
                 missing.extend(report.missing);
             }
             Err(e) => {
-                let mut response = error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    "spool_unavailable",
-                    format!(
-                        "{e}; {} dead letters were redriven before this",
-                        redriven.len()
-                    ),
-                );
-                response
-                    .headers_mut()
-                    .insert(header::RETRY_AFTER, axum::http::HeaderValue::from(5u32));
-                return response;
+                return AdminApiError::Spool(format!(
+                    "{e}; {} dead letters were redriven before this",
+                    redriven.len()
+                ))
+                .into_response();
             }
         }
     }
@@ -463,24 +501,6 @@ struct UploadParams {
     activate: Option<bool>,
 }
 
-fn plugin_error(error: crate::plugin::AdminError) -> Response {
-    use crate::plugin::AdminError;
-    let status = match &error {
-        AdminError::UnknownPlugin(_) | AdminError::UnknownVersion { .. } => StatusCode::NOT_FOUND,
-        AdminError::Active { .. } | AdminError::Changed(_) => StatusCode::CONFLICT,
-        AdminError::UnusableName(_) | AdminError::Invalid(_) => StatusCode::UNPROCESSABLE_ENTITY,
-        AdminError::NoStore | AdminError::Storage(_) => StatusCode::SERVICE_UNAVAILABLE,
-    };
-    let code = match &error {
-        AdminError::UnknownPlugin(_) | AdminError::UnknownVersion { .. } => "not_found",
-        AdminError::Active { .. } => "version_active",
-        AdminError::Changed(_) => "config_changed",
-        AdminError::UnusableName(_) | AdminError::Invalid(_) => "plugin_invalid",
-        AdminError::NoStore | AdminError::Storage(_) => "storage_unavailable",
-    };
-    self::error(status, code, error.to_string())
-}
-
 /// `POST /admin/plugins/{name}/versions`.
 async fn upload(
     State(state): State<AdminState>,
@@ -489,18 +509,12 @@ async fn upload(
     body: axum::body::Bytes,
 ) -> Response {
     let Ok(Query(params)) = params else {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "query parameters: activate=true|false",
-        );
+        return AdminApiError::BadRequest("query parameters: activate=true|false".into())
+            .into_response();
     };
     if body.is_empty() {
-        return error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            "send the component (.wasm) as the body",
-        );
+        return AdminApiError::BadRequest("send the component (.wasm) as the body".into())
+            .into_response();
     }
     let plugins = state.pipeline.plugins().clone();
     let activate = params.activate.unwrap_or(true);
@@ -516,12 +530,8 @@ async fn plugin_task<T: Send + 'static>(
     operation: impl FnOnce() -> Result<T, crate::plugin::AdminError> + Send + 'static,
 ) -> Result<T, Response> {
     match tokio::task::spawn_blocking(operation).await {
-        Ok(result) => result.map_err(plugin_error),
-        Err(e) => Err(error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            e.to_string(),
-        )),
+        Ok(result) => result.map_err(|error| AdminApiError::from(error).into_response()),
+        Err(e) => Err(AdminApiError::Internal(e.to_string()).into_response()),
     }
 }
 
@@ -549,11 +559,10 @@ async fn activate(
             configured: true,
         })) => None,
         _ => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                r#"send {"hash": "<sha256>"} or {"configured": true}"#,
-            );
+            return AdminApiError::BadRequest(
+                r#"send {"hash": "<sha256>"} or {"configured": true}"#.into(),
+            )
+            .into_response();
         }
     };
     let plugins = state.pipeline.plugins().clone();
@@ -577,25 +586,133 @@ async fn delete_version(
 
 /// `POST /admin/reload`.
 async fn reload(State(state): State<AdminState>) -> Response {
-    use crate::reconfigure::ReloadError;
     // In its own task: a client that hangs up must not cut a reload in half.
     let reloader = state.reloader.clone();
     let Ok(done) = tokio::spawn(async move { reloader.reload().await }).await else {
-        return error(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "the reload task failed",
-        );
+        return AdminApiError::Internal("the reload task failed".into()).into_response();
     };
     match done {
         Ok(report) => Json(report).into_response(),
-        Err(e @ ReloadError::NoFile) => {
-            error(StatusCode::CONFLICT, "no_config_file", e.to_string())
+        Err(error) => AdminApiError::from(error).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt as _;
+
+    use super::*;
+
+    const TOKEN: &str = "test-admin-token-0123";
+
+    /// Sends `request` (with the admin token unless `token` is false) to a fresh admin
+    /// app; the status, the code and the headers.
+    async fn send(request: Request<Body>) -> (StatusCode, Value, axum::http::HeaderMap) {
+        let fixture = crate::testing::gateway("");
+        let parts = Parts {
+            pipeline: fixture.state.pipeline.clone(),
+            sessions: fixture.state.sessions.clone(),
+            downlink: None,
+            reloader: fixture.reloader.clone(),
+        };
+        let response = router(parts, TOKEN.to_string())
+            .oneshot(request)
+            .await
+            .unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let body = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+        (status, body, headers)
+    }
+
+    fn authorized(method: &str, path: &str, body: &'static str) -> Request<Body> {
+        Request::builder()
+            .method(method)
+            .uri(path)
+            .header("authorization", format!("Bearer {TOKEN}"))
+            .header("content-type", "application/json")
+            .body(Body::from(body))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn errors_map_to_their_status_and_code() {
+        let wrong_token = Request::get("/admin/spool")
+            .header("authorization", "Bearer nope")
+            .body(Body::empty())
+            .unwrap();
+        let cases = [
+            (wrong_token, StatusCode::UNAUTHORIZED, "unauthorized"),
+            (
+                authorized("GET", "/admin/dlq/999", ""),
+                StatusCode::NOT_FOUND,
+                "not_found",
+            ),
+            (
+                authorized("DELETE", "/admin/dlq/999", ""),
+                StatusCode::NOT_FOUND,
+                "not_found",
+            ),
+            (
+                authorized("GET", "/admin/dlq?limit=x", ""),
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+            ),
+            (
+                authorized("POST", "/admin/dlq/redrive", "{}"),
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+            ),
+            (
+                authorized("POST", "/admin/reload", ""),
+                StatusCode::CONFLICT,
+                "no_config_file",
+            ),
+            (
+                authorized("GET", "/admin/downlink", ""),
+                StatusCode::NOT_FOUND,
+                "not_found",
+            ),
+            (
+                authorized(
+                    "POST",
+                    "/admin/plugins/nope/activate",
+                    r#"{"configured": true}"#,
+                ),
+                StatusCode::NOT_FOUND,
+                "not_found",
+            ),
+            (
+                authorized(
+                    "POST",
+                    "/admin/plugins/nope/activate",
+                    r#"{"hash": "a", "configured": true}"#,
+                ),
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+            ),
+        ];
+        for (request, status, code) in cases {
+            let path = request.uri().to_string();
+            let (got, body, _) = send(request).await;
+            assert_eq!(got, status, "{path}: {body}");
+            assert_eq!(body["code"], code, "{path}: {body}");
+            assert!(body["message"].as_str().is_some_and(|m| !m.is_empty()));
         }
-        Err(e @ ReloadError::Invalid(_)) => error(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "invalid_config",
-            e.to_string(),
-        ),
+        let (status, body, _) = send(authorized("GET", "/admin/spool", "")).await;
+        assert_eq!(status, StatusCode::OK);
+        assert_eq!(body["dead_letters"], 0);
+    }
+
+    #[test]
+    fn storage_failures_are_503_with_retry_after() {
+        let response = AdminApiError::from(crate::spool::SpoolError::Closed).into_response();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()["retry-after"], "5");
     }
 }

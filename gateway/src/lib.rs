@@ -58,6 +58,8 @@ pub mod route;
 mod shutdown;
 pub mod sink;
 pub mod spool;
+#[cfg(test)]
+mod testing;
 
 use std::sync::Arc;
 

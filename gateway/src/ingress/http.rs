@@ -147,7 +147,47 @@ struct PublishParams {
     user_properties: Option<String>,
 }
 
+/// `POST /topics/{topic}`: a refusal also says IoT Core's error type in
+/// `x-amzn-ErrorType`, so the AWS SDKs (boto3's `iot-data`, say) report the error they
+/// would get from IoT Core; the body stays Sluice's own.
 async fn publish(
+    state: State<AppState>,
+    peer: Option<Extension<PeerIdentity>>,
+    topic: Path<String>,
+    params: Result<Query<PublishParams>, axum::extract::rejection::QueryRejection>,
+    request: axum::extract::Request,
+) -> Response {
+    match publish_one(state, peer, topic, params, request).await {
+        Ok(response) => response,
+        Err(error) => {
+            let error_type = iot_core_error_type(&error);
+            let mut response = error.into_response();
+            response
+                .headers_mut()
+                .insert("x-amzn-errortype", HeaderValue::from_static(error_type));
+            response
+        }
+    }
+}
+
+/// IoT Core's error type for a refusal of its publish API.
+fn iot_core_error_type(error: &ApiError) -> &'static str {
+    match error {
+        ApiError::BadRequest(_) => "InvalidRequestException",
+        ApiError::Unauthorized(_) => "UnauthorizedException",
+        ApiError::Forbidden { .. } | ApiError::Reserved { .. } => "ForbiddenException",
+        ApiError::TooLarge(_) => "RequestEntityTooLargeException",
+        ApiError::RateLimited { .. } => "ThrottlingException",
+        ApiError::Plugin { kind, .. } => match kind {
+            FailureKind::Refused => "InvalidRequestException",
+            FailureKind::Unavailable => "ServiceUnavailableException",
+            _ => "InternalFailureException",
+        },
+        ApiError::Unavailable { .. } => "ServiceUnavailableException",
+    }
+}
+
+async fn publish_one(
     State(state): State<AppState>,
     peer: Option<Extension<PeerIdentity>>,
     Path(topic): Path<String>,
@@ -474,4 +514,155 @@ async fn read_body(
             ApiError::BadRequest(format!("cannot read the request body: {error}"))
         }
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt as _;
+
+    use super::*;
+
+    /// Sends one request to the device app; the status, the body as JSON and the headers.
+    async fn send(
+        config: &str,
+        request: Request<Body>,
+    ) -> (StatusCode, serde_json::Value, axum::http::HeaderMap) {
+        let fixture = crate::testing::gateway(config);
+        let response = app(fixture.state.clone()).oneshot(request).await.unwrap();
+        let status = response.status();
+        let headers = response.headers().clone();
+        let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let body = serde_json::from_slice(&bytes).unwrap_or(serde_json::Value::Null);
+        (status, body, headers)
+    }
+
+    fn post(path: &str, body: &'static str) -> Request<Body> {
+        Request::post(path)
+            .header("x-device-id", "d1")
+            .body(Body::from(body))
+            .unwrap()
+    }
+
+    const POLICY: &str = r#"
+        [routing]
+        default_destination = "local"
+        [[policy.grants]]
+        name = "own"
+        devices = ["*"]
+        publish = ["devices/${device.id}/#"]
+        max_messages_per_sec = 1
+        max_payload_bytes = 100
+    "#;
+
+    /// Every refusal of the publish route: its status, code, IoT Core error type, and the
+    /// headers it promises.
+    #[tokio::test]
+    async fn refusals_map_to_their_status_code_and_iot_core_error_type() {
+        let cases: [(&str, Request<Body>, StatusCode, &str, &str); 6] = [
+            (
+                "",
+                post("/topics/a/+", "x"),
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "InvalidRequestException",
+            ),
+            (
+                "",
+                post("/topics/a?qos=2", "x"),
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "InvalidRequestException",
+            ),
+            (
+                POLICY,
+                post("/topics/elsewhere", "x"),
+                StatusCode::FORBIDDEN,
+                "topic_denied",
+                "ForbiddenException",
+            ),
+            (
+                POLICY,
+                post(
+                    "/topics/devices/d1/t",
+                    Box::leak("x".repeat(101).into_boxed_str()),
+                ),
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                "RequestEntityTooLargeException",
+            ),
+            (
+                "[spool]\nmax_bytes_per_sink = 10",
+                post("/topics/t", "{}"),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "spool_full",
+                "ServiceUnavailableException",
+            ),
+            (
+                "[auth.tokens]\nkeys = [{ id = \"k\", secret = \"0123456789abcdef0123456789abcdef\" }]",
+                post("/topics/t", "x"),
+                StatusCode::UNAUTHORIZED,
+                "missing_credentials",
+                "UnauthorizedException",
+            ),
+        ];
+        for (config, request, status, code, error_type) in cases {
+            let (got, body, headers) = send(config, request).await;
+            assert_eq!(got, status, "{code}: {body}");
+            assert_eq!(body["code"], code, "{body}");
+            assert!(
+                body["message"].as_str().is_some_and(|m| !m.is_empty()),
+                "{body}"
+            );
+            assert_eq!(headers["x-amzn-errortype"], error_type, "{code}");
+            if status == StatusCode::SERVICE_UNAVAILABLE {
+                assert!(headers.contains_key("retry-after"), "{code}");
+            }
+            if status == StatusCode::UNAUTHORIZED {
+                assert!(headers.contains_key("www-authenticate"), "{code}");
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn a_rate_limited_device_is_told_when_to_retry_and_accepted_messages_say_ok() {
+        let fixture = crate::testing::gateway(POLICY);
+        let app = app(fixture.state.clone());
+        let ok = app
+            .clone()
+            .oneshot(post("/topics/devices/d1/t", "{}"))
+            .await
+            .unwrap();
+        assert_eq!(ok.status(), StatusCode::OK);
+        let bytes = axum::body::to_bytes(ok.into_body(), 1 << 20).await.unwrap();
+        let body: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+        assert_eq!(body["message"], "OK");
+        assert_eq!(body["status"], "accepted");
+        let limited = app
+            .oneshot(post("/topics/devices/d1/t", "{}"))
+            .await
+            .unwrap();
+        assert_eq!(limited.status(), StatusCode::TOO_MANY_REQUESTS);
+        assert_eq!(limited.headers()["x-amzn-errortype"], "ThrottlingException");
+        assert_eq!(limited.headers()["retry-after"], "1");
+    }
+
+    /// Batches refuse whole with the index of the message at fault; no IoT Core error
+    /// type there (not IoT Core's API).
+    #[tokio::test]
+    async fn a_malformed_batch_is_refused_whole() {
+        let body = r#"{"messages": [{"topic": "a", "payload": 1}, {"topic": "", "payload": 2}]}"#;
+        let (status, body, headers) = send("", post("/batch", body)).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        assert!(
+            body["message"].as_str().unwrap().starts_with("messages[1]"),
+            "{body}"
+        );
+        assert!(!headers.contains_key("x-amzn-errortype"));
+        let (status, _, _) = send("", post("/batch", "not json")).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+    }
 }

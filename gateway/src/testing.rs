@@ -1,0 +1,70 @@
+//! A gateway assembled in-process for unit tests of the HTTP apps (`oneshot` requests,
+//! no socket): the real pipeline, spool and local sink in a temporary directory.
+
+use std::sync::Arc;
+
+use crate::config::Config;
+use crate::ingress::live::Live;
+use crate::ingress::sessions::Sessions;
+use crate::ingress::state::AppState;
+use crate::pipeline::Pipeline;
+use crate::plugin::Plugins;
+use crate::reconfigure::{ConfigSource, Reloader};
+use crate::shutdown::{Shutdown, ShutdownTrigger};
+use crate::sink::Sinks;
+use crate::sink::local::LocalSink;
+use crate::spool::Spool;
+
+/// The parts of a gateway, kept alive together.
+pub struct Fixture {
+    /// What the device routes share.
+    pub state: AppState,
+    /// Configuration reloads (the admin API's).
+    pub reloader: Arc<Reloader>,
+    /// Holds the data directory (deleted on drop).
+    _dir: tempfile::TempDir,
+    /// Fires the shutdown signal on drop.
+    _trigger: ShutdownTrigger,
+}
+
+/// A gateway on `config` (TOML) with its data in a fresh temporary directory; must run
+/// inside a Tokio runtime.
+pub fn gateway(config: &str) -> Fixture {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = Config::parse(config).expect("test config");
+    config.server.data_dir = dir.path().join("data");
+    std::fs::create_dir_all(&config.server.data_dir).expect("data dir");
+    let data = &config.server.data_dir;
+    let spool = Arc::new(Spool::open(data, config.spool.max_bytes_per_sink).expect("spool"));
+    spool.set_dead_letter_limit(config.spool.max_dead_letter_bytes);
+    let local = Arc::new(LocalSink::open(data).expect("local sink"));
+    let plugins = Plugins::start(&config).expect("plugins");
+    let live = Live::new(&config).expect("device side");
+    let sinks = Arc::new(Sinks::new(local, None, None));
+    let pipeline = Arc::new(Pipeline::new(&config, plugins, sinks, spool));
+    let source = ConfigSource {
+        path: None,
+        listen: None,
+        data_dir: None,
+    };
+    let reloader = Arc::new(Reloader::new(
+        source,
+        config,
+        live.clone(),
+        pipeline.clone(),
+        None,
+    ));
+    let (trigger, shutdown) = Shutdown::new();
+    Fixture {
+        state: AppState {
+            pipeline,
+            live,
+            shutdown,
+            sessions: Arc::new(Sessions::default()),
+            downlink: None,
+        },
+        reloader,
+        _dir: dir,
+        _trigger: trigger,
+    }
+}
