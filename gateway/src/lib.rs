@@ -144,8 +144,20 @@ pub async fn run(
         shutdown,
         sessions,
         downlink,
+        mqtt_clients: Default::default(),
     };
-    let result = ingress::listener::serve(&config, state).await;
+    let mqtt = match ingress::mqtt::bind(&config).await {
+        Ok(listener) => listener,
+        Err(error) => {
+            if let Some(admin) = admin {
+                admin.abort();
+            }
+            return Err(error);
+        }
+    };
+    let mqtt = ingress::mqtt::serve(mqtt, &config, state.clone());
+    let http = ingress::listener::serve(&config, state);
+    let ((), result) = tokio::join!(mqtt, http);
     #[cfg(unix)]
     hangups.abort();
     drop(reloader);

@@ -48,6 +48,8 @@ enum Command {
         #[arg(long, short, env = "SLUICE_CONFIG")]
         config: Option<PathBuf>,
         /// Listen address, overriding the configuration (port 0 picks a free port).
+        /// Without [auth], only a loopback address, unless the configuration sets
+        /// server.allow_unauthenticated = true.
         #[arg(long)]
         listen: Option<SocketAddr>,
         /// Data directory, overriding the configuration.

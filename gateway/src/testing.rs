@@ -62,6 +62,7 @@ pub fn gateway(config: &str) -> Fixture {
             shutdown,
             sessions: Arc::new(Sessions::default()),
             downlink: None,
+            mqtt_clients: Default::default(),
         },
         reloader,
         _dir: dir,

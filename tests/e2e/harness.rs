@@ -42,6 +42,8 @@ pub struct Gateway {
     pub url: String,
     /// `http://127.0.0.1:PORT` of the admin API.
     pub admin: String,
+    /// `mqtt://127.0.0.1:PORT` (or `mqtts://`) of `[mqtt] listen`; empty without it.
+    pub mqtt: String,
     /// Holds the config, the data directory and anything else the test puts there.
     pub dir: tempfile::TempDir,
     client: reqwest::blocking::Client,
@@ -75,11 +77,12 @@ impl Gateway {
             ));
         }
         std::fs::write(dir.path().join("sluice.toml"), config).expect("write config");
-        let (child, url, admin) = spawn(dir.path());
+        let (child, url, admin, mqtt) = spawn(dir.path());
         Gateway {
             child,
             url,
             admin,
+            mqtt,
             dir,
             client,
         }
@@ -98,10 +101,11 @@ impl Gateway {
     pub fn crash_and_restart(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        let (child, url, admin) = spawn(self.dir.path());
+        let (child, url, admin, mqtt) = spawn(self.dir.path());
         self.child = child;
         self.url = url;
         self.admin = admin;
+        self.mqtt = mqtt;
     }
 
     /// Kills the gateway with SIGKILL and waits for it; [`Gateway::restart`] starts it
@@ -113,10 +117,11 @@ impl Gateway {
 
     /// Starts the gateway again after [`Gateway::terminate`] or [`Gateway::kill`].
     pub fn restart(&mut self) {
-        let (child, url, admin) = spawn(self.dir.path());
+        let (child, url, admin, mqtt) = spawn(self.dir.path());
         self.child = child;
         self.url = url;
         self.admin = admin;
+        self.mqtt = mqtt;
     }
 
     /// `GET` on the admin API.
@@ -293,8 +298,8 @@ impl Drop for Gateway {
 }
 
 /// Starts `sluice run` on `dir`'s `sluice.toml` and data directory; returns the child,
-/// the device URL and the admin URL (empty when the config has no admin listener).
-fn spawn(dir: &Path) -> (Child, String, String) {
+/// the device URL, the admin URL and the MQTT URL (empty when not configured).
+fn spawn(dir: &Path) -> (Child, String, String, String) {
     let mut command = Command::new(SLUICE);
     command
         .args(["run", "--listen", "127.0.0.1:0", "--config"])
@@ -318,25 +323,29 @@ fn spawn(dir: &Path) -> (Child, String, String) {
             .stderr(file);
     }
     let mut child = command.spawn().expect("start sluice");
-    let (url, admin) = read_listening_lines(&mut child);
-    (child, url, admin)
+    let (url, admin, mqtt) = read_listening_lines(&mut child);
+    (child, url, admin, mqtt)
 }
 
 /// Waits for `sluice: listening on URL` on the child's stdout (after `sluice: admin on
-/// URL`, when there is an admin listener) and returns both URLs.
-fn read_listening_lines(child: &mut Child) -> (String, String) {
+/// URL` and `sluice: mqtt on URL`, when configured) and returns the three URLs.
+fn read_listening_lines(child: &mut Child) -> (String, String, String) {
     let stdout = child.stdout.take().expect("stdout");
     let (found, url) = mpsc::channel();
     std::thread::spawn(move || {
         let mut lines = BufReader::new(stdout).lines();
         let mut admin = String::new();
+        let mut mqtt = String::new();
         for line in lines.by_ref() {
             let Ok(line) = line else { break };
             if let Some(url) = line.strip_prefix("sluice: admin on ") {
                 admin = url.to_string();
             }
+            if let Some(url) = line.strip_prefix("sluice: mqtt on ") {
+                mqtt = url.to_string();
+            }
             if let Some(url) = line.strip_prefix("sluice: listening on ") {
-                let _ = found.send((url.to_string(), admin));
+                let _ = found.send((url.to_string(), admin, mqtt));
                 break;
             }
         }

@@ -11,6 +11,7 @@ mod durability;
 mod failures;
 mod hardening;
 mod http;
+mod mqtt;
 mod operate;
 mod plugins;
 mod reload;

@@ -6,12 +6,13 @@
 //!
 //! One file per section, each with its types, defaults and checks: `server` (with
 //! `[limits]`, `[admin]`, `[websocket]`), `auth` (with `[policy]`), `plugins`,
-//! `routing`, `spool`, `sinks` (with `[aws]`), `downlink`. The AWS quotas the
+//! `routing`, `spool`, `sinks` (with `[aws]`), `downlink`, `mqtt`. The AWS quotas the
 //! defaults and checks use live with their sinks (`sink::kinesis::quota`,
 //! `sink::iot_core::quota`).
 
 mod auth;
 mod downlink;
+mod mqtt;
 mod plugins;
 mod routing;
 mod server;
@@ -28,6 +29,7 @@ pub use auth::{
     TokensConfig, parse_hex,
 };
 pub use downlink::DownlinkConfig;
+pub use mqtt::MqttConfig;
 pub use plugins::{
     DEFAULT_PLUGIN_MEMORY_MIB, DEFAULT_PLUGIN_TIMEOUT_MS, FailurePath, PluginEntry, PluginsConfig,
     plugin_config_value,
@@ -82,6 +84,9 @@ pub struct Config {
     pub websocket: WebSocketConfig,
     /// Commands from the cloud to devices, through an MQTT broker; absent: none.
     pub downlink: Option<DownlinkConfig>,
+    /// Devices speaking MQTT.
+    #[serde(default)]
+    pub mqtt: MqttConfig,
 }
 
 /// Everything wrong with a configuration, reported together.
@@ -203,6 +208,7 @@ impl Config {
         self.validate_auth_and_policy(&mut problems);
         self.validate_websocket(&mut problems);
         self.validate_downlink(&mut problems);
+        self.validate_mqtt(&mut problems);
         if problems.is_empty() {
             Ok(())
         } else {

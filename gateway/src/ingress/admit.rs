@@ -35,6 +35,8 @@ pub struct DeviceRules {
     pub policy: std::sync::Arc<DevicePolicy>,
     /// WebSocket session settings (a session keeps those it opened with).
     pub websocket: WebSocketConfig,
+    /// MQTT session settings (likewise).
+    pub mqtt: crate::config::MqttConfig,
     /// Most messages in one batch request.
     pub max_batch_messages: usize,
     /// Largest batch request body.
@@ -73,6 +75,7 @@ impl DeviceRules {
             auth,
             policy,
             websocket: config.websocket.clone(),
+            mqtt: config.mqtt.clone(),
             max_batch_messages: config.limits.max_batch_messages,
             max_batch_bytes: config.limits.max_batch_bytes,
             max_attributes: config.limits.max_attributes,

@@ -134,12 +134,18 @@ impl Guard {
 
     /// `stream` with the first-request and idle timeouts.
     pub fn watch<S>(&self, stream: S) -> Guarded<S> {
+        self.watch_idle(stream, self.idle_timeout)
+    }
+
+    /// `stream` with the first-request timeout and an idle timeout of its own (an MQTT
+    /// connection's keep-alive can be far longer than an HTTP connection's idle time).
+    pub fn watch_idle<S>(&self, stream: S, idle_timeout: Duration) -> Guarded<S> {
         Guarded {
             inner: stream,
             deadline: Box::pin(tokio::time::sleep(self.first_request_timeout)),
             first_request: Some(FirstRequest::default()),
             first_request_timeout: self.first_request_timeout,
-            idle_timeout: self.idle_timeout,
+            idle_timeout,
             guard: self.clone(),
         }
     }

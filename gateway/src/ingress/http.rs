@@ -32,6 +32,7 @@ pub fn app(state: AppState) -> axum::Router {
         .route("/topics/{*topic}", post(publish))
         .route("/batch", post(batch))
         .route("/ws", get(crate::ingress::ws::upgrade))
+        .route("/mqtt", get(crate::ingress::mqtt::upgrade))
         .route("/commands", get(poll_commands))
         .route("/commands/{id}/reply", post(reply_command))
         .route("/healthz", get(|| async { "ok" }))

@@ -16,7 +16,6 @@ use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 use tower::ServiceExt as _;
 
-use crate::auth::PeerIdentity;
 use crate::config::Config;
 use crate::ingress::guard::Guard;
 use crate::ingress::live::Live;
@@ -53,7 +52,7 @@ pub async fn serve(config: &Config, state: AppState) -> anyhow::Result<()> {
     tracing::info!(%address, scheme, "listening");
 
     let guard = Guard::new("http", &config.server);
-    let app = crate::ingress::http::app(state);
+    let app = crate::ingress::http::app(state.clone());
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // hyper's header timeout needs a timer; it covers every request after the first
     // (the guard covers the first, and the protocol detection before it).
@@ -86,9 +85,8 @@ pub async fn serve(config: &Config, state: AppState) -> anyhow::Result<()> {
         let watcher = graceful.watcher();
         let tls = live.tls.load_full();
         let guard = guard.clone();
-        // The device id source is read per connection too: `[auth.mtls]` can change on
-        // reload.
-        let id_source = live.rules.load().auth.mtls_device_id();
+        let live = live.clone();
+        let state = state.clone();
         tokio::spawn(async move {
             let _slot = slot;
             let result = match tls {
@@ -99,13 +97,12 @@ pub async fn serve(config: &Config, state: AppState) -> anyhow::Result<()> {
                     };
                     // The client certificate (verified in the handshake) names the
                     // device for every request on this connection.
-                    let peer =
-                        PeerIdentity(match (id_source, stream.get_ref().1.peer_certificates()) {
-                            (Some(source), Some([leaf, ..])) => {
-                                Some(crate::auth::mtls::identity(leaf, source))
-                            }
-                            _ => None,
-                        });
+                    let (_, session) = stream.get_ref();
+                    let peer = live.peer_identity(session.peer_certificates());
+                    if crate::ingress::mqtt::is_mqtt_alpn(session.alpn_protocol()) {
+                        crate::ingress::mqtt::serve_tls(stream, peer, &guard, state).await;
+                        return;
+                    }
                     let app = app.map_request(move |mut request: axum::http::Request<_>| {
                         request.extensions_mut().insert(peer.clone());
                         request

@@ -88,6 +88,19 @@ impl Live {
         })
     }
 
+    /// The device a verified client certificate chain names (`[auth.mtls] device_id`,
+    /// as configured now); none without a certificate.
+    pub fn peer_identity(
+        &self,
+        certificates: Option<&[tokio_rustls::rustls::pki_types::CertificateDer<'static>]>,
+    ) -> crate::auth::PeerIdentity {
+        let source = self.rules.load().auth.mtls_device_id();
+        crate::auth::PeerIdentity(match (source, certificates) {
+            (Some(source), Some([leaf, ..])) => Some(crate::auth::mtls::identity(leaf, source)),
+            _ => None,
+        })
+    }
+
     /// Swaps in a prepared update; returns the sections that changed.
     pub fn commit(&self, update: DeviceUpdate) -> Vec<&'static str> {
         self.rules.store(Arc::new(update.rules));
@@ -135,6 +148,13 @@ fn tls_acceptor(tls: &TlsConfig, auth: Option<&AuthConfig>) -> anyhow::Result<Tl
     let mut server = builder
         .with_single_cert(certs, key)
         .context("the TLS certificate and key do not fit together")?;
-    server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    // HTTP first; MQTT by ALPN as IoT Core does on 443 (a client offering none gets
+    // HTTP, as before).
+    server.alpn_protocols = vec![
+        b"h2".to_vec(),
+        b"http/1.1".to_vec(),
+        b"x-amzn-mqtt-ca".to_vec(),
+        b"mqtt".to_vec(),
+    ];
     Ok(TlsAcceptor::from(Arc::new(server)))
 }

@@ -1,5 +1,5 @@
-//! The open device sessions (WebSocket today), for the admin API's device list and the
-//! metrics.
+//! The open device sessions (WebSocket `sluice.v1` and MQTT), for the admin API's device
+//! list and the metrics.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -26,6 +26,8 @@ pub struct SessionInfo {
     pub session: u64,
     /// The device.
     pub device: String,
+    /// `websocket`, `mqtt` (over TLS or TCP) or `mqtt-ws` (MQTT over WebSocket).
+    pub protocol: &'static str,
     /// How it authenticated.
     pub auth: crate::auth::Method,
     /// When it connected (milliseconds since the Unix epoch).
@@ -41,12 +43,19 @@ pub struct SessionInfo {
 }
 
 impl Sessions {
-    /// Registers a session of `identity` with `window` messages in flight at most.
-    pub fn open(&self, identity: &Identity, window: usize) -> Arc<SessionInfo> {
+    /// Registers a session of `identity` over `protocol` with `window` messages in flight
+    /// at most.
+    pub fn open(
+        &self,
+        identity: &Identity,
+        protocol: &'static str,
+        window: usize,
+    ) -> Arc<SessionInfo> {
         let session = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let info = Arc::new(SessionInfo {
             session,
             device: identity.device_id.clone(),
+            protocol,
             auth: identity.method,
             connected_at_ms: now_ms(),
             messages: AtomicU64::new(0),

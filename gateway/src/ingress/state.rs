@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use crate::ingress::admit::DeviceRules;
 use crate::ingress::live::Live;
+use crate::ingress::mqtt::clients::Clients;
 use crate::ingress::sessions::Sessions;
 use crate::pipeline::Pipeline;
 use crate::shutdown::Shutdown;
@@ -21,6 +22,8 @@ pub struct AppState {
     pub sessions: Arc<Sessions>,
     /// Commands to devices, when configured.
     pub downlink: Option<Arc<crate::downlink::Downlink>>,
+    /// MQTT client ids connected here (a second connection takes one over).
+    pub mqtt_clients: Arc<Clients>,
 }
 
 impl AppState {

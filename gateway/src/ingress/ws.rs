@@ -431,7 +431,7 @@ async fn session(socket: WebSocket, state: AppState, identity: Identity) {
     if tx.send(welcome).await.is_err() {
         return;
     }
-    let info = state.sessions.open(&identity, window);
+    let info = state.sessions.open(&identity, "websocket", window);
     let commands = match &state.downlink {
         Some(downlink) => Some(downlink.attach(&identity.device_id).await),
         None => None,

@@ -1,0 +1,747 @@
+//! MQTT packets in and out, for 3.1.1 and 5.0, on rumqttc's `mqttbytes` codecs.
+//!
+//! Why these codecs: rumqttc is already the IoT Core sink's client, its `mqttbytes`
+//! modules decode and encode every packet of both versions (the server's side too:
+//! CONNECT, SUBSCRIBE, …), with a size limit checked from the fixed header before any
+//! allocation, and they build with our toolchain. `rmqtt-codec` was the other candidate;
+//! it would be a second MQTT stack for the same job. The crate needs care in three
+//! places, handled here:
+//!
+//! - its 3.1.1 CONNECT reader also accepts a 5.0 CONNECT, so the version is read from
+//!   the CONNECT's protocol level first ([`detect_version`]) and the matching reader used;
+//! - its 5.0 reader refuses the legal two-byte DISCONNECT (no reason code), which is
+//!   taken here before the reader;
+//! - its 3.1.1 PUBACK is written here (four bytes), to share one function with 5.0's.
+//!
+//! PUBACK reason codes are the specification's for PUBACK only (0x87, 0x97, 0x83, 0x90,
+//! 0x99, …): paho-mqtt 2.2 treats any other (0x95 and 0x96 are DISCONNECT codes) as a
+//! protocol error and drops the connection, so a too-large packet is a DISCONNECT 0x95.
+
+use bytes::{BufMut as _, Bytes, BytesMut};
+use rumqttc::mqttbytes::v4;
+use rumqttc::v5::mqttbytes::v5;
+
+/// The protocol version a client chose in its CONNECT.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Version {
+    /// MQTT 3.1.1 (protocol level 4).
+    V4,
+    /// MQTT 5.0 (protocol level 5).
+    V5,
+}
+
+/// A packet from a client, whatever its version.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Incoming {
+    /// The first packet of a connection.
+    Connect(Connect),
+    /// A message.
+    Publish(Publish),
+    /// The client's acknowledgement of a QoS 1 publish the gateway sent.
+    PubAck {
+        /// The packet id.
+        pkid: u16,
+    },
+    /// Subscriptions (for commands).
+    Subscribe {
+        /// The packet id.
+        pkid: u16,
+        /// Filters with the QoS asked for.
+        filters: Vec<(String, u8)>,
+    },
+    /// Subscriptions to end.
+    Unsubscribe {
+        /// The packet id.
+        pkid: u16,
+        /// The filters.
+        filters: Vec<String>,
+    },
+    /// Keep-alive.
+    PingReq,
+    /// The client ends the connection (no last will).
+    Disconnect,
+    /// A packet a client does not send to a server (CONNACK, SUBACK, …), or QoS 2's.
+    Unexpected(&'static str),
+}
+
+/// A CONNECT.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Connect {
+    /// The version.
+    pub version: Version,
+    /// The client id.
+    pub client_id: String,
+    /// Clean session (3.1.1) or clean start (5.0).
+    pub clean: bool,
+    /// Seconds; 0: none.
+    pub keep_alive: u16,
+    /// The user name, if any.
+    pub username: Option<String>,
+    /// The password, if any (a token, for Sluice).
+    pub password: Option<String>,
+    /// 5.0: how many QoS 1 publishes the client takes unacknowledged.
+    pub receive_maximum: Option<u16>,
+    /// 5.0: the largest packet the client takes.
+    pub max_packet_size: Option<u32>,
+}
+
+/// A PUBLISH from a client.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Publish {
+    /// 0, 1 or 2.
+    pub qos: u8,
+    /// The retain flag.
+    pub retain: bool,
+    /// The topic (a 5.0 topic alias is not supported: the gateway offers none).
+    pub topic: String,
+    /// The packet id (QoS 1 and 2).
+    pub pkid: u16,
+    /// The payload.
+    pub payload: Bytes,
+    /// 5.0 properties as the publish API's `mqtt.*` attributes, and the content type.
+    pub properties: Properties,
+}
+
+/// MQTT 5 publish properties, in the forms the HTTPS publish API takes them.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Properties {
+    /// `content_type`.
+    pub content_type: Option<String>,
+    /// `mqtt.*` attributes: response topic, correlation data (base64), message expiry
+    /// (seconds), payload format (`UNSPECIFIED_BYTES` / `UTF8_DATA`), user properties
+    /// (base64 of a JSON array of one-key objects, as IoT Core's HTTPS API takes them).
+    pub attributes: Vec<(String, String)>,
+}
+
+/// Why bytes could not be read as a packet: the connection is closed (5.0: with this
+/// reason code first).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum CodecError {
+    /// Over the packet size limit (0x95).
+    #[error("packet of {0} bytes is over the limit")]
+    TooLarge(usize),
+    /// Not a valid packet (0x81).
+    #[error("malformed packet: {0}")]
+    Malformed(String),
+    /// The first packet is not a CONNECT, or names a protocol this server does not speak
+    /// (CONNACK 0x01 / 0x84).
+    #[error("unsupported protocol: {0}")]
+    Protocol(String),
+}
+
+impl CodecError {
+    /// The MQTT 5 reason code for it.
+    pub fn reason_code(&self) -> u8 {
+        match self {
+            CodecError::TooLarge(_) => 0x95,
+            CodecError::Malformed(_) => 0x81,
+            CodecError::Protocol(_) => 0x84,
+        }
+    }
+}
+
+/// The remaining length of the packet at the start of `bytes` and where its variable
+/// header starts, or `None` when the fixed header is not all there yet.
+fn fixed_header(bytes: &[u8]) -> Result<Option<(usize, usize)>, CodecError> {
+    let mut length = 0usize;
+    for (index, byte) in bytes.iter().skip(1).take(4).enumerate() {
+        length |= usize::from(byte & 0x7f) << (7 * index);
+        if byte & 0x80 == 0 {
+            return Ok(Some((length, index + 2)));
+        }
+    }
+    if bytes.len() >= 5 {
+        return Err(CodecError::Malformed(
+            "remaining length over four bytes".to_string(),
+        ));
+    }
+    Ok(None)
+}
+
+/// The version of the CONNECT at the start of `bytes`; `None` until enough bytes are in.
+pub fn detect_version(bytes: &[u8]) -> Result<Option<Version>, CodecError> {
+    let Some((_, start)) = fixed_header(bytes)? else {
+        return Ok(None);
+    };
+    if bytes[0] != 0x10 {
+        return Err(CodecError::Protocol(
+            "the first packet must be CONNECT".to_string(),
+        ));
+    }
+    let header = &bytes[start..];
+    if header.len() < 7 {
+        return Ok(None);
+    }
+    match (&header[..6], header[6]) {
+        (b"\x00\x04MQTT", 4) => Ok(Some(Version::V4)),
+        (b"\x00\x04MQTT", 5) => Ok(Some(Version::V5)),
+        (b"\x00\x06MQIsdp", _) => Err(CodecError::Protocol(
+            "MQTT 3.1 is not supported; use 3.1.1 or 5.0".to_string(),
+        )),
+        (_, level) => Err(CodecError::Protocol(format!(
+            "protocol level {level} is not supported; use 3.1.1 (4) or 5.0 (5)"
+        ))),
+    }
+}
+
+/// The next packet in `buffer` (taken out of it), `None` when it is not all there yet.
+pub fn read(
+    version: Version,
+    buffer: &mut BytesMut,
+    max_bytes: usize,
+) -> Result<Option<Incoming>, CodecError> {
+    let Some((length, start)) = fixed_header(buffer)? else {
+        return Ok(None);
+    };
+    if length > max_bytes {
+        return Err(CodecError::TooLarge(length));
+    }
+    if buffer.len() < start + length {
+        return Ok(None);
+    }
+    // The legal two-byte DISCONNECT, which the 5.0 reader refuses.
+    if buffer[0] == 0xe0 && length == 0 {
+        let _ = buffer.split_to(2);
+        return Ok(Some(Incoming::Disconnect));
+    }
+    let malformed = |error: &dyn std::fmt::Display| CodecError::Malformed(error.to_string());
+    let packet = match version {
+        Version::V4 => from_v4(v4::Packet::read(buffer, max_bytes).map_err(|e| malformed(&e))?),
+        Version::V5 => from_v5(
+            v5::Packet::read(buffer, Some(u32::try_from(max_bytes).unwrap_or(u32::MAX)))
+                .map_err(|e| malformed(&e))?,
+        ),
+    };
+    Ok(Some(packet))
+}
+
+fn from_v4(packet: v4::Packet) -> Incoming {
+    match packet {
+        v4::Packet::Connect(connect) => {
+            let (username, password) = match connect.login {
+                Some(login) => (Some(login.username), Some(login.password)),
+                None => (None, None),
+            };
+            Incoming::Connect(Connect {
+                version: Version::V4,
+                client_id: connect.client_id,
+                clean: connect.clean_session,
+                keep_alive: connect.keep_alive,
+                username: username.filter(|u| !u.is_empty()),
+                password: password.filter(|p| !p.is_empty()),
+                receive_maximum: None,
+                max_packet_size: None,
+            })
+        }
+        v4::Packet::Publish(publish) => Incoming::Publish(Publish {
+            qos: publish.qos as u8,
+            retain: publish.retain,
+            topic: publish.topic,
+            pkid: publish.pkid,
+            payload: publish.payload,
+            properties: Properties::default(),
+        }),
+        v4::Packet::PubAck(ack) => Incoming::PubAck { pkid: ack.pkid },
+        v4::Packet::Subscribe(subscribe) => Incoming::Subscribe {
+            pkid: subscribe.pkid,
+            filters: subscribe
+                .filters
+                .into_iter()
+                .map(|f| (f.path, f.qos as u8))
+                .collect(),
+        },
+        v4::Packet::Unsubscribe(unsubscribe) => Incoming::Unsubscribe {
+            pkid: unsubscribe.pkid,
+            filters: unsubscribe.topics,
+        },
+        v4::Packet::PingReq => Incoming::PingReq,
+        v4::Packet::Disconnect => Incoming::Disconnect,
+        v4::Packet::PubRec(_) | v4::Packet::PubRel(_) | v4::Packet::PubComp(_) => {
+            Incoming::Unexpected("a QoS 2 packet")
+        }
+        v4::Packet::ConnAck(_)
+        | v4::Packet::SubAck(_)
+        | v4::Packet::UnsubAck(_)
+        | v4::Packet::PingResp => Incoming::Unexpected("a packet only servers send"),
+    }
+}
+
+fn from_v5(packet: v5::Packet) -> Incoming {
+    use base64::Engine as _;
+    match packet {
+        v5::Packet::Connect(connect, _will, login) => {
+            let properties = connect.properties.unwrap_or_default();
+            Incoming::Connect(Connect {
+                version: Version::V5,
+                client_id: connect.client_id,
+                clean: connect.clean_start,
+                keep_alive: connect.keep_alive,
+                username: login
+                    .as_ref()
+                    .map(|l| l.username.clone())
+                    .filter(|u| !u.is_empty()),
+                password: login.map(|l| l.password).filter(|p| !p.is_empty()),
+                receive_maximum: properties.receive_maximum,
+                max_packet_size: properties.max_packet_size,
+            })
+        }
+        v5::Packet::Publish(publish) => {
+            let mut out = Properties::default();
+            if let Some(p) = publish.properties {
+                let base64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+                out.content_type = p.content_type;
+                let attributes = &mut out.attributes;
+                if let Some(topic) = p.response_topic {
+                    attributes.push(("mqtt.response_topic".to_string(), topic));
+                }
+                if let Some(data) = p.correlation_data {
+                    attributes.push(("mqtt.correlation_data".to_string(), base64(&data)));
+                }
+                if let Some(secs) = p.message_expiry_interval {
+                    attributes.push(("mqtt.message_expiry".to_string(), secs.to_string()));
+                }
+                if let Some(format) = p.payload_format_indicator {
+                    let name = if format == 1 {
+                        "UTF8_DATA"
+                    } else {
+                        "UNSPECIFIED_BYTES"
+                    };
+                    attributes.push((
+                        "mqtt.payload_format_indicator".to_string(),
+                        name.to_string(),
+                    ));
+                }
+                if !p.user_properties.is_empty() {
+                    let pairs: Vec<serde_json::Value> = p
+                        .user_properties
+                        .iter()
+                        .map(|(k, v)| serde_json::json!({ k: v }))
+                        .collect();
+                    let json = serde_json::Value::Array(pairs).to_string();
+                    attributes.push(("mqtt.user_properties".to_string(), base64(json.as_bytes())));
+                }
+            }
+            Incoming::Publish(Publish {
+                qos: publish.qos as u8,
+                retain: publish.retain,
+                topic: String::from_utf8_lossy(&publish.topic).into_owned(),
+                pkid: publish.pkid,
+                payload: publish.payload,
+                properties: out,
+            })
+        }
+        v5::Packet::PubAck(ack) => Incoming::PubAck { pkid: ack.pkid },
+        v5::Packet::Subscribe(subscribe) => Incoming::Subscribe {
+            pkid: subscribe.pkid,
+            filters: subscribe
+                .filters
+                .into_iter()
+                .map(|f| (f.path, f.qos as u8))
+                .collect(),
+        },
+        v5::Packet::Unsubscribe(unsubscribe) => Incoming::Unsubscribe {
+            pkid: unsubscribe.pkid,
+            filters: unsubscribe.filters,
+        },
+        v5::Packet::PingReq(_) => Incoming::PingReq,
+        v5::Packet::Disconnect(_) => Incoming::Disconnect,
+        v5::Packet::PubRec(_) | v5::Packet::PubRel(_) | v5::Packet::PubComp(_) => {
+            Incoming::Unexpected("a QoS 2 packet")
+        }
+        v5::Packet::Auth(_) => Incoming::Unexpected("AUTH (enhanced authentication)"),
+        v5::Packet::ConnAck(_)
+        | v5::Packet::SubAck(_)
+        | v5::Packet::UnsubAck(_)
+        | v5::Packet::PingResp(_) => Incoming::Unexpected("a packet only servers send"),
+    }
+}
+
+/// What a CONNACK says.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnAckCode {
+    /// Accepted.
+    Accepted,
+    /// The protocol version is not supported.
+    BadProtocol,
+    /// The client id is not usable or not allowed.
+    BadClientId,
+    /// The credentials are wrong.
+    BadCredentials,
+    /// Not allowed to connect.
+    NotAuthorized,
+    /// The gateway cannot take connections now.
+    Unavailable,
+}
+
+/// A CONNACK; `receive_maximum` and `max_packet` are the gateway's limits (5.0).
+pub fn connack(
+    version: Version,
+    code: ConnAckCode,
+    receive_maximum: u16,
+    max_packet: usize,
+    reason: Option<&str>,
+) -> BytesMut {
+    let mut out = BytesMut::new();
+    match version {
+        Version::V4 => {
+            let code = match code {
+                ConnAckCode::Accepted => v4::ConnectReturnCode::Success,
+                ConnAckCode::BadProtocol => v4::ConnectReturnCode::RefusedProtocolVersion,
+                ConnAckCode::BadClientId => v4::ConnectReturnCode::BadClientId,
+                ConnAckCode::BadCredentials => v4::ConnectReturnCode::BadUserNamePassword,
+                ConnAckCode::NotAuthorized => v4::ConnectReturnCode::NotAuthorized,
+                ConnAckCode::Unavailable => v4::ConnectReturnCode::ServiceUnavailable,
+            };
+            v4::ConnAck::new(code, false)
+                .write(&mut out)
+                .expect("a CONNACK always encodes");
+        }
+        Version::V5 => {
+            let code = match code {
+                ConnAckCode::Accepted => v5::ConnectReturnCode::Success,
+                ConnAckCode::BadProtocol => v5::ConnectReturnCode::UnsupportedProtocolVersion,
+                ConnAckCode::BadClientId => v5::ConnectReturnCode::ClientIdentifierNotValid,
+                ConnAckCode::BadCredentials => v5::ConnectReturnCode::BadUserNamePassword,
+                ConnAckCode::NotAuthorized => v5::ConnectReturnCode::NotAuthorized,
+                ConnAckCode::Unavailable => v5::ConnectReturnCode::ServerUnavailable,
+            };
+            let properties = v5::ConnAckProperties {
+                session_expiry_interval: None,
+                receive_max: Some(receive_maximum),
+                max_qos: Some(1),
+                retain_available: None,
+                max_packet_size: Some(u32::try_from(max_packet).unwrap_or(u32::MAX)),
+                assigned_client_identifier: None,
+                topic_alias_max: Some(0),
+                reason_string: reason.map(str::to_string),
+                user_properties: Vec::new(),
+                wildcard_subscription_available: None,
+                subscription_identifiers_available: Some(0),
+                shared_subscription_available: Some(0),
+                server_keep_alive: None,
+                response_information: None,
+                server_reference: None,
+                authentication_method: None,
+                authentication_data: None,
+            };
+            let ack = v5::ConnAck {
+                session_present: false,
+                code,
+                properties: Some(properties),
+            };
+            v5::Packet::ConnAck(ack)
+                .write(&mut out, None)
+                .expect("a CONNACK always encodes");
+        }
+    }
+    out
+}
+
+/// A PUBACK for `pkid`: 3.1.1 has no reason; 5.0 carries `reason` (0 = success; one of
+/// the codes the specification lists for PUBACK) and, for a refusal, the reason in words.
+pub fn puback(version: Version, pkid: u16, reason: u8, why: Option<&str>) -> BytesMut {
+    let mut out = BytesMut::with_capacity(8);
+    match version {
+        Version::V4 => {
+            out.put_u8(0x40);
+            out.put_u8(2);
+            out.put_u16(pkid);
+        }
+        Version::V5 => {
+            let reason = match reason {
+                0x00 => v5::PubAckReason::Success,
+                0x10 => v5::PubAckReason::NoMatchingSubscribers,
+                0x83 => v5::PubAckReason::ImplementationSpecificError,
+                0x87 => v5::PubAckReason::NotAuthorized,
+                0x90 => v5::PubAckReason::TopicNameInvalid,
+                0x91 => v5::PubAckReason::PacketIdentifierInUse,
+                0x97 => v5::PubAckReason::QuotaExceeded,
+                0x99 => v5::PubAckReason::PayloadFormatInvalid,
+                _ => v5::PubAckReason::UnspecifiedError,
+            };
+            let properties = why.map(|why| v5::PubAckProperties {
+                reason_string: Some(why.to_string()),
+                user_properties: Vec::new(),
+            });
+            let ack = v5::PubAck {
+                pkid,
+                reason,
+                properties,
+            };
+            v5::Packet::PubAck(ack)
+                .write(&mut out, None)
+                .expect("a PUBACK always encodes");
+        }
+    }
+    out
+}
+
+/// A PINGRESP.
+pub fn pingresp() -> &'static [u8] {
+    &[0xd0, 0x00]
+}
+
+/// A DISCONNECT from the server (5.0 only: 3.1.1 just closes) with `reason`.
+pub fn disconnect(reason: u8) -> BytesMut {
+    let mut out = BytesMut::with_capacity(4);
+    out.put_u8(0xe0);
+    out.put_u8(1);
+    out.put_u8(reason);
+    out
+}
+
+/// A SUBACK: per filter, the granted QoS or `None` for a refused one.
+pub fn suback(version: Version, pkid: u16, granted: &[Option<u8>]) -> BytesMut {
+    let mut out = BytesMut::new();
+    match version {
+        Version::V4 => {
+            let codes = granted
+                .iter()
+                .map(|g| match g {
+                    Some(0) => {
+                        v4::SubscribeReasonCode::Success(rumqttc::mqttbytes::QoS::AtMostOnce)
+                    }
+                    Some(_) => {
+                        v4::SubscribeReasonCode::Success(rumqttc::mqttbytes::QoS::AtLeastOnce)
+                    }
+                    None => v4::SubscribeReasonCode::Failure,
+                })
+                .collect();
+            v4::SubAck::new(pkid, codes)
+                .write(&mut out)
+                .expect("a SUBACK always encodes");
+        }
+        Version::V5 => {
+            let codes = granted
+                .iter()
+                .map(|g| match g {
+                    Some(0) => {
+                        v5::SubscribeReasonCode::Success(rumqttc::v5::mqttbytes::QoS::AtMostOnce)
+                    }
+                    Some(_) => {
+                        v5::SubscribeReasonCode::Success(rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
+                    }
+                    None => v5::SubscribeReasonCode::NotAuthorized,
+                })
+                .collect();
+            let ack = v5::SubAck {
+                pkid,
+                return_codes: codes,
+                properties: None,
+            };
+            v5::Packet::SubAck(ack)
+                .write(&mut out, None)
+                .expect("a SUBACK always encodes");
+        }
+    }
+    out
+}
+
+/// A PUBLISH to the client (a command) at `qos` with packet id `pkid`.
+pub fn publish(version: Version, topic: &str, payload: &[u8], qos: u8, pkid: u16) -> BytesMut {
+    let mut out = BytesMut::new();
+    match version {
+        Version::V4 => {
+            let qos = if qos == 0 {
+                rumqttc::mqttbytes::QoS::AtMostOnce
+            } else {
+                rumqttc::mqttbytes::QoS::AtLeastOnce
+            };
+            let mut packet = v4::Publish::new(topic, qos, payload.to_vec());
+            packet.pkid = pkid;
+            packet.write(&mut out).expect("a PUBLISH always encodes");
+        }
+        Version::V5 => {
+            let qos = if qos == 0 {
+                rumqttc::v5::mqttbytes::QoS::AtMostOnce
+            } else {
+                rumqttc::v5::mqttbytes::QoS::AtLeastOnce
+            };
+            let mut packet = v5::Publish::new(topic, qos, payload.to_vec(), None);
+            packet.pkid = pkid;
+            v5::Packet::Publish(packet)
+                .write(&mut out, None)
+                .expect("a PUBLISH always encodes");
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rand::{Rng as _, SeedableRng as _};
+
+    fn connect_v4(client_id: &str) -> BytesMut {
+        let mut out = BytesMut::new();
+        let mut connect = v4::Connect::new(client_id);
+        connect.set_login("user?SDK=Python&Version=1.0", "token");
+        v4::Packet::Connect(connect)
+            .write(&mut out, 1 << 20)
+            .unwrap();
+        out
+    }
+
+    fn connect_v5(client_id: &str) -> BytesMut {
+        let mut out = BytesMut::new();
+        let mut properties = v5::ConnectProperties::new();
+        properties.receive_maximum = Some(7);
+        let connect = v5::Connect {
+            keep_alive: 30,
+            client_id: client_id.to_string(),
+            clean_start: false,
+            properties: Some(properties),
+        };
+        v5::Packet::Connect(connect, None, None)
+            .write(&mut out, None)
+            .unwrap();
+        out
+    }
+
+    #[test]
+    fn the_version_comes_from_the_connect_and_each_reader_gets_its_own() {
+        let mut v4_bytes = connect_v4("dev-1");
+        assert_eq!(detect_version(&v4_bytes), Ok(Some(Version::V4)));
+        match read(Version::V4, &mut v4_bytes, 1 << 20) {
+            Ok(Some(Incoming::Connect(connect))) => {
+                assert_eq!(connect.client_id, "dev-1");
+                assert_eq!(connect.password.as_deref(), Some("token"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut v5_bytes = connect_v5("dev-2");
+        assert_eq!(detect_version(&v5_bytes), Ok(Some(Version::V5)));
+        match read(Version::V5, &mut v5_bytes, 1 << 20) {
+            Ok(Some(Incoming::Connect(connect))) => {
+                assert_eq!(connect.client_id, "dev-2");
+                assert_eq!(connect.receive_maximum, Some(7));
+                assert!(!connect.clean);
+            }
+            other => panic!("{other:?}"),
+        }
+        // Half a CONNECT: wait for more.
+        let whole = connect_v4("dev-3");
+        assert_eq!(detect_version(&whole[..5]), Ok(None));
+        let mut half = BytesMut::from(&whole[..whole.len() - 1]);
+        assert_eq!(read(Version::V4, &mut half, 1 << 20), Ok(None));
+        assert!(matches!(
+            detect_version(b"\x30\x02\x00\x00"),
+            Err(CodecError::Protocol(_))
+        ));
+    }
+
+    #[test]
+    fn the_two_byte_disconnect_and_oversized_packets() {
+        let mut bytes = BytesMut::from(&b"\xe0\x00"[..]);
+        assert_eq!(
+            read(Version::V5, &mut bytes, 100),
+            Ok(Some(Incoming::Disconnect))
+        );
+        assert!(bytes.is_empty());
+        let mut big = BytesMut::from(&b"\x30\xff\xff\x03"[..]);
+        assert_eq!(
+            read(Version::V5, &mut big, 1000),
+            Err(CodecError::TooLarge(127 + (127 << 7) + (3 << 14)))
+        );
+    }
+
+    #[test]
+    fn a_v5_publish_brings_its_properties_as_attributes() {
+        let properties = v5::PublishProperties {
+            content_type: Some("application/json".to_string()),
+            message_expiry_interval: Some(60),
+            correlation_data: Some(Bytes::from_static(b"\x01\x02")),
+            user_properties: vec![("k".to_string(), "v".to_string())],
+            ..Default::default()
+        };
+        let mut packet = v5::Publish::new(
+            "a/b",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            b"{}".to_vec(),
+            Some(properties),
+        );
+        packet.pkid = 9;
+        let mut bytes = BytesMut::new();
+        v5::Packet::Publish(packet).write(&mut bytes, None).unwrap();
+        let Ok(Some(Incoming::Publish(publish))) = read(Version::V5, &mut bytes, 1 << 20) else {
+            panic!("not a publish");
+        };
+        assert_eq!(publish.pkid, 9);
+        assert_eq!(publish.qos, 1);
+        assert_eq!(
+            publish.properties.content_type.as_deref(),
+            Some("application/json")
+        );
+        let attributes: std::collections::BTreeMap<_, _> =
+            publish.properties.attributes.iter().cloned().collect();
+        assert_eq!(attributes["mqtt.message_expiry"], "60");
+        assert_eq!(attributes["mqtt.correlation_data"], "AQI=");
+        use base64::Engine as _;
+        let users = base64::engine::general_purpose::STANDARD
+            .decode(&attributes["mqtt.user_properties"])
+            .unwrap();
+        assert_eq!(users, br#"[{"k":"v"}]"#);
+    }
+
+    #[test]
+    fn pubacks_carry_their_reason_in_v5() {
+        assert_eq!(
+            &puback(Version::V4, 7, 0x87, Some("no"))[..],
+            b"\x40\x02\x00\x07"
+        );
+        let mut ack = puback(Version::V5, 7, 0x87, Some("denied"));
+        match v5::Packet::read(&mut ack, None) {
+            Ok(v5::Packet::PubAck(ack)) => {
+                assert_eq!(ack.pkid, 7);
+                assert_eq!(ack.reason, v5::PubAckReason::NotAuthorized);
+                assert_eq!(
+                    ack.properties.unwrap().reason_string.as_deref(),
+                    Some("denied")
+                );
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    /// Random and mutated bytes never panic the reader and never make it allocate past
+    /// the size limit (it refuses from the fixed header).
+    #[test]
+    fn random_and_mutated_packets_never_panic() {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(7);
+        let mut seeds: Vec<BytesMut> = vec![connect_v4("seed"), connect_v5("seed")];
+        let mut publish = BytesMut::new();
+        let mut p = v5::Publish::new(
+            "t/1",
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+            vec![1, 2, 3],
+            None,
+        );
+        p.pkid = 1;
+        v5::Packet::Publish(p).write(&mut publish, None).unwrap();
+        seeds.push(publish);
+        for round in 0..20_000 {
+            let mut bytes = if round % 3 == 0 {
+                let len = rng.random_range(0..64);
+                BytesMut::from(&(0..len).map(|_| rng.random::<u8>()).collect::<Vec<u8>>()[..])
+            } else {
+                let mut bytes = seeds[round % seeds.len()].clone();
+                for _ in 0..rng.random_range(1..4) {
+                    let at = rng.random_range(0..bytes.len());
+                    bytes[at] = rng.random();
+                }
+                bytes
+            };
+            let _ = detect_version(&bytes);
+            for version in [Version::V4, Version::V5] {
+                let mut copy = bytes.clone();
+                for _ in 0..4 {
+                    match read(version, &mut copy, 4096) {
+                        Ok(Some(_)) => continue,
+                        _ => break,
+                    }
+                }
+            }
+            bytes.clear();
+        }
+    }
+}

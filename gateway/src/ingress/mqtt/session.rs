@@ -1,0 +1,475 @@
+//! One MQTT connection, whatever carries it (TLS, TCP on loopback, a WebSocket): CONNECT
+//! and authentication, then publishes through the one admission step and the pipeline,
+//! acknowledged once durable, in the order they came.
+//!
+//! **Batches.** Every PUBLISH that is in when the gateway reads (up to the window) is
+//! admitted one by one and then runs through the pipeline as one batch: one spool commit
+//! for them all, the PUBACKs in arrival order (MQTT requires it), and the next read only
+//! after. A client with many QoS 1 publishes in flight thus gets them committed together.
+//!
+//! **Refusals** are answered with MQTT 5 PUBACK reason codes and the reason string: 0x87
+//! not authorised, 0x97 quota exceeded (a grant's rate, a full spool), 0x83 a plugin
+//! refused, 0x90 a bad topic, 0x99 other bad input; a packet over a grant's size is
+//! DISCONNECT 0x95 (the messages before it acknowledged first), since 0x95 is not a
+//! PUBACK code and clients (paho) drop the connection on one. MQTT 3.1.1 has no negative
+//! PUBACK, so the connection is closed. QoS 2 is refused (5.0:
+//! DISCONNECT 0x9B; 3.1.1: closed). When the spool is full, a 3.1.1 client's batch waits
+//! and is tried again without reading further, so the client's own window holds it back.
+
+use std::future::Future;
+use std::io;
+use std::time::Duration;
+
+use axum::http::{HeaderMap, HeaderValue, header};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+
+use crate::auth::{AuthError, DEVICE_HEADER, Identity, PeerIdentity, check_device_id};
+use crate::ingress::admit::{ApiError, Publish as Admitted, admit, authenticate};
+use crate::ingress::mqtt::codec::{
+    self, CodecError, ConnAckCode, Connect, Incoming, Publish, Version,
+};
+use crate::ingress::state::AppState;
+use crate::pipeline::{Status, StoreError};
+use crate::spool::SpoolError;
+
+/// What carries the MQTT bytes.
+pub trait Transport: Send {
+    /// Reads more bytes into `buffer`; `Ok(0)` at the end. Cancel-safe.
+    fn read_more(
+        &mut self,
+        buffer: &mut BytesMut,
+    ) -> impl Future<Output = io::Result<usize>> + Send;
+    /// Writes `bytes` whole.
+    fn send(&mut self, bytes: &[u8]) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+/// A byte stream (TLS, TCP).
+pub struct Stream<S>(pub S);
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Transport for Stream<S> {
+    async fn read_more(&mut self, buffer: &mut BytesMut) -> io::Result<usize> {
+        self.0.read_buf(buffer).await
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.0.write_all(bytes).await?;
+        self.0.flush().await
+    }
+}
+
+/// The limits of a session.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most unacknowledged QoS 1 publishes (5.0: the receive maximum announced).
+    pub window: u16,
+    /// Largest packet taken.
+    pub max_packet_bytes: usize,
+    /// How long a client has for its CONNECT.
+    pub connect_timeout: Duration,
+}
+
+/// IoT Core's keep-alive range, in seconds: a client asking for less gets the least, for
+/// none or more the most.
+const KEEP_ALIVE_SECS: (u16, u16) = (30, 1200);
+
+/// What authenticates the client besides its CONNECT: the connection's client
+/// certificate, and (over WebSocket) the upgrade request's headers.
+#[derive(Default)]
+pub struct Credentials {
+    /// The TLS client certificate's identity.
+    pub peer: Option<PeerIdentity>,
+    /// The WebSocket upgrade request's headers (a bearer token there counts).
+    pub headers: HeaderMap,
+}
+
+/// Why a session ends, for the log.
+enum End {
+    /// The client disconnected or closed.
+    Closed,
+    /// The gateway closed it (5.0: with this DISCONNECT reason code first).
+    Refused(u8, String),
+}
+
+/// Runs one connection to its end.
+pub async fn run<T: Transport>(
+    mut io: T,
+    state: AppState,
+    credentials: Credentials,
+    limits: Limits,
+    protocol: &'static str,
+) {
+    let mut buffer = BytesMut::with_capacity(1024);
+    let connect = match tokio::time::timeout(
+        limits.connect_timeout,
+        read_connect(&mut io, &mut buffer, limits),
+    )
+    .await
+    {
+        Ok(Ok(connect)) => connect,
+        Ok(Err(Some(error))) => {
+            tracing::debug!(%error, "MQTT connection refused before CONNECT");
+            if let CodecError::Protocol(_) = error {
+                let _ = io
+                    .send(&codec::connack(
+                        Version::V4,
+                        ConnAckCode::BadProtocol,
+                        0,
+                        0,
+                        None,
+                    ))
+                    .await;
+            }
+            crate::metrics::METRICS.refusal("mqtt_bad_connect");
+            return;
+        }
+        Ok(Err(None)) | Err(_) => return,
+    };
+    let version = connect.version;
+    let identity = match identify(&state, &credentials, &connect) {
+        Ok(identity) => identity,
+        Err((code, why)) => {
+            tracing::info!(client_id = %connect.client_id, why = %why, "MQTT CONNECT refused");
+            crate::metrics::METRICS.refusal("mqtt_connect_refused");
+            let ack = codec::connack(version, code, 0, 0, Some(&why));
+            let _ = io.send(&ack).await;
+            return;
+        }
+    };
+    let window = limits
+        .window
+        .min(connect.receive_maximum.unwrap_or(u16::MAX))
+        .max(1);
+    let ack = codec::connack(
+        version,
+        ConnAckCode::Accepted,
+        limits.window,
+        limits.max_packet_bytes,
+        None,
+    );
+    if io.send(&ack).await.is_err() {
+        return;
+    }
+    let keep_alive = match connect.keep_alive {
+        0 => KEEP_ALIVE_SECS.1,
+        secs => secs.clamp(KEEP_ALIVE_SECS.0, KEEP_ALIVE_SECS.1),
+    };
+    let span = tracing::info_span!("mqtt_session", device = %identity.device_id, protocol);
+    let session = Session {
+        state: &state,
+        identity: &identity,
+        version,
+        window,
+        limits,
+        idle: Duration::from_millis(u64::from(keep_alive) * 1500),
+    };
+    let info = state
+        .sessions
+        .open(&identity, protocol, usize::from(window));
+    let kicked = state.mqtt_clients.register(&connect.client_id);
+    let end = tracing::Instrument::instrument(
+        session.serve(&mut io, buffer, kicked.receiver, &info),
+        span,
+    )
+    .await;
+    state.mqtt_clients.unregister(&connect.client_id, kicked.id);
+    state.sessions.close(info.session);
+    if let End::Refused(reason, why) = end {
+        tracing::info!(device = %identity.device_id, reason = format!("{reason:#04x}"), why = %why, "MQTT connection closed by the gateway");
+        if version == Version::V5 {
+            let _ = io.send(&codec::disconnect(reason)).await;
+        }
+    }
+}
+
+/// Reads up to the CONNECT; `Err(None)` when the client went away.
+async fn read_connect<T: Transport>(
+    io: &mut T,
+    buffer: &mut BytesMut,
+    limits: Limits,
+) -> Result<Connect, Option<CodecError>> {
+    loop {
+        if let Some(version) = codec::detect_version(buffer).map_err(Some)?
+            && let Some(packet) =
+                codec::read(version, buffer, limits.max_packet_bytes).map_err(Some)?
+        {
+            return match packet {
+                Incoming::Connect(connect) => Ok(connect),
+                _ => Err(Some(CodecError::Protocol(
+                    "the first packet must be CONNECT".to_string(),
+                ))),
+            };
+        }
+        match io.read_more(buffer).await {
+            Ok(0) | Err(_) => return Err(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Who the client is. With `[auth]`: its certificate, else a token (as the MQTT password,
+/// or a bearer header over WebSocket); the client id must be its device id. Without
+/// `[auth]` the client id names the device, as `x-device-id` does over HTTP.
+fn identify(
+    state: &AppState,
+    credentials: &Credentials,
+    connect: &Connect,
+) -> Result<Identity, (ConnAckCode, String)> {
+    let rules = state.rules();
+    let client_id = connect.client_id.as_str();
+    if client_id.len() > crate::auth::MAX_DEVICE_ID_LEN {
+        return Err((
+            ConnAckCode::BadClientId,
+            format!(
+                "the client id is over {} bytes",
+                crate::auth::MAX_DEVICE_ID_LEN
+            ),
+        ));
+    }
+    let mut headers = credentials.headers.clone();
+    if !rules.auth.required() {
+        check_device_id(client_id)
+            .map_err(|why| (ConnAckCode::BadClientId, format!("client id {why}")))?;
+        let value = HeaderValue::from_str(client_id).map_err(|_| {
+            (
+                ConnAckCode::BadClientId,
+                "the client id must be printable ASCII".to_string(),
+            )
+        })?;
+        headers.insert(DEVICE_HEADER, value);
+    } else if let Some(password) = &connect.password
+        && !headers.contains_key(header::AUTHORIZATION)
+    {
+        // The AWS SDKs put `?SDK=…&Version=…` after the user name; the password is the
+        // token.
+        let value = HeaderValue::from_str(&format!("Bearer {password}")).map_err(|_| {
+            (
+                ConnAckCode::BadCredentials,
+                "the password is not a token".to_string(),
+            )
+        })?;
+        headers.insert(header::AUTHORIZATION, value);
+    }
+    let identity =
+        authenticate(&rules, credentials.peer.as_ref(), &headers).map_err(|error| match error {
+            ApiError::Unauthorized(AuthError::MissingCredentials) => {
+                (ConnAckCode::NotAuthorized, error.message())
+            }
+            other => (ConnAckCode::BadCredentials, other.message()),
+        })?;
+    if rules.auth.required() && client_id != identity.device_id {
+        return Err((
+            ConnAckCode::NotAuthorized,
+            format!(
+                "the client id `{client_id}` is not the device id `{}`",
+                identity.device_id
+            ),
+        ));
+    }
+    Ok(identity)
+}
+
+/// A connected session.
+struct Session<'a> {
+    state: &'a AppState,
+    identity: &'a Identity,
+    version: Version,
+    /// Most publishes taken into one batch (unacknowledged at once).
+    window: u16,
+    limits: Limits,
+    /// 1.5 × the keep-alive: silent this long, the connection is closed.
+    idle: Duration,
+}
+
+impl Session<'_> {
+    async fn serve<T: Transport>(
+        &self,
+        io: &mut T,
+        mut buffer: BytesMut,
+        mut kicked: tokio::sync::oneshot::Receiver<()>,
+        info: &crate::ingress::sessions::SessionInfo,
+    ) -> End {
+        let mut shutdown = self.state.shutdown.clone();
+        loop {
+            // Everything already read, then the publishes among it as one batch.
+            let mut batch = Vec::new();
+            loop {
+                if batch.len() >= usize::from(self.window) {
+                    break;
+                }
+                let packet =
+                    match codec::read(self.version, &mut buffer, self.limits.max_packet_bytes) {
+                        Ok(Some(packet)) => packet,
+                        Ok(None) => break,
+                        Err(error) => return End::Refused(error.reason_code(), error.to_string()),
+                    };
+                match packet {
+                    Incoming::Publish(publish) if publish.qos > 1 => {
+                        return End::Refused(0x9b, "QoS 2 is not supported".to_string());
+                    }
+                    Incoming::Publish(publish) => batch.push(publish),
+                    Incoming::PingReq => {
+                        if io.send(codec::pingresp()).await.is_err() {
+                            return End::Closed;
+                        }
+                    }
+                    Incoming::Disconnect => return End::Closed,
+                    Incoming::PubAck { .. } => {}
+                    Incoming::Subscribe { pkid, filters } => {
+                        let granted: Vec<Option<u8>> = filters
+                            .iter()
+                            .map(|(filter, qos)| {
+                                let rules = self.state.rules();
+                                let allowed = !filter.contains(['+', '#'])
+                                    && rules.policy.may_subscribe(self.identity, filter);
+                                allowed.then_some((*qos).min(1))
+                            })
+                            .collect();
+                        if io
+                            .send(&codec::suback(self.version, pkid, &granted))
+                            .await
+                            .is_err()
+                        {
+                            return End::Closed;
+                        }
+                    }
+                    Incoming::Unsubscribe { .. } => {}
+                    Incoming::Connect(_) => {
+                        return End::Refused(0x82, "a second CONNECT".to_string());
+                    }
+                    Incoming::Unexpected(what) => {
+                        return End::Refused(0x82, format!("{what} from a client"));
+                    }
+                }
+            }
+            if !batch.is_empty() {
+                info.messages
+                    .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
+                match self.publish(io, batch).await {
+                    Ok(()) => {}
+                    Err(end) => return end,
+                }
+                continue;
+            }
+            tokio::select! {
+                read = io.read_more(&mut buffer) => match read {
+                    Ok(0) | Err(_) => return End::Closed,
+                    Ok(_) => {}
+                },
+                () = tokio::time::sleep(self.idle) => {
+                    return End::Refused(0x8d, "no packet for 1.5 times the keep-alive".to_string());
+                }
+                _ = &mut kicked => {
+                    return End::Refused(0x8e, "another connection took over the client id".to_string());
+                }
+                () = shutdown.wait() => {
+                    return End::Refused(0x8b, "the gateway is shutting down".to_string());
+                }
+            }
+        }
+    }
+
+    /// Admits each publish, runs the admitted ones as one batch, and answers each in
+    /// arrival order.
+    async fn publish<T: Transport>(&self, io: &mut T, batch: Vec<Publish>) -> Result<(), End> {
+        let rules = self.state.rules();
+        let limit = self.state.pipeline.max_payload_bytes();
+        // Per publish: its packet id and QoS, and its refusal or its place in `messages`.
+        let mut answers: Vec<(u16, u8, Result<usize, ApiError>)> = Vec::with_capacity(batch.len());
+        let mut messages = Vec::with_capacity(batch.len());
+        for publish in batch {
+            let mut attributes = publish.properties.attributes;
+            if publish.retain {
+                attributes.push(("mqtt.retain".to_string(), "true".to_string()));
+            }
+            let one = Admitted {
+                topic: publish.topic,
+                payload: publish.payload.to_vec(),
+                content_type: publish.properties.content_type.unwrap_or_default(),
+                qos: publish.qos,
+                attributes,
+            };
+            let answer =
+                admit(&rules, self.identity, limit, vec![one], false).map(|mut admitted| {
+                    messages.append(&mut admitted);
+                    messages.len() - 1
+                });
+            answers.push((publish.pkid, publish.qos, answer));
+        }
+        let reports = loop {
+            if messages.is_empty() {
+                break Ok(Vec::new());
+            }
+            match self.state.pipeline.process(messages.clone(), false).await {
+                Ok(reports) => break Ok(reports),
+                // 3.1.1 cannot say "later": hold the batch, read nothing more, try again.
+                Err(StoreError::Spool(SpoolError::Full { .. })) if self.version == Version::V4 => {
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(error) => break Err(reason_of(&ApiError::from(error))),
+            }
+        };
+        let mut out = BytesMut::new();
+        for (pkid, qos, answer) in answers {
+            let refusal = match (&answer, &reports) {
+                (Err(error), _) => Some(reason_of(error)),
+                (Ok(index), Ok(reports)) => match reports.get(*index) {
+                    Some(report) if report.status == Status::Rejected => {
+                        let why = report
+                            .error
+                            .as_ref()
+                            .map_or_else(|| "rejected".to_string(), |e| e.message.clone());
+                        Some((0x83, why))
+                    }
+                    _ => None,
+                },
+                (Ok(_), Err(refusal)) => Some(refusal.clone()),
+            };
+            match (refusal, self.version) {
+                (Some((reason, why)), Version::V4) => {
+                    let _ = io.send(&out).await;
+                    return Err(End::Refused(reason, why));
+                }
+                // Not a PUBACK code: the connection ends, after the acks before it.
+                (Some((0x95, why)), Version::V5) => {
+                    let _ = io.send(&out).await;
+                    return Err(End::Refused(0x95, why));
+                }
+                (Some((reason, why)), Version::V5) => {
+                    crate::metrics::METRICS.refusal("mqtt_publish_refused");
+                    if qos == 1 {
+                        out.extend_from_slice(&codec::puback(
+                            self.version,
+                            pkid,
+                            reason,
+                            Some(&why),
+                        ));
+                    }
+                }
+                (None, _) => {
+                    if qos == 1 {
+                        out.extend_from_slice(&codec::puback(self.version, pkid, 0, None));
+                    }
+                }
+            }
+        }
+        if !out.is_empty() && io.send(&out).await.is_err() {
+            return Err(End::Closed);
+        }
+        Ok(())
+    }
+}
+
+/// The MQTT 5 reason code and string for a refusal.
+fn reason_of(error: &ApiError) -> (u8, String) {
+    let code = match error {
+        ApiError::Forbidden { .. } | ApiError::Reserved { .. } | ApiError::Unauthorized(_) => 0x87,
+        ApiError::TooLarge(_) => 0x95,
+        ApiError::RateLimited { .. } => 0x97,
+        ApiError::Unavailable { .. } => 0x97,
+        ApiError::Plugin { .. } => 0x83,
+        ApiError::BadRequest(message) if message.starts_with("topic") => 0x90,
+        ApiError::BadRequest(_) => 0x99,
+    };
+    (code, error.message())
+}

@@ -1,0 +1,91 @@
+"""Publishes with paho-mqtt (a client nobody here wrote) and reports what the server said.
+
+usage: paho_publish.py JSON
+  {"url": "ws://127.0.0.1:PORT/mqtt" | "mqtt://127.0.0.1:PORT",
+   "version": 4 | 5, "client_id": "...", "username"?: "...", "password"?: "...",
+   "publishes": [{"topic": "...", "payload": "...", "qos": 0|1,
+                  "properties"?: {"content_type": "...", "message_expiry": N,
+                                   "user": [["k", "v"]]}}]}
+prints one JSON line: {"connack": CODE, "results": [{"mid", "reason"}...],
+                       "disconnected": bool, "disconnect_reason": CODE|null}
+"""
+import json
+import sys
+import threading
+import urllib.parse
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+spec = json.loads(sys.argv[1])
+url = urllib.parse.urlparse(spec["url"])
+version = mqtt.MQTTv5 if spec["version"] == 5 else mqtt.MQTTv311
+transport = "websockets" if url.scheme in ("ws", "wss") else "tcp"
+client = mqtt.Client(
+    mqtt.CallbackAPIVersion.VERSION2,
+    client_id=spec["client_id"],
+    protocol=version,
+    transport=transport,
+)
+if transport == "websockets":
+    client.ws_set_options(path=url.path or "/mqtt")
+if spec.get("username") or spec.get("password"):
+    client.username_pw_set(spec.get("username"), spec.get("password"))
+
+connected = threading.Event()
+finished = threading.Event()
+state = {"connack": None, "results": {}, "disconnected": False, "disconnect_reason": None}
+expected = sum(1 for p in spec["publishes"] if p.get("qos", 0) == 1)
+
+
+def on_connect(client, userdata, flags, reason, properties):
+    state["connack"] = reason.value
+    connected.set()
+
+
+def on_publish(client, userdata, mid, reason, properties):
+    state["results"][mid] = reason.value
+    if len(state["results"]) >= expected:
+        finished.set()
+
+
+def on_disconnect(client, userdata, flags, reason, properties):
+    state["disconnected"] = True
+    state["disconnect_reason"] = reason.value if reason is not None else None
+    connected.set()
+    finished.set()
+
+
+client.on_connect = on_connect
+client.on_publish = on_publish
+client.on_disconnect = on_disconnect
+client.connect(url.hostname, url.port, keepalive=60)
+client.loop_start()
+connected.wait(15)
+mids = []
+if state["connack"] == 0 and not state["disconnected"]:
+    for publish in spec["publishes"]:
+        properties = None
+        if version == mqtt.MQTTv5 and publish.get("properties"):
+            properties = Properties(PacketTypes.PUBLISH)
+            given = publish["properties"]
+            if "content_type" in given:
+                properties.ContentType = given["content_type"]
+            if "message_expiry" in given:
+                properties.MessageExpiryInterval = given["message_expiry"]
+            if "user" in given:
+                properties.UserProperty = [tuple(pair) for pair in given["user"]]
+        info = client.publish(
+            publish["topic"], publish["payload"], qos=publish.get("qos", 0), properties=properties
+        )
+        mids.append(info.mid)
+    if expected:
+        finished.wait(15)
+client.loop_stop()
+print(json.dumps({
+    "connack": state["connack"],
+    "results": [{"mid": mid, "reason": state["results"].get(mid)} for mid in mids],
+    "disconnected": state["disconnected"],
+    "disconnect_reason": state["disconnect_reason"],
+}))
