@@ -10,6 +10,7 @@ mod downlink;
 mod durability;
 mod failures;
 mod http;
+mod net;
 mod operate;
 mod plugins;
 mod reload;
