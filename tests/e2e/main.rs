@@ -13,6 +13,7 @@ mod http;
 mod net;
 mod operate;
 mod plugins;
+mod refusals;
 mod reload;
 mod routing;
 mod websocket;
