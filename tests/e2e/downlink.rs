@@ -107,19 +107,19 @@ fn an_http_long_poll_receives_a_command() {
     assert_eq!(gateway.admin_get("/admin/downlink")["devices_waiting"], 0);
 }
 
-/// Waits until `gateway` has commands queued for `devices` devices. Commands from one
-/// client reach the gateway in the order sent, so once a probe command sent last is
-/// queued, every command sent before it has been handled.
-fn wait_devices_waiting(gateway: &Gateway, devices: u64) {
-    eventually(Duration::from_secs(20), "commands queued", || {
-        (gateway.admin_get("/admin/downlink")["devices_waiting"].as_u64() >= Some(devices))
-            .then_some(())
+/// Sends a probe command to `probe` (a device no instance holds) after the commands
+/// under test and waits until `gateway` has it queued, taking it off with a long-poll:
+/// commands from one client reach the gateway in the order sent, so by then every
+/// command sent before the probe has been handled.
+fn probe_handled(commander: &Subscriber, gateway: &Gateway, run: &str, probe: &str) {
+    commander.publish(&format!("cmd/{run}/{probe}/ping"), "p");
+    eventually(Duration::from_secs(20), "the probe command", || {
+        (!poll(gateway, probe, 0).is_empty()).then_some(())
     });
-    assert_eq!(
-        gateway.admin_get("/admin/downlink")["devices_waiting"],
-        devices,
-        "exactly {devices} devices have commands waiting"
-    );
+}
+
+fn devices_waiting(gateway: &Gateway) -> Value {
+    gateway.admin_get("/admin/downlink")["devices_waiting"].clone()
 }
 
 #[test]
@@ -136,10 +136,9 @@ fn an_offline_device_gets_its_queued_commands_on_reconnect_and_expired_ones_are_
     assert_eq!(report["status"], "expired", "{report}");
     replies.publish(&format!("cmd/{run}/pump-3/first"), "1");
     replies.publish(&format!("cmd/{run}/pump-3/second"), "2");
-    // A command for another device, sent last: once it is queued, both of pump-3's
-    // have been handled.
-    replies.publish(&format!("cmd/{run}/probe-0/ping"), "p");
-    wait_devices_waiting(&gateway, 2);
+    // Once a probe sent last is there, both of pump-3's have been handled.
+    probe_handled(&replies, &gateway, &run, "probe-0");
+    assert_eq!(devices_waiting(&gateway), 1, "pump-3's commands wait");
     let second_id = runtime().block_on(async {
         let mut socket = connect(&gateway, "pump-3").await;
         let first = next_json(&mut socket).await;
@@ -184,12 +183,10 @@ fn with_two_instances_a_command_reaches_the_device_connected_to_the_second() {
     commander.publish(&format!("cmd/{run}/door-9/unlock"), "now");
     let command = rt.block_on(next_json(&mut socket));
     assert_eq!(command["topic"], format!("cmd/{run}/door-9/unlock"));
-    // The first instance has the command too; once it has queued a probe command sent
-    // after it, it has handled door-9's, and left it to the second: only the probe's
-    // waits there.
-    commander.publish(&format!("cmd/{run}/probe-0/ping"), "p");
-    wait_devices_waiting(&first, 1);
-    wait_devices_waiting(&second, 1);
+    // The first instance had the command too; once it has a probe sent after it, it
+    // has handled door-9's, and left it to the second: nothing waits there.
+    probe_handled(&commander, &first, &run, "probe-0");
+    assert_eq!(devices_waiting(&first), 0, "door-9's command is not queued");
 }
 
 /// A `GET /commands?wait=N` as `device`: the commands returned.
@@ -258,12 +255,14 @@ fn overflow_denied_commands_and_http_replies_are_reported_on_the_reply_topic() {
     // A command on a topic the device's grants do not list under `subscribe` never
     // reaches it: reported `denied`.
     replies.publish(&format!("cmd/{run}/pump-1/secret/x"), "s");
-    wait_devices_waiting(&gateway, 1);
+    eventually(Duration::from_secs(20), "the command queued", || {
+        (devices_waiting(&gateway) == 1).then_some(())
+    });
     assert!(poll(&gateway, "pump-1", 0).is_empty(), "not handed to the device");
     let (topic, report) = next_report(&replies);
     assert_eq!(topic, format!("cmd-reply/{run}/pump-1"));
     assert_eq!(report["status"], "denied", "{report}");
-    assert_eq!(gateway.admin_get("/admin/downlink")["devices_waiting"], 0);
+    assert_eq!(devices_waiting(&gateway), 0);
 }
 
 #[test]
@@ -321,7 +320,6 @@ fn a_device_that_moves_to_another_instance_gets_its_commands_there() {
     let command = rt.block_on(next_json(&mut socket));
     assert_eq!(command["topic"], format!("cmd/{run}/door-9/unlock"));
     // The second instance had it too and left it to the first.
-    commander.publish(&format!("cmd/{run}/probe-0/ping"), "p");
-    wait_devices_waiting(&second, 1);
-    wait_devices_waiting(&first, 1);
+    probe_handled(&commander, &second, &run, "probe-0");
+    assert_eq!(devices_waiting(&second), 0, "door-9's command is not queued");
 }
