@@ -139,7 +139,13 @@ impl TestEnv {
     }
 
     /// Like [`TestEnv::downlink_config`], reaching the broker through `port` (a proxy).
-    pub fn downlink_config_via(&self, run: &str, instance: &str, ttl_secs: u64, port: u16) -> String {
+    pub fn downlink_config_via(
+        &self,
+        run: &str,
+        instance: &str,
+        ttl_secs: u64,
+        port: u16,
+    ) -> String {
         let certs = self.certs.display();
         format!(
             r#"
@@ -463,7 +469,11 @@ fn order_per_partition_key_holds_while_kinesis_throttles_and_fails_records() {
     }
     gateway.settle();
     let faults = env.control(reqwest::Method::GET, "faults", None);
-    assert_eq!(faults["put_records"], json!([]), "every injected fault was met");
+    assert_eq!(
+        faults["put_records"],
+        json!([]),
+        "every injected fault was met"
+    );
 
     // Records of one key are on one shard, in the order of their sequence numbers.
     let mut by_key: BTreeMap<String, Vec<u64>> = BTreeMap::new();
@@ -658,10 +668,9 @@ fn mqtt_publishes_made_during_an_outage_are_delivered_after_it() {
     // The gateway reaches the broker through a proxy the test can cut; the subscriber
     // connects directly, so it can be listening before the gateway is let back in.
     let proxy = Proxy::start(env.mqtt_address());
-    let config = env.mqtt_config_via(proxy.port).replace(
-        "delivery_timeout_ms = 20000",
-        "delivery_timeout_ms = 2000",
-    );
+    let config = env
+        .mqtt_config_via(proxy.port)
+        .replace("delivery_timeout_ms = 20000", "delivery_timeout_ms = 2000");
     let gateway = Gateway::start(&config);
     let subscriber = Subscriber::connect(&env, &format!("{topic}/#"));
     assert_eq!(
@@ -688,7 +697,11 @@ fn mqtt_publishes_made_during_an_outage_are_delivered_after_it() {
     let during: Vec<String> = (0..3).map(|n| format!("during-{n}")).collect();
     for payload in &during {
         let reply = gateway.publish(&format!("{topic}/b?qos=1"), "d", payload.clone());
-        assert_eq!(reply.status, 200, "accepted during the outage: {:?}", reply.body);
+        assert_eq!(
+            reply.status, 200,
+            "accepted during the outage: {:?}",
+            reply.body
+        );
     }
     // Not delivered while the link is down: a delivery window fails (no PUBACK within
     // its 2 s), and the records stay spooled.
@@ -768,12 +781,18 @@ fn https_publishes_are_recorded_by_the_iot_data_plane() {
         [(format!("{topic}/limit"), limit)],
         "only the payload within the limit reached the IoT data plane"
     );
-    for (reply, what) in [(&over, "over the limit"), (&forced, "a rule asked for IoT Core")] {
+    for (reply, what) in [
+        (&over, "over the limit"),
+        (&forced, "a rule asked for IoT Core"),
+    ] {
         let line = gateway
             .find(reply.body["id"].as_str().unwrap())
             .unwrap_or_else(|| panic!("{what}: delivered elsewhere"));
         assert_eq!(line["destination"]["type"], "kinesis", "{what}: {line}");
-        assert_eq!(line["rule"], "builtin:payload-over-iot-core-limit", "{what}: {line}");
+        assert_eq!(
+            line["rule"], "builtin:payload-over-iot-core-limit",
+            "{what}: {line}"
+        );
     }
 }
 
@@ -1104,12 +1123,22 @@ fn rule_and_sink_dead_letters_are_listed_by_page_discarded_and_redriven_to_kines
     for n in 0..5 {
         let reply = gateway.publish(&format!("bad/{n}"), "dev-d", format!(r#"{{"bad":{n}}}"#));
         assert_eq!(reply.body["status"], "dead-lettered", "{:?}", reply.body);
-        ids.insert(reply.body["id"].as_str().unwrap().to_string(), format!("bad/{n}"));
+        ids.insert(
+            reply.body["id"].as_str().unwrap().to_string(),
+            format!("bad/{n}"),
+        );
     }
     for n in 0..2 {
         let reply = gateway.publish(&format!("lost/{n}"), "dev-d", format!(r#"{{"lost":{n}}}"#));
-        assert_eq!(reply.body["status"], "accepted", "spooled first: {:?}", reply.body);
-        ids.insert(reply.body["id"].as_str().unwrap().to_string(), format!("lost/{n}"));
+        assert_eq!(
+            reply.body["status"], "accepted",
+            "spooled first: {:?}",
+            reply.body
+        );
+        ids.insert(
+            reply.body["id"].as_str().unwrap().to_string(),
+            format!("lost/{n}"),
+        );
     }
 
     // Pages of 3: 3 + 3 + 1, keys ascending and none twice.
@@ -1122,8 +1151,16 @@ fn rule_and_sink_dead_letters_are_listed_by_page_discarded_and_redriven_to_kines
         .iter()
         .map(|l| l["origin"]["stage"].as_str().unwrap())
         .collect();
-    assert_eq!(origins.iter().filter(|o| **o == "rule").count(), 5, "{origins:?}");
-    assert_eq!(origins.iter().filter(|o| **o == "sink").count(), 2, "{origins:?}");
+    assert_eq!(
+        origins.iter().filter(|o| **o == "rule").count(),
+        5,
+        "{origins:?}"
+    );
+    assert_eq!(
+        origins.iter().filter(|o| **o == "sink").count(),
+        2,
+        "{origins:?}"
+    );
 
     // Discard one rule letter: gone from the list and from `show`.
     let discarded = letters
@@ -1185,10 +1222,17 @@ fn rule_and_sink_dead_letters_are_listed_by_page_discarded_and_redriven_to_kines
         .filter(|n| format!("bad/{n}") != *discarded_topic)
         .map(|n| json!({"bad": n}))
         .collect();
-    assert_eq!(main, expected_bad, "the rule letters, but not the discarded one");
+    assert_eq!(
+        main, expected_bad,
+        "the rule letters, but not the discarded one"
+    );
     let mut lost = payloads(&absent);
     lost.sort_by_key(|v| v["lost"].as_u64());
-    assert_eq!(lost, [json!({"lost": 0}), json!({"lost": 1})], "the sink letters");
+    assert_eq!(
+        lost,
+        [json!({"lost": 0}), json!({"lost": 1})],
+        "the sink letters"
+    );
 }
 
 #[test]
@@ -1200,10 +1244,14 @@ fn an_expired_dead_letter_is_redriven_to_its_sink() {
     let (gateway, stream) = env.gateway_with_refusing_kinesis("expired-redrive", 500);
     let short = gateway.publish("t?messageExpiry=1", "dev-1", r#"{"short": true}"#);
     assert_eq!(short.status, 200, "{:?}", short.body);
-    eventually(Duration::from_secs(30), "refused attempts past the expiry", || {
-        let stats = env.control(reqwest::Method::GET, "stats", None);
-        (stats["put_records_calls"].as_u64().unwrap() >= 3).then_some(())
-    });
+    eventually(
+        Duration::from_secs(30),
+        "refused attempts past the expiry",
+        || {
+            let stats = env.control(reqwest::Method::GET, "stats", None);
+            (stats["put_records_calls"].as_u64().unwrap() >= 3).then_some(())
+        },
+    );
     std::thread::sleep(Duration::from_millis(1200)); // the expiry itself: 1 s of wall time
     env.control(reqwest::Method::DELETE, "faults", None);
     let letters = gateway.dead_letters();
@@ -1214,9 +1262,16 @@ fn an_expired_dead_letter_is_redriven_to_its_sink() {
         json!({"keys": [letters[0]["key"]]}).to_string(),
     );
     assert_eq!(redrive.status, 200, "{:?}", redrive.body);
-    assert_eq!(redrive.body["redriven"][0]["status"], "accepted", "{:?}", redrive.body);
+    assert_eq!(
+        redrive.body["redriven"][0]["status"], "accepted",
+        "{:?}",
+        redrive.body
+    );
     let again = gateway.dead_letters();
-    assert!(again.is_empty(), "re-driven, not dead-lettered again: {again:?}");
+    assert!(
+        again.is_empty(),
+        "re-driven, not dead-lettered again: {again:?}"
+    );
     let stored = env.read_stream(&stream);
     assert_eq!(stored.len(), 1, "delivered to its stream");
     assert_eq!(stored[0].2, br#"{"short": true}"#);

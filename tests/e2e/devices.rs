@@ -464,7 +464,12 @@ fn tls_files_rewritten_under_the_same_names_serve_new_connections_after_a_reload
     std::fs::write(dir.join("devices-ca.pem"), &new_ca.pem).unwrap();
     let report = gateway.admin_post("/admin/reload", "");
     assert_eq!(report.status, 200, "{:?}", report.body);
-    assert_eq!(report.body["restart_required"], json!([]), "{:?}", report.body);
+    assert_eq!(
+        report.body["restart_required"],
+        json!([]),
+        "{:?}",
+        report.body
+    );
 
     // The connection opened before goes on with the identity it shook hands with. (A
     // new connection of this client would fail: it trusts only the old server
@@ -508,9 +513,15 @@ fn tls_files_rewritten_under_the_same_names_serve_new_connections_after_a_reload
     // A certificate revoked by a reload fails its next handshake.
     let report = rewrite_and_reload(
         &gateway,
-        &[(r#"revoked_serials = ["10:66"]"#, r#"revoked_serials = ["10:66", "10:02"]"#)],
+        &[(
+            r#"revoked_serials = ["10:66"]"#,
+            r#"revoked_serials = ["10:66", "10:02"]"#,
+        )],
     );
-    assert!(names(&report, "applied").contains(&"auth".to_string()), "{report}");
+    assert!(
+        names(&report, "applied").contains(&"auth".to_string()),
+        "{report}"
+    );
     let error = publish(
         &client(&new_server_pem, Some(&renewed)),
         &gateway,
@@ -519,7 +530,10 @@ fn tls_files_rewritten_under_the_same_names_serve_new_connections_after_a_reload
         "x",
     )
     .expect_err("revoked by the reload");
-    assert!(error.contains("AlertReceived(CertificateRevoked)"), "{error}");
+    assert!(
+        error.contains("AlertReceived(CertificateRevoked)"),
+        "{error}"
+    );
     drop(ca);
 }
 
@@ -583,14 +597,20 @@ fn turning_tls_or_client_certificates_on_or_off_waits_for_a_restart() {
     let mtls = format!("[auth.mtls]\nca = [\"{path}/devices-ca.pem\"]\n");
     let report = rewrite_and_reload(
         &gateway,
-        &[(keys_k1.as_str(), keys_k2.as_str()), ("[auth.tokens]", &format!("{mtls}[auth.tokens]"))],
+        &[
+            (keys_k1.as_str(), keys_k2.as_str()),
+            ("[auth.tokens]", &format!("{mtls}[auth.tokens]")),
+        ],
     );
     assert_eq!(
         names(&report, "restart_required"),
         ["auth (turning client certificates on or off; the whole [auth] change waits)"],
         "{report}"
     );
-    assert!(!names(&report, "applied").contains(&"auth".to_string()), "{report}");
+    assert!(
+        !names(&report, "applied").contains(&"auth".to_string()),
+        "{report}"
+    );
     let k2_token = issue();
     let fresh = client(&server_pem, None);
     let (status, body, _) =
@@ -601,10 +621,18 @@ fn turning_tls_or_client_certificates_on_or_off_waits_for_a_restart() {
     assert_eq!(status, 401, "the new key waits for the restart: {body}");
     assert_eq!(body["code"], "token_unknown_key");
     let (good, _) = ca.device("dev-9", "sensors", 3, false);
-    let (status, body, _) =
-        publish(&client(&server_pem, Some(&good)), &gateway, "devices/dev-9/x", None, "x")
-            .unwrap();
-    assert_eq!(status, 401, "client certificates are not asked for yet: {body}");
+    let (status, body, _) = publish(
+        &client(&server_pem, Some(&good)),
+        &gateway,
+        "devices/dev-9/x",
+        None,
+        "x",
+    )
+    .unwrap();
+    assert_eq!(
+        status, 401,
+        "client certificates are not asked for yet: {body}"
+    );
 }
 
 #[test]
@@ -648,7 +676,8 @@ fn token_keys_rotate_by_reload_and_a_removed_key_is_refused_even_for_cached_toke
     assert!(stderr.contains("k7"), "{stderr}");
 
     let plain = client(&server_pem, None);
-    let send = |token: &str| publish(&plain, &gateway, "devices/dev-9/x", Some(token), "x").unwrap();
+    let send =
+        |token: &str| publish(&plain, &gateway, "devices/dev-9/x", Some(token), "x").unwrap();
     for token in [&k1, &k2] {
         let (status, body, _) = send(token);
         assert_eq!(status, 200, "{}: {body}", kid(token));
@@ -666,8 +695,11 @@ fn token_keys_rotate_by_reload_and_a_removed_key_is_refused_even_for_cached_toke
         )
         .unwrap()
     };
-    let early = sign(json!({"sub": "dev-9", "iss": "sluice", "iat": now, "nbf": now + 3600, "exp": now + 7200}));
-    let foreign = sign(json!({"sub": "dev-9", "iss": "someone-else", "iat": now, "exp": now + 600}));
+    let early = sign(
+        json!({"sub": "dev-9", "iss": "sluice", "iat": now, "nbf": now + 3600, "exp": now + 7200}),
+    );
+    let foreign =
+        sign(json!({"sub": "dev-9", "iss": "someone-else", "iat": now, "exp": now + 600}));
     for (what, token, code) in [
         ("nbf in an hour", &early, "token_not_yet_valid"),
         ("wrong issuer", &foreign, "token_wrong_issuer"),
@@ -682,14 +714,19 @@ fn token_keys_rotate_by_reload_and_a_removed_key_is_refused_even_for_cached_toke
     let report = rewrite_and_reload(
         &gateway,
         &[(
-            &format!(r#"keys = [{{ id = "k1", secret = "{SECRET_1}" }}, {{ id = "k2", secret = "{SECRET_2}" }}]"#),
+            &format!(
+                r#"keys = [{{ id = "k1", secret = "{SECRET_1}" }}, {{ id = "k2", secret = "{SECRET_2}" }}]"#
+            ),
             &format!(
                 r#"signing_key = "k3"
         keys = [{{ id = "k2", secret = "{SECRET_2}" }}, {{ id = "k3", secret = "{SECRET_3}" }}, {{ id = "k4", secret = "{SECRET_4}" }}]"#
             ),
         )],
     );
-    assert!(names(&report, "applied").contains(&"auth".to_string()), "{report}");
+    assert!(
+        names(&report, "applied").contains(&"auth".to_string()),
+        "{report}"
+    );
     let (status, body, _) = send(&k1);
     assert_eq!(status, 401, "a removed key's token: {body}");
     assert_eq!(body["code"], "token_unknown_key");
@@ -698,7 +735,11 @@ fn token_keys_rotate_by_reload_and_a_removed_key_is_refused_even_for_cached_toke
     let (code, k3, stderr) = issue(&[]);
     assert_eq!(code, 0, "{stderr}");
     let k3 = k3.trim().to_string();
-    assert_eq!(kid(&k3), "k3", "signing_key names the signing key, not the last listed");
+    assert_eq!(
+        kid(&k3),
+        "k3",
+        "signing_key names the signing key, not the last listed"
+    );
     let (status, body, _) = send(&k3);
     assert_eq!(status, 200, "{body}");
     let (code, _, stderr) = issue(&["--key-id", "k1"]);

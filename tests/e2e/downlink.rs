@@ -103,7 +103,10 @@ fn an_http_long_poll_receives_a_command() {
     assert_eq!(commands[0]["topic"], format!("cmd/{run}/meter-7/read"));
     // Woken by the command, not at the end of its 20 s wait.
     let waited = answered_at - published_at;
-    assert!(waited < Duration::from_secs(10), "answered {waited:?} after the publish");
+    assert!(
+        waited < Duration::from_secs(10),
+        "answered {waited:?} after the publish"
+    );
     assert_eq!(gateway.admin_get("/admin/downlink")["devices_waiting"], 0);
 }
 
@@ -215,8 +218,10 @@ fn overflow_denied_commands_and_http_replies_are_reported_on_the_reply_topic() {
         "[[policy.grants]]\nname = \"own\"\ndevices = [\"*\"]\npublish = [\"x/#\", \"cmd-reply/{run}/${{device.id}}\"]\n\
          subscribe = [\"cmd/{run}/${{device.id}}/ok/#\"]\n\
          [routing]\ndefault_destination = \"local\"\n{}",
-        env.downlink_config(&run, "gw-1", 300)
-            .replace("queue_ttl_secs = 300", "queue_ttl_secs = 300\nqueue_max_depth = 2")
+        env.downlink_config(&run, "gw-1", 300).replace(
+            "queue_ttl_secs = 300",
+            "queue_ttl_secs = 300\nqueue_max_depth = 2"
+        )
     );
     let gateway = start_with(&config);
     let replies = Subscriber::connect(&env, &format!("cmd-reply/{run}/#"));
@@ -230,17 +235,27 @@ fn overflow_denied_commands_and_http_replies_are_reported_on_the_reply_topic() {
     assert_eq!(report["status"], "overflow", "{report}");
     assert_eq!(report["instance"], "gw-1");
     let commands = poll(&gateway, "pump-1", 0);
-    let topics: Vec<&str> = commands.iter().map(|c| c["topic"].as_str().unwrap()).collect();
+    let topics: Vec<&str> = commands
+        .iter()
+        .map(|c| c["topic"].as_str().unwrap())
+        .collect();
     assert_eq!(
         topics,
-        [format!("cmd/{run}/pump-1/ok/2"), format!("cmd/{run}/pump-1/ok/3")],
+        [
+            format!("cmd/{run}/pump-1/ok/2"),
+            format!("cmd/{run}/pump-1/ok/3")
+        ],
         "the two newest, in order"
     );
     assert_ne!(report["command_id"], commands[0]["id"]);
 
     // The device answers over HTTP: published on its reply topic.
     let answer = reqwest::blocking::Client::new()
-        .post(format!("{}/commands/{}/reply", gateway.url, commands[0]["id"].as_str().unwrap()))
+        .post(format!(
+            "{}/commands/{}/reply",
+            gateway.url,
+            commands[0]["id"].as_str().unwrap()
+        ))
         .header("x-device-id", "pump-1")
         .body(r#"{"status": "done", "payload": {"v": 1}}"#)
         .send()
@@ -258,7 +273,10 @@ fn overflow_denied_commands_and_http_replies_are_reported_on_the_reply_topic() {
     eventually(Duration::from_secs(20), "the command queued", || {
         (devices_waiting(&gateway) == 1).then_some(())
     });
-    assert!(poll(&gateway, "pump-1", 0).is_empty(), "not handed to the device");
+    assert!(
+        poll(&gateway, "pump-1", 0).is_empty(),
+        "not handed to the device"
+    );
     let (topic, report) = next_report(&replies);
     assert_eq!(topic, format!("cmd-reply/{run}/pump-1"));
     assert_eq!(report["status"], "denied", "{report}");
@@ -276,7 +294,10 @@ fn readyz_is_not_ready_while_the_downlink_has_no_subscription() {
     ));
     let readiness = || {
         let response = reqwest::blocking::get(format!("{}/readyz", gateway.url)).unwrap();
-        (response.status().as_u16(), response.json::<Value>().unwrap())
+        (
+            response.status().as_u16(),
+            response.json::<Value>().unwrap(),
+        )
     };
     assert_eq!(readiness().0, 200, "{:?}", readiness().1);
     proxy.cut();
@@ -321,5 +342,9 @@ fn a_device_that_moves_to_another_instance_gets_its_commands_there() {
     assert_eq!(command["topic"], format!("cmd/{run}/door-9/unlock"));
     // The second instance had it too and left it to the first.
     probe_handled(&commander, &second, &run, "probe-0");
-    assert_eq!(devices_waiting(&second), 0, "door-9's command is not queued");
+    assert_eq!(
+        devices_waiting(&second),
+        0,
+        "door-9's command is not queued"
+    );
 }

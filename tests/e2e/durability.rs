@@ -361,7 +361,10 @@ fn sigterm_while_the_sink_is_paused_answers_every_request_and_drains_the_backlog
     });
     load.wait_for_acks(300);
     let backlog = gateway.spooled();
-    assert!(backlog >= 100, "a backlog while the sink is paused: {backlog}");
+    assert!(
+        backlog >= 100,
+        "a backlog while the sink is paused: {backlog}"
+    );
     let in_flight = requests_in_flight(&gateway.url, 4, "late");
 
     let sigterm_at = Instant::now();
@@ -375,7 +378,10 @@ fn sigterm_while_the_sink_is_paused_answers_every_request_and_drains_the_backlog
     let late_ids = finish_in_flight(in_flight);
 
     // Still paused: the gateway must be waiting for the sink, not gone.
-    assert!(gateway.running(), "draining, not exited, while the sink is paused");
+    assert!(
+        gateway.running(),
+        "draining, not exited, while the sink is paused"
+    );
     env.release_kinesis();
     let status = gateway.wait_exit(Duration::from_secs(60));
     assert!(status.success(), "exit status {status}");

@@ -297,7 +297,10 @@ fn compiled_plugins_are_cached_by_content_hash_and_loaded_from_the_cache() {
     let reply = third.publish("a", "dev-c", r#"{"k": 1}"#);
     assert_eq!(reply.status, 200, "{:?}", reply.body);
     let line = third.find(reply.body["id"].as_str().unwrap()).unwrap();
-    assert_eq!(line["payload"]["device_id"], "dev-c", "compiled afresh: {line}");
+    assert_eq!(
+        line["payload"]["device_id"], "dev-c",
+        "compiled afresh: {line}"
+    );
     let rewritten = std::fs::read(&enricher_entry).unwrap();
     assert_ne!(&rewritten[..], b"not a compiled component");
     drop(gateway);
