@@ -10,12 +10,21 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 /// An answer read off a raw connection.
-#[derive(Debug)]
 pub struct RawReply {
     pub status: u16,
     /// Header names in lower case.
     pub headers: Vec<(String, String)>,
     pub body: Vec<u8>,
+}
+
+impl std::fmt::Debug for RawReply {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RawReply")
+            .field("status", &self.status)
+            .field("headers", &self.headers)
+            .field("body", &String::from_utf8_lossy(&self.body))
+            .finish()
+    }
 }
 
 impl RawReply {
