@@ -1276,3 +1276,34 @@ fn an_expired_dead_letter_is_redriven_to_its_sink() {
     assert_eq!(stored.len(), 1, "delivered to its stream");
     assert_eq!(stored[0].2, br#"{"short": true}"#);
 }
+
+#[test]
+fn the_partition_key_counts_in_the_kinesis_record_limit() {
+    let env = TestEnv::get();
+    let stream = unique("keyed");
+    env.create_stream(&stream, 1);
+    let gateway = Gateway::start(&env.kinesis_config(&stream, ""));
+    let limit = 1024 * 1024;
+    let device = "pk-dev"; // the partition key: 6 bytes
+    // Data plus key exactly at the limit: delivered.
+    let fits = gateway.publish("t", device, vec![b'a'; limit - device.len()]);
+    assert_eq!(fits.status, 200, "{:?}", fits.body);
+    // One byte more: the payload alone is within the limit (accepted), but not with its
+    // key, so the sink dead-letters it with that reason.
+    let over = gateway.publish("t", device, vec![b'b'; limit - device.len() + 1]);
+    assert_eq!(over.status, 200, "{:?}", over.body);
+    assert_eq!(over.body["status"], "accepted", "{:?}", over.body);
+    let letters = gateway.dead_letters();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["id"], over.body["id"]);
+    assert_eq!(
+        letters[0]["origin"],
+        json!({"stage": "sink", "sink": "kinesis"})
+    );
+    let reason = letters[0]["reason"].as_str().unwrap();
+    assert!(reason.contains("partition key"), "{reason}");
+    let stored = env.read_stream(&stream);
+    assert_eq!(stored.len(), 1, "only the record that fits");
+    assert_eq!(stored[0].2.len(), limit - device.len());
+    assert_eq!(stored[0].1, device);
+}
