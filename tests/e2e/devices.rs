@@ -562,6 +562,31 @@ fn turning_tls_or_client_certificates_on_or_off_waits_for_a_restart() {
     );
     drop(gateway);
 
+    // HTTPS; [server.tls] removed by a reload: listed, and HTTPS goes on.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().display().to_string();
+    let server_pem = server_cert(dir.path());
+    let tls = format!("[server.tls]\ncert = \"{path}/server.pem\"\nkey = \"{path}/server.key\"\n");
+    let gateway = Gateway::start_in(
+        dir,
+        &format!("{tls}[routing]\ndefault_destination = \"local\"\n"),
+        client(&server_pem, None),
+    );
+    assert!(gateway.url.starts_with("https://"), "{}", gateway.url);
+    let report = rewrite_and_reload(&gateway, &[(tls.as_str(), "")]);
+    assert_eq!(
+        names(&report, "restart_required"),
+        ["server.tls (turning TLS on or off)"],
+        "{report}"
+    );
+    let reply = gateway.publish("t", "dev-1", "{}");
+    assert_eq!(
+        reply.status, 200,
+        "still HTTPS (a new connection): {:?}",
+        reply.body
+    );
+    drop(gateway);
+
     // TLS with tokens; [auth.mtls] turned on together with a token key change: the
     // whole [auth] change waits (the old key still works, the new one does not yet).
     let dir = tempfile::tempdir().unwrap();
