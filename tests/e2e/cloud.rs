@@ -12,6 +12,7 @@ use md5::{Digest, Md5};
 use serde_json::{Value, json};
 
 use crate::harness::{Gateway, eventually};
+use crate::net::Proxy;
 
 /// The servers' fault queue and recordings are shared: cloud tests run one at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -49,7 +50,28 @@ impl TestEnv {
             .delete(format!("{}/_sluice/stats", env.aws))
             .send()
             .unwrap();
+        client
+            .delete(format!("{}/_sluice/hold", env.aws))
+            .send()
+            .unwrap();
         env
+    }
+
+    /// Pauses Kinesis: every `PutRecords` call waits, unanswered, until
+    /// [`TestEnv::release_kinesis`].
+    pub fn hold_kinesis(&self) {
+        self.control(reqwest::Method::POST, "hold", None);
+    }
+
+    pub fn release_kinesis(&self) {
+        self.control(reqwest::Method::DELETE, "hold", None);
+    }
+
+    /// `PutRecords` calls waiting in the hold now.
+    pub fn kinesis_calls_held(&self) -> u64 {
+        self.control(reqwest::Method::GET, "hold", None)["waiting"]
+            .as_u64()
+            .unwrap()
     }
 
     /// A gateway whose Kinesis stream exists but whose every `PutRecords` is throttled
@@ -78,7 +100,7 @@ impl TestEnv {
         self.aws.clone()
     }
 
-    fn control(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
+    pub fn control(&self, method: reqwest::Method, path: &str, body: Option<Value>) -> Value {
         let client = reqwest::blocking::Client::new();
         let mut request = client.request(method, format!("{}/_sluice/{path}", self.aws));
         if let Some(body) = body {
@@ -113,6 +135,17 @@ impl TestEnv {
 
     /// A `[downlink]` section for the test broker, with topics of their own under `run`.
     pub fn downlink_config(&self, run: &str, instance: &str, ttl_secs: u64) -> String {
+        self.downlink_config_via(run, instance, ttl_secs, self.mqtt_port)
+    }
+
+    /// Like [`TestEnv::downlink_config`], reaching the broker through `port` (a proxy).
+    pub fn downlink_config_via(
+        &self,
+        run: &str,
+        instance: &str,
+        ttl_secs: u64,
+        port: u16,
+    ) -> String {
         let certs = self.certs.display();
         format!(
             r#"
@@ -128,11 +161,16 @@ impl TestEnv {
             presence_topic = "sluice/presence/{run}/${{device.id}}"
             queue_ttl_secs = {ttl_secs}
             "#,
-            self.mqtt_port
+            port
         )
     }
 
     fn mqtt_config(&self) -> String {
+        self.mqtt_config_via(self.mqtt_port)
+    }
+
+    /// The MQTT sink's configuration, connecting to the broker through `port` (a proxy).
+    fn mqtt_config_via(&self, port: u16) -> String {
         let certs = self.certs.display();
         format!(
             r#"
@@ -148,9 +186,14 @@ impl TestEnv {
             key = "{certs}/sluice-gateway.key"
             keep_alive_secs = 5
             "#,
-            self.mqtt_port,
+            port,
             std::process::id()
         )
+    }
+
+    /// The broker's address, for a proxy in front of it.
+    pub fn mqtt_address(&self) -> std::net::SocketAddr {
+        ([127, 0, 0, 1], self.mqtt_port).into()
     }
 
     pub fn runtime() -> tokio::runtime::Runtime {
@@ -387,6 +430,85 @@ fn kinesis_faults_are_retried_until_every_record_arrives() {
 }
 
 #[test]
+fn order_per_partition_key_holds_while_kinesis_throttles_and_fails_records() {
+    let env = TestEnv::get();
+    let stream = unique("ordered");
+    env.create_stream(&stream, 2);
+    env.control(
+        reqwest::Method::POST,
+        "faults",
+        Some(json!({"put_records": [
+            {"kind": "partial", "times": 3, "fail_every": 2},
+            {"kind": "throttle", "times": 2},
+            {"kind": "partial", "times": 3, "fail_every": 3},
+            {"kind": "error500", "times": 1},
+            {"kind": "partial", "times": 4, "fail_every": 2}
+        ]})),
+    );
+    let gateway = std::sync::Arc::new(Gateway::start(&env.kinesis_config(&stream, "")));
+    // 8 devices (partition keys) at once, each sending 5 batches of 10 in order.
+    let devices = 8;
+    let per_device = 50u64;
+    let senders: Vec<_> = (0..devices)
+        .map(|d| {
+            let gateway = gateway.clone();
+            std::thread::spawn(move || {
+                for batch in 0..per_device / 10 {
+                    let messages: Vec<Value> = (0..10)
+                        .map(|i| json!({"topic": "t", "payload": {"d": d, "n": batch * 10 + i}}))
+                        .collect();
+                    let body = serde_json::to_vec(&json!({"messages": messages})).unwrap();
+                    let reply = gateway.post("/batch", &format!("key-{d}"), body, None);
+                    assert_eq!(reply.status, 200, "{:?}", reply.body);
+                }
+            })
+        })
+        .collect();
+    for sender in senders {
+        sender.join().unwrap();
+    }
+    gateway.settle();
+    let faults = env.control(reqwest::Method::GET, "faults", None);
+    assert_eq!(
+        faults["put_records"],
+        json!([]),
+        "every injected fault was met"
+    );
+
+    // Records of one key are on one shard, in the order of their sequence numbers.
+    let mut by_key: BTreeMap<String, Vec<u64>> = BTreeMap::new();
+    for (_, key, _, data) in env.read_stream_raw(&stream) {
+        let n = serde_json::from_slice::<Value>(&data).unwrap()["n"]
+            .as_u64()
+            .unwrap();
+        by_key.entry(key).or_default().push(n);
+    }
+    assert_eq!(by_key.len(), devices, "{by_key:?}");
+    for (key, ns) in &by_key {
+        // At least once: a record may come twice, but a message's first arrival never
+        // comes before an earlier message's.
+        let mut first = Vec::new();
+        for n in ns {
+            if !first.contains(n) {
+                first.push(*n);
+            }
+        }
+        assert_eq!(
+            first,
+            (0..per_device).collect::<Vec<_>>(),
+            "{key}: in order and complete: {ns:?}"
+        );
+    }
+    let metrics = gateway.admin_text("/metrics");
+    let retries = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("sluice_sink_retries_total{sink=\"kinesis\"}"))
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .unwrap_or(0.0);
+    assert!(retries >= 10.0, "records were retried: {retries}");
+}
+
+#[test]
 fn a_missing_stream_dead_letters_with_the_error() {
     let env = TestEnv::get();
     let gateway = Gateway::start(&env.kinesis_config(&unique("absent"), ""));
@@ -540,19 +662,30 @@ fn basic_ingest_publishes_to_the_rules_topic() {
 }
 
 #[test]
-fn mqtt_sink_reconnects_after_a_broker_restart() {
+fn mqtt_publishes_made_during_an_outage_are_delivered_after_it() {
     let env = TestEnv::get();
-    let topic = unique("restart");
-    let gateway = Gateway::start(&env.mqtt_config());
+    let topic = unique("outage");
+    // The gateway reaches the broker through a proxy the test can cut; the subscriber
+    // connects directly, so it can be listening before the gateway is let back in.
+    let proxy = Proxy::start(env.mqtt_address());
+    let config = env
+        .mqtt_config_via(proxy.port)
+        .replace("delivery_timeout_ms = 20000", "delivery_timeout_ms = 2000");
+    let gateway = Gateway::start(&config);
+    let subscriber = Subscriber::connect(&env, &format!("{topic}/#"));
     assert_eq!(
         gateway
             .publish(&format!("{topic}/a?qos=1"), "d", "before")
             .status,
         200
     );
-    // Delivered (PUBACKed) before the restart; otherwise it would rightly be sent again
-    // after it.
+    assert_eq!(subscriber.take(1)[0].1, b"before");
     gateway.settle();
+    drop(subscriber);
+
+    // The outage: the gateway's connection is cut and it cannot connect again; the
+    // broker restarts meanwhile, so the gateway's session there is gone too.
+    proxy.cut();
     let status =
         std::process::Command::new(concat!(env!("CARGO_MANIFEST_DIR"), "/../scripts/test-env"))
             .arg("restart-mqtt")
@@ -561,14 +694,34 @@ fn mqtt_sink_reconnects_after_a_broker_restart() {
             .status()
             .unwrap();
     assert!(status.success());
+    let during: Vec<String> = (0..3).map(|n| format!("during-{n}")).collect();
+    for payload in &during {
+        let reply = gateway.publish(&format!("{topic}/b?qos=1"), "d", payload.clone());
+        assert_eq!(
+            reply.status, 200,
+            "accepted during the outage: {:?}",
+            reply.body
+        );
+    }
+    // Not delivered while the link is down: a delivery window fails (no PUBACK within
+    // its 2 s), and the records stay spooled.
+    eventually(Duration::from_secs(30), "a failed delivery window", || {
+        let metrics = gateway.admin_text("/metrics");
+        metrics
+            .lines()
+            .filter_map(|l| l.strip_prefix("sluice_sink_failures_total{sink=\"iot-core\"}"))
+            .any(|v| v.trim().parse::<f64>().unwrap_or(0.0) >= 1.0)
+            .then_some(())
+    });
+    assert_eq!(gateway.spooled(), 3, "kept while the broker is unreachable");
+
     let subscriber = Subscriber::connect(&env, &format!("{topic}/#"));
-    // The gateway notices the restart on its next send or keep-alive; a publish made
-    // meanwhile waits for the reconnect and is re-sent, never lost.
-    let reply = gateway.publish(&format!("{topic}/b?qos=1"), "d", "after");
-    assert_eq!(reply.status, 200, "{:?}", reply.body);
-    let got = subscriber.take(1);
-    assert_eq!(got[0].1, b"after");
+    proxy.restore();
+    let got: Vec<Vec<u8>> = subscriber.take(3).into_iter().map(|(_, p)| p).collect();
+    let expected: Vec<Vec<u8>> = during.iter().map(|p| p.as_bytes().to_vec()).collect();
+    assert_eq!(got, expected, "every publish of the outage, in order");
     gateway.settle();
+    assert_eq!(gateway.spooled(), 0);
 }
 
 #[test]
@@ -576,7 +729,8 @@ fn https_publishes_are_recorded_by_the_iot_data_plane() {
     let env = TestEnv::get();
     let topic = unique("https");
     let config = format!(
-        "[aws]\nregion = \"us-east-1\"\nendpoint_url = \"{}\"\n[sinks.iot_core]\ntransport = \"https\"\n",
+        "[aws]\nregion = \"us-east-1\"\nendpoint_url = \"{}\"\n[sinks.iot_core]\ntransport = \"https\"\n\
+         [[routing.rules]]\nname = \"forced\"\ntopic = \"{topic}/forced\"\ndestination = \"iot-core\"\n",
         env.aws
     );
     let gateway = Gateway::start(&config);
@@ -599,11 +753,47 @@ fn https_publishes_are_recorded_by_the_iot_data_plane() {
         .unwrap();
     assert_eq!(payload, br#"{"h":1}"#);
 
-    let big = gateway.publish(&format!("{topic}/big"), "dev-h", vec![b'x'; 200 * 1024]);
+    // At IoT Core's limit exactly (128 KiB) it is published; one byte over, whether by
+    // default or by a rule that asks for IoT Core, it never reaches IoT Core.
+    env.control(reqwest::Method::DELETE, "published", None);
+    let limit = 128 * 1024;
+    let at_limit = gateway.publish(&format!("{topic}/limit"), "dev-h", vec![b'x'; limit]);
+    assert_eq!(at_limit.status, 200, "{:?}", at_limit.body);
+    let over = gateway.publish(&format!("{topic}/big"), "dev-h", vec![b'y'; limit + 1]);
+    assert_eq!(over.status, 200, "{:?}", over.body);
+    let forced = gateway.publish(&format!("{topic}/forced"), "dev-h", vec![b'z'; 200 * 1024]);
+    assert_eq!(forced.status, 200, "{:?}", forced.body);
+    gateway.settle();
+    let published = env.control(reqwest::Method::GET, "published", None);
+    let recorded: Vec<(String, usize)> = published
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| {
+            let payload = base64::engine::general_purpose::STANDARD
+                .decode(p["payload_b64"].as_str().unwrap())
+                .unwrap();
+            (p["topic"].as_str().unwrap().to_string(), payload.len())
+        })
+        .collect();
     assert_eq!(
-        big.body["routes"][0]["destination"]["type"], "kinesis",
-        "over 128 KB never goes to IoT Core"
+        recorded,
+        [(format!("{topic}/limit"), limit)],
+        "only the payload within the limit reached the IoT data plane"
     );
+    for (reply, what) in [
+        (&over, "over the limit"),
+        (&forced, "a rule asked for IoT Core"),
+    ] {
+        let line = gateway
+            .find(reply.body["id"].as_str().unwrap())
+            .unwrap_or_else(|| panic!("{what}: delivered elsewhere"));
+        assert_eq!(line["destination"]["type"], "kinesis", "{what}: {line}");
+        assert_eq!(
+            line["rule"], "builtin:payload-over-iot-core-limit",
+            "{what}: {line}"
+        );
+    }
 }
 
 /// De-aggregates raw Kinesis records with the independent `aws-kinesis-agg` package:
@@ -896,4 +1086,224 @@ fn a_message_whose_expiry_passes_in_the_spool_becomes_a_dead_letter() {
     let stored = env.read_stream(&stream);
     assert_eq!(stored.len(), 1, "only the unexpired message arrives");
     assert_eq!(stored[0].2, br#"{"long": true}"#);
+}
+
+/// Every dead letter, page by page at `limit` per page: (keys of each page, letters).
+fn dead_letter_pages(gateway: &Gateway, limit: usize) -> (Vec<Vec<u64>>, Vec<Value>) {
+    gateway.settle();
+    let mut pages = Vec::new();
+    let mut letters = Vec::new();
+    let mut from = 0u64;
+    loop {
+        let page = gateway.admin_get(&format!("/admin/dlq?from={from}&limit={limit}"));
+        let items = page["dead_letters"].as_array().unwrap().clone();
+        assert!(items.len() <= limit, "{page}");
+        pages.push(items.iter().map(|l| l["key"].as_u64().unwrap()).collect());
+        letters.extend(items);
+        match page["next"].as_u64() {
+            Some(next) => from = next,
+            None => break,
+        }
+    }
+    (pages, letters)
+}
+
+#[test]
+fn rule_and_sink_dead_letters_are_listed_by_page_discarded_and_redriven_to_kinesis() {
+    let env = TestEnv::get();
+    let stream = unique("redrive");
+    let absent = unique("absent");
+    env.create_stream(&stream, 1);
+    let rules = format!(
+        "[[routing.rules]]\nname = \"trash\"\ntopic = \"bad/#\"\ndestination = \"dead-letter\"\n\
+         [[routing.rules]]\nname = \"lost\"\ntopic = \"lost/#\"\ndestination = \"kinesis\"\nstream = \"{absent}\"\n"
+    );
+    let gateway = Gateway::start(&env.kinesis_config(&stream, &rules));
+    let mut ids = HashMap::new();
+    for n in 0..5 {
+        let reply = gateway.publish(&format!("bad/{n}"), "dev-d", format!(r#"{{"bad":{n}}}"#));
+        assert_eq!(reply.body["status"], "dead-lettered", "{:?}", reply.body);
+        ids.insert(
+            reply.body["id"].as_str().unwrap().to_string(),
+            format!("bad/{n}"),
+        );
+    }
+    for n in 0..2 {
+        let reply = gateway.publish(&format!("lost/{n}"), "dev-d", format!(r#"{{"lost":{n}}}"#));
+        assert_eq!(
+            reply.body["status"], "accepted",
+            "spooled first: {:?}",
+            reply.body
+        );
+        ids.insert(
+            reply.body["id"].as_str().unwrap().to_string(),
+            format!("lost/{n}"),
+        );
+    }
+
+    // Pages of 3: 3 + 3 + 1, keys ascending and none twice.
+    let (pages, letters) = dead_letter_pages(&gateway, 3);
+    let sizes: Vec<usize> = pages.iter().map(Vec::len).collect();
+    assert_eq!(sizes, [3, 3, 1], "{pages:?}");
+    let keys: Vec<u64> = pages.concat();
+    assert!(keys.windows(2).all(|w| w[0] < w[1]), "{keys:?}");
+    let origins: Vec<&str> = letters
+        .iter()
+        .map(|l| l["origin"]["stage"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        origins.iter().filter(|o| **o == "rule").count(),
+        5,
+        "{origins:?}"
+    );
+    assert_eq!(
+        origins.iter().filter(|o| **o == "sink").count(),
+        2,
+        "{origins:?}"
+    );
+
+    // Discard one rule letter: gone from the list and from `show`.
+    let discarded = letters
+        .iter()
+        .find(|l| l["origin"]["stage"] == "rule")
+        .unwrap()
+        .clone();
+    let key = discarded["key"].as_u64().unwrap();
+    let delete = reqwest::blocking::Client::new()
+        .delete(format!("{}/admin/dlq/{key}", gateway.admin))
+        .bearer_auth(crate::harness::ADMIN_TOKEN)
+        .send()
+        .unwrap();
+    assert_eq!(delete.status().as_u16(), 204);
+    let shown = reqwest::blocking::Client::new()
+        .get(format!("{}/admin/dlq/{key}", gateway.admin))
+        .bearer_auth(crate::harness::ADMIN_TOKEN)
+        .send()
+        .unwrap();
+    assert_eq!(shown.status().as_u16(), 404);
+    let (_, left) = dead_letter_pages(&gateway, 1000);
+    assert_eq!(left.len(), 6);
+
+    // Fix what sent them there: the rule routes to Kinesis now, the missing stream
+    // exists. Then re-drive all: rule letters run through the chain again (to the
+    // default stream), sink letters go straight back to their stream.
+    env.create_stream(&absent, 1);
+    let path = gateway.dir.path().join("sluice.toml");
+    let text = std::fs::read_to_string(&path).unwrap();
+    std::fs::write(
+        &path,
+        text.replace("destination = \"dead-letter\"", "destination = \"kinesis\""),
+    )
+    .unwrap();
+    let reload = gateway.admin_post("/admin/reload", "");
+    assert_eq!(reload.status, 200, "{:?}", reload.body);
+    let redrive = gateway.admin_post("/admin/dlq/redrive", json!({"all": true}).to_string());
+    assert_eq!(redrive.status, 200, "{:?}", redrive.body);
+    assert_eq!(
+        redrive.body["redriven"].as_array().map(Vec::len),
+        Some(6),
+        "{:?}",
+        redrive.body
+    );
+    let (_, after) = dead_letter_pages(&gateway, 1000);
+    assert!(after.is_empty(), "{after:?}");
+
+    let discarded_id = discarded["id"].as_str().unwrap();
+    let payloads = |name: &str| -> Vec<Value> {
+        env.read_stream(name)
+            .into_iter()
+            .map(|(_, _, data)| serde_json::from_slice(&data).unwrap())
+            .collect()
+    };
+    let mut main = payloads(&stream);
+    main.sort_by_key(|v| v["bad"].as_u64());
+    let discarded_topic = &ids[discarded_id];
+    let expected_bad: Vec<Value> = (0..5)
+        .filter(|n| format!("bad/{n}") != *discarded_topic)
+        .map(|n| json!({"bad": n}))
+        .collect();
+    assert_eq!(
+        main, expected_bad,
+        "the rule letters, but not the discarded one"
+    );
+    let mut lost = payloads(&absent);
+    lost.sort_by_key(|v| v["lost"].as_u64());
+    assert_eq!(
+        lost,
+        [json!({"lost": 0}), json!({"lost": 1})],
+        "the sink letters"
+    );
+}
+
+#[test]
+#[ignore = "bug: re-driving an expired dead letter answers `accepted` but puts the record \
+            back with its `mqtt.message_expiry`, so the deliverer dead-letters it again as \
+            `expired` at once (under a new key): an expired message can never be re-driven"]
+fn an_expired_dead_letter_is_redriven_to_its_sink() {
+    let env = TestEnv::get();
+    let (gateway, stream) = env.gateway_with_refusing_kinesis("expired-redrive", 500);
+    let short = gateway.publish("t?messageExpiry=1", "dev-1", r#"{"short": true}"#);
+    assert_eq!(short.status, 200, "{:?}", short.body);
+    eventually(
+        Duration::from_secs(30),
+        "refused attempts past the expiry",
+        || {
+            let stats = env.control(reqwest::Method::GET, "stats", None);
+            (stats["put_records_calls"].as_u64().unwrap() >= 3).then_some(())
+        },
+    );
+    std::thread::sleep(Duration::from_millis(1200)); // the expiry itself: 1 s of wall time
+    env.control(reqwest::Method::DELETE, "faults", None);
+    let letters = gateway.dead_letters();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["origin"]["stage"], "expired");
+    let redrive = gateway.admin_post(
+        "/admin/dlq/redrive",
+        json!({"keys": [letters[0]["key"]]}).to_string(),
+    );
+    assert_eq!(redrive.status, 200, "{:?}", redrive.body);
+    assert_eq!(
+        redrive.body["redriven"][0]["status"], "accepted",
+        "{:?}",
+        redrive.body
+    );
+    let again = gateway.dead_letters();
+    assert!(
+        again.is_empty(),
+        "re-driven, not dead-lettered again: {again:?}"
+    );
+    let stored = env.read_stream(&stream);
+    assert_eq!(stored.len(), 1, "delivered to its stream");
+    assert_eq!(stored[0].2, br#"{"short": true}"#);
+}
+
+#[test]
+fn the_partition_key_counts_in_the_kinesis_record_limit() {
+    let env = TestEnv::get();
+    let stream = unique("keyed");
+    env.create_stream(&stream, 1);
+    let gateway = Gateway::start(&env.kinesis_config(&stream, ""));
+    let limit = 1024 * 1024;
+    let device = "pk-dev"; // the partition key: 6 bytes
+    // Data plus key exactly at the limit: delivered.
+    let fits = gateway.publish("t", device, vec![b'a'; limit - device.len()]);
+    assert_eq!(fits.status, 200, "{:?}", fits.body);
+    // One byte more: the payload alone is within the limit (accepted), but not with its
+    // key, so the sink dead-letters it with that reason.
+    let over = gateway.publish("t", device, vec![b'b'; limit - device.len() + 1]);
+    assert_eq!(over.status, 200, "{:?}", over.body);
+    assert_eq!(over.body["status"], "accepted", "{:?}", over.body);
+    let letters = gateway.dead_letters();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["id"], over.body["id"]);
+    assert_eq!(
+        letters[0]["origin"],
+        json!({"stage": "sink", "sink": "kinesis"})
+    );
+    let reason = letters[0]["reason"].as_str().unwrap();
+    assert!(reason.contains("partition key"), "{reason}");
+    let stored = env.read_stream(&stream);
+    assert_eq!(stored.len(), 1, "only the record that fits");
+    assert_eq!(stored[0].2.len(), limit - device.len());
+    assert_eq!(stored[0].1, device);
 }

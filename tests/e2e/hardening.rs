@@ -96,32 +96,31 @@ fn a_damaged_spool_entry_costs_only_itself() {
         assert_eq!(reply.status, 200, "{:?}", reply.body);
     }
     assert_eq!(gateway.spooled(), 5);
-    gateway.kill();
-
-    let queue = gateway.dir.path().join("data").join("queue");
-    let marker = b"SLQ1";
-    let mut damaged = false;
-    for entry in std::fs::read_dir(&queue).unwrap() {
-        let path = entry.unwrap().path();
-        if path.extension().is_none_or(|e| e != "log") {
-            continue;
+    let dir = gateway.dir.path().to_path_buf();
+    gateway.crash_and_restart_after(|| {
+        let queue = dir.as_path().join("data").join("queue");
+        let marker = b"SLQ1";
+        let mut damaged = false;
+        for entry in std::fs::read_dir(&queue).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_none_or(|e| e != "log") {
+                continue;
+            }
+            let mut bytes = std::fs::read(&path).unwrap();
+            let starts: Vec<usize> = bytes
+                .windows(4)
+                .enumerate()
+                .filter(|(_, w)| w == marker)
+                .map(|(at, _)| at)
+                .collect();
+            if starts.len() == 5 {
+                bytes[starts[1] + 30] ^= 0x01;
+                std::fs::write(&path, bytes).unwrap();
+                damaged = true;
+            }
         }
-        let mut bytes = std::fs::read(&path).unwrap();
-        let starts: Vec<usize> = bytes
-            .windows(4)
-            .enumerate()
-            .filter(|(_, w)| w == marker)
-            .map(|(at, _)| at)
-            .collect();
-        if starts.len() == 5 {
-            bytes[starts[1] + 30] ^= 0x01;
-            std::fs::write(&path, bytes).unwrap();
-            damaged = true;
-        }
-    }
-    assert!(damaged, "a segment with the five records");
-
-    gateway.restart();
+        assert!(damaged, "a segment with the five records");
+    });
     assert_eq!(gateway.spooled(), 4, "only the damaged record is lost");
     assert_eq!(metric(&gateway, "sluice_spool_damaged_entries_total"), 1.0);
     let logged = gateway.log_records().into_iter().any(|record| {

@@ -108,14 +108,20 @@ impl Gateway {
         self.mqtt = mqtt;
     }
 
-    /// Kills the gateway with SIGKILL and waits for it; [`Gateway::restart`] starts it
-    /// again (after the test changed something on disk, say).
-    pub fn kill(&mut self) {
+    /// Kills the gateway with SIGKILL, runs `meanwhile` while it is down, and starts it
+    /// again on the same configuration and data directory.
+    pub fn crash_and_restart_after(&mut self, meanwhile: impl FnOnce()) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        meanwhile();
+        let (child, url, admin, mqtt) = spawn(self.dir.path());
+        self.child = child;
+        self.url = url;
+        self.admin = admin;
+        self.mqtt = mqtt;
     }
 
-    /// Starts the gateway again after [`Gateway::terminate`] or [`Gateway::kill`].
+    /// Starts the gateway again after [`Gateway::terminate`].
     pub fn restart(&mut self) {
         let (child, url, admin, mqtt) = spawn(self.dir.path());
         self.child = child;
@@ -270,23 +276,38 @@ impl Gateway {
 
     /// Sends SIGTERM and waits for the exit status.
     pub fn terminate(&mut self) -> std::process::ExitStatus {
+        self.send_sigterm();
+        self.wait_exit(Duration::from_secs(30))
+    }
+
+    /// Sends SIGTERM without waiting (see [`Gateway::wait_exit`]).
+    pub fn send_sigterm(&self) {
         let pid = self.child.id().to_string();
         let sent = Command::new("kill")
             .args(["-TERM", &pid])
             .status()
             .expect("kill");
         assert!(sent.success());
-        let deadline = Instant::now() + Duration::from_secs(30);
+    }
+
+    /// Waits up to `timeout` for the process to exit; its exit status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 return status;
             }
             assert!(
                 Instant::now() < deadline,
-                "sluice did not exit after SIGTERM"
+                "sluice did not exit within {timeout:?}"
             );
             std::thread::sleep(Duration::from_millis(20));
         }
+    }
+
+    /// Whether the process still runs.
+    pub fn running(&mut self) -> bool {
+        self.child.try_wait().expect("wait").is_none()
     }
 }
 

@@ -1,6 +1,9 @@
 //! The batch endpoint, HTTPS, and graceful shutdown.
 
-use crate::harness::{Gateway, plugin};
+use std::time::Duration;
+
+use crate::harness::{Gateway, eventually, plugin};
+use crate::net::{finish_in_flight, refuses_connections, requests_in_flight};
 
 #[test]
 fn batch_reports_each_message() {
@@ -96,14 +99,36 @@ fn serves_https_with_a_configured_certificate() {
 }
 
 #[test]
-fn sigterm_stops_the_gateway_cleanly() {
+fn sigterm_answers_the_requests_in_flight_then_stops_cleanly() {
     let mut gateway = Gateway::start("");
     let reply = gateway.publish("a", "dev-1", "{}");
     assert_eq!(reply.status, 200);
-    let id = reply.body["id"].as_str().unwrap().to_string();
+    let before = reply.body["id"].as_str().unwrap().to_string();
+    // Three requests inside the handler, each waiting for its body.
+    let in_flight = requests_in_flight(&gateway.url, 3, "a");
     let data = gateway.dir.path().join("data").join("iot-core.jsonl");
-    let status = gateway.terminate();
+    gateway.send_sigterm();
+    eventually(Duration::from_secs(20), "the listener to close", || {
+        refuses_connections(&gateway.url).then_some(())
+    });
+    assert!(
+        gateway.running(),
+        "the gateway waits for the requests in flight"
+    );
+    let late = finish_in_flight(in_flight);
+    let status = gateway.wait_exit(Duration::from_secs(30));
     assert!(status.success(), "exit status {status:?}");
     let text = std::fs::read_to_string(data).unwrap();
-    assert!(text.contains(&id));
+    let stored: Vec<String> = text
+        .lines()
+        .map(|line| {
+            serde_json::from_str::<serde_json::Value>(line).unwrap()["id"]
+                .as_str()
+                .unwrap()
+                .to_string()
+        })
+        .collect();
+    for id in std::iter::once(&before).chain(&late) {
+        assert!(stored.contains(id), "{id} in the sink: {stored:?}");
+    }
 }

@@ -8,6 +8,7 @@ use serde_json::{Value, json};
 use sha2::Digest as _;
 
 use crate::harness::{Gateway, eventually, plugin};
+use crate::net::RawHttp;
 use crate::wsclient::{self, next_json};
 
 fn sha256(path: &std::path::Path) -> String {
@@ -310,21 +311,27 @@ fn config_reload_applies_live_sections_without_dropping_connections() {
     );
     let write = |text: String| std::fs::write(&config_file, text + &admin).unwrap();
 
-    // One keep-alive HTTP connection and one WebSocket session, both opened before.
-    let client = reqwest::blocking::Client::builder()
-        .pool_max_idle_per_host(1)
-        .build()
-        .unwrap();
-    let post = |topic: &str| {
-        client
-            .post(format!("{}/topics/{topic}", gateway.url))
-            .header("x-device-id", "dev-1")
-            .body("{}")
-            .send()
-            .unwrap()
-            .status()
-            .as_u16()
+    // One raw keep-alive HTTP connection (no client that would reconnect quietly) and
+    // one WebSocket session, both opened before the reloads and used after each.
+    let raw = std::cell::RefCell::new(RawHttp::connect(&gateway.url));
+    let send = |topic: &str, body: &str| {
+        let mut raw = raw.borrow_mut();
+        let reply = raw
+            .request(
+                "POST",
+                &format!("/topics/{topic}"),
+                &[("x-device-id", "dev-1")],
+                body.as_bytes(),
+            )
+            .unwrap_or_else(|e| panic!("the connection opened before the reloads: {e}"));
+        assert_ne!(
+            reply.header("connection"),
+            Some("close"),
+            "the gateway keeps the connection: {reply:?}"
+        );
+        reply.status
     };
+    let post = |topic: &str| send(topic, "{}");
     let rt = wsclient::runtime();
     let mut session = rt.block_on(open_session(&gateway));
     assert_eq!(post("a/1"), 200);
@@ -363,13 +370,7 @@ fn config_reload_applies_live_sections_without_dropping_connections() {
     );
     let accepted = rt.block_on(ws_publish(&mut session, "b-after", "b/1"));
     assert_eq!(accepted["type"], "ack", "the same session: {accepted}");
-    let mis_refuses = client
-        .post(format!("{}/topics/a/2", gateway.url))
-        .header("x-device-id", "dev-1")
-        .body("fail")
-        .send()
-        .unwrap();
-    assert_eq!(mis_refuses.status().as_u16(), 422, "the new plugin runs");
+    assert_eq!(send("a/2", "fail"), 422, "the new plugin runs");
 
     // Refused reloads change nothing.
     let current = std::fs::read_to_string(&config_file).unwrap();

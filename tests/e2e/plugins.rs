@@ -230,44 +230,78 @@ fn plugins_chain_in_configured_order() {
 }
 
 #[test]
-fn compiled_plugins_are_cached_by_content_hash() {
+fn compiled_plugins_are_cached_by_content_hash_and_loaded_from_the_cache() {
     use sha2::Digest as _;
-    let path = plugin("json_enricher");
-    let hash = hex::encode(sha2::Sha256::digest(std::fs::read(&path).unwrap()));
+    let sha256 = |bytes: &[u8]| hex::encode(sha2::Sha256::digest(bytes));
+    let enricher = plugin("json_enricher");
+    let passthrough = plugin("passthrough");
+    let enricher_hash = sha256(&std::fs::read(&enricher).unwrap());
+    let passthrough_hash = sha256(&std::fs::read(&passthrough).unwrap());
     let config = format!(
-        "[[plugins.transform]]\nname = \"e\"\npath = \"{}\"\n",
-        path.display()
+        "[[plugins.transform]]\nname = \"e\"\npath = \"{}\"\n[[plugins.transform]]\nname = \"p\"\npath = \"{}\"\n",
+        enricher.display(),
+        passthrough.display()
     );
+    // Its data directory holds the cache (by default) the later gateways share.
     let gateway = Gateway::start(&config);
     let cache = gateway.dir.path().join("data").join("plugin-cache");
-    let entries: Vec<String> = std::fs::read_dir(&cache)
+    let mut entries: Vec<String> = std::fs::read_dir(&cache)
         .expect("the cache directory exists")
         .map(|entry| entry.unwrap().file_name().to_string_lossy().into_owned())
         .collect();
-    assert_eq!(entries.len(), 1, "{entries:?}");
-    assert!(
-        entries[0].starts_with(&format!("{hash}-")) && entries[0].ends_with(".cwasm"),
-        "{entries:?}"
-    );
-    let modified = std::fs::metadata(cache.join(&entries[0]))
-        .unwrap()
-        .modified()
-        .unwrap();
+    entries.sort();
+    assert_eq!(entries.len(), 2, "{entries:?}");
+    let entry_of = |hash: &str| {
+        entries
+            .iter()
+            .find(|e| e.starts_with(&format!("{hash}-")) && e.ends_with(".cwasm"))
+            .unwrap_or_else(|| panic!("an entry named by the content hash {hash}: {entries:?}"))
+            .clone()
+    };
+    let enricher_entry = cache.join(entry_of(&enricher_hash));
+    let passthrough_entry = cache.join(entry_of(&passthrough_hash));
 
-    // A second gateway using the same cache directory loads the cached file instead of
-    // compiling again: the entry is not rewritten.
+    // Put passthrough's compiled code under the enricher's name. A gateway that loads
+    // the enricher from the cache runs what the cache holds (messages pass unchanged);
+    // one that compiled the file again would enrich them, and one that wrote its own
+    // compilation back would change the entry.
+    std::fs::copy(&passthrough_entry, &enricher_entry).unwrap();
+    let planted = sha256(&std::fs::read(&enricher_entry).unwrap());
     let dir = tempfile::tempdir().unwrap();
     let config = format!(
         "[plugins]\ncache_dir = \"{}\"\n[[plugins.transform]]\nname = \"e\"\npath = \"{}\"\n",
         cache.display(),
-        path.display()
+        enricher.display()
     );
     let again = Gateway::start_in(dir, &config, reqwest::blocking::Client::new());
-    assert_eq!(again.publish("a", "d", "{}").status, 200);
-    let after = std::fs::metadata(cache.join(&entries[0]))
-        .unwrap()
-        .modified()
-        .unwrap();
-    assert_eq!(modified, after);
+    let reply = again.publish("a", "dev-c", r#"{"k": 1}"#);
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    let line = again.find(reply.body["id"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        line["payload"],
+        json!({"k": 1}),
+        "the cached code ran, not a fresh compilation of the enricher"
+    );
+    assert_eq!(
+        sha256(&std::fs::read(&enricher_entry).unwrap()),
+        planted,
+        "the cache entry was not rewritten"
+    );
+    drop(again);
+
+    // An entry that cannot be loaded is ignored: the file is compiled again (the
+    // enricher enriches) and the entry replaced by a good one.
+    std::fs::write(&enricher_entry, b"not a compiled component").unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let third = Gateway::start_in(dir, &config, reqwest::blocking::Client::new());
+    let reply = third.publish("a", "dev-c", r#"{"k": 1}"#);
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    let line = third.find(reply.body["id"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        line["payload"]["device_id"], "dev-c",
+        "compiled afresh: {line}"
+    );
+    let rewritten = std::fs::read(&enricher_entry).unwrap();
+    assert_ne!(&rewritten[..], b"not a compiled component");
     drop(gateway);
 }

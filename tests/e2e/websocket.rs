@@ -135,11 +135,14 @@ fn a_fast_sender_is_held_to_its_window_and_not_dropped() {
         assert_eq!(session["in_flight"], 0);
         socket.close(None).await.unwrap();
     });
-    assert_eq!(
-        gateway.all_sink_lines().len(),
-        300,
-        "every message, none dropped"
-    );
+    let lines = gateway.all_sink_lines();
+    let stored: std::collections::BTreeSet<String> = lines
+        .iter()
+        .map(|line| line["attributes"]["ws.id"].as_str().unwrap().to_string())
+        .collect();
+    let sent: std::collections::BTreeSet<String> = (0..300).map(|n| format!("m{n}")).collect();
+    assert_eq!(stored, sent, "every message by its id, none dropped");
+    assert_eq!(lines.len(), 300, "and none twice");
 }
 
 #[test]
@@ -170,8 +173,24 @@ fn oversized_frames_idle_sessions_and_foreign_subprotocols_are_refused_cleanly()
         assert_eq!(u16::from(close.unwrap().code), 1009);
 
         let mut quiet = connect(&gateway, "quiet", "sluice.v1").await.unwrap();
-        // Not reading means not answering the gateway's pings: the session goes idle.
-        tokio::time::sleep(Duration::from_millis(3500)).await;
+        let mut active = connect(&gateway, "active", "sluice.v1").await.unwrap();
+        next_json(&mut active).await;
+        // `quiet` does not read, so it answers none of the gateway's pings: it goes idle.
+        // `active` reads (answering pings) and publishes every 250 ms throughout, for
+        // twice the idle timeout: it must outlive `quiet`.
+        let opened = std::time::Instant::now();
+        let mut n = 0;
+        while opened.elapsed() < Duration::from_secs(4) {
+            n += 1;
+            active
+                .send(publish(&format!("a{n}"), "t", json!({"n": n})))
+                .await
+                .unwrap();
+            let ack = next_json(&mut active).await;
+            assert_eq!(ack["type"], "ack", "the active session goes on: {ack}");
+            assert_eq!(ack["id"], format!("a{n}"));
+            tokio::time::sleep(Duration::from_millis(250)).await;
+        }
         let close = loop {
             match quiet.next().await {
                 Some(Ok(Frame::Close(frame))) => break frame,
@@ -182,5 +201,15 @@ fn oversized_frames_idle_sessions_and_foreign_subprotocols_are_refused_cleanly()
         let close = close.unwrap();
         assert_eq!(u16::from(close.code), 4000);
         assert_eq!(close.reason.as_str(), "idle timeout");
+        // Still open after `quiet` was closed, well past the idle timeout.
+        active
+            .send(publish("last", "t", json!({"n": 0})))
+            .await
+            .unwrap();
+        let ack = next_json(&mut active).await;
+        assert_eq!(ack["id"], "last", "{ack}");
+        assert_eq!(ack["status"], "accepted", "{ack}");
+        assert!(n >= 10, "{n} publishes over 4 s");
+        active.close(None).await.unwrap();
     });
 }

@@ -40,6 +40,11 @@ except for these additions:
                 throttle and error500 are used up by any PutRecords call.
   GET    /_sluice/faults      what is still queued.
   DELETE /_sluice/faults      clear the queue.
+  POST   /_sluice/hold        pause Kinesis: every PutRecords call from now on waits (before
+                              any fault applies) until the hold is released; a paused sink
+                              whose calls are neither answered nor refused.
+  DELETE /_sluice/hold        release the hold: the waiting calls go on to moto.
+  GET    /_sluice/hold        {"holding": bool, "waiting": N}: N calls are waiting now.
   GET    /_sluice/stats       {"put_records_calls": N, "put_records_records": M,
                                "faults_applied": F}; every PutRecords call counts, faulted
                               or not; M sums the records in the requests as sent.
@@ -156,6 +161,9 @@ class State:
         self.lock = threading.Lock()
         self.published = []
         self.faults = []
+        self.released = threading.Event()
+        self.released.set()
+        self.waiting = 0
         self.reset_stats()
 
     def reset_stats(self):
@@ -275,6 +283,14 @@ class SluiceAwsApp:
                     if method == "DELETE":
                         state.faults.clear()
                 return respond(start_response, "200 OK", answer)
+            if name == "hold" and method in ("POST", "DELETE", "GET"):
+                if method == "POST":
+                    state.released.clear()
+                elif method == "DELETE":
+                    state.released.set()
+                with state.lock:
+                    answer = {"holding": not state.released.is_set(), "waiting": state.waiting}
+                return respond(start_response, "200 OK", answer)
             if name == "stats" and method in ("GET", "DELETE"):
                 with state.lock:
                     answer = dict(state.stats)
@@ -335,6 +351,7 @@ class SluiceAwsApp:
             self.state.stats["put_records_calls"] += 1
             if isinstance(records, list):
                 self.state.stats["put_records_records"] += len(records)
+        self.wait_while_held()
 
         fault = self.state.next_fault(batch_is_valid(records))
         if fault is None:
@@ -347,6 +364,20 @@ class SluiceAwsApp:
             return aws_json_error(start_response, "500 Internal Server Error",
                                   "InternalFailure", "injected")
         return self.partial_failure(environ, start_response, request, fault)
+
+    def wait_while_held(self):
+        state = self.state
+        if state.released.is_set():
+            return
+        with state.lock:
+            state.waiting += 1
+        try:
+            # Bounded, so that a test that forgets to release cannot wedge the server.
+            if not state.released.wait(timeout=300):
+                log.warning("PutRecords: held for 300 s; going on")
+        finally:
+            with state.lock:
+                state.waiting -= 1
 
     def partial_failure(self, environ, start_response, request, fault):
         records, fail_every = request["Records"], fault["fail_every"]
