@@ -43,6 +43,9 @@ pub struct Pipeline {
     meter: ThroughputMeter,
     /// The sinks, for best-effort records.
     sinks: Arc<Sinks>,
+    /// Per sink (by [`SinkId::index`]), best-effort records in the order they were
+    /// accepted, for the task that hands them to the sink in that order.
+    hand_overs: [tokio::sync::mpsc::UnboundedSender<HandOver>; 3],
     /// Where records wait for their sinks.
     spool: Arc<Spool>,
     /// Best-effort messages handed to sinks and not yet confirmed, bounded.
@@ -212,11 +215,22 @@ impl Pipeline {
         spool: Arc<Spool>,
     ) -> Pipeline {
         let limit = config.spool.best_effort_max_in_flight;
+        let hand_overs = SinkId::ALL.map(|sink| {
+            let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+            tokio::spawn(hand_over_in_order(
+                sink,
+                sinks.clone(),
+                spool.clone(),
+                receiver,
+            ));
+            sender
+        });
         Pipeline {
             plugins,
             rules: ArcSwap::from_pointee(RoutingRules::new(config)),
             meter: ThroughputMeter::default(),
             sinks,
+            hand_overs,
             spool,
             best_effort: Arc::new(Semaphore::new(limit)),
             best_effort_limit: limit,
@@ -314,43 +328,31 @@ impl Pipeline {
         Ok(reports)
     }
 
-    /// Sends best-effort records to their sinks in the background; refusals become dead
-    /// letters, and a sink failure loses them (which is what best-effort means).
-    fn hand_over(&self, records: Vec<(SinkId, Record)>, permit: tokio::sync::OwnedSemaphorePermit) {
-        let mut by_sink: HashMap<SinkId, Vec<Record>> = HashMap::new();
+    /// Passes best-effort records to their sinks' hand-over tasks, in the order they
+    /// were accepted; each record holds its place under the best-effort bound until its
+    /// sink answered.
+    fn hand_over(
+        &self,
+        records: Vec<(SinkId, Record)>,
+        mut permit: tokio::sync::OwnedSemaphorePermit,
+    ) {
+        let mut by_sink: [Vec<Record>; 3] = Default::default();
         for (sink, record) in records {
-            by_sink.entry(sink).or_default().push(record);
+            by_sink[sink.index()].push(record);
         }
-        let sinks = self.sinks.clone();
-        let spool = self.spool.clone();
-        tokio::spawn(async move {
-            for (sink, records) in by_sink {
-                let count = records.len();
-                match sinks.deliver_to(sink, records).await {
-                    Ok(rejected) if rejected.is_empty() => {}
-                    Ok(rejected) => {
-                        let mut change = Change::default();
-                        for rejected in rejected {
-                            change.dead_letter(&DeadLetter {
-                                origin: Origin::Sink {
-                                    sink: sink.name().to_string(),
-                                },
-                                reason: rejected.reason,
-                                record: rejected.record,
-                                at_ms: now_ms(),
-                            });
-                        }
-                        if let Err(error) = spool.commit(change).await {
-                            tracing::error!(%error, "best-effort records refused by their sink could not be dead-lettered");
-                        }
-                    }
-                    Err(error) => {
-                        tracing::error!(sink = sink.name(), lost = count, %error, "best-effort messages lost: their sink failed");
-                    }
-                }
+        for sink in SinkId::ALL {
+            let records = std::mem::take(&mut by_sink[sink.index()]);
+            if records.is_empty() {
+                continue;
             }
-            drop(permit);
-        });
+            let Some(share) = permit.split(records.len()) else {
+                continue;
+            };
+            let _ = self.hand_overs[sink.index()].send(HandOver {
+                records,
+                _permit: share,
+            });
+        }
     }
 
     /// Runs dead letters `keys` again: a message a plugin failed on goes through the
@@ -372,16 +374,26 @@ impl Pipeline {
                 report.missing.push(key);
                 continue;
             };
+            let expired = letter.origin == Origin::Expired;
             match letter.origin {
                 Origin::Sink { .. } | Origin::Expired => {
-                    match self.sinks.sink_for(&letter.record.decision.destination) {
+                    let mut record = letter.record;
+                    // An operator re-drives an expired message on purpose: it goes out
+                    // now, no longer subject to the expiry it already ran past.
+                    if expired {
+                        record
+                            .message
+                            .attributes
+                            .retain(|(key, _)| key != crate::spool::deliver::EXPIRY_ATTRIBUTE);
+                    }
+                    match self.sinks.sink_for(&record.decision.destination) {
                         Some(sink) => {
                             report.redriven.push(RedrivenLetter {
                                 key,
-                                id: letter.record.message.id.clone(),
+                                id: record.message.id.clone(),
                                 status: Status::Accepted,
                             });
-                            requeue.queue(sink, letter.record);
+                            requeue.queue(sink, record);
                             requeue.remove_dead_letter(key);
                         }
                         None => report.missing.push(key),
@@ -588,5 +600,58 @@ fn status_of(routes: &[RouteReport]) -> Status {
         Status::DeadLettered
     } else {
         Status::Accepted
+    }
+}
+
+/// Best-effort records for one sink, with their places under the bound.
+struct HandOver {
+    records: Vec<Record>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+/// Hands best-effort records to `sink` in the order they were accepted: everything
+/// waiting goes in one call, the next call only after it (so a device's later message
+/// never overtakes an earlier one). Refusals become dead letters; a sink failure loses
+/// them (which is what best-effort means).
+async fn hand_over_in_order(
+    sink: SinkId,
+    sinks: Arc<Sinks>,
+    spool: Arc<Spool>,
+    mut waiting: tokio::sync::mpsc::UnboundedReceiver<HandOver>,
+) {
+    while let Some(first) = waiting.recv().await {
+        let mut taken = vec![first];
+        while let Ok(more) = waiting.try_recv() {
+            taken.push(more);
+        }
+        let records: Vec<Record> = taken
+            .iter_mut()
+            .flat_map(|hand_over| std::mem::take(&mut hand_over.records))
+            .collect();
+        let count = records.len();
+        match sinks.deliver_to(sink, records).await {
+            Ok(rejected) if rejected.is_empty() => {}
+            Ok(rejected) => {
+                let mut change = Change::default();
+                for rejected in rejected {
+                    change.dead_letter(&DeadLetter {
+                        origin: Origin::Sink {
+                            sink: sink.name().to_string(),
+                        },
+                        reason: rejected.reason,
+                        record: rejected.record,
+                        at_ms: now_ms(),
+                    });
+                }
+                if let Err(error) = spool.commit(change).await {
+                    tracing::error!(%error, "best-effort records refused by their sink could not be dead-lettered");
+                }
+            }
+            Err(error) => {
+                tracing::error!(sink = sink.name(), lost = count, %error, "best-effort messages lost: their sink failed");
+            }
+        }
+        // The places under the bound are given back once the sink answered.
+        drop(taken);
     }
 }

@@ -1236,9 +1236,6 @@ fn rule_and_sink_dead_letters_are_listed_by_page_discarded_and_redriven_to_kines
 }
 
 #[test]
-#[ignore = "bug: re-driving an expired dead letter answers `accepted` but puts the record \
-            back with its `mqtt.message_expiry`, so the deliverer dead-letters it again as \
-            `expired` at once (under a new key): an expired message can never be re-driven"]
 fn an_expired_dead_letter_is_redriven_to_its_sink() {
     let env = TestEnv::get();
     let (gateway, stream) = env.gateway_with_refusing_kinesis("expired-redrive", 500);

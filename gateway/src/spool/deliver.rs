@@ -275,7 +275,7 @@ impl Deliverer {
 }
 
 /// The attribute IoT Core's publish API fills from `messageExpiry` (seconds).
-const EXPIRY_ATTRIBUTE: &str = "mqtt.message_expiry";
+pub const EXPIRY_ATTRIBUTE: &str = "mqtt.message_expiry";
 
 fn attribute<'a>(record: &'a Record, key: &str) -> Option<&'a str> {
     record
