@@ -116,12 +116,18 @@ pub struct Metrics {
     pub dead_letters_refused: Family<Status, Counter>,
     /// Damaged spool entries skipped when the spool was read at start.
     pub spool_damaged_entries: Counter,
+    /// `fdatasync`s of the local sink's files (one per file per group of windows).
+    pub local_sink_syncs: Counter,
     /// Open device connections, per listener.
     pub connections: Family<ListenerLabel, Gauge>,
     /// Connections the gateway closed or refused, by listener and reason.
     pub connections_closed: Family<ConnectionEnd, Counter>,
     /// Open WebSocket sessions (set at scrape time).
     pub sessions: Gauge,
+    /// MQTT publishes by outcome: `accepted`, or the reason code they were refused with.
+    pub mqtt_publishes: Family<Status, Counter>,
+    /// Seconds from reading a batch of MQTT publishes to writing their PUBACKs.
+    pub mqtt_puback_seconds: Histogram,
     /// Message parts routed, by route and destination.
     pub routes: Family<RouteLabel, Counter>,
     /// Records per delivery window taken from the spool, per sink.
@@ -317,6 +323,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "Damaged spool entries skipped when the spool was read at start",
         spool_damaged_entries.clone(),
     );
+    let local_sink_syncs = Counter::default();
+    registry.register(
+        "local_sink_syncs",
+        "fdatasyncs of the local sink's files",
+        local_sink_syncs.clone(),
+    );
     let connections = Family::<ListenerLabel, Gauge>::default();
     registry.register(
         "connections",
@@ -328,6 +340,18 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "connections_closed",
         "Connections the gateway refused or closed (refused_full, handshake_timeout, idle_timeout)",
         connections_closed.clone(),
+    );
+    let mqtt_publishes = Family::<Status, Counter>::default();
+    registry.register(
+        "mqtt_publishes",
+        "MQTT publishes by outcome (accepted, or the reason code of a refusal)",
+        mqtt_publishes.clone(),
+    );
+    let mqtt_puback_seconds = latency_histogram();
+    registry.register(
+        "mqtt_puback_seconds",
+        "Seconds from reading MQTT publishes to writing their PUBACKs",
+        mqtt_puback_seconds.clone(),
     );
     let sessions = Gauge::default();
     registry.register(
@@ -423,8 +447,11 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         dead_letter_bytes,
         dead_letters_refused,
         spool_damaged_entries,
+        local_sink_syncs,
         connections,
         connections_closed,
+        mqtt_publishes,
+        mqtt_puback_seconds,
         sessions,
         routes,
         sink_window_records,
@@ -483,6 +510,15 @@ impl Metrics {
                 reason: reason.to_string(),
             })
             .inc();
+    }
+
+    /// Counts MQTT publishes with `outcome`.
+    pub fn mqtt_publish(&self, outcome: &str, n: u64) {
+        self.mqtt_publishes
+            .get_or_create(&Status {
+                status: outcome.to_string(),
+            })
+            .inc_by(n);
     }
 
     /// Counts one refusal.

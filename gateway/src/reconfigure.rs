@@ -264,6 +264,7 @@ fn split(running: &Config, new: &Config) -> (Config, Vec<String>) {
             "spool.best_effort_max_in_flight",
         ),
         (running.spool.expired != new.spool.expired, "spool.expired"),
+        (running.mqtt.listen != new.mqtt.listen, "mqtt.listen"),
         (running.aws != new.aws, "aws"),
         (running.sinks != new.sinks, "sinks"),
         (running.admin != new.admin, "admin"),
@@ -302,6 +303,7 @@ fn split(running: &Config, new: &Config) -> (Config, Vec<String>) {
     effective.sinks = running.sinks.clone();
     effective.admin = running.admin.clone();
     effective.downlink = running.downlink.clone();
+    effective.mqtt.listen = running.mqtt.listen;
     if mtls_switch {
         // The whole `[auth]` section waits with it: half of it (tokens without the
         // certificates they were configured with, or the reverse) could lock devices out.

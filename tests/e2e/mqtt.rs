@@ -205,3 +205,166 @@ fn mqtt_over_tcp_on_its_own_port() {
     payloads.sort();
     assert_eq!(payloads, ["v4", "v5"]);
 }
+
+/// The test environment's certificates (scripts/test-env): a CA, a server certificate for
+/// 127.0.0.1 and a client certificate with CN `test-subscriber`.
+fn certs() -> std::path::PathBuf {
+    std::env::var_os("SLUICE_TEST_CERTS")
+        .map(std::path::PathBuf::from)
+        .expect("SLUICE_TEST_CERTS: run scripts/test")
+}
+
+/// `mosquitto_pub` (Debian's) over TLS with a client certificate: on `[mqtt] listen`
+/// with MQTT 5 and 3.1.1, and on the HTTPS device listener by ALPN `x-amzn-mqtt-ca`, as
+/// on IoT Core's port 443. The certificate names the device; a publish outside its
+/// grant never arrives.
+#[test]
+fn mosquitto_pub_over_tls_with_a_client_certificate_and_by_alpn() {
+    let certs = certs();
+    let gateway = Gateway::start(&format!(
+        r#"
+        [server.tls]
+        cert = "{certs}/server.pem"
+        key = "{certs}/server.key"
+        [auth.mtls]
+        ca = ["{certs}/ca.pem"]
+        [[policy.grants]]
+        name = "own"
+        devices = ["*"]
+        publish = ["devices/${{device.id}}/#"]
+        [routing]
+        default_destination = "local"
+        [mqtt]
+        listen = "127.0.0.1:0"
+        "#,
+        certs = certs.display()
+    ));
+    assert!(gateway.mqtt.starts_with("mqtts://"), "{}", gateway.mqtt);
+    let mqtt_port = gateway.mqtt.rsplit(':').next().unwrap().to_string();
+    let https_port = gateway.url.rsplit(':').next().unwrap().to_string();
+    let publish = |port: &str, extra: &[&str], topic: &str, message: &str| {
+        let mut command = std::process::Command::new("mosquitto_pub");
+        command
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                port,
+                "-q",
+                "1",
+                "-i",
+                "test-subscriber",
+            ])
+            .args(["-t", topic, "-m", message])
+            .arg("--cafile")
+            .arg(certs.join("ca.pem"))
+            .arg("--cert")
+            .arg(certs.join("test-subscriber.pem"))
+            .arg("--key")
+            .arg(certs.join("test-subscriber.key"))
+            .args(extra);
+        let output = command.output().expect("mosquitto_pub");
+        (
+            output.status.code(),
+            String::from_utf8_lossy(&output.stderr).into_owned(),
+        )
+    };
+    let topic = "devices/test-subscriber/t";
+    let (code, stderr) = publish(&mqtt_port, &["-V", "mqttv5"], topic, "v5");
+    assert_eq!(code, Some(0), "{stderr}");
+    let (code, stderr) = publish(&mqtt_port, &["-V", "mqttv311"], topic, "v311");
+    assert_eq!(code, Some(0), "{stderr}");
+    let (code, stderr) = publish(
+        &https_port,
+        &["--tls-alpn", "x-amzn-mqtt-ca"],
+        topic,
+        "alpn",
+    );
+    assert_eq!(code, Some(0), "{stderr}");
+    let _ = publish(
+        &mqtt_port,
+        &["-V", "mqttv5"],
+        "devices/someone-else/t",
+        "denied",
+    );
+    let lines = gateway.sink("local");
+    let mut got: Vec<(&str, &str)> = lines
+        .iter()
+        .map(|l| {
+            (
+                l["device"].as_str().unwrap(),
+                l["payload_text"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    got.sort();
+    assert_eq!(
+        got,
+        [
+            ("test-subscriber", "alpn"),
+            ("test-subscriber", "v311"),
+            ("test-subscriber", "v5")
+        ]
+    );
+}
+
+/// With `[auth.tokens]`, an MQTT client over WebSocket authenticates with the token as
+/// its password (the AWS SDKs' `?SDK=…` after the user name is ignored); the client id
+/// must be the token's device.
+#[test]
+fn a_token_as_the_mqtt_password_names_the_device() {
+    let secret = "mqtt-secret-0123456789abcdef0123456789";
+    let gateway = Gateway::start(&format!(
+        r#"
+        [auth.tokens]
+        keys = [{{ id = "k1", secret = "{secret}" }}]
+        [[policy.grants]]
+        name = "own"
+        devices = ["*"]
+        publish = ["devices/${{device.id}}/#"]
+        [routing]
+        default_destination = "local"
+        "#
+    ));
+    let config = gateway.dir.path().join("sluice.toml");
+    let (code, token, stderr) = crate::harness::sluice(&[
+        "token",
+        "issue",
+        "--config",
+        config.to_str().unwrap(),
+        "--device",
+        "valve-7",
+        "--ttl",
+        "10m",
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let token = token.trim();
+    let good = paho(json!({
+        "url": ws_url(&gateway),
+        "version": 5,
+        "client_id": "valve-7",
+        "username": "valve-7?SDK=Python&Version=1.0",
+        "password": token,
+        "publishes": [{"topic": "devices/valve-7/t", "payload": "ok", "qos": 1}],
+    }));
+    assert_eq!(good["results"][0]["reason"], 0, "{good}");
+    let wrong_client = paho(json!({
+        "url": ws_url(&gateway),
+        "version": 5,
+        "client_id": "valve-8",
+        "password": token,
+        "publishes": [],
+    }));
+    assert_eq!(wrong_client["connack"], 0x87, "{wrong_client}");
+    let no_token = paho(json!({
+        "url": ws_url(&gateway),
+        "version": 4,
+        "client_id": "valve-7",
+        "publishes": [],
+    }));
+    // CONNACK return code 5, which paho's version-2 callbacks report as reason 135.
+    assert_eq!(no_token["connack"], 135, "{no_token}");
+    let lines = gateway.sink("local");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["device"], "valve-7");
+}

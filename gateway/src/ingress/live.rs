@@ -76,6 +76,7 @@ impl Live {
             (old.policy != new.policy, "policy"),
             (old.limits != new.limits, "limits"),
             (old.websocket != new.websocket, "websocket"),
+            (old.mqtt != new.mqtt, "mqtt"),
         ] {
             if differs {
                 changed.push(name);

@@ -247,6 +247,7 @@ fn write_loop(dir: &Path, queue: &mpsc::Receiver<Job>, syncs: &AtomicU64) {
             match synced {
                 Ok(()) => {
                     syncs.fetch_add(1, Ordering::Relaxed);
+                    crate::metrics::METRICS.local_sink_syncs.inc();
                 }
                 Err(error) => result = Err(format!("cannot write {kind}.jsonl: {error}")),
             }

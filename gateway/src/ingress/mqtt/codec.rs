@@ -397,6 +397,9 @@ pub fn connack(
                 .expect("a CONNACK always encodes");
         }
         Version::V5 => {
+            // A refusal carries its reason alone (a receive maximum of 0 would be a
+            // protocol error).
+            let accepted = code == ConnAckCode::Accepted;
             let code = match code {
                 ConnAckCode::Accepted => v5::ConnectReturnCode::Success,
                 ConnAckCode::BadProtocol => v5::ConnectReturnCode::UnsupportedProtocolVersion,
@@ -407,17 +410,17 @@ pub fn connack(
             };
             let properties = v5::ConnAckProperties {
                 session_expiry_interval: None,
-                receive_max: Some(receive_maximum),
-                max_qos: Some(1),
+                receive_max: accepted.then_some(receive_maximum),
+                max_qos: accepted.then_some(1),
                 retain_available: None,
-                max_packet_size: Some(u32::try_from(max_packet).unwrap_or(u32::MAX)),
+                max_packet_size: accepted.then(|| u32::try_from(max_packet).unwrap_or(u32::MAX)),
                 assigned_client_identifier: None,
-                topic_alias_max: Some(0),
+                topic_alias_max: accepted.then_some(0),
                 reason_string: reason.map(str::to_string),
                 user_properties: Vec::new(),
                 wildcard_subscription_available: None,
-                subscription_identifiers_available: Some(0),
-                shared_subscription_available: Some(0),
+                subscription_identifiers_available: accepted.then_some(0),
+                shared_subscription_available: accepted.then_some(0),
                 server_keep_alive: None,
                 response_information: None,
                 server_reference: None,

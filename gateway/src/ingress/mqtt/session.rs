@@ -372,6 +372,7 @@ impl Session<'_> {
     /// Admits each publish, runs the admitted ones as one batch, and answers each in
     /// arrival order.
     async fn publish<T: Transport>(&self, io: &mut T, batch: Vec<Publish>) -> Result<(), End> {
+        let started = std::time::Instant::now();
         let rules = self.state.rules();
         let limit = self.state.pipeline.max_payload_bytes();
         // Per publish: its packet id and QoS, and its refusal or its place in `messages`.
@@ -427,16 +428,18 @@ impl Session<'_> {
             };
             match (refusal, self.version) {
                 (Some((reason, why)), Version::V4) => {
+                    crate::metrics::METRICS.mqtt_publish(&format!("{reason:#04x}"), 1);
                     let _ = io.send(&out).await;
                     return Err(End::Refused(reason, why));
                 }
                 // Not a PUBACK code: the connection ends, after the acks before it.
                 (Some((0x95, why)), Version::V5) => {
+                    crate::metrics::METRICS.mqtt_publish("0x95", 1);
                     let _ = io.send(&out).await;
                     return Err(End::Refused(0x95, why));
                 }
                 (Some((reason, why)), Version::V5) => {
-                    crate::metrics::METRICS.refusal("mqtt_publish_refused");
+                    crate::metrics::METRICS.mqtt_publish(&format!("{reason:#04x}"), 1);
                     if qos == 1 {
                         out.extend_from_slice(&codec::puback(
                             self.version,
@@ -447,6 +450,7 @@ impl Session<'_> {
                     }
                 }
                 (None, _) => {
+                    crate::metrics::METRICS.mqtt_publish("accepted", 1);
                     if qos == 1 {
                         out.extend_from_slice(&codec::puback(self.version, pkid, 0, None));
                     }
@@ -456,6 +460,9 @@ impl Session<'_> {
         if !out.is_empty() && io.send(&out).await.is_err() {
             return Err(End::Closed);
         }
+        crate::metrics::METRICS
+            .mqtt_puback_seconds
+            .observe(started.elapsed().as_secs_f64());
         Ok(())
     }
 }
