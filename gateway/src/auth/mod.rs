@@ -241,6 +241,49 @@ fn header_identity(headers: &HeaderMap) -> Result<Identity, AuthError> {
 mod tests {
     use super::*;
 
+    /// A session's credential is checked again while it lasts: past its expiry, or once
+    /// a reload lists its certificate as revoked, it is no longer valid.
+    #[test]
+    fn a_session_ends_with_its_credential() {
+        let key = CertificateKey {
+            serial: vec![0x10, 0x66],
+            fingerprint: vec![7; 32],
+        };
+        let identity = Identity {
+            device_id: "d".to_string(),
+            groups: Vec::new(),
+            method: Method::Certificate,
+            expires_at_secs: Some(1_000),
+            certificate: Some(key),
+        };
+        let config = |revoked: &str| -> AuthConfig {
+            toml::from_str(&format!(
+                "[mtls]\nca = [\"ca.pem\"]\nrevoked_serials = [{revoked}]\n"
+            ))
+            .unwrap()
+        };
+        let before = Authenticator::new(Some(&config("")));
+        assert_eq!(before.still_valid(&identity, 999), Ok(()));
+        assert_eq!(
+            before.still_valid(&identity, 1_001),
+            Err(AuthError::CertificateExpired)
+        );
+        let after = Authenticator::new(Some(&config("\"10:66\"")));
+        assert_eq!(
+            after.still_valid(&identity, 999),
+            Err(AuthError::CertificateRevoked)
+        );
+        let token = Identity {
+            method: Method::Token,
+            certificate: None,
+            ..identity
+        };
+        assert_eq!(
+            after.still_valid(&token, 1_001),
+            Err(AuthError::TokenExpired)
+        );
+    }
+
     #[test]
     fn device_ids_that_would_break_topic_filters_are_refused() {
         assert!(check_device_id("sensor-17").is_ok());

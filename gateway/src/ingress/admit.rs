@@ -526,6 +526,26 @@ mod tests {
         }
     }
 
+    /// A command reply is a publish on the reply topic: it needs a grant there and counts
+    /// against that grant's rate.
+    #[test]
+    fn replies_are_held_to_the_policy() {
+        let rules = rules(
+            r#"
+            [[policy.grants]]
+            name = "replies"
+            devices = ["*"]
+            publish = ["cmd-reply/${device.id}"]
+            max_messages_per_sec = 1
+        "#,
+        );
+        assert!(admit_reply(&rules, &device(), "cmd-reply/d1", 10).is_ok());
+        let again = admit_reply(&rules, &device(), "cmd-reply/d1", 10).unwrap_err();
+        assert_eq!(again.code(), "rate_limited");
+        let other = admit_reply(&rules, &device(), "cmd-reply/d2", 10).unwrap_err();
+        assert_eq!(other.code(), "topic_denied");
+    }
+
     /// A batch is refused whole, naming the message that failed.
     #[test]
     fn a_batch_names_the_message_that_failed() {
