@@ -96,6 +96,16 @@ pub enum StoreError {
         /// `spool.best_effort_max_in_flight`.
         limit: usize,
     },
+    /// The batch alone holds more best-effort messages than may ever wait at once.
+    #[error(
+        "{count} best-effort messages in one request exceed spool.best_effort_max_in_flight of {limit}"
+    )]
+    BestEffortTooMany {
+        /// Best-effort messages in the batch.
+        count: usize,
+        /// `spool.best_effort_max_in_flight`.
+        limit: usize,
+    },
 }
 
 /// Records of one batch, sorted by how they are kept.
@@ -312,6 +322,12 @@ impl Pipeline {
         // Best-effort room is taken first: a batch is stored whole or not at all.
         let permit = match routed.best_effort.len() {
             0 => None,
+            n if n > self.best_effort_limit => {
+                return Err(StoreError::BestEffortTooMany {
+                    count: n,
+                    limit: self.best_effort_limit,
+                });
+            }
             n => Some(
                 self.best_effort
                     .clone()
@@ -366,10 +382,17 @@ impl Pipeline {
             kept: Vec::new(),
             missing: Vec::new(),
         };
+        // A key named twice is one letter, redriven once.
+        let mut seen = std::collections::HashSet::new();
+        let keys: Vec<u64> = keys
+            .iter()
+            .copied()
+            .filter(|key| seen.insert(*key))
+            .collect();
         // Grouped by where the chain starts: one plugin run per group.
         let mut again: HashMap<Option<String>, Vec<(u64, Message)>> = HashMap::new();
         let mut requeue = Change::default();
-        for &key in keys {
+        for key in keys {
             let Some(letter) = self.spool.dead_letter(key)? else {
                 report.missing.push(key);
                 continue;

@@ -36,6 +36,16 @@ pub enum Refusal {
         /// The payload's size.
         size: usize,
     },
+    /// `413 payload_too_large`: more messages in one request than the grant's
+    /// `max_messages_per_sec` (no wait would let them through).
+    TooMany {
+        /// The grant.
+        grant: String,
+        /// Its `max_messages_per_sec`.
+        limit: u32,
+        /// Messages in the request under that grant.
+        count: u32,
+    },
     /// `429 rate_limited` with `Retry-After`.
     RateLimited {
         /// The grant.
@@ -178,11 +188,13 @@ impl DevicePolicy {
                         retry_after: not_until.wait_time_from(now),
                     });
                 }
+                // More messages at once than the grant allows in a second: waiting would
+                // never help.
                 Err(_) => {
-                    return Err(Refusal::RateLimited {
+                    return Err(Refusal::TooMany {
                         grant: name.clone(),
-                        limit: "max_messages_per_sec",
-                        retry_after: Duration::from_secs(1),
+                        limit: grant.config.max_messages_per_sec.unwrap_or(0),
+                        count,
                     });
                 }
             }
@@ -343,9 +355,9 @@ mod tests {
         assert!(
             matches!(
                 policy.check_publish(&a, batch),
-                Err(Refusal::RateLimited { ref grant, .. }) if grant == "telemetry"
+                Err(Refusal::TooMany { ref grant, limit: 1, count: 2 }) if grant == "telemetry"
             ),
-            "two telemetry messages exceed its 1 msg/s"
+            "two telemetry messages in one request exceed its 1 msg/s for good"
         );
         // Status has no limits: many of them pass.
         let statuses = [("status/x", 1000); 50];

@@ -175,15 +175,29 @@ fn each_message_of_a_batch_is_held_to_its_own_grant() {
             reply.body
         );
     }
-    // Small telemetry messages are held to its rate: two in one batch are one too many.
+    // Small telemetry messages are held to its rate.
     let two = json!({"messages": [
         {"topic": "status/s", "payload": 1},
         {"topic": "telemetry/t", "payload": 1},
         {"topic": "telemetry/t", "payload": 2},
     ]});
     let reply = gateway.post("/batch", "dev-2", two.to_string().into_bytes(), None);
-    assert_eq!(reply.status, 429, "{:?}", reply.body);
-    assert!(gateway.all_sink_lines().is_empty());
+    // More in one request than the grant takes in a second: refused for good, not 429.
+    assert_eq!(reply.status, 413, "{:?}", reply.body);
+    assert!(
+        reply.body["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_messages_per_sec"),
+        "{:?}",
+        reply.body
+    );
+    let one = json!({"messages": [{"topic": "telemetry/t", "payload": 1}]});
+    let reply = gateway.post("/batch", "dev-2", one.to_string().into_bytes(), None);
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    let again = gateway.post("/batch", "dev-2", one.to_string().into_bytes(), None);
+    assert_eq!(again.status, 429, "{:?}", again.body);
+    assert_eq!(gateway.sink("local").len(), 1);
 }
 
 /// Attributes are bounded in number and counted with the payload against a grant's size.
@@ -426,4 +440,35 @@ fn a_websocket_session_ends_with_its_token() {
             opened.elapsed()
         );
     });
+}
+
+/// A TLS client that never finishes its handshake is closed at
+/// `server.handshake_timeout_secs`, and counted.
+#[test]
+fn a_stalled_tls_handshake_is_closed_at_its_timeout() {
+    let certs = std::env::var("SLUICE_TEST_CERTS").expect("SLUICE_TEST_CERTS: run scripts/test");
+    let gateway = Gateway::start(&format!(
+        "[server]\nhandshake_timeout_secs = 1\n[server.tls]\ncert = \"{certs}/server.pem\"\nkey = \"{certs}/server.key\"\n"
+    ));
+    let address = gateway.url.trim_start_matches("https://").to_string();
+    let started = Instant::now();
+    let mut stalled = TcpStream::connect(&address).unwrap();
+    // Half a TLS ClientHello record header, then nothing.
+    stalled.write_all(&[0x16, 0x03, 0x01]).unwrap();
+    stalled
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let mut buf = [0u8; 16];
+    match stalled.read(&mut buf) {
+        Ok(0) => {}
+        Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => {}
+        other => panic!("the stalled handshake was not closed: {other:?}"),
+    }
+    let took = started.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_secs(10),
+        "{took:?}"
+    );
+    let closed = r#"sluice_connections_closed_total{listener="http",reason="handshake_timeout"}"#;
+    assert_eq!(metric(&gateway, closed), 1.0);
 }

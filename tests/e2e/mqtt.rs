@@ -197,13 +197,22 @@ fn mqtt_over_tcp_on_its_own_port() {
         }));
         assert_eq!(report["results"][0]["reason"], 0, "{report}");
     }
+    // mosquitto_pub at QoS 0 sends PUBLISH and DISCONNECT back to back: the publish
+    // read with the DISCONNECT is still delivered.
+    let port = gateway.mqtt.rsplit(':').next().unwrap();
+    let status = std::process::Command::new("mosquitto_pub")
+        .args(["-h", "127.0.0.1", "-p", port, "-q", "0", "-V", "mqttv5"])
+        .args(["-i", "tcp-q0", "-t", "tcp/t", "-m", "q0"])
+        .status()
+        .expect("mosquitto_pub");
+    assert!(status.success());
     let lines = gateway.sink("local");
     let mut payloads: Vec<&str> = lines
         .iter()
         .map(|l| l["payload_text"].as_str().unwrap())
         .collect();
     payloads.sort();
-    assert_eq!(payloads, ["v4", "v5"]);
+    assert_eq!(payloads, ["q0", "v4", "v5"]);
 }
 
 /// The test environment's certificates (scripts/test-env): a CA, a server certificate for

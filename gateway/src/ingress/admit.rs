@@ -159,10 +159,15 @@ pub enum ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(error: StoreError) -> Self {
+        if let StoreError::BestEffortTooMany { .. } = error {
+            return ApiError::TooLarge(error.to_string());
+        }
         let (code, retry_after) = match &error {
             StoreError::Spool(SpoolError::Full { .. }) => ("spool_full", 5),
             StoreError::Spool(SpoolError::DeadLettersFull { .. }) => ("dead_letters_full", 30),
-            StoreError::BestEffortFull { .. } => ("best_effort_busy", 1),
+            StoreError::BestEffortFull { .. } | StoreError::BestEffortTooMany { .. } => {
+                ("best_effort_busy", 1)
+            }
             StoreError::Spool(_) => ("spool_unavailable", 1),
         };
         ApiError::Unavailable {
@@ -362,6 +367,13 @@ fn policy_refusal(identity: &Identity, refusal: Refusal) -> ApiError {
         },
         Refusal::TooLarge { grant, limit, size } => ApiError::TooLarge(format!(
             "{size} bytes of payload and attributes exceed the limit of {limit} of policy grant `{grant}`"
+        )),
+        Refusal::TooMany {
+            grant,
+            limit,
+            count,
+        } => ApiError::TooLarge(format!(
+            "{count} messages in one request exceed the max_messages_per_sec of {limit} of policy grant `{grant}`"
         )),
         Refusal::RateLimited {
             grant,

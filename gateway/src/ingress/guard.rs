@@ -161,14 +161,16 @@ struct FirstRequest {
 impl FirstRequest {
     /// Whether `bytes` (read after the ones seen so far) end the first request head.
     fn ends_in(&mut self, bytes: &[u8]) -> bool {
-        let mut window = self.tail.to_vec();
-        window.extend_from_slice(&bytes[..bytes.len().min(4096)]);
-        if window.windows(4).any(|w| w == b"\r\n\r\n") {
+        // The bytes that may finish a `\r\n\r\n` begun in the last read, then the rest.
+        let mut joined = self.tail.to_vec();
+        joined.extend_from_slice(&bytes[..bytes.len().min(3)]);
+        if joined.windows(4).any(|w| w == b"\r\n\r\n") || bytes.windows(4).any(|w| w == b"\r\n\r\n")
+        {
             return true;
         }
-        let keep = window.len().min(3);
-        self.tail = [0; 3];
-        self.tail[3 - keep..].copy_from_slice(&window[window.len() - keep..]);
+        let mut last = self.tail.to_vec();
+        last.extend_from_slice(bytes);
+        self.tail.copy_from_slice(&last[last.len() - 3..]);
         false
     }
 }
@@ -317,6 +319,12 @@ mod tests {
         assert!(!first.ends_in(b"GET / HTTP/1.1\r\n"));
         assert!(!first.ends_in(b"\r"));
         assert!(first.ends_in(b"\n"));
+        // A head over 4 KiB in one read (a large token) is still seen to end.
+        let mut first = FirstRequest::default();
+        let mut head = b"GET /commands?wait=60 HTTP/1.1\r\nauthorization: Bearer ".to_vec();
+        head.extend(std::iter::repeat_n(b'x', 8000));
+        head.extend_from_slice(b"\r\n\r\n");
+        assert!(first.ends_in(&head));
     }
 
     #[test]

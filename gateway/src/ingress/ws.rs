@@ -482,6 +482,8 @@ async fn run_session(
     };
     tokio::pin!(expiry);
     let mut updates = state.live.updates.subscribe();
+    // A reload between the upgrade and here would otherwise go unnoticed.
+    updates.mark_changed();
     // Why the session ends (a close frame to send), once the loop stops reading.
     let ending: Option<Frame> = loop {
         tokio::select! {

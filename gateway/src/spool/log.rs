@@ -321,7 +321,9 @@ impl Log {
             // A segment whose first entry is whole without a marker was written before
             // the marker existed. (One whose first entry is damaged is read as of today's
             // format: the entries after it are found again.)
-            let legacy = check_legacy_entry(&bytes, id).is_some();
+            let legacy = check_legacy_entry(&bytes, id).is_some()
+                || (!bytes.windows(4).any(|w| w == MARKER.to_le_bytes())
+                    && bytes.iter().any(|&b| b != 0));
             index.segments.insert(
                 id,
                 Segment {
@@ -619,6 +621,17 @@ fn replay_legacy(bytes: &[u8], id: u64, index: &mut Index, next_seq: &mut u64) -
     let mut at = 0;
     while at < bytes.len() {
         let Some(body) = check_legacy_entry(&bytes[at..], id) else {
+            // The older format has no marker to find the next entry by: what follows a
+            // bad entry that is not the zeros after the data cannot be read.
+            if bytes[at..].iter().take(LEGACY_HEADER).any(|&b| b != 0) {
+                tracing::error!(
+                    segment = id,
+                    offset = at,
+                    "a spool segment of the format without markers has a bad entry; \
+                     the entries after it cannot be found again and are not read"
+                );
+                crate::metrics::METRICS.spool_damaged_entries.inc();
+            }
             break;
         };
         if !apply_entry(body, id, at, index, next_seq) {

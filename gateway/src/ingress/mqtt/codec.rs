@@ -373,14 +373,29 @@ pub enum ConnAckCode {
     Unavailable,
 }
 
-/// A CONNACK; `receive_maximum` and `max_packet` are the gateway's limits (5.0).
+/// What an accepting MQTT 5 CONNACK announces.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Accepted {
+    /// QoS 1 publishes the client may have unacknowledged.
+    pub receive_maximum: u16,
+    /// The largest packet the gateway takes.
+    pub max_packet: usize,
+    /// The keep-alive the gateway holds the client to (seconds).
+    pub keep_alive: u16,
+}
+
+/// A CONNACK; with [`ConnAckCode::Accepted`], MQTT 5 clients are told `accepted`.
 pub fn connack(
     version: Version,
     code: ConnAckCode,
-    receive_maximum: u16,
-    max_packet: usize,
+    accepted: Accepted,
     reason: Option<&str>,
 ) -> BytesMut {
+    let Accepted {
+        receive_maximum,
+        max_packet,
+        keep_alive,
+    } = accepted;
     let mut out = BytesMut::new();
     match version {
         Version::V4 => {
@@ -421,7 +436,7 @@ pub fn connack(
                 wildcard_subscription_available: None,
                 subscription_identifiers_available: accepted.then_some(0),
                 shared_subscription_available: accepted.then_some(0),
-                server_keep_alive: None,
+                server_keep_alive: accepted.then_some(keep_alive),
                 response_information: None,
                 server_reference: None,
                 authentication_method: None,
@@ -538,6 +553,35 @@ pub fn suback(version: Version, pkid: u16, granted: &[Option<u8>]) -> BytesMut {
         }
     }
     out
+}
+
+/// An UNSUBACK for `pkid` with `count` filters (5.0: each reason 0x00, success).
+pub fn unsuback(version: Version, pkid: u16, count: usize) -> BytesMut {
+    let mut out = BytesMut::new();
+    match version {
+        Version::V4 => {
+            out.put_u8(0xb0);
+            out.put_u8(2);
+            out.put_u16(pkid);
+        }
+        Version::V5 => {
+            let ack = v5::UnsubAck {
+                pkid,
+                reasons: vec![v5::UnsubAckReason::Success; count],
+                properties: None,
+            };
+            v5::Packet::UnsubAck(ack)
+                .write(&mut out, None)
+                .expect("an UNSUBACK always encodes");
+        }
+    }
+    out
+}
+
+/// Whether `bytes` start with a whole packet (so reading them needs no more input).
+pub fn complete(bytes: &[u8]) -> bool {
+    matches!(fixed_header(bytes), Ok(Some((length, start))) if bytes.len() >= start + length)
+        || fixed_header(bytes).is_err()
 }
 
 /// A PUBLISH to the client (a command) at `qos` with packet id `pkid`.

@@ -69,6 +69,10 @@ pub struct Limits {
     pub connect_timeout: Duration,
 }
 
+/// The largest CONNECT taken: before a client is authenticated it may not make the
+/// gateway hold more (a CONNECT carries ids, credentials and a will).
+const MAX_CONNECT_BYTES: usize = 64 * 1024;
+
 /// IoT Core's keep-alive range, in seconds: a client asking for less gets the least, for
 /// none or more the most.
 const KEEP_ALIVE_SECS: (u16, u16) = (30, 1200);
@@ -100,9 +104,13 @@ pub async fn run<T: Transport>(
     protocol: &'static str,
 ) {
     let mut buffer = BytesMut::with_capacity(1024);
+    let connect_limits = Limits {
+        max_packet_bytes: limits.max_packet_bytes.min(MAX_CONNECT_BYTES),
+        ..limits
+    };
     let connect = match tokio::time::timeout(
         limits.connect_timeout,
-        read_connect(&mut io, &mut buffer, limits),
+        read_connect(&mut io, &mut buffer, connect_limits),
     )
     .await
     {
@@ -110,15 +118,13 @@ pub async fn run<T: Transport>(
         Ok(Err(Some(error))) => {
             tracing::debug!(%error, "MQTT connection refused before CONNECT");
             if let CodecError::Protocol(_) = error {
-                let _ = io
-                    .send(&codec::connack(
-                        Version::V4,
-                        ConnAckCode::BadProtocol,
-                        0,
-                        0,
-                        None,
-                    ))
-                    .await;
+                let ack = codec::connack(
+                    Version::V4,
+                    ConnAckCode::BadProtocol,
+                    codec::Accepted::default(),
+                    None,
+                );
+                let _ = io.send(&ack).await;
             }
             crate::metrics::METRICS.refusal("mqtt_bad_connect");
             return;
@@ -131,7 +137,7 @@ pub async fn run<T: Transport>(
         Err((code, why)) => {
             tracing::info!(client_id = %connect.client_id, why = %why, "MQTT CONNECT refused");
             crate::metrics::METRICS.refusal("mqtt_connect_refused");
-            let ack = codec::connack(version, code, 0, 0, Some(&why));
+            let ack = codec::connack(version, code, codec::Accepted::default(), Some(&why));
             let _ = io.send(&ack).await;
             return;
         }
@@ -140,20 +146,19 @@ pub async fn run<T: Transport>(
         .window
         .min(connect.receive_maximum.unwrap_or(u16::MAX))
         .max(1);
-    let ack = codec::connack(
-        version,
-        ConnAckCode::Accepted,
-        limits.window,
-        limits.max_packet_bytes,
-        None,
-    );
-    if io.send(&ack).await.is_err() {
-        return;
-    }
     let keep_alive = match connect.keep_alive {
         0 => KEEP_ALIVE_SECS.1,
         secs => secs.clamp(KEEP_ALIVE_SECS.0, KEEP_ALIVE_SECS.1),
     };
+    let accepted = codec::Accepted {
+        receive_maximum: limits.window,
+        max_packet: limits.max_packet_bytes,
+        keep_alive,
+    };
+    let ack = codec::connack(version, ConnAckCode::Accepted, accepted, None);
+    if io.send(&ack).await.is_err() {
+        return;
+    }
     let span = tracing::info_span!("mqtt_session", device = %identity.device_id, protocol);
     let session = Session {
         state: &state,
@@ -290,9 +295,25 @@ impl Session<'_> {
         info: &crate::ingress::sessions::SessionInfo,
     ) -> End {
         let mut shutdown = self.state.shutdown.clone();
+        // The session ends with its credential: at its expiry, or when a reload revokes
+        // it (checked once now too, for a reload between the CONNECT and here).
+        let expiry = async {
+            match self.identity.expires_at_secs {
+                Some(at) => {
+                    let left = at.saturating_sub(crate::message::now_ms() / 1000);
+                    tokio::time::sleep(Duration::from_secs(left.saturating_add(1))).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(expiry);
+        let mut updates = self.state.live.updates.subscribe();
+        updates.mark_changed();
         loop {
-            // Everything already read, then the publishes among it as one batch.
+            // Everything already read, then the publishes among it as one batch; a
+            // packet that ends the session ends it after the publishes before it.
             let mut batch = Vec::new();
+            let mut ending = None;
             loop {
                 if batch.len() >= usize::from(self.window) {
                     break;
@@ -301,11 +322,15 @@ impl Session<'_> {
                     match codec::read(self.version, &mut buffer, self.limits.max_packet_bytes) {
                         Ok(Some(packet)) => packet,
                         Ok(None) => break,
-                        Err(error) => return End::Refused(error.reason_code(), error.to_string()),
+                        Err(error) => {
+                            ending = Some(End::Refused(error.reason_code(), error.to_string()));
+                            break;
+                        }
                     };
                 match packet {
                     Incoming::Publish(publish) if publish.qos > 1 => {
-                        return End::Refused(0x9b, "QoS 2 is not supported".to_string());
+                        ending = Some(End::Refused(0x9b, "QoS 2 is not supported".to_string()));
+                        break;
                     }
                     Incoming::Publish(publish) => batch.push(publish),
                     Incoming::PingReq => {
@@ -313,7 +338,10 @@ impl Session<'_> {
                             return End::Closed;
                         }
                     }
-                    Incoming::Disconnect => return End::Closed,
+                    Incoming::Disconnect => {
+                        ending = Some(End::Closed);
+                        break;
+                    }
                     Incoming::PubAck { .. } => {}
                     Incoming::Subscribe { pkid, filters } => {
                         let granted: Vec<Option<u8>> = filters
@@ -333,22 +361,33 @@ impl Session<'_> {
                             return End::Closed;
                         }
                     }
-                    Incoming::Unsubscribe { .. } => {}
+                    Incoming::Unsubscribe { pkid, filters } => {
+                        let ack = codec::unsuback(self.version, pkid, filters.len());
+                        if io.send(&ack).await.is_err() {
+                            return End::Closed;
+                        }
+                    }
                     Incoming::Connect(_) => {
-                        return End::Refused(0x82, "a second CONNECT".to_string());
+                        ending = Some(End::Refused(0x82, "a second CONNECT".to_string()));
+                        break;
                     }
                     Incoming::Unexpected(what) => {
-                        return End::Refused(0x82, format!("{what} from a client"));
+                        ending = Some(End::Refused(0x82, format!("{what} from a client")));
+                        break;
                     }
                 }
             }
             if !batch.is_empty() {
                 info.messages
                     .fetch_add(batch.len() as u64, std::sync::atomic::Ordering::Relaxed);
-                match self.publish(io, batch).await {
-                    Ok(()) => {}
-                    Err(end) => return end,
+                if let Err(end) = self.publish(io, batch).await {
+                    return end;
                 }
+            }
+            if let Some(end) = ending {
+                return end;
+            }
+            if !buffer.is_empty() && codec::complete(&buffer) {
                 continue;
             }
             tokio::select! {
@@ -364,6 +403,15 @@ impl Session<'_> {
                 }
                 () = shutdown.wait() => {
                     return End::Refused(0x8b, "the gateway is shutting down".to_string());
+                }
+                () = &mut expiry => {
+                    return End::Refused(0x87, "the credential expired".to_string());
+                }
+                Ok(()) = updates.changed() => {
+                    let now = crate::message::now_ms() / 1000;
+                    if let Err(error) = self.state.rules().auth.still_valid(self.identity, now) {
+                        return End::Refused(0x87, error.to_string());
+                    }
                 }
             }
         }
@@ -395,16 +443,30 @@ impl Session<'_> {
                     messages.append(&mut admitted);
                     messages.len() - 1
                 });
+            // A refusal that ends the connection (any, in 3.1.1; 0x95 in 5.0) ends the
+            // batch: what came after it is neither stored nor acknowledged, and the
+            // client sends it again.
+            let closes = answer
+                .as_ref()
+                .err()
+                .is_some_and(|error| self.version == Version::V4 || reason_of(error).0 == 0x95);
             answers.push((publish.pkid, publish.qos, answer));
+            if closes {
+                break;
+            }
         }
+        // 3.1.1 cannot say "later": while the spool is full, the batch waits (nothing more
+        // is read), for at most the keep-alive's span; then the connection is closed.
+        let hold_until = std::time::Instant::now() + self.idle;
         let reports = loop {
             if messages.is_empty() {
                 break Ok(Vec::new());
             }
             match self.state.pipeline.process(messages.clone(), false).await {
                 Ok(reports) => break Ok(reports),
-                // 3.1.1 cannot say "later": hold the batch, read nothing more, try again.
-                Err(StoreError::Spool(SpoolError::Full { .. })) if self.version == Version::V4 => {
+                Err(StoreError::Spool(SpoolError::Full { .. }))
+                    if self.version == Version::V4 && std::time::Instant::now() < hold_until =>
+                {
                     tokio::time::sleep(Duration::from_secs(1)).await;
                 }
                 Err(error) => break Err(reason_of(&ApiError::from(error))),
