@@ -2,8 +2,8 @@
 //! request carries `Authorization: Bearer <admin.token>`; without it: `401 unauthorized`.
 //!
 //! - `GET /admin/spool`: records and bytes waiting per sink, dead letters, commits.
-//! - `GET /admin/devices`: the open WebSocket sessions (device, how it authenticated,
-//!   messages, in flight, the most ever in flight, the window).
+//! - `GET /admin/devices`: the open sessions, WebSocket and MQTT (device, protocol, how
+//!   it authenticated, messages, in flight, the most ever in flight, the window).
 //! - `GET /metrics`: Prometheus metrics (messages by status, refusals by code, records
 //!   leaving the spool by sink and outcome, sink failures, receipt-to-confirmation
 //!   latency per sink, spool depth and bytes, fsyncs, dead letters, WebSocket sessions).

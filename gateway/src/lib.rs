@@ -1,6 +1,6 @@
 //! Sluice: an ingestion gateway for IoT fleets.
 //!
-//! Devices publish over HTTPS; every message runs through the configured WebAssembly
+//! Devices publish over HTTPS, WebSockets or MQTT; every message runs through the configured WebAssembly
 //! plugins (transforms, then a router), the routing policy picks its destination (AWS IoT
 //! Core, a Kinesis data stream, the local sink, the dead-letter store, or nowhere), the
 //! spool keeps it on disk before the device gets its acknowledgement, and a sink delivers
