@@ -1,7 +1,8 @@
 //! Sluice: an ingestion gateway for IoT fleets.
 //!
-//! Devices publish over HTTPS, WebSockets or MQTT; every message runs through the configured WebAssembly
-//! plugins (transforms, then a router), the routing policy picks its destination (AWS IoT
+//! Devices publish over HTTPS, WebSockets or MQTT; every message runs through the
+//! configured WebAssembly plugins (transforms, then a router), the routing policy picks
+//! its destination (AWS IoT
 //! Core, a Kinesis data stream, the local sink, the dead-letter store, or nowhere), the
 //! spool keeps it on disk before the device gets its acknowledgement, and a sink delivers
 //! it from there.
