@@ -2,10 +2,9 @@
 //!
 //! Devices publish over HTTPS, WebSockets or MQTT; every message runs through the
 //! configured WebAssembly plugins (transforms, then a router), the routing policy picks
-//! its destination (AWS IoT
-//! Core, a Kinesis data stream, the local sink, the dead-letter store, or nowhere), the
-//! spool keeps it on disk before the device gets its acknowledgement, and a sink delivers
-//! it from there.
+//! its destination (AWS IoT Core, a Kinesis data stream, the local sink, the dead-letter
+//! store, or nowhere), the spool keeps it on disk before the device gets its
+//! acknowledgement, and a sink delivers it from there.
 //!
 //! # Layout
 //!
