@@ -277,19 +277,7 @@ fn tokens_good_expired_tampered_and_unknown_key_behave_as_specified() {
         server_pem,
         ..
     } = setup();
-    let config = gateway.dir.path().join("sluice.toml");
-    let (code, token, stderr) = sluice(&[
-        "token",
-        "issue",
-        "--config",
-        config.to_str().unwrap(),
-        "--device",
-        "dev-9",
-        "--ttl",
-        "1h",
-    ]);
-    assert_eq!(code, 0, "{stderr}");
-    let token = token.trim().to_string();
+    let token = gateway.issue_token("dev-9", "1h");
     let plain = client(&server_pem, None);
     let (status, body, _) =
         publish(&plain, &gateway, "devices/dev-9/x", Some(&token), "spoof").unwrap();

@@ -403,19 +403,7 @@ fn a_websocket_session_ends_with_its_token() {
         publish = ["devices/${{device.id}}/#"]
         "#
     ));
-    let config = gateway.dir.path().join("sluice.toml");
-    let (code, token, stderr) = sluice(&[
-        "token",
-        "issue",
-        "--config",
-        config.to_str().unwrap(),
-        "--device",
-        "valve-1",
-        "--ttl",
-        "1s",
-    ]);
-    assert_eq!(code, 0, "{stderr}");
-    let token = token.trim().to_string();
+    let token = gateway.issue_token("valve-1", "1s");
     runtime().block_on(async {
         let url = format!("{}/ws", gateway.url.replace("http://", "ws://"));
         let mut request = url.into_client_request().unwrap();

@@ -167,6 +167,24 @@ impl Gateway {
         Reply { status, body }
     }
 
+    /// A token for `device` from `sluice token issue` on this gateway's configuration,
+    /// valid for `ttl` (`1s`, `10m`, `1h`, …).
+    pub fn issue_token(&self, device: &str, ttl: &str) -> String {
+        let config = self.dir.path().join("sluice.toml");
+        let (code, token, stderr) = sluice(&[
+            "token",
+            "issue",
+            "--config",
+            config.to_str().expect("a UTF-8 path"),
+            "--device",
+            device,
+            "--ttl",
+            ttl,
+        ]);
+        assert_eq!(code, 0, "sluice token issue: {stderr}");
+        token.trim().to_string()
+    }
+
     /// The process id, for signals.
     pub fn pid(&self) -> u32 {
         self.child.id()

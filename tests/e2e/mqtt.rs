@@ -26,6 +26,16 @@ fn paho(spec: Value) -> Value {
     serde_json::from_str(stdout.trim()).unwrap_or_else(|e| panic!("{e}: {stdout}"))
 }
 
+/// The reason code paho got for each publish, in order (`null` for none).
+fn reasons(report: &Value) -> Vec<Value> {
+    report["results"]
+        .as_array()
+        .expect("results")
+        .iter()
+        .map(|result| result["reason"].clone())
+        .collect()
+}
+
 fn ws_url(gateway: &Gateway) -> String {
     format!("{}/mqtt", gateway.url.replace("http://", "ws://"))
 }
@@ -50,13 +60,7 @@ fn paho_publishes_over_websocket_with_both_versions() {
             ],
         }));
         assert_eq!(report["connack"], 0, "{report}");
-        let reasons: Vec<&Value> = report["results"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|r| &r["reason"])
-            .collect();
-        assert_eq!(reasons[..2], [&json!(0), &json!(0)], "{report}");
+        assert_eq!(reasons(&report)[..2], [json!(0), json!(0)], "{report}");
     }
     let lines = gateway.sink("local");
     for version in [4, 5] {
@@ -126,13 +130,7 @@ fn mqtt5_refusals_are_pubacks_with_reason_codes() {
             {"topic": "devices/dev-5/t", "payload": "ok", "qos": 1},
         ],
     }));
-    let reasons: Vec<&Value> = report["results"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|r| &r["reason"])
-        .collect();
-    assert_eq!(reasons, [&json!(0x87), &json!(0)], "{report}");
+    assert_eq!(reasons(&report), [json!(0x87), json!(0)], "{report}");
     assert_eq!(report["disconnected"], false, "{report}");
     let report = paho(json!({
         "url": ws_url(&gateway),
@@ -335,19 +333,7 @@ fn a_token_as_the_mqtt_password_names_the_device() {
         default_destination = "local"
         "#
     ));
-    let config = gateway.dir.path().join("sluice.toml");
-    let (code, token, stderr) = crate::harness::sluice(&[
-        "token",
-        "issue",
-        "--config",
-        config.to_str().unwrap(),
-        "--device",
-        "valve-7",
-        "--ttl",
-        "10m",
-    ]);
-    assert_eq!(code, 0, "{stderr}");
-    let token = token.trim();
+    let token = &gateway.issue_token("valve-7", "10m");
     let good = paho(json!({
         "url": ws_url(&gateway),
         "version": 5,
