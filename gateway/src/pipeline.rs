@@ -678,3 +678,53 @@ async fn hand_over_in_order(
         drop(taken);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::message::Message;
+    use crate::record::Record;
+    use crate::route::{Decision, Destination};
+    use crate::spool::Change;
+    use crate::spool::codec::{DeadLetter, Origin};
+
+    /// A key named twice in one redrive is one letter: its message is queued once.
+    #[tokio::test]
+    async fn a_key_named_twice_is_redriven_once() {
+        let fixture = crate::testing::gateway("");
+        let pipeline = &fixture.state.pipeline;
+        let spool = pipeline.spool();
+        let mut change = Change::default();
+        change.dead_letter(&DeadLetter {
+            origin: Origin::Sink {
+                sink: "local".to_string(),
+            },
+            reason: "refused".to_string(),
+            record: Record {
+                message: Message {
+                    id: "m-1".to_string(),
+                    device_id: "d".to_string(),
+                    topic: "t".to_string(),
+                    content_type: String::new(),
+                    qos: 1,
+                    attributes: Vec::new(),
+                    received_at_ms: 1,
+                    payload: b"x".to_vec(),
+                },
+                decision: Decision {
+                    destination: Destination::Local,
+                    rule: "builtin:default".to_string(),
+                    reason: "test".to_string(),
+                },
+            },
+            at_ms: 1,
+        });
+        spool.commit(change).await.unwrap();
+        let key = spool.dead_letters(0, 10).unwrap()[0].0;
+        let before = spool.stats().last_seq;
+        let report = pipeline.redrive(&[key, key]).await.unwrap();
+        assert_eq!(report.redriven.len(), 1);
+        assert!(report.missing.is_empty());
+        assert_eq!(spool.stats().last_seq, before + 1, "one record queued");
+        assert!(spool.dead_letters(0, 10).unwrap().is_empty());
+    }
+}

@@ -821,6 +821,28 @@ mod tests {
         assert_eq!(seqs(&spool, SinkId::IotCore), [1, 2, 3]);
     }
 
+    /// In the older format a bad entry cannot be skipped (there is no marker to find the
+    /// next by), but it is counted and logged rather than passed over in silence.
+    #[tokio::test]
+    async fn a_bad_entry_in_a_segment_without_markers_is_counted() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(dir.path().join("queue")).unwrap();
+        let mut bytes = entry(1, SinkId::IotCore, 1, "old-1", true);
+        let mut damaged = entry(1, SinkId::IotCore, 2, "old-2", true);
+        damaged[12] ^= 0x40;
+        bytes.extend(damaged);
+        std::fs::write(
+            dir.path().join("queue").join(format!("{:020}.log", 1)),
+            &bytes,
+        )
+        .unwrap();
+        let counted = || crate::metrics::METRICS.spool_damaged_entries.get();
+        let before = counted();
+        let spool = Spool::open(dir.path(), 1 << 20).unwrap();
+        assert_eq!(ids(&spool, SinkId::IotCore), ["old-1"]);
+        assert!(counted() > before);
+    }
+
     /// Segments are cut at their size and retired once every record in them is
     /// delivered, in whatever order: two kept for reuse, the rest deleted; the newest
     /// stays.

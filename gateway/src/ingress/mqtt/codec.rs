@@ -730,6 +730,51 @@ mod tests {
         assert_eq!(users, br#"[{"k":"v"}]"#);
     }
 
+    /// An accepting MQTT 5 CONNACK announces the gateway's limits and the keep-alive it
+    /// holds the client to; a refusal only its reason (a receive maximum of 0 would be a
+    /// protocol error). An UNSUBACK answers each filter.
+    #[test]
+    fn connacks_and_unsubacks_say_what_they_must() {
+        let accepted = Accepted {
+            receive_maximum: 100,
+            max_packet: 4096,
+            keep_alive: 1200,
+        };
+        let mut ack = connack(Version::V5, ConnAckCode::Accepted, accepted, None);
+        match v5::Packet::read(&mut ack, None) {
+            Ok(v5::Packet::ConnAck(ack)) => {
+                let properties = ack.properties.unwrap();
+                assert_eq!(properties.receive_max, Some(100));
+                assert_eq!(properties.max_packet_size, Some(4096));
+                assert_eq!(properties.server_keep_alive, Some(1200));
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut refused = connack(
+            Version::V5,
+            ConnAckCode::NotAuthorized,
+            Accepted::default(),
+            Some("no"),
+        );
+        match v5::Packet::read(&mut refused, None) {
+            Ok(v5::Packet::ConnAck(ack)) => {
+                let properties = ack.properties.unwrap();
+                assert_eq!(properties.receive_max, None);
+                assert_eq!(properties.reason_string.as_deref(), Some("no"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut unsub = unsuback(Version::V5, 3, 2);
+        match v5::Packet::read(&mut unsub, None) {
+            Ok(v5::Packet::UnsubAck(ack)) => {
+                assert_eq!(ack.pkid, 3);
+                assert_eq!(ack.reasons.len(), 2);
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(&unsuback(Version::V4, 3, 2)[..], b"\xb0\x02\x00\x03");
+    }
+
     #[test]
     fn pubacks_carry_their_reason_in_v5() {
         assert_eq!(
