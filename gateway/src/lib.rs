@@ -119,7 +119,7 @@ pub async fn run(
     let downlink = config
         .downlink
         .clone()
-        .map(downlink::Downlink::start)
+        .map(|settings| downlink::Downlink::start(settings, &config.server.data_dir))
         .transpose()?;
     let admin = match (&config.admin.listen, &config.admin.token) {
         (Some(listen), Some(token)) => Some(
@@ -145,6 +145,7 @@ pub async fn run(
         sessions,
         downlink,
         mqtt_clients: Default::default(),
+        mqtt_sessions: ingress::mqtt::saved::SavedSessions::open(&config.server.data_dir)?,
     };
     let mqtt = match ingress::mqtt::bind(&config).await {
         Ok(listener) => listener,

@@ -235,6 +235,48 @@ impl DevicePolicy {
         }
     }
 
+    /// Whether a grant lets `identity` publish to `topic` (no size or rate checked: a
+    /// last will's topic, at CONNECT).
+    pub fn may_publish(&self, identity: &Identity, topic: &str) -> bool {
+        !self.enforced
+            || self.grants.iter().any(|g| {
+                g.applies_to(identity) && Grant::allows(&g.config.publish, identity, topic)
+            })
+    }
+
+    /// Whether `identity` may subscribe to `filter`: a grant's `subscribe` filter covers
+    /// it (`cmd/${device.id}/#` covers `cmd/dev-1/+`, not `cmd/#`).
+    pub fn may_subscribe_filter(&self, identity: &Identity, filter: &str) -> bool {
+        let Ok(wanted) = TopicFilter::parse(filter) else {
+            return false;
+        };
+        !self.enforced
+            || self.grants.iter().any(|g| {
+                g.applies_to(identity)
+                    && g.config.subscribe.iter().any(|granted| {
+                        TopicFilter::parse(&granted.replace("${device.id}", &identity.device_id))
+                            .is_ok_and(|granted| granted.covers(&wanted))
+                    })
+            })
+    }
+
+    /// Whether `identity` may connect over MQTT as `client_id`: its own device id always;
+    /// another when a grant's `client_ids` names it (`${device.id}` is the device's id; a
+    /// trailing `*` matches any rest).
+    pub fn may_use_client_id(&self, identity: &Identity, client_id: &str) -> bool {
+        client_id == identity.device_id
+            || self.grants.iter().any(|g| {
+                g.applies_to(identity)
+                    && g.config.client_ids.iter().any(|pattern| {
+                        let pattern = pattern.replace("${device.id}", &identity.device_id);
+                        match pattern.strip_suffix('*') {
+                            Some(prefix) => client_id.starts_with(prefix),
+                            None => client_id == pattern,
+                        }
+                    })
+            })
+    }
+
     /// Whether `identity` may receive commands on `topic`.
     pub fn may_subscribe(&self, identity: &Identity, topic: &str) -> bool {
         !self.enforced
@@ -259,6 +301,10 @@ mod tests {
             subscribe = ["cmd/${device.id}/#"]
             max_messages_per_sec = 3
             [[grants]]
+            name = "consoles"
+            groups = ["consoles"]
+            client_ids = ["${device.id}-*", "shared-console"]
+            [[grants]]
             name = "ops"
             groups = ["ops"]
             publish = ["fleet/#"]
@@ -277,6 +323,23 @@ mod tests {
             expires_at_secs: None,
             certificate: None,
         }
+    }
+
+    #[test]
+    fn client_ids_subscriptions_and_will_topics() {
+        let policy = policy();
+        let plain = device("dev-1", &[]);
+        let console = device("dev-1", &["consoles"]);
+        assert!(policy.may_use_client_id(&plain, "dev-1"));
+        assert!(!policy.may_use_client_id(&plain, "dev-1-ui"));
+        assert!(policy.may_use_client_id(&console, "dev-1-ui"));
+        assert!(policy.may_use_client_id(&console, "shared-console"));
+        assert!(!policy.may_use_client_id(&console, "dev-2-ui"));
+        assert!(policy.may_subscribe_filter(&plain, "cmd/dev-1/+"));
+        assert!(!policy.may_subscribe_filter(&plain, "cmd/#"));
+        assert!(!policy.may_subscribe_filter(&plain, "cmd/dev-1/#/x"));
+        assert!(policy.may_publish(&plain, "devices/dev-1/status"));
+        assert!(!policy.may_publish(&plain, "devices/dev-2/status"));
     }
 
     #[test]

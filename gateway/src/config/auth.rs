@@ -113,6 +113,11 @@ pub struct GrantConfig {
     /// Topic filters the devices may receive commands on.
     #[serde(default)]
     pub subscribe: Vec<String>,
+    /// MQTT client ids the devices may connect as besides their device id:
+    /// `${device.id}` is the device's id, a trailing `*` matches any rest
+    /// (`["${device.id}-*"]`).
+    #[serde(default)]
+    pub client_ids: Vec<String>,
     /// Messages per second per device (bursts up to this many).
     pub max_messages_per_sec: Option<u32>,
     /// Payload bytes per second per device (bursts up to this many).

@@ -29,6 +29,12 @@ pub struct MqttConfig {
     /// Seconds a client has for its CONNECT. Default 10.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_secs: u64,
+    /// How long a persistent session (3.1.1: clean session off; 5.0: clean start off)
+    /// outlives its connection, in seconds: what a 3.1.1 session gets, and the most a
+    /// 5.0 client's session expiry may ask for. 0: sessions end with their connection.
+    /// Default 3600 (IoT Core's).
+    #[serde(default = "default_session_expiry")]
+    pub session_expiry_secs: u32,
 }
 
 fn default_true() -> bool {
@@ -43,6 +49,9 @@ fn default_max_packet() -> usize {
 fn default_connect_timeout() -> u64 {
     10
 }
+fn default_session_expiry() -> u32 {
+    3600
+}
 
 impl Default for MqttConfig {
     fn default() -> Self {
@@ -52,6 +61,7 @@ impl Default for MqttConfig {
             window: default_window(),
             max_packet_bytes: default_max_packet(),
             connect_timeout_secs: default_connect_timeout(),
+            session_expiry_secs: default_session_expiry(),
         }
     }
 }

@@ -321,6 +321,18 @@ pub fn admit(
                 ),
             )));
         }
+        if crate::route::is_retained(attributes)
+            && publish.payload.len() > crate::sink::iot_core::quota::IOT_CORE_MAX_PAYLOAD_BYTES
+        {
+            return Err(ApiError::TooLarge(at(
+                index,
+                format!(
+                    "a retained message goes to IoT Core, never to Kinesis, and its payload of {} bytes is over IoT Core's {} bytes",
+                    publish.payload.len(),
+                    crate::sink::iot_core::quota::IOT_CORE_MAX_PAYLOAD_BYTES
+                ),
+            )));
+        }
         sizes.push(publish.payload.len() + attribute_bytes);
     }
     let topics = publishes.iter().map(|p| p.topic.as_str());

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use crate::ingress::admit::DeviceRules;
 use crate::ingress::live::Live;
 use crate::ingress::mqtt::clients::Clients;
+use crate::ingress::mqtt::saved::SavedSessions;
 use crate::ingress::sessions::Sessions;
 use crate::pipeline::Pipeline;
 use crate::shutdown::Shutdown;
@@ -24,6 +25,8 @@ pub struct AppState {
     pub downlink: Option<Arc<crate::downlink::Downlink>>,
     /// MQTT client ids connected here (a second connection takes one over).
     pub mqtt_clients: Arc<Clients>,
+    /// MQTT sessions kept between connections.
+    pub mqtt_sessions: SavedSessions,
 }
 
 impl AppState {

@@ -432,20 +432,22 @@ async fn session(socket: WebSocket, state: AppState, identity: Identity) {
         return;
     }
     let info = state.sessions.open(&identity, "websocket", window);
-    let commands = match &state.downlink {
+    let mut attached = match &state.downlink {
         Some(downlink) => Some(downlink.attach(&identity.device_id).await),
         None => None,
     };
-    let (attached, commands) = match commands {
-        Some((id, receiver)) => (Some(id), Some(receiver)),
-        None => (None, None),
-    };
     run_session(
-        &mut tx, &mut rx, &state, settings, &identity, &info, commands,
+        &mut tx,
+        &mut rx,
+        &state,
+        settings,
+        &identity,
+        &info,
+        attached.as_mut(),
     )
     .await;
-    if let (Some(downlink), Some(id)) = (&state.downlink, attached) {
-        downlink.detach(&identity.device_id, id).await;
+    if let (Some(downlink), Some(attached)) = (&state.downlink, attached) {
+        downlink.detach(&identity.device_id, attached.session).await;
     }
     state.sessions.close(info.session);
     let _ = tx.close().await;
@@ -461,7 +463,7 @@ async fn run_session(
     settings: &WebSocketConfig,
     identity: &Identity,
     info: &SessionInfo,
-    mut commands: Option<tokio::sync::mpsc::Receiver<crate::downlink::Command>>,
+    mut commands: Option<&mut crate::downlink::Attached>,
 ) {
     let window = settings.window;
     let mut shutdown = state.shutdown.clone();
@@ -553,16 +555,30 @@ async fn run_session(
                     break None;
                 }
             }
-            Some(command) = next_command(&mut commands) => {
-                let allowed = state.rules().policy.may_subscribe(identity, &command.topic);
-                if !allowed {
-                    tracing::info!(device = %identity.device_id, topic = %command.topic, "command refused by the policy");
-                    if let Some(downlink) = &state.downlink {
-                        downlink.reply(&identity.device_id, &command.id, "denied", None).await;
-                    }
+            Some(()) = nudged(&mut commands) => {
+                let (Some(downlink), Some(attached)) = (&state.downlink, &commands) else {
                     continue;
+                };
+                let device = &identity.device_id;
+                let taken = downlink.claim(device, attached.session, usize::MAX, |_| true);
+                let mut sent = Vec::with_capacity(taken.len());
+                let mut closed = false;
+                for (seq, command) in taken {
+                    if !state.rules().policy.may_subscribe(identity, &command.topic) {
+                        tracing::info!(%device, topic = %command.topic, "command refused by the policy");
+                        downlink.reply(device, &command.id, "denied", None).await;
+                        sent.push(seq);
+                        continue;
+                    }
+                    if tx.send(text(command.to_json())).await.is_err() {
+                        closed = true;
+                        break;
+                    }
+                    sent.push(seq);
                 }
-                if tx.send(text(command.to_json())).await.is_err() {
+                // Sent (or denied): out of the queue; the rest goes back at detach.
+                downlink.done(device, sent).await;
+                if closed {
                     break None;
                 }
             }
@@ -601,12 +617,10 @@ async fn run_session(
     }
 }
 
-/// The next command for the session, or never without a downlink.
-async fn next_command(
-    commands: &mut Option<tokio::sync::mpsc::Receiver<crate::downlink::Command>>,
-) -> Option<crate::downlink::Command> {
+/// Resolves when the session may have commands to take; never without a downlink.
+async fn nudged(commands: &mut Option<&mut crate::downlink::Attached>) -> Option<()> {
     match commands {
-        Some(receiver) => receiver.recv().await,
+        Some(attached) => attached.nudges.recv().await,
         None => std::future::pending().await,
     }
 }

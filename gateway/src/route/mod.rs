@@ -159,6 +159,10 @@ impl Policy {
 
     /// The built-in decision for one message.
     pub fn decide(&self, message: &Message, facts: Facts) -> Decision {
+        retained_to_iot_core(self.decide_any(message, facts), message)
+    }
+
+    fn decide_any(&self, message: &Message, facts: Facts) -> Decision {
         let size = message.payload.len();
         if size > self.max_record_bytes {
             return decision(
@@ -284,7 +288,14 @@ impl Policy {
             return builtin;
         };
         let chosen = self.fill_defaults(chosen, message);
-        match self.check_limits(&chosen, message) {
+        let retained_to_kinesis = matches!(chosen, Destination::Kinesis { .. })
+            && is_retained(&message.attributes);
+        let checked = if retained_to_kinesis {
+            Err("a retained message never goes to Kinesis".to_string())
+        } else {
+            self.check_limits(&chosen, message)
+        };
+        match checked {
             Ok(()) => decision(chosen, &format!("plugin:{plugin}"), reason.to_string()),
             Err(why) => Decision {
                 reason: format!(
@@ -355,6 +366,33 @@ impl Policy {
             }
             Destination::Local | Destination::Drop | Destination::DeadLetter => Ok(()),
         }
+    }
+}
+
+/// Whether a message carries MQTT's retain flag (`mqtt.retain = true`, from an MQTT
+/// publish or the HTTPS API's `retain` parameter).
+pub fn is_retained(attributes: &[(String, String)]) -> bool {
+    attributes
+        .iter()
+        .any(|(key, value)| key == "mqtt.retain" && value == "true")
+}
+
+/// A retained message is state for IoT Core to keep for later subscribers: where the
+/// built-in decision would put it on Kinesis, it goes to IoT Core instead (its size was
+/// held to IoT Core's limit when it was admitted).
+fn retained_to_iot_core(decision: Decision, message: &Message) -> Decision {
+    if !matches!(decision.destination, Destination::Kinesis { .. })
+        || !is_retained(&message.attributes)
+    {
+        return decision;
+    }
+    Decision {
+        destination: iot_core(&message.topic, message.qos),
+        rule: "builtin:retained".to_string(),
+        reason: format!(
+            "a retained message goes to IoT Core, never to Kinesis ({} chose kinesis: {})",
+            decision.rule, decision.reason
+        ),
     }
 }
 
@@ -434,6 +472,37 @@ mod tests {
         topic = "debug/#"
         destination = "drop"
     "#;
+
+    #[test]
+    fn a_retained_message_never_goes_to_kinesis() {
+        let policy = policy(RULES);
+        let mut retained = message("bulk/1", 100);
+        retained.attributes = vec![("mqtt.retain".into(), "true".into())];
+        let decision = policy.decide(&retained, Facts::default());
+        assert_eq!(decision.destination.kind(), "iot-core");
+        assert_eq!(decision.rule, "builtin:retained");
+        assert!(decision.reason.contains("rule:bulk"), "{}", decision.reason);
+        let fast = Facts {
+            bidirectional: false,
+            device_bytes_per_sec: u64::MAX,
+        };
+        assert_eq!(policy.decide(&retained, fast).rule, "builtin:retained");
+        let chosen = Destination::Kinesis {
+            stream: String::new(),
+            partition_key: String::new(),
+            explicit_hash_key: None,
+        };
+        let builtin = policy.decide(&retained, Facts::default());
+        let overruled = policy.overrule(builtin, "router", Some(chosen.clone()), "why", &retained);
+        assert_eq!(overruled.destination.kind(), "iot-core");
+        assert!(overruled.reason.contains("never goes to Kinesis"));
+        // Without the flag, the same message goes where the rule says.
+        let plain = message("bulk/1", 100);
+        assert_eq!(policy.decide(&plain, Facts::default()).rule, "rule:bulk");
+        let builtin = policy.decide(&plain, Facts::default());
+        let chosen = policy.overrule(builtin, "router", Some(chosen), "why", &plain);
+        assert_eq!(chosen.destination.kind(), "kinesis");
+    }
 
     #[test]
     fn the_routing_table() {

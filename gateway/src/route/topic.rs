@@ -63,6 +63,22 @@ impl TopicFilter {
     }
 }
 
+impl TopicFilter {
+    /// Whether every topic `other` matches, this filter matches too (a grant's filter
+    /// covering a subscription's).
+    pub fn covers(&self, other: &TopicFilter) -> bool {
+        for index in 0.. {
+            match (self.levels.get(index), other.levels.get(index)) {
+                (Some(Level::Rest), _) | (None, None) => return true,
+                (Some(Level::One), Some(Level::One | Level::Exact(_))) => {}
+                (Some(Level::Exact(want)), Some(Level::Exact(got))) if want == got => {}
+                _ => return false,
+            }
+        }
+        unreachable!("the loop returns")
+    }
+}
+
 /// Checks a topic a device publishes to, by IoT Core's rules: not empty, at most 256
 /// bytes and 7 slashes, no wildcards, no NUL.
 pub fn validate_publish_topic(topic: &str) -> Result<(), String> {
@@ -127,6 +143,31 @@ mod tests {
                 parsed.matches(topic),
                 expected,
                 "filter {filter:?} topic {topic:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_filter_covers_the_filters_it_matches_every_topic_of() {
+        let cases = [
+            ("cmd/dev-1/#", "cmd/dev-1/#", true),
+            ("cmd/dev-1/#", "cmd/dev-1", true),
+            ("cmd/dev-1/#", "cmd/dev-1/+/x", true),
+            ("cmd/+/reboot", "cmd/dev-1/reboot", true),
+            ("cmd/+/reboot", "cmd/+/reboot", true),
+            ("cmd/dev-1/#", "cmd/#", false),
+            ("cmd/dev-1/#", "cmd/+/reboot", false),
+            ("cmd/dev-1/reboot", "cmd/dev-1/+", false),
+            ("cmd/dev-1/+", "cmd/dev-1/#", false),
+            ("cmd/dev-1", "cmd/dev-1/x", false),
+        ];
+        for (granted, wanted, covers) in cases {
+            let granted_filter = TopicFilter::parse(granted).unwrap();
+            let wanted_filter = TopicFilter::parse(wanted).unwrap();
+            assert_eq!(
+                granted_filter.covers(&wanted_filter),
+                covers,
+                "{granted} covers {wanted}"
             );
         }
     }

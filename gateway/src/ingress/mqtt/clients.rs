@@ -40,12 +40,14 @@ impl Clients {
         Registration { id, receiver }
     }
 
-    /// Gives `client_id` up, if connection `id` still holds it.
-    pub fn unregister(&self, client_id: &str, id: u64) {
+    /// Gives `client_id` up, if connection `id` still holds it; whether it did.
+    pub fn unregister(&self, client_id: &str, id: u64) -> bool {
         let mut open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        if open.get(client_id).is_some_and(|(holder, _)| *holder == id) {
+        let held = open.get(client_id).is_some_and(|(holder, _)| *holder == id);
+        if held {
             open.remove(client_id);
         }
+        held
     }
 }
 
@@ -59,14 +61,14 @@ mod tests {
         let mut first = clients.register("dev-1");
         let second = clients.register("dev-1");
         assert!(first.receiver.try_recv().is_ok(), "the first is told to go");
-        clients.unregister("dev-1", first.id);
+        assert!(!clients.unregister("dev-1", first.id));
         let third = clients.register("dev-1");
         let mut second = second;
         assert!(
             second.receiver.try_recv().is_ok(),
             "the second was still registered"
         );
-        clients.unregister("dev-1", third.id);
+        assert!(clients.unregister("dev-1", third.id));
         assert!(clients.open.lock().unwrap().is_empty());
     }
 }

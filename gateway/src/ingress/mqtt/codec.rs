@@ -58,8 +58,12 @@ pub enum Incoming {
     },
     /// Keep-alive.
     PingReq,
-    /// The client ends the connection (no last will).
-    Disconnect,
+    /// The client ends the connection; its last will is dropped unless `with_will`
+    /// (5.0's reason 0x04).
+    Disconnect {
+        /// 5.0: DISCONNECT with reason 0x04 (disconnect with will message).
+        with_will: bool,
+    },
     /// A packet a client does not send to a server (CONNACK, SUBACK, …), or QoS 2's.
     Unexpected(&'static str),
 }
@@ -83,6 +87,11 @@ pub struct Connect {
     pub receive_maximum: Option<u16>,
     /// 5.0: the largest packet the client takes.
     pub max_packet_size: Option<u32>,
+    /// 5.0: seconds the session outlives the connection (0 or absent: none).
+    pub session_expiry: Option<u32>,
+    /// The last will: published when the connection drops without a DISCONNECT (its
+    /// `pkid` is 0).
+    pub will: Option<Publish>,
 }
 
 /// A PUBLISH from a client.
@@ -202,7 +211,7 @@ pub fn read(
     // The legal two-byte DISCONNECT, which the 5.0 reader refuses.
     if buffer[0] == 0xe0 && length == 0 {
         let _ = buffer.split_to(2);
-        return Ok(Some(Incoming::Disconnect));
+        return Ok(Some(Incoming::Disconnect { with_will: false }));
     }
     let malformed = |error: &dyn std::fmt::Display| CodecError::Malformed(error.to_string());
     let packet = match version {
@@ -231,6 +240,15 @@ fn from_v4(packet: v4::Packet) -> Incoming {
                 password: password.filter(|p| !p.is_empty()),
                 receive_maximum: None,
                 max_packet_size: None,
+                session_expiry: None,
+                will: connect.last_will.map(|will| Publish {
+                    qos: will.qos as u8,
+                    retain: will.retain,
+                    topic: will.topic,
+                    pkid: 0,
+                    payload: will.message,
+                    properties: Properties::default(),
+                }),
             })
         }
         v4::Packet::Publish(publish) => Incoming::Publish(Publish {
@@ -255,7 +273,7 @@ fn from_v4(packet: v4::Packet) -> Incoming {
             filters: unsubscribe.topics,
         },
         v4::Packet::PingReq => Incoming::PingReq,
-        v4::Packet::Disconnect => Incoming::Disconnect,
+        v4::Packet::Disconnect => Incoming::Disconnect { with_will: false },
         v4::Packet::PubRec(_) | v4::Packet::PubRel(_) | v4::Packet::PubComp(_) => {
             Incoming::Unexpected("a QoS 2 packet")
         }
@@ -267,10 +285,29 @@ fn from_v4(packet: v4::Packet) -> Incoming {
 }
 
 fn from_v5(packet: v5::Packet) -> Incoming {
-    use base64::Engine as _;
     match packet {
-        v5::Packet::Connect(connect, _will, login) => {
+        v5::Packet::Connect(connect, will, login) => {
             let properties = connect.properties.unwrap_or_default();
+            let will = will.map(|will| {
+                let properties = will.properties.map(|p| {
+                    attributes(
+                        p.content_type,
+                        p.response_topic,
+                        p.correlation_data,
+                        p.message_expiry_interval,
+                        p.payload_format_indicator,
+                        &p.user_properties,
+                    )
+                });
+                Publish {
+                    qos: will.qos as u8,
+                    retain: will.retain,
+                    topic: String::from_utf8_lossy(&will.topic).into_owned(),
+                    pkid: 0,
+                    payload: will.message,
+                    properties: properties.unwrap_or_default(),
+                }
+            });
             Incoming::Connect(Connect {
                 version: Version::V5,
                 client_id: connect.client_id,
@@ -283,51 +320,28 @@ fn from_v5(packet: v5::Packet) -> Incoming {
                 password: login.map(|l| l.password).filter(|p| !p.is_empty()),
                 receive_maximum: properties.receive_maximum,
                 max_packet_size: properties.max_packet_size,
+                session_expiry: properties.session_expiry_interval,
+                will,
             })
         }
         v5::Packet::Publish(publish) => {
-            let mut out = Properties::default();
-            if let Some(p) = publish.properties {
-                let base64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
-                out.content_type = p.content_type;
-                let attributes = &mut out.attributes;
-                if let Some(topic) = p.response_topic {
-                    attributes.push(("mqtt.response_topic".to_string(), topic));
-                }
-                if let Some(data) = p.correlation_data {
-                    attributes.push(("mqtt.correlation_data".to_string(), base64(&data)));
-                }
-                if let Some(secs) = p.message_expiry_interval {
-                    attributes.push(("mqtt.message_expiry".to_string(), secs.to_string()));
-                }
-                if let Some(format) = p.payload_format_indicator {
-                    let name = if format == 1 {
-                        "UTF8_DATA"
-                    } else {
-                        "UNSPECIFIED_BYTES"
-                    };
-                    attributes.push((
-                        "mqtt.payload_format_indicator".to_string(),
-                        name.to_string(),
-                    ));
-                }
-                if !p.user_properties.is_empty() {
-                    let pairs: Vec<serde_json::Value> = p
-                        .user_properties
-                        .iter()
-                        .map(|(k, v)| serde_json::json!({ k: v }))
-                        .collect();
-                    let json = serde_json::Value::Array(pairs).to_string();
-                    attributes.push(("mqtt.user_properties".to_string(), base64(json.as_bytes())));
-                }
-            }
+            let out = publish.properties.map(|p| {
+                attributes(
+                    p.content_type,
+                    p.response_topic,
+                    p.correlation_data,
+                    p.message_expiry_interval,
+                    p.payload_format_indicator,
+                    &p.user_properties,
+                )
+            });
             Incoming::Publish(Publish {
                 qos: publish.qos as u8,
                 retain: publish.retain,
                 topic: String::from_utf8_lossy(&publish.topic).into_owned(),
                 pkid: publish.pkid,
                 payload: publish.payload,
-                properties: out,
+                properties: out.unwrap_or_default(),
             })
         }
         v5::Packet::PubAck(ack) => Incoming::PubAck { pkid: ack.pkid },
@@ -344,7 +358,9 @@ fn from_v5(packet: v5::Packet) -> Incoming {
             filters: unsubscribe.filters,
         },
         v5::Packet::PingReq(_) => Incoming::PingReq,
-        v5::Packet::Disconnect(_) => Incoming::Disconnect,
+        v5::Packet::Disconnect(disconnect) => Incoming::Disconnect {
+            with_will: disconnect.reason_code == v5::DisconnectReasonCode::DisconnectWithWillMessage,
+        },
         v5::Packet::PubRec(_) | v5::Packet::PubRel(_) | v5::Packet::PubComp(_) => {
             Incoming::Unexpected("a QoS 2 packet")
         }
@@ -353,6 +369,52 @@ fn from_v5(packet: v5::Packet) -> Incoming {
         | v5::Packet::SubAck(_)
         | v5::Packet::UnsubAck(_)
         | v5::Packet::PingResp(_) => Incoming::Unexpected("a packet only servers send"),
+    }
+}
+
+/// MQTT 5 message properties (of a PUBLISH or a will) as the HTTPS API's attributes.
+fn attributes(
+    content_type: Option<String>,
+    response_topic: Option<String>,
+    correlation_data: Option<Bytes>,
+    message_expiry: Option<u32>,
+    payload_format: Option<u8>,
+    user_properties: &[(String, String)],
+) -> Properties {
+    use base64::Engine as _;
+    let base64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
+    let mut attributes = Vec::new();
+    if let Some(topic) = response_topic {
+        attributes.push(("mqtt.response_topic".to_string(), topic));
+    }
+    if let Some(data) = correlation_data {
+        attributes.push(("mqtt.correlation_data".to_string(), base64(&data)));
+    }
+    if let Some(secs) = message_expiry {
+        attributes.push(("mqtt.message_expiry".to_string(), secs.to_string()));
+    }
+    if let Some(format) = payload_format {
+        let name = if format == 1 {
+            "UTF8_DATA"
+        } else {
+            "UNSPECIFIED_BYTES"
+        };
+        attributes.push((
+            "mqtt.payload_format_indicator".to_string(),
+            name.to_string(),
+        ));
+    }
+    if !user_properties.is_empty() {
+        let pairs: Vec<serde_json::Value> = user_properties
+            .iter()
+            .map(|(k, v)| serde_json::json!({ k: v }))
+            .collect();
+        let json = serde_json::Value::Array(pairs).to_string();
+        attributes.push(("mqtt.user_properties".to_string(), base64(json.as_bytes())));
+    }
+    Properties {
+        content_type,
+        attributes,
     }
 }
 
@@ -382,6 +444,10 @@ pub struct Accepted {
     pub max_packet: usize,
     /// The keep-alive the gateway holds the client to (seconds).
     pub keep_alive: u16,
+    /// A session kept from an earlier connection goes on.
+    pub session_present: bool,
+    /// 5.0: the session expiry the gateway holds the client to, when less than it asked.
+    pub session_expiry: Option<u32>,
 }
 
 /// A CONNACK; with [`ConnAckCode::Accepted`], MQTT 5 clients are told `accepted`.
@@ -395,6 +461,8 @@ pub fn connack(
         receive_maximum,
         max_packet,
         keep_alive,
+        session_present,
+        session_expiry,
     } = accepted;
     let mut out = BytesMut::new();
     match version {
@@ -407,7 +475,7 @@ pub fn connack(
                 ConnAckCode::NotAuthorized => v4::ConnectReturnCode::NotAuthorized,
                 ConnAckCode::Unavailable => v4::ConnectReturnCode::ServiceUnavailable,
             };
-            v4::ConnAck::new(code, false)
+            v4::ConnAck::new(code, session_present)
                 .write(&mut out)
                 .expect("a CONNACK always encodes");
         }
@@ -424,7 +492,7 @@ pub fn connack(
                 ConnAckCode::Unavailable => v5::ConnectReturnCode::ServerUnavailable,
             };
             let properties = v5::ConnAckProperties {
-                session_expiry_interval: None,
+                session_expiry_interval: session_expiry.filter(|_| accepted),
                 receive_max: accepted.then_some(receive_maximum),
                 max_qos: accepted.then_some(1),
                 retain_available: None,
@@ -443,7 +511,7 @@ pub fn connack(
                 authentication_data: None,
             };
             let ack = v5::ConnAck {
-                session_present: false,
+                session_present: session_present && accepted,
                 code,
                 properties: Some(properties),
             };
@@ -682,7 +750,7 @@ mod tests {
         let mut bytes = BytesMut::from(&b"\xe0\x00"[..]);
         assert_eq!(
             read(Version::V5, &mut bytes, 100),
-            Ok(Some(Incoming::Disconnect))
+            Ok(Some(Incoming::Disconnect { with_will: false }))
         );
         assert!(bytes.is_empty());
         let mut big = BytesMut::from(&b"\x30\xff\xff\x03"[..]);
@@ -739,6 +807,7 @@ mod tests {
             receive_maximum: 100,
             max_packet: 4096,
             keep_alive: 1200,
+            ..Accepted::default()
         };
         let mut ack = connack(Version::V5, ConnAckCode::Accepted, accepted, None);
         match v5::Packet::read(&mut ack, None) {

@@ -12,10 +12,14 @@
 //! - [`codec`]: packets in and out (rumqttc's `mqttbytes`, and why);
 //! - [`session`]: one connection: CONNECT, publishes through the admission step and the
 //!   pipeline, PUBACK once durable, refusals as IoT Core answers them;
+//! - [`commands`]: a session's subscriptions and the downlink's commands sent on them;
+//! - [`saved`]: sessions kept between connections, on disk;
 //! - [`clients`]: a client id held by one connection at a time.
 
 pub mod clients;
 pub mod codec;
+pub mod commands;
+pub mod saved;
 pub mod session;
 
 use std::io;
@@ -54,6 +58,7 @@ pub fn limits(config: &MqttConfig) -> Limits {
         window: config.window,
         max_packet_bytes: config.max_packet_bytes,
         connect_timeout: Duration::from_secs(config.connect_timeout_secs),
+        session_expiry_secs: config.session_expiry_secs,
     }
 }
 

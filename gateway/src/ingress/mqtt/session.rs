@@ -25,10 +25,12 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 use crate::auth::{AuthError, DEVICE_HEADER, Identity, PeerIdentity, check_device_id};
-use crate::ingress::admit::{ApiError, Publish as Admitted, admit, authenticate};
+use crate::ingress::admit::{ApiError, Publish as Admitted, admit, admit_reply, authenticate};
 use crate::ingress::mqtt::codec::{
     self, CodecError, ConnAckCode, Connect, Incoming, Publish, Version,
 };
+use crate::ingress::mqtt::commands::Outbound;
+use crate::ingress::mqtt::saved::Kept;
 use crate::ingress::state::AppState;
 use crate::pipeline::{Status, StoreError};
 use crate::spool::SpoolError;
@@ -67,6 +69,8 @@ pub struct Limits {
     pub max_packet_bytes: usize,
     /// How long a client has for its CONNECT.
     pub connect_timeout: Duration,
+    /// The longest a session outlives its connection (`mqtt.session_expiry_secs`).
+    pub session_expiry_secs: u32,
 }
 
 /// The largest CONNECT taken: before a client is authenticated it may not make the
@@ -87,9 +91,14 @@ pub struct Credentials {
     pub headers: HeaderMap,
 }
 
-/// Why a session ends, for the log.
+/// Why a session ends.
 enum End {
-    /// The client disconnected or closed.
+    /// The client sent DISCONNECT (5.0 with reason 0x04: publish its will anyway).
+    Disconnected {
+        /// Its last will goes out.
+        with_will: bool,
+    },
+    /// The connection closed without a DISCONNECT.
     Closed,
     /// The gateway closed it (5.0: with this DISCONNECT reason code first).
     Refused(u8, String),
@@ -132,14 +141,47 @@ pub async fn run<T: Transport>(
         Ok(Err(None)) | Err(_) => return,
     };
     let version = connect.version;
+    let refuse = async |io: &mut T, code: ConnAckCode, why: String| {
+        tracing::info!(client_id = %connect.client_id, why = %why, "MQTT CONNECT refused");
+        crate::metrics::METRICS.refusal("mqtt_connect_refused");
+        let ack = codec::connack(version, code, codec::Accepted::default(), Some(&why));
+        let _ = io.send(&ack).await;
+    };
     let identity = match identify(&state, &credentials, &connect) {
         Ok(identity) => identity,
-        Err((code, why)) => {
-            tracing::info!(client_id = %connect.client_id, why = %why, "MQTT CONNECT refused");
-            crate::metrics::METRICS.refusal("mqtt_connect_refused");
-            let ack = codec::connack(version, code, codec::Accepted::default(), Some(&why));
-            let _ = io.send(&ack).await;
-            return;
+        Err((code, why)) => return refuse(&mut io, code, why).await,
+    };
+    if let Some(will) = &connect.will
+        && !state.rules().policy.may_publish(&identity, &will.topic)
+    {
+        let why = format!("the last will's topic `{}` is not allowed", will.topic);
+        return refuse(&mut io, ConnAckCode::NotAuthorized, why).await;
+    }
+    // The client id is taken over before its saved session is read, so that the
+    // connection it takes over no longer writes it.
+    let kicked = state.mqtt_clients.register(&connect.client_id);
+    let asked_expiry = match version {
+        Version::V4 if connect.clean => 0,
+        Version::V4 => limits.session_expiry_secs,
+        Version::V5 => connect.session_expiry.unwrap_or(0),
+    };
+    let expiry = asked_expiry.min(limits.session_expiry_secs);
+    let kept = match state
+        .mqtt_sessions
+        .begin(
+            &connect.client_id,
+            &identity.device_id,
+            connect.clean,
+            expiry,
+        )
+        .await
+    {
+        Ok(kept) => kept,
+        Err(error) => {
+            tracing::error!(%error, "cannot read or save an MQTT session");
+            state.mqtt_clients.unregister(&connect.client_id, kicked.id);
+            let why = "the session store is unavailable".to_string();
+            return refuse(&mut io, ConnAckCode::Unavailable, why).await;
         }
     };
     let window = limits
@@ -154,12 +196,21 @@ pub async fn run<T: Transport>(
         receive_maximum: limits.window,
         max_packet: limits.max_packet_bytes,
         keep_alive,
+        session_present: kept.present,
+        session_expiry: (version == Version::V5 && asked_expiry > expiry).then_some(expiry),
     };
     let ack = codec::connack(version, ConnAckCode::Accepted, accepted, None);
     if io.send(&ack).await.is_err() {
+        state.mqtt_clients.unregister(&connect.client_id, kicked.id);
         return;
     }
     let span = tracing::info_span!("mqtt_session", device = %identity.device_id, protocol);
+    let mut outbound = Outbound::new(window);
+    outbound.restore(&state.rules(), &identity, &kept.filters);
+    let mut attached = match &state.downlink {
+        Some(downlink) => Some(downlink.attach(&identity.device_id).await),
+        None => None,
+    };
     let session = Session {
         state: &state,
         identity: &identity,
@@ -167,23 +218,93 @@ pub async fn run<T: Transport>(
         window,
         limits,
         idle: Duration::from_millis(u64::from(keep_alive) * 1500),
+        kept: &kept,
+        commands: attached.as_ref().map(|a| a.session),
     };
     let info = state
         .sessions
         .open(&identity, protocol, usize::from(window));
-    let kicked = state.mqtt_clients.register(&connect.client_id);
     let end = tracing::Instrument::instrument(
-        session.serve(&mut io, buffer, kicked.receiver, &info),
+        session.serve(
+            &mut io,
+            buffer,
+            kicked.receiver,
+            &info,
+            &mut outbound,
+            attached.as_mut().map(|a| &mut a.nudges),
+        ),
         span,
     )
     .await;
-    state.mqtt_clients.unregister(&connect.client_id, kicked.id);
+    if let (Some(downlink), Some(attached)) = (&state.downlink, attached) {
+        downlink.detach(&identity.device_id, attached.session).await;
+    }
+    if state.mqtt_clients.unregister(&connect.client_id, kicked.id)
+        && let Err(error) = state.mqtt_sessions.keep(&kept, outbound.filters()).await
+    {
+        tracing::error!(%error, "cannot save an MQTT session");
+    }
     state.sessions.close(info.session);
+    let will = match &end {
+        End::Disconnected { with_will } => *with_will,
+        End::Refused(0x8b, _) => false,
+        End::Closed | End::Refused(..) => true,
+    };
     if let End::Refused(reason, why) = end {
         tracing::info!(device = %identity.device_id, reason = format!("{reason:#04x}"), why = %why, "MQTT connection closed by the gateway");
         if version == Version::V5 {
             let _ = io.send(&codec::disconnect(reason)).await;
         }
+    }
+    if let (true, Some(publish)) = (will, connect.will) {
+        publish_will(&state, &identity, publish).await;
+    }
+}
+
+/// A publish as the admission step takes it (the retain flag as `mqtt.retain`).
+fn admitted(publish: Publish) -> Admitted {
+    let mut attributes = publish.properties.attributes;
+    if publish.retain {
+        attributes.push(("mqtt.retain".to_string(), "true".to_string()));
+    }
+    Admitted {
+        topic: publish.topic,
+        payload: publish.payload.to_vec(),
+        content_type: publish.properties.content_type.unwrap_or_default(),
+        qos: publish.qos.min(1),
+        attributes,
+    }
+}
+
+/// Sends a connection's last will through the pipeline, as the device's publish.
+async fn publish_will(state: &AppState, identity: &Identity, will: Publish) {
+    let topic = will.topic.clone();
+    let limit = state.pipeline.max_payload_bytes();
+    let outcome = match admit(&state.rules(), identity, limit, vec![admitted(will)], false) {
+        Ok(messages) => match state.pipeline.process(messages, false).await {
+            Ok(reports) if reports.iter().all(|r| r.status != Status::Rejected) => Ok(()),
+            Ok(_) => Err("a plugin rejected it".to_string()),
+            Err(error) => Err(ApiError::from(error).message()),
+        },
+        Err(error) => Err(error.message()),
+    };
+    match outcome {
+        Ok(()) => {
+            tracing::info!(device = %identity.device_id, %topic, "MQTT last will published");
+            crate::metrics::METRICS.mqtt_publish("will", 1);
+        }
+        Err(why) => {
+            tracing::warn!(device = %identity.device_id, %topic, %why, "MQTT last will refused");
+            crate::metrics::METRICS.mqtt_publish("will_refused", 1);
+        }
+    }
+}
+
+/// Resolves when the downlink may have commands for the session; never without one.
+async fn nudged(nudges: &mut Option<&mut tokio::sync::mpsc::Receiver<()>>) -> Option<()> {
+    match nudges {
+        Some(nudges) => nudges.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -262,11 +383,11 @@ fn identify(
             }
             other => (ConnAckCode::BadCredentials, other.message()),
         })?;
-    if rules.auth.required() && client_id != identity.device_id {
+    if rules.auth.required() && !rules.policy.may_use_client_id(&identity, client_id) {
         return Err((
             ConnAckCode::NotAuthorized,
             format!(
-                "the client id `{client_id}` is not the device id `{}`",
+                "the client id `{client_id}` is not the device id `{}`, and no policy grant's `client_ids` allows it",
                 identity.device_id
             ),
         ));
@@ -284,6 +405,10 @@ struct Session<'a> {
     limits: Limits,
     /// 1.5 × the keep-alive: silent this long, the connection is closed.
     idle: Duration,
+    /// The session's persistence.
+    kept: &'a Kept,
+    /// The session's number at the downlink, when there is one.
+    commands: Option<u64>,
 }
 
 impl Session<'_> {
@@ -293,6 +418,8 @@ impl Session<'_> {
         mut buffer: BytesMut,
         mut kicked: tokio::sync::oneshot::Receiver<()>,
         info: &crate::ingress::sessions::SessionInfo,
+        outbound: &mut Outbound,
+        mut nudges: Option<&mut tokio::sync::mpsc::Receiver<()>>,
     ) -> End {
         let mut shutdown = self.state.shutdown.clone();
         // The session ends with its credential: at its expiry, or when a reload revokes
@@ -338,30 +465,42 @@ impl Session<'_> {
                             return End::Closed;
                         }
                     }
-                    Incoming::Disconnect => {
-                        ending = Some(End::Closed);
+                    Incoming::Disconnect { with_will } => {
+                        ending = Some(End::Disconnected { with_will });
                         break;
                     }
-                    Incoming::PubAck { .. } => {}
-                    Incoming::Subscribe { pkid, filters } => {
-                        let granted: Vec<Option<u8>> = filters
-                            .iter()
-                            .map(|(filter, qos)| {
-                                let rules = self.state.rules();
-                                let allowed = !filter.contains(['+', '#'])
-                                    && rules.policy.may_subscribe(self.identity, filter);
-                                allowed.then_some((*qos).min(1))
-                            })
-                            .collect();
-                        if io
-                            .send(&codec::suback(self.version, pkid, &granted))
-                            .await
-                            .is_err()
+                    Incoming::PubAck { pkid } => {
+                        if let (Some(seq), Some(downlink)) =
+                            (outbound.acked(pkid), &self.state.downlink)
                         {
+                            downlink.done(&self.identity.device_id, vec![seq]).await;
+                            // Room in the window for the next command.
+                            if let Err(end) = self.deliver(io, outbound).await {
+                                return end;
+                            }
+                        }
+                    }
+                    Incoming::Subscribe { pkid, filters } => {
+                        let granted = outbound.subscribe(&self.state.rules(), self.identity, &filters);
+                        // Saved before the SUBACK: a subscription acknowledged is kept.
+                        if let Err(error) = self.state.mqtt_sessions.keep(self.kept, outbound.filters()).await {
+                            tracing::error!(%error, "cannot save an MQTT session");
+                            return End::Refused(0x80, "the session store is unavailable".to_string());
+                        }
+                        let ack = codec::suback(self.version, pkid, &granted);
+                        if io.send(&ack).await.is_err() {
                             return End::Closed;
+                        }
+                        if let Err(end) = self.deliver(io, outbound).await {
+                            return end;
                         }
                     }
                     Incoming::Unsubscribe { pkid, filters } => {
+                        outbound.unsubscribe(&filters);
+                        if let Err(error) = self.state.mqtt_sessions.keep(self.kept, outbound.filters()).await {
+                            tracing::error!(%error, "cannot save an MQTT session");
+                            return End::Refused(0x80, "the session store is unavailable".to_string());
+                        }
                         let ack = codec::unsuback(self.version, pkid, filters.len());
                         if io.send(&ack).await.is_err() {
                             return End::Closed;
@@ -395,6 +534,11 @@ impl Session<'_> {
                     Ok(0) | Err(_) => return End::Closed,
                     Ok(_) => {}
                 },
+                Some(()) = nudged(&mut nudges) => {
+                    if let Err(end) = self.deliver(io, outbound).await {
+                        return end;
+                    }
+                }
                 () = tokio::time::sleep(self.idle) => {
                     return End::Refused(0x8d, "no packet for 1.5 times the keep-alive".to_string());
                 }
@@ -417,32 +561,60 @@ impl Session<'_> {
         }
     }
 
+    /// Sends the device the commands its subscriptions match, as many as its window
+    /// has room for.
+    async fn deliver<T: Transport>(&self, io: &mut T, outbound: &mut Outbound) -> Result<(), End> {
+        let (Some(downlink), Some(session)) = (&self.state.downlink, self.commands) else {
+            return Ok(());
+        };
+        let device = &self.identity.device_id;
+        let rules = self.state.rules();
+        let sending = outbound.take(downlink, session, &rules, self.identity, self.version);
+        if !sending.bytes.is_empty() && io.send(&sending.bytes).await.is_err() {
+            return Err(End::Closed);
+        }
+        downlink.done(device, sending.done).await;
+        for id in sending.denied {
+            tracing::info!(%device, command = %id, "command refused by the policy");
+            downlink.reply(device, &id, "denied", None).await;
+        }
+        Ok(())
+    }
+
     /// Admits each publish, runs the admitted ones as one batch, and answers each in
     /// arrival order.
     async fn publish<T: Transport>(&self, io: &mut T, batch: Vec<Publish>) -> Result<(), End> {
         let started = std::time::Instant::now();
         let rules = self.state.rules();
         let limit = self.state.pipeline.max_payload_bytes();
-        // Per publish: its packet id and QoS, and its refusal or its place in `messages`.
-        let mut answers: Vec<(u16, u8, Result<usize, ApiError>)> = Vec::with_capacity(batch.len());
+        // Per publish: its packet id and QoS, and its refusal or its place in `messages`
+        // (none for a command reply, which goes to the broker instead).
+        let mut answers: Vec<(u16, u8, Result<Option<usize>, ApiError>)> =
+            Vec::with_capacity(batch.len());
         let mut messages = Vec::with_capacity(batch.len());
+        let device = &self.identity.device_id;
         for publish in batch {
-            let mut attributes = publish.properties.attributes;
-            if publish.retain {
-                attributes.push(("mqtt.retain".to_string(), "true".to_string()));
-            }
-            let one = Admitted {
-                topic: publish.topic,
-                payload: publish.payload.to_vec(),
-                content_type: publish.properties.content_type.unwrap_or_default(),
-                qos: publish.qos,
-                attributes,
+            let (pkid, qos) = (publish.pkid, publish.qos);
+            let answer = match &self.state.downlink {
+                Some(downlink) if publish.topic == downlink.reply_topic(device) => {
+                    let size = publish.payload.len();
+                    match admit_reply(&rules, self.identity, &publish.topic, size) {
+                        Ok(()) => {
+                            downlink
+                                .publish_raw_reply(device, publish.payload.to_vec())
+                                .await;
+                            Ok(None)
+                        }
+                        Err(error) => Err(error),
+                    }
+                }
+                _ => admit(&rules, self.identity, limit, vec![admitted(publish)], false).map(
+                    |mut admitted| {
+                        messages.append(&mut admitted);
+                        Some(messages.len() - 1)
+                    },
+                ),
             };
-            let answer =
-                admit(&rules, self.identity, limit, vec![one], false).map(|mut admitted| {
-                    messages.append(&mut admitted);
-                    messages.len() - 1
-                });
             // A refusal that ends the connection (any, in 3.1.1; 0x95 in 5.0) ends the
             // batch: what came after it is neither stored nor acknowledged, and the
             // client sends it again.
@@ -450,7 +622,7 @@ impl Session<'_> {
                 .as_ref()
                 .err()
                 .is_some_and(|error| self.version == Version::V4 || reason_of(error).0 == 0x95);
-            answers.push((publish.pkid, publish.qos, answer));
+            answers.push((pkid, qos, answer));
             if closes {
                 break;
             }
@@ -476,7 +648,8 @@ impl Session<'_> {
         for (pkid, qos, answer) in answers {
             let refusal = match (&answer, &reports) {
                 (Err(error), _) => Some(reason_of(error)),
-                (Ok(index), Ok(reports)) => match reports.get(*index) {
+                (Ok(None), _) => None,
+                (Ok(Some(index)), Ok(reports)) => match reports.get(*index) {
                     Some(report) if report.status == Status::Rejected => {
                         let why = report
                             .error

@@ -45,6 +45,7 @@ impl HttpsSink {
                             .publish()
                             .topic(publish.topic)
                             .qos(i32::from(publish.qos))
+                            .retain(publish.retain)
                             .payload(Blob::new(publish.payload))
                             .send();
                         calls.push((record, call));

@@ -23,6 +23,9 @@ pub struct Publish {
     pub qos: u8,
     /// The payload.
     pub payload: Vec<u8>,
+    /// MQTT's retain flag (the message's `mqtt.retain`): IoT Core keeps it for later
+    /// subscribers.
+    pub retain: bool,
 }
 
 /// Checks a record against IoT Core's rules and builds its publish.
@@ -40,5 +43,6 @@ pub fn prepare(record: &Record, basic_ingest_rule: Option<&str>) -> Result<Publi
         topic,
         qos: *qos,
         payload: record.message.payload.clone(),
+        retain: crate::route::is_retained(&record.message.attributes),
     })
 }

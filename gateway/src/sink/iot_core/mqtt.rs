@@ -156,7 +156,7 @@ impl MqttSink {
                         QoS::AtLeastOnce
                     };
                     if let Err(error) = client
-                        .publish(publish.topic, qos, false, publish.payload)
+                        .publish(publish.topic, qos, publish.retain, publish.payload)
                         .await
                     {
                         // Never handed over: take its waiter back out (the last one).
