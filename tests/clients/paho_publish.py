@@ -3,6 +3,7 @@
 usage: paho_publish.py JSON
   {"url": "ws://127.0.0.1:PORT/mqtt" | "mqtt://127.0.0.1:PORT",
    "version": 4 | 5, "client_id": "...", "username"?: "...", "password"?: "...",
+   "generate"?: {"topic": "...", "prefix": "m", "count": N, "qos": 0|1} (instead of publishes),
    "publishes": [{"topic": "...", "payload": "...", "qos": 0|1,
                   "properties"?: {"content_type": "...", "message_expiry": N,
                                    "user": [["k", "v"]]}}]}
@@ -19,6 +20,13 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 spec = json.loads(sys.argv[1])
+if "generate" in spec:
+    # {"topic", "prefix", "count", "qos"}: COUNT publishes with payloads PREFIX0, PREFIX1, …
+    g = spec["generate"]
+    spec["publishes"] = [
+        {"topic": g["topic"], "payload": f'{g["prefix"]}{n}', "qos": g.get("qos", 1)}
+        for n in range(g["count"])
+    ]
 url = urllib.parse.urlparse(spec["url"])
 version = mqtt.MQTTv5 if spec["version"] == 5 else mqtt.MQTTv311
 transport = "websockets" if url.scheme in ("ws", "wss") else "tcp"

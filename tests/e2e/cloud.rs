@@ -156,6 +156,7 @@ impl TestEnv {
             cert = "{certs}/sluice-gateway.pem"
             key = "{certs}/sluice-gateway.key"
             instance_id = "{instance}"
+            client_id_prefix = "sluice-downlink-{run}"
             command_topic = "cmd/{run}/${{device.id}}/#"
             reply_topic = "cmd-reply/{run}/${{device.id}}"
             presence_topic = "sluice/presence/{run}/${{device.id}}"
@@ -165,7 +166,7 @@ impl TestEnv {
         )
     }
 
-    fn mqtt_config(&self) -> String {
+    pub fn mqtt_config(&self) -> String {
         self.mqtt_config_via(self.mqtt_port)
     }
 

@@ -12,6 +12,7 @@ mod failures;
 mod hardening;
 mod http;
 mod mqtt;
+mod mqtt_sessions;
 mod net;
 mod operate;
 mod plugins;

@@ -1,25 +1,44 @@
-//! `sluice-load`: drives a Sluice gateway (or anything answering the same POSTs) with many
-//! connections and reports throughput and latency percentiles.
-//!
-//! With `--ws`, each connection is a WebSocket session (`sluice.v1`) that keeps `--window`
-//! publishes in flight and measures each from send to acknowledgement. With `--hold`, it
-//! opens that many WebSocket sessions, waits for every welcome, prints `holding N
-//! sessions`, and keeps them idle for `--duration` seconds (for measuring the gateway's
-//! memory per connection).
+//! `sluice-load`: drives a Sluice gateway (or anything answering the same POSTs, or any
+//! MQTT 3.1.1 broker) with many connections and reports throughput and latency
+//! percentiles.
 //!
 //! Each connection is one task with its own HTTP/1.1 client and one socket, sending a
 //! request, waiting for the answer, and sending the next (closed loop). With `--rate`
 //! the connections share a fixed request rate instead (open loop), and latency counts
 //! from when each request was due, so a stalled server shows in the percentiles instead
 //! of hiding in fewer requests (no coordinated omission).
+//!
+//! With `--ws`, each connection is a WebSocket session (`sluice.v1`) that keeps `--window`
+//! publishes in flight and measures each from send to acknowledgement.
+//!
+//! With `--mqtt mqtt://HOST:PORT`, each connection is an MQTT 3.1.1 client over plain TCP
+//! (client id `load-N`, clean session) that keeps `--window` QoS 1 publishes to `--topic`
+//! in flight and measures each from send to PUBACK. It is a thin loop over rumqttc's
+//! `mqttbytes` codec, not rumqttc's client, whose own queue and in-flight cap would stand
+//! between the load and the socket; it works the same against Sluice and mosquitto.
+//!
+//! With `--hold`, it opens that many WebSocket sessions (with `--mqtt`: MQTT connections,
+//! each waiting for its CONNACK and pinging at half its keep-alive), waits for every
+//! welcome, prints `holding N sessions`, and keeps them idle for `--duration` seconds (for
+//! measuring a server's memory per connection).
+//!
+//! `failed_by_status` counts HTTP statuses; `0` is a connection that could not be made
+//! (for MQTT also a refused CONNACK), and with `--ws` and `--mqtt`, `1` is a publish
+//! refused or left unacknowledged when the connection closed.
 
 use std::time::{Duration, Instant};
 
+use bytes::BytesMut;
 use clap::Parser;
 use hdrhistogram::Histogram;
+use rumqttc::mqttbytes::v4::{ConnAck, Connect, ConnectReturnCode, Packet, PingReq, Publish};
+use rumqttc::mqttbytes::{self, QoS};
 use serde_json::json;
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
 
-/// Drive a gateway over HTTP and report requests/s and latency percentiles.
+/// Drive a gateway over HTTP, WebSocket or MQTT and report requests/s and latency
+/// percentiles.
 #[derive(Debug, Parser)]
 #[command(name = "sluice-load", version, about)]
 struct Args {
@@ -51,10 +70,19 @@ struct Args {
     /// Use WebSocket sessions (`GET /ws`) instead of HTTP POSTs.
     #[arg(long)]
     ws: bool,
-    /// With --ws: publishes in flight per session (at most the gateway's window).
+    /// Use MQTT 3.1.1 over plain TCP to this broker, e.g. mqtt://127.0.0.1:1883, instead
+    /// of HTTP POSTs: QoS 1 publishes, each timed from send to PUBACK (--url is unused).
+    #[arg(long, value_name = "URL", conflicts_with_all = ["ws", "rate"])]
+    mqtt: Option<String>,
+    /// With --mqtt: the topic to publish to; `{device}` becomes the connection's client id.
+    #[arg(long, default_value = "load/{device}")]
+    topic: String,
+    /// With --ws or --mqtt: publishes in flight per connection (for --ws at most the
+    /// gateway's window).
     #[arg(long, default_value_t = 16)]
     window: usize,
-    /// Open this many idle WebSocket sessions and hold them for --duration seconds.
+    /// Open this many idle WebSocket sessions (with --mqtt: MQTT connections) and hold
+    /// them for --duration seconds.
     #[arg(long)]
     hold: Option<usize>,
     /// An extra request header, `NAME: VALUE` (repeatable), e.g. an Authorization.
@@ -98,9 +126,17 @@ impl Tally {
     }
 }
 
+/// A JSON object of exactly `size` bytes, `{"device":N,"temp":21.5,"pad":"xx…"}`; below
+/// that object's least size `{"pad":"xx…"}`, and below 10 bytes `size` x's (not JSON).
 fn payload(size: usize, device: usize) -> Vec<u8> {
-    let head = format!(r#"{{"device":{device},"temp":21.5,"pad":""#);
-    let fill = size.saturating_sub(head.len() + 2);
+    let mut head = format!(r#"{{"device":{device},"temp":21.5,"pad":""#);
+    if head.len() + 2 > size {
+        head = r#"{"pad":""#.to_string();
+    }
+    if head.len() + 2 > size {
+        return vec![b'x'; size];
+    }
+    let fill = size - (head.len() + 2);
     let mut body = head.into_bytes();
     body.extend(std::iter::repeat_n(b'x', fill));
     body.extend_from_slice(br#""}"#);
@@ -279,40 +315,280 @@ async fn ws_connection(
     tally
 }
 
-/// Opens `count` idle sessions, reports when all are open, holds them.
-async fn hold(args: std::sync::Arc<Args>, count: usize) -> anyhow::Result<()> {
-    let started = Instant::now();
-    let mut sockets = Vec::with_capacity(count);
-    // A few hundred handshakes at a time: a burst of 10,000 SYNs overflows the backlog.
-    let mut pending = futures_util::stream::FuturesUnordered::new();
-    let mut opened = 0;
+/// Opens `count` connections with `connect` (given each one's index), a few hundred
+/// handshakes at a time: a burst of 10,000 SYNs overflows the backlog. Prints `holding N
+/// sessions` once all are open.
+async fn open_all<T, F, Fut>(count: usize, connect: F) -> anyhow::Result<Vec<T>>
+where
+    F: Fn(usize) -> Fut,
+    Fut: std::future::Future<Output = anyhow::Result<T>>,
+{
     use futures_util::StreamExt as _;
-    while opened < count || !pending.is_empty() {
-        while opened < count && pending.len() < 256 {
-            let args = args.clone();
-            pending.push(async move { ws_connect(&args, opened).await });
-            opened += 1;
+    let started = Instant::now();
+    let mut open = Vec::with_capacity(count);
+    let mut pending = futures_util::stream::FuturesUnordered::new();
+    let mut started_count = 0;
+    while started_count < count || !pending.is_empty() {
+        while started_count < count && pending.len() < 256 {
+            pending.push(connect(started_count));
+            started_count += 1;
         }
-        if let Some(socket) = pending.next().await {
-            sockets.push(socket?);
+        if let Some(connection) = pending.next().await {
+            open.push(connection?);
         }
     }
     println!(
         "holding {} sessions (opened in {:.1} s)",
-        sockets.len(),
+        open.len(),
         started.elapsed().as_secs_f64()
     );
+    Ok(open)
+}
+
+/// Opens `count` idle WebSocket sessions, reports when all are open, holds them.
+async fn hold(args: std::sync::Arc<Args>, count: usize) -> anyhow::Result<()> {
+    let sockets = open_all(count, |index| {
+        let args = args.clone();
+        async move { ws_connect(&args, index).await }
+    })
+    .await?;
     tokio::time::sleep(Duration::from_secs_f64(args.duration)).await;
     drop(sockets);
+    Ok(())
+}
+
+/// Largest packet the MQTT client takes from the server (it expects CONNACK, PUBACK and
+/// PINGRESP, a few bytes each).
+const MQTT_MAX_PACKET: usize = 64 * 1024;
+/// The keep-alive the MQTT clients ask for, in seconds: servers close a connection silent
+/// for 1.5 times this, so held connections ping at half of it.
+const MQTT_KEEP_ALIVE: u16 = 60;
+/// How long a publishing MQTT client waits for its next PUBACK before it counts what is in
+/// flight as failed and gives up (the HTTP mode's request timeout).
+const MQTT_ACK_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// `HOST:PORT` from `mqtt://HOST:PORT`.
+fn mqtt_address(url: &str) -> anyhow::Result<String> {
+    let address = url
+        .strip_prefix("mqtt://")
+        .ok_or_else(|| anyhow::anyhow!("--mqtt takes mqtt://HOST:PORT (plain TCP), not `{url}`"))?;
+    Ok(address.trim_end_matches('/').to_string())
+}
+
+/// One MQTT 3.1.1 connection: the socket, and what was read of it past the last packet.
+struct MqttClient {
+    stream: TcpStream,
+    read: BytesMut,
+}
+
+impl MqttClient {
+    /// Connects to `address`, sends CONNECT (clean session) and waits for the CONNACK.
+    async fn connect(address: &str, client_id: &str) -> anyhow::Result<MqttClient> {
+        let stream = TcpStream::connect(address).await?;
+        stream.set_nodelay(true)?;
+        let mut client = MqttClient {
+            stream,
+            read: BytesMut::with_capacity(256),
+        };
+        let mut connect = Connect::new(client_id);
+        connect.keep_alive = MQTT_KEEP_ALIVE;
+        let mut out = BytesMut::new();
+        connect.write(&mut out)?;
+        client.stream.write_all(&out).await?;
+        match client.next().await? {
+            Packet::ConnAck(ConnAck {
+                code: ConnectReturnCode::Success,
+                ..
+            }) => Ok(client),
+            Packet::ConnAck(ack) => anyhow::bail!("CONNACK refused: {:?}", ack.code),
+            other => anyhow::bail!("expected CONNACK, got {other:?}"),
+        }
+    }
+
+    /// A packet already read whole, if there is one.
+    fn buffered(&mut self) -> anyhow::Result<Option<Packet>> {
+        match Packet::read(&mut self.read, MQTT_MAX_PACKET) {
+            Ok(packet) => Ok(Some(packet)),
+            Err(mqttbytes::Error::InsufficientBytes(_)) => Ok(None),
+            Err(error) => Err(error.into()),
+        }
+    }
+
+    /// The next packet from the server. Cancel-safe.
+    async fn next(&mut self) -> anyhow::Result<Packet> {
+        loop {
+            if let Some(packet) = self.buffered()? {
+                return Ok(packet);
+            }
+            if self.stream.read_buf(&mut self.read).await? == 0 {
+                anyhow::bail!("the server closed the connection");
+            }
+        }
+    }
+}
+
+/// One MQTT client keeping `--window` QoS 1 publishes in flight, each timed from its
+/// send to its PUBACK.
+async fn mqtt_connection(
+    args: std::sync::Arc<Args>,
+    address: String,
+    index: usize,
+    measure_from: Instant,
+    end: Instant,
+) -> Tally {
+    let mut tally = Tally::new();
+    let device = format!("load-{index}");
+    let Ok(mut client) = MqttClient::connect(&address, &device).await else {
+        tally.failed += 1;
+        *tally.statuses.entry(0).or_default() += 1;
+        return tally;
+    };
+    let mut publish = Publish::from_bytes(
+        args.topic.replace("{device}", &device),
+        QoS::AtLeastOnce,
+        bytes::Bytes::from(payload(args.payload_bytes, index)),
+    );
+    // Packet id → when it was sent.
+    let mut sent: std::collections::HashMap<u16, Instant> =
+        std::collections::HashMap::with_capacity(args.window);
+    let mut out = BytesMut::new();
+    loop {
+        let now = Instant::now();
+        while sent.len() < args.window && now < end {
+            // Packet ids run 1..=65535 (0 is not one); the window is below that, so a
+            // free one is always near.
+            publish.pkid = publish.pkid.checked_add(1).unwrap_or(1);
+            if sent.contains_key(&publish.pkid) {
+                continue;
+            }
+            publish
+                .write(&mut out)
+                .expect("a QoS 1 publish with a packet id");
+            sent.insert(publish.pkid, now);
+        }
+        if !out.is_empty() {
+            if client.stream.write_all(&out).await.is_err() {
+                break;
+            }
+            out.clear();
+        }
+        if sent.is_empty() {
+            let mut bye = BytesMut::new();
+            let _ = Packet::Disconnect.write(&mut bye, 2);
+            let _ = client.stream.write_all(&bye).await;
+            return tally;
+        }
+        // The next PUBACK, then any others already read, before sending more.
+        let Ok(Ok(mut packet)) = tokio::time::timeout(MQTT_ACK_TIMEOUT, client.next()).await else {
+            break;
+        };
+        loop {
+            if let Packet::PubAck(ack) = packet
+                && let Some(at) = sent.remove(&ack.pkid)
+                && at >= measure_from
+                && at < end
+            {
+                if let Some(histogram) = &mut tally.latency {
+                    histogram
+                        .saturating_record(at.elapsed().as_micros().clamp(1, 60_000_000) as u64);
+                }
+                tally.ok += 1;
+            }
+            match client.buffered() {
+                Ok(Some(more)) => packet = more,
+                Ok(None) => break,
+                Err(_) => return mqtt_lost(tally, &sent, measure_from, end),
+            }
+        }
+    }
+    mqtt_lost(tally, &sent, measure_from, end)
+}
+
+/// The connection ended with `sent` unacknowledged: those sent while measuring failed.
+fn mqtt_lost(
+    mut tally: Tally,
+    sent: &std::collections::HashMap<u16, Instant>,
+    measure_from: Instant,
+    end: Instant,
+) -> Tally {
+    let lost = sent
+        .values()
+        .filter(|at| **at >= measure_from && **at < end)
+        .count() as u64;
+    if lost > 0 {
+        tally.failed += lost;
+        *tally.statuses.entry(1).or_default() += lost;
+    }
+    tally
+}
+
+/// Keeps `client` open and idle until `until`, pinging at half its keep-alive; `false`
+/// if the server closed it first.
+async fn mqtt_idle(mut client: MqttClient, until: Instant) -> bool {
+    let every = Duration::from_secs(u64::from(MQTT_KEEP_ALIVE) / 2);
+    let mut ping = tokio::time::interval_at((Instant::now() + every).into(), every);
+    let mut out = BytesMut::new();
+    let _ = PingReq.write(&mut out);
+    loop {
+        tokio::select! {
+            () = tokio::time::sleep_until(until.into()) => return true,
+            _ = ping.tick() => {
+                if client.stream.write_all(&out).await.is_err() {
+                    return false;
+                }
+            }
+            // PINGRESP; anything else is ignored too.
+            packet = client.next() => if packet.is_err() {
+                return false;
+            },
+        }
+    }
+}
+
+/// Opens `count` idle MQTT connections, reports when all are open, holds them.
+async fn mqtt_hold(
+    args: std::sync::Arc<Args>,
+    address: String,
+    count: usize,
+) -> anyhow::Result<()> {
+    let clients = open_all(count, |index| {
+        let address = address.clone();
+        async move { MqttClient::connect(&address, &format!("load-{index}")).await }
+    })
+    .await?;
+    let until = Instant::now() + Duration::from_secs_f64(args.duration);
+    let tasks: Vec<_> = clients
+        .into_iter()
+        .map(|client| tokio::spawn(mqtt_idle(client, until)))
+        .collect();
+    let mut closed = 0;
+    for task in tasks {
+        if !task.await? {
+            closed += 1;
+        }
+    }
+    if closed > 0 {
+        println!("{closed} sessions were closed by the server while held");
+    }
     Ok(())
 }
 
 fn main() -> anyhow::Result<()> {
     let args = std::sync::Arc::new(Args::parse());
     anyhow::ensure!(args.connections > 0, "--connections must be at least 1");
+    let mqtt = args.mqtt.as_deref().map(mqtt_address).transpose()?;
+    if mqtt.is_some() {
+        anyhow::ensure!(
+            (1..65535).contains(&args.window),
+            "--window must be from 1 to 65534 with --mqtt (MQTT packet ids)"
+        );
+    }
     let runtime = tokio::runtime::Runtime::new()?;
     if let Some(count) = args.hold {
-        return runtime.block_on(hold(args.clone(), count));
+        return match mqtt {
+            Some(address) => runtime.block_on(mqtt_hold(args.clone(), address, count)),
+            None => runtime.block_on(hold(args.clone(), count)),
+        };
     }
     let tally = runtime.block_on(async {
         let start = Instant::now();
@@ -320,7 +596,15 @@ fn main() -> anyhow::Result<()> {
         let end = measure_from + Duration::from_secs_f64(args.duration);
         let tasks: Vec<_> = (0..args.connections)
             .map(|i| {
-                if args.ws {
+                if let Some(address) = &mqtt {
+                    tokio::spawn(mqtt_connection(
+                        args.clone(),
+                        address.clone(),
+                        i,
+                        measure_from,
+                        end,
+                    ))
+                } else if args.ws {
                     tokio::spawn(ws_connection(args.clone(), i, measure_from, end))
                 } else {
                     tokio::spawn(connection(args.clone(), i, start, measure_from, end))
@@ -337,7 +621,7 @@ fn main() -> anyhow::Result<()> {
     let seconds = args.duration;
     let ms = |q: f64| histogram.value_at_quantile(q) as f64 / 1000.0;
     let report = json!({
-        "transport": if args.ws { "websocket" } else { "http" },
+        "transport": if mqtt.is_some() { "mqtt" } else if args.ws { "websocket" } else { "http" },
         "connections": args.connections,
         "payload_bytes": args.payload_bytes,
         "seconds": seconds,
@@ -356,12 +640,13 @@ fn main() -> anyhow::Result<()> {
         println!("{report}");
     } else {
         println!(
-            "{} connections, {} B payloads, {:.1} s: {} ok ({} req/s, {} MiB/s), {} failed {}",
+            "{} connections, {} B payloads, {:.1} s: {} ok ({} {}/s, {} MiB/s), {} failed {}",
             args.connections,
             args.payload_bytes,
             seconds,
             tally.ok,
             report["requests_per_sec"],
+            if mqtt.is_some() { "publishes" } else { "req" },
             report["mib_per_sec"],
             tally.failed,
             if tally.statuses.is_empty() {

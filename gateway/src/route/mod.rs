@@ -288,8 +288,8 @@ impl Policy {
             return builtin;
         };
         let chosen = self.fill_defaults(chosen, message);
-        let retained_to_kinesis = matches!(chosen, Destination::Kinesis { .. })
-            && is_retained(&message.attributes);
+        let retained_to_kinesis =
+            matches!(chosen, Destination::Kinesis { .. }) && is_retained(&message.attributes);
         let checked = if retained_to_kinesis {
             Err("a retained message never goes to Kinesis".to_string())
         } else {

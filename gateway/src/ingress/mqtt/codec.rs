@@ -359,7 +359,8 @@ fn from_v5(packet: v5::Packet) -> Incoming {
         },
         v5::Packet::PingReq(_) => Incoming::PingReq,
         v5::Packet::Disconnect(disconnect) => Incoming::Disconnect {
-            with_will: disconnect.reason_code == v5::DisconnectReasonCode::DisconnectWithWillMessage,
+            with_will: disconnect.reason_code
+                == v5::DisconnectReasonCode::DisconnectWithWillMessage,
         },
         v5::Packet::PubRec(_) | v5::Packet::PubRel(_) | v5::Packet::PubComp(_) => {
             Incoming::Unexpected("a QoS 2 packet")

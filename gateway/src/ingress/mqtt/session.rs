@@ -244,7 +244,6 @@ pub async fn run<T: Transport>(
     {
         tracing::error!(%error, "cannot save an MQTT session");
     }
-    state.sessions.close(info.session);
     let will = match &end {
         End::Disconnected { with_will } => *with_will,
         End::Refused(0x8b, _) => false,
@@ -256,9 +255,12 @@ pub async fn run<T: Transport>(
             let _ = io.send(&codec::disconnect(reason)).await;
         }
     }
+    // Before the session is closed: once it is gone from `GET /admin/devices`, its will
+    // is stored.
     if let (true, Some(publish)) = (will, connect.will) {
         publish_will(&state, &identity, publish).await;
     }
+    state.sessions.close(info.session);
 }
 
 /// A publish as the admission step takes it (the retain flag as `mqtt.retain`).
@@ -481,11 +483,20 @@ impl Session<'_> {
                         }
                     }
                     Incoming::Subscribe { pkid, filters } => {
-                        let granted = outbound.subscribe(&self.state.rules(), self.identity, &filters);
+                        let granted =
+                            outbound.subscribe(&self.state.rules(), self.identity, &filters);
                         // Saved before the SUBACK: a subscription acknowledged is kept.
-                        if let Err(error) = self.state.mqtt_sessions.keep(self.kept, outbound.filters()).await {
+                        if let Err(error) = self
+                            .state
+                            .mqtt_sessions
+                            .keep(self.kept, outbound.filters())
+                            .await
+                        {
                             tracing::error!(%error, "cannot save an MQTT session");
-                            return End::Refused(0x80, "the session store is unavailable".to_string());
+                            return End::Refused(
+                                0x80,
+                                "the session store is unavailable".to_string(),
+                            );
                         }
                         let ack = codec::suback(self.version, pkid, &granted);
                         if io.send(&ack).await.is_err() {
@@ -497,9 +508,17 @@ impl Session<'_> {
                     }
                     Incoming::Unsubscribe { pkid, filters } => {
                         outbound.unsubscribe(&filters);
-                        if let Err(error) = self.state.mqtt_sessions.keep(self.kept, outbound.filters()).await {
+                        if let Err(error) = self
+                            .state
+                            .mqtt_sessions
+                            .keep(self.kept, outbound.filters())
+                            .await
+                        {
                             tracing::error!(%error, "cannot save an MQTT session");
-                            return End::Refused(0x80, "the session store is unavailable".to_string());
+                            return End::Refused(
+                                0x80,
+                                "the session store is unavailable".to_string(),
+                            );
                         }
                         let ack = codec::unsuback(self.version, pkid, filters.len());
                         if io.send(&ack).await.is_err() {

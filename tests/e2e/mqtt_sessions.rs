@@ -1,0 +1,464 @@
+//! MQTT sessions beyond publishing, with paho-mqtt and rumqttc (clients nobody here
+//! wrote): commands from the downlink (mosquitto) as PUBLISHes on the device's
+//! subscriptions, QoS 1 commands sent again until acknowledged, persistent sessions
+//! across a gateway crash, last wills, retained messages to IoT Core, and kill -9
+//! under MQTT load with every PUBACKed message read back.
+
+use std::io::BufRead as _;
+use std::sync::mpsc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::cloud::{Subscriber, TestEnv, unique};
+use crate::harness::{Gateway, eventually};
+use crate::mqtt::{paho, ws_url};
+
+/// A paho-mqtt session (tests/clients/paho_session.py), its events read as they come.
+struct PahoSession {
+    child: std::process::Child,
+    events: mpsc::Receiver<Value>,
+}
+
+impl PahoSession {
+    fn start(spec: Value) -> PahoSession {
+        let python =
+            std::env::var("SLUICE_TEST_PYTHON").expect("SLUICE_TEST_PYTHON: run scripts/test");
+        let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/clients/paho_session.py");
+        let mut child = std::process::Command::new(python)
+            .arg(script)
+            .arg(spec.to_string())
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("run paho");
+        let stdout = child.stdout.take().expect("stdout");
+        let (send, events) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in std::io::BufReader::new(stdout).lines() {
+                let Ok(line) = line else { return };
+                let event = serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"));
+                if send.send(event).is_err() {
+                    return;
+                }
+            }
+        });
+        PahoSession { child, events }
+    }
+
+    /// The next event of kind `kind` (others before it are skipped).
+    fn next(&self, kind: &str) -> Value {
+        loop {
+            let event = self
+                .events
+                .recv_timeout(Duration::from_secs(30))
+                .unwrap_or_else(|_| panic!("no `{kind}` event from paho"));
+            if event["event"] == kind {
+                return event;
+            }
+        }
+    }
+
+    /// The messages it received until its end.
+    fn messages_until_end(mut self) -> Vec<Value> {
+        let mut messages = Vec::new();
+        loop {
+            let event = self.next_any();
+            match event["event"].as_str() {
+                Some("message") => messages.push(event),
+                Some("end") => break,
+                _ => {}
+            }
+        }
+        let _ = self.child.wait();
+        messages
+    }
+
+    fn next_any(&self) -> Value {
+        self.events
+            .recv_timeout(Duration::from_secs(30))
+            .expect("an event from paho")
+    }
+}
+
+impl Drop for PahoSession {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A gateway with the local sink, the downlink under `run`, `extra`, and its downlink
+/// subscribed.
+fn gateway(env: &TestEnv, run: &str, extra: &str) -> Gateway {
+    let gateway = Gateway::start(&format!(
+        "[routing]\ndefault_destination = \"local\"\n{}\n{extra}",
+        env.downlink_config(run, "gw-1", 300)
+    ));
+    wait_subscribed(&gateway);
+    gateway
+}
+
+fn wait_subscribed(gateway: &Gateway) {
+    eventually(
+        Duration::from_secs(30),
+        "the downlink subscriptions",
+        || (gateway.admin_get("/admin/downlink")["subscribed"] == true).then_some(()),
+    );
+}
+
+fn queued(gateway: &Gateway) -> Value {
+    gateway.admin_get("/admin/downlink")["commands_queued"].clone()
+}
+
+fn wait_queued(gateway: &Gateway, count: u64) {
+    eventually(
+        Duration::from_secs(20),
+        &format!("{count} commands queued"),
+        || (queued(gateway) == count).then_some(()),
+    );
+}
+
+fn payloads(messages: &[Value]) -> Vec<&str> {
+    messages
+        .iter()
+        .map(|m| m["payload"].as_str().unwrap())
+        .collect()
+}
+
+/// A device subscribed over MQTT 5 gets its commands as PUBLISHes at the QoS granted;
+/// filters outside its grant, and a ninth filter in one SUBSCRIBE, are refused in the
+/// SUBACK; its publish on the reply topic goes to the broker as it is.
+#[test]
+fn commands_reach_an_mqtt_subscriber_and_its_reply_goes_to_the_broker() {
+    let env = TestEnv::get();
+    let run = unique("mqttcmd");
+    let grant = format!(
+        r#"
+        [[policy.grants]]
+        name = "own"
+        devices = ["*"]
+        publish = ["devices/${{device.id}}/#", "cmd-reply/{run}/${{device.id}}"]
+        subscribe = ["cmd/{run}/${{device.id}}/#"]
+        "#
+    );
+    let gateway = gateway(&env, &run, &grant);
+    let commander = Subscriber::connect(&env, &format!("cmd-reply/{run}/#"));
+    let own = format!("cmd/{run}/valve-1/#");
+    let mut filters = vec![json!([own, 1]), json!(["cmd/#", 1])];
+    filters.extend((0..7).map(|n| json!([format!("cmd/{run}/valve-1/x{n}"), 0])));
+    let session = PahoSession::start(json!({
+        "url": ws_url(&gateway),
+        "version": 5,
+        "client_id": "valve-1",
+        "subscribe": filters,
+        "publishes": [{"topic": format!("cmd-reply/{run}/valve-1"), "payload": "{\"status\":\"done\"}", "qos": 1}],
+        "expect": 2,
+    }));
+    assert_eq!(session.next("connack")["reason"], 0);
+    let granted = session.next("suback")["granted"].clone();
+    let mut want = vec![json!(1), json!(0x87)];
+    want.extend((0..6).map(|_| json!(0)));
+    want.push(json!(0x87));
+    assert_eq!(granted, json!(want), "the 9th filter is over IoT Core's 8");
+    assert_eq!(session.next("puback")["reason"], 0);
+    let (topic, reply) = commander.take(1).pop().unwrap();
+    assert_eq!(topic, format!("cmd-reply/{run}/valve-1"));
+    assert_eq!(reply, b"{\"status\":\"done\"}");
+    commander.publish(&format!("cmd/{run}/valve-1/open"), "40");
+    commander.publish(&format!("cmd/{run}/valve-1/close"), "now");
+    let messages = session.messages_until_end();
+    assert_eq!(payloads(&messages), ["40", "now"]);
+    assert_eq!(messages[0]["topic"], format!("cmd/{run}/valve-1/open"));
+    assert!(messages.iter().all(|m| m["qos"] == 1), "{messages:?}");
+    // Both PUBACKed: nothing waits.
+    wait_queued(&gateway, 0);
+}
+
+/// A QoS 1 command the device never acknowledges stays queued, and goes again to its
+/// next connection, which acknowledges it.
+#[test]
+fn an_unacknowledged_qos1_command_goes_again_to_the_next_connection() {
+    let env = TestEnv::get();
+    let run = unique("mqttack");
+    let gateway = gateway(&env, &run, "");
+    let commander = Subscriber::connect(&env, &format!("cmd-reply/{run}/#"));
+    let subscribe = json!([[format!("cmd/{run}/pump-1/#"), 1]]);
+    let first = PahoSession::start(json!({
+        "url": ws_url(&gateway), "version": 4, "client_id": "pump-1",
+        "subscribe": subscribe, "expect": 1, "ack": false, "end": "drop",
+    }));
+    first.next("suback");
+    commander.publish(&format!("cmd/{run}/pump-1/reboot"), "r1");
+    assert_eq!(payloads(&first.messages_until_end()), ["r1"]);
+    assert_eq!(queued(&gateway), 1, "not acknowledged: still queued");
+    let second = PahoSession::start(json!({
+        "url": ws_url(&gateway), "version": 4, "client_id": "pump-1",
+        "subscribe": subscribe, "expect": 1,
+    }));
+    assert_eq!(payloads(&second.messages_until_end()), ["r1"]);
+    wait_queued(&gateway, 0);
+}
+
+/// A persistent session (3.1.1 clean session off; 5.0 clean start off with a session
+/// expiry) keeps its subscription: a command queued while the device was offline, and one
+/// sent while the gateway itself was down (kill -9), both reach the device when it comes
+/// back, without subscribing again.
+#[test]
+fn a_persistent_session_gets_commands_queued_while_offline_across_a_gateway_crash() {
+    let env = TestEnv::get();
+    let run = unique("mqttpersist");
+    let mut gateway = gateway(&env, &run, "");
+    let commander = Subscriber::connect(&env, &format!("cmd-reply/{run}/#"));
+    for (version, device) in [(4, "meter-4"), (5, "meter-5")] {
+        let first = PahoSession::start(json!({
+            "url": ws_url(&gateway), "version": version, "client_id": device,
+            "clean": false, "session_expiry": 600,
+            "subscribe": [[format!("cmd/{run}/{device}/#"), 1]],
+        }));
+        assert_eq!(first.next("connack")["session_present"], false);
+        first.next("suback");
+        first.messages_until_end();
+        commander.publish(&format!("cmd/{run}/{device}/read"), "while-offline");
+    }
+    wait_queued(&gateway, 2);
+    gateway.crash_and_restart_after(|| {
+        for device in ["meter-4", "meter-5"] {
+            commander.publish(&format!("cmd/{run}/{device}/read"), "while-down");
+        }
+    });
+    wait_subscribed(&gateway);
+    for (version, device) in [(4, "meter-4"), (5, "meter-5")] {
+        let again = PahoSession::start(json!({
+            "url": ws_url(&gateway), "version": version, "client_id": device,
+            "clean": false, "session_expiry": 600, "expect": 2,
+        }));
+        assert_eq!(again.next("connack")["session_present"], true, "{device}");
+        let messages = again.messages_until_end();
+        assert_eq!(
+            payloads(&messages),
+            ["while-offline", "while-down"],
+            "{device}"
+        );
+    }
+    wait_queued(&gateway, 0);
+    // A clean session starts without the subscription: nothing is sent to it.
+    let clean = PahoSession::start(json!({
+        "url": ws_url(&gateway), "version": 4, "client_id": "meter-4", "clean": true,
+    }));
+    assert_eq!(clean.next("connack")["session_present"], false);
+}
+
+/// The last will goes through the pipeline when the connection drops without a
+/// DISCONNECT, and on MQTT 5's DISCONNECT with reason 0x04; not on a plain DISCONNECT.
+/// A will on a topic the device may not publish to refuses the CONNECT.
+#[test]
+fn the_last_will_is_published_when_the_connection_drops() {
+    let gateway = Gateway::start(
+        r#"
+        [routing]
+        default_destination = "local"
+        [[policy.grants]]
+        name = "own"
+        devices = ["*"]
+        publish = ["status/${device.id}"]
+        "#,
+    );
+    let will = |device: &str| json!({"topic": format!("status/{device}"), "payload": format!("{device} gone"), "qos": 1});
+    for (device, version, end) in [
+        ("dropped", 4, "drop"),
+        ("polite", 4, "disconnect"),
+        ("willing", 5, "disconnect_with_will"),
+    ] {
+        let session = PahoSession::start(json!({
+            "url": ws_url(&gateway), "version": version, "client_id": device,
+            "will": will(device), "end": end,
+        }));
+        assert_eq!(session.next("connack")["reason"], 0);
+        session.messages_until_end();
+        eventually(Duration::from_secs(20), "the session closed", || {
+            let devices = gateway.admin_get("/admin/devices");
+            let open = devices["sessions"]
+                .as_array()?
+                .iter()
+                .any(|s| s["device"] == device);
+            (!open).then_some(())
+        });
+    }
+    let lines = gateway.sink("local");
+    let mut wills: Vec<&str> = lines
+        .iter()
+        .map(|l| l["payload_text"].as_str().unwrap())
+        .collect();
+    wills.sort();
+    assert_eq!(wills, ["dropped gone", "willing gone"], "{lines:?}");
+    assert_eq!(
+        lines[0]["topic"],
+        format!("status/{}", lines[0]["device"].as_str().unwrap())
+    );
+    let denied = PahoSession::start(json!({
+        "url": ws_url(&gateway), "version": 5, "client_id": "sneaky",
+        "will": {"topic": "status/other", "payload": "x"},
+    }));
+    assert_eq!(denied.next("connack")["reason"], 0x87);
+}
+
+/// A retained MQTT publish reaches IoT Core (mosquitto) with the retain flag, so a
+/// subscriber arriving later still gets it, even where routing sends everything else to
+/// Kinesis; the plain publish beside it is on the stream.
+#[test]
+fn a_retained_publish_reaches_iot_core_retained_and_never_kinesis() {
+    let env = TestEnv::get();
+    let stream = unique("retained");
+    env.create_stream(&stream, 1);
+    let topic = unique("shadow");
+    let gateway = Gateway::start(&format!(
+        "{}\n{}\n[mqtt]\nlisten = \"127.0.0.1:0\"\n",
+        env.kinesis_config(&stream, ""),
+        env.mqtt_config()
+    ));
+    let session = PahoSession::start(json!({
+        "url": gateway.mqtt, "version": 5, "client_id": "lamp-1",
+        "publishes": [
+            {"topic": format!("{topic}/state"), "payload": "on", "qos": 1, "retain": true},
+            {"topic": format!("{topic}/reading"), "payload": "plain", "qos": 1},
+        ],
+    }));
+    assert_eq!(session.next("puback")["reason"], 0);
+    assert_eq!(session.next("puback")["reason"], 0);
+    drop(session);
+    gateway.settle();
+    // Subscribed only now: the broker kept the message because it came retained.
+    let late = Subscriber::connect(&env, &format!("{topic}/state"));
+    let (got, payload) = late.take(1).pop().unwrap();
+    assert_eq!(
+        (got.as_str(), payload.as_slice()),
+        (format!("{topic}/state").as_str(), &b"on"[..])
+    );
+    let records = env.read_stream(&stream);
+    let on_stream: Vec<&[u8]> = records.iter().map(|(_, _, data)| data.as_slice()).collect();
+    assert_eq!(
+        on_stream,
+        [b"plain"],
+        "the retained one is not on the stream"
+    );
+}
+
+/// rumqttc (the Rust client) over `[mqtt] listen`: QoS 1 publishes, each PUBACKed and
+/// read back, and a command on its subscription.
+#[test]
+fn rumqttc_publishes_and_receives_a_command() {
+    let env = TestEnv::get();
+    let run = unique("rumqttc");
+    let gateway = gateway(&env, &run, "[mqtt]\nlisten = \"127.0.0.1:0\"\n");
+    let commander = Subscriber::connect(&env, &format!("cmd-reply/{run}/#"));
+    let port: u16 = gateway.mqtt.rsplit(':').next().unwrap().parse().unwrap();
+    let runtime = TestEnv::runtime();
+    let mut options = rumqttc::MqttOptions::new("rusty-1", "127.0.0.1", port);
+    options.set_keep_alive(Duration::from_secs(30));
+    let (client, mut events) = runtime.block_on(async { rumqttc::AsyncClient::new(options, 64) });
+    // Subscribed first (the SUBACK seen), then the command is sent, outside the runtime.
+    runtime.block_on(async {
+        client
+            .subscribe(format!("cmd/{run}/rusty-1/#"), rumqttc::QoS::AtLeastOnce)
+            .await
+            .unwrap();
+        loop {
+            let event = tokio::time::timeout(Duration::from_secs(30), events.poll())
+                .await
+                .expect("a SUBACK in time")
+                .expect("the connection holds");
+            if let rumqttc::Event::Incoming(rumqttc::Packet::SubAck(ack)) = event {
+                assert_eq!(
+                    ack.return_codes,
+                    [rumqttc::mqttbytes::v4::SubscribeReasonCode::Success(
+                        rumqttc::QoS::AtLeastOnce
+                    )]
+                );
+                break;
+            }
+        }
+    });
+    commander.publish(&format!("cmd/{run}/rusty-1/blink"), "twice");
+    let command = runtime.block_on(async {
+        for n in 0..10 {
+            client
+                .publish("rusty/t", rumqttc::QoS::AtLeastOnce, false, format!("r{n}"))
+                .await
+                .unwrap();
+        }
+        let mut acked = 0;
+        let mut command = None;
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+        while acked < 10 || command.is_none() {
+            let event = tokio::time::timeout_at(deadline, events.poll())
+                .await
+                .expect("PUBACKs and the command in time")
+                .expect("the connection holds");
+            match event {
+                rumqttc::Event::Incoming(rumqttc::Packet::PubAck(_)) => acked += 1,
+                rumqttc::Event::Incoming(rumqttc::Packet::Publish(publish)) => {
+                    command = Some((publish.topic.clone(), publish.payload.to_vec()));
+                }
+                _ => {}
+            }
+        }
+        command.unwrap()
+    });
+    assert_eq!(
+        command,
+        (format!("cmd/{run}/rusty-1/blink"), b"twice".to_vec())
+    );
+    let mut got: Vec<String> = gateway
+        .sink("local")
+        .iter()
+        .map(|l| l["payload_text"].as_str().unwrap().to_string())
+        .collect();
+    got.sort();
+    let mut want: Vec<String> = (0..10).map(|n| format!("r{n}")).collect();
+    want.sort();
+    assert_eq!(got, want);
+}
+
+/// kill -9 while paho publishes thousands of QoS 1 messages: every one the gateway
+/// PUBACKed is in the local sink after the restart.
+#[test]
+fn kill_9_under_mqtt_load_loses_no_acknowledged_message() {
+    let mut gateway = Gateway::start("[routing]\ndefault_destination = \"local\"\n");
+    let url = ws_url(&gateway);
+    let count = 20_000;
+    let publisher = std::thread::spawn(move || {
+        paho(json!({
+            "url": url, "version": 5, "client_id": "loader",
+            "generate": {"topic": "load/t", "prefix": "m", "count": count, "qos": 1},
+        }))
+    });
+    eventually(Duration::from_secs(60), "some messages stored", || {
+        (gateway.sink("local").len() >= 300).then_some(())
+    });
+    gateway.crash_and_restart();
+    let report = publisher.join().unwrap();
+    gateway.settle();
+    let acked: Vec<String> = report["results"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .zip(0..)
+        .filter(|(result, _)| result["reason"] == 0)
+        .map(|(_, n)| format!("m{n}"))
+        .collect();
+    assert!(acked.len() >= 300, "{} acknowledged", acked.len());
+    assert!(acked.len() < count, "the crash came before the end");
+    let stored: std::collections::HashSet<String> = gateway
+        .sink("local")
+        .iter()
+        .map(|l| l["payload_text"].as_str().unwrap().to_string())
+        .collect();
+    let lost: Vec<&String> = acked.iter().filter(|m| !stored.contains(*m)).collect();
+    assert!(
+        lost.is_empty(),
+        "{} acknowledged and lost: {:?}",
+        lost.len(),
+        &lost[..lost.len().min(10)]
+    );
+}
