@@ -146,11 +146,11 @@ impl Downlink {
         let (client, mut events) = AsyncClient::new(options, 256);
         let mut devices: HashMap<String, Device> = HashMap::new();
         let mut next_seq = 1;
-        for (seq, device, command) in held {
-            next_seq = seq + 1;
-            devices.entry(device).or_default().queue.push_back(Pending {
-                seq,
-                command,
+        for held in held {
+            next_seq = held.seq + 1;
+            devices.entry(held.device).or_default().queue.push_back(Pending {
+                seq: held.seq,
+                command: held.command,
                 claimed: None,
             });
         }

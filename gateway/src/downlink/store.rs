@@ -26,6 +26,16 @@ struct Stored {
     received_at_ms: u64,
 }
 
+/// A command kept from before a restart: its sequence number and device.
+pub struct Held {
+    /// Its place in the store.
+    pub seq: u64,
+    /// The device it is for.
+    pub device: String,
+    /// The command.
+    pub command: Command,
+}
+
 /// The store.
 #[derive(Clone)]
 pub struct CommandStore {
@@ -33,9 +43,8 @@ pub struct CommandStore {
 }
 
 impl CommandStore {
-    /// Opens (creating) the store in `dir`, with what it holds: `(seq, device, command)`
-    /// in arrival order.
-    pub fn open(dir: &Path) -> anyhow::Result<(CommandStore, Vec<(u64, String, Command)>)> {
+    /// Opens (creating) the store in `dir`, with what it holds, in arrival order.
+    pub fn open(dir: &Path) -> anyhow::Result<(CommandStore, Vec<Held>)> {
         let path = dir.join("commands.redb");
         let db = Database::create(&path).map_err(|error| {
             anyhow::anyhow!("cannot open the command queue {}: {error}", path.display())
@@ -52,16 +61,16 @@ impl CommandStore {
             for entry in table.iter()? {
                 let (seq, bytes) = entry?;
                 match postcard::from_bytes::<Stored>(bytes.value()) {
-                    Ok(stored) => held.push((
-                        seq.value(),
-                        stored.device,
-                        Command {
+                    Ok(stored) => held.push(Held {
+                        seq: seq.value(),
+                        device: stored.device,
+                        command: Command {
                             id: stored.id,
                             topic: stored.topic,
                             payload: stored.payload,
                             received_at_ms: stored.received_at_ms,
                         },
-                    )),
+                    }),
                     Err(error) => {
                         tracing::error!(seq = seq.value(), %error, "a queued command cannot be read; skipped")
                     }
@@ -108,5 +117,35 @@ impl CommandStore {
             Ok(())
         })
         .await?
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn commands_are_kept_until_removed_across_opens() {
+        let dir = tempfile::tempdir().unwrap();
+        let command = |id: &str| Command {
+            id: id.to_string(),
+            topic: format!("cmd/dev-1/{id}"),
+            payload: vec![0, 1, 2],
+            received_at_ms: 7,
+        };
+        let (store, held) = CommandStore::open(dir.path()).unwrap();
+        assert!(held.is_empty());
+        store.put(1, "dev-1", &command("a")).await.unwrap();
+        store.put(2, "dev-2", &command("b")).await.unwrap();
+        store.put(3, "dev-1", &command("c")).await.unwrap();
+        store.remove(vec![2]).await.unwrap();
+        drop(store);
+        let (_, held) = CommandStore::open(dir.path()).unwrap();
+        let kept: Vec<(u64, &str, &str)> = held
+            .iter()
+            .map(|h| (h.seq, h.device.as_str(), h.command.id.as_str()))
+            .collect();
+        assert_eq!(kept, [(1, "dev-1", "a"), (3, "dev-1", "c")]);
+        assert_eq!(held[0].command.payload, [0, 1, 2]);
     }
 }
