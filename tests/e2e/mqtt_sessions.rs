@@ -462,3 +462,73 @@ fn kill_9_under_mqtt_load_loses_no_acknowledged_message() {
         &lost[..lost.len().min(10)]
     );
 }
+
+/// `mosquitto_sub` (Debian's) over TLS with a client certificate on `[mqtt] listen`
+/// receives the device's command from the downlink; the certificate names the device.
+#[test]
+fn mosquitto_sub_over_tls_receives_a_command() {
+    let env = TestEnv::get();
+    let run = unique("mosqsub");
+    let certs = std::env::var_os("SLUICE_TEST_CERTS")
+        .map(std::path::PathBuf::from)
+        .expect("SLUICE_TEST_CERTS: run scripts/test");
+    let gateway = gateway(
+        &env,
+        &run,
+        &format!(
+            r#"
+            [server.tls]
+            cert = "{certs}/server.pem"
+            key = "{certs}/server.key"
+            [auth.mtls]
+            ca = ["{certs}/ca.pem"]
+            [[policy.grants]]
+            name = "own"
+            devices = ["*"]
+            subscribe = ["cmd/{run}/${{device.id}}/#"]
+            [mqtt]
+            listen = "127.0.0.1:0"
+            "#,
+            certs = certs.display()
+        ),
+    );
+    let commander = Subscriber::connect(&env, &format!("cmd-reply/{run}/#"));
+    let port = gateway.mqtt.rsplit(':').next().unwrap().to_string();
+    let device = "test-subscriber";
+    let sub = std::process::Command::new("mosquitto_sub")
+        .args(["-h", "127.0.0.1", "-p", &port, "-V", "mqttv311", "-q", "1"])
+        .args(["-i", device, "-C", "1", "-W", "30", "-v"])
+        .args(["-t", &format!("cmd/{run}/{device}/#")])
+        .arg("--cafile")
+        .arg(certs.join("ca.pem"))
+        .arg("--cert")
+        .arg(certs.join("test-subscriber.pem"))
+        .arg("--key")
+        .arg(certs.join("test-subscriber.key"))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("mosquitto_sub");
+    // Its session is open (and so subscribed: mosquitto_sub subscribes right after the
+    // CONNACK, and the command waits in the queue until it is).
+    eventually(Duration::from_secs(20), "mosquitto_sub's session", || {
+        let devices = gateway.admin_get("/admin/devices");
+        devices["sessions"]
+            .as_array()?
+            .iter()
+            .any(|s| s["device"] == device)
+            .then_some(())
+    });
+    commander.publish(&format!("cmd/{run}/{device}/reboot"), "please");
+    let output = sub.wait_with_output().unwrap();
+    assert!(
+        output.status.success(),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&output.stdout).trim(),
+        format!("cmd/{run}/{device}/reboot please")
+    );
+    wait_queued(&gateway, 0);
+}
