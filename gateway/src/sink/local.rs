@@ -13,7 +13,8 @@
 //! them out and `fdatasync`s each file it wrote to (once per group, not per record), and
 //! only then confirms them all: the spool treats confirmed records as delivered and drops
 //! them, so they must survive a power cut here first. A file created on the way has its
-//! directory entry synced too.
+//! directory entry synced too. A group that fails (a full disk) is cut off the files
+//! again before its records are refused, so their second try leaves no torn line.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs::{File, OpenOptions};
@@ -215,6 +216,11 @@ struct OpenFile {
     writer: BufWriter<File>,
     /// Written to since its last `fdatasync`.
     dirty: bool,
+    /// Its length after the last group that was confirmed: a failed group is cut off
+    /// back to it, so that no torn line stays before the records' second try.
+    confirmed_len: u64,
+    /// Bytes appended since then.
+    pending: u64,
     /// Created by this writer: its directory entry must be synced too.
     created: bool,
 }
@@ -255,10 +261,26 @@ fn write_loop(dir: &Path, queue: &mpsc::Receiver<Job>, syncs: &AtomicU64) {
         if created && let Err(error) = File::open(dir).and_then(|d| d.sync_all()) {
             result = Err(format!("cannot sync {}: {error}", dir.display()));
         }
-        if let Err(error) = &result {
-            tracing::error!(%error, "local sink write failed");
-            // A failed write leaves a buffer in an unknown state: reopen on the next batch.
-            files.clear();
+        match &result {
+            Ok(()) => {
+                for file in files.values_mut() {
+                    file.confirmed_len += std::mem::take(&mut file.pending);
+                }
+            }
+            Err(error) => {
+                tracing::error!(%error, "local sink write failed");
+                // Every record of the group is refused and sent again: what of it reached
+                // the files (a torn line, on a full disk) is cut off. The buffers are
+                // dropped unwritten, and the files reopened on the next batch.
+                for (kind, file) in files.drain() {
+                    let (file_handle, _unwritten) = file.writer.into_parts();
+                    if file.pending > 0
+                        && let Err(error) = file_handle.set_len(file.confirmed_len)
+                    {
+                        tracing::error!(%error, file = %kind, "cannot cut a failed write off the local sink file");
+                    }
+                }
+            }
         }
         for job in batch {
             let _ = job.done.send(result.clone());
@@ -282,14 +304,21 @@ fn append(
                 .append(true)
                 .open(&path)
                 .map_err(|error| format!("cannot open {}: {error}", path.display()))?;
+            let confirmed_len = file
+                .metadata()
+                .map_err(|error| format!("cannot read {}: {error}", path.display()))?
+                .len();
             entry.insert(OpenFile {
                 writer: BufWriter::with_capacity(256 * 1024, file),
                 dirty: false,
                 created: !existed,
+                confirmed_len,
+                pending: 0,
             })
         }
     };
     file.dirty = true;
+    file.pending += line.len() as u64 + 1;
     file.writer
         .write_all(line.as_bytes())
         .and_then(|()| file.writer.write_all(b"\n"))
