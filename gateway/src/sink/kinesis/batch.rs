@@ -294,6 +294,48 @@ mod tests {
         );
     }
 
+    /// A record pinned to its shard by an explicit hash key (or not).
+    struct Pinned(&'static str, bool);
+
+    impl Queued for Pinned {
+        fn key(&self) -> &str {
+            self.0
+        }
+        fn size(&self) -> usize {
+            10 + self.0.len()
+        }
+        fn data_len(&self) -> usize {
+            10
+        }
+        fn aggregatable(&self) -> bool {
+            !self.1
+        }
+        fn not_before(&self) -> Instant {
+            base()
+        }
+    }
+
+    #[test]
+    fn a_record_with_an_explicit_hash_key_is_never_aggregated() {
+        let now = base() + Duration::from_millis(10);
+        let queue = vec![
+            Pinned("a1", false),
+            Pinned("a2", true),
+            Pinned("a3", false),
+            Pinned("a4", true),
+        ];
+        let planned = plan_aggregated(&queue, now, |_| 0, 1024 * 1024);
+        assert_eq!(
+            planned,
+            vec![
+                Planned::Aggregated(vec![0, 2]),
+                Planned::Plain(1),
+                Planned::Plain(3)
+            ],
+            "same shard, room to spare: the pinned ones still go alone"
+        );
+    }
+
     #[test]
     fn backoff_grows_and_is_capped() {
         for attempt in 1..30 {
