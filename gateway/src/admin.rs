@@ -29,6 +29,9 @@
 //!   version_active` for the one serving).
 //! - `POST /admin/reload`: reads the configuration file again (like `SIGHUP`), see
 //!   [`crate::reconfigure`]; `422 invalid_config` (nothing changed) when it is refused.
+//! - `GET /admin/console/…`: what the operator's console reads ([`crate::console::api`]).
+//! - `GET /`, `GET /console/{file}`: the console's page and assets, the only routes
+//!   served without the token: they hold no data ([`crate::console::page`]).
 //!
 //! Errors are JSON `{"code": …, "message": …}` like the device API's.
 
@@ -92,8 +95,15 @@ pub async fn serve(
     let address = listener.local_addr()?;
     println!("sluice: admin on http://{address}");
     tracing::info!(%address, "admin API listening");
-    let app = router(parts, token);
+    let console = crate::console::Console::new(
+        parts.pipeline.clone(),
+        parts.downlink.clone(),
+        parts.reloader.clone(),
+    );
+    let sampler = crate::console::start(console.clone(), shutdown.clone());
+    let app = router(parts, token, console);
     Ok(tokio::spawn(async move {
+        let _sampler = AbortOnDrop(sampler);
         let served = axum::serve(listener, app)
             .with_graceful_shutdown(async move { shutdown.wait().await })
             .await;
@@ -103,7 +113,16 @@ pub async fn serve(
     }))
 }
 
-fn router(parts: Parts, token: String) -> axum::Router {
+/// Stops the console's sampler with the listener, however the listener ends.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+fn router(parts: Parts, token: String, console: crate::console::Console) -> axum::Router {
     let state = AdminState {
         pipeline: parts.pipeline,
         sessions: parts.sessions,
@@ -130,11 +149,10 @@ fn router(parts: Parts, token: String) -> axum::Router {
             axum::routing::delete(delete_version),
         )
         .route("/admin/reload", post(reload))
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            authorize,
-        ))
-        .with_state(state)
+        .with_state(state.clone())
+        .merge(crate::console::api::router(console))
+        .layer(axum::middleware::from_fn_with_state(state, authorize))
+        .merge(crate::console::page::router())
 }
 
 /// Every error the admin API answers with: JSON `{"code", "message"}` and the status.
@@ -488,6 +506,7 @@ async fn plugins(State(state): State<AdminState>) -> Response {
                 "calls": calls,
                 "average_call_us": if calls == 0 { 0.0 } else { nanos as f64 / calls as f64 / 1000.0 },
                 "messages": messages,
+                "last_error": stats.last_error(),
                 "counters": stats.counters().into_iter().map(|(k, v)| (k, Value::from(v))).collect::<serde_json::Map<String, Value>>(),
             })
         })
@@ -617,7 +636,9 @@ mod tests {
             downlink: None,
             reloader: fixture.reloader.clone(),
         };
-        let response = router(parts, TOKEN.to_string())
+        let console =
+            crate::console::Console::new(parts.pipeline.clone(), None, parts.reloader.clone());
+        let response = router(parts, TOKEN.to_string(), console)
             .oneshot(request)
             .await
             .unwrap();
@@ -707,6 +728,40 @@ mod tests {
         let (status, body, _) = send(authorized("GET", "/admin/spool", "")).await;
         assert_eq!(status, StatusCode::OK);
         assert_eq!(body["dead_letters"], 0);
+    }
+
+    #[tokio::test]
+    async fn the_console_page_is_public_and_its_data_needs_the_token() {
+        for path in [
+            "/admin/console/overview",
+            "/admin/console/history",
+            "/admin/console/config",
+            "/admin/plugins",
+            "/admin/dlq",
+        ] {
+            for token in [None, Some("Bearer nope"), Some(TOKEN)] {
+                let mut request = Request::get(path);
+                if let Some(token) = token {
+                    request = request.header("authorization", token);
+                }
+                let (status, body, _) = send(request.body(Body::empty()).unwrap()).await;
+                assert_eq!(status, StatusCode::UNAUTHORIZED, "{path} {token:?}");
+                assert_eq!(body["code"], "unauthorized");
+            }
+            let (status, _, _) = send(authorized("GET", path, "")).await;
+            assert_eq!(status, StatusCode::OK, "{path} with the token");
+        }
+        for path in ["/", "/console/console.js", "/console/uPlot.iife.min.js"] {
+            let request = Request::get(path).body(Body::empty()).unwrap();
+            let (status, _, headers) = send(request).await;
+            assert_eq!(status, StatusCode::OK, "{path}");
+            assert!(
+                headers["content-security-policy"]
+                    .to_str()
+                    .unwrap()
+                    .contains("default-src 'none'")
+            );
+        }
     }
 
     #[test]

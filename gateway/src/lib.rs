@@ -38,6 +38,8 @@
 //! - [`admin`]: the operators' API (spool state, dead letters, plugins, reload, metrics);
 //!   the binary's `admin_client` holds the `sluice dlq` and `sluice admin` commands
 //!   that call it.
+//! - [`console`]: the operator's console, a page on the admin listener, and the
+//!   in-memory time series it charts.
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`message`]: the message record shared by every step.
 //! - `shutdown`: the signal every task stops on.
@@ -45,6 +47,7 @@
 pub mod admin;
 pub mod auth;
 pub mod config;
+pub mod console;
 pub mod downlink;
 pub mod ingress;
 pub mod message;

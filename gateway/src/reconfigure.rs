@@ -112,6 +112,12 @@ impl Reloader {
         }
     }
 
+    /// The configuration running now, and the file it came from (`None`: the embedded
+    /// default).
+    pub async fn running(&self) -> (Option<PathBuf>, Config) {
+        (self.source.path.clone(), self.running.lock().await.clone())
+    }
+
     /// Reads the file again and applies what changed; all or nothing for the live
     /// sections. One reload at a time.
     pub async fn reload(&self) -> Result<ReloadReport, ReloadError> {

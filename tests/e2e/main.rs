@@ -5,6 +5,7 @@ mod harness;
 
 mod cli;
 mod cloud;
+mod console;
 mod devices;
 mod downlink;
 mod durability;

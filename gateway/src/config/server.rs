@@ -70,13 +70,23 @@ impl Default for WebSocketConfig {
 }
 
 /// `[admin]`: the operators' API, on its own address.
-#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
+#[derive(Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct AdminConfig {
     /// Address of the admin listener; absent: no admin listener.
     pub listen: Option<SocketAddr>,
     /// Bearer token every admin request must carry. Required with `listen`.
     pub token: Option<String>,
+}
+
+/// The token stays out of logs and the console's view of the configuration.
+impl std::fmt::Debug for AdminConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AdminConfig")
+            .field("listen", &self.listen)
+            .field("token", &self.token.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
 }
 
 /// `[server]`: where devices connect and where data is kept.

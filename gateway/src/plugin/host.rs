@@ -18,39 +18,66 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use crate::plugin::bindings::router::RouterPre;
 use crate::plugin::bindings::sluice::plugin::{host, types};
 use crate::plugin::bindings::transform::TransformPre;
+use crate::plugin::output::PluginOutput;
 use crate::plugin::{PluginError, PluginKind};
 
 /// How often the ticker thread advances the engine's epoch. Call time limits are
 /// rounded up to whole ticks, so this is their resolution.
 pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 
-/// Imports a plugin may have. Plugins built for `wasm32-wasip2` import parts of WASI
-/// through Rust's standard library; those are linked with an empty context: no
-/// preopened directories, no environment, no arguments, closed stdin, discarded output.
-/// Random numbers are allowed (hash maps seed themselves). Clocks are refused: a plugin
-/// gets its time from `received-at-ms`, and a clock's sleep would hold a worker beyond
-/// the call's time limit, which epoch interruption cannot cut short. Everything else
-/// (sockets, HTTP, …) is refused too.
-const ALLOWED_IMPORT_PREFIXES: &[&str] = &[
-    "sluice:plugin/host@0.1.",
-    "sluice:plugin/types@0.1.",
-    "wasi:cli/environment@0.2.",
-    "wasi:cli/exit@0.2.",
-    "wasi:cli/stdin@0.2.",
-    "wasi:cli/stdout@0.2.",
-    "wasi:cli/stderr@0.2.",
-    "wasi:cli/terminal-",
-    "wasi:io/error@0.2.",
-    "wasi:io/poll@0.2.",
-    "wasi:io/streams@0.2.",
-    "wasi:filesystem/types@0.2.",
-    "wasi:filesystem/preopens@0.2.",
-    "wasi:random/",
+/// What the host does with each WASI interface a plugin imports, by name prefix, with
+/// the reason in words (`sluice plugin check` prints it). The language runtimes plugins
+/// are built with import much of WASI whether the plugin uses it or not (CPython under
+/// componentize-py: clocks, filesystem, stdio and every `wasi:sockets` interface;
+/// SpiderMonkey under componentize-js: clocks, filesystem, stdio), so the host links
+/// what is harmless and refuses at load only what would reach outside:
+///
+/// - clocks: the real wall clock and monotonic clock; reading the time is harmless. A
+///   sleep counts against the call's time limit (the call is cut off at it), and a
+///   message's time is still its `received-at-ms`;
+/// - random: as for Rust's hash maps;
+/// - stdin closed, environment and arguments empty, filesystem without a single
+///   preopened directory (nothing to open);
+/// - stdout and stderr: into the gateway's log, tagged with the plugin's name, at most
+///   [`OUTPUT_LINES_PER_SEC`] lines of [`OUTPUT_LINE_BYTES`] a second per plugin;
+/// - sockets: linked with no network at all: every bind, connect and name lookup fails
+///   with `access-denied` (CPython links them into every component);
+/// - everything else (`wasi:http`, …): refused when the plugin loads, naming the import.
+const IMPORT_RULES: &[(&str, &str)] = &[
+    ("sluice:plugin/host@0.1.", "the gateway's log and counters"),
+    ("sluice:plugin/types@0.1.", "the message types"),
+    ("wasi:clocks/", "linked: real time; sleeping counts against the call's time limit"),
+    ("wasi:random/", "linked: random numbers"),
+    ("wasi:cli/environment@0.2.", "linked: no variables, no arguments"),
+    ("wasi:cli/exit@0.2.", "linked: exiting fails the call"),
+    ("wasi:cli/stdin@0.2.", "linked: closed"),
+    ("wasi:cli/stdout@0.2.", "linked: into the gateway's log, with the plugin's name"),
+    ("wasi:cli/stderr@0.2.", "linked: into the gateway's log, with the plugin's name"),
+    ("wasi:cli/terminal-", "linked: not a terminal"),
+    ("wasi:io/", "linked: streams and polling"),
+    ("wasi:filesystem/", "linked: no preopened directory, so nothing to open"),
+    ("wasi:sockets/", "linked without a network: every socket operation fails with access-denied"),
 ];
+
+/// Most lines of a plugin's stdout and stderr logged per second; the rest are counted
+/// in the plugin's `_output_dropped` counter.
+pub const OUTPUT_LINES_PER_SEC: u32 = 50;
+/// Longest line logged (longer ones are cut).
+pub const OUTPUT_LINE_BYTES: usize = 1024;
+
+/// What the host does with one import: `Ok` with what it gets, or `Err` with why it is
+/// refused.
+pub fn import_rule(name: &str) -> Result<&'static str, &'static str> {
+    IMPORT_RULES
+        .iter()
+        .find(|(prefix, _)| name.starts_with(prefix))
+        .map(|(_, what)| *what)
+        .ok_or("refused: plugins may not reach outside the gateway (no HTTP, no other host interfaces)")
+}
 
 /// The state of one plugin instance's store.
 pub struct HostState {
-    /// The empty WASI context (see [`ALLOWED_IMPORT_PREFIXES`]).
+    /// The WASI context (see [`IMPORT_RULES`]).
     wasi: WasiCtx,
     /// WASI's resource handles (streams and the like).
     table: ResourceTable,
@@ -72,6 +99,19 @@ pub struct PluginStats {
     pub metrics: crate::metrics::PluginMetrics,
     /// Nanoseconds spent in calls, for the admin API's average.
     pub call_nanos: std::sync::atomic::AtomicU64,
+    /// The last failure (code, reason, when), for the admin API and the console.
+    pub last_error: Mutex<Option<LastError>>,
+}
+
+/// A plugin's most recent failure.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct LastError {
+    /// The failure code (`plugin_refused`, `plugin_trap`, …).
+    pub code: &'static str,
+    /// What the plugin or the host said.
+    pub reason: String,
+    /// When (milliseconds since the Unix epoch).
+    pub at_ms: u64,
 }
 
 impl PluginStats {
@@ -82,7 +122,29 @@ impl PluginStats {
             counters: Mutex::default(),
             metrics: crate::metrics::PluginMetrics::new(name),
             call_nanos: std::sync::atomic::AtomicU64::new(0),
+            last_error: Mutex::default(),
         }
+    }
+
+    /// Counts `n` messages that failed with `code` and keeps `reason` as the last error.
+    pub fn failed(&self, code: &'static str, reason: &str, n: u64) {
+        self.metrics.failed(code, n);
+        let at_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(LastError {
+            code,
+            reason: reason.to_string(),
+            at_ms,
+        });
+    }
+
+    /// The last failure, if any.
+    pub fn last_error(&self) -> Option<LastError> {
+        self.last_error
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Counts one call of `messages` messages that took `elapsed`.
@@ -165,19 +227,22 @@ impl host::Host for HostState {
     }
 
     fn counter_add(&mut self, name: String, delta: u64) {
-        let mut counters = self
-            .stats
-            .counters
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        let (name, first_overflow) = counter_name(&counters, name);
+        self.stats.add_counter(&name, delta);
+    }
+}
+
+impl PluginStats {
+    /// Adds `delta` to the plugin's counter `name` (bounded: see [`MAX_COUNTERS`]).
+    pub fn add_counter(&self, name: &str, delta: u64) {
+        let mut counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
+        let (name, first_overflow) = counter_name(&counters, name.to_string());
         if first_overflow {
             tracing::warn!(
-                plugin = %self.stats.name,
+                plugin = %self.name,
                 "the plugin uses more than {MAX_COUNTERS} counter names (or names over {MAX_COUNTER_NAME} bytes); the rest are counted as `{OTHER_COUNTER}`"
             );
         }
-        self.stats.metrics.counter_add(&name, delta);
+        self.metrics.counter_add(&name, delta);
         let counter = counters.entry(name).or_insert(0);
         *counter = counter.saturating_add(delta);
     }
@@ -285,8 +350,8 @@ impl Prepared {
 pub struct Inspection {
     /// The world it targets, or why the gateway refuses it.
     pub verdict: Result<PluginKind, PluginError>,
-    /// Every import, with whether it is allowed.
-    pub imports: Vec<(String, bool)>,
+    /// Every import, with what the host does with it, or why it is refused.
+    pub imports: Vec<(String, Result<&'static str, &'static str>)>,
     /// Every export.
     pub exports: Vec<String>,
 }
@@ -350,7 +415,13 @@ impl Host {
 
     /// A fresh store for one instance of a plugin.
     pub fn new_store(&self, stats: Arc<PluginStats>) -> Store<HostState> {
-        let wasi = wasmtime_wasi::WasiCtx::builder().build();
+        let wasi = wasmtime_wasi::WasiCtx::builder()
+            .stdout(PluginOutput::new(stats.clone(), "stdout"))
+            .stderr(PluginOutput::new(stats.clone(), "stderr"))
+            .allow_tcp(false)
+            .allow_udp(false)
+            .allow_ip_name_lookup(false)
+            .build();
         let state = HostState {
             wasi,
             table: ResourceTable::new(),
@@ -379,7 +450,7 @@ impl Host {
         let refused: Vec<String> = self
             .imports_of(component)
             .into_iter()
-            .filter(|(_, allowed)| !allowed)
+            .filter(|(_, rule)| rule.is_err())
             .map(|(name, _)| name)
             .collect();
         if !refused.is_empty() {
@@ -422,16 +493,14 @@ impl Host {
         })
     }
 
-    /// Every import of a component, with whether plugins may have it.
-    fn imports_of(&self, component: &Component) -> Vec<(String, bool)> {
+    /// Every import of a component, with what the host does with it ([`import_rule`]).
+    fn imports_of(
+        &self,
+        component: &Component,
+    ) -> Vec<(String, Result<&'static str, &'static str>)> {
         let ty = component.component_type();
         ty.imports(&self.engine)
-            .map(|(name, _)| {
-                let allowed = ALLOWED_IMPORT_PREFIXES
-                    .iter()
-                    .any(|prefix| name.starts_with(prefix));
-                (name.to_string(), allowed)
-            })
+            .map(|(name, _)| (name.to_string(), import_rule(name)))
             .collect()
     }
 

@@ -285,6 +285,7 @@ fn apply_outcomes(
     let mut messages = Vec::with_capacity(inputs.len());
     let mut next_origins = Vec::with_capacity(inputs.len());
     let (mut passed, mut split, mut dropped, mut refused) = (0u64, 0u64, 0u64, 0u64);
+    let mut last_refusal = String::new();
     for ((input, origin), outcome) in inputs.into_iter().zip(origins).zip(outcomes) {
         match outcome {
             Outcome::Pass => {
@@ -320,6 +321,7 @@ fn apply_outcomes(
             }
             Outcome::Fail(reason) => {
                 refused += 1;
+                last_refusal.clone_from(&reason);
                 results[origin].failures.push(PartFailure {
                     message: input,
                     plugin: plugin.name.clone(),
@@ -334,7 +336,9 @@ fn apply_outcomes(
     metrics.split.inc_by(split);
     metrics.dropped.inc_by(dropped);
     if refused > 0 {
-        metrics.failed(FailureKind::Refused.code(), refused);
+        plugin
+            .stats
+            .failed(FailureKind::Refused.code(), &last_refusal, refused);
     }
     (messages, next_origins)
 }
@@ -350,8 +354,7 @@ fn fail_all(
 ) {
     plugin
         .stats
-        .metrics
-        .failed(kind.code(), messages.len() as u64);
+        .failed(kind.code(), reason, messages.len() as u64);
     for (message, origin) in messages.into_iter().zip(origins) {
         results[origin].failures.push(PartFailure {
             message,
