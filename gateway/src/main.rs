@@ -221,6 +221,13 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 },
         } => {
             let config = Config::default();
+            // A plugin's clock sleeps wait on the runtime's timer, as in the gateway.
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            let _context = runtime.enter();
             let mut stdout = std::io::stdout().lock();
             let counters = sluice_gateway::plugin::offline::run_file(
                 &config,
@@ -288,14 +295,17 @@ fn plugin_check(file: &std::path::Path) -> anyhow::Result<ExitCode> {
     println!("{}", file.display());
     match &inspection.verdict {
         Ok(kind) => println!("  world: sluice:plugin/{kind}"),
+        Err(sluice_gateway::plugin::PluginError::ForbiddenImports { .. }) => {
+            println!("  world: not checked (refused imports first)")
+        }
         Err(_) => println!("  world: none (exports neither transformer nor routing)"),
     }
-    println!("  imports:");
-    for (name, allowed) in &inspection.imports {
-        println!(
-            "    {} {name}",
-            if *allowed { "ok     " } else { "REFUSED" }
-        );
+    println!("  imports (what the gateway gives each):");
+    for (name, rule) in &inspection.imports {
+        match rule {
+            Ok(what) => println!("    ok      {name}: {what}"),
+            Err(why) => println!("    REFUSED {name}: {why}"),
+        }
     }
     println!("  exports:");
     for name in &inspection.exports {

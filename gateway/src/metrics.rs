@@ -187,6 +187,8 @@ pub struct PluginMetrics {
     pub dropped: Counter,
     /// Messages a router decided on.
     pub routed: Counter,
+    /// Messages outside the plugin's `topics`, passed on without it.
+    pub out_of_scope: Counter,
 }
 
 impl PluginMetrics {
@@ -213,6 +215,7 @@ impl PluginMetrics {
             split: outcome("split"),
             dropped: outcome("dropped"),
             routed: outcome("routed"),
+            out_of_scope: outcome("out_of_scope"),
         }
     }
 

@@ -64,6 +64,11 @@ pub struct PluginEntry {
     /// Key/value pairs handed to the plugin's `init`. Strings, numbers and booleans.
     #[serde(default)]
     pub config: BTreeMap<String, toml::Value>,
+    /// The topics the plugin is for (MQTT filters, e.g. `["raw/#", "sites/+/bin"]`):
+    /// other messages pass it untouched and are never sent to it. Empty (the default):
+    /// every message.
+    #[serde(default)]
+    pub topics: Vec<String>,
 }
 
 fn default_workers() -> usize {
@@ -154,6 +159,11 @@ impl Config {
                     entry.name,
                     entry.path.display()
                 ));
+            }
+            for filter in &entry.topics {
+                if let Err(why) = crate::route::topic::TopicFilter::parse(filter) {
+                    problems.push(format!("{section} `{}`: topics: {why}", entry.name));
+                }
             }
             for (key, value) in &entry.config {
                 if plugin_config_value(value).is_none() {

@@ -46,17 +46,35 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 const IMPORT_RULES: &[(&str, &str)] = &[
     ("sluice:plugin/host@0.1.", "the gateway's log and counters"),
     ("sluice:plugin/types@0.1.", "the message types"),
-    ("wasi:clocks/", "linked: real time; sleeping counts against the call's time limit"),
+    (
+        "wasi:clocks/",
+        "linked: real time; sleeping counts against the call's time limit",
+    ),
     ("wasi:random/", "linked: random numbers"),
-    ("wasi:cli/environment@0.2.", "linked: no variables, no arguments"),
+    (
+        "wasi:cli/environment@0.2.",
+        "linked: no variables, no arguments",
+    ),
     ("wasi:cli/exit@0.2.", "linked: exiting fails the call"),
     ("wasi:cli/stdin@0.2.", "linked: closed"),
-    ("wasi:cli/stdout@0.2.", "linked: into the gateway's log, with the plugin's name"),
-    ("wasi:cli/stderr@0.2.", "linked: into the gateway's log, with the plugin's name"),
+    (
+        "wasi:cli/stdout@0.2.",
+        "linked: into the gateway's log, with the plugin's name",
+    ),
+    (
+        "wasi:cli/stderr@0.2.",
+        "linked: into the gateway's log, with the plugin's name",
+    ),
     ("wasi:cli/terminal-", "linked: not a terminal"),
     ("wasi:io/", "linked: streams and polling"),
-    ("wasi:filesystem/", "linked: no preopened directory, so nothing to open"),
-    ("wasi:sockets/", "linked without a network: every socket operation fails with access-denied"),
+    (
+        "wasi:filesystem/",
+        "linked: no preopened directory, so nothing to open",
+    ),
+    (
+        "wasi:sockets/",
+        "linked without a network: every socket operation fails with access-denied",
+    ),
 ];
 
 /// Most lines of a plugin's stdout and stderr logged per second; the rest are counted

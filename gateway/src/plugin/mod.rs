@@ -23,6 +23,7 @@ pub mod host;
 mod manage;
 pub mod offline;
 mod outcome;
+pub mod output;
 pub mod reload;
 pub mod versions;
 pub mod worker;
@@ -85,9 +86,9 @@ pub enum PluginError {
     },
     /// The component imports what plugins may not have.
     #[error(
-        "plugin {path} is refused: it imports {}, which plugins may not use (allowed: \
-         sluice:plugin/host and the parts of WASI that Rust's standard library needs, \
-         linked without files, network, environment or clocks)",
+        "plugin {path} is refused: it imports {}, which plugins may not use (the gateway \
+         links sluice:plugin/host, clocks, random, stdio into its log, a filesystem and \
+         sockets that reach nothing; `sluice plugin check FILE` lists each import)",
         imports.join(", ")
     )]
     ForbiddenImports {
@@ -152,6 +153,15 @@ pub struct LoadedPlugin {
     pub config: Vec<(String, String)>,
     /// Counters and the name used in logs; shared across versions of the same plugin.
     pub stats: Arc<PluginStats>,
+    /// The topics it is for (`entry.topics`, parsed); empty: every message.
+    pub scope: Vec<crate::route::topic::TopicFilter>,
+}
+
+impl LoadedPlugin {
+    /// Whether a message on `topic` is sent to this plugin.
+    pub fn in_scope(&self, topic: &str) -> bool {
+        self.scope.is_empty() || self.scope.iter().any(|filter| filter.matches(topic))
+    }
 }
 
 /// The active chain: transforms in order, then an optional router.
@@ -278,6 +288,7 @@ impl Plugins {
                 .into_iter()
                 .map(|(k, v)| (k, toml::Value::String(v)))
                 .collect(),
+            topics: Vec::new(),
         };
         Plugins::with_host(host, &[(entry, kind)], 1, 1, None)
     }
@@ -436,6 +447,11 @@ impl Plugins {
             prepared,
             config,
             stats: self.stats_for(&entry.name),
+            scope: entry
+                .topics
+                .iter()
+                .filter_map(|filter| crate::route::topic::TopicFilter::parse(filter).ok())
+                .collect(),
         });
         // Loading happens off the request path (start, reloads, uploads); nothing `init`
         // can call waits on I/O, so the call finishes on this thread.

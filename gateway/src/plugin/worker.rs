@@ -107,46 +107,106 @@ pub async fn run_chain(
         })
         .unwrap_or(0);
     for plugin in set.transforms.iter().skip(skip) {
-        if messages.is_empty() {
-            break;
-        }
-        let called = call(host, plugin, instances, &messages).await;
-        match called.and_then(|results| results.outcomes(plugin)) {
-            Ok(outcomes) => {
-                (messages, origins) =
-                    apply_outcomes(plugin, messages, origins, outcomes, &mut results);
+        // Messages outside the plugin's topics go past it, in their place.
+        let (inside, inside_origins, outside) = scope(plugin, messages, origins);
+        (messages, origins) = (Vec::new(), Vec::new());
+        if !inside.is_empty() {
+            let called = call(host, plugin, instances, &inside).await;
+            match called.and_then(|results| results.outcomes(plugin)) {
+                Ok(outcomes) => {
+                    (messages, origins) =
+                        apply_outcomes(plugin, inside, inside_origins, outcomes, &mut results);
+                }
+                // The messages it was for fail; the others go on.
+                Err((kind, reason)) => {
+                    fail_all(plugin, kind, &reason, inside, inside_origins, &mut results);
+                }
             }
-            Err((kind, reason)) => {
-                fail_all(plugin, kind, &reason, messages, origins, &mut results);
-                return results;
-            }
         }
+        (messages, origins) = merge(messages, origins, outside);
     }
-    let choices = match &set.router {
-        Some(router) if !messages.is_empty() => {
-            let called = call(host, router, instances, &messages).await;
+    let mut choices: Vec<Option<RouterChoice>> = (0..messages.len()).map(|_| None).collect();
+    if let Some(router) = &set.router {
+        let (inside, inside_origins, outside) = scope(router, messages, origins);
+        let mut decided: Vec<(Message, usize, Option<RouterChoice>)> = Vec::new();
+        if !inside.is_empty() {
+            let called = call(host, router, instances, &inside).await;
             match called.and_then(|results| results.decisions(router)) {
                 Ok(decisions) => {
                     router.stats.metrics.routed.inc_by(decisions.len() as u64);
-                    decisions
-                        .into_iter()
-                        .map(|d| Some(choice(&router.name, d)))
-                        .collect()
+                    for ((message, origin), decision) in
+                        inside.into_iter().zip(inside_origins).zip(decisions)
+                    {
+                        decided.push((message, origin, Some(choice(&router.name, decision))));
+                    }
                 }
                 Err((kind, reason)) => {
-                    fail_all(router, kind, &reason, messages, origins, &mut results);
-                    return results;
+                    fail_all(router, kind, &reason, inside, inside_origins, &mut results);
                 }
             }
         }
-        _ => Vec::new(),
-    };
-    let mut choices = choices.into_iter();
-    for (message, origin) in messages.into_iter().zip(origins) {
-        let router = choices.next().flatten();
+        // Those outside its topics keep the built-in decision.
+        let mut all = decided;
+        all.extend(outside.into_iter().map(|(m, o)| (m, o, None)));
+        all.sort_by_key(|(_, origin, _)| *origin);
+        messages = Vec::with_capacity(all.len());
+        origins = Vec::with_capacity(all.len());
+        choices = Vec::with_capacity(all.len());
+        for (message, origin, choice) in all {
+            messages.push(message);
+            origins.push(origin);
+            choices.push(choice);
+        }
+    }
+    for ((message, origin), router) in messages.into_iter().zip(origins).zip(choices) {
         results[origin].outputs.push(Output { message, router });
     }
     results
+}
+
+/// Splits the messages (with their origins) into those `plugin` is for, and the rest
+/// (counted as out of its scope).
+fn scope(
+    plugin: &LoadedPlugin,
+    messages: Vec<Message>,
+    origins: Vec<usize>,
+) -> (Vec<Message>, Vec<usize>, Vec<(Message, usize)>) {
+    if plugin.scope.is_empty() {
+        return (messages, origins, Vec::new());
+    }
+    let mut inside = Vec::with_capacity(messages.len());
+    let mut inside_origins = Vec::with_capacity(messages.len());
+    let mut outside = Vec::new();
+    for (message, origin) in messages.into_iter().zip(origins) {
+        if plugin.in_scope(&message.topic) {
+            inside.push(message);
+            inside_origins.push(origin);
+        } else {
+            outside.push((message, origin));
+        }
+    }
+    plugin
+        .stats
+        .metrics
+        .out_of_scope
+        .inc_by(outside.len() as u64);
+    (inside, inside_origins, outside)
+}
+
+/// The messages a plugin made, and those that went past it, back in arrival order (the
+/// parts of a split stay together, in their order).
+fn merge(
+    mut messages: Vec<Message>,
+    mut origins: Vec<usize>,
+    outside: Vec<(Message, usize)>,
+) -> (Vec<Message>, Vec<usize>) {
+    if outside.is_empty() {
+        return (messages, origins);
+    }
+    let mut all: Vec<(Message, usize)> = messages.drain(..).zip(origins.drain(..)).collect();
+    all.extend(outside);
+    all.sort_by_key(|(_, origin)| *origin);
+    all.into_iter().unzip()
 }
 
 type CallError = (FailureKind, String);
@@ -181,20 +241,39 @@ async fn call(
     let Instance { store, bindings } = &mut instance;
     store.set_epoch_deadline(host.limits().deadline_ticks());
     let started = Instant::now();
-    let results = match bindings {
-        Bindings::Transform(exports) => exports
-            .sluice_plugin_transformer()
-            .call_transform(&mut *store, messages)
-            .await
-            .map(Results::Outcomes),
-        Bindings::Router(exports) => exports
-            .sluice_plugin_routing()
-            .call_route(&mut *store, messages)
-            .await
-            .map(Results::Decisions),
+    let running = async {
+        match bindings {
+            Bindings::Transform(exports) => exports
+                .sluice_plugin_transformer()
+                .call_transform(&mut *store, messages)
+                .await
+                .map(Results::Outcomes),
+            Bindings::Router(exports) => exports
+                .sluice_plugin_routing()
+                .call_route(&mut *store, messages)
+                .await
+                .map(Results::Decisions),
+        }
     };
+    // Epoch interruption stops a plugin that computes too long; one that sleeps (a WASI
+    // clock's pollable) runs no code meanwhile, so the wall-clock limit cuts it off too.
+    // The instance is not reused after either.
+    let limit = host.limits().call_timeout + 2 * crate::plugin::host::EPOCH_TICK;
+    let results = tokio::time::timeout(limit, running).await;
     plugin.stats.call(messages.len(), started.elapsed());
-    let results = results.map_err(|error| classify(host, store, plugin, error))?;
+    let results = match results {
+        Ok(results) => results.map_err(|error| classify(host, store, plugin, error))?,
+        Err(_) => {
+            let ms = host.limits().call_timeout.as_millis();
+            return Err((
+                FailureKind::Timeout,
+                format!(
+                    "plugin `{}` ran over its time limit of {ms} ms",
+                    plugin.name
+                ),
+            ));
+        }
+    };
     if results.len() != messages.len() {
         return Err(bad_count(plugin, results.len(), messages.len()));
     }
