@@ -307,19 +307,18 @@ pub fn run(target: AdminTarget, command: DlqCommand) -> anyhow::Result<()> {
             );
         }
         DlqCommand::Redrive { keys, all } => {
-            let body = if all {
-                serde_json::json!({"all": true})
+            let answer = if all {
+                redrive_all(&client)?
             } else {
-                serde_json::json!({"keys": keys})
+                client
+                    .send(
+                        client
+                            .http
+                            .post(format!("{base}/admin/dlq/redrive"))
+                            .json(&serde_json::json!({"keys": keys})),
+                    )?
+                    .unwrap_or_default()
             };
-            let answer = client
-                .send(
-                    client
-                        .http
-                        .post(format!("{base}/admin/dlq/redrive"))
-                        .json(&body),
-                )?
-                .unwrap_or_default();
             let redriven = answer["redriven"].as_array().cloned().unwrap_or_default();
             for letter in &redriven {
                 println!(
@@ -354,4 +353,76 @@ pub fn run(target: AdminTarget, command: DlqCommand) -> anyhow::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Dead letters per redrive request of `--all`: small enough that progress shows.
+const REDRIVE_CHUNK: usize = 100;
+
+/// `sluice dlq redrive --all`: lists every key stored now, then redrives them a chunk at
+/// a time, with a progress bar on a terminal and a line per chunk otherwise. Letters that
+/// fail again come back under new keys and are not retried (as with `{"all": true}`).
+/// The answers merged into one.
+fn redrive_all(client: &Client) -> anyhow::Result<Value> {
+    use std::io::IsTerminal as _;
+    let base = &client.base;
+    let mut keys = Vec::new();
+    let mut from = 0u64;
+    loop {
+        let page = client
+            .send(
+                client
+                    .http
+                    .get(format!("{base}/admin/dlq"))
+                    .query(&[("from", from.to_string()), ("limit", "1000".to_string())]),
+            )?
+            .unwrap_or_default();
+        keys.extend(
+            page["dead_letters"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter_map(|letter| letter["key"].as_u64()),
+        );
+        match page["next"].as_u64() {
+            Some(next) => from = next,
+            None => break,
+        }
+    }
+    let terminal = std::io::stderr().is_terminal();
+    let bar = indicatif::ProgressBar::new(keys.len() as u64);
+    if terminal {
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "redriving {bar:40} {pos}/{len} dead letters ({per_sec}, {eta} left)",
+            )
+            .expect("a valid template"),
+        );
+    } else {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let mut merged = serde_json::json!({"redriven": [], "kept": [], "missing": []});
+    let mut done = 0;
+    for chunk in keys.chunks(REDRIVE_CHUNK) {
+        let answer = client
+            .send(
+                client
+                    .http
+                    .post(format!("{base}/admin/dlq/redrive"))
+                    .json(&serde_json::json!({"keys": chunk})),
+            )?
+            .unwrap_or_default();
+        for part in ["redriven", "kept", "missing"] {
+            if let (Some(all), Some(more)) = (merged[part].as_array_mut(), answer[part].as_array())
+            {
+                all.extend(more.iter().cloned());
+            }
+        }
+        done += chunk.len();
+        bar.inc(chunk.len() as u64);
+        if !terminal {
+            eprintln!("redrive: {done} of {} dead letters", keys.len());
+        }
+    }
+    bar.finish_and_clear();
+    Ok(merged)
 }
