@@ -54,7 +54,8 @@ pub enum DlqCommand {
         /// Keys to redrive.
         #[arg(required_unless_present = "all", conflicts_with = "all")]
         keys: Vec<u64>,
-        /// Redrive every dead letter.
+        /// Redrive every dead letter stored now, 100 at a time, with a progress bar on a
+        /// terminal.
         #[arg(long)]
         all: bool,
     },
