@@ -487,6 +487,7 @@ async fn plugins(State(state): State<AdminState>) -> Response {
                 ("split", metrics.split.get()),
                 ("dropped", metrics.dropped.get()),
                 ("routed", metrics.routed.get()),
+                ("out_of_scope", metrics.out_of_scope.get()),
             ] {
                 messages.insert(outcome.to_string(), n.into());
             }
@@ -500,6 +501,7 @@ async fn plugins(State(state): State<AdminState>) -> Response {
                 "hash": plugin.hash,
                 "path": plugin.path,
                 "configured_path": plugin.entry.path,
+                "topics": plugin.entry.topics,
                 "source": plugin.source,
                 "active_since_ms": plugin.loaded_at_ms,
                 "versions": plugins.stored_versions(&plugin.name),

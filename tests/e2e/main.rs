@@ -17,6 +17,7 @@ mod mqtt_sessions;
 mod net;
 mod operate;
 mod plugins;
+mod py_plugins;
 mod refusals;
 mod reload;
 mod routing;

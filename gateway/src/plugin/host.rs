@@ -18,7 +18,7 @@ use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 use crate::plugin::bindings::router::RouterPre;
 use crate::plugin::bindings::sluice::plugin::{host, types};
 use crate::plugin::bindings::transform::TransformPre;
-use crate::plugin::output::PluginOutput;
+use crate::plugin::output::{Owner, PluginOutput};
 use crate::plugin::{PluginError, PluginKind};
 
 /// How often the ticker thread advances the engine's epoch. Call time limits are
@@ -38,8 +38,8 @@ pub const EPOCH_TICK: Duration = Duration::from_millis(5);
 /// - random: as for Rust's hash maps;
 /// - stdin closed, environment and arguments empty, filesystem without a single
 ///   preopened directory (nothing to open);
-/// - stdout and stderr: into the gateway's log, tagged with the plugin's name, at most
-///   [`OUTPUT_LINES_PER_SEC`] lines of [`OUTPUT_LINE_BYTES`] a second per plugin;
+/// - stdout and stderr: into the gateway's log, tagged with the plugin's name, bounded
+///   ([`crate::plugin::output`]);
 /// - sockets: linked with no network at all: every bind, connect and name lookup fails
 ///   with `access-denied` (CPython links them into every component);
 /// - everything else (`wasi:http`, …): refused when the plugin loads, naming the import.
@@ -76,12 +76,6 @@ const IMPORT_RULES: &[(&str, &str)] = &[
         "linked without a network: every socket operation fails with access-denied",
     ),
 ];
-
-/// Most lines of a plugin's stdout and stderr logged per second; the rest are counted
-/// in the plugin's `_output_dropped` counter.
-pub const OUTPUT_LINES_PER_SEC: u32 = 50;
-/// Longest line logged (longer ones are cut).
-pub const OUTPUT_LINE_BYTES: usize = 1024;
 
 /// What the host does with one import: `Ok` with what it gets, or `Err` with why it is
 /// refused.
@@ -246,6 +240,16 @@ impl host::Host for HostState {
 
     fn counter_add(&mut self, name: String, delta: u64) {
         self.stats.add_counter(&name, delta);
+    }
+}
+
+impl Owner for PluginStats {
+    fn name(&self) -> &str {
+        &self.name
+    }
+
+    fn count(&self, name: &str, delta: u64) {
+        self.add_counter(name, delta);
     }
 }
 

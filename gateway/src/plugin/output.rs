@@ -1,9 +1,8 @@
 //! A plugin's stdout and stderr, into the gateway's log: each line a record tagged with
-//! the plugin's name and the stream, at most
-//! [`OUTPUT_LINES_PER_SEC`](crate::plugin::host::OUTPUT_LINES_PER_SEC) lines a second per
-//! instance, each cut at [`OUTPUT_LINE_BYTES`](crate::plugin::host::OUTPUT_LINE_BYTES);
-//! lines over the rate are counted in the plugin's `_output_dropped` counter. Python's
-//! `print` and JavaScript's `console.log` land here.
+//! the plugin's name and the stream, at most [`OUTPUT_LINES_PER_SEC`] lines a second per
+//! instance, each cut at [`OUTPUT_LINE_BYTES`]; lines over the rate are counted in the
+//! plugin's `_output_dropped` counter. Python's `print` and JavaScript's `console.log`
+//! land here.
 
 use std::io;
 use std::pin::Pin;
@@ -14,12 +13,24 @@ use std::time::Instant;
 use tokio::io::AsyncWrite;
 use wasmtime_wasi::cli::{IsTerminal, StdoutStream};
 
-use crate::plugin::host::{OUTPUT_LINE_BYTES, OUTPUT_LINES_PER_SEC, PluginStats};
+/// Most lines of a plugin's stdout and stderr logged per second; the rest are counted
+/// in the plugin's `_output_dropped` counter.
+pub const OUTPUT_LINES_PER_SEC: u32 = 50;
+/// Longest line logged (longer ones are cut).
+pub const OUTPUT_LINE_BYTES: usize = 1024;
+
+/// Whose output it is: the plugin's name, and its counters.
+pub trait Owner: Send + Sync {
+    /// The plugin's name, for the log records.
+    fn name(&self) -> &str;
+    /// Adds to the plugin's counter `name`.
+    fn count(&self, name: &str, delta: u64);
+}
 
 /// One instance's stdout or stderr.
 #[derive(Clone)]
 pub struct PluginOutput {
-    stats: Arc<PluginStats>,
+    stats: Arc<dyn Owner>,
     stream: &'static str,
     state: Arc<Mutex<State>>,
 }
@@ -32,8 +43,8 @@ struct State {
 }
 
 impl PluginOutput {
-    /// The `stream` (`stdout` or `stderr`) of an instance of the plugin of `stats`.
-    pub fn new(stats: Arc<PluginStats>, stream: &'static str) -> PluginOutput {
+    /// The `stream` (`stdout` or `stderr`) of an instance of the plugin `stats` is for.
+    pub fn new(stats: Arc<dyn Owner>, stream: &'static str) -> PluginOutput {
         PluginOutput {
             stats,
             stream,
@@ -62,12 +73,12 @@ impl PluginOutput {
             state.window = (now, 0);
         }
         if state.window.1 >= OUTPUT_LINES_PER_SEC {
-            self.stats.add_counter("_output_dropped", 1);
+            self.stats.count("_output_dropped", 1);
             return;
         }
         state.window.1 += 1;
         let text = String::from_utf8_lossy(line);
-        let plugin = self.stats.name.as_str();
+        let plugin = self.stats.name();
         match self.stream {
             "stderr" => tracing::warn!(plugin, stream = "stderr", "{text}"),
             _ => tracing::info!(plugin, stream = "stdout", "{text}"),
@@ -110,9 +121,22 @@ impl AsyncWrite for PluginOutput {
 mod tests {
     use super::*;
 
+    #[derive(Default)]
+    struct Counted(Mutex<u64>);
+
+    impl Owner for Counted {
+        fn name(&self) -> &str {
+            "printer"
+        }
+        fn count(&self, name: &str, delta: u64) {
+            assert_eq!(name, "_output_dropped");
+            *self.0.lock().unwrap() += delta;
+        }
+    }
+
     #[test]
     fn lines_over_the_rate_are_counted_not_logged() {
-        let stats = Arc::new(PluginStats::new("printer"));
+        let stats = Arc::new(Counted::default());
         let output = PluginOutput::new(stats.clone(), "stdout");
         let many: String = (0..OUTPUT_LINES_PER_SEC + 7)
             .map(|n| format!("line {n}\n"))
@@ -122,7 +146,6 @@ mod tests {
         let state = output.state.lock().unwrap();
         assert_eq!(state.line.len(), OUTPUT_LINE_BYTES, "a long line is cut");
         drop(state);
-        let counters = stats.counters.lock().unwrap();
-        assert_eq!(counters.get("_output_dropped"), Some(&7));
+        assert_eq!(*stats.0.lock().unwrap(), 7);
     }
 }
