@@ -12,6 +12,7 @@ mod durability;
 mod failures;
 mod hardening;
 mod http;
+mod js_plugins;
 mod mqtt;
 mod mqtt_sessions;
 mod net;
