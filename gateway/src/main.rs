@@ -91,6 +91,19 @@ enum Command {
 
 #[derive(Debug, Subcommand)]
 enum PluginCommand {
+    /// Write a ready plugin project into the directory NAME: the plugin on its language's
+    /// SDK, a copy of the SDK and the WIT, samples, a unit test, and a README with the
+    /// commands that build it and run it through `sluice plugin run`.
+    New {
+        /// The project's directory and the plugin's name.
+        name: String,
+        /// Its language.
+        #[arg(long, value_enum)]
+        lang: sluice_gateway::plugin::new::Lang,
+        /// Its kind.
+        #[arg(long, value_enum, default_value = "transform")]
+        kind: KindArg,
+    },
     /// Validate a component against the sluice:plugin WIT and list its imports and
     /// exports. Exits 1 if the gateway would refuse it.
     Check {
@@ -111,6 +124,15 @@ enum PluginCommand {
         #[arg(long, default_value_t = 100)]
         batch: usize,
     },
+}
+
+/// A plugin's kind, on the command line.
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum KindArg {
+    /// Changes, drops, splits or refuses messages.
+    Transform,
+    /// Chooses destinations.
+    Router,
 }
 
 #[derive(Debug, Subcommand)]
@@ -211,6 +233,20 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Plugin {
             command: PluginCommand::Check { file },
         } => plugin_check(&file),
+        Command::Plugin {
+            command: PluginCommand::New { name, lang, kind },
+        } => {
+            let kind = match kind {
+                KindArg::Transform => sluice_gateway::plugin::PluginKind::Transform,
+                KindArg::Router => sluice_gateway::plugin::PluginKind::Router,
+            };
+            let dir = sluice_gateway::plugin::new::write(&name, lang, kind)?;
+            println!(
+                "{}: a {kind} plugin project; its README.md says how to build and run it",
+                dir.display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Plugin {
             command:
                 PluginCommand::Run {

@@ -17,6 +17,7 @@ mod mqtt;
 mod mqtt_sessions;
 mod net;
 mod operate;
+mod plugin_new;
 mod plugins;
 mod py_plugins;
 mod refusals;

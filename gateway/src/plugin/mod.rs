@@ -21,6 +21,7 @@
 pub mod bindings;
 pub mod host;
 mod manage;
+pub mod new;
 pub mod offline;
 mod outcome;
 pub mod output;

@@ -220,11 +220,14 @@ pub async fn serve(listener: Option<TcpListener>, config: &Config, state: AppSta
                         headers: HeaderMap::new(),
                     };
                     let stream = Stream(guard.watch_idle(stream, MQTT_IDLE));
-                    session::run(stream, state, credentials, limits, "mqtt").await;
+                    // Boxed, each branch: the task is then as big as the branch it takes,
+                    // not the larger (TLS) one for every connection.
+                    Box::pin(session::run(stream, state, credentials, limits, "mqtt")).await;
                 }
                 None => {
                     let stream = Stream(guard.watch_idle(stream, MQTT_IDLE));
-                    session::run(stream, state, Credentials::default(), limits, "mqtt").await;
+                    let credentials = Credentials::default();
+                    Box::pin(session::run(stream, state, credentials, limits, "mqtt")).await;
                 }
             }
         });
