@@ -1,7 +1,8 @@
 """Publishes with paho-mqtt (a client nobody here wrote) and reports what the server said.
 
 usage: paho_publish.py JSON
-  {"url": "ws://127.0.0.1:PORT/mqtt" | "mqtt://127.0.0.1:PORT",
+  {"url": "ws://127.0.0.1:PORT/mqtt" | "mqtt://127.0.0.1:PORT" | "mqtts://127.0.0.1:PORT",
+   "ca"?, "cert"?, "key"?: PEM files for mqtts (the CA; the client certificate and key),
    "version": 4 | 5, "client_id": "...", "username"?: "...", "password"?: "...",
    "generate"?: {"topic": "...", "prefix": "m", "count": N, "qos": 0|1} (instead of publishes),
    "publishes": [{"topic": "...", "payload": "...", "qos": 0|1,
@@ -40,6 +41,9 @@ if transport == "websockets":
     client.ws_set_options(path=url.path or "/mqtt")
 if spec.get("username") or spec.get("password"):
     client.username_pw_set(spec.get("username"), spec.get("password"))
+if url.scheme in ("mqtts", "wss"):
+    # TLS, with the client certificate when given (the device's identity).
+    client.tls_set(ca_certs=spec["ca"], certfile=spec.get("cert"), keyfile=spec.get("key"))
 
 connected = threading.Event()
 finished = threading.Event()
