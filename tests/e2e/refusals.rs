@@ -303,7 +303,11 @@ fn a_full_disk_is_answered_spool_unavailable_and_loses_nothing_acknowledged() {
     }
     let refused = refused.expect("6 MiB fill up before 400 × 60 KB");
     assert_eq!(refused.status, 503, "{:?}", refused.body);
-    assert_eq!(refused.body["code"], "spool_unavailable", "{:?}", refused.body);
+    assert_eq!(
+        refused.body["code"], "spool_unavailable",
+        "{:?}",
+        refused.body
+    );
     assert!(!acked.is_empty());
     disk.resize("256m");
     eventually(Duration::from_secs(30), "a publish accepted again", || {
@@ -318,6 +322,11 @@ fn a_full_disk_is_answered_spool_unavailable_and_loses_nothing_acknowledged() {
         .map(|line| line["id"].as_str().unwrap().to_string())
         .collect();
     let lost: Vec<&String> = acked.iter().filter(|id| !delivered.contains(*id)).collect();
-    assert!(lost.is_empty(), "{} of {} acknowledged were lost", lost.len(), acked.len());
+    assert!(
+        lost.is_empty(),
+        "{} of {} acknowledged were lost",
+        lost.len(),
+        acked.len()
+    );
     drop(gateway);
 }

@@ -148,11 +148,15 @@ impl Downlink {
         let mut next_seq = 1;
         for held in held {
             next_seq = held.seq + 1;
-            devices.entry(held.device).or_default().queue.push_back(Pending {
-                seq: held.seq,
-                command: held.command,
-                claimed: None,
-            });
+            devices
+                .entry(held.device)
+                .or_default()
+                .queue
+                .push_back(Pending {
+                    seq: held.seq,
+                    command: held.command,
+                    claimed: None,
+                });
         }
         if next_seq > 1 {
             tracing::info!(
