@@ -8,7 +8,7 @@
 //!   leaving the spool by sink and outcome, sink failures, receipt-to-confirmation
 //!   latency per sink, spool depth and bytes, fsyncs, dead letters, WebSocket sessions).
 //! - `GET /admin/downlink`: the instance id, whether the broker confirmed the command and
-//!   presence subscriptions, devices with commands waiting.
+//!   presence subscriptions, devices with commands waiting, commands queued in all.
 //! - `GET /admin/dlq?from=KEY&limit=N`: dead letters, oldest first (`next` pages on).
 //! - `GET /admin/dlq/{key}`: one dead letter with its payload.
 //! - `DELETE /admin/dlq/{key}`: discard one.

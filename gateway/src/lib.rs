@@ -41,6 +41,7 @@
 //! - [`console`]: the operator's console, a page on the admin listener, and the
 //!   in-memory time series it charts.
 //! - [`metrics`]: the Prometheus metrics.
+//! - [`readiness`]: why the gateway is not ready (`GET /readyz`, the console).
 //! - [`message`]: the message record shared by every step.
 //! - `shutdown`: the signal every task stops on.
 
@@ -55,6 +56,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod plugin;
 pub mod policy;
+pub mod readiness;
 pub mod reconfigure;
 pub mod record;
 pub mod route;

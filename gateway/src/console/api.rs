@@ -35,34 +35,12 @@ pub fn router(console: Console) -> axum::Router {
         .with_state(console)
 }
 
-/// Why the gateway is not ready, as `GET /readyz` says it: failing sinks, a downlink
-/// without confirmed subscriptions.
-pub fn not_ready_reasons(console: &Console) -> Vec<String> {
-    let mut reasons: Vec<String> = console
-        .pipeline
-        .spool()
-        .failing_sinks()
-        .into_iter()
-        .map(|sink| {
-            format!(
-                "the {} sink is failing; records wait in the spool",
-                sink.name()
-            )
-        })
-        .collect();
-    if let Some(downlink) = &console.downlink
-        && downlink.status()["subscribed"] != true
-    {
-        reasons.push("the downlink has no confirmed subscriptions yet".to_string());
-    }
-    reasons
-}
-
 async fn overview(State(console): State<Console>) -> Response {
     let samples = exposition::parse(&crate::metrics::METRICS.render());
     let spool = console.pipeline.spool().stats();
     let failing = console.pipeline.spool().failing_sinks();
-    let reasons = not_ready_reasons(&console);
+    let reasons =
+        crate::readiness::not_ready_reasons(&console.pipeline, console.downlink.as_deref());
     let (last, names) = {
         let history = console.history.lock().unwrap_or_else(|p| p.into_inner());
         (history.last().cloned(), history::series_names())

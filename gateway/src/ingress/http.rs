@@ -356,23 +356,7 @@ async fn batch(
 /// loaded before the listener opens; no sink is failing; the downlink, if configured,
 /// has its subscriptions), else `503` with the reasons.
 async fn readyz(State(state): State<AppState>) -> Response {
-    let mut reasons: Vec<String> = state
-        .pipeline
-        .spool()
-        .failing_sinks()
-        .into_iter()
-        .map(|sink| {
-            format!(
-                "the {} sink is failing; records wait in the spool",
-                sink.name()
-            )
-        })
-        .collect();
-    if let Some(downlink) = &state.downlink
-        && downlink.status()["subscribed"] != true
-    {
-        reasons.push("the downlink has no confirmed subscriptions yet".to_string());
-    }
+    let reasons = crate::readiness::not_ready_reasons(&state.pipeline, state.downlink.as_deref());
     if reasons.is_empty() {
         Json(json!({"ready": true})).into_response()
     } else {
