@@ -72,6 +72,15 @@ fn a_command_reaches_the_websocket_session_and_the_reply_goes_back() {
     assert_eq!(reply["command_id"], command["id"]);
     assert_eq!(reply["status"], "done");
     assert_eq!(reply["payload"], json!({"open": 40}));
+    // The session's own count of commands sent, in the admin API.
+    eventually(
+        Duration::from_secs(10),
+        "the session's command count",
+        || {
+            let devices = gateway.admin_get("/admin/devices");
+            (devices["sessions"][0]["commands"] == 1).then_some(())
+        },
+    );
 }
 
 #[test]

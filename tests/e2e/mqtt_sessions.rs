@@ -222,6 +222,25 @@ fn a_persistent_session_gets_commands_queued_while_offline_across_a_gateway_cras
         commander.publish(&format!("cmd/{run}/{device}/read"), "while-offline");
     }
     wait_queued(&gateway, 2);
+    // Listed per device, neither connected.
+    let queues = gateway.admin_get("/admin/downlink")["queues"].clone();
+    assert_eq!(
+        queues
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|q| (
+                q["device"].clone(),
+                q["commands"].clone(),
+                q["connected_here"].clone()
+            ))
+            .collect::<Vec<_>>(),
+        [
+            (json!("meter-4"), json!(1), json!(false)),
+            (json!("meter-5"), json!(1), json!(false))
+        ],
+        "{queues}"
+    );
     gateway.crash_and_restart_after(|| {
         for device in ["meter-4", "meter-5"] {
             commander.publish(&format!("cmd/{run}/{device}/read"), "while-down");
@@ -511,14 +530,21 @@ fn mosquitto_sub_over_tls_receives_a_command() {
         .expect("mosquitto_sub");
     // Its session is open (and so subscribed: mosquitto_sub subscribes right after the
     // CONNACK, and the command waits in the queue until it is).
-    eventually(Duration::from_secs(20), "mosquitto_sub's session", || {
+    let session = eventually(Duration::from_secs(20), "mosquitto_sub's session", || {
         let devices = gateway.admin_get("/admin/devices");
         devices["sessions"]
             .as_array()?
             .iter()
-            .any(|s| s["device"] == device)
-            .then_some(())
+            .find(|s| s["device"] == device)
+            .cloned()
     });
+    assert_eq!(session["protocol"], "mqtt");
+    assert!(
+        session["remote"]
+            .as_str()
+            .is_some_and(|r| r.starts_with("127.0.0.1:")),
+        "{session}"
+    );
     commander.publish(&format!("cmd/{run}/{device}/reboot"), "please");
     let output = sub.wait_with_output().unwrap();
     assert!(

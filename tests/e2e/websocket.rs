@@ -126,6 +126,12 @@ fn a_fast_sender_is_held_to_its_window_and_not_dropped() {
         let devices = gateway.admin_get("/admin/devices");
         let session = &devices["sessions"][0];
         assert_eq!(session["device"], "fast");
+        assert!(
+            session["remote"]
+                .as_str()
+                .is_some_and(|r| r.starts_with("127.0.0.1:")),
+            "the connection's address: {session}"
+        );
         assert_eq!(session["messages"], 300);
         assert_eq!(session["window"], 4);
         assert_eq!(

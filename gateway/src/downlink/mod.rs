@@ -42,6 +42,9 @@ pub mod store;
 
 use store::CommandStore;
 
+/// Most device queues `status` lists (the fullest first).
+pub const MAX_QUEUES_LISTED: usize = 100;
+
 /// A command for a device.
 #[derive(Debug, Clone)]
 pub struct Command {
@@ -217,15 +220,35 @@ impl Downlink {
         Ok(downlink)
     }
 
-    /// The instance id, and whether the broker confirmed both subscriptions (commands
-    /// and presence) on the current connection.
+    /// The instance id, whether the broker confirmed both subscriptions (commands and
+    /// presence) on the current connection, the commands waiting, and the devices with
+    /// the most waiting ([`MAX_QUEUES_LISTED`] of them): how many, since when, and
+    /// whether the device has a session here.
     pub fn status(&self) -> Value {
         let devices = self.lock();
+        let mut queues: Vec<(&String, &Device)> = devices
+            .iter()
+            .filter(|(_, d)| !d.queue.is_empty())
+            .collect();
+        queues.sort_by(|a, b| b.1.queue.len().cmp(&a.1.queue.len()).then(a.0.cmp(b.0)));
+        let queues: Vec<Value> = queues
+            .into_iter()
+            .take(MAX_QUEUES_LISTED)
+            .map(|(device, entry)| {
+                json!({
+                    "device": device,
+                    "commands": entry.queue.len(),
+                    "oldest_ms": entry.queue.front().map(|p| p.command.received_at_ms),
+                    "connected_here": !entry.sessions.is_empty(),
+                })
+            })
+            .collect();
         json!({
             "instance": self.instance,
             "subscribed": self.subscribed.load(Ordering::Relaxed) >= 2,
             "devices_waiting": devices.values().filter(|d| !d.queue.is_empty()).count(),
             "commands_queued": devices.values().map(|d| d.queue.len()).sum::<usize>(),
+            "queues": queues,
         })
     }
 

@@ -19,6 +19,7 @@ use tower::ServiceExt as _;
 use crate::config::Config;
 use crate::ingress::guard::Guard;
 use crate::ingress::live::Live;
+use crate::ingress::sessions::RemoteAddr;
 use crate::ingress::state::AppState;
 use crate::shutdown::Shutdown;
 
@@ -87,6 +88,7 @@ pub async fn serve(config: &Config, state: AppState) -> anyhow::Result<()> {
         let guard = guard.clone();
         let live = live.clone();
         let state = state.clone();
+        let remote = peer;
         tokio::spawn(async move {
             let _slot = slot;
             let result = match tls {
@@ -100,11 +102,12 @@ pub async fn serve(config: &Config, state: AppState) -> anyhow::Result<()> {
                     let (_, session) = stream.get_ref();
                     let peer = live.peer_identity(session.peer_certificates());
                     if crate::ingress::mqtt::is_mqtt_alpn(session.alpn_protocol()) {
-                        crate::ingress::mqtt::serve_tls(stream, peer, &guard, state).await;
+                        crate::ingress::mqtt::serve_tls(stream, peer, remote, &guard, state).await;
                         return;
                     }
                     let app = app.map_request(move |mut request: axum::http::Request<_>| {
                         request.extensions_mut().insert(peer.clone());
+                        request.extensions_mut().insert(RemoteAddr(remote));
                         request
                     });
                     let service = TowerToHyperService::new(app);
@@ -113,6 +116,10 @@ pub async fn serve(config: &Config, state: AppState) -> anyhow::Result<()> {
                     watcher.watch(connection.into_owned()).await
                 }
                 None => {
+                    let app = app.map_request(move |mut request: axum::http::Request<_>| {
+                        request.extensions_mut().insert(RemoteAddr(remote));
+                        request
+                    });
                     let service = TowerToHyperService::new(app);
                     let io = TokioIo::new(guard.watch(stream));
                     let connection = builder.serve_connection_with_upgrades(io, service);

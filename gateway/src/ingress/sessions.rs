@@ -40,16 +40,26 @@ pub struct SessionInfo {
     pub max_in_flight: AtomicU64,
     /// The window.
     pub window: usize,
+    /// The address the connection comes from (`IP:port`).
+    pub remote: Option<String>,
+    /// Commands sent to the device on this session.
+    pub commands: AtomicU64,
 }
+
+/// The address a device connection comes from: the listener puts it on every request
+/// of the connection (an extension), for the sessions opened on it.
+#[derive(Debug, Clone, Copy)]
+pub struct RemoteAddr(pub std::net::SocketAddr);
 
 impl Sessions {
     /// Registers a session of `identity` over `protocol` with `window` messages in flight
-    /// at most.
+    /// at most, on a connection from `remote`.
     pub fn open(
         &self,
         identity: &Identity,
         protocol: &'static str,
         window: usize,
+        remote: Option<std::net::SocketAddr>,
     ) -> Arc<SessionInfo> {
         let session = self.next.fetch_add(1, Ordering::Relaxed) + 1;
         let info = Arc::new(SessionInfo {
@@ -62,6 +72,8 @@ impl Sessions {
             in_flight: AtomicU64::new(0),
             max_in_flight: AtomicU64::new(0),
             window,
+            remote: remote.map(|address| address.to_string()),
+            commands: AtomicU64::new(0),
         });
         self.lock().insert(session, info.clone());
         info

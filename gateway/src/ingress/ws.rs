@@ -55,7 +55,7 @@ use crate::config::WebSocketConfig;
 use crate::ingress::admit::{
     ApiError, Publish as Admitted, admit, admit_reply, authenticate, decode_payload, rejected,
 };
-use crate::ingress::sessions::SessionInfo;
+use crate::ingress::sessions::{RemoteAddr, SessionInfo};
 use crate::ingress::state::AppState;
 use crate::pipeline::Status;
 
@@ -78,11 +78,13 @@ const MAX_ID_LEN: usize = 128;
 pub async fn upgrade(
     State(state): State<AppState>,
     peer: Option<Extension<PeerIdentity>>,
+    remote: Option<Extension<RemoteAddr>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
     let rules = state.rules();
     let identity = authenticate(&rules, peer.as_deref(), &headers)?;
+    let remote = remote.map(|Extension(RemoteAddr(address))| address);
     let offered = headers
         .get(axum::http::header::SEC_WEBSOCKET_PROTOCOL)
         .and_then(|v| v.to_str().ok());
@@ -106,7 +108,7 @@ pub async fn upgrade(
             // The session outlives the upgrade request; it keeps its span (and request
             // id), so log records of its messages, plugins included, can be told apart.
             let span = tracing::info_span!(parent: &tracing::Span::current(), "ws_session", device = %identity.device_id);
-            tracing::Instrument::instrument(session(socket, state, identity), span)
+            tracing::Instrument::instrument(session(socket, state, identity, remote), span)
         })
         .into_response())
 }
@@ -416,7 +418,12 @@ async fn handle(state: &AppState, identity: &Identity, publish: Publish) -> Repl
     }
 }
 
-async fn session(socket: WebSocket, state: AppState, identity: Identity) {
+async fn session(
+    socket: WebSocket,
+    state: AppState,
+    identity: Identity,
+    remote: Option<std::net::SocketAddr>,
+) {
     // The session keeps the settings it opened with; a reload applies to new sessions.
     let settings = &state.rules().websocket.clone();
     let window = settings.window;
@@ -431,7 +438,7 @@ async fn session(socket: WebSocket, state: AppState, identity: Identity) {
     if tx.send(welcome).await.is_err() {
         return;
     }
-    let info = state.sessions.open(&identity, "websocket", window);
+    let info = state.sessions.open(&identity, "websocket", window, remote);
     let mut attached = match &state.downlink {
         Some(downlink) => Some(downlink.attach(&identity.device_id).await),
         None => None,
@@ -574,6 +581,7 @@ async fn run_session(
                         closed = true;
                         break;
                     }
+                    info.commands.fetch_add(1, Ordering::Relaxed);
                     sent.push(seq);
                 }
                 // Sent (or denied): out of the queue; the rest goes back at detach.

@@ -461,22 +461,36 @@ async function discard(keys) {
 
 async function renderDevices() {
   const { sessions } = await api("/admin/devices");
+  let queued = new Map();
+  let downlink = null;
+  try {
+    downlink = await api("/admin/downlink");
+    queued = new Map((downlink.queues || []).map((q) => [q.device, q.commands]));
+  } catch (error) {
+    if (error instanceof Unauthorized) throw error;
+    $("#downlink").textContent = error.status === 404 ? "no [downlink] configured" : error.message;
+  }
   fill($("#sessions-table tbody"), sessions, (tr, s) => {
     cell(tr, s.device);
     cell(tr, s.protocol);
+    cell(tr, s.remote || "–");
     cell(tr, typeof s.auth === "string" ? s.auth : JSON.stringify(s.auth));
     cell(tr, time(s.connected_at_ms));
     cell(tr, number(s.messages), "num");
     cell(tr, `${number(s.in_flight)} of ${number(s.window)}`, "num");
-    cell(tr, "–");
+    cell(tr, number(s.commands), "num");
+    cell(tr, downlink ? number(queued.get(s.device) || 0) : "–", "num");
   });
-  try {
-    const d = await api("/admin/downlink");
+  if (downlink) {
+    const d = downlink;
     $("#downlink").textContent = `instance ${d.instance}; subscriptions ${d.subscribed ? "confirmed" : "not confirmed"}; ` +
       `${d.commands_queued} commands queued for ${d.devices_waiting} devices`;
-  } catch (error) {
-    if (error instanceof Unauthorized) throw error;
-    $("#downlink").textContent = error.status === 404 ? "no [downlink] configured" : error.message;
+    fill($("#queues-table tbody"), d.queues || [], (tr, q) => {
+      cell(tr, q.device);
+      cell(tr, number(q.commands), "num");
+      cell(tr, q.oldest_ms ? time(q.oldest_ms) : "–");
+      cell(tr, q.connected_here ? "yes" : "no");
+    });
   }
 }
 

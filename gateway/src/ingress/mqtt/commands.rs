@@ -39,6 +39,8 @@ pub struct Sending {
     pub done: Vec<u64>,
     /// Ids of commands the policy refused (each reported as `denied` on the reply topic).
     pub denied: Vec<String>,
+    /// Commands in `bytes`.
+    pub sent: u64,
 }
 
 /// A session's subscriptions and QoS 1 commands in flight.
@@ -167,6 +169,7 @@ impl Outbound {
                 sending.done.push(seq);
                 0
             };
+            sending.sent += 1;
             sending.bytes.extend_from_slice(&codec::publish(
                 version,
                 &command.topic,

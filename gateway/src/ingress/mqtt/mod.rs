@@ -39,6 +39,7 @@ use crate::config::{Config, MqttConfig};
 use crate::ingress::admit::ApiError;
 use crate::ingress::guard::Guard;
 use crate::ingress::mqtt::session::{Credentials, Limits, Stream, Transport};
+use crate::ingress::sessions::RemoteAddr;
 use crate::ingress::state::AppState;
 
 /// The WebSocket subprotocol of MQTT.
@@ -67,6 +68,7 @@ pub fn limits(config: &MqttConfig) -> Limits {
 pub async fn upgrade(
     State(state): State<AppState>,
     peer: Option<Extension<PeerIdentity>>,
+    remote: Option<Extension<RemoteAddr>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, ApiError> {
@@ -89,6 +91,7 @@ pub async fn upgrade(
     let credentials = Credentials {
         peer: peer.map(|Extension(peer)| peer),
         headers,
+        remote: remote.map(|Extension(RemoteAddr(address))| address),
     };
     Ok(ws
         .protocols([SUBPROTOCOL])
@@ -141,14 +144,20 @@ impl Transport for WsTransport {
 }
 
 /// Runs MQTT on a TLS connection the device listener accepted (ALPN chose MQTT).
-pub async fn serve_tls<S>(stream: S, peer: PeerIdentity, guard: &Guard, state: AppState)
-where
+pub async fn serve_tls<S>(
+    stream: S,
+    peer: PeerIdentity,
+    remote: std::net::SocketAddr,
+    guard: &Guard,
+    state: AppState,
+) where
     S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
 {
     let limits = limits(&state.rules().mqtt);
     let credentials = Credentials {
         peer: Some(peer),
         headers: HeaderMap::new(),
+        remote: Some(remote),
     };
     let stream = Stream(guard.watch_idle(stream, MQTT_IDLE));
     session::run(stream, state, credentials, limits, "mqtt").await;
@@ -218,6 +227,7 @@ pub async fn serve(listener: Option<TcpListener>, config: &Config, state: AppSta
                     let credentials = Credentials {
                         peer: Some(identity),
                         headers: HeaderMap::new(),
+                        remote: Some(peer),
                     };
                     let stream = Stream(guard.watch_idle(stream, MQTT_IDLE));
                     // Boxed, each branch: the task is then as big as the branch it takes,
@@ -226,7 +236,10 @@ pub async fn serve(listener: Option<TcpListener>, config: &Config, state: AppSta
                 }
                 None => {
                     let stream = Stream(guard.watch_idle(stream, MQTT_IDLE));
-                    let credentials = Credentials::default();
+                    let credentials = Credentials {
+                        remote: Some(peer),
+                        ..Credentials::default()
+                    };
                     Box::pin(session::run(stream, state, credentials, limits, "mqtt")).await;
                 }
             }

@@ -89,6 +89,8 @@ pub struct Credentials {
     pub peer: Option<PeerIdentity>,
     /// The WebSocket upgrade request's headers (a bearer token there counts).
     pub headers: HeaderMap,
+    /// The address the connection comes from.
+    pub remote: Option<std::net::SocketAddr>,
 }
 
 /// Why a session ends.
@@ -223,7 +225,7 @@ pub async fn run<T: Transport>(
     };
     let info = state
         .sessions
-        .open(&identity, protocol, usize::from(window));
+        .open(&identity, protocol, usize::from(window), credentials.remote);
     let end = tracing::Instrument::instrument(
         session.serve(
             &mut io,
@@ -477,7 +479,7 @@ impl Session<'_> {
                         {
                             downlink.done(&self.identity.device_id, vec![seq]).await;
                             // Room in the window for the next command.
-                            if let Err(end) = self.deliver(io, outbound).await {
+                            if let Err(end) = self.deliver(io, outbound, info).await {
                                 return end;
                             }
                         }
@@ -502,7 +504,7 @@ impl Session<'_> {
                         if io.send(&ack).await.is_err() {
                             return End::Closed;
                         }
-                        if let Err(end) = self.deliver(io, outbound).await {
+                        if let Err(end) = self.deliver(io, outbound, info).await {
                             return end;
                         }
                     }
@@ -554,7 +556,7 @@ impl Session<'_> {
                     Ok(_) => {}
                 },
                 Some(()) = nudged(&mut nudges) => {
-                    if let Err(end) = self.deliver(io, outbound).await {
+                    if let Err(end) = self.deliver(io, outbound, info).await {
                         return end;
                     }
                 }
@@ -582,7 +584,12 @@ impl Session<'_> {
 
     /// Sends the device the commands its subscriptions match, as many as its window
     /// has room for.
-    async fn deliver<T: Transport>(&self, io: &mut T, outbound: &mut Outbound) -> Result<(), End> {
+    async fn deliver<T: Transport>(
+        &self,
+        io: &mut T,
+        outbound: &mut Outbound,
+        info: &crate::ingress::sessions::SessionInfo,
+    ) -> Result<(), End> {
         let (Some(downlink), Some(session)) = (&self.state.downlink, self.commands) else {
             return Ok(());
         };
@@ -592,6 +599,8 @@ impl Session<'_> {
         if !sending.bytes.is_empty() && io.send(&sending.bytes).await.is_err() {
             return Err(End::Closed);
         }
+        info.commands
+            .fetch_add(sending.sent, std::sync::atomic::Ordering::Relaxed);
         downlink.done(device, sending.done).await;
         for id in sending.denied {
             tracing::info!(%device, command = %id, "command refused by the policy");
