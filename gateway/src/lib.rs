@@ -42,6 +42,7 @@
 //!   in-memory time series it charts.
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`readiness`]: why the gateway is not ready (`GET /readyz`, the console).
+//! - [`progress`]: progress of long work at start (a large plugin's first compile).
 //! - [`message`]: the message record shared by every step.
 //! - `shutdown`: the signal every task stops on.
 
@@ -56,6 +57,7 @@ pub mod metrics;
 pub mod pipeline;
 pub mod plugin;
 pub mod policy;
+pub mod progress;
 pub mod readiness;
 pub mod reconfigure;
 pub mod record;

@@ -418,7 +418,7 @@ fn a_backlog_over_several_segments_is_replayed_in_order_after_kill_9() {
     let env = TestEnv::get();
     let stream = unique("replay");
     env.create_stream(&stream, 1);
-    let mut gateway = Gateway::start(&env.kinesis_config(&stream, ""));
+    let mut gateway = Gateway::start_with_json_log(&env.kinesis_config(&stream, ""));
     // The sink is paused, so everything stays spooled: 150 records of 960 KiB from one
     // device (one partition key), about 141 MiB, over three 64 MiB segments.
     env.hold_kinesis();
@@ -449,6 +449,17 @@ fn a_backlog_over_several_segments_is_replayed_in_order_after_kill_9() {
         });
     });
     gateway.settle();
+    // The replay of several segments was announced, and its end (stderr is no terminal:
+    // log lines, not a bar).
+    let said = |start: &str| {
+        gateway.log_records().iter().any(|r| {
+            r["fields"]["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with(start))
+        })
+    };
+    assert!(said("replaying the spool: "), "the replay announced");
+    assert!(said("spool replayed: "), "and its end");
     let records = read_records(&kinesis_client(&env.aws_endpoint()), &stream);
     let ns: Vec<u64> = records
         .iter()

@@ -145,3 +145,42 @@ fn a_misbehaving_python_plugin_fails_only_its_batch() {
         },
     );
 }
+
+/// A large component's first compile is announced (log lines when stderr is not a
+/// terminal) with the time it took; the next load comes from the cache and compiles
+/// nothing.
+#[test]
+fn a_large_plugins_first_compile_is_announced_and_then_cached() {
+    let dir = tempfile::tempdir().unwrap();
+    let samples = dir.path().join("samples.jsonl");
+    std::fs::write(
+        &samples,
+        "{\"topic\": \"raw/1\", \"payload_text\": \"1,32,0,1\"}\n",
+    )
+    .unwrap();
+    let run = || {
+        let output = std::process::Command::new(crate::harness::SLUICE)
+            .args(["plugin", "run"])
+            .arg(plugin("vendor_csv_py"))
+            .arg("--input")
+            .arg(&samples)
+            .env("SLUICE_LOG", "info")
+            .current_dir(dir.path())
+            .output()
+            .expect("sluice plugin run");
+        assert!(output.status.success());
+        String::from_utf8_lossy(&output.stderr).into_owned()
+    };
+    let first = run();
+    assert!(first.contains("compiling plugin"), "{first}");
+    assert!(first.contains("for the first time"), "{first}");
+    assert!(
+        first.contains("compiled plugin") && first.contains("seconds"),
+        "{first}"
+    );
+    let second = run();
+    assert!(
+        !second.contains("compiling plugin"),
+        "from the cache: {second}"
+    );
+}

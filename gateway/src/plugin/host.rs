@@ -87,6 +87,9 @@ pub fn import_rule(name: &str) -> Result<&'static str, &'static str> {
         .ok_or("refused: plugins may not reach outside the gateway (no HTTP, no other host interfaces)")
 }
 
+/// Components at least this large get progress output while they compile.
+const LARGE_COMPONENT_BYTES: usize = 2 << 20;
+
 /// The state of one plugin instance's store.
 pub struct HostState {
     /// The WASI context (see [`IMPORT_RULES`]).
@@ -572,10 +575,22 @@ impl Host {
                 }
             }
         }
+        // Python and JavaScript components (12–18 MB) take seconds to compile: say so.
+        let large = bytes.len() >= LARGE_COMPONENT_BYTES;
+        let progress = large.then(|| {
+            crate::progress::Progress::start(format!(
+                "compiling plugin {} ({:.1} MB) for the first time; it is cached afterwards",
+                path.display(),
+                bytes.len() as f64 / 1e6
+            ))
+        });
         let component = Component::new(&self.engine, bytes).map_err(|e| PluginError::Invalid {
             path: path.to_path_buf(),
             reason: format!("not a valid WebAssembly component: {e:#}"),
         })?;
+        if let Some(progress) = progress {
+            progress.done(&format!("compiled plugin {}", path.display()));
+        }
         if let Err(error) = self.store_in_cache(&component, &cached) {
             tracing::warn!(%error, cache = %cached.display(), "cannot cache a compiled plugin");
         }

@@ -309,6 +309,13 @@ impl Log {
         }
         let mut index = Index::default();
         let mut next_seq = next_seq.max(ids.last().map_or(0, |id| id + 1));
+        // A backlog over several segments takes a while to read: say so.
+        let progress = (ids.len() > 2).then(|| {
+            crate::progress::Progress::counted(
+                format!("replaying the spool: {} segments", ids.len()),
+                ids.len() as u64,
+            )
+        });
         for &id in &ids {
             let path = segment_path(dir, id);
             let file = OpenOptions::new()
@@ -338,6 +345,12 @@ impl Log {
                 replay(&bytes, id, &mut index, &mut next_seq)
             };
             tracing::debug!(segment = %path.display(), end, "spool segment read");
+            if let Some(progress) = &progress {
+                progress.step();
+            }
+        }
+        if let Some(progress) = progress {
+            progress.done(&format!("spool replayed: {} segments", ids.len()));
         }
         let mut log = Log {
             dir: dir.to_path_buf(),
