@@ -297,3 +297,26 @@ fn a_plugin_upload_that_fails_validation_shows_why_and_changes_nothing() {
     let reply = gateway.publish("t/1", "console-dev", "fine");
     assert_eq!(reply.body["status"], "accepted");
 }
+
+/// The Devices tab lists an open WebSocket session with its protocol, its address and
+/// its messages, as the admin API counts them.
+#[test]
+fn the_devices_tab_shows_a_connected_session() {
+    let gateway = Gateway::start("");
+    let runtime = crate::wsclient::runtime();
+    let mut socket = runtime
+        .block_on(crate::wsclient::connect(&gateway, "panel-7", "sluice.v1"))
+        .unwrap();
+    assert_eq!(
+        runtime.block_on(crate::wsclient::next_json(&mut socket))["type"],
+        "welcome"
+    );
+    let mut browser = Browser::start();
+    browser.sign_in(&gateway);
+    browser.click("#tabs button[data-tab=devices]");
+    let row = browser.wait_text("#sessions-table tbody", "panel-7");
+    assert!(row.contains("websocket"), "{row}");
+    assert!(row.contains("127.0.0.1:"), "the session's address: {row}");
+    browser.screenshot("devices");
+    drop(socket);
+}
