@@ -244,3 +244,36 @@ fn a_misbehaving_javascript_plugin_fails_only_its_batch() {
             .then_some(())
     });
 }
+
+/// A router scoped to `sites/#` decides only for those topics: the same alarm on another
+/// topic keeps the built-in decision and is counted out of the router's scope.
+#[test]
+fn a_router_scoped_by_topic_decides_only_for_its_topics() {
+    let gateway = Gateway::start(&format!(
+        r#"
+        [plugins]
+        cache_dir = "{}"
+        [plugins.router]
+        name = "payload-router"
+        path = "{}"
+        topics = ["sites/#"]
+        "#,
+        cache_dir(),
+        plugin("payload_router_js").display()
+    ));
+    let inside = gateway.publish("sites/1/boiler", "boiler-1", r#"{"alarm": true}"#);
+    assert_eq!(inside.status, 200, "{:?}", inside.body);
+    let line = line_in(&gateway, "iot-core", &inside.body["id"]);
+    assert_eq!(line["rule"], "plugin:payload-router");
+    let outside = gateway.publish("plant/1/boiler", "boiler-1", r#"{"alarm": true}"#);
+    assert_eq!(outside.status, 200, "{:?}", outside.body);
+    let line = line_in(&gateway, "iot-core", &outside.body["id"]);
+    assert_eq!(
+        line["rule"], "builtin:default",
+        "outside its topics: {line}"
+    );
+    let status = plugin_status(&gateway, "payload-router");
+    assert_eq!(status["messages"]["routed"], 1, "{status}");
+    assert_eq!(status["messages"]["out_of_scope"], 1, "{status}");
+    assert_eq!(status["counters"]["alarms"], 1, "{status}");
+}
