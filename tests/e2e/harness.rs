@@ -130,6 +130,17 @@ impl Gateway {
         self.mqtt = mqtt;
     }
 
+    /// Plugin `name` as `GET /admin/plugins` lists it.
+    pub fn plugin_status(&self, name: &str) -> Value {
+        self.admin_get("/admin/plugins")["plugins"]
+            .as_array()
+            .expect("plugins")
+            .iter()
+            .find(|p| p["name"] == name)
+            .cloned()
+            .unwrap_or_else(|| panic!("plugin {name} listed"))
+    }
+
     /// `GET` on the admin API.
     pub fn admin_get(&self, path: &str) -> Value {
         serde_json::from_str(&self.admin_text(path)).expect("admin JSON")

@@ -10,16 +10,6 @@ use serde_json::{Value, json};
 
 use crate::harness::{Gateway, eventually, plugin, sluice};
 
-fn plugin_status(gateway: &Gateway, name: &str) -> Value {
-    gateway.admin_get("/admin/plugins")["plugins"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == name)
-        .cloned()
-        .unwrap_or_else(|| panic!("plugin {name} listed"))
-}
-
 /// A plugin cache shared by these tests' gateways: a JavaScript component takes about
 /// 20 s to compile, once; each gateway's own data directory would compile it again.
 fn cache_dir() -> String {
@@ -98,7 +88,7 @@ fn the_javascript_router_routes_by_payload_fields_through_the_gateway() {
         assert_eq!(line["destination"]["topic"], topic);
     }
 
-    let status = plugin_status(&gateway, "payload-router");
+    let status = gateway.plugin_status("payload-router");
     assert_eq!(
         status["counters"],
         json!({"alarms": 1, "bulk": 2, "not_json": 1}),
@@ -272,7 +262,7 @@ fn a_router_scoped_by_topic_decides_only_for_its_topics() {
         line["rule"], "builtin:default",
         "outside its topics: {line}"
     );
-    let status = plugin_status(&gateway, "payload-router");
+    let status = gateway.plugin_status("payload-router");
     assert_eq!(status["messages"]["routed"], 1, "{status}");
     assert_eq!(status["messages"]["out_of_scope"], 1, "{status}");
     assert_eq!(status["counters"]["alarms"], 1, "{status}");

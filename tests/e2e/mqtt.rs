@@ -224,10 +224,27 @@ fn mqtt_over_tcp_on_its_own_port() {
 
 /// The test environment's certificates (scripts/test-env): a CA, a server certificate for
 /// 127.0.0.1 and a client certificate with CN `test-subscriber`.
-fn certs() -> std::path::PathBuf {
+pub fn certs() -> std::path::PathBuf {
     std::env::var_os("SLUICE_TEST_CERTS")
         .map(std::path::PathBuf::from)
         .expect("SLUICE_TEST_CERTS: run scripts/test")
+}
+
+/// TLS with client certificates from `certs`, on the device listener and on
+/// `[mqtt] listen` (loopback, a port of its own).
+pub fn mtls_config(certs: &std::path::Path) -> String {
+    format!(
+        r#"
+        [server.tls]
+        cert = "{certs}/server.pem"
+        key = "{certs}/server.key"
+        [auth.mtls]
+        ca = ["{certs}/ca.pem"]
+        [mqtt]
+        listen = "127.0.0.1:0"
+        "#,
+        certs = certs.display()
+    )
 }
 
 /// `mosquitto_pub` (Debian's) over TLS with a client certificate: on `[mqtt] listen`
@@ -239,21 +256,15 @@ fn mosquitto_pub_over_tls_with_a_client_certificate_and_by_alpn() {
     let certs = certs();
     let gateway = Gateway::start(&format!(
         r#"
-        [server.tls]
-        cert = "{certs}/server.pem"
-        key = "{certs}/server.key"
-        [auth.mtls]
-        ca = ["{certs}/ca.pem"]
+        {}
         [[policy.grants]]
         name = "own"
         devices = ["*"]
         publish = ["devices/${{device.id}}/#"]
         [routing]
         default_destination = "local"
-        [mqtt]
-        listen = "127.0.0.1:0"
         "#,
-        certs = certs.display()
+        mtls_config(&certs)
     ));
     assert!(gateway.mqtt.starts_with("mqtts://"), "{}", gateway.mqtt);
     let mqtt_port = gateway.mqtt.rsplit(':').next().unwrap().to_string();
@@ -398,21 +409,15 @@ fn paho_over_tls_with_a_client_certificate() {
     let certs = certs();
     let gateway = Gateway::start(&format!(
         r#"
-        [server.tls]
-        cert = "{certs}/server.pem"
-        key = "{certs}/server.key"
-        [auth.mtls]
-        ca = ["{certs}/ca.pem"]
+        {}
         [[policy.grants]]
         name = "own"
         devices = ["*"]
         publish = ["devices/${{device.id}}/#"]
         [routing]
         default_destination = "local"
-        [mqtt]
-        listen = "127.0.0.1:0"
         "#,
-        certs = certs.display()
+        mtls_config(&certs)
     ));
     assert!(gateway.mqtt.starts_with("mqtts://"), "{}", gateway.mqtt);
     for version in [4, 5] {

@@ -488,27 +488,19 @@ fn kill_9_under_mqtt_load_loses_no_acknowledged_message() {
 fn mosquitto_sub_over_tls_receives_a_command() {
     let env = TestEnv::get();
     let run = unique("mosqsub");
-    let certs = std::env::var_os("SLUICE_TEST_CERTS")
-        .map(std::path::PathBuf::from)
-        .expect("SLUICE_TEST_CERTS: run scripts/test");
+    let certs = crate::mqtt::certs();
     let gateway = gateway(
         &env,
         &run,
         &format!(
             r#"
-            [server.tls]
-            cert = "{certs}/server.pem"
-            key = "{certs}/server.key"
-            [auth.mtls]
-            ca = ["{certs}/ca.pem"]
+            {}
             [[policy.grants]]
             name = "own"
             devices = ["*"]
             subscribe = ["cmd/{run}/${{device.id}}/#"]
-            [mqtt]
-            listen = "127.0.0.1:0"
             "#,
-            certs = certs.display()
+            crate::mqtt::mtls_config(&certs)
         ),
     );
     let commander = Subscriber::connect(&env, &format!("cmd-reply/{run}/#"));

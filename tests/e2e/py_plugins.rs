@@ -5,19 +5,7 @@
 
 use std::time::Duration;
 
-use serde_json::Value;
-
 use crate::harness::{Gateway, eventually, plugin};
-
-fn plugin_status(gateway: &Gateway, name: &str) -> Value {
-    gateway.admin_get("/admin/plugins")["plugins"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["name"] == name)
-        .cloned()
-        .unwrap_or_else(|| panic!("plugin {name} listed"))
-}
 
 /// vendor-csv, scoped to `raw/#`: CSV on a raw topic is converted (a two-line payload
 /// split in two); the same bad CSV on another topic passes untouched, and the plugin
@@ -74,7 +62,7 @@ fn the_python_vendor_csv_plugin_converts_only_the_topics_it_is_for() {
             "1,hot,0",
         ]
     );
-    let status = plugin_status(&gateway, "vendor-csv");
+    let status = gateway.plugin_status("vendor-csv");
     assert_eq!(status["counters"]["readings"], 3, "{status}");
     assert_eq!(
         status["counters"]["bad_lines"], 1,

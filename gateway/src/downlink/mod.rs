@@ -252,11 +252,6 @@ impl Downlink {
         })
     }
 
-    /// Commands waiting for `device` (taken by a session or not).
-    pub fn queued(&self, device: &str) -> usize {
-        self.lock().get(device).map_or(0, |d| d.queue.len())
-    }
-
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Device>> {
         self.devices.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -145,10 +145,12 @@ pub async fn run_chain(
                 }
             }
         }
-        // Those outside its topics keep the built-in decision.
+        // Those outside its topics keep the built-in decision, back in their places.
         let mut all = decided;
-        all.extend(outside.into_iter().map(|(m, o)| (m, o, None)));
-        all.sort_by_key(|(_, origin, _)| *origin);
+        if !outside.is_empty() {
+            all.extend(outside.into_iter().map(|(m, o)| (m, o, None)));
+            all.sort_by_key(|(_, origin, _)| *origin);
+        }
         messages = Vec::with_capacity(all.len());
         origins = Vec::with_capacity(all.len());
         choices = Vec::with_capacity(all.len());

@@ -488,17 +488,8 @@ impl Session<'_> {
                         let granted =
                             outbound.subscribe(&self.state.rules(), self.identity, &filters);
                         // Saved before the SUBACK: a subscription acknowledged is kept.
-                        if let Err(error) = self
-                            .state
-                            .mqtt_sessions
-                            .keep(self.kept, outbound.filters())
-                            .await
-                        {
-                            tracing::error!(%error, "cannot save an MQTT session");
-                            return End::Refused(
-                                0x80,
-                                "the session store is unavailable".to_string(),
-                            );
+                        if let Err(end) = self.save_subscriptions(outbound).await {
+                            return end;
                         }
                         let ack = codec::suback(self.version, pkid, &granted);
                         if io.send(&ack).await.is_err() {
@@ -510,17 +501,8 @@ impl Session<'_> {
                     }
                     Incoming::Unsubscribe { pkid, filters } => {
                         outbound.unsubscribe(&filters);
-                        if let Err(error) = self
-                            .state
-                            .mqtt_sessions
-                            .keep(self.kept, outbound.filters())
-                            .await
-                        {
-                            tracing::error!(%error, "cannot save an MQTT session");
-                            return End::Refused(
-                                0x80,
-                                "the session store is unavailable".to_string(),
-                            );
+                        if let Err(end) = self.save_subscriptions(outbound).await {
+                            return end;
                         }
                         let ack = codec::unsuback(self.version, pkid, filters.len());
                         if io.send(&ack).await.is_err() {
@@ -580,6 +562,20 @@ impl Session<'_> {
                 }
             }
         }
+    }
+
+    /// Saves the session's subscriptions (a persistent session's); the session ends
+    /// when the store cannot.
+    async fn save_subscriptions(&self, outbound: &Outbound) -> Result<(), End> {
+        let saved = self
+            .state
+            .mqtt_sessions
+            .keep(self.kept, outbound.filters())
+            .await;
+        saved.map_err(|error| {
+            tracing::error!(%error, "cannot save an MQTT session");
+            End::Refused(0x80, "the session store is unavailable".to_string())
+        })
     }
 
     /// Sends the device the commands its subscriptions match, as many as its window
