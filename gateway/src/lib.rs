@@ -44,6 +44,7 @@
 //! - [`readiness`]: why the gateway is not ready (`GET /readyz`, the console).
 //! - [`progress`]: progress of long work at start (a large plugin's first compile).
 //! - [`message`]: the message record shared by every step.
+//! - [`tls`]: PEM files into rustls server and client configurations.
 //! - `shutdown`: the signal every task stops on.
 
 pub mod admin;
@@ -67,6 +68,7 @@ pub mod sink;
 pub mod spool;
 #[cfg(test)]
 mod testing;
+pub mod tls;
 
 use std::sync::Arc;
 

@@ -20,7 +20,6 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 use serde::Serialize;
-use tokio::sync::Semaphore;
 
 use crate::config::{Config, Durability, FailurePath};
 use crate::message::{Message, now_ms};
@@ -30,6 +29,7 @@ use crate::record::SinkId;
 use crate::route::meter::ThroughputMeter;
 use crate::route::{Decision, Destination, Facts, Policy};
 use crate::sink::Sinks;
+use crate::spool::best_effort::{BestEffort, Busy};
 use crate::spool::codec::{DeadLetter, Origin};
 use crate::spool::{Change, Spool, SpoolError};
 
@@ -41,17 +41,12 @@ pub struct Pipeline {
     rules: ArcSwap<RoutingRules>,
     /// Per-device throughput, one of the policy's facts.
     meter: ThroughputMeter,
-    /// The sinks, for best-effort records.
+    /// The sinks, to tell which one takes a destination.
     sinks: Arc<Sinks>,
-    /// Per sink (by [`SinkId::index`]), best-effort records in the order they were
-    /// accepted, for the task that hands them to the sink in that order.
-    hand_overs: [tokio::sync::mpsc::UnboundedSender<HandOver>; 3],
     /// Where records wait for their sinks.
     spool: Arc<Spool>,
-    /// Best-effort messages handed to sinks and not yet confirmed, bounded.
-    best_effort: Arc<Semaphore>,
-    /// The bound of `best_effort`.
-    best_effort_limit: usize,
+    /// The way to the sinks that bypasses the spool, for best-effort routes.
+    best_effort: BestEffort,
 }
 
 /// The settings that decide where messages go and when devices hear back; a batch
@@ -225,25 +220,13 @@ impl Pipeline {
         spool: Arc<Spool>,
     ) -> Pipeline {
         let limit = config.spool.best_effort_max_in_flight;
-        let hand_overs = SinkId::ALL.map(|sink| {
-            let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
-            tokio::spawn(hand_over_in_order(
-                sink,
-                sinks.clone(),
-                spool.clone(),
-                receiver,
-            ));
-            sender
-        });
         Pipeline {
             plugins,
             rules: ArcSwap::from_pointee(RoutingRules::new(config)),
             meter: ThroughputMeter::default(),
+            best_effort: BestEffort::start(sinks.clone(), spool.clone(), limit),
             sinks,
-            hand_overs,
             spool,
-            best_effort: Arc::new(Semaphore::new(limit)),
-            best_effort_limit: limit,
         }
     }
 
@@ -320,55 +303,18 @@ impl Pipeline {
             crate::metrics::METRICS.message(report.status.name());
         }
         // Best-effort room is taken first: a batch is stored whole or not at all.
-        let permit = match routed.best_effort.len() {
-            0 => None,
-            n if n > self.best_effort_limit => {
-                return Err(StoreError::BestEffortTooMany {
-                    count: n,
-                    limit: self.best_effort_limit,
-                });
-            }
-            n => Some(
-                self.best_effort
-                    .clone()
-                    .try_acquire_many_owned(n as u32)
-                    .map_err(|_| StoreError::BestEffortFull {
-                        limit: self.best_effort_limit,
-                    })?,
-            ),
-        };
+        let reserved =
+            self.best_effort
+                .reserve(routed.best_effort.len())
+                .map_err(|busy| match busy {
+                    Busy::Full { limit } => StoreError::BestEffortFull { limit },
+                    Busy::TooMany { count, limit } => {
+                        StoreError::BestEffortTooMany { count, limit }
+                    }
+                })?;
         self.spool.commit(routed.durable).await?;
-        if let Some(permit) = permit {
-            self.hand_over(routed.best_effort, permit);
-        }
+        self.best_effort.hand_over(routed.best_effort, reserved);
         Ok(reports)
-    }
-
-    /// Passes best-effort records to their sinks' hand-over tasks, in the order they
-    /// were accepted; each record holds its place under the best-effort bound until its
-    /// sink answered.
-    fn hand_over(
-        &self,
-        records: Vec<(SinkId, Record)>,
-        mut permit: tokio::sync::OwnedSemaphorePermit,
-    ) {
-        let mut by_sink: [Vec<Record>; 3] = Default::default();
-        for (sink, record) in records {
-            by_sink[sink.index()].push(record);
-        }
-        for sink in SinkId::ALL {
-            let records = std::mem::take(&mut by_sink[sink.index()]);
-            if records.is_empty() {
-                continue;
-            }
-            let Some(share) = permit.split(records.len()) else {
-                continue;
-            };
-            let _ = self.hand_overs[sink.index()].send(HandOver {
-                records,
-                _permit: share,
-            });
-        }
     }
 
     /// Runs dead letters `keys` again: a message a plugin failed on goes through the
@@ -623,59 +569,6 @@ fn status_of(routes: &[RouteReport]) -> Status {
         Status::DeadLettered
     } else {
         Status::Accepted
-    }
-}
-
-/// Best-effort records for one sink, with their places under the bound.
-struct HandOver {
-    records: Vec<Record>,
-    _permit: tokio::sync::OwnedSemaphorePermit,
-}
-
-/// Hands best-effort records to `sink` in the order they were accepted: everything
-/// waiting goes in one call, the next call only after it (so a device's later message
-/// never overtakes an earlier one). Refusals become dead letters; a sink failure loses
-/// them (which is what best-effort means).
-async fn hand_over_in_order(
-    sink: SinkId,
-    sinks: Arc<Sinks>,
-    spool: Arc<Spool>,
-    mut waiting: tokio::sync::mpsc::UnboundedReceiver<HandOver>,
-) {
-    while let Some(first) = waiting.recv().await {
-        let mut taken = vec![first];
-        while let Ok(more) = waiting.try_recv() {
-            taken.push(more);
-        }
-        let records: Vec<Record> = taken
-            .iter_mut()
-            .flat_map(|hand_over| std::mem::take(&mut hand_over.records))
-            .collect();
-        let count = records.len();
-        match sinks.deliver_to(sink, records).await {
-            Ok(rejected) if rejected.is_empty() => {}
-            Ok(rejected) => {
-                let mut change = Change::default();
-                for rejected in rejected {
-                    change.dead_letter(&DeadLetter {
-                        origin: Origin::Sink {
-                            sink: sink.name().to_string(),
-                        },
-                        reason: rejected.reason,
-                        record: rejected.record,
-                        at_ms: now_ms(),
-                    });
-                }
-                if let Err(error) = spool.commit(change).await {
-                    tracing::error!(%error, "best-effort records refused by their sink could not be dead-lettered");
-                }
-            }
-            Err(error) => {
-                tracing::error!(sink = sink.name(), lost = count, %error, "best-effort messages lost: their sink failed");
-            }
-        }
-        // The places under the bound are given back once the sink answered.
-        drop(taken);
     }
 }
 

@@ -72,3 +72,24 @@ pub fn gateway(config: &str) -> Fixture {
         _trigger: trigger,
     }
 }
+
+/// The rows of the README's table whose header row is `header` (as written, e.g.
+/// `| status | code | when |`): each row's cells, trimmed. Tests hold the code to the
+/// tables that document it.
+pub fn readme_table(header: &str) -> Vec<Vec<String>> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../README.md"))
+        .expect("README.md");
+    let mut lines = readme.lines().skip_while(|line| line.trim() != header);
+    assert!(lines.next().is_some(), "the README has no table `{header}`");
+    lines
+        .skip(1) // the `| --- |` row
+        .take_while(|line| line.starts_with('|'))
+        .map(|line| {
+            line.trim()
+                .trim_matches('|')
+                .split(" | ")
+                .map(|cell| cell.trim().to_string())
+                .collect()
+        })
+        .collect()
+}

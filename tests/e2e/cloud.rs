@@ -547,7 +547,7 @@ pub struct Subscriber {
 impl Subscriber {
     pub fn connect(env: &TestEnv, filter: &str) -> Subscriber {
         let runtime = TestEnv::runtime();
-        let tls = sluice_gateway::sink::iot_core::mqtt::client_tls(
+        let tls = sluice_gateway::tls::client_config(
             &env.certs.join("ca.pem"),
             &env.certs.join("test-subscriber.pem"),
             &env.certs.join("test-subscriber.key"),

@@ -7,21 +7,19 @@
 //!   (`sub`) and optional `groups`, signed with keys from the config and chosen by key id,
 //!   so that several keys are valid at once while they rotate.
 //!
-//! Without `[auth]` (the embedded default, meant for loopback) the device names itself
-//! with the `x-device-id` header. With it, a request without a valid certificate or
-//! token gets `401` with a reason code ([`AuthError::code`]) and nothing about the
-//! secret.
+//! Every protocol gathers what a device presents into one [`Credential`] (HTTP in an
+//! extractor, MQTT from its CONNECT) and [`Authenticator::authenticate`] decides who it
+//! is; nothing here knows a protocol. Without `[auth]` (the embedded default, meant for
+//! loopback) the device names itself (the `x-device-id` header, the MQTT client id).
+//! With it, a device without a valid certificate or token is refused with a reason code
+//! ([`AuthError::code`]) and nothing about the secret.
 
 pub mod mtls;
 pub mod token;
 
-use axum::http::{HeaderMap, header};
-
 use crate::config::AuthConfig;
 
-/// The header naming the device when device authentication is not configured.
-pub const DEVICE_HEADER: &str = "x-device-id";
-/// The device id of requests without [`DEVICE_HEADER`].
+/// The device id of a device that names none (no `x-device-id` header).
 pub const ANONYMOUS_DEVICE: &str = "anonymous";
 /// Longest device id accepted (IoT Core's client id limit).
 pub const MAX_DEVICE_ID_LEN: usize = 128;
@@ -34,8 +32,9 @@ pub enum Method {
     Certificate,
     /// A bearer token.
     Token,
-    /// The `x-device-id` header (no `[auth]`).
-    Header,
+    /// The device named itself (no `[auth]`): the `x-device-id` header, the MQTT client
+    /// id.
+    Claimed,
 }
 
 /// An authenticated device.
@@ -125,6 +124,19 @@ impl AuthError {
 #[derive(Debug, Clone, Default)]
 pub struct PeerIdentity(pub Option<Result<Identity, AuthError>>);
 
+/// What a device presents to prove who it is, whatever its protocol: gathered by the
+/// protocol, judged by [`Authenticator::authenticate`].
+#[derive(Debug, Clone, Default)]
+pub struct Credential {
+    /// The connection's client certificate, verified in the TLS handshake.
+    pub certificate: PeerIdentity,
+    /// A bearer token (`Authorization: Bearer`, the MQTT password).
+    pub token: Option<String>,
+    /// The device id the device claims for itself (`x-device-id`, the MQTT client id):
+    /// who it is when `[auth]` is off, ignored when it is on. `None`: it names none.
+    pub claimed_id: Option<String>,
+}
+
 /// Authenticates requests the way the config says.
 pub struct Authenticator {
     /// `None`: no `[auth]`, devices name themselves.
@@ -180,24 +192,16 @@ impl Authenticator {
         self.required
     }
 
-    /// Who sent a request: the connection's certificate, else a bearer token, else (only
-    /// without `[auth]`) the `x-device-id` header.
-    pub fn authenticate(
-        &self,
-        peer: Option<&PeerIdentity>,
-        headers: &HeaderMap,
-    ) -> Result<Identity, AuthError> {
+    /// Who presented `credential`: its certificate, else its token, else (only without
+    /// `[auth]`) the id it claims.
+    pub fn authenticate(&self, credential: Credential) -> Result<Identity, AuthError> {
         if !self.required {
-            return header_identity(headers);
+            return claimed_identity(credential.claimed_id);
         }
-        if let Some(PeerIdentity(Some(result))) = peer {
-            return result.clone();
+        if let PeerIdentity(Some(result)) = credential.certificate {
+            return result;
         }
-        let bearer = headers
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "));
-        match (bearer, &self.tokens) {
+        match (credential.token, &self.tokens) {
             (Some(token), Some(keys)) => keys.verify(token.trim()),
             // A token where only certificates are accepted: as if none was sent.
             _ => Err(AuthError::MissingCredentials),
@@ -217,21 +221,14 @@ pub fn check_device_id(id: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn header_identity(headers: &HeaderMap) -> Result<Identity, AuthError> {
-    let id = match headers.get(DEVICE_HEADER) {
-        None => ANONYMOUS_DEVICE.to_string(),
-        Some(value) => value
-            .to_str()
-            .map_err(|_| {
-                AuthError::BadDeviceId(format!("{DEVICE_HEADER} must be printable ASCII"))
-            })?
-            .to_string(),
-    };
-    check_device_id(&id).map_err(|why| AuthError::BadDeviceId(format!("{DEVICE_HEADER} {why}")))?;
+/// The identity of a device that names itself (no `[auth]`).
+fn claimed_identity(claimed: Option<String>) -> Result<Identity, AuthError> {
+    let id = claimed.unwrap_or_else(|| ANONYMOUS_DEVICE.to_string());
+    check_device_id(&id).map_err(|why| AuthError::BadDeviceId(format!("the device id {why}")))?;
     Ok(Identity {
         device_id: id,
         groups: Vec::new(),
-        method: Method::Header,
+        method: Method::Claimed,
         expires_at_secs: None,
         certificate: None,
     })

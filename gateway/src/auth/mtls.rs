@@ -15,13 +15,11 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use sha2::{Digest, Sha256};
 use tokio_rustls::rustls::client::danger::HandshakeSignatureValid;
-use tokio_rustls::rustls::crypto::CryptoProvider;
 use tokio_rustls::rustls::pki_types::{CertificateDer, UnixTime};
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use tokio_rustls::rustls::{
-    CertificateError, DigitallySignedStruct, DistinguishedName, Error, RootCertStore,
-    SignatureScheme,
+    CertificateError, DigitallySignedStruct, DistinguishedName, Error, SignatureScheme,
 };
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
@@ -32,24 +30,11 @@ use crate::config::{DeviceIdSource, MtlsConfig, parse_hex};
 /// certificate get through the handshake (to authenticate with a token instead).
 pub fn verifier(
     config: &MtlsConfig,
-    provider: Arc<CryptoProvider>,
     optional: bool,
 ) -> anyhow::Result<Arc<dyn ClientCertVerifier>> {
-    let mut roots = RootCertStore::empty();
-    for path in &config.ca {
-        let certs = read_certs(path)?;
-        anyhow::ensure!(
-            !certs.is_empty(),
-            "{} holds no PEM certificate",
-            path.display()
-        );
-        for cert in certs {
-            roots
-                .add(cert)
-                .with_context(|| format!("{}: not a usable CA certificate", path.display()))?;
-        }
-    }
-    let builder = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider);
+    let roots = crate::tls::roots(config.ca.iter().map(PathBuf::as_path))?;
+    let builder =
+        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), crate::tls::provider());
     let builder = if optional {
         builder.allow_unauthenticated()
     } else {
@@ -102,14 +87,6 @@ fn key_of(der: &[u8]) -> Option<CertificateKey> {
         serial: strip_zeros(cert.raw_serial().to_vec()),
         fingerprint: Sha256::digest(der).to_vec(),
     })
-}
-
-fn read_certs(path: &PathBuf) -> anyhow::Result<Vec<CertificateDer<'static>>> {
-    let file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    rustls_pemfile::certs(&mut std::io::BufReader::new(file))
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("cannot read certificates from {}", path.display()))
 }
 
 fn strip_zeros(bytes: Vec<u8>) -> Vec<u8> {

@@ -133,8 +133,7 @@ impl Downlink {
         let (store, held) = CommandStore::open(data_dir)?;
         let persistent = settings.instance_id.is_some();
         let instance = settings.instance_id.clone().unwrap_or_else(new_id);
-        let tls =
-            crate::sink::iot_core::mqtt::client_tls(&settings.ca, &settings.cert, &settings.key)?;
+        let tls = crate::tls::client_config(&settings.ca, &settings.cert, &settings.key)?;
         let client_id = format!("{}-{instance}", settings.client_id_prefix);
         let mut options = MqttOptions::new(client_id, &settings.host, settings.port);
         options

@@ -1,7 +1,7 @@
 //! Admission: the one step every device protocol calls before the pipeline, so that HTTP,
 //! the `sluice.v1` WebSocket dialect and MQTT cannot drift apart.
 //!
-//! A protocol parses its own framing into [`Publish`]es and hands them to [`admit`], which
+//! A protocol parses its own framing into [`Submission`]s and hands them to [`admit`], which
 //! checks, in this order and the same way for all of them:
 //!
 //! 1. the topic (IoT Core's rules; topics the gateway owns are reserved);
@@ -11,20 +11,17 @@
 //! 5. the device policy, each message against the grant that allows its topic, its size
 //!    being its payload and attribute bytes;
 //!
-//! and builds the [`Message`]s. What comes back from the pipeline is mapped by
-//! [`rejected`]; every refusal is an [`ApiError`], which each protocol renders its way
-//! (an HTTP status, a WebSocket error frame, an MQTT reason code).
+//! and builds the [`Message`]s. Every refusal is a [`Refusal`]; what the pipeline answers
+//! becomes a verdict in [`crate::ingress::verdict`].
 
 use base64::Engine as _;
 
-use crate::auth::{AuthError, Authenticator, Identity, PeerIdentity};
+use crate::auth::{Authenticator, Identity};
 use crate::config::{Config, WebSocketConfig};
+use crate::ingress::verdict::Refusal;
 use crate::message::{Message, new_id, now_ms};
-use crate::pipeline::{MessageReport, StoreError};
-use crate::plugin::FailureKind;
-use crate::policy::{DevicePolicy, Refusal};
+use crate::policy::{self, DevicePolicy};
 use crate::route::topic::{TopicFilter, validate_publish_topic};
-use crate::spool::SpoolError;
 
 /// What decides whether a device's request is taken: who it is, what it may do, and the
 /// limits. A configuration reload builds new ones and swaps them in whole.
@@ -97,155 +94,9 @@ fn reserved_topics(config: &Config) -> Vec<TopicFilter> {
         .collect()
 }
 
-/// Every refusal a device can get, whatever its protocol.
-#[derive(Debug)]
-pub enum ApiError {
-    /// `400 bad_request`: a malformed topic, QoS, device id, attributes or batch body.
-    BadRequest(String),
-    /// `401` with the reason's code ([`AuthError::code`]).
-    Unauthorized(AuthError),
-    /// `403 topic_denied`: no policy grant lets the device publish there.
-    Forbidden {
-        /// The topic.
-        topic: String,
-        /// The device.
-        device: String,
-    },
-    /// `403 topic_reserved`: the topic belongs to the gateway (commands, presence).
-    Reserved {
-        /// The topic.
-        topic: String,
-    },
-    /// `429 rate_limited` with `Retry-After`: over a grant's rate.
-    RateLimited {
-        /// The grant.
-        grant: String,
-        /// Which limit.
-        limit: &'static str,
-        /// Seconds to wait (at least 1).
-        retry_after: u64,
-    },
-    /// `413 payload_too_large`: a payload over the record limit or a grant's
-    /// `max_payload_bytes`, or a batch over its limits.
-    TooLarge(String),
-    /// `422 plugin_refused`, `500 plugin_*`, `503 plugin_unavailable`: a plugin refused
-    /// the message or failed on it, and `plugins.on_failure` is `reject`.
-    Plugin {
-        /// The message id.
-        id: String,
-        /// How it failed.
-        kind: FailureKind,
-        /// The plugin.
-        plugin: String,
-        /// Why.
-        message: String,
-    },
-    /// `503` with `Retry-After`; nothing of the request was acknowledged or kept:
-    /// - `spool_full`: the spool for a sink the request needs is at its limit
-    ///   (`spool.max_bytes_per_sink`), because that sink is slow or down;
-    /// - `dead_letters_full`: the request's messages would be dead-lettered, and the
-    ///   dead-letter store is at `spool.max_dead_letter_bytes`;
-    /// - `best_effort_busy`: too many best-effort messages wait for their sinks;
-    /// - `spool_unavailable`: the spool cannot write (disk error) or is shutting down.
-    Unavailable {
-        /// The code.
-        code: &'static str,
-        /// In words.
-        message: String,
-        /// Seconds the device should wait.
-        retry_after: u32,
-    },
-}
-
-impl From<StoreError> for ApiError {
-    fn from(error: StoreError) -> Self {
-        if let StoreError::BestEffortTooMany { .. } = error {
-            return ApiError::TooLarge(error.to_string());
-        }
-        let (code, retry_after) = match &error {
-            StoreError::Spool(SpoolError::Full { .. }) => ("spool_full", 5),
-            StoreError::Spool(SpoolError::DeadLettersFull { .. }) => ("dead_letters_full", 30),
-            StoreError::BestEffortFull { .. } | StoreError::BestEffortTooMany { .. } => {
-                ("best_effort_busy", 1)
-            }
-            StoreError::Spool(_) => ("spool_unavailable", 1),
-        };
-        ApiError::Unavailable {
-            code,
-            message: error.to_string(),
-            retry_after,
-        }
-    }
-}
-
-impl ApiError {
-    /// The stable code of the error.
-    pub fn code(&self) -> &'static str {
-        match self {
-            ApiError::BadRequest(_) => "bad_request",
-            ApiError::TooLarge(_) => "payload_too_large",
-            ApiError::Unauthorized(error) => error.code(),
-            ApiError::Forbidden { .. } => "topic_denied",
-            ApiError::Reserved { .. } => "topic_reserved",
-            ApiError::RateLimited { .. } => "rate_limited",
-            ApiError::Plugin { kind, .. } => kind.code(),
-            ApiError::Unavailable { code, .. } => code,
-        }
-    }
-
-    /// The message in words.
-    pub fn message(&self) -> String {
-        match self {
-            ApiError::BadRequest(message) | ApiError::TooLarge(message) => message.clone(),
-            ApiError::Unauthorized(error) => error.to_string(),
-            ApiError::Forbidden { topic, device } => {
-                format!("no policy grant lets `{device}` publish to `{topic}`")
-            }
-            ApiError::Reserved { topic } => format!(
-                "`{topic}` is a topic the gateway owns (device commands and presence); devices do not publish there"
-            ),
-            ApiError::RateLimited {
-                grant,
-                limit,
-                retry_after,
-            } => format!("over the {limit} of policy grant `{grant}`; retry after {retry_after} s"),
-            ApiError::Plugin { message, .. } => message.clone(),
-            ApiError::Unavailable { message, .. } => {
-                format!("{message}; nothing was kept, retry later")
-            }
-        }
-    }
-
-    /// Seconds the device should wait before sending again, when it should.
-    pub fn retry_after(&self) -> Option<u64> {
-        match self {
-            ApiError::RateLimited { retry_after, .. } => Some(*retry_after),
-            ApiError::Unavailable { retry_after, .. } => Some(u64::from(*retry_after)),
-            _ => None,
-        }
-    }
-}
-
-/// Who sent a request (see [`crate::auth`]): the peer's client certificate, or the
-/// request's headers (bearer token, or `x-device-id` without `[auth]`).
-pub fn authenticate(
-    rules: &DeviceRules,
-    peer: Option<&PeerIdentity>,
-    headers: &axum::http::HeaderMap,
-) -> Result<Identity, ApiError> {
-    rules
-        .auth
-        .authenticate(peer, headers)
-        .map_err(|error| match error {
-            // Without [auth], a bad x-device-id is a malformed request, not a credential.
-            AuthError::BadDeviceId(why) if !rules.auth.required() => ApiError::BadRequest(why),
-            other => ApiError::Unauthorized(other),
-        })
-}
-
-/// A device's publish as its protocol read it, before admission.
+/// A device's publish as its protocol read it, submitted for admission.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Publish {
+pub struct Submission {
     /// The topic.
     pub topic: String,
     /// The payload.
@@ -265,9 +116,9 @@ pub fn admit(
     rules: &DeviceRules,
     identity: &Identity,
     max_payload: usize,
-    publishes: Vec<Publish>,
+    publishes: Vec<Submission>,
     numbered: bool,
-) -> Result<Vec<Message>, ApiError> {
+) -> Result<Vec<Message>, Refusal> {
     let at = |index: usize, why: String| {
         if numbered {
             format!("messages[{index}]: {why}")
@@ -279,21 +130,21 @@ pub fn admit(
     for (index, publish) in publishes.iter().enumerate() {
         let topic = &publish.topic;
         validate_publish_topic(topic)
-            .map_err(|why| ApiError::BadRequest(at(index, format!("topic `{topic}`: {why}"))))?;
+            .map_err(|why| Refusal::BadTopic(at(index, format!("topic `{topic}`: {why}"))))?;
         if rules.reserved.iter().any(|filter| filter.matches(topic)) {
-            return Err(ApiError::Reserved {
+            return Err(Refusal::Reserved {
                 topic: topic.clone(),
             });
         }
         if publish.qos > 1 {
-            return Err(ApiError::BadRequest(at(
+            return Err(Refusal::BadRequest(at(
                 index,
                 format!("qos must be 0 or 1, not {}", publish.qos),
             )));
         }
         let attributes = &publish.attributes;
         if attributes.len() > rules.max_attributes {
-            return Err(ApiError::BadRequest(at(
+            return Err(Refusal::BadRequest(at(
                 index,
                 format!(
                     "{} attributes exceed limits.max_attributes of {}",
@@ -304,7 +155,7 @@ pub fn admit(
         }
         let attribute_bytes: usize = attributes.iter().map(|(k, v)| k.len() + v.len()).sum();
         if attribute_bytes > rules.max_attribute_bytes {
-            return Err(ApiError::TooLarge(at(
+            return Err(Refusal::TooLarge(at(
                 index,
                 format!(
                     "{attribute_bytes} bytes of attributes exceed limits.max_attribute_bytes of {}",
@@ -313,7 +164,7 @@ pub fn admit(
             )));
         }
         if publish.payload.len() > max_payload {
-            return Err(ApiError::TooLarge(at(
+            return Err(Refusal::TooLarge(at(
                 index,
                 format!(
                     "payload of {} bytes exceeds the record limit of {max_payload} bytes",
@@ -324,7 +175,7 @@ pub fn admit(
         if crate::route::is_retained(attributes)
             && publish.payload.len() > crate::sink::iot_core::quota::IOT_CORE_MAX_PAYLOAD_BYTES
         {
-            return Err(ApiError::TooLarge(at(
+            return Err(Refusal::TooLarge(at(
                 index,
                 format!(
                     "a retained message goes to IoT Core, never to Kinesis, and its payload of {} bytes is over IoT Core's {} bytes",
@@ -363,7 +214,7 @@ pub fn admit_reply(
     identity: &Identity,
     topic: &str,
     size: usize,
-) -> Result<(), ApiError> {
+) -> Result<(), Refusal> {
     rules
         .policy
         .check_publish(identity, [(topic, size)])
@@ -371,48 +222,31 @@ pub fn admit_reply(
 }
 
 /// The refusal a device gets for the policy's.
-fn policy_refusal(identity: &Identity, refusal: Refusal) -> ApiError {
+fn policy_refusal(identity: &Identity, refusal: policy::Refusal) -> Refusal {
     match refusal {
-        Refusal::Denied { topic } => ApiError::Forbidden {
+        policy::Refusal::Denied { topic } => Refusal::Forbidden {
             topic,
             device: identity.device_id.clone(),
         },
-        Refusal::TooLarge { grant, limit, size } => ApiError::TooLarge(format!(
+        policy::Refusal::TooLarge { grant, limit, size } => Refusal::TooLarge(format!(
             "{size} bytes of payload and attributes exceed the limit of {limit} of policy grant `{grant}`"
         )),
-        Refusal::TooMany {
+        policy::Refusal::TooMany {
             grant,
             limit,
             count,
-        } => ApiError::TooLarge(format!(
+        } => Refusal::TooLarge(format!(
             "{count} messages in one request exceed the max_messages_per_sec of {limit} of policy grant `{grant}`"
         )),
-        Refusal::RateLimited {
+        policy::Refusal::RateLimited {
             grant,
             limit,
             retry_after,
-        } => ApiError::RateLimited {
+        } => Refusal::RateLimited {
             grant,
             limit,
             retry_after: retry_after.as_secs_f64().ceil().max(1.0) as u64,
         },
-    }
-}
-
-/// The refusal for a message the chain rejected.
-pub fn rejected(report: MessageReport) -> ApiError {
-    let error = report
-        .error
-        .unwrap_or_else(|| crate::pipeline::FailureReport {
-            code: FailureKind::Unavailable.code(),
-            plugin: String::new(),
-            message: "rejected".to_string(),
-        });
-    ApiError::Plugin {
-        id: report.id,
-        kind: report.failure_kind.unwrap_or(FailureKind::Unavailable),
-        plugin: error.plugin,
-        message: error.message,
     }
 }
 
@@ -475,8 +309,8 @@ mod tests {
         }
     }
 
-    fn publish(topic: &str, payload: &[u8], attributes: &[(&str, &str)]) -> Publish {
-        Publish {
+    fn publish(topic: &str, payload: &[u8], attributes: &[(&str, &str)]) -> Submission {
+        Submission {
             topic: topic.to_string(),
             payload: payload.to_vec(),
             content_type: String::new(),
@@ -501,7 +335,7 @@ mod tests {
         let rules = rules(downlink);
         let mut qos2 = publish("status/x", b"1", &[]);
         qos2.qos = 2;
-        let cases: Vec<(Publish, Option<&str>)> = vec![
+        let cases: Vec<(Submission, Option<&str>)> = vec![
             (publish("status/x", b"ok", &[]), None),
             (publish("", b"1", &[]), Some("bad_request")),
             (publish("a/+/b", b"1", &[]), Some("bad_request")),
@@ -543,7 +377,7 @@ mod tests {
             let topic = publish.topic.clone();
             let result = admit(&rules, &device(), 100, vec![publish], false);
             assert_eq!(
-                result.as_ref().err().map(ApiError::code),
+                result.as_ref().err().map(Refusal::code),
                 expected,
                 "case {index} ({topic}): {result:?}"
             );
@@ -580,7 +414,7 @@ mod tests {
             publish("bad/+", b"3", &[]),
         ];
         match admit(&rules, &device(), 100, batch, true) {
-            Err(ApiError::BadRequest(message)) => {
+            Err(Refusal::BadTopic(message)) => {
                 assert!(message.starts_with("messages[2]: "), "{message}");
             }
             other => panic!("{other:?}"),

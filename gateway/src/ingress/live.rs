@@ -4,10 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::Context as _;
 use arc_swap::{ArcSwap, ArcSwapOption};
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::rustls;
 
 use crate::config::{AuthConfig, Config, TlsConfig};
 use crate::ingress::admit::DeviceRules;
@@ -121,41 +119,14 @@ pub struct DeviceUpdate {
 }
 
 /// Builds the TLS acceptor from the configured certificate and key, asking for client
-/// certificates when `[auth.mtls]` is set (optional when tokens are accepted too).
+/// certificates when `[auth.mtls]` is set (optional when tokens are accepted too). HTTP
+/// first; MQTT by ALPN as IoT Core does on 443 (a client offering none gets HTTP).
 fn tls_acceptor(tls: &TlsConfig, auth: Option<&AuthConfig>) -> anyhow::Result<TlsAcceptor> {
-    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(
-        std::fs::File::open(&tls.cert)
-            .with_context(|| format!("cannot open {}", tls.cert.display()))?,
-    ))
-    .collect::<Result<Vec<_>, _>>()
-    .with_context(|| format!("cannot read certificates from {}", tls.cert.display()))?;
-    if certs.is_empty() {
-        anyhow::bail!("{} holds no PEM certificate", tls.cert.display());
-    }
-    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
-        std::fs::File::open(&tls.key)
-            .with_context(|| format!("cannot open {}", tls.key.display()))?,
-    ))
-    .with_context(|| format!("cannot read the private key from {}", tls.key.display()))?
-    .with_context(|| format!("{} holds no PEM private key", tls.key.display()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
-        .with_safe_default_protocol_versions()?;
-    let builder = match auth.and_then(|a| a.mtls.as_ref().map(|m| (m, a.tokens.is_some()))) {
-        Some((mtls, tokens_too)) => builder
-            .with_client_cert_verifier(crate::auth::mtls::verifier(mtls, provider, tokens_too)?),
-        None => builder.with_no_client_auth(),
-    };
-    let mut server = builder
-        .with_single_cert(certs, key)
-        .context("the TLS certificate and key do not fit together")?;
-    // HTTP first; MQTT by ALPN as IoT Core does on 443 (a client offering none gets
-    // HTTP, as before).
-    server.alpn_protocols = vec![
-        b"h2".to_vec(),
-        b"http/1.1".to_vec(),
-        b"x-amzn-mqtt-ca".to_vec(),
-        b"mqtt".to_vec(),
-    ];
+    let clients = auth
+        .and_then(|a| a.mtls.as_ref().map(|m| (m, a.tokens.is_some())))
+        .map(|(mtls, tokens_too)| crate::auth::mtls::verifier(mtls, tokens_too))
+        .transpose()?;
+    let alpn = [b"h2".as_slice(), b"http/1.1", b"x-amzn-mqtt-ca", b"mqtt"];
+    let server = crate::tls::server_config(&tls.cert, &tls.key, clients, &alpn)?;
     Ok(TlsAcceptor::from(Arc::new(server)))
 }

@@ -27,7 +27,7 @@ use crate::message::now_ms;
 use crate::metrics::{SinkLabel, SinkOutcome};
 use crate::record::Record;
 use crate::record::SinkId;
-use crate::sink::Sinks;
+use crate::sink::{Rejected, Sinks};
 use crate::spool::Spool;
 use crate::spool::codec::{DeadLetter, Origin};
 
@@ -129,11 +129,7 @@ impl Deliverer {
                             }
                         }
                         Err(error) => {
-                            me.spool.set_failing(me.sink, true);
-                            crate::metrics::METRICS
-                                .sink_failures
-                                .get_or_create(&SinkLabel { sink: me.sink.name().to_string() })
-                                .inc();
+                            sink_failed(&me.spool, me.sink);
                             if !failed {
                                 tracing::warn!(sink = me.sink.name(), %error, waiting = me.spool.depth(me.sink), "delivery failed; records stay spooled and are retried");
                             }
@@ -182,7 +178,7 @@ impl Deliverer {
             .collect();
         let mut dead = self.keep_expired(dead);
         if live.is_empty() {
-            self.count(0, dead.len());
+            count(self.sink, 0, dead.len());
             return (seqs, Ok(dead));
         }
         let received: Vec<u64> = live.iter().map(|r| r.message.received_at_ms).collect();
@@ -194,36 +190,19 @@ impl Deliverer {
             .observe(live.len() as f64);
         let expired_count = dead.len();
         let result = match self.sinks.deliver_to(self.sink, live).await {
-            Ok(rejected) => Ok(rejected
-                .into_iter()
-                .map(|rejected| {
-                    tracing::warn!(sink = self.sink.name(), id = %rejected.record.message.id, reason = %rejected.reason, "record refused by the sink; dead-lettered");
-                    DeadLetter {
-                        origin: Origin::Sink {
-                            sink: rejected.record.decision.destination.kind().to_string(),
-                        },
-                        reason: rejected.reason,
-                        record: rejected.record,
-                        at_ms: now_ms(),
-                    }
-                })
-                .chain(dead.drain(..))
-                .collect::<Vec<DeadLetter>>()),
+            Ok(rejected) => {
+                let refused = rejected.len();
+                delivered(self.sink, &received, refused);
+                Ok(rejected
+                    .into_iter()
+                    .map(refused_by_sink)
+                    .chain(dead.drain(..))
+                    .collect::<Vec<DeadLetter>>())
+            }
             Err(error) => Err(error.to_string()),
         };
-        if let Ok(dead) = &result {
-            let now = now_ms();
-            let sink = SinkLabel {
-                sink: self.sink.name().to_string(),
-            };
-            let histogram = crate::metrics::METRICS
-                .delivery_latency
-                .get_or_create(&sink);
-            for at in &received {
-                histogram.observe(now.saturating_sub(*at) as f64 / 1000.0);
-            }
-            let refused = dead.len() - expired_count;
-            self.count(received.len().saturating_sub(refused), dead.len());
+        if result.is_ok() {
+            count(self.sink, 0, expired_count);
         }
         (seqs, result)
     }
@@ -258,18 +237,58 @@ impl Deliverer {
         }
         Vec::new()
     }
+}
 
-    fn count(&self, delivered: usize, dead_lettered: usize) {
-        for (outcome, n) in [("delivered", delivered), ("dead-lettered", dead_lettered)] {
-            if n > 0 {
-                crate::metrics::METRICS
-                    .sink_records
-                    .get_or_create(&SinkOutcome {
-                        sink: self.sink.name().to_string(),
-                        outcome: outcome.to_string(),
-                    })
-                    .inc_by(n as u64);
-            }
+/// The dead letter of a record its sink refused for good.
+pub(super) fn refused_by_sink(rejected: Rejected) -> DeadLetter {
+    tracing::warn!(id = %rejected.record.message.id, reason = %rejected.reason, "record refused by the sink; dead-lettered");
+    DeadLetter {
+        origin: Origin::Sink {
+            sink: rejected.record.decision.destination.kind().to_string(),
+        },
+        reason: rejected.reason,
+        record: rejected.record,
+        at_ms: now_ms(),
+    }
+}
+
+/// `sink` answered for records received at `received` (ms), `refused` of them for
+/// good: their delivery latency, and the records delivered and dead-lettered.
+pub(super) fn delivered(sink: SinkId, received: &[u64], refused: usize) {
+    let now = now_ms();
+    let label = SinkLabel {
+        sink: sink.name().to_string(),
+    };
+    let histogram = crate::metrics::METRICS
+        .delivery_latency
+        .get_or_create(&label);
+    for at in received {
+        histogram.observe(now.saturating_sub(*at) as f64 / 1000.0);
+    }
+    count(sink, received.len().saturating_sub(refused), refused);
+}
+
+/// `sink` failed a delivery: it counts as failing until one succeeds.
+pub(super) fn sink_failed(spool: &Spool, sink: SinkId) {
+    spool.set_failing(sink, true);
+    crate::metrics::METRICS
+        .sink_failures
+        .get_or_create(&SinkLabel {
+            sink: sink.name().to_string(),
+        })
+        .inc();
+}
+
+fn count(sink: SinkId, delivered: usize, dead_lettered: usize) {
+    for (outcome, n) in [("delivered", delivered), ("dead-lettered", dead_lettered)] {
+        if n > 0 {
+            crate::metrics::METRICS
+                .sink_records
+                .get_or_create(&SinkOutcome {
+                    sink: sink.name().to_string(),
+                    outcome: outcome.to_string(),
+                })
+                .inc_by(n as u64);
         }
     }
 }

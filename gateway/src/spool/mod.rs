@@ -24,7 +24,9 @@
 //! records; a request that would go over is refused whole ([`SpoolError::Full`]), and
 //! nothing of it is written.
 //!
-//! [`deliver`] runs one delivery task per sink, reading the queue in order.
+//! [`deliver`] runs one delivery task per sink, reading the queue in order;
+//! [`best_effort`] hands records of best-effort routes to their sinks without the
+//! queue, accounted the same way.
 //!
 //! The files: this one, the spool's API and its shared state (one [`SinkState`] per
 //! sink); `change` (what a request asks of the writer); `writer` (the group-commit
@@ -32,6 +34,7 @@
 //! `dead` (the dead-letter table); `legacy` (moving an older spool's queues);
 //! [`codec`] (the encodings on disk).
 
+pub mod best_effort;
 mod change;
 pub mod codec;
 mod dead;

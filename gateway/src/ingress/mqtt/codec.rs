@@ -20,6 +20,7 @@
 use bytes::{BufMut as _, Bytes, BytesMut};
 use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5;
+pub use rumqttc::v5::mqttbytes::v5::{DisconnectReasonCode, PubAckReason};
 
 /// The protocol version a client chose in its CONNECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -139,12 +140,13 @@ pub enum CodecError {
 }
 
 impl CodecError {
-    /// The MQTT 5 reason code for it.
-    pub fn reason_code(&self) -> u8 {
+    /// The MQTT 5 DISCONNECT reason for it, once the session runs (before, a
+    /// [`CodecError::Protocol`] is a CONNACK 0x84 / 0x01).
+    pub fn reason_code(&self) -> DisconnectReasonCode {
         match self {
-            CodecError::TooLarge(_) => 0x95,
-            CodecError::Malformed(_) => 0x81,
-            CodecError::Protocol(_) => 0x84,
+            CodecError::TooLarge(_) => DisconnectReasonCode::PacketTooLarge,
+            CodecError::Malformed(_) => DisconnectReasonCode::MalformedPacket,
+            CodecError::Protocol(_) => DisconnectReasonCode::ProtocolError,
         }
     }
 }
@@ -524,9 +526,9 @@ pub fn connack(
     out
 }
 
-/// A PUBACK for `pkid`: 3.1.1 has no reason; 5.0 carries `reason` (0 = success; one of
-/// the codes the specification lists for PUBACK) and, for a refusal, the reason in words.
-pub fn puback(version: Version, pkid: u16, reason: u8, why: Option<&str>) -> BytesMut {
+/// A PUBACK for `pkid`: 3.1.1 has no reason; 5.0 carries `reason` and, for a refusal,
+/// the reason in words.
+pub fn puback(version: Version, pkid: u16, reason: PubAckReason, why: Option<&str>) -> BytesMut {
     let mut out = BytesMut::with_capacity(8);
     match version {
         Version::V4 => {
@@ -535,17 +537,6 @@ pub fn puback(version: Version, pkid: u16, reason: u8, why: Option<&str>) -> Byt
             out.put_u16(pkid);
         }
         Version::V5 => {
-            let reason = match reason {
-                0x00 => v5::PubAckReason::Success,
-                0x10 => v5::PubAckReason::NoMatchingSubscribers,
-                0x83 => v5::PubAckReason::ImplementationSpecificError,
-                0x87 => v5::PubAckReason::NotAuthorized,
-                0x90 => v5::PubAckReason::TopicNameInvalid,
-                0x91 => v5::PubAckReason::PacketIdentifierInUse,
-                0x97 => v5::PubAckReason::QuotaExceeded,
-                0x99 => v5::PubAckReason::PayloadFormatInvalid,
-                _ => v5::PubAckReason::UnspecifiedError,
-            };
             let properties = why.map(|why| v5::PubAckProperties {
                 reason_string: Some(why.to_string()),
                 user_properties: Vec::new(),
@@ -569,12 +560,28 @@ pub fn pingresp() -> &'static [u8] {
 }
 
 /// A DISCONNECT from the server (5.0 only: 3.1.1 just closes) with `reason`.
-pub fn disconnect(reason: u8) -> BytesMut {
+pub fn disconnect(reason: DisconnectReasonCode) -> BytesMut {
     let mut out = BytesMut::with_capacity(4);
     out.put_u8(0xe0);
     out.put_u8(1);
-    out.put_u8(reason);
+    out.put_u8(reason as u8);
     out
+}
+
+/// The byte a PUBACK reason is on the wire (rumqttc keeps its own mapping private), for
+/// metrics and logs.
+pub fn puback_code(reason: PubAckReason) -> u8 {
+    match reason {
+        PubAckReason::Success => 0x00,
+        PubAckReason::NoMatchingSubscribers => 0x10,
+        PubAckReason::UnspecifiedError => 0x80,
+        PubAckReason::ImplementationSpecificError => 0x83,
+        PubAckReason::NotAuthorized => 0x87,
+        PubAckReason::TopicNameInvalid => 0x90,
+        PubAckReason::PacketIdentifierInUse => 0x91,
+        PubAckReason::QuotaExceeded => 0x97,
+        PubAckReason::PayloadFormatInvalid => 0x99,
+    }
 }
 
 /// A SUBACK: per filter, the granted QoS or `None` for a refused one.
@@ -848,10 +855,22 @@ mod tests {
     #[test]
     fn pubacks_carry_their_reason_in_v5() {
         assert_eq!(
-            &puback(Version::V4, 7, 0x87, Some("no"))[..],
+            &puback(Version::V4, 7, PubAckReason::NotAuthorized, Some("no"))[..],
             b"\x40\x02\x00\x07"
         );
-        let mut ack = puback(Version::V5, 7, 0x87, Some("denied"));
+        let mut ack = puback(Version::V5, 7, PubAckReason::NotAuthorized, Some("denied"));
+        for reason in [
+            PubAckReason::Success,
+            PubAckReason::QuotaExceeded,
+            PubAckReason::PayloadFormatInvalid,
+        ] {
+            // rumqttc reads back the byte `puback_code` says it is.
+            let mut bytes = puback(Version::V5, 1, reason, Some("why"));
+            assert_eq!(bytes[4], puback_code(reason), "{reason:?}");
+            assert!(
+                matches!(v5::Packet::read(&mut bytes, None), Ok(v5::Packet::PubAck(a)) if a.reason == reason)
+            );
+        }
         match v5::Packet::read(&mut ack, None) {
             Ok(v5::Packet::PubAck(ack)) => {
                 assert_eq!(ack.pkid, 7);

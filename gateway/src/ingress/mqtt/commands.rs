@@ -15,7 +15,7 @@ use std::collections::HashMap;
 use bytes::BytesMut;
 
 use crate::auth::Identity;
-use crate::downlink::Downlink;
+use crate::downlink::Command;
 use crate::ingress::admit::DeviceRules;
 use crate::ingress::mqtt::codec::{self, Version};
 use crate::route::topic::TopicFilter;
@@ -35,10 +35,8 @@ struct Subscription {
 pub struct Sending {
     /// The PUBLISH packets, to write in order.
     pub bytes: BytesMut,
-    /// Commands done once the bytes are written (QoS 0, and those the policy refused).
+    /// Commands done once the bytes are written (QoS 0).
     pub done: Vec<u64>,
-    /// Ids of commands the policy refused (each reported as `denied` on the reply topic).
-    pub denied: Vec<String>,
     /// Commands in `bytes`.
     pub sent: u64,
 }
@@ -136,30 +134,24 @@ impl Outbound {
         }
     }
 
-    /// Claims the device's commands that the subscriptions match, as many as the window
-    /// has room for, and encodes them.
-    pub fn take(
-        &mut self,
-        downlink: &Downlink,
-        session: u64,
-        rules: &DeviceRules,
-        identity: &Identity,
-        version: Version,
-    ) -> Sending {
-        let mut sending = Sending::default();
-        let room = self.max_in_flight.saturating_sub(self.in_flight.len());
-        if room == 0 || self.subscriptions.is_empty() {
-            return sending;
+    /// How many more commands may be in flight (none without a subscription).
+    pub fn room(&self) -> usize {
+        if self.subscriptions.is_empty() {
+            return 0;
         }
-        let claimed = downlink.claim(&identity.device_id, session, room, |command| {
-            self.qos_for(&command.topic).is_some()
-        });
-        for (seq, command) in claimed {
-            if !rules.policy.may_subscribe(identity, &command.topic) {
-                sending.done.push(seq);
-                sending.denied.push(command.id);
-                continue;
-            }
+        self.max_in_flight.saturating_sub(self.in_flight.len())
+    }
+
+    /// Whether a subscription matches a command on `topic`.
+    pub fn wants(&self, topic: &str) -> bool {
+        self.qos_for(topic).is_some()
+    }
+
+    /// Encodes `commands` (taken from the session's queue, the policy checked) as
+    /// PUBLISHes, each at the QoS its subscriptions grant.
+    pub fn encode(&mut self, commands: Vec<(u64, Command)>, version: Version) -> Sending {
+        let mut sending = Sending::default();
+        for (seq, command) in commands {
             let qos = self.qos_for(&command.topic).unwrap_or(0);
             let pkid = if qos == 1 {
                 let pkid = self.next_pkid();

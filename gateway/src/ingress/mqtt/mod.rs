@@ -10,15 +10,20 @@
 //!   MQTT password; without `[auth]` the client id names the device.
 //!
 //! - [`codec`]: packets in and out (rumqttc's `mqttbytes`, and why);
-//! - [`session`]: one connection: CONNECT, publishes through the admission step and the
-//!   pipeline, PUBACK once durable, refusals as IoT Core answers them;
+//! - [`connection`]: one connection from CONNECT to its end (who the client is, the
+//!   CONNACK, the saved session, the last will);
+//! - [`session`]: the connected session: publishes through the admission step and the
+//!   pipeline, PUBACK once durable, subscriptions;
+//! - [`answer`]: a refusal, or the gateway's reason to end a session, as a reason code;
 //! - [`commands`]: a session's subscriptions and the downlink's commands sent on them;
 //! - [`saved`]: sessions kept between connections, on disk;
 //! - [`clients`]: a client id held by one connection at a time.
 
+pub mod answer;
 pub mod clients;
 pub mod codec;
 pub mod commands;
+pub mod connection;
 pub mod saved;
 pub mod session;
 
@@ -34,13 +39,13 @@ use bytes::BytesMut;
 use tokio::net::TcpListener;
 use tokio_rustls::TlsAcceptor;
 
-use crate::auth::PeerIdentity;
+use crate::auth::{Credential, PeerIdentity};
 use crate::config::{Config, MqttConfig};
-use crate::ingress::admit::ApiError;
 use crate::ingress::guard::Guard;
-use crate::ingress::mqtt::session::{Credentials, Limits, Stream, Transport};
+use crate::ingress::mqtt::connection::{Credentials, Limits, Stream, Transport};
 use crate::ingress::sessions::RemoteAddr;
 use crate::ingress::state::AppState;
+use crate::ingress::verdict::Refusal;
 
 /// The WebSocket subprotocol of MQTT.
 pub const SUBPROTOCOL: &str = "mqtt";
@@ -71,10 +76,10 @@ pub async fn upgrade(
     remote: Option<Extension<RemoteAddr>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Refusal> {
     let rules = state.rules();
     if !rules.mqtt.websocket {
-        return Err(ApiError::BadRequest(
+        return Err(Refusal::BadRequest(
             "MQTT over WebSocket is turned off (mqtt.websocket)".to_string(),
         ));
     }
@@ -83,14 +88,13 @@ pub async fn upgrade(
         .and_then(|v| v.to_str().ok())
         .unwrap_or("");
     if !offered.split(',').any(|p| p.trim() == SUBPROTOCOL) {
-        return Err(ApiError::BadRequest(format!(
+        return Err(Refusal::BadRequest(format!(
             "GET /mqtt needs the WebSocket subprotocol `{SUBPROTOCOL}`, offered `{offered}`"
         )));
     }
     let limits = limits(&rules.mqtt);
     let credentials = Credentials {
-        peer: peer.map(|Extension(peer)| peer),
-        headers,
+        credential: crate::ingress::device::credential(peer.map(|Extension(peer)| peer), &headers)?,
         remote: remote.map(|Extension(RemoteAddr(address))| address),
     };
     Ok(ws
@@ -101,7 +105,7 @@ pub async fn upgrade(
                 socket,
                 ping: tokio::time::interval_at(tokio::time::Instant::now() + WS_PING, WS_PING),
             };
-            session::run(transport, state, credentials, limits, "mqtt-ws")
+            connection::run(transport, state, credentials, limits, "mqtt-ws")
         })
         .into_response())
 }
@@ -155,12 +159,14 @@ pub async fn serve_tls<S>(
 {
     let limits = limits(&state.rules().mqtt);
     let credentials = Credentials {
-        peer: Some(peer),
-        headers: HeaderMap::new(),
+        credential: Credential {
+            certificate: peer,
+            ..Credential::default()
+        },
         remote: Some(remote),
     };
     let stream = Stream(guard.watch_idle(stream, MQTT_IDLE));
-    session::run(stream, state, credentials, limits, "mqtt").await;
+    connection::run(stream, state, credentials, limits, "mqtt").await;
 }
 
 /// Binds `[mqtt] listen`, if set, and prints `sluice: mqtt on <scheme>://<address>`
@@ -225,14 +231,16 @@ pub async fn serve(listener: Option<TcpListener>, config: &Config, state: AppSta
                         .live
                         .peer_identity(stream.get_ref().1.peer_certificates());
                     let credentials = Credentials {
-                        peer: Some(identity),
-                        headers: HeaderMap::new(),
+                        credential: Credential {
+                            certificate: identity,
+                            ..Credential::default()
+                        },
                         remote: Some(peer),
                     };
                     let stream = Stream(guard.watch_idle(stream, MQTT_IDLE));
                     // Boxed, each branch: the task is then as big as the branch it takes,
                     // not the larger (TLS) one for every connection.
-                    Box::pin(session::run(stream, state, credentials, limits, "mqtt")).await;
+                    Box::pin(connection::run(stream, state, credentials, limits, "mqtt")).await;
                 }
                 None => {
                     let stream = Stream(guard.watch_idle(stream, MQTT_IDLE));
@@ -240,7 +248,7 @@ pub async fn serve(listener: Option<TcpListener>, config: &Config, state: AppSta
                         remote: Some(peer),
                         ..Credentials::default()
                     };
-                    Box::pin(session::run(stream, state, credentials, limits, "mqtt")).await;
+                    Box::pin(connection::run(stream, state, credentials, limits, "mqtt")).await;
                 }
             }
         });

@@ -9,16 +9,13 @@
 //! fails, and the spool sends them again (they may arrive twice: at least once).
 
 use std::collections::{HashMap, VecDeque};
-use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use anyhow::Context as _;
 use rumqttc::{
     AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport,
 };
 use tokio::sync::oneshot;
-use tokio_rustls::rustls;
 
 use crate::record::Record;
 use crate::sink::iot_core::prepare;
@@ -82,7 +79,7 @@ pub struct MqttSink {
 impl MqttSink {
     /// Connects (in the background) and starts the event loop.
     pub fn start(settings: MqttSettings) -> anyhow::Result<MqttSink> {
-        let tls = client_tls(&settings.ca, &settings.cert, &settings.key)?;
+        let tls = crate::tls::client_config(&settings.ca, &settings.cert, &settings.key)?;
         let mut options = MqttOptions::new(&settings.client_id, &settings.host, settings.port);
         options
             .set_keep_alive(settings.keep_alive)
@@ -246,41 +243,6 @@ fn settle(tracker: &Mutex<Tracker>, event: Event) {
         }
         _ => {}
     }
-}
-
-/// The TLS client configuration: the broker's CAs and the gateway's certificate.
-pub fn client_tls(ca: &Path, cert: &Path, key: &Path) -> anyhow::Result<rustls::ClientConfig> {
-    let mut roots = rustls::RootCertStore::empty();
-    for certificate in read_certs(ca)? {
-        roots
-            .add(certificate)
-            .with_context(|| format!("bad CA certificate in {}", ca.display()))?;
-    }
-    let chain = read_certs(cert)?;
-    let key = rustls_pemfile::private_key(&mut std::io::BufReader::new(
-        std::fs::File::open(key).with_context(|| format!("cannot open {}", key.display()))?,
-    ))?
-    .with_context(|| format!("{} holds no PEM private key", key.display()))?;
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
-    rustls::ClientConfig::builder_with_provider(provider)
-        .with_safe_default_protocol_versions()?
-        .with_root_certificates(roots)
-        .with_client_auth_cert(chain, key)
-        .context("the MQTT client certificate and key do not fit together")
-}
-
-fn read_certs(path: &Path) -> anyhow::Result<Vec<rustls::pki_types::CertificateDer<'static>>> {
-    let file =
-        std::fs::File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
-    let certs = rustls_pemfile::certs(&mut std::io::BufReader::new(file))
-        .collect::<Result<Vec<_>, _>>()
-        .with_context(|| format!("cannot read certificates from {}", path.display()))?;
-    anyhow::ensure!(
-        !certs.is_empty(),
-        "{} holds no PEM certificate",
-        path.display()
-    );
-    Ok(certs)
 }
 
 impl crate::sink::Sink for MqttSink {

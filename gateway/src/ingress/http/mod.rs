@@ -5,26 +5,27 @@
 //! - `POST /batch`: many messages in one request, one report per message.
 //! - `GET /healthz`: `200 ok` while the listener runs.
 //!
-//! Errors are JSON `{"code": …, "message": …}` with a stable code; see
-//! [`ApiError`] for the full list.
+//! Errors are JSON `{"code": …, "message": …}` with a stable code; [`answer`] maps
+//! every [`Refusal`] to its status.
+//!
+//! - [`answer`]: a refusal as an HTTP answer.
+
+pub mod answer;
 
 use axum::Json;
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Extension, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::auth::PeerIdentity;
-use crate::ingress::admit::{
-    ApiError, Publish, admit, admit_reply, authenticate, decode_payload, rejected,
-};
+use crate::ingress::admit::{Submission, admit, admit_reply, decode_payload};
+use crate::ingress::device::Device;
 use crate::ingress::state::AppState;
+use crate::ingress::verdict::{Refusal, Verdict, verdict};
 use crate::message::new_id;
-use crate::pipeline::Status;
-use crate::plugin::FailureKind;
 
 /// The device-facing router.
 pub fn app(state: AppState) -> axum::Router {
@@ -75,64 +76,6 @@ async fn with_request_id(
     response
 }
 
-/// A refusal as an HTTP answer: the status, `{"code", "message"}` (plus `rule` for
-/// policy refusals and `plugin`, `id` for plugin failures), and `Retry-After` or
-/// `WWW-Authenticate` where they apply.
-impl IntoResponse for ApiError {
-    fn into_response(self) -> Response {
-        crate::metrics::METRICS.refusal(self.code());
-        let code = self.code();
-        let message = self.message();
-        let retry_after = self.retry_after();
-        let (status, body) = match self {
-            ApiError::BadRequest(_) => (StatusCode::BAD_REQUEST, json!({})),
-            ApiError::TooLarge(_) => (StatusCode::PAYLOAD_TOO_LARGE, json!({})),
-            ApiError::Unauthorized(_) => (StatusCode::UNAUTHORIZED, json!({})),
-            ApiError::Forbidden { .. } => (
-                StatusCode::FORBIDDEN,
-                json!({"rule": "policy:default-deny"}),
-            ),
-            ApiError::Reserved { .. } => (
-                StatusCode::FORBIDDEN,
-                json!({"rule": "policy:reserved-topic"}),
-            ),
-            ApiError::RateLimited { grant, .. } => (
-                StatusCode::TOO_MANY_REQUESTS,
-                json!({"rule": format!("policy:{grant}")}),
-            ),
-            ApiError::Plugin {
-                id, kind, plugin, ..
-            } => {
-                let status = match kind {
-                    FailureKind::Refused => StatusCode::UNPROCESSABLE_ENTITY,
-                    FailureKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
-                    _ => StatusCode::INTERNAL_SERVER_ERROR,
-                };
-                (status, json!({"plugin": plugin, "id": id}))
-            }
-            ApiError::Unavailable { .. } => {
-                tracing::debug!(code, error = %message, "request refused");
-                (StatusCode::SERVICE_UNAVAILABLE, json!({}))
-            }
-        };
-        let mut body = body;
-        body["code"] = code.into();
-        body["message"] = message.into();
-        let mut response = (status, Json(body)).into_response();
-        let headers = response.headers_mut();
-        if status == StatusCode::UNAUTHORIZED {
-            headers.insert(
-                header::WWW_AUTHENTICATE,
-                HeaderValue::from_static("Bearer realm=\"sluice\""),
-            );
-        }
-        if let Some(secs) = retry_after {
-            headers.insert(header::RETRY_AFTER, HeaderValue::from(secs));
-        }
-        response
-    }
-}
-
 /// Query parameters of IoT Core's HTTPS publish API. Besides `qos` they are MQTT 5
 /// publish properties; Sluice keeps them as message attributes (`mqtt.*`).
 #[derive(Debug, Default, Deserialize)]
@@ -148,64 +91,39 @@ struct PublishParams {
     user_properties: Option<String>,
 }
 
-/// `POST /topics/{topic}`: a refusal also says IoT Core's error type in
-/// `x-amzn-ErrorType`, so the AWS SDKs (boto3's `iot-data`, say) report the error they
-/// would get from IoT Core; the body stays Sluice's own.
+/// `POST /topics/{topic}`: a refusal also says IoT Core's error type
+/// ([`answer::iot_core_refusal`]).
 async fn publish(
     state: State<AppState>,
-    peer: Option<Extension<PeerIdentity>>,
+    device: Result<Device, Refusal>,
     topic: Path<String>,
     params: Result<Query<PublishParams>, axum::extract::rejection::QueryRejection>,
     request: axum::extract::Request,
 ) -> Response {
-    match publish_one(state, peer, topic, params, request).await {
-        Ok(response) => response,
-        Err(error) => {
-            let error_type = iot_core_error_type(&error);
-            let mut response = error.into_response();
-            response
-                .headers_mut()
-                .insert("x-amzn-errortype", HeaderValue::from_static(error_type));
-            response
-        }
-    }
-}
-
-/// IoT Core's error type for a refusal of its publish API.
-fn iot_core_error_type(error: &ApiError) -> &'static str {
-    match error {
-        ApiError::BadRequest(_) => "InvalidRequestException",
-        ApiError::Unauthorized(_) => "UnauthorizedException",
-        ApiError::Forbidden { .. } | ApiError::Reserved { .. } => "ForbiddenException",
-        ApiError::TooLarge(_) => "RequestEntityTooLargeException",
-        ApiError::RateLimited { .. } => "ThrottlingException",
-        ApiError::Plugin { kind, .. } => match kind {
-            FailureKind::Refused => "InvalidRequestException",
-            FailureKind::Unavailable => "ServiceUnavailableException",
-            _ => "InternalFailureException",
-        },
-        ApiError::Unavailable { .. } => "ServiceUnavailableException",
-    }
+    let published = match device {
+        Ok(device) => publish_one(state, device, topic, params, request).await,
+        Err(refusal) => Err(refusal),
+    };
+    published.unwrap_or_else(answer::iot_core_refusal)
 }
 
 async fn publish_one(
     State(state): State<AppState>,
-    peer: Option<Extension<PeerIdentity>>,
+    Device {
+        identity, rules, ..
+    }: Device,
     Path(topic): Path<String>,
     params: Result<Query<PublishParams>, axum::extract::rejection::QueryRejection>,
     request: axum::extract::Request,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Refusal> {
     // The headers taken from the request, not extracted: that would copy them.
     let (axum::http::request::Parts { headers, .. }, body) = request.into_parts();
-    // One snapshot for the whole request: a reload meanwhile applies to the next one.
-    let rules = state.rules();
-    let identity = authenticate(&rules, peer.as_deref(), &headers)?;
-    let Query(params) = params.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+    let Query(params) = params.map_err(|rejection| Refusal::BadRequest(rejection.body_text()))?;
     let qos = parse_qos(params.qos.as_deref())?;
     if let Some(expiry) = &params.message_expiry
         && expiry.parse::<u32>().is_err()
     {
-        return Err(ApiError::BadRequest(format!(
+        return Err(Refusal::BadRequest(format!(
             "messageExpiry must be a whole number of seconds, not `{expiry}`"
         )));
     }
@@ -233,7 +151,7 @@ async fn publish_one(
             attributes.push((key.to_string(), value.clone()));
         }
     }
-    let publish = Publish {
+    let publish = Submission {
         topic,
         payload: payload.to_vec(),
         content_type,
@@ -244,15 +162,10 @@ async fn publish_one(
     if let Some(message) = messages.first() {
         tracing::Span::current().record("message_id", message.id.as_str());
     }
-    let mut reports = state.pipeline.process(messages, false).await?;
-    let report = reports.pop().ok_or_else(|| ApiError::Unavailable {
-        code: "spool_unavailable",
-        message: "no report for the message".to_string(),
-        retry_after: 1,
-    })?;
-    if report.status == Status::Rejected {
-        return Err(rejected(report));
-    }
+    let report = match verdict(state.pipeline.process(messages, false).await) {
+        Verdict::Accepted(report) => report,
+        Verdict::Refused(refusal) => return Err(refusal),
+    };
     Ok((
         StatusCode::OK,
         Json(Published {
@@ -275,7 +188,7 @@ struct Published<'a> {
     #[serde(rename = "traceId")]
     trace_id: &'a str,
     id: &'a str,
-    status: Status,
+    status: crate::pipeline::Status,
     routes: &'a [crate::pipeline::RouteReport],
     error: &'a Option<crate::pipeline::FailureReport>,
 }
@@ -308,12 +221,12 @@ struct BatchBody {
 
 async fn batch(
     State(state): State<AppState>,
-    peer: Option<Extension<PeerIdentity>>,
+    Device {
+        identity, rules, ..
+    }: Device,
     request: axum::extract::Request,
-) -> Result<Response, ApiError> {
+) -> Result<Response, Refusal> {
     let (axum::http::request::Parts { headers, .. }, body) = request.into_parts();
-    let rules = state.rules();
-    let identity = authenticate(&rules, peer.as_deref(), &headers)?;
     let max_bytes = rules.max_batch_bytes;
     let body = read_body(
         &headers,
@@ -324,9 +237,9 @@ async fn batch(
     )
     .await?;
     let parsed: BatchBody = serde_json::from_slice(&body)
-        .map_err(|error| ApiError::BadRequest(format!("batch body is not valid: {error}")))?;
+        .map_err(|error| Refusal::BadRequest(format!("batch body is not valid: {error}")))?;
     if parsed.messages.len() > rules.max_batch_messages {
-        return Err(ApiError::TooLarge(format!(
+        return Err(Refusal::TooLarge(format!(
             "batch of {} messages exceeds the limit of {}",
             parsed.messages.len(),
             rules.max_batch_messages
@@ -335,8 +248,8 @@ async fn batch(
     let mut publishes = Vec::with_capacity(parsed.messages.len());
     for (index, item) in parsed.messages.into_iter().enumerate() {
         let (payload, default_type) = decode_payload(item.payload, item.payload_base64)
-            .map_err(|why| ApiError::BadRequest(format!("messages[{index}]: {why}")))?;
-        publishes.push(Publish {
+            .map_err(|why| Refusal::BadRequest(format!("messages[{index}]: {why}")))?;
+        publishes.push(Submission {
             topic: item.topic,
             payload,
             content_type: item
@@ -382,14 +295,12 @@ const MAX_POLL_SECS: u64 = 60;
 /// (default 30, at most 60) for one. Commands returned are removed from the queue.
 async fn poll_commands(
     State(state): State<AppState>,
-    peer: Option<Extension<PeerIdentity>>,
+    Device { identity, .. }: Device,
     params: Result<Query<PollParams>, axum::extract::rejection::QueryRejection>,
-    headers: HeaderMap,
-) -> Result<Response, ApiError> {
-    let identity = authenticate(&state.rules(), peer.as_deref(), &headers)?;
-    let Query(params) = params.map_err(|rejection| ApiError::BadRequest(rejection.body_text()))?;
+) -> Result<Response, Refusal> {
+    let Query(params) = params.map_err(|rejection| Refusal::BadRequest(rejection.body_text()))?;
     let downlink = state.downlink.as_ref().ok_or_else(|| {
-        ApiError::BadRequest("commands to devices are not configured ([downlink])".to_string())
+        Refusal::BadRequest("commands to devices are not configured ([downlink])".to_string())
     })?;
     let wait = std::time::Duration::from_secs(params.wait.unwrap_or(30).min(MAX_POLL_SECS));
     let mut commands = Vec::new();
@@ -413,23 +324,24 @@ async fn poll_commands(
 /// published on the device's reply topic.
 async fn reply_command(
     State(state): State<AppState>,
-    peer: Option<Extension<PeerIdentity>>,
+    Device {
+        identity, rules, ..
+    }: Device,
     Path(id): Path<String>,
     headers: HeaderMap,
     body: Body,
-) -> Result<Response, ApiError> {
-    let identity = authenticate(&state.rules(), peer.as_deref(), &headers)?;
+) -> Result<Response, Refusal> {
     let downlink = state.downlink.as_ref().ok_or_else(|| {
-        ApiError::BadRequest("commands to devices are not configured ([downlink])".to_string())
+        Refusal::BadRequest("commands to devices are not configured ([downlink])".to_string())
     })?;
     let body = read_body(&headers, body, 64 * 1024, "reply", "64 KiB").await?;
     let topic = downlink.reply_topic(&identity.device_id);
-    admit_reply(&state.rules(), &identity, &topic, body.len())?;
+    admit_reply(&rules, &identity, &topic, body.len())?;
     let reply: serde_json::Value = if body.is_empty() {
         json!({})
     } else {
         serde_json::from_slice(&body)
-            .map_err(|e| ApiError::BadRequest(format!("the reply is not JSON: {e}")))?
+            .map_err(|e| Refusal::BadRequest(format!("the reply is not JSON: {e}")))?
     };
     let status = reply["status"].as_str().unwrap_or("done").to_string();
     downlink
@@ -443,11 +355,11 @@ async fn reply_command(
     Ok(Json(json!({"message": "OK"})).into_response())
 }
 
-fn parse_qos(qos: Option<&str>) -> Result<u8, ApiError> {
+fn parse_qos(qos: Option<&str>) -> Result<u8, Refusal> {
     match qos {
         None | Some("0") => Ok(0),
         Some("1") => Ok(1),
-        Some(other) => Err(ApiError::BadRequest(format!(
+        Some(other) => Err(Refusal::BadRequest(format!(
             "qos must be 0 or 1 (IoT Core's limits), not `{other}`"
         ))),
     }
@@ -470,10 +382,10 @@ async fn read_body(
     limit: usize,
     what: &str,
     limit_name: &str,
-) -> Result<Bytes, ApiError> {
+) -> Result<Bytes, Refusal> {
     let too_large = |size: Option<u64>| {
         let size = size.map(|n| format!(" of {n} bytes")).unwrap_or_default();
-        ApiError::TooLarge(format!(
+        Refusal::TooLarge(format!(
             "{what}{size} exceeds {limit_name} of {limit} bytes"
         ))
     };
@@ -496,7 +408,7 @@ async fn read_body(
         if source.is_some_and(|s| s.is::<http_body_util::LengthLimitError>()) {
             too_large(None)
         } else {
-            ApiError::BadRequest(format!("cannot read the request body: {error}"))
+            Refusal::BadRequest(format!("cannot read the request body: {error}"))
         }
     })
 }

@@ -1,0 +1,360 @@
+//! One MQTT connection from its first byte to its end, whatever carries it (TLS, TCP on
+//! loopback, a WebSocket): the CONNECT and who sent it, the CONNACK, the session
+//! ([`super::session`]) inside the device session shell, and what its end leaves behind
+//! (the saved session, the DISCONNECT, the last will).
+
+use std::future::Future;
+use std::io;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+
+use crate::auth::{AuthError, Credential, Identity};
+use crate::ingress::admit::{Submission, admit};
+use crate::ingress::mqtt::codec::{self, CodecError, ConnAckCode, Connect, Publish, Version};
+use crate::ingress::mqtt::commands::Outbound;
+use crate::ingress::mqtt::session::{End, Session};
+use crate::ingress::session::{DeviceSession, Ended};
+use crate::ingress::state::AppState;
+use crate::ingress::verdict::{Verdict, verdict};
+
+/// What carries the MQTT bytes.
+pub trait Transport: Send {
+    /// Reads more bytes into `buffer`; `Ok(0)` at the end. Cancel-safe.
+    fn read_more(
+        &mut self,
+        buffer: &mut BytesMut,
+    ) -> impl Future<Output = io::Result<usize>> + Send;
+    /// Writes `bytes` whole.
+    fn send(&mut self, bytes: &[u8]) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+/// A byte stream (TLS, TCP).
+pub struct Stream<S>(pub S);
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Transport for Stream<S> {
+    async fn read_more(&mut self, buffer: &mut BytesMut) -> io::Result<usize> {
+        self.0.read_buf(buffer).await
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.0.write_all(bytes).await?;
+        self.0.flush().await
+    }
+}
+
+/// The limits of a session.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most unacknowledged QoS 1 publishes (5.0: the receive maximum announced).
+    pub window: u16,
+    /// Largest packet taken.
+    pub max_packet_bytes: usize,
+    /// How long a client has for its CONNECT.
+    pub connect_timeout: Duration,
+    /// The longest a session outlives its connection (`mqtt.session_expiry_secs`).
+    pub session_expiry_secs: u32,
+}
+
+/// The largest CONNECT taken: before a client is authenticated it may not make the
+/// gateway hold more (a CONNECT carries ids, credentials and a will).
+const MAX_CONNECT_BYTES: usize = 64 * 1024;
+
+/// IoT Core's keep-alive range, in seconds: a client asking for less gets the least, for
+/// none or more the most.
+const KEEP_ALIVE_SECS: (u16, u16) = (30, 1200);
+
+/// What the connection presents besides its CONNECT.
+#[derive(Default)]
+pub struct Credentials {
+    /// The connection's client certificate and (over WebSocket) the upgrade request's
+    /// bearer token; the CONNECT adds its password and client id.
+    pub credential: Credential,
+    /// The address the connection comes from.
+    pub remote: Option<std::net::SocketAddr>,
+}
+
+/// Runs one connection to its end.
+pub async fn run<T: Transport>(
+    mut io: T,
+    state: AppState,
+    credentials: Credentials,
+    limits: Limits,
+    protocol: &'static str,
+) {
+    let mut buffer = BytesMut::with_capacity(1024);
+    let connect_limits = Limits {
+        max_packet_bytes: limits.max_packet_bytes.min(MAX_CONNECT_BYTES),
+        ..limits
+    };
+    let connect = match tokio::time::timeout(
+        limits.connect_timeout,
+        read_connect(&mut io, &mut buffer, connect_limits),
+    )
+    .await
+    {
+        Ok(Ok(connect)) => connect,
+        Ok(Err(Some(error))) => {
+            tracing::debug!(%error, "MQTT connection refused before CONNECT");
+            if let CodecError::Protocol(_) = error {
+                let ack = codec::connack(
+                    Version::V4,
+                    ConnAckCode::BadProtocol,
+                    codec::Accepted::default(),
+                    None,
+                );
+                let _ = io.send(&ack).await;
+            }
+            crate::metrics::METRICS.refusal("mqtt_bad_connect");
+            return;
+        }
+        Ok(Err(None)) | Err(_) => return,
+    };
+    let version = connect.version;
+    let refuse = async |io: &mut T, code: ConnAckCode, why: String| {
+        tracing::info!(client_id = %connect.client_id, why = %why, "MQTT CONNECT refused");
+        crate::metrics::METRICS.refusal("mqtt_connect_refused");
+        let ack = codec::connack(version, code, codec::Accepted::default(), Some(&why));
+        let _ = io.send(&ack).await;
+    };
+    let identity = match identify(&state, credentials.credential, &connect) {
+        Ok(identity) => identity,
+        Err((code, why)) => return refuse(&mut io, code, why).await,
+    };
+    if let Some(will) = &connect.will
+        && !state.rules().policy.may_publish(&identity, &will.topic)
+    {
+        let why = format!("the last will's topic `{}` is not allowed", will.topic);
+        return refuse(&mut io, ConnAckCode::NotAuthorized, why).await;
+    }
+    // The client id is taken over before its saved session is read, so that the
+    // connection it takes over no longer writes it.
+    let kicked = state.mqtt_clients.register(&connect.client_id);
+    let asked_expiry = match version {
+        Version::V4 if connect.clean => 0,
+        Version::V4 => limits.session_expiry_secs,
+        Version::V5 => connect.session_expiry.unwrap_or(0),
+    };
+    let expiry = asked_expiry.min(limits.session_expiry_secs);
+    let kept = match state
+        .mqtt_sessions
+        .begin(
+            &connect.client_id,
+            &identity.device_id,
+            connect.clean,
+            expiry,
+        )
+        .await
+    {
+        Ok(kept) => kept,
+        Err(error) => {
+            tracing::error!(%error, "cannot read or save an MQTT session");
+            state.mqtt_clients.unregister(&connect.client_id, kicked.id);
+            let why = "the session store is unavailable".to_string();
+            return refuse(&mut io, ConnAckCode::Unavailable, why).await;
+        }
+    };
+    let window = limits
+        .window
+        .min(connect.receive_maximum.unwrap_or(u16::MAX))
+        .max(1);
+    let keep_alive = match connect.keep_alive {
+        0 => KEEP_ALIVE_SECS.1,
+        secs => secs.clamp(KEEP_ALIVE_SECS.0, KEEP_ALIVE_SECS.1),
+    };
+    let accepted = codec::Accepted {
+        receive_maximum: limits.window,
+        max_packet: limits.max_packet_bytes,
+        keep_alive,
+        session_present: kept.present,
+        session_expiry: (version == Version::V5 && asked_expiry > expiry).then_some(expiry),
+    };
+    let ack = codec::connack(version, ConnAckCode::Accepted, accepted, None);
+    if io.send(&ack).await.is_err() {
+        state.mqtt_clients.unregister(&connect.client_id, kicked.id);
+        return;
+    }
+    let span = tracing::info_span!("mqtt_session", device = %identity.device_id, protocol);
+    let mut outbound = Outbound::new(window);
+    outbound.restore(&state.rules(), &identity, &kept.filters);
+    let mut device = DeviceSession::open(
+        &state,
+        &identity,
+        protocol,
+        usize::from(window),
+        credentials.remote,
+        Some(kicked.receiver),
+    )
+    .await;
+    let session = Session {
+        state: &state,
+        identity: &identity,
+        version,
+        window,
+        limits,
+        idle: Duration::from_millis(u64::from(keep_alive) * 1500),
+        kept: &kept,
+    };
+    let end = tracing::Instrument::instrument(
+        session.serve(&mut io, buffer, &mut device, &mut outbound),
+        span,
+    )
+    .await;
+    if state.mqtt_clients.unregister(&connect.client_id, kicked.id)
+        && let Err(error) = state.mqtt_sessions.keep(&kept, outbound.filters()).await
+    {
+        tracing::error!(%error, "cannot save an MQTT session");
+    }
+    let will = match &end {
+        End::Disconnected { with_will } => *with_will,
+        End::Ended(Ended::ShuttingDown) => false,
+        End::Closed | End::Refused(..) | End::Ended(_) => true,
+    };
+    let refused = match end {
+        End::Refused(reason, why) => Some((reason, why)),
+        End::Ended(ended) => Some((
+            crate::ingress::mqtt::answer::disconnect_reason(&ended),
+            ended_in_words(&ended),
+        )),
+        End::Disconnected { .. } | End::Closed => None,
+    };
+    if let Some((reason, why)) = refused {
+        tracing::info!(device = %identity.device_id, reason = format!("{:#04x}", reason as u8), why = %why, "MQTT connection closed by the gateway");
+        if version == Version::V5 {
+            let _ = io.send(&codec::disconnect(reason)).await;
+        }
+    }
+    // Before the session is closed: once it is gone from `GET /admin/devices`, its will
+    // is stored.
+    if let (true, Some(publish)) = (will, connect.will) {
+        publish_will(&state, &identity, publish).await;
+    }
+    device.close().await;
+}
+
+/// Why the gateway ended a session, for its log.
+fn ended_in_words(ended: &Ended) -> String {
+    match ended {
+        Ended::Expired(error) => error.to_string(),
+        Ended::Revoked => AuthError::CertificateRevoked.to_string(),
+        Ended::TakenOver => "another connection took over the client id".to_string(),
+        Ended::ShuttingDown => "the gateway is shutting down".to_string(),
+    }
+}
+
+/// A publish as the admission step takes it (the retain flag as `mqtt.retain`).
+pub(super) fn submission(publish: Publish) -> Submission {
+    let mut attributes = publish.properties.attributes;
+    if publish.retain {
+        attributes.push(("mqtt.retain".to_string(), "true".to_string()));
+    }
+    Submission {
+        topic: publish.topic,
+        payload: publish.payload.to_vec(),
+        content_type: publish.properties.content_type.unwrap_or_default(),
+        qos: publish.qos.min(1),
+        attributes,
+    }
+}
+
+/// Sends a connection's last will through the pipeline, as the device's publish.
+async fn publish_will(state: &AppState, identity: &Identity, will: Publish) {
+    let topic = will.topic.clone();
+    let limit = state.pipeline.max_payload_bytes();
+    let outcome = match admit(
+        &state.rules(),
+        identity,
+        limit,
+        vec![submission(will)],
+        false,
+    ) {
+        Ok(messages) => match verdict(state.pipeline.process(messages, false).await) {
+            Verdict::Accepted(_) => Ok(()),
+            Verdict::Refused(refusal) => Err(refusal.message()),
+        },
+        Err(refusal) => Err(refusal.message()),
+    };
+    match outcome {
+        Ok(()) => {
+            tracing::info!(device = %identity.device_id, %topic, "MQTT last will published");
+            crate::metrics::METRICS.mqtt_publish("will", 1);
+        }
+        Err(why) => {
+            tracing::warn!(device = %identity.device_id, %topic, %why, "MQTT last will refused");
+            crate::metrics::METRICS.mqtt_publish("will_refused", 1);
+        }
+    }
+}
+
+/// Reads up to the CONNECT; `Err(None)` when the client went away.
+async fn read_connect<T: Transport>(
+    io: &mut T,
+    buffer: &mut BytesMut,
+    limits: Limits,
+) -> Result<Connect, Option<CodecError>> {
+    loop {
+        if let Some(version) = codec::detect_version(buffer).map_err(Some)?
+            && let Some(packet) =
+                codec::read(version, buffer, limits.max_packet_bytes).map_err(Some)?
+        {
+            return match packet {
+                codec::Incoming::Connect(connect) => Ok(connect),
+                _ => Err(Some(CodecError::Protocol(
+                    "the first packet must be CONNECT".to_string(),
+                ))),
+            };
+        }
+        match io.read_more(buffer).await {
+            Ok(0) | Err(_) => return Err(None),
+            Ok(_) => {}
+        }
+    }
+}
+
+/// Who the client is. With `[auth]`: its certificate, else a token (a bearer header over
+/// WebSocket, or the MQTT password); the client id must be its device id. Without
+/// `[auth]` the client id names the device, as `x-device-id` does over HTTP.
+fn identify(
+    state: &AppState,
+    mut credential: Credential,
+    connect: &Connect,
+) -> Result<Identity, (ConnAckCode, String)> {
+    let rules = state.rules();
+    let client_id = connect.client_id.as_str();
+    if client_id.len() > crate::auth::MAX_DEVICE_ID_LEN {
+        return Err((
+            ConnAckCode::BadClientId,
+            format!(
+                "the client id is over {} bytes",
+                crate::auth::MAX_DEVICE_ID_LEN
+            ),
+        ));
+    }
+    credential.claimed_id = Some(client_id.to_string());
+    if credential.token.is_none() {
+        // The AWS SDKs put `?SDK=…&Version=…` after the user name; the password is the
+        // token.
+        credential.token.clone_from(&connect.password);
+    }
+    let identity = rules
+        .auth
+        .authenticate(credential)
+        .map_err(|error| match error {
+            AuthError::BadDeviceId(why) if !rules.auth.required() => {
+                (ConnAckCode::BadClientId, format!("client id: {why}"))
+            }
+            AuthError::MissingCredentials => (ConnAckCode::NotAuthorized, error.to_string()),
+            other => (ConnAckCode::BadCredentials, other.to_string()),
+        })?;
+    if rules.auth.required() && !rules.policy.may_use_client_id(&identity, client_id) {
+        return Err((
+            ConnAckCode::NotAuthorized,
+            format!(
+                "the client id `{client_id}` is not the device id `{}`, and no policy grant's `client_ids` allows it",
+                identity.device_id
+            ),
+        ));
+    }
+    Ok(identity)
+}

@@ -1,0 +1,273 @@
+//! The device session shell: what every long-lived protocol (the `sluice.v1` WebSocket
+//! dialect, MQTT) does around its framing, written once.
+//!
+//! [`DeviceSession::open`] registers the session (`GET /admin/devices`, the metrics) and
+//! attaches the device to whatever delivers to it (the downlink's commands). While it
+//! runs, the protocol's loop `select!`s on its socket, on [`Ending::ended`] (why the
+//! session must stop: its credential expired, a reload revoked it, another connection
+//! took it over, the gateway is stopping) and on [`Commands::waiting`]; it counts what it
+//! received and answered ([`DeviceSession::received`], [`DeviceSession::answered`]).
+//! [`DeviceSession::close`] detaches and unregisters.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use tokio::sync::oneshot;
+
+use crate::auth::{AuthError, Identity};
+use crate::downlink::{Attached, Command, Downlink};
+use crate::ingress::live::Live;
+use crate::ingress::sessions::SessionInfo;
+use crate::ingress::state::AppState;
+use crate::shutdown::Shutdown;
+
+/// Why the gateway ends a session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Ended {
+    /// The credential's validity ended (a token's `exp`, a certificate's end of
+    /// validity), or a reload made it invalid otherwise.
+    Expired(AuthError),
+    /// A configuration reload revoked the session's client certificate.
+    Revoked,
+    /// Another connection took the session over (MQTT: the same client id).
+    TakenOver,
+    /// The gateway is shutting down.
+    ShuttingDown,
+}
+
+/// An open device session.
+pub struct DeviceSession {
+    /// The session as `GET /admin/devices` lists it, with its counters.
+    info: Arc<SessionInfo>,
+    /// Where the session is registered, to leave at close.
+    state: AppState,
+    /// Why the session must stop.
+    pub end: Ending,
+    /// The downlink's commands for the device.
+    pub commands: Commands,
+}
+
+impl DeviceSession {
+    /// Opens a session of `identity` over `protocol`, with `window` messages in flight at
+    /// most, on a connection from `remote`; `takeover` fires when another connection
+    /// takes it over.
+    pub async fn open(
+        state: &AppState,
+        identity: &Identity,
+        protocol: &'static str,
+        window: usize,
+        remote: Option<std::net::SocketAddr>,
+        takeover: Option<oneshot::Receiver<()>>,
+    ) -> DeviceSession {
+        let info = state.sessions.open(identity, protocol, window, remote);
+        let attached = match &state.downlink {
+            Some(downlink) => Some(downlink.attach(&identity.device_id).await),
+            None => None,
+        };
+        DeviceSession {
+            end: Ending::new(state, identity, takeover),
+            commands: Commands {
+                state: state.clone(),
+                identity: identity.clone(),
+                attached,
+                info: info.clone(),
+            },
+            info,
+            state: state.clone(),
+        }
+    }
+
+    /// `count` messages came in: they are in flight until [`DeviceSession::answered`].
+    pub fn received(&self, count: usize) {
+        let count = count as u64;
+        self.info.messages.fetch_add(count, Ordering::Relaxed);
+        let now = self.info.in_flight.fetch_add(count, Ordering::Relaxed) + count;
+        self.info.max_in_flight.fetch_max(now, Ordering::Relaxed);
+    }
+
+    /// `count` messages were answered (acknowledged or refused).
+    pub fn answered(&self, count: usize) {
+        self.info
+            .in_flight
+            .fetch_sub(count as u64, Ordering::Relaxed);
+    }
+
+    /// Closes the session: commands taken and not delivered go back to the queue, and
+    /// the session leaves the list.
+    pub async fn close(self) {
+        let Commands {
+            identity, attached, ..
+        } = self.commands;
+        if let (Some(downlink), Some(attached)) = (&self.state.downlink, attached) {
+            downlink.detach(&identity.device_id, attached.session).await;
+        }
+        self.state.sessions.close(self.info.session);
+    }
+}
+
+/// What ends a session from outside its connection.
+pub struct Ending {
+    /// The credential, checked again after each configuration reload.
+    identity: Identity,
+    /// The rules now (a reload swaps them).
+    live: Arc<Live>,
+    /// The gateway's stop signal.
+    shutdown: Shutdown,
+    /// Counts the reloads; a change means the credential is checked again.
+    updates: tokio::sync::watch::Receiver<u64>,
+    /// The credential's expiry, when it has one; boxed so that a session without one
+    /// pays nothing for the timer.
+    expiry: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
+    /// Fires when another connection takes the session over.
+    takeover: Option<oneshot::Receiver<()>>,
+}
+
+impl Ending {
+    fn new(
+        state: &AppState,
+        identity: &Identity,
+        takeover: Option<oneshot::Receiver<()>>,
+    ) -> Ending {
+        let mut updates = state.live.updates.subscribe();
+        // A reload between the credential's check and here would go unnoticed.
+        updates.mark_changed();
+        let expiry = identity.expires_at_secs.map(|at| {
+            let left = at.saturating_sub(crate::message::now_ms() / 1000);
+            Box::pin(tokio::time::sleep(Duration::from_secs(
+                left.saturating_add(1),
+            )))
+        });
+        Ending {
+            identity: identity.clone(),
+            live: state.live.clone(),
+            shutdown: state.shutdown.clone(),
+            updates,
+            expiry,
+            takeover,
+        }
+    }
+
+    /// Resolves when the session must end, saying why. Cancel-safe: a `select!` may
+    /// drop it and call it again.
+    pub async fn ended(&mut self) -> Ended {
+        loop {
+            tokio::select! {
+                () = self.shutdown.wait() => return Ended::ShuttingDown,
+                () = expired(&mut self.expiry) => {
+                    return Ended::Expired(match self.identity.method {
+                        crate::auth::Method::Certificate => AuthError::CertificateExpired,
+                        _ => AuthError::TokenExpired,
+                    });
+                }
+                () = taken_over(&mut self.takeover) => return Ended::TakenOver,
+                Ok(()) = self.updates.changed() => {
+                    let now = crate::message::now_ms() / 1000;
+                    match self.live.rules.load().auth.still_valid(&self.identity, now) {
+                        Ok(()) => {}
+                        Err(AuthError::CertificateRevoked) => return Ended::Revoked,
+                        Err(error) => return Ended::Expired(error),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Resolves at the credential's expiry; never without one.
+async fn expired(expiry: &mut Option<std::pin::Pin<Box<tokio::time::Sleep>>>) {
+    match expiry {
+        Some(sleep) => sleep.as_mut().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Resolves when another connection takes over; never when none can (or the holder of
+/// the client id is gone without saying so).
+async fn taken_over(takeover: &mut Option<oneshot::Receiver<()>>) {
+    match takeover {
+        Some(receiver) => {
+            if receiver.await.is_err() {
+                std::future::pending::<()>().await;
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// The downlink's commands for a session's device: a nudge when there may be some, and
+/// each one checked against the policy as it is taken.
+pub struct Commands {
+    /// The downlink and the rules.
+    state: AppState,
+    /// The device.
+    identity: Identity,
+    /// The session's registration at the downlink, when there is one.
+    attached: Option<Attached>,
+    /// Counts the commands sent.
+    info: Arc<SessionInfo>,
+}
+
+impl Commands {
+    /// Resolves when the downlink may have commands for the device (at once after the
+    /// session opens); never without a downlink. Cancel-safe.
+    pub async fn waiting(&mut self) {
+        match &mut self.attached {
+            Some(attached) => {
+                if attached.nudges.recv().await.is_none() {
+                    std::future::pending::<()>().await;
+                }
+            }
+            None => std::future::pending().await,
+        }
+    }
+
+    /// The downlink, when commands are configured.
+    pub fn downlink(&self) -> Option<&Arc<Downlink>> {
+        self.state.downlink.as_ref()
+    }
+
+    /// Takes up to `max` of the device's waiting commands that `wanted` accepts (a
+    /// subscription matches it), in order. Each is checked against the policy now: one
+    /// it refuses is answered `denied` on the reply topic and leaves the queue. The rest
+    /// are the caller's to send; they stay queued until [`Commands::done`] (or go back
+    /// at close).
+    pub async fn take(
+        &self,
+        max: usize,
+        wanted: impl FnMut(&Command) -> bool,
+    ) -> Vec<(u64, Command)> {
+        let (Some(downlink), Some(attached)) = (&self.state.downlink, &self.attached) else {
+            return Vec::new();
+        };
+        let device = &self.identity.device_id;
+        let claimed = downlink.claim(device, attached.session, max, wanted);
+        let rules = self.state.rules();
+        let mut allowed = Vec::with_capacity(claimed.len());
+        let mut denied = Vec::new();
+        for (seq, command) in claimed {
+            if rules.policy.may_subscribe(&self.identity, &command.topic) {
+                allowed.push((seq, command));
+            } else {
+                tracing::info!(%device, command = %command.id, topic = %command.topic, "command refused by the policy");
+                downlink.reply(device, &command.id, "denied", None).await;
+                denied.push(seq);
+            }
+        }
+        downlink.done(device, denied).await;
+        allowed
+    }
+
+    /// `count` commands were written to the device.
+    pub fn sent(&self, count: u64) {
+        self.info.commands.fetch_add(count, Ordering::Relaxed);
+    }
+
+    /// The device has commands `seqs` (written at QoS 0, or acknowledged): out of the
+    /// queue for good.
+    pub async fn done(&self, seqs: Vec<u64>) {
+        if let Some(downlink) = &self.state.downlink {
+            downlink.done(&self.identity.device_id, seqs).await;
+        }
+    }
+}
