@@ -156,8 +156,8 @@ pub async fn run(
         mqtt_clients: Default::default(),
         mqtt_sessions: ingress::mqtt::saved::SavedSessions::open(&config.server.data_dir)?,
     };
-    let mqtt = match ingress::mqtt::bind(&config).await {
-        Ok(listener) => listener,
+    let listeners = match ingress::listener::bind(&config).await {
+        Ok(listeners) => listeners,
         Err(error) => {
             if let Some(admin) = admin {
                 admin.abort();
@@ -165,9 +165,7 @@ pub async fn run(
             return Err(error);
         }
     };
-    let mqtt = ingress::mqtt::serve(mqtt, &config, state.clone());
-    let http = ingress::listener::serve(&config, state);
-    let ((), result) = tokio::join!(mqtt, http);
+    ingress::listener::serve(listeners, &config, state).await;
     #[cfg(unix)]
     hangups.abort();
     drop(reloader);
@@ -191,17 +189,12 @@ pub async fn run(
         tracing::info!("every spooled record was delivered");
     }
     if let Some(admin) = admin {
-        // It stops with the shutdown signal; if the device listener failed instead (its
-        // address was taken, say), that signal never comes.
-        if result.is_err() {
-            admin.abort();
-        }
         let _ = admin.await;
     }
     plugins.stop();
     local.close();
     spool.close();
-    result
+    Ok(())
 }
 
 /// Builds the configured cloud sinks around the local sink.

@@ -1,46 +1,59 @@
-//! The device listener: plain HTTP or HTTPS (rustls), serving [`crate::ingress::http::app`].
+//! The device listeners: the device listener (plain HTTP or HTTPS, with MQTT by ALPN on
+//! TLS) and `[mqtt] listen`, both through the one accept path ([`accept`]), and the one
+//! shutdown sequence that ends them.
 //!
-//! One accept loop serves both, with hyper's connection builder (HTTP/1.1 and HTTP/2),
-//! so every connection is tracked for graceful shutdown, and every connection is held
-//! to the [`Guard`]'s limits.
+//! HTTP connections are served by hyper's connection builder (HTTP/1.1 and HTTP/2);
+//! MQTT connections by [`crate::ingress::mqtt`].
+//!
+//! **Shutdown.** When the signal fires, both listeners stop accepting; HTTP connections
+//! finish their requests in flight, and every device session (WebSocket, MQTT, MQTT over
+//! WebSocket) answers what it received and closes, all within `server.shutdown_grace_ms`.
+//!
+//! [`accept`]: crate::ingress::accept
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context as _;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
 use hyper_util::service::TowerToHyperService;
 use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
+use tokio_util::task::TaskTracker;
 use tower::ServiceExt as _;
 
 use crate::config::Config;
+use crate::ingress::accept::{Connection, Detect, Protocol, accept};
 use crate::ingress::guard::Guard;
-use crate::ingress::live::Live;
 use crate::ingress::sessions::RemoteAddr;
 use crate::ingress::state::AppState;
-use crate::shutdown::Shutdown;
 
-/// How long in-flight requests may take to finish after shutdown is requested.
-pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(10);
+/// The bound listeners, before they serve.
+pub struct Listeners {
+    /// The device listener.
+    device: TcpListener,
+    /// `[mqtt] listen`, when set.
+    mqtt: Option<TcpListener>,
+}
 
-/// Binds the listener and serves `state`'s routes until `shutdown` fires; then stops
-/// accepting and waits up to [`SHUTDOWN_GRACE`] for in-flight requests.
-///
-/// Once listening, prints `sluice: listening on <scheme>://<address>` on stdout: the
-/// address is the bound one, which matters with port 0.
-pub async fn serve(config: &Config, state: AppState) -> anyhow::Result<()> {
-    let live: Arc<Live> = state.live.clone();
-    let mut shutdown: Shutdown = state.shutdown.clone();
-    let listener = TcpListener::bind(config.server.listen)
+/// Binds the device listener and `[mqtt] listen`, and prints
+/// `sluice: listening on <scheme>://<address>` (and `sluice: mqtt on …`) on stdout: the
+/// addresses are the bound ones, which matters with port 0.
+pub async fn bind(config: &Config) -> anyhow::Result<Listeners> {
+    let device = TcpListener::bind(config.server.listen)
         .await
         .with_context(|| format!("cannot listen on {}", config.server.listen))?;
-    let address = listener.local_addr()?;
-    let serves_tls = live.tls.load().is_some();
-    let scheme = if serves_tls { "https" } else { "http" };
-    if !serves_tls && !address.ip().is_loopback() {
+    let mqtt = match config.mqtt.listen {
+        Some(listen) => Some(
+            TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("cannot listen on {listen} (mqtt)"))?,
+        ),
+        None => None,
+    };
+    let tls = config.server.tls.is_some();
+    let address = device.local_addr()?;
+    let scheme = if tls { "https" } else { "http" };
+    if !tls && !address.ip().is_loopback() {
         tracing::warn!(%address, "serving plain HTTP beyond loopback: configure [server.tls]");
     }
     if config.auth.is_none() && !address.ip().is_loopback() {
@@ -51,9 +64,20 @@ pub async fn serve(config: &Config, state: AppState) -> anyhow::Result<()> {
     }
     println!("sluice: listening on {scheme}://{address}");
     tracing::info!(%address, scheme, "listening");
+    if let Some(mqtt) = &mqtt {
+        let address = mqtt.local_addr()?;
+        let scheme = if tls { "mqtts" } else { "mqtt" };
+        println!("sluice: mqtt on {scheme}://{address}");
+        tracing::info!(%address, scheme, "MQTT listening");
+    }
+    Ok(Listeners { device, mqtt })
+}
 
-    let guard = Guard::new("http", &config.server);
+/// Serves `state`'s devices on `listeners` until the shutdown signal, then ends as the
+/// module says; returns once every connection and session is done or the grace is over.
+pub async fn serve(listeners: Listeners, config: &Config, state: AppState) {
     let app = crate::ingress::http::app(state.clone());
+    let guard = Guard::new("http", &config.server);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // hyper's header timeout needs a timer; it covers every request after the first
     // (the guard covers the first, and the protocol detection before it).
@@ -62,82 +86,85 @@ pub async fn serve(config: &Config, state: AppState) -> anyhow::Result<()> {
         .timer(TokioTimer::new())
         .header_read_timeout(guard.first_request_timeout);
     builder.http2().timer(TokioTimer::new());
-    let graceful = GracefulShutdown::new();
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    // Out of file descriptors and the like: back off instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = shutdown.wait() => break,
-        };
-        let Some(slot) = guard.admit() else {
-            drop(stream);
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let app = app.clone();
-        let builder = builder.clone();
-        let watcher = graceful.watcher();
-        let tls = live.tls.load_full();
-        let guard = guard.clone();
-        let live = live.clone();
+    let connections = TaskTracker::new();
+    let serve = {
         let state = state.clone();
-        let remote = peer;
-        tokio::spawn(async move {
-            let _slot = slot;
-            let result = match tls {
-                Some(acceptor) => {
-                    let handshake = TlsAcceptor::clone(&acceptor).accept(stream);
-                    let Some(stream) = guard.handshake(peer, handshake).await else {
-                        return;
-                    };
-                    // The client certificate (verified in the handshake) names the
-                    // device for every request on this connection.
-                    let (_, session) = stream.get_ref();
-                    let peer = live.peer_identity(session.peer_certificates());
-                    if crate::ingress::mqtt::is_mqtt_alpn(session.alpn_protocol()) {
-                        crate::ingress::mqtt::serve_tls(stream, peer, remote, &guard, state).await;
-                        return;
-                    }
-                    let app = app.map_request(move |mut request: axum::http::Request<_>| {
-                        request.extensions_mut().insert(peer.clone());
-                        request.extensions_mut().insert(RemoteAddr(remote));
-                        request
-                    });
-                    let service = TowerToHyperService::new(app);
-                    let io = TokioIo::new(guard.watch(stream));
-                    let connection = builder.serve_connection_with_upgrades(io, service);
-                    watcher.watch(connection.into_owned()).await
+        move |connection: Connection, guard: Guard| {
+            let (state, app, builder) = (state.clone(), app.clone(), builder.clone());
+            async move {
+                match connection.protocol {
+                    Protocol::Mqtt => crate::ingress::mqtt::serve(connection, &guard, state).await,
+                    Protocol::Http => serve_http(connection, &guard, app, &builder, state).await,
                 }
-                None => {
-                    let app = app.map_request(move |mut request: axum::http::Request<_>| {
-                        request.extensions_mut().insert(RemoteAddr(remote));
-                        request
-                    });
-                    let service = TowerToHyperService::new(app);
-                    let io = TokioIo::new(guard.watch(stream));
-                    let connection = builder.serve_connection_with_upgrades(io, service);
-                    watcher.watch(connection.into_owned()).await
-                }
-            };
-            if let Err(error) = result {
-                tracing::debug!(%peer, %error, "connection ended with an error");
             }
-        });
+        }
+    };
+    let device = accept(
+        listeners.device,
+        guard,
+        Detect::Alpn,
+        &state,
+        connections.clone(),
+        serve.clone(),
+    );
+    let mqtt = async {
+        if let Some(listener) = listeners.mqtt {
+            let guard = Guard::new("mqtt", &config.server);
+            let detect = Detect::Only(Protocol::Mqtt);
+            accept(listener, guard, detect, &state, connections.clone(), serve).await;
+        }
+    };
+    tokio::join!(device, mqtt);
+    connections.close();
+    let grace = Duration::from_millis(config.server.shutdown_grace_ms);
+    tracing::info!("no longer accepting; finishing in-flight requests and sessions");
+    // HTTP requests and MQTT connections are the tracked tasks; WebSocket sessions run
+    // in tasks of their own once upgraded, and are in the session list.
+    let finished = async { tokio::join!(connections.wait(), state.sessions.all_closed()) };
+    if tokio::time::timeout(grace, finished).await.is_err() {
+        tracing::warn!(
+            ?grace,
+            "in-flight requests or sessions did not finish within server.shutdown_grace_ms"
+        );
     }
-    drop(listener);
-    tracing::info!("no longer accepting; finishing in-flight requests");
-    if tokio::time::timeout(SHUTDOWN_GRACE, graceful.shutdown())
-        .await
-        .is_err()
-    {
-        tracing::warn!("in-flight requests did not finish within {SHUTDOWN_GRACE:?}");
+}
+
+/// Serves HTTP on `connection` until the client is done or, at shutdown, its requests in
+/// flight are (hyper's graceful shutdown: no new request on it).
+async fn serve_http(
+    connection: Connection,
+    guard: &Guard,
+    app: axum::Router,
+    builder: &auto::Builder<TokioExecutor>,
+    state: AppState,
+) {
+    let Connection {
+        stream,
+        remote,
+        peer,
+        slot: _slot,
+        ..
+    } = connection;
+    let app = app.map_request(move |mut request: axum::http::Request<_>| {
+        // The client certificate (verified in the handshake) names the device for every
+        // request on this connection.
+        request.extensions_mut().insert(peer.clone());
+        request.extensions_mut().insert(RemoteAddr(remote));
+        request
+    });
+    let service = TowerToHyperService::new(app);
+    let io = TokioIo::new(guard.watch(stream));
+    let connection = builder.serve_connection_with_upgrades(io, service);
+    tokio::pin!(connection);
+    let mut shutdown = state.shutdown.clone();
+    let result = tokio::select! {
+        result = connection.as_mut() => result,
+        () = shutdown.wait() => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(error) = result {
+        tracing::debug!(%remote, %error, "connection ended with an error");
     }
-    Ok(())
 }

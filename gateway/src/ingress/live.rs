@@ -10,6 +10,9 @@ use tokio_rustls::TlsAcceptor;
 use crate::config::{AuthConfig, Config, TlsConfig};
 use crate::ingress::admit::DeviceRules;
 
+/// ALPN names that select MQTT on a TLS port: IoT Core's, and the standard one.
+pub const MQTT_ALPN: [&[u8]; 2] = [b"x-amzn-mqtt-ca", b"mqtt"];
+
 /// What a configuration reload can change on the device side without dropping a
 /// connection: the rules every request is checked against, and the TLS acceptor (new
 /// certificates and CAs apply to new connections; open ones keep their session).
@@ -126,7 +129,8 @@ fn tls_acceptor(tls: &TlsConfig, auth: Option<&AuthConfig>) -> anyhow::Result<Tl
         .and_then(|a| a.mtls.as_ref().map(|m| (m, a.tokens.is_some())))
         .map(|(mtls, tokens_too)| crate::auth::mtls::verifier(mtls, tokens_too))
         .transpose()?;
-    let alpn = [b"h2".as_slice(), b"http/1.1", b"x-amzn-mqtt-ca", b"mqtt"];
+    let [iot_core, mqtt] = MQTT_ALPN;
+    let alpn = [b"h2".as_slice(), b"http/1.1", iot_core, mqtt];
     let server = crate::tls::server_config(&tls.cert, &tls.key, clients, &alpn)?;
     Ok(TlsAcceptor::from(Arc::new(server)))
 }

@@ -1,8 +1,11 @@
 //! The device side: listeners, protocols, and the protocol-neutral device core under
 //! them.
 //!
-//! - [`listener`]: the accept loop (plain HTTP or HTTPS), every connection under a
-//!   [`guard`] (connection limit, handshake, first-request and idle timeouts);
+//! - [`listener`]: the device listener (HTTP or HTTPS, MQTT by ALPN) and `[mqtt] listen`,
+//!   and the one shutdown sequence that ends their connections and sessions;
+//! - [`accept`]: the one accept path every listener takes (under a [`guard`]: connection
+//!   limit, handshake, first-request and idle timeouts; TLS, the peer's identity, the
+//!   protocol by ALPN);
 //! - [`http`]: the HTTP routes (IoT Core's publish API, batches, long-poll commands);
 //! - [`ws`]: WebSocket sessions (`sluice.v1`);
 //! - [`mqtt`]: MQTT 3.1.1 and 5.0 over TLS, by ALPN, and over WebSocket (`GET /mqtt`);
@@ -18,6 +21,7 @@
 //! - [`live`]: what a configuration reload swaps (device rules, TLS acceptor);
 //! - [`state`]: what the routes share; [`sessions`]: the open sessions.
 
+pub mod accept;
 pub mod admit;
 pub mod device;
 pub mod guard;

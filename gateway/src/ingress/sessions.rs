@@ -17,6 +17,8 @@ pub struct Sessions {
     next: AtomicU64,
     /// The open sessions by number.
     open: Mutex<HashMap<u64, Arc<SessionInfo>>>,
+    /// Wakes [`Sessions::all_closed`] when a session closes.
+    closed: tokio::sync::Notify,
 }
 
 /// One session, as the admin API shows it.
@@ -82,6 +84,21 @@ impl Sessions {
     /// Forgets session `session`.
     pub fn close(&self, session: u64) {
         self.lock().remove(&session);
+        self.closed.notify_waiters();
+    }
+
+    /// Resolves once no session is open (at shutdown, when they are all ending).
+    pub async fn all_closed(&self) {
+        loop {
+            let closed = self.closed.notified();
+            tokio::pin!(closed);
+            // Registered before looking, so that a close in between is not missed.
+            closed.as_mut().enable();
+            if self.lock().is_empty() {
+                return;
+            }
+            closed.await;
+        }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<SessionInfo>>> {

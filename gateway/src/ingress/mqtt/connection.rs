@@ -3,59 +3,19 @@
 //! ([`super::session`]) inside the device session shell, and what its end leaves behind
 //! (the saved session, the DISCONNECT, the last will).
 
-use std::future::Future;
-use std::io;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
 use crate::auth::{AuthError, Credential, Identity};
-use crate::ingress::admit::{Submission, admit};
+use crate::ingress::admit::admit;
 use crate::ingress::mqtt::codec::{self, CodecError, ConnAckCode, Connect, Publish, Version};
 use crate::ingress::mqtt::commands::Outbound;
-use crate::ingress::mqtt::session::{End, Session};
+use crate::ingress::mqtt::session::{End, Limits, Session, submission};
+use crate::ingress::mqtt::transport::Transport;
 use crate::ingress::session::{DeviceSession, Ended};
 use crate::ingress::state::AppState;
 use crate::ingress::verdict::{Verdict, verdict};
-
-/// What carries the MQTT bytes.
-pub trait Transport: Send {
-    /// Reads more bytes into `buffer`; `Ok(0)` at the end. Cancel-safe.
-    fn read_more(
-        &mut self,
-        buffer: &mut BytesMut,
-    ) -> impl Future<Output = io::Result<usize>> + Send;
-    /// Writes `bytes` whole.
-    fn send(&mut self, bytes: &[u8]) -> impl Future<Output = io::Result<()>> + Send;
-}
-
-/// A byte stream (TLS, TCP).
-pub struct Stream<S>(pub S);
-
-impl<S: AsyncRead + AsyncWrite + Unpin + Send> Transport for Stream<S> {
-    async fn read_more(&mut self, buffer: &mut BytesMut) -> io::Result<usize> {
-        self.0.read_buf(buffer).await
-    }
-
-    async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.0.write_all(bytes).await?;
-        self.0.flush().await
-    }
-}
-
-/// The limits of a session.
-#[derive(Debug, Clone, Copy)]
-pub struct Limits {
-    /// Most unacknowledged QoS 1 publishes (5.0: the receive maximum announced).
-    pub window: u16,
-    /// Largest packet taken.
-    pub max_packet_bytes: usize,
-    /// How long a client has for its CONNECT.
-    pub connect_timeout: Duration,
-    /// The longest a session outlives its connection (`mqtt.session_expiry_secs`).
-    pub session_expiry_secs: u32,
-}
 
 /// The largest CONNECT taken: before a client is authenticated it may not make the
 /// gateway hold more (a CONNECT carries ids, credentials and a will).
@@ -240,21 +200,6 @@ fn ended_in_words(ended: &Ended) -> String {
         Ended::Revoked => AuthError::CertificateRevoked.to_string(),
         Ended::TakenOver => "another connection took over the client id".to_string(),
         Ended::ShuttingDown => "the gateway is shutting down".to_string(),
-    }
-}
-
-/// A publish as the admission step takes it (the retain flag as `mqtt.retain`).
-pub(super) fn submission(publish: Publish) -> Submission {
-    let mut attributes = publish.properties.attributes;
-    if publish.retain {
-        attributes.push(("mqtt.retain".to_string(), "true".to_string()));
-    }
-    Submission {
-        topic: publish.topic,
-        payload: publish.payload.to_vec(),
-        content_type: publish.properties.content_type.unwrap_or_default(),
-        qos: publish.qos.min(1),
-        attributes,
     }
 }
 

@@ -17,7 +17,8 @@
 //! - [`answer`]: a refusal, or the gateway's reason to end a session, as a reason code;
 //! - [`commands`]: a session's subscriptions and the downlink's commands sent on them;
 //! - [`saved`]: sessions kept between connections, on disk;
-//! - [`clients`]: a client id held by one connection at a time.
+//! - [`clients`]: a client id held by one connection at a time;
+//! - [`transport`]: what carries the bytes (a stream, WebSocket frames).
 
 pub mod answer;
 pub mod clients;
@@ -26,31 +27,28 @@ pub mod commands;
 pub mod connection;
 pub mod saved;
 pub mod session;
+pub mod transport;
 
-use std::io;
 use std::time::Duration;
 
-use anyhow::Context as _;
-use axum::extract::ws::{Message as Frame, WebSocket, WebSocketUpgrade};
+use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Extension, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
-use bytes::BytesMut;
-use tokio::net::TcpListener;
-use tokio_rustls::TlsAcceptor;
 
 use crate::auth::{Credential, PeerIdentity};
-use crate::config::{Config, MqttConfig};
+use crate::config::MqttConfig;
+use crate::ingress::accept::Connection;
 use crate::ingress::guard::Guard;
-use crate::ingress::mqtt::connection::{Credentials, Limits, Stream, Transport};
+use crate::ingress::mqtt::connection::Credentials;
+use crate::ingress::mqtt::session::Limits;
+use crate::ingress::mqtt::transport::{Stream, WsTransport};
 use crate::ingress::sessions::RemoteAddr;
 use crate::ingress::state::AppState;
 use crate::ingress::verdict::Refusal;
 
 /// The WebSocket subprotocol of MQTT.
 pub const SUBPROTOCOL: &str = "mqtt";
-/// ALPN names that select MQTT on a TLS port: IoT Core's, and the standard one.
-pub const ALPN: [&[u8]; 2] = [b"x-amzn-mqtt-ca", b"mqtt"];
 /// An MQTT connection idle this long is closed by the listener: past IoT Core's longest
 /// keep-alive (1200 s) times 1.5, so that only the session's keep-alive decides.
 const MQTT_IDLE: Duration = Duration::from_secs(1800);
@@ -110,54 +108,17 @@ pub async fn upgrade(
         .into_response())
 }
 
-/// MQTT in WebSocket binary frames (a packet may span frames, and a frame hold several).
-struct WsTransport {
-    socket: WebSocket,
-    ping: tokio::time::Interval,
-}
-
-impl Transport for WsTransport {
-    async fn read_more(&mut self, buffer: &mut BytesMut) -> io::Result<usize> {
-        loop {
-            tokio::select! {
-                frame = self.socket.recv() => match frame {
-                    None | Some(Ok(Frame::Close(_))) => return Ok(0),
-                    Some(Err(error)) => return Err(io::Error::other(error)),
-                    Some(Ok(Frame::Binary(bytes))) if !bytes.is_empty() => {
-                        buffer.extend_from_slice(&bytes);
-                        return Ok(bytes.len());
-                    }
-                    Some(Ok(Frame::Text(_))) => {
-                        return Err(io::Error::new(io::ErrorKind::InvalidData, "MQTT over WebSocket is binary frames"));
-                    }
-                    Some(Ok(_)) => {}
-                },
-                _ = self.ping.tick() => {
-                    self.socket.send(Frame::Ping(Default::default())).await.map_err(io::Error::other)?;
-                }
-            }
-        }
-    }
-
-    async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
-        self.socket
-            .send(Frame::Binary(bytes.to_vec().into()))
-            .await
-            .map_err(io::Error::other)
-    }
-}
-
-/// Runs MQTT on a TLS connection the device listener accepted (ALPN chose MQTT).
-pub async fn serve_tls<S>(
-    stream: S,
-    peer: PeerIdentity,
-    remote: std::net::SocketAddr,
-    guard: &Guard,
-    state: AppState,
-) where
-    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send,
-{
+/// Runs MQTT on a connection the accept path handed over: `[mqtt] listen`, or the
+/// device listener where ALPN chose MQTT.
+pub async fn serve(connection: Connection, guard: &Guard, state: AppState) {
     let limits = limits(&state.rules().mqtt);
+    let Connection {
+        stream,
+        remote,
+        peer,
+        slot: _slot,
+        ..
+    } = connection;
     let credentials = Credentials {
         credential: Credential {
             certificate: peer,
@@ -167,95 +128,4 @@ pub async fn serve_tls<S>(
     };
     let stream = Stream(guard.watch_idle(stream, MQTT_IDLE));
     connection::run(stream, state, credentials, limits, "mqtt").await;
-}
-
-/// Binds `[mqtt] listen`, if set, and prints `sluice: mqtt on <scheme>://<address>`
-/// (`mqtts` with `[server.tls]`).
-pub async fn bind(config: &Config) -> anyhow::Result<Option<TcpListener>> {
-    let Some(listen) = config.mqtt.listen else {
-        return Ok(None);
-    };
-    let listener = TcpListener::bind(listen)
-        .await
-        .with_context(|| format!("cannot listen on {listen} (mqtt)"))?;
-    let address = listener.local_addr()?;
-    let scheme = if config.server.tls.is_some() {
-        "mqtts"
-    } else {
-        "mqtt"
-    };
-    println!("sluice: mqtt on {scheme}://{address}");
-    tracing::info!(%address, scheme, "MQTT listening");
-    Ok(Some(listener))
-}
-
-/// Serves MQTT on `listener` until the gateway stops: TLS with the device listener's
-/// certificate (and client certificates) when `[server.tls]` is set, else plain TCP
-/// (validated to be loopback).
-pub async fn serve(listener: Option<TcpListener>, config: &Config, state: AppState) {
-    let Some(listener) = listener else {
-        return;
-    };
-    let live = state.live.clone();
-    let guard = Guard::new("mqtt", &config.server);
-    let mut shutdown = state.shutdown.clone();
-    loop {
-        let (stream, peer) = tokio::select! {
-            accepted = listener.accept() => match accepted {
-                Ok(accepted) => accepted,
-                Err(error) => {
-                    tracing::warn!(%error, "MQTT accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            () = shutdown.wait() => return,
-        };
-        let Some(slot) = guard.admit() else {
-            continue;
-        };
-        let _ = stream.set_nodelay(true);
-        let state = state.clone();
-        let guard = guard.clone();
-        let tls = live.tls.load_full();
-        tokio::spawn(async move {
-            let _slot = slot;
-            let limits = limits(&state.rules().mqtt);
-            match tls {
-                Some(acceptor) => {
-                    let handshake = TlsAcceptor::clone(&acceptor).accept(stream);
-                    let Some(stream) = guard.handshake(peer, handshake).await else {
-                        return;
-                    };
-                    let identity = state
-                        .live
-                        .peer_identity(stream.get_ref().1.peer_certificates());
-                    let credentials = Credentials {
-                        credential: Credential {
-                            certificate: identity,
-                            ..Credential::default()
-                        },
-                        remote: Some(peer),
-                    };
-                    let stream = Stream(guard.watch_idle(stream, MQTT_IDLE));
-                    // Boxed, each branch: the task is then as big as the branch it takes,
-                    // not the larger (TLS) one for every connection.
-                    Box::pin(connection::run(stream, state, credentials, limits, "mqtt")).await;
-                }
-                None => {
-                    let stream = Stream(guard.watch_idle(stream, MQTT_IDLE));
-                    let credentials = Credentials {
-                        remote: Some(peer),
-                        ..Credentials::default()
-                    };
-                    Box::pin(connection::run(stream, state, credentials, limits, "mqtt")).await;
-                }
-            }
-        });
-    }
-}
-
-/// Whether a TLS connection's negotiated protocol is MQTT.
-pub fn is_mqtt_alpn(protocol: Option<&[u8]>) -> bool {
-    protocol.is_some_and(|p| ALPN.contains(&p))
 }

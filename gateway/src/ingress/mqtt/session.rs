@@ -18,19 +18,47 @@ use std::time::Duration;
 use bytes::BytesMut;
 
 use crate::auth::Identity;
-use crate::ingress::admit::{admit, admit_reply};
+use crate::ingress::admit::{Submission, admit, admit_reply};
 use crate::ingress::mqtt::answer::{Answer, answer};
 use crate::ingress::mqtt::codec::{
     self, DisconnectReasonCode, Incoming, PubAckReason, Publish, Version,
 };
 use crate::ingress::mqtt::commands::Outbound;
-use crate::ingress::mqtt::connection::{Limits, Transport, submission};
 use crate::ingress::mqtt::saved::Kept;
+use crate::ingress::mqtt::transport::Transport;
 use crate::ingress::session::{DeviceSession, Ended};
 use crate::ingress::state::AppState;
 use crate::ingress::verdict::{Refusal, Verdict, verdicts};
 use crate::pipeline::StoreError;
 use crate::spool::SpoolError;
+
+/// The limits of a session.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// Most unacknowledged QoS 1 publishes (5.0: the receive maximum announced).
+    pub window: u16,
+    /// Largest packet taken.
+    pub max_packet_bytes: usize,
+    /// How long a client has for its CONNECT.
+    pub connect_timeout: Duration,
+    /// The longest a session outlives its connection (`mqtt.session_expiry_secs`).
+    pub session_expiry_secs: u32,
+}
+
+/// A publish as the admission step takes it (the retain flag as `mqtt.retain`).
+pub(super) fn submission(publish: Publish) -> Submission {
+    let mut attributes = publish.properties.attributes;
+    if publish.retain {
+        attributes.push(("mqtt.retain".to_string(), "true".to_string()));
+    }
+    Submission {
+        topic: publish.topic,
+        payload: publish.payload.to_vec(),
+        content_type: publish.properties.content_type.unwrap_or_default(),
+        qos: publish.qos.min(1),
+        attributes,
+    }
+}
 
 /// Why a session ends.
 pub(super) enum End {

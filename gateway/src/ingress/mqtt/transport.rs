@@ -1,0 +1,72 @@
+//! What carries MQTT's bytes: a byte stream (TLS, TCP) or WebSocket binary frames.
+
+use std::future::Future;
+use std::io;
+
+use axum::extract::ws::{Message as Frame, WebSocket};
+use bytes::BytesMut;
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+
+/// What carries the MQTT bytes.
+pub trait Transport: Send {
+    /// Reads more bytes into `buffer`; `Ok(0)` at the end. Cancel-safe.
+    fn read_more(
+        &mut self,
+        buffer: &mut BytesMut,
+    ) -> impl Future<Output = io::Result<usize>> + Send;
+    /// Writes `bytes` whole.
+    fn send(&mut self, bytes: &[u8]) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+/// A byte stream (TLS, TCP).
+pub struct Stream<S>(pub S);
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Transport for Stream<S> {
+    async fn read_more(&mut self, buffer: &mut BytesMut) -> io::Result<usize> {
+        self.0.read_buf(buffer).await
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.0.write_all(bytes).await?;
+        self.0.flush().await
+    }
+}
+
+/// MQTT in WebSocket binary frames (a packet may span frames, and a frame hold several).
+pub struct WsTransport {
+    /// The upgraded connection.
+    pub socket: WebSocket,
+    /// Pings a quiet device's connection, so that it does not count as idle.
+    pub ping: tokio::time::Interval,
+}
+
+impl Transport for WsTransport {
+    async fn read_more(&mut self, buffer: &mut BytesMut) -> io::Result<usize> {
+        loop {
+            tokio::select! {
+                frame = self.socket.recv() => match frame {
+                    None | Some(Ok(Frame::Close(_))) => return Ok(0),
+                    Some(Err(error)) => return Err(io::Error::other(error)),
+                    Some(Ok(Frame::Binary(bytes))) if !bytes.is_empty() => {
+                        buffer.extend_from_slice(&bytes);
+                        return Ok(bytes.len());
+                    }
+                    Some(Ok(Frame::Text(_))) => {
+                        return Err(io::Error::new(io::ErrorKind::InvalidData, "MQTT over WebSocket is binary frames"));
+                    }
+                    Some(Ok(_)) => {}
+                },
+                _ = self.ping.tick() => {
+                    self.socket.send(Frame::Ping(Default::default())).await.map_err(io::Error::other)?;
+                }
+            }
+        }
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.socket
+            .send(Frame::Binary(bytes.to_vec().into()))
+            .await
+            .map_err(io::Error::other)
+    }
+}
