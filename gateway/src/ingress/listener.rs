@@ -35,9 +35,10 @@ pub struct Listeners {
     mqtt: Option<TcpListener>,
 }
 
-/// Binds the device listener and `[mqtt] listen`, and prints
-/// `sluice: listening on <scheme>://<address>` (and `sluice: mqtt on …`) on stdout: the
-/// addresses are the bound ones, which matters with port 0.
+/// Binds `[mqtt] listen` and the device listener, and prints `sluice: mqtt on
+/// <scheme>://<address>` (`mqtts` with `[server.tls]`), then `sluice: listening on
+/// <scheme>://<address>` on stdout: the addresses are the bound ones, which matters with
+/// port 0.
 pub async fn bind(config: &Config) -> anyhow::Result<Listeners> {
     let device = TcpListener::bind(config.server.listen)
         .await
@@ -51,6 +52,13 @@ pub async fn bind(config: &Config) -> anyhow::Result<Listeners> {
         None => None,
     };
     let tls = config.server.tls.is_some();
+    // The MQTT line first, then the device listener's: scripts read up to "listening on".
+    if let Some(mqtt) = &mqtt {
+        let address = mqtt.local_addr()?;
+        let scheme = if tls { "mqtts" } else { "mqtt" };
+        println!("sluice: mqtt on {scheme}://{address}");
+        tracing::info!(%address, scheme, "MQTT listening");
+    }
     let address = device.local_addr()?;
     let scheme = if tls { "https" } else { "http" };
     if !tls && !address.ip().is_loopback() {
@@ -64,12 +72,6 @@ pub async fn bind(config: &Config) -> anyhow::Result<Listeners> {
     }
     println!("sluice: listening on {scheme}://{address}");
     tracing::info!(%address, scheme, "listening");
-    if let Some(mqtt) = &mqtt {
-        let address = mqtt.local_addr()?;
-        let scheme = if tls { "mqtts" } else { "mqtt" };
-        println!("sluice: mqtt on {scheme}://{address}");
-        tracing::info!(%address, scheme, "MQTT listening");
-    }
     Ok(Listeners { device, mqtt })
 }
 

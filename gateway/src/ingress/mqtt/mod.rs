@@ -112,20 +112,14 @@ pub async fn upgrade(
 /// device listener where ALPN chose MQTT.
 pub async fn serve(connection: Connection, guard: &Guard, state: AppState) {
     let limits = limits(&state.rules().mqtt);
-    let Connection {
-        stream,
-        remote,
-        peer,
-        slot: _slot,
-        ..
-    } = connection;
     let credentials = Credentials {
         credential: Credential {
-            certificate: peer,
+            certificate: connection.peer,
             ..Credential::default()
         },
-        remote: Some(remote),
+        remote: Some(connection.remote),
     };
-    let stream = Stream(guard.watch_idle(stream, MQTT_IDLE));
+    // The rest of `connection` (its place under the limit) lives as long as the session.
+    let stream = Stream(guard.watch_idle(connection.stream, MQTT_IDLE));
     connection::run(stream, state, credentials, limits, "mqtt").await;
 }
