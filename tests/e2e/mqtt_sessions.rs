@@ -550,3 +550,62 @@ fn mosquitto_sub_over_tls_receives_a_command() {
     );
     wait_queued(&gateway, 0);
 }
+
+/// An MQTT session is one of the device sessions the gateway waits for at shutdown: a
+/// publish still in a plugin when SIGTERM comes is answered (PUBACK) before the session
+/// is told to leave (DISCONNECT 0x8B), and the gateway exits after. The session's
+/// accounting in `/admin/devices` is the WebSocket dialect's: messages, in flight.
+#[test]
+fn a_publish_in_flight_at_sigterm_is_acknowledged_before_the_session_is_told_to_leave() {
+    let mut gateway = Gateway::start(&format!(
+        r#"
+        [routing]
+        default_destination = "local"
+        [plugins]
+        call_timeout_ms = 1500
+        on_failure = "dead-letter"
+        workers = 1
+        [[plugins.transform]]
+        name = "misbehave"
+        path = "{}"
+        "#,
+        crate::harness::plugin("misbehave").display()
+    ));
+    // `loop` keeps the plugin busy until its time limit, then it is dead-lettered (and
+    // acknowledged: it is safe).
+    let session = PahoSession::start(json!({
+        "url": ws_url(&gateway), "version": 5, "client_id": "slow",
+        "publishes": [{"topic": "t/slow", "payload": "loop", "qos": 1}],
+        "expect": 1, "timeout": 60,
+    }));
+    assert_eq!(session.next("connack")["reason"], 0);
+    let listed = eventually(Duration::from_secs(20), "the publish in flight", || {
+        let devices = gateway.admin_get("/admin/devices");
+        devices["sessions"]
+            .as_array()?
+            .iter()
+            .find(|s| s["device"] == "slow" && s["in_flight"] == 1)
+            .cloned()
+    });
+    assert_eq!(listed["protocol"], "mqtt-ws");
+    assert_eq!(listed["auth"], "claimed", "{listed}");
+    assert_eq!(listed["messages"], 1, "{listed}");
+    gateway.send_sigterm();
+    assert_eq!(
+        session.next("puback")["reason"],
+        0,
+        "acknowledged, not dropped"
+    );
+    let end = session.next("end");
+    assert_eq!(end["disconnected"], true, "{end}");
+    assert_eq!(
+        end["disconnect_reason"], 0x8b,
+        "server shutting down: {end}"
+    );
+    assert!(gateway.wait_exit(Duration::from_secs(30)).success());
+    gateway.restart();
+    let letters = gateway.dead_letters();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["topic"], "t/slow", "{letters:?}");
+    assert_eq!(letters[0]["origin"]["stage"], "plugin", "{letters:?}");
+}

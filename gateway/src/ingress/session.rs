@@ -271,3 +271,81 @@ impl Commands {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Method;
+
+    fn identity(expires_at_secs: Option<u64>) -> Identity {
+        Identity {
+            device_id: "d1".to_string(),
+            groups: Vec::new(),
+            method: Method::Token,
+            expires_at_secs,
+            certificate: None,
+        }
+    }
+
+    /// A session is listed while open, its accounting counts, and it ends with its
+    /// credential: at the token's expiry, with that reason.
+    #[tokio::test]
+    async fn a_session_is_listed_counted_and_ends_with_its_credential() {
+        let fixture = crate::testing::gateway("");
+        let state = &fixture.state;
+        // Valid to the end of this second: the session ends within a second or two.
+        let expires = crate::message::now_ms() / 1000;
+        let mut session =
+            DeviceSession::open(state, &identity(Some(expires)), "mqtt", 8, None, None).await;
+        session.received(3);
+        session.answered(2);
+        let listed = state.sessions.list();
+        assert_eq!(listed.len(), 1);
+        assert_eq!(listed[0].messages.load(Ordering::Relaxed), 3);
+        assert_eq!(listed[0].in_flight.load(Ordering::Relaxed), 1);
+        assert_eq!(listed[0].max_in_flight.load(Ordering::Relaxed), 3);
+        assert_eq!(
+            session.end.ended().await,
+            Ended::Expired(AuthError::TokenExpired)
+        );
+        session.close().await;
+        assert!(state.sessions.list().is_empty());
+        state.sessions.all_closed().await;
+    }
+
+    /// Another connection taking the session over ends it with that reason.
+    #[tokio::test]
+    async fn a_takeover_ends_the_session() {
+        let fixture = crate::testing::gateway("");
+        let (take, takeover) = oneshot::channel();
+        let mut session = DeviceSession::open(
+            &fixture.state,
+            &identity(None),
+            "mqtt",
+            8,
+            None,
+            Some(takeover),
+        )
+        .await;
+        take.send(()).unwrap();
+        assert_eq!(session.end.ended().await, Ended::TakenOver);
+        session.close().await;
+    }
+
+    /// Shutdown waits for open sessions: `all_closed` resolves once the last one closes.
+    #[tokio::test]
+    async fn all_closed_waits_for_the_last_session() {
+        let fixture = crate::testing::gateway("");
+        let state = fixture.state.clone();
+        let session =
+            DeviceSession::open(&state, &identity(None), "websocket", 8, None, None).await;
+        let waiting = tokio::spawn(async move { state.sessions.all_closed().await });
+        tokio::task::yield_now().await;
+        assert!(!waiting.is_finished(), "a session is still open");
+        session.close().await;
+        tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
+            .await
+            .expect("all_closed resolves after the close")
+            .unwrap();
+    }
+}
