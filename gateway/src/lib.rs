@@ -8,43 +8,64 @@
 //!
 //! # Layout
 //!
-//! One module per step of a message's way, in its order:
+//! A message's way: [`ingress`] (a device's protocol) → [`auth`] and [`policy`] (who it
+//! is, what it may do) → [`pipeline`] → [`plugin`] (transforms, a router) → [`route`]
+//! (the decision) → [`record`] → [`spool`] (durable) → [`sink`] (delivery). Commands come
+//! back through [`downlink`].
 //!
-//! - [`ingress`]: the device listener and its protocols: connection limits and timeouts
-//!   ([`ingress::guard`]), the HTTP routes (`POST /topics/{topic}`, batches, long-poll
-//!   commands), WebSocket sessions, and the one admission step they all call
-//!   ([`ingress::admit`]).
-//! - [`auth`]: who a device is: client certificates (with revocation) or bearer tokens.
-//! - [`policy`]: what a device may do: per-grant topics, sizes and rates.
-//! - [`pipeline`]: one batch's way through plugins and routing to the spool, and what
-//!   the device is told; re-drives of dead letters.
-//! - [`plugin`]: the wasmtime host: engine, compiled-component cache, instances reused
-//!   across batches, time and memory limits, hot reload, uploaded versions.
-//! - [`route`]: the routing decision: topic filters, the built-in policy, router-plugin
-//!   overrides.
-//! - [`record`]: a routed message ([`record::Record`]) and the sink that delivers it
-//!   ([`record::SinkId`]), shared by the spool and the sinks.
-//! - [`spool`]: the durable queue per sink (group commit), delivery from it, and the
-//!   dead-letter store.
-//! - [`sink`]: delivery to Kinesis, IoT Core (MQTT or HTTPS), or the local sink, the
-//!   embedded default that needs no cloud.
-//! - [`downlink`]: commands from the cloud to devices, through the MQTT broker.
+//! The modules stand on floors, the top floor first. A module imports only modules on
+//! its own floor or below (`scripts/check-imports` fails the tests otherwise), so that
+//! the shared words are on the ground floor and nothing runs back up.
 //!
-//! Around the way:
-//!
-//! - [`config`]: the configuration file, its defaults, and validation that reports every
-//!   error at once.
-//! - [`reconfigure`]: configuration reload without a restart (admin API and `SIGHUP`).
+//! **The operators' side.**
 //! - [`admin`]: the operators' API (spool state, dead letters, plugins, reload, metrics);
 //!   the binary's `admin_client` holds the `sluice dlq` and `sluice admin` commands
 //!   that call it.
 //! - [`console`]: the operator's console, a page on the admin listener, and the
 //!   in-memory time series it charts.
-//! - [`metrics`]: the Prometheus metrics.
+//! - [`reconfigure`]: configuration reload without a restart (admin API and `SIGHUP`).
+//!
+//! **The device side.**
+//! - [`ingress`]: the listeners and their protocols (HTTP, the `sluice.v1` WebSocket
+//!   dialect, MQTT) over one device core: one accept path, one credential, one session
+//!   shell, one admission step, one verdict per message.
 //! - [`readiness`]: why the gateway is not ready (`GET /readyz`, the console).
-//! - [`progress`]: progress of long work at start (a large plugin's first compile).
+//!
+//! **The way.**
+//! - [`pipeline`]: one batch's way through plugins and routing to the spool, and what
+//!   the device is told; re-drives of dead letters.
+//! - [`policy`]: what a device may do: per-grant topics, sizes and rates.
+//! - [`auth`]: who a device is: client certificates (with revocation) or bearer tokens.
+//!
+//! **The engines.**
+//! - [`plugin`]: the wasmtime host: engine, compiled-component cache, instances reused
+//!   across batches, time and memory limits, hot reload, uploaded versions.
+//! - [`spool`]: the durable queue per sink (group commit), delivery from it, best-effort
+//!   hand-over beside it, and the dead-letter store.
+//! - [`downlink`]: commands from the cloud to devices, through the MQTT broker.
+//! - [`sink`]: delivery to Kinesis, IoT Core (MQTT or HTTPS), or the local sink, the
+//!   embedded default that needs no cloud.
+//!
+//! **The decision.**
+//! - [`record`]: a routed message ([`record::Record`]) and the sink that delivers it
+//!   ([`record::SinkId`]), shared by the spool and the sinks.
+//! - [`route`]: the routing decision: the built-in policy, config rules, router-plugin
+//!   overrides.
+//!
+//! **The configuration.**
+//! - [`config`]: the configuration file, its defaults, and validation that reports every
+//!   error at once.
+//!
+//! **The ground floor: the shared words.**
 //! - [`message`]: the message record shared by every step.
+//! - [`wit`]: the host bindings of the WIT package (the message record is one of its
+//!   types).
+//! - [`topic`]: MQTT topic names and filters, as IoT Core reads them.
+//! - [`template`]: `${device.id}`-style templates.
+//! - [`quota`]: the AWS quotas (IoT Core, Kinesis).
 //! - [`tls`]: PEM files into rustls server and client configurations.
+//! - [`metrics`]: the Prometheus metrics.
+//! - [`progress`]: progress of long work at start (a large plugin's first compile).
 //! - `shutdown`: the signal every task stops on.
 
 pub mod admin;
@@ -59,6 +80,7 @@ pub mod pipeline;
 pub mod plugin;
 pub mod policy;
 pub mod progress;
+pub mod quota;
 pub mod readiness;
 pub mod reconfigure;
 pub mod record;
@@ -66,9 +88,12 @@ pub mod route;
 mod shutdown;
 pub mod sink;
 pub mod spool;
+pub mod template;
 #[cfg(test)]
 mod testing;
 pub mod tls;
+pub mod topic;
+pub mod wit;
 
 use std::sync::Arc;
 

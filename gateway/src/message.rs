@@ -3,7 +3,7 @@
 //! It is the WIT `message` record itself, as generated for the host, so handing a batch
 //! to a plugin costs no conversion on the gateway's side.
 
-pub use crate::plugin::bindings::sluice::plugin::types::Message;
+pub use crate::wit::sluice::plugin::types::Message;
 
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> u64 {

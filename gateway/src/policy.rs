@@ -17,7 +17,7 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use crate::auth::Identity;
 use crate::config::{GrantConfig, PolicyConfig};
-use crate::route::topic::TopicFilter;
+use crate::topic::TopicFilter;
 
 /// Why the policy refused a publish.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -6,7 +6,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use super::Config;
-use crate::route::topic::TopicFilter;
+use crate::topic::TopicFilter;
 
 /// `[auth]`: how devices prove who they are. At least one method.
 #[derive(Debug, Clone, PartialEq, Deserialize)]

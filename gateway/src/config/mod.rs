@@ -7,8 +7,8 @@
 //! One file per section, each with its types, defaults and checks: `server` (with
 //! `[limits]`, `[admin]`, `[websocket]`), `auth` (with `[policy]`), `plugins`,
 //! `routing`, `spool`, `sinks` (with `[aws]`), `downlink`, `mqtt`. The AWS quotas the
-//! defaults and checks use live with their sinks (`sink::kinesis::quota`,
-//! `sink::iot_core::quota`).
+//! defaults and checks use are on the ground floor ([`crate::quota`]), with the topic
+//! filters and templates they parse.
 
 mod auth;
 mod downlink;

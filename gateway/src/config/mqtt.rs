@@ -44,7 +44,7 @@ fn default_window() -> u16 {
     100
 }
 fn default_max_packet() -> usize {
-    crate::sink::kinesis::quota::KINESIS_DEFAULT_MAX_RECORD_BYTES + 64 * 1024
+    crate::quota::KINESIS_DEFAULT_MAX_RECORD_BYTES + 64 * 1024
 }
 fn default_connect_timeout() -> u64 {
     10

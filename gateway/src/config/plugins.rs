@@ -161,7 +161,7 @@ impl Config {
                 ));
             }
             for filter in &entry.topics {
-                if let Err(why) = crate::route::topic::TopicFilter::parse(filter) {
+                if let Err(why) = crate::topic::TopicFilter::parse(filter) {
                     problems.push(format!("{section} `{}`: topics: {why}", entry.name));
                 }
             }

@@ -5,12 +5,12 @@ use serde::Deserialize;
 use super::Config;
 use super::sinks::validate_stream_name;
 use super::spool::Durability;
-use crate::route::topic::{TopicFilter, validate_publish_topic};
-use crate::sink::iot_core::quota::IOT_CORE_CONNECTION_BYTES_PER_SEC;
-use crate::sink::kinesis::quota::{
+use crate::quota::IOT_CORE_CONNECTION_BYTES_PER_SEC;
+use crate::quota::{
     KINESIS_DEFAULT_MAX_RECORD_BYTES, KINESIS_LARGEST_MAX_RECORD_BYTES,
     KINESIS_MAX_PARTITION_KEY_CHARS,
 };
+use crate::topic::{TopicFilter, validate_publish_topic};
 
 /// Where the built-in policy sends a message no rule claims.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
@@ -126,7 +126,7 @@ fn check_template(
     validate: impl Fn(&str) -> Result<(), String>,
     problems: &mut Vec<String>,
 ) {
-    match crate::route::template::Template::parse(text) {
+    match crate::template::Template::parse(text) {
         Err(why) => problems.push(format!("{at}: {why}")),
         Ok(template) if !text.contains("${") => {
             if let Err(why) = validate(&template.sample()) {

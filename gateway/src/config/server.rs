@@ -7,7 +7,7 @@ use std::path::PathBuf;
 use serde::Deserialize;
 
 use super::Config;
-use crate::sink::kinesis::quota::KINESIS_DEFAULT_MAX_RECORD_BYTES;
+use crate::quota::KINESIS_DEFAULT_MAX_RECORD_BYTES;
 
 /// Where the embedded default listens: loopback only, since it has no device auth yet.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:8080";

@@ -21,7 +21,7 @@ use crate::config::{Config, WebSocketConfig};
 use crate::ingress::verdict::Refusal;
 use crate::message::{Message, new_id, now_ms};
 use crate::policy::{self, DevicePolicy};
-use crate::route::topic::{TopicFilter, validate_publish_topic};
+use crate::topic::{TopicFilter, validate_publish_topic};
 
 /// What decides whether a device's request is taken: who it is, what it may do, and the
 /// limits. A configuration reload builds new ones and swaps them in whole.
@@ -173,14 +173,14 @@ pub fn admit(
             )));
         }
         if crate::route::is_retained(attributes)
-            && publish.payload.len() > crate::sink::iot_core::quota::IOT_CORE_MAX_PAYLOAD_BYTES
+            && publish.payload.len() > crate::quota::IOT_CORE_MAX_PAYLOAD_BYTES
         {
             return Err(Refusal::TooLarge(at(
                 index,
                 format!(
                     "a retained message goes to IoT Core, never to Kinesis, and its payload of {} bytes is over IoT Core's {} bytes",
                     publish.payload.len(),
-                    crate::sink::iot_core::quota::IOT_CORE_MAX_PAYLOAD_BYTES
+                    crate::quota::IOT_CORE_MAX_PAYLOAD_BYTES
                 ),
             )));
         }

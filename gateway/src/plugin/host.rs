@@ -15,11 +15,11 @@ use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
 use wasmtime::{Engine, ResourceLimiter, Store};
 use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
 
-use crate::plugin::bindings::router::RouterPre;
-use crate::plugin::bindings::sluice::plugin::{host, types};
-use crate::plugin::bindings::transform::TransformPre;
 use crate::plugin::output::{Owner, PluginOutput};
 use crate::plugin::{PluginError, PluginKind};
+use crate::wit::router::RouterPre;
+use crate::wit::sluice::plugin::{host, types};
+use crate::wit::transform::TransformPre;
 
 /// How often the ticker thread advances the engine's epoch. Call time limits are
 /// rounded up to whole ticks, so this is their resolution.
@@ -404,10 +404,9 @@ impl Host {
         let mut linker = Linker::new(&engine);
         wasmtime_wasi::p2::add_to_linker_async(&mut linker)
             .map_err(|e| PluginError::Engine(e.to_string()))?;
-        crate::plugin::bindings::transform::Transform::add_to_linker::<_, HasSelf<_>>(
-            &mut linker,
-            |state| state,
-        )
+        crate::wit::transform::Transform::add_to_linker::<_, HasSelf<_>>(&mut linker, |state| {
+            state
+        })
         .map_err(|e| PluginError::Engine(e.to_string()))?;
 
         let stop = Arc::new(AtomicBool::new(false));

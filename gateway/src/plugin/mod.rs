@@ -18,7 +18,6 @@
 //! thread, and the runtime's other threads take over the queued work meanwhile. Sets of
 //! instances are kept in a pool and lent to one batch at a time.
 
-pub mod bindings;
 pub mod host;
 mod manage;
 pub mod new;
@@ -155,7 +154,7 @@ pub struct LoadedPlugin {
     /// Counters and the name used in logs; shared across versions of the same plugin.
     pub stats: Arc<PluginStats>,
     /// The topics it is for (`entry.topics`, parsed); empty: every message.
-    pub scope: Vec<crate::route::topic::TopicFilter>,
+    pub scope: Vec<crate::topic::TopicFilter>,
 }
 
 impl LoadedPlugin {
@@ -451,7 +450,7 @@ impl Plugins {
             scope: entry
                 .topics
                 .iter()
-                .filter_map(|filter| crate::route::topic::TopicFilter::parse(filter).ok())
+                .filter_map(|filter| crate::topic::TopicFilter::parse(filter).ok())
                 .collect(),
         });
         // Loading happens off the request path (start, reloads, uploads); nothing `init`

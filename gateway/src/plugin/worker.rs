@@ -7,14 +7,14 @@ use std::time::Instant;
 use wasmtime::Store;
 
 use crate::message::Message;
-use crate::plugin::bindings::router::Router;
-use crate::plugin::bindings::transform::Transform;
-use crate::plugin::bindings::{Decision, Destination as WitDestination, Outcome};
 use crate::plugin::host::{Host, HostState, Prepared, memory_limit_hit};
 use crate::plugin::{
     FailureKind, InputResult, LoadedPlugin, Output, PartFailure, PluginSet, RouterChoice,
 };
 use crate::route::Destination;
+use crate::wit::router::Router;
+use crate::wit::transform::Transform;
+use crate::wit::{Decision, Destination as WitDestination, Outcome};
 
 /// One instantiated plugin with its own store.
 pub struct Instance {

@@ -6,8 +6,6 @@
 //! ([`Policy::overrule`]), within the hard limits.
 
 pub mod meter;
-pub mod template;
-pub mod topic;
 
 use std::fmt;
 
@@ -15,10 +13,10 @@ use serde::Serialize;
 
 use crate::config::{DefaultDestination, RoutingConfig, RuleDestination};
 use crate::message::Message;
-use crate::route::template::Template;
-use crate::route::topic::{TopicFilter, validate_publish_topic};
-use crate::sink::iot_core::quota::IOT_CORE_MAX_PAYLOAD_BYTES;
-use crate::sink::kinesis::quota::KINESIS_MAX_PARTITION_KEY_CHARS;
+use crate::quota::IOT_CORE_MAX_PAYLOAD_BYTES;
+use crate::quota::KINESIS_MAX_PARTITION_KEY_CHARS;
+use crate::template::Template;
+use crate::topic::{TopicFilter, validate_publish_topic};
 
 /// Where one message goes.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]

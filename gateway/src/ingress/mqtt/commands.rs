@@ -18,7 +18,7 @@ use crate::auth::Identity;
 use crate::downlink::Command;
 use crate::ingress::admit::DeviceRules;
 use crate::ingress::mqtt::codec::{self, Version};
-use crate::route::topic::TopicFilter;
+use crate::topic::TopicFilter;
 
 /// IoT Core's limit of topic filters in one SUBSCRIBE.
 pub const MAX_FILTERS_PER_SUBSCRIBE: usize = 8;

@@ -10,7 +10,6 @@
 
 pub mod https;
 pub mod mqtt;
-pub mod quota;
 
 use crate::record::Record;
 use crate::route::{Destination, check_iot_core};

@@ -18,7 +18,6 @@
 
 pub mod aggregate;
 pub mod batch;
-pub mod quota;
 pub mod service;
 
 use std::collections::HashMap;
