@@ -68,32 +68,32 @@
 //! - [`progress`]: progress of long work at start (a large plugin's first compile).
 //! - `shutdown`: the signal every task stops on.
 
-pub mod admin;
+pub(crate) mod admin;
 pub mod auth;
 pub mod config;
-pub mod console;
-pub mod downlink;
-pub mod ingress;
+pub(crate) mod console;
+pub(crate) mod downlink;
+pub(crate) mod ingress;
 pub mod message;
-pub mod metrics;
-pub mod pipeline;
+pub(crate) mod metrics;
+pub(crate) mod pipeline;
 pub mod plugin;
-pub mod policy;
-pub mod progress;
-pub mod quota;
-pub mod readiness;
+pub(crate) mod policy;
+pub(crate) mod progress;
+pub(crate) mod quota;
+pub(crate) mod readiness;
 pub mod reconfigure;
 pub mod record;
 pub mod route;
 mod shutdown;
 pub mod sink;
-pub mod spool;
-pub mod template;
+pub(crate) mod spool;
+pub(crate) mod template;
 #[cfg(test)]
 mod testing;
 pub mod tls;
-pub mod topic;
-pub mod wit;
+pub(crate) mod topic;
+pub(crate) mod wit;
 
 use std::sync::Arc;
 

@@ -189,11 +189,6 @@ pub struct Guarded<S> {
 }
 
 impl<S> Guarded<S> {
-    /// The wrapped stream.
-    pub fn get_ref(&self) -> &S {
-        &self.inner
-    }
-
     /// Something happened: the idle deadline moves (the first-request one does not).
     fn active(&mut self) {
         if self.first_request.is_none() {

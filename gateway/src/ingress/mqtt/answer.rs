@@ -45,25 +45,24 @@ pub fn disconnect_reason(ended: &Ended) -> DisconnectReasonCode {
     }
 }
 
-/// The answer as written in the README and in the `mqtt_publishes_total` label
-/// (`PUBACK 0x87`, `DISCONNECT 0x95`).
-pub fn describe(answer: Answer) -> String {
-    match answer {
-        Answer::PubAck(reason) => {
-            format!(
-                "PUBACK {:#04x}",
-                crate::ingress::mqtt::codec::puback_code(reason)
-            )
-        }
-        Answer::Disconnect(reason) => format!("DISCONNECT {:#04x}", reason as u8),
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::auth::AuthError;
     use crate::ingress::verdict::tests::every_refusal;
+
+    /// The answer as the README writes it (`PUBACK 0x87`, `DISCONNECT 0x95`).
+    fn describe(answer: Answer) -> String {
+        match answer {
+            Answer::PubAck(reason) => {
+                format!(
+                    "PUBACK {:#04x}",
+                    crate::ingress::mqtt::codec::puback_code(reason)
+                )
+            }
+            Answer::Disconnect(reason) => format!("DISCONNECT {:#04x}", reason as u8),
+        }
+    }
 
     /// Every refusal kind with its MQTT 5 answer.
     #[test]
