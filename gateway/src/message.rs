@@ -17,3 +17,21 @@ pub fn now_ms() -> u64 {
 pub fn new_id() -> String {
     uuid::Uuid::now_v7().to_string()
 }
+
+/// The attributes that carry a message's MQTT 5 publish properties, under the names of
+/// IoT Core's HTTPS publish parameters: every protocol fills them alike, and the routing
+/// and the sinks read them.
+pub mod attribute {
+    /// MQTT's retain flag (`true`).
+    pub const RETAIN: &str = "mqtt.retain";
+    /// The response topic.
+    pub const RESPONSE_TOPIC: &str = "mqtt.response_topic";
+    /// The correlation data, in base64.
+    pub const CORRELATION_DATA: &str = "mqtt.correlation_data";
+    /// The message expiry, in seconds.
+    pub const MESSAGE_EXPIRY: &str = "mqtt.message_expiry";
+    /// `UNSPECIFIED_BYTES` or `UTF8_DATA`.
+    pub const PAYLOAD_FORMAT_INDICATOR: &str = "mqtt.payload_format_indicator";
+    /// The user properties: base64 of a JSON list of one-key objects.
+    pub const USER_PROPERTIES: &str = "mqtt.user_properties";
+}

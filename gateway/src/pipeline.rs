@@ -353,7 +353,7 @@ impl Pipeline {
                         record
                             .message
                             .attributes
-                            .retain(|(key, _)| key != crate::spool::deliver::EXPIRY_ATTRIBUTE);
+                            .retain(|(key, _)| key != crate::message::attribute::MESSAGE_EXPIRY);
                     }
                     match self.sinks.sink_for(&record.decision.destination) {
                         Some(sink) => {

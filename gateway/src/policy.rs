@@ -78,7 +78,7 @@ impl Grant {
 
     fn allows(filters: &[String], identity: &Identity, topic: &str) -> bool {
         filters.iter().any(|filter| {
-            TopicFilter::parse(&filter.replace("${device.id}", &identity.device_id))
+            TopicFilter::parse(&crate::template::for_device(filter, &identity.device_id))
                 .is_ok_and(|f| f.matches(topic))
         })
     }
@@ -254,8 +254,11 @@ impl DevicePolicy {
             || self.grants.iter().any(|g| {
                 g.applies_to(identity)
                     && g.config.subscribe.iter().any(|granted| {
-                        TopicFilter::parse(&granted.replace("${device.id}", &identity.device_id))
-                            .is_ok_and(|granted| granted.covers(&wanted))
+                        TopicFilter::parse(&crate::template::for_device(
+                            granted,
+                            &identity.device_id,
+                        ))
+                        .is_ok_and(|granted| granted.covers(&wanted))
                     })
             })
     }
@@ -268,7 +271,7 @@ impl DevicePolicy {
             || self.grants.iter().any(|g| {
                 g.applies_to(identity)
                     && g.config.client_ids.iter().any(|pattern| {
-                        let pattern = pattern.replace("${device.id}", &identity.device_id);
+                        let pattern = crate::template::for_device(pattern, &identity.device_id);
                         match pattern.strip_suffix('*') {
                             Some(prefix) => client_id.starts_with(prefix),
                             None => client_id == pattern,

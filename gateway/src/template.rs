@@ -1,8 +1,20 @@
 //! Templates for destinations in topic rules: `fleet/${device.id}/alarms`,
 //! `telemetry-${topic.1}`. Variables: `${device.id}`, `${topic}` (the whole topic) and
 //! `${topic.N}` (level N of the topic, from 0; empty when the topic is shorter).
+//!
+//! Policy grants, client-id patterns and the downlink's topics take `${device.id}` alone:
+//! [`for_device`] fills it in.
 
 use crate::message::Message;
+
+/// The variable that stands for a device's own id.
+pub const DEVICE_ID: &str = "${device.id}";
+
+/// `pattern` with every `${device.id}` replaced by `device`: a device's id, `+` for any
+/// device (a topic filter), or a sample id (to validate the pattern).
+pub fn for_device(pattern: &str, device: &str) -> String {
+    pattern.replace(DEVICE_ID, device)
+}
 
 /// A parsed template.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -224,7 +224,7 @@ impl Config {
                     problems.push(format!("{at}: give `devices` or `groups`"));
                 }
                 for filter in grant.publish.iter().chain(&grant.subscribe) {
-                    let sample = filter.replace("${device.id}", "device");
+                    let sample = crate::template::for_device(filter, "device");
                     if let Err(why) = TopicFilter::parse(&sample) {
                         problems.push(format!("{at}: filter `{filter}`: {why}"));
                     }

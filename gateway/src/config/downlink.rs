@@ -93,12 +93,19 @@ impl Config {
             ("presence_topic", &downlink.presence_topic),
         ] {
             let levels: Vec<&str> = pattern.split('/').collect();
-            if levels.iter().filter(|l| **l == "${device.id}").count() != 1 {
+            if levels
+                .iter()
+                .filter(|l| **l == crate::template::DEVICE_ID)
+                .count()
+                != 1
+            {
                 problems.push(format!(
                     "downlink.{what}: `{pattern}` must have `${{device.id}}` as exactly one whole level"
                 ));
             }
-            let before = levels.iter().take_while(|l| **l != "${device.id}");
+            let before = levels
+                .iter()
+                .take_while(|l| **l != crate::template::DEVICE_ID);
             if before.clone().any(|l| l.contains(['+', '#'])) || pattern.contains("+") {
                 problems.push(format!(
                     "downlink.{what}: `{pattern}` may end in `/#` but has no other wildcards"

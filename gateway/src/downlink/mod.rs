@@ -261,14 +261,14 @@ impl Downlink {
     }
 
     fn topic(pattern: &str, device: &str) -> String {
-        pattern.replace("${device.id}", device)
+        crate::template::for_device(pattern, device)
     }
 
     /// The device a topic of `pattern` (with `${device.id}` as one level) belongs to.
     fn device_of(pattern: &str, topic: &str) -> Option<String> {
         let index = pattern
             .split('/')
-            .position(|level| level == "${device.id}")?;
+            .position(|level| level == crate::template::DEVICE_ID)?;
         let device = topic.split('/').nth(index)?;
         let prefix: Vec<&str> = pattern.split('/').take(index).collect();
         let actual: Vec<&str> = topic.split('/').take(index).collect();
@@ -277,7 +277,7 @@ impl Downlink {
 
     async fn subscribe(&self) {
         for pattern in [&self.settings.command_topic, &self.settings.presence_topic] {
-            let filter = pattern.replace("${device.id}", "+");
+            let filter = crate::template::for_device(pattern, "+");
             if let Err(error) = self.client.subscribe(filter, QoS::AtLeastOnce).await {
                 tracing::error!(%error, "cannot subscribe for the downlink");
             }

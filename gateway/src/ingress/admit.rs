@@ -90,7 +90,7 @@ fn reserved_topics(config: &Config) -> Vec<TopicFilter> {
     };
     [&downlink.command_topic, &downlink.presence_topic]
         .into_iter()
-        .filter_map(|template| TopicFilter::parse(&template.replace("${device.id}", "+")).ok())
+        .filter_map(|template| TopicFilter::parse(&crate::template::for_device(template, "+")).ok())
         .collect()
 }
 

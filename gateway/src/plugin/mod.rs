@@ -559,11 +559,6 @@ impl Plugins {
         self.inner.set.load_full()
     }
 
-    /// Runs the chain over a batch, returning one result per input, in order.
-    pub async fn run(&self, batch: Vec<Message>) -> Vec<InputResult> {
-        self.run_from(batch, None).await
-    }
-
     /// Runs the chain from the plugin named `start` on (the whole chain when it is
     /// `None` or names no active plugin): a dead letter's message, stored as it entered
     /// the plugin that failed, is not transformed twice by the plugins before it.

@@ -8,7 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::io::Write as _;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
@@ -150,11 +150,6 @@ impl Versions {
             .persist(self.activations_file())
             .map_err(|e| e.error)?;
         Ok(())
-    }
-
-    /// The folder.
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 }
 

@@ -13,6 +13,7 @@ use serde::Serialize;
 
 use crate::config::{DefaultDestination, RoutingConfig, RuleDestination};
 use crate::message::Message;
+use crate::message::attribute;
 use crate::quota::IOT_CORE_MAX_PAYLOAD_BYTES;
 use crate::quota::KINESIS_MAX_PARTITION_KEY_CHARS;
 use crate::template::Template;
@@ -372,7 +373,7 @@ impl Policy {
 pub fn is_retained(attributes: &[(String, String)]) -> bool {
     attributes
         .iter()
-        .any(|(key, value)| key == "mqtt.retain" && value == "true")
+        .any(|(key, value)| key == attribute::RETAIN && value == "true")
 }
 
 /// A retained message is state for IoT Core to keep for later subscribers: where the

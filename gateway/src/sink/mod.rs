@@ -1,5 +1,6 @@
-//! Delivery. A sink takes routed records and confirms them; the device is acknowledged
-//! only after that confirmation.
+//! Delivery. A sink takes routed records and confirms them; a record leaves the spool
+//! only after that confirmation. (The device was acknowledged earlier, once its message
+//! was in the spool; on a best-effort route, once it was handed over.)
 //!
 //! - [`local`]: JSON Lines files under the data directory, one per destination: the
 //!   embedded default, standing in for IoT Core and Kinesis when they are not
@@ -8,8 +9,9 @@
 //! - [`iot_core`]: AWS IoT Core over MQTT or HTTPS.
 //!
 //! [`Sinks`] names the sink for each destination and delivers through it; records reach
-//! it from the [`crate::spool`], which turns records a sink refuses for good into dead
-//! letters with the sink's reason, never silently dropping them.
+//! it from the [`crate::spool`] (its delivery tasks, and its best-effort hand-over), which
+//! turns records a sink refuses for good into dead letters with the sink's reason, never
+//! silently dropping them.
 
 pub mod iot_core;
 pub mod kinesis;
@@ -19,7 +21,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use crate::record::{Record, SinkId};
+use crate::record::{PerSink, Record, SinkId};
 use crate::route::Destination;
 
 /// A record a sink refused for good.
@@ -53,9 +55,9 @@ pub trait Sink: Send + Sync {
 /// place that knows which sink delivers what.
 pub struct Sinks {
     /// Per [`SinkId`] (by [`SinkId::index`]), the sink that delivers its queue.
-    by_id: [Arc<dyn Sink>; 3],
+    by_id: PerSink<Arc<dyn Sink>>,
     /// Which cloud sinks are configured (the others' destinations go to the local sink).
-    configured: [bool; 3],
+    configured: PerSink<bool>,
 }
 
 impl Sinks {
@@ -65,15 +67,15 @@ impl Sinks {
         kinesis: Option<Arc<dyn Sink>>,
         iot_core: Option<Arc<dyn Sink>>,
     ) -> Sinks {
-        let configured = [kinesis.is_some(), iot_core.is_some(), true];
         let local: Arc<dyn Sink> = local;
+        let chosen = |sink| match sink {
+            SinkId::Kinesis => kinesis.clone(),
+            SinkId::IotCore => iot_core.clone(),
+            SinkId::Local => Some(local.clone()),
+        };
         Sinks {
-            by_id: [
-                kinesis.unwrap_or_else(|| local.clone()),
-                iot_core.unwrap_or_else(|| local.clone()),
-                local,
-            ],
-            configured,
+            configured: PerSink::from_fn(|sink| chosen(sink).is_some()),
+            by_id: PerSink::from_fn(|sink| chosen(sink).unwrap_or_else(|| local.clone())),
         }
     }
 
@@ -86,7 +88,7 @@ impl Sinks {
             Destination::Local => SinkId::Local,
             Destination::Drop | Destination::DeadLetter => return None,
         };
-        Some(if self.configured[wanted.index()] {
+        Some(if self.configured[wanted] {
             wanted
         } else {
             SinkId::Local
@@ -100,6 +102,6 @@ impl Sinks {
         sink: SinkId,
         records: Vec<Record>,
     ) -> Result<Vec<Rejected>, SinkError> {
-        self.by_id[sink.index()].deliver(records).await
+        self.by_id[sink].deliver(records).await
     }
 }

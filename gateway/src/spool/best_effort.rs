@@ -14,15 +14,15 @@ use std::sync::Arc;
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
-use crate::record::{Record, SinkId};
+use crate::record::{PerSink, Record, SinkId};
 use crate::sink::Sinks;
 use crate::spool::deliver::{delivered, refused_by_sink, sink_failed};
 use crate::spool::{Change, Spool};
 
 /// The hand-over tasks and their bound.
 pub struct BestEffort {
-    /// Per sink (by [`SinkId::index`]), records in the order they were accepted.
-    senders: [mpsc::UnboundedSender<HandOver>; 3],
+    /// Per sink, records in the order they were accepted.
+    senders: PerSink<mpsc::UnboundedSender<HandOver>>,
     /// Places for records handed over and not yet answered by their sink.
     room: Arc<Semaphore>,
     /// `spool.best_effort_max_in_flight`.
@@ -59,7 +59,7 @@ impl BestEffort {
     /// Starts the hand-over tasks, at most `limit` records waiting at once; refused
     /// records become dead letters in `spool`.
     pub fn start(sinks: Arc<Sinks>, spool: Arc<Spool>, limit: usize) -> BestEffort {
-        let senders = SinkId::ALL.map(|sink| {
+        let senders = PerSink::from_fn(|sink| {
             let (sender, receiver) = mpsc::unbounded_channel();
             tokio::spawn(hand_over_in_order(
                 sink,
@@ -97,19 +97,19 @@ impl BestEffort {
         let Reserved(Some(mut places)) = reserved else {
             return;
         };
-        let mut by_sink: [Vec<Record>; 3] = Default::default();
+        let mut by_sink: PerSink<Vec<Record>> = PerSink::default();
         for (sink, record) in records {
-            by_sink[sink.index()].push(record);
+            by_sink[sink].push(record);
         }
         for sink in SinkId::ALL {
-            let records = std::mem::take(&mut by_sink[sink.index()]);
+            let records = std::mem::take(&mut by_sink[sink]);
             if records.is_empty() {
                 continue;
             }
             let Some(share) = places.split(records.len()) else {
                 continue;
             };
-            let _ = self.senders[sink.index()].send(HandOver {
+            let _ = self.senders[sink].send(HandOver {
                 records,
                 _places: share,
             });

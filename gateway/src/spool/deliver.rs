@@ -23,7 +23,7 @@ use futures_util::stream::FuturesOrdered;
 use tokio::sync::watch;
 
 use crate::config::ExpiredPath;
-use crate::message::now_ms;
+use crate::message::{attribute, now_ms};
 use crate::metrics::{SinkLabel, SinkOutcome};
 use crate::record::Record;
 use crate::record::SinkId;
@@ -169,7 +169,7 @@ impl Deliverer {
                 origin: Origin::Expired,
                 reason: format!(
                     "its message expiry of {} s passed before {} could take it",
-                    attribute(&record, EXPIRY_ATTRIBUTE).unwrap_or_default(),
+                    attribute(&record, attribute::MESSAGE_EXPIRY).unwrap_or_default(),
                     self.sink.name()
                 ),
                 record,
@@ -293,9 +293,6 @@ fn count(sink: SinkId, delivered: usize, dead_lettered: usize) {
     }
 }
 
-/// The attribute IoT Core's publish API fills from `messageExpiry` (seconds).
-pub const EXPIRY_ATTRIBUTE: &str = "mqtt.message_expiry";
-
 fn attribute<'a>(record: &'a Record, key: &str) -> Option<&'a str> {
     record
         .message
@@ -307,7 +304,7 @@ fn attribute<'a>(record: &'a Record, key: &str) -> Option<&'a str> {
 
 /// Whether the record's message expiry (if it has one) passed by `now_ms`.
 fn expired(record: &Record, now_ms: u64) -> bool {
-    attribute(record, EXPIRY_ATTRIBUTE)
+    attribute(record, attribute::MESSAGE_EXPIRY)
         .and_then(|secs| secs.parse::<u64>().ok())
         .is_some_and(|secs| {
             record

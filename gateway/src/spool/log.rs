@@ -48,7 +48,7 @@ use std::os::unix::fs::FileExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use crate::record::SinkId;
+use crate::record::{PerSink, SinkId};
 
 /// A segment is closed, and a new one begun, once it is this long.
 pub const SEGMENT_BYTES: u64 = 64 << 20;
@@ -102,30 +102,30 @@ struct Segment {
 /// Where every queued record is; shared by the writer and the readers.
 #[derive(Default)]
 pub struct Index {
-    queues: [BTreeMap<u64, Loc>; 3],
+    queues: PerSink<BTreeMap<u64, Loc>>,
     segments: BTreeMap<u64, Segment>,
 }
 
 impl Index {
     /// Records and encoded bytes queued for `sink`.
     pub fn totals(&self, sink: SinkId) -> (u64, u64) {
-        let queue = &self.queues[sink.index()];
+        let queue = &self.queues[sink];
         (queue.len() as u64, queue.values().map(Loc::len).sum())
     }
 
     /// The sequence number of the oldest record queued for `sink`.
     pub fn oldest(&self, sink: SinkId) -> Option<u64> {
-        self.queues[sink.index()].keys().next().copied()
+        self.queues[sink].keys().next().copied()
     }
 
     /// Whether `seq` is queued for `sink`.
     pub fn contains(&self, sink: SinkId, seq: u64) -> bool {
-        self.queues[sink.index()].contains_key(&seq)
+        self.queues[sink].contains_key(&seq)
     }
 
     /// Records `seq` for `sink` at `loc`.
     pub fn insert(&mut self, sink: SinkId, seq: u64, loc: Loc) {
-        if self.queues[sink.index()].insert(seq, loc).is_none()
+        if self.queues[sink].insert(seq, loc).is_none()
             && let Some(segment) = self.segments.get_mut(&loc.segment)
         {
             segment.live += 1;
@@ -134,7 +134,7 @@ impl Index {
 
     /// Forgets `seq` for `sink` (delivered); its location if it was queued.
     pub fn remove(&mut self, sink: SinkId, seq: u64) -> Option<Loc> {
-        let loc = self.queues[sink.index()].remove(&seq)?;
+        let loc = self.queues[sink].remove(&seq)?;
         if let Some(segment) = self.segments.get_mut(&loc.segment) {
             segment.live = segment.live.saturating_sub(1);
         }
@@ -152,7 +152,7 @@ impl Index {
     ) -> (Vec<(u64, Loc, Source)>, bool) {
         let mut out = Vec::new();
         let mut size = 0usize;
-        for (&seq, &loc) in self.queues[sink.index()].range(from..) {
+        for (&seq, &loc) in self.queues[sink].range(from..) {
             let len = loc.len as usize;
             if !out.is_empty() && (out.len() >= max_records || size + len > max_bytes) {
                 return (out, false);
@@ -447,7 +447,7 @@ impl Log {
         let len = u32::try_from(record.len()).expect("records are far below 4 GiB");
         self.entry(RECORD_PREFIX + record.len(), |body| {
             body.push(RECORD);
-            body.push(sink.index() as u8);
+            body.push(sink.code());
             body.extend_from_slice(&seq.to_le_bytes());
             body.extend_from_slice(record);
         });
@@ -466,7 +466,7 @@ impl Log {
         let count = u32::try_from(seqs.len()).expect("windows are far below 4 G records");
         self.entry(6 + 8 * seqs.len(), |body| {
             body.push(DELIVERY);
-            body.push(sink.index() as u8);
+            body.push(sink.code());
             body.extend_from_slice(&count.to_le_bytes());
             for seq in seqs {
                 body.extend_from_slice(&seq.to_le_bytes());

@@ -52,7 +52,7 @@ use redb::{Database, ReadableDatabase as _, ReadableTable as _, ReadableTableMet
 use serde::Serialize;
 use tokio::sync::{oneshot, watch};
 
-use crate::record::{Record, SinkId};
+use crate::record::{PerSink, Record, SinkId};
 use crate::spool::change::Op;
 use crate::spool::codec::DeadLetter;
 use crate::spool::dead::DEAD_LETTERS;
@@ -133,8 +133,8 @@ struct Shared {
     db: Database,
     /// Where each queued record is in the queue log.
     index: Mutex<log::Index>,
-    /// Per sink (by [`SinkId::index`]): its queue's counters and state.
-    sinks: [SinkState; 3],
+    /// Per sink: its queue's counters and state.
+    sinks: PerSink<SinkState>,
     dead_letters: AtomicU64,
     /// Encoded bytes of the dead letters stored.
     dead_letter_bytes: AtomicU64,
@@ -218,28 +218,24 @@ impl Spool {
         if !legacy.is_empty() {
             move_legacy_records(&db, &mut log, &index, next_seq, &legacy)?;
         }
-        let mut records = [0u64; 3];
-        let mut bytes = [0u64; 3];
-        {
+        let totals = {
             let index = index.lock().unwrap_or_else(|p| p.into_inner());
-            for sink in SinkId::ALL {
-                (records[sink.index()], bytes[sink.index()]) = index.totals(sink);
-            }
-        }
-        if records.iter().any(|&n| n > 0) {
+            PerSink::from_fn(|sink| index.totals(sink))
+        };
+        if totals.iter().any(|(_, &(records, _))| records > 0) {
             tracing::info!(
-                kinesis = records[0],
-                iot_core = records[1],
-                local = records[2],
+                kinesis = totals[SinkId::Kinesis].0,
+                iot_core = totals[SinkId::IotCore].0,
+                local = totals[SinkId::Local].0,
                 "spool holds undelivered records from an earlier run; delivering them"
             );
         }
         let shared = Arc::new(Shared {
             db,
             index,
-            sinks: std::array::from_fn(|i| SinkState {
-                records: AtomicU64::new(records[i]),
-                bytes: AtomicU64::new(bytes[i]),
+            sinks: PerSink::from_fn(|sink| SinkState {
+                records: AtomicU64::new(totals[sink].0),
+                bytes: AtomicU64::new(totals[sink].1),
                 full: AtomicBool::new(false),
                 appended: watch::channel(next_seq - 1).0,
                 recent: Mutex::new(Recent::new(next_seq)),
@@ -317,7 +313,7 @@ impl Spool {
         let (window, reached_end) = self.read_disk(sink, from, max_records, max_bytes)?;
         if reached_end {
             // Caught up with the disk: from here on, what the writer commits is in memory.
-            self.shared.sinks[sink.index()]
+            self.shared.sinks[sink]
                 .recent
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -335,7 +331,7 @@ impl Spool {
         max_records: usize,
         max_bytes: usize,
     ) -> Option<Vec<(u64, Record)>> {
-        self.shared.sinks[sink.index()]
+        self.shared.sinks[sink]
             .recent
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -426,8 +422,8 @@ impl Spool {
                 .iter()
                 .map(|&sink| QueueStats {
                     sink,
-                    records: shared.sinks[sink.index()].records.load(Ordering::Relaxed),
-                    bytes: shared.sinks[sink.index()].bytes.load(Ordering::Relaxed),
+                    records: shared.sinks[sink].records.load(Ordering::Relaxed),
+                    bytes: shared.sinks[sink].bytes.load(Ordering::Relaxed),
                     oldest: oldest(sink),
                 })
                 .collect(),
@@ -462,7 +458,7 @@ impl Spool {
 
     /// Marks whether `sink`'s delivery is failing.
     pub fn set_failing(&self, sink: SinkId, failing: bool) {
-        self.shared.sinks[sink.index()]
+        self.shared.sinks[sink]
             .failing
             .store(failing, Ordering::Relaxed);
     }
@@ -471,24 +467,18 @@ impl Spool {
     pub fn failing_sinks(&self) -> Vec<SinkId> {
         SinkId::ALL
             .into_iter()
-            .filter(|sink| {
-                self.shared.sinks[sink.index()]
-                    .failing
-                    .load(Ordering::Relaxed)
-            })
+            .filter(|&sink| self.shared.sinks[sink].failing.load(Ordering::Relaxed))
             .collect()
     }
 
     /// Records waiting for `sink`.
     pub fn depth(&self, sink: SinkId) -> u64 {
-        self.shared.sinks[sink.index()]
-            .records
-            .load(Ordering::Relaxed)
+        self.shared.sinks[sink].records.load(Ordering::Relaxed)
     }
 
     /// A receiver that changes whenever records are queued for `sink`.
     pub fn watch(&self, sink: SinkId) -> watch::Receiver<u64> {
-        self.shared.sinks[sink.index()].appended.subscribe()
+        self.shared.sinks[sink].appended.subscribe()
     }
 
     /// Stops taking changes, commits what is queued, and waits for the writer.
@@ -719,7 +709,7 @@ mod tests {
     /// The entry for record `seq` of `sink` as segment `segment` holds it, in today's
     /// format (`legacy`: without the marker).
     fn entry(segment: u64, sink: SinkId, seq: u64, id: &str, legacy: bool) -> Vec<u8> {
-        let mut body = vec![1, sink.index() as u8];
+        let mut body = vec![1, sink.code()];
         body.extend_from_slice(&seq.to_le_bytes());
         body.extend_from_slice(&codec::encode_record(&record(id, b"9")));
         let mut entry = Vec::new();

@@ -5,7 +5,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 
-use crate::record::SinkId;
+use crate::record::{PerSink, SinkId};
 use crate::spool::change::Op;
 use crate::spool::dead::commit_dead_letters;
 use crate::spool::{Shared, SpoolError, log};
@@ -63,7 +63,7 @@ pub(super) fn write_loop(
                 if written {
                     let queued = op.change.queued.into_iter().zip(&mut seqs);
                     for ((sink, _, record), seq) in queued {
-                        recent[sink.index()].remember(seq, record);
+                        recent[sink].remember(seq, record);
                     }
                 }
                 replies.push((op.reply, result));
@@ -75,16 +75,15 @@ pub(super) fn write_loop(
             shared.durable_commits.fetch_add(1, Ordering::Relaxed);
         }
         for sink in SinkId::ALL {
-            let i = sink.index();
-            add_signed(&shared.sinks[i].records, outcome.records[i]);
-            add_signed(&shared.sinks[i].bytes, outcome.bytes[i]);
-            if let Some(seq) = outcome.last_seq[i] {
-                shared.sinks[i].appended.send_replace(seq);
+            add_signed(&shared.sinks[sink].records, outcome.records[sink]);
+            add_signed(&shared.sinks[sink].bytes, outcome.bytes[sink]);
+            if let Some(seq) = outcome.last_seq[sink] {
+                shared.sinks[sink].appended.send_replace(seq);
             }
             // Room again once a tenth of the queue has drained.
-            let bytes = shared.sinks[i].bytes.load(Ordering::Relaxed);
+            let bytes = shared.sinks[sink].bytes.load(Ordering::Relaxed);
             if bytes < shared.limit - shared.limit / 10
-                && shared.sinks[i].full.swap(false, Ordering::Relaxed)
+                && shared.sinks[sink].full.swap(false, Ordering::Relaxed)
             {
                 tracing::info!(sink = sink.name(), bytes, "spool has room again; accepting");
             }
@@ -115,11 +114,11 @@ struct Outcome {
     written: Vec<bool>,
     /// Something was `fsync`ed.
     durable: bool,
-    records: [i64; 3],
-    bytes: [i64; 3],
+    records: PerSink<i64>,
+    bytes: PerSink<i64>,
     dead_letters: i64,
     dead_letter_bytes: i64,
-    last_seq: [Option<u64>; 3],
+    last_seq: PerSink<Option<u64>>,
     /// The sequence numbers given to written records, in order.
     seqs: Vec<u64>,
     /// What failed, for the log.
@@ -151,7 +150,7 @@ fn apply(shared: &Shared, log: &mut log::Log, next_seq: &mut u64, ops: &[Op]) ->
     let mut results = Vec::with_capacity(ops.len());
     let mut accepted = vec![false; ops.len()];
     let mut staged = Vec::new();
-    let mut adding = [0i64; 3];
+    let mut adding: PerSink<i64> = PerSink::default();
     let mut dead_added: Vec<(u64, &[u8])> = Vec::new();
     let mut dead_removed: Vec<u64> = Vec::new();
     let mut dead_adding = 0u64;
@@ -161,19 +160,17 @@ fn apply(shared: &Shared, log: &mut log::Log, next_seq: &mut u64, ops: &[Op]) ->
     let mut seq = *next_seq;
     for (n, op) in ops.iter().enumerate() {
         let change = &op.change;
-        let mut more = [0i64; 3];
+        let mut more: PerSink<i64> = PerSink::default();
         for (sink, bytes, _) in &change.queued {
-            more[sink.index()] += bytes.len() as i64;
+            more[*sink] += bytes.len() as i64;
         }
-        let full = SinkId::ALL.into_iter().find(|sink| {
-            let i = sink.index();
-            let queued = shared.sinks[i].bytes.load(Ordering::Relaxed) as i64 + adding[i];
-            more[i] > 0 && (queued + more[i]) as u64 > shared.limit
+        let full = SinkId::ALL.into_iter().find(|&sink| {
+            let queued = shared.sinks[sink].bytes.load(Ordering::Relaxed) as i64 + adding[sink];
+            more[sink] > 0 && (queued + more[sink]) as u64 > shared.limit
         });
         if let Some(sink) = full {
-            let i = sink.index();
             shared.refused_full.fetch_add(1, Ordering::Relaxed);
-            if !shared.sinks[i].full.swap(true, Ordering::Relaxed) {
+            if !shared.sinks[sink].full.swap(true, Ordering::Relaxed) {
                 tracing::warn!(
                     sink = sink.name(),
                     limit = shared.limit,
@@ -182,7 +179,8 @@ fn apply(shared: &Shared, log: &mut log::Log, next_seq: &mut u64, ops: &[Op]) ->
             }
             results.push(Err(SpoolError::Full {
                 sink: sink.name(),
-                bytes: (shared.sinks[i].bytes.load(Ordering::Relaxed) as i64 + adding[i]) as u64,
+                bytes: (shared.sinks[sink].bytes.load(Ordering::Relaxed) as i64 + adding[sink])
+                    as u64,
                 limit: shared.limit,
             }));
             continue;
@@ -202,7 +200,7 @@ fn apply(shared: &Shared, log: &mut log::Log, next_seq: &mut u64, ops: &[Op]) ->
         accepted[n] = true;
         results.push(Ok(()));
         for (sink, bytes, _) in &change.queued {
-            adding[sink.index()] += bytes.len() as i64;
+            adding[*sink] += bytes.len() as i64;
             staged.push((*sink, seq, log.stage_record(*sink, seq, bytes)));
             seq += 1;
         }
@@ -232,12 +230,11 @@ fn apply(shared: &Shared, log: &mut log::Log, next_seq: &mut u64, ops: &[Op]) ->
     {
         let mut index = shared.index.lock().unwrap_or_else(|p| p.into_inner());
         for (sink, seq, loc) in staged {
-            let i = sink.index();
             index.insert(sink, seq, loc);
             outcome.seqs.push(seq);
-            outcome.records[i] += 1;
-            outcome.bytes[i] += loc.len() as i64;
-            outcome.last_seq[i] = Some(seq);
+            outcome.records[sink] += 1;
+            outcome.bytes[sink] += loc.len() as i64;
+            outcome.last_seq[sink] = Some(seq);
         }
     }
     let dead_ok = if dead_added.is_empty() && dead_removed.is_empty() {
@@ -269,11 +266,10 @@ fn apply(shared: &Shared, log: &mut log::Log, next_seq: &mut u64, ops: &[Op]) ->
     if deliveries_written {
         let mut index = shared.index.lock().unwrap_or_else(|p| p.into_inner());
         for &(sink, seqs) in &deliveries {
-            let i = sink.index();
             for &seq in seqs {
                 if let Some(loc) = index.remove(sink, seq) {
-                    outcome.records[i] -= 1;
-                    outcome.bytes[i] -= loc.len() as i64;
+                    outcome.records[sink] -= 1;
+                    outcome.bytes[sink] -= loc.len() as i64;
                 }
             }
         }

@@ -25,7 +25,7 @@ use crate::ingress::admit::{Submission, admit, admit_reply, decode_payload};
 use crate::ingress::device::Device;
 use crate::ingress::state::AppState;
 use crate::ingress::verdict::{Refusal, Verdict, verdict};
-use crate::message::new_id;
+use crate::message::{attribute, new_id};
 
 /// The device-facing router.
 pub fn app(state: AppState) -> axum::Router {
@@ -136,15 +136,15 @@ async fn publish_one(
         .unwrap_or_default();
     let mut attributes = Vec::new();
     let optional = [
-        ("mqtt.retain", &params.retain),
-        ("mqtt.response_topic", &params.response_topic),
-        ("mqtt.correlation_data", &params.correlation_data),
-        ("mqtt.message_expiry", &params.message_expiry),
+        (attribute::RETAIN, &params.retain),
+        (attribute::RESPONSE_TOPIC, &params.response_topic),
+        (attribute::CORRELATION_DATA, &params.correlation_data),
+        (attribute::MESSAGE_EXPIRY, &params.message_expiry),
         (
-            "mqtt.payload_format_indicator",
+            attribute::PAYLOAD_FORMAT_INDICATOR,
             &params.payload_format_indicator,
         ),
-        ("mqtt.user_properties", &params.user_properties),
+        (attribute::USER_PROPERTIES, &params.user_properties),
     ];
     for (key, value) in optional {
         if let Some(value) = value {

@@ -20,6 +20,8 @@
 use bytes::{BufMut as _, Bytes, BytesMut};
 use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5;
+
+use crate::message::attribute;
 pub use rumqttc::v5::mqttbytes::v5::{DisconnectReasonCode, PubAckReason};
 
 /// The protocol version a client chose in its CONNECT.
@@ -388,13 +390,13 @@ fn attributes(
     let base64 = |bytes: &[u8]| base64::engine::general_purpose::STANDARD.encode(bytes);
     let mut attributes = Vec::new();
     if let Some(topic) = response_topic {
-        attributes.push(("mqtt.response_topic".to_string(), topic));
+        attributes.push((attribute::RESPONSE_TOPIC.to_string(), topic));
     }
     if let Some(data) = correlation_data {
-        attributes.push(("mqtt.correlation_data".to_string(), base64(&data)));
+        attributes.push((attribute::CORRELATION_DATA.to_string(), base64(&data)));
     }
     if let Some(secs) = message_expiry {
-        attributes.push(("mqtt.message_expiry".to_string(), secs.to_string()));
+        attributes.push((attribute::MESSAGE_EXPIRY.to_string(), secs.to_string()));
     }
     if let Some(format) = payload_format {
         let name = if format == 1 {
@@ -403,7 +405,7 @@ fn attributes(
             "UNSPECIFIED_BYTES"
         };
         attributes.push((
-            "mqtt.payload_format_indicator".to_string(),
+            attribute::PAYLOAD_FORMAT_INDICATOR.to_string(),
             name.to_string(),
         ));
     }
@@ -413,7 +415,10 @@ fn attributes(
             .map(|(k, v)| serde_json::json!({ k: v }))
             .collect();
         let json = serde_json::Value::Array(pairs).to_string();
-        attributes.push(("mqtt.user_properties".to_string(), base64(json.as_bytes())));
+        attributes.push((
+            attribute::USER_PROPERTIES.to_string(),
+            base64(json.as_bytes()),
+        ));
     }
     Properties {
         content_type,

@@ -29,6 +29,7 @@ use crate::ingress::mqtt::transport::Transport;
 use crate::ingress::session::{DeviceSession, Ended};
 use crate::ingress::state::AppState;
 use crate::ingress::verdict::{Refusal, Verdict, verdicts};
+use crate::message::attribute;
 use crate::pipeline::StoreError;
 use crate::spool::SpoolError;
 
@@ -49,7 +50,7 @@ pub struct Limits {
 pub(super) fn submission(publish: Publish) -> Submission {
     let mut attributes = publish.properties.attributes;
     if publish.retain {
-        attributes.push(("mqtt.retain".to_string(), "true".to_string()));
+        attributes.push((attribute::RETAIN.to_string(), "true".to_string()));
     }
     Submission {
         topic: publish.topic,
