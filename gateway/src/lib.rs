@@ -63,6 +63,7 @@
 //! - [`topic`]: MQTT topic names and filters, as IoT Core reads them.
 //! - [`template`]: `${device.id}`-style templates.
 //! - [`quota`]: the AWS quotas (IoT Core, Kinesis).
+//! - [`backoff`]: the pauses between attempts of every retry loop.
 //! - [`tls`]: PEM files into rustls server and client configurations.
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`progress`]: progress of long work at start (a large plugin's first compile).
@@ -70,6 +71,7 @@
 
 pub(crate) mod admin;
 pub mod auth;
+pub(crate) mod backoff;
 pub mod config;
 pub(crate) mod console;
 pub(crate) mod downlink;
@@ -101,6 +103,7 @@ use anyhow::Context as _;
 
 pub use crate::config::Config;
 pub use crate::shutdown::Shutdown;
+pub use crate::sink::aws::sdk_config as aws_sdk_config;
 
 /// Starts the gateway described by `config` (read from `source`, which a reload reads
 /// again) and serves until `shutdown` fires.
@@ -126,7 +129,7 @@ pub async fn run(
     let local = Arc::new(sink::local::LocalSink::open(&config.server.data_dir)?);
     let plugins = plugin::Plugins::start(&config)?;
     let live = ingress::live::Live::new(&config)?;
-    let sinks = Arc::new(cloud_sinks(&config, local.clone()).await?);
+    let sinks = Arc::new(sink::Sinks::build(&config, local.clone()).await?);
     let pipeline = Arc::new(pipeline::Pipeline::new(
         &config,
         plugins.clone(),
@@ -220,99 +223,4 @@ pub async fn run(
     local.close();
     spool.close();
     Ok(())
-}
-
-/// Builds the configured cloud sinks around the local sink.
-async fn cloud_sinks(
-    config: &Config,
-    local: Arc<sink::local::LocalSink>,
-) -> anyhow::Result<sink::Sinks> {
-    use std::time::Duration;
-
-    let needs_aws = config.sinks.kinesis.is_some()
-        || config
-            .sinks
-            .iot_core
-            .as_ref()
-            .is_some_and(|iot| iot.transport == config::IotTransport::Https);
-    let aws = if needs_aws {
-        Some(aws_sdk_config(&config.aws).await)
-    } else {
-        None
-    };
-    let with_endpoint = |shared: &aws_config::SdkConfig, endpoint: &Option<String>| match endpoint {
-        Some(url) => shared.to_builder().endpoint_url(url).build(),
-        None => shared.clone(),
-    };
-    let kinesis = match (&config.sinks.kinesis, &aws) {
-        (Some(settings), Some(shared)) => {
-            let api = sink::kinesis::service::AwsKinesis::new(&with_endpoint(
-                shared,
-                &settings.endpoint_url,
-            ));
-            Some(Arc::new(sink::kinesis::KinesisSink::new(
-                Arc::new(api),
-                sink::kinesis::KinesisSettings {
-                    linger: Duration::from_millis(settings.linger_ms),
-                    delivery_timeout: Duration::from_millis(settings.delivery_timeout_ms),
-                    max_record_bytes: config.routing.kinesis_max_record_bytes,
-                    aggregate_streams: settings.aggregate_streams.clone(),
-                    envelope: settings.envelope,
-                },
-            )) as Arc<dyn sink::Sink>)
-        }
-        _ => None,
-    };
-    let iot_core = match &config.sinks.iot_core {
-        None => None,
-        Some(iot) => Some(match (&iot.mqtt, &aws) {
-            (Some(mqtt), _) => Arc::new(sink::iot_core::mqtt::MqttSink::start(
-                sink::iot_core::mqtt::MqttSettings {
-                    host: mqtt.host.clone(),
-                    port: mqtt.port,
-                    client_id: mqtt.client_id.clone(),
-                    ca: mqtt.ca.clone(),
-                    cert: mqtt.cert.clone(),
-                    key: mqtt.key.clone(),
-                    keep_alive: Duration::from_secs(mqtt.keep_alive_secs),
-                    delivery_timeout: Duration::from_millis(iot.delivery_timeout_ms),
-                    basic_ingest_rule: iot.basic_ingest_rule.clone(),
-                },
-            )?) as Arc<dyn sink::Sink>,
-            (None, Some(shared)) => Arc::new(sink::iot_core::https::HttpsSink::new(
-                &with_endpoint(shared, &iot.endpoint_url),
-                iot.basic_ingest_rule.clone(),
-                Duration::from_millis(iot.delivery_timeout_ms),
-            )),
-            (None, None) => anyhow::bail!("sinks.iot_core: no transport could be set up"),
-        }),
-    };
-    Ok(sink::Sinks::new(local, kinesis, iot_core))
-}
-
-/// The shared AWS configuration: the standard credential chain, our region and endpoint,
-/// rustls with ring for TLS, and no SDK retries (the sinks retry per record).
-pub async fn aws_sdk_config(aws: &config::AwsConfig) -> aws_config::SdkConfig {
-    use aws_smithy_http_client::tls;
-
-    let http = aws_smithy_http_client::Builder::new()
-        .tls_provider(tls::Provider::Rustls(
-            tls::rustls_provider::CryptoMode::Ring,
-        ))
-        .build_https(); // Bounded calls: a hung connection must not stall a sink past its delivery timeout.
-    let timeouts = aws_config::timeout::TimeoutConfig::builder()
-        .connect_timeout(std::time::Duration::from_secs(3))
-        .operation_attempt_timeout(std::time::Duration::from_secs(10))
-        .build();
-    let mut loader = aws_config::defaults(aws_config::BehaviorVersion::latest())
-        .http_client(http)
-        .timeout_config(timeouts)
-        .retry_config(aws_config::retry::RetryConfig::disabled());
-    if let Some(region) = &aws.region {
-        loader = loader.region(aws_config::Region::new(region.clone()));
-    }
-    if let Some(url) = &aws.endpoint_url {
-        loader = loader.endpoint_url(url);
-    }
-    loader.load().await
 }

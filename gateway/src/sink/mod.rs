@@ -13,6 +13,7 @@
 //! turns records a sink refuses for good into dead letters with the sink's reason, never
 //! silently dropping them.
 
+pub mod aws;
 pub mod iot_core;
 pub mod kinesis;
 pub mod local;
@@ -21,6 +22,7 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use crate::config::{Config, IotTransport};
 use crate::record::{PerSink, Record, SinkId};
 use crate::route::Destination;
 
@@ -61,6 +63,34 @@ pub struct Sinks {
 }
 
 impl Sinks {
+    /// The sinks `config` configures, each built from its own section, around the local
+    /// sink (which stands in for the others).
+    pub async fn build(config: &Config, local: Arc<local::LocalSink>) -> anyhow::Result<Sinks> {
+        let needs_aws = config.sinks.kinesis.is_some()
+            || config
+                .sinks
+                .iot_core
+                .as_ref()
+                .is_some_and(|iot| iot.transport == IotTransport::Https);
+        let shared = match needs_aws {
+            true => Some(aws::sdk_config(&config.aws).await),
+            false => None,
+        };
+        let kinesis = match (&config.sinks.kinesis, &shared) {
+            (Some(settings), Some(shared)) => {
+                let max_record_bytes = config.routing.kinesis_max_record_bytes;
+                let sink = kinesis::KinesisSink::build(settings, max_record_bytes, shared);
+                Some(Arc::new(sink) as Arc<dyn Sink>)
+            }
+            _ => None,
+        };
+        let iot_core = match &config.sinks.iot_core {
+            Some(settings) => Some(iot_core::build(settings, shared.as_ref())?),
+            None => None,
+        };
+        Ok(Sinks::new(local, kinesis, iot_core))
+    }
+
     /// The local sink, and the cloud sinks that are configured.
     pub fn new(
         local: Arc<local::LocalSink>,

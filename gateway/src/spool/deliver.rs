@@ -22,6 +22,7 @@ use futures_util::StreamExt as _;
 use futures_util::stream::FuturesOrdered;
 use tokio::sync::watch;
 
+use crate::backoff::Backoff;
 use crate::config::ExpiredPath;
 use crate::message::{attribute, now_ms};
 use crate::metrics::{SinkLabel, SinkOutcome};
@@ -38,8 +39,12 @@ const WINDOW_BYTES: usize = 8 << 20;
 /// Windows in flight per sink. Enough to keep a sink's own batching busy while the next
 /// window is read; few enough that a failure re-sends little.
 const MAX_WINDOWS: usize = 4;
-/// Longest pause between attempts while a sink keeps failing.
-const MAX_BACKOFF: Duration = Duration::from_secs(5);
+/// Pauses between attempts while a sink keeps failing: 100 ms, doubling to 5 s.
+const RETRY: Backoff = Backoff {
+    first: Duration::from_millis(100),
+    max: Duration::from_secs(5),
+    jitter: false,
+};
 
 /// Starts one delivery task per sink. Each runs until `drain` turns true and its queue
 /// is empty; the caller aborts them when the shutdown deadline passes.
@@ -102,7 +107,7 @@ impl Deliverer {
             if in_flight.is_empty() {
                 if failed {
                     failures = failures.saturating_add(1);
-                    tokio::time::sleep(backoff(failures)).await;
+                    tokio::time::sleep(RETRY.delay(failures)).await;
                     failed = false;
                     cursor = 0;
                     continue;
@@ -313,23 +318,4 @@ fn expired(record: &Record, now_ms: u64) -> bool {
                 .saturating_add(secs.saturating_mul(1000))
                 <= now_ms
         })
-}
-
-/// 100 ms, doubling per failure, at most [`MAX_BACKOFF`].
-fn backoff(failures: u32) -> Duration {
-    let ms = 100u64.saturating_mul(1 << failures.min(10).saturating_sub(1));
-    Duration::from_millis(ms).min(MAX_BACKOFF)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn backoff_doubles_up_to_its_limit() {
-        assert_eq!(backoff(1), Duration::from_millis(100));
-        assert_eq!(backoff(2), Duration::from_millis(200));
-        assert_eq!(backoff(4), Duration::from_millis(800));
-        assert_eq!(backoff(30), MAX_BACKOFF);
-    }
 }

@@ -11,8 +11,41 @@
 pub mod https;
 pub mod mqtt;
 
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::IotCoreSinkConfig;
 use crate::record::Record;
 use crate::route::{Destination, check_iot_core};
+
+/// The IoT Core sink `[sinks.iot_core]` configures: over MQTT with `[sinks.iot_core.mqtt]`,
+/// else over HTTPS with the shared AWS configuration.
+pub fn build(
+    settings: &IotCoreSinkConfig,
+    aws: Option<&aws_config::SdkConfig>,
+) -> anyhow::Result<Arc<dyn crate::sink::Sink>> {
+    let delivery_timeout = Duration::from_millis(settings.delivery_timeout_ms);
+    let rule = settings.basic_ingest_rule.clone();
+    Ok(match (&settings.mqtt, aws) {
+        (Some(mqtt), _) => Arc::new(mqtt::MqttSink::start(mqtt::MqttSettings {
+            host: mqtt.host.clone(),
+            port: mqtt.port,
+            client_id: mqtt.client_id.clone(),
+            ca: mqtt.ca.clone(),
+            cert: mqtt.cert.clone(),
+            key: mqtt.key.clone(),
+            keep_alive: Duration::from_secs(mqtt.keep_alive_secs),
+            delivery_timeout,
+            basic_ingest_rule: rule,
+        })?),
+        (None, Some(shared)) => {
+            let endpoint = settings.endpoint_url.as_deref();
+            let shared = crate::sink::aws::with_endpoint(shared, endpoint);
+            Arc::new(https::HttpsSink::new(&shared, rule, delivery_timeout))
+        }
+        (None, None) => anyhow::bail!("sinks.iot_core: no transport could be set up"),
+    })
+}
 
 /// One publish, checked against IoT Core's rules.
 pub struct Publish {

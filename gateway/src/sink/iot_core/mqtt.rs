@@ -17,10 +17,18 @@ use rumqttc::{
 };
 use tokio::sync::oneshot;
 
+use crate::backoff::Backoff;
 use crate::record::Record;
 use crate::sink::iot_core::prepare;
-use crate::sink::kinesis::batch::backoff;
 use crate::sink::{Rejected, SinkError, SinkFuture};
+
+/// Pauses between reconnects while the broker is away: 100 to 200 ms at first, doubling
+/// to 2 s, jittered.
+const RECONNECT: Backoff = Backoff {
+    first: Duration::from_millis(200),
+    max: Duration::from_secs(2),
+    jitter: true,
+};
 
 /// Publishes handed to rumqttc but not yet acknowledged, at most (rumqttc's in-flight
 /// window; further publishes wait, which pushes back towards ingress).
@@ -108,7 +116,7 @@ impl MqttSink {
                     Err(error) => {
                         disconnected(&loop_tracker);
                         failures = failures.saturating_add(1);
-                        let pause = backoff(failures).max(Duration::from_millis(100));
+                        let pause = RECONNECT.delay(failures);
                         tracing::warn!(%broker, %error, ?pause, "MQTT connection to IoT Core lost; reconnecting");
                         tokio::time::sleep(pause).await;
                     }

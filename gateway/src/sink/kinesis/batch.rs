@@ -10,6 +10,7 @@
 //! blocks the key's later records until it is through. Records of different keys fill
 //! the call, so a fleet of devices still gets full batches.
 
+use crate::backoff::Backoff;
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
@@ -17,10 +18,13 @@ use std::time::{Duration, Instant};
 pub const MAX_RECORDS_PER_CALL: usize = 500;
 /// Bytes per `PutRecords` call, data plus partition keys (Kinesis quota: 5 MiB).
 pub const MAX_BYTES_PER_CALL: usize = 5 * 1024 * 1024;
-/// First retry delay; doubled per attempt, with full jitter.
-pub const RETRY_BASE: Duration = Duration::from_millis(50);
-/// Longest retry delay.
-pub const RETRY_MAX: Duration = Duration::from_secs(2);
+/// Pauses before a record (or, throttled, the whole stream) is tried again: 100 ms,
+/// doubling to 2 s, jittered so that throttled gateways do not retry in lockstep.
+pub const RETRY: Backoff = Backoff {
+    first: Duration::from_millis(100),
+    max: Duration::from_secs(2),
+    jitter: true,
+};
 
 /// What the planner needs to know about a queued record.
 pub trait Queued {
@@ -170,16 +174,6 @@ pub fn plan_aggregated<Q: Queued>(
         .collect();
     planned.sort_by_key(|p| p.members()[0]);
     planned
-}
-
-/// The delay before retry number `attempt` (1 for the first retry): exponential with
-/// full jitter, so throttled gateways do not retry in lockstep.
-pub fn backoff(attempt: u32) -> Duration {
-    let ceiling = RETRY_BASE
-        .saturating_mul(1u32 << attempt.min(16))
-        .min(RETRY_MAX);
-    let jitter: f64 = rand::random();
-    ceiling.mul_f64(0.5 + jitter / 2.0)
 }
 
 #[cfg(test)]
@@ -334,19 +328,5 @@ mod tests {
             ],
             "same shard, room to spare: the pinned ones still go alone"
         );
-    }
-
-    #[test]
-    fn backoff_grows_and_is_capped() {
-        for attempt in 1..30 {
-            let delay = backoff(attempt);
-            let ceiling = RETRY_BASE
-                .saturating_mul(1 << attempt.min(16))
-                .min(RETRY_MAX);
-            assert!(
-                delay <= ceiling && delay >= ceiling / 2,
-                "{attempt}: {delay:?}"
-            );
-        }
     }
 }

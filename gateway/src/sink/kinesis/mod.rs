@@ -26,10 +26,11 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, oneshot};
 
+use crate::config::KinesisSinkConfig;
 use crate::record::Record;
 use crate::route::Destination;
 use crate::sink::kinesis::aggregate::{Aggregate, hash_key};
-use crate::sink::kinesis::batch::{Planned, Queued, backoff, plan, plan_aggregated};
+use crate::sink::kinesis::batch::{Planned, Queued, RETRY, plan, plan_aggregated};
 use crate::sink::kinesis::service::{CallError, EntryResult, KinesisApi, PutEntry, ShardRange};
 use crate::sink::{Rejected, SinkError, SinkFuture};
 
@@ -113,6 +114,26 @@ pub struct KinesisSink {
 }
 
 impl KinesisSink {
+    /// The sink `[sinks.kinesis]` configures, calling Kinesis with the shared AWS
+    /// configuration (or the section's own endpoint), records up to `max_record_bytes`.
+    pub fn build(
+        settings: &KinesisSinkConfig,
+        max_record_bytes: usize,
+        shared: &aws_config::SdkConfig,
+    ) -> KinesisSink {
+        let shared = crate::sink::aws::with_endpoint(shared, settings.endpoint_url.as_deref());
+        KinesisSink::new(
+            Arc::new(service::AwsKinesis::new(&shared)),
+            KinesisSettings {
+                linger: Duration::from_millis(settings.linger_ms),
+                delivery_timeout: Duration::from_millis(settings.delivery_timeout_ms),
+                max_record_bytes,
+                aggregate_streams: settings.aggregate_streams.clone(),
+                envelope: settings.envelope,
+            },
+        )
+    }
+
     /// A sink calling `api`.
     pub fn new(api: Arc<dyn KinesisApi>, settings: KinesisSettings) -> KinesisSink {
         KinesisSink {
@@ -474,7 +495,7 @@ impl StreamWorker {
                 // Slow the whole stream down, not only the records concerned: the shard is
                 // over its quota, so sending the next call at once would be refused too.
                 throttles = throttles.saturating_add(1);
-                let pause = backoff(throttles);
+                let pause = RETRY.delay(throttles);
                 tracing::debug!(%stream, ?pause, "throttled by Kinesis; slowing down");
                 tokio::time::sleep(pause).await;
             } else {
@@ -509,7 +530,7 @@ fn put_entry(queue: &[Entry], planned: &Planned) -> PutEntry {
 
 fn retry_later(entry: &mut Entry, now: Instant, error: String) {
     entry.attempts = entry.attempts.saturating_add(1);
-    entry.not_before = now + backoff(entry.attempts);
+    entry.not_before = now + RETRY.delay(entry.attempts);
     entry.last_error = error;
 }
 
