@@ -283,7 +283,8 @@ pub(crate) mod tests {
                 limit: 1,
             })
         };
-        let cases: Vec<(Result<Vec<MessageReport>, StoreError>, usize, Vec<&str>)> = vec![
+        type Outcome = Result<Vec<MessageReport>, StoreError>;
+        let cases: Vec<(Outcome, usize, Vec<&str>)> = vec![
             (
                 Ok(vec![report(Status::Accepted, None)]),
                 1,

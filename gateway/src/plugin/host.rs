@@ -1,24 +1,25 @@
 //! The engine and everything built once per process: the linker with the host imports,
-//! the epoch ticker, the compiled-component cache, and loading with import checks.
+//! the epoch ticker, the compiled-component cache, and loading with import checks. An
+//! instance's store holds a [`HostState`] ([`crate::plugin::state`]); a plugin's counters
+//! are its [`PluginStats`] ([`crate::plugin::stats`]).
 
-use std::collections::HashMap;
 use std::hash::{Hash, Hasher};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
 use sha2::{Digest, Sha256};
 use wasmtime::component::types::ComponentItem;
-use wasmtime::component::{Component, HasSelf, Linker, ResourceTable};
-use wasmtime::{Engine, ResourceLimiter, Store};
-use wasmtime_wasi::{WasiCtx, WasiCtxView, WasiView};
+use wasmtime::component::{Component, HasSelf, Linker};
+use wasmtime::{Engine, Store};
 
-use crate::plugin::output::{Owner, PluginOutput};
+use crate::plugin::output::PluginOutput;
+use crate::plugin::state::HostState;
+use crate::plugin::stats::PluginStats;
 use crate::plugin::{PluginError, PluginKind};
 use crate::wit::router::RouterPre;
-use crate::wit::sluice::plugin::{host, types};
 use crate::wit::transform::TransformPre;
 
 /// How often the ticker thread advances the engine's epoch. Call time limits are
@@ -89,226 +90,6 @@ pub fn import_rule(name: &str) -> Result<&'static str, &'static str> {
 
 /// Components at least this large get progress output while they compile.
 const LARGE_COMPONENT_BYTES: usize = 2 << 20;
-
-/// The state of one plugin instance's store.
-pub struct HostState {
-    /// The WASI context (see [`IMPORT_RULES`]).
-    wasi: WasiCtx,
-    /// WASI's resource handles (streams and the like).
-    table: ResourceTable,
-    /// Enforces the instance's memory limit and remembers that it was hit.
-    limiter: MemoryLimiter,
-    /// Where `log` and `counter-add` go.
-    stats: Arc<PluginStats>,
-}
-
-/// A plugin's counters, shared by all its instances and versions: what it reported
-/// through the host imports, and what the host measured of its calls.
-#[derive(Debug)]
-pub struct PluginStats {
-    /// The plugin's name, for log records.
-    pub name: String,
-    /// Counters from `counter-add`.
-    pub counters: Mutex<HashMap<String, u64>>,
-    /// Its Prometheus metrics.
-    pub metrics: crate::metrics::PluginMetrics,
-    /// Nanoseconds spent in calls, for the admin API's average.
-    pub call_nanos: std::sync::atomic::AtomicU64,
-    /// The last failure (code, reason, when), for the admin API and the console.
-    pub last_error: Mutex<Option<LastError>>,
-}
-
-/// A plugin's most recent failure.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct LastError {
-    /// The failure code (`plugin_refused`, `plugin_trap`, …).
-    pub code: &'static str,
-    /// What the plugin or the host said.
-    pub reason: String,
-    /// When (milliseconds since the Unix epoch).
-    pub at_ms: u64,
-}
-
-impl PluginStats {
-    /// Fresh counters for the plugin `name`.
-    pub fn new(name: &str) -> PluginStats {
-        PluginStats {
-            name: name.to_string(),
-            counters: Mutex::default(),
-            metrics: crate::metrics::PluginMetrics::new(name),
-            call_nanos: std::sync::atomic::AtomicU64::new(0),
-            last_error: Mutex::default(),
-        }
-    }
-
-    /// Counts `n` messages that failed with `code` and keeps `reason` as the last error.
-    pub fn failed(&self, code: &'static str, reason: &str, n: u64) {
-        self.metrics.failed(code, n);
-        let at_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as u64);
-        *self.last_error.lock().unwrap_or_else(|p| p.into_inner()) = Some(LastError {
-            code,
-            reason: reason.to_string(),
-            at_ms,
-        });
-    }
-
-    /// The last failure, if any.
-    pub fn last_error(&self) -> Option<LastError> {
-        self.last_error
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-    }
-
-    /// Counts one call of `messages` messages that took `elapsed`.
-    pub fn call(&self, messages: usize, elapsed: Duration) {
-        self.metrics.calls.inc();
-        self.metrics.call_seconds.observe(elapsed.as_secs_f64());
-        self.metrics.batch_messages.observe(messages as f64);
-        self.call_nanos
-            .fetch_add(elapsed.as_nanos() as u64, Ordering::Relaxed);
-    }
-
-    /// A snapshot of the counters, sorted by name.
-    pub fn counters(&self) -> Vec<(String, u64)> {
-        let counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
-        let mut list: Vec<_> = counters.iter().map(|(k, v)| (k.clone(), *v)).collect();
-        list.sort();
-        list
-    }
-}
-
-/// The per-instance memory limit. Wasmtime's `StoreLimits` enforces a limit too, but
-/// cannot tell afterwards whether a trap came from it; the gateway must report
-/// "memory limit" precisely, so this limiter records the fact.
-struct MemoryLimiter {
-    /// Most bytes of linear memory (and table elements) an instance may have.
-    max_bytes: usize,
-    /// Set when a growth was refused; read after a failed call.
-    hit: bool,
-}
-
-impl ResourceLimiter for MemoryLimiter {
-    fn memory_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        if desired > self.max_bytes {
-            self.hit = true;
-            return Err(wasmtime::format_err!(
-                "plugin memory limit of {} MiB reached",
-                self.max_bytes >> 20
-            ));
-        }
-        Ok(true)
-    }
-
-    fn table_growing(
-        &mut self,
-        _current: usize,
-        desired: usize,
-        _maximum: Option<usize>,
-    ) -> wasmtime::Result<bool> {
-        Ok(desired <= 1_000_000)
-    }
-}
-
-impl WasiView for HostState {
-    fn ctx(&mut self) -> WasiCtxView<'_> {
-        WasiCtxView {
-            ctx: &mut self.wasi,
-            table: &mut self.table,
-        }
-    }
-}
-
-impl types::Host for HostState {}
-
-impl host::Host for HostState {
-    fn log(&mut self, level: host::Level, message: String, fields: Vec<(String, String)>) {
-        let plugin = self.stats.name.as_str();
-        let fields = FieldList(&fields);
-        match level {
-            host::Level::Trace => tracing::trace!(plugin, %fields, "{message}"),
-            host::Level::Debug => tracing::debug!(plugin, %fields, "{message}"),
-            host::Level::Info => tracing::info!(plugin, %fields, "{message}"),
-            host::Level::Warn => tracing::warn!(plugin, %fields, "{message}"),
-            host::Level::Error => tracing::error!(plugin, %fields, "{message}"),
-        }
-    }
-
-    fn counter_add(&mut self, name: String, delta: u64) {
-        self.stats.add_counter(&name, delta);
-    }
-}
-
-impl Owner for PluginStats {
-    fn name(&self) -> &str {
-        &self.name
-    }
-
-    fn count(&self, name: &str, delta: u64) {
-        self.add_counter(name, delta);
-    }
-}
-
-impl PluginStats {
-    /// Adds `delta` to the plugin's counter `name` (bounded: see [`MAX_COUNTERS`]).
-    pub fn add_counter(&self, name: &str, delta: u64) {
-        let mut counters = self.counters.lock().unwrap_or_else(|p| p.into_inner());
-        let (name, first_overflow) = counter_name(&counters, name.to_string());
-        if first_overflow {
-            tracing::warn!(
-                plugin = %self.name,
-                "the plugin uses more than {MAX_COUNTERS} counter names (or names over {MAX_COUNTER_NAME} bytes); the rest are counted as `{OTHER_COUNTER}`"
-            );
-        }
-        self.metrics.counter_add(&name, delta);
-        let counter = counters.entry(name).or_insert(0);
-        *counter = counter.saturating_add(delta);
-    }
-}
-
-/// Most counter names a plugin has (each is a Prometheus label value: a plugin making
-/// names from its data must not grow the metrics without end).
-pub const MAX_COUNTERS: usize = 100;
-/// Longest counter name.
-pub const MAX_COUNTER_NAME: usize = 64;
-/// Where counts beyond those limits go.
-pub const OTHER_COUNTER: &str = "_other";
-
-/// The name `name` is counted under, given the plugin's `counters` so far, and whether
-/// this is the first one turned away.
-fn counter_name(counters: &HashMap<String, u64>, name: String) -> (String, bool) {
-    let known = counters.contains_key(&name);
-    let fits = name.len() <= MAX_COUNTER_NAME && name != OTHER_COUNTER;
-    if known || (fits && counters.len() < MAX_COUNTERS) {
-        return (name, false);
-    }
-    (
-        OTHER_COUNTER.to_string(),
-        !counters.contains_key(OTHER_COUNTER),
-    )
-}
-
-/// A plugin's log fields as `k=v k=v`.
-struct FieldList<'a>(&'a [(String, String)]);
-
-impl std::fmt::Display for FieldList<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        for (index, (key, value)) in self.0.iter().enumerate() {
-            if index > 0 {
-                f.write_str(" ")?;
-            }
-            write!(f, "{key}={value:?}")?;
-        }
-        Ok(())
-    }
-}
 
 /// A component's identity: SHA-256 of its bytes, hex.
 pub fn content_hash(bytes: &[u8]) -> String {
@@ -446,17 +227,9 @@ impl Host {
             .allow_udp(false)
             .allow_ip_name_lookup(false)
             .build();
-        let state = HostState {
-            wasi,
-            table: ResourceTable::new(),
-            limiter: MemoryLimiter {
-                max_bytes: self.limits.memory_bytes,
-                hit: false,
-            },
-            stats,
-        };
+        let state = HostState::new(wasi, stats, self.limits.memory_bytes);
         let mut store = Store::new(&self.engine, state);
-        store.limiter(|state| &mut state.limiter);
+        store.limiter(HostState::limiter);
         store.set_epoch_deadline(self.limits.deadline_ticks());
         store
     }
@@ -615,41 +388,9 @@ impl Drop for Host {
     }
 }
 
-/// Whether the store's memory limit was hit during the last call.
-pub fn memory_limit_hit(store: &Store<HostState>) -> bool {
-    store.data().limiter.hit
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn counter_names_are_bounded() {
-        let mut counters = HashMap::new();
-        for n in 0..MAX_COUNTERS {
-            let (name, overflow) = counter_name(&counters, format!("c{n}"));
-            assert_eq!((name.as_str(), overflow), (format!("c{n}").as_str(), false));
-            counters.insert(name, 1);
-        }
-        // Known names keep counting; a new one, or one too long, goes to `_other`, and
-        // only the first of those is reported.
-        assert_eq!(counter_name(&counters, "c7".into()), ("c7".into(), false));
-        assert_eq!(
-            counter_name(&counters, "new".into()),
-            (OTHER_COUNTER.into(), true)
-        );
-        counters.insert(OTHER_COUNTER.to_string(), 1);
-        assert_eq!(
-            counter_name(&counters, "again".into()),
-            (OTHER_COUNTER.into(), false)
-        );
-        let long = "x".repeat(MAX_COUNTER_NAME + 1);
-        assert_eq!(
-            counter_name(&HashMap::new(), long),
-            (OTHER_COUNTER.into(), true)
-        );
-    }
 
     #[test]
     fn deadlines_round_up_to_whole_ticks() {

@@ -2,6 +2,8 @@
 //!
 //! - [`host`]: the one engine (pooling allocator, epoch interruption), the linker with the
 //!   host imports, the compiled-component cache, import checks at load.
+//! - `state`: an instance's store state (WASI context, memory limit, the host imports);
+//!   [`stats`]: a plugin's counters and last error.
 //! - [`worker`]: the chain's calls, with instances (one store per plugin) reused across
 //!   batches and rebuilt after a trap, a timeout or a memory blow-up.
 //! - [`reload`]: watches plugin files and swaps in new versions; in-flight batches finish
@@ -25,6 +27,8 @@ pub mod offline;
 mod outcome;
 pub mod output;
 pub mod reload;
+mod state;
+pub mod stats;
 pub mod versions;
 pub mod worker;
 
@@ -38,10 +42,11 @@ use arc_swap::ArcSwap;
 
 use crate::config::{Config, PluginEntry, plugin_config_value};
 use crate::message::Message;
-use crate::plugin::host::{Host, Limits, PluginStats, Prepared};
+use crate::plugin::host::{Host, Limits, Prepared};
 pub use crate::plugin::manage::{AdminError, VersionReport};
 use crate::plugin::outcome::unavailable;
 pub use crate::plugin::outcome::{FailureKind, InputResult, Output, PartFailure, RouterChoice};
+use crate::plugin::stats::PluginStats;
 use crate::plugin::versions::Versions;
 
 /// Which world a plugin targets.

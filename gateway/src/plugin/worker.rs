@@ -7,7 +7,8 @@ use std::time::Instant;
 use wasmtime::Store;
 
 use crate::message::Message;
-use crate::plugin::host::{Host, HostState, Prepared, memory_limit_hit};
+use crate::plugin::host::{Host, Prepared};
+use crate::plugin::state::{HostState, memory_limit_hit};
 use crate::plugin::{
     FailureKind, InputResult, LoadedPlugin, Output, PartFailure, PluginSet, RouterChoice,
 };
