@@ -609,3 +609,67 @@ fn a_publish_in_flight_at_sigterm_is_acknowledged_before_the_session_is_told_to_
     assert_eq!(letters[0]["topic"], "t/slow", "{letters:?}");
     assert_eq!(letters[0]["origin"]["stage"], "plugin", "{letters:?}");
 }
+
+/// The gateway ending a session because its token expired is the gateway's decision,
+/// not the device's abnormal end: no last will (MQTT 5 DISCONNECT 0x87). A connection
+/// that drops, in the same configuration, still has its will published.
+#[test]
+fn a_session_the_gateway_ends_for_an_expired_token_publishes_no_will() {
+    let secret = "will-secret-0123456789abcdef0123456789";
+    let gateway = Gateway::start(&format!(
+        r#"
+        [auth.tokens]
+        keys = [{{ id = "k1", secret = "{secret}" }}]
+        [[policy.grants]]
+        name = "own"
+        devices = ["*"]
+        publish = ["status/${{device.id}}"]
+        [routing]
+        default_destination = "local"
+        "#
+    ));
+    let session = |device: &str, ttl: &str, end: &str| {
+        PahoSession::start(json!({
+            "url": ws_url(&gateway), "version": 5, "client_id": device,
+            "username": device, "password": gateway.issue_token(device, ttl),
+            "will": {"topic": format!("status/{device}"), "payload": format!("{device} gone"), "qos": 1},
+            "expect": 1, "timeout": 30, "end": end,
+        }))
+    };
+    let expiring = session("valve-9", "2s", "disconnect");
+    assert_eq!(expiring.next("connack")["reason"], 0);
+    let end = expiring.next("end");
+    assert_eq!(
+        end["disconnect_reason"], 0x87,
+        "the credential expired: {end}"
+    );
+    // A connection that drops (no DISCONNECT) after the first ended: its will is stored.
+    let dropping = PahoSession::start(json!({
+        "url": ws_url(&gateway), "version": 5, "client_id": "valve-8",
+        "username": "valve-8", "password": gateway.issue_token("valve-8", "10m"),
+        "will": {"topic": "status/valve-8", "payload": "valve-8 gone", "qos": 1},
+        "end": "drop",
+    }));
+    assert_eq!(dropping.next("connack")["reason"], 0);
+    dropping.next("end");
+    let wills = eventually(
+        Duration::from_secs(20),
+        "the dropped connection's will",
+        || {
+            let lines = gateway.sink("local");
+            lines
+                .iter()
+                .any(|l| l["payload_text"] == "valve-8 gone")
+                .then_some(lines)
+        },
+    );
+    let payloads: Vec<&str> = wills
+        .iter()
+        .map(|l| l["payload_text"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        payloads,
+        ["valve-8 gone"],
+        "no will for the expired session"
+    );
+}

@@ -507,7 +507,7 @@ pub fn connack(
                 max_packet_size: accepted.then(|| u32::try_from(max_packet).unwrap_or(u32::MAX)),
                 assigned_client_identifier: None,
                 topic_alias_max: accepted.then_some(0),
-                reason_string: reason.map(str::to_string),
+                reason_string: reason.map(reason_string),
                 user_properties: Vec::new(),
                 wildcard_subscription_available: None,
                 subscription_identifiers_available: accepted.then_some(0),
@@ -543,7 +543,7 @@ pub fn puback(version: Version, pkid: u16, reason: PubAckReason, why: Option<&st
         }
         Version::V5 => {
             let properties = why.map(|why| v5::PubAckProperties {
-                reason_string: Some(why.to_string()),
+                reason_string: Some(reason_string(why)),
                 user_properties: Vec::new(),
             });
             let ack = v5::PubAck {
@@ -571,6 +571,28 @@ pub fn disconnect(reason: DisconnectReasonCode) -> BytesMut {
     out.put_u8(1);
     out.put_u8(reason as u8);
     out
+}
+
+/// Longest reason string sent, in bytes: a reason is for a person reading a log, and a
+/// long one (a refusal quoting a 64 KiB topic) would overflow the property's 16-bit
+/// length and break the packet.
+pub const MAX_REASON_BYTES: usize = 256;
+
+/// `why` as a reason string: control characters (a NUL from a topic, say) replaced by
+/// `?`, cut to [`MAX_REASON_BYTES`] on a character boundary, with `…` where it was cut.
+pub fn reason_string(why: &str) -> String {
+    let clean: String = why
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if clean.len() <= MAX_REASON_BYTES {
+        return clean;
+    }
+    let mut end = MAX_REASON_BYTES - '…'.len_utf8();
+    while !clean.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &clean[..end])
 }
 
 /// The byte a PUBACK reason is on the wire (rumqttc keeps its own mapping private), for
@@ -855,6 +877,26 @@ mod tests {
             other => panic!("{other:?}"),
         }
         assert_eq!(&unsuback(Version::V4, 3, 2)[..], b"\xb0\x02\x00\x03");
+    }
+
+    /// A reason string is short and clean whatever it quotes: a refusal naming a 70 KB
+    /// topic with a NUL in it still makes a well-formed PUBACK (its length used to wrap
+    /// at 65,535 and the NUL went out as it was).
+    #[test]
+    fn reason_strings_are_bounded_and_clean() {
+        let why = format!("topic `a\0b{}`: too long", "é".repeat(35_000));
+        let mut ack = puback(Version::V5, 9, PubAckReason::TopicNameInvalid, Some(&why));
+        match v5::Packet::read(&mut ack, None) {
+            Ok(v5::Packet::PubAck(ack)) => {
+                let reason = ack.properties.unwrap().reason_string.unwrap();
+                assert!(reason.len() <= MAX_REASON_BYTES, "{}", reason.len());
+                assert!(reason.starts_with("topic `a?b"), "{reason}");
+                assert!(reason.ends_with('…'), "{reason}");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(ack.is_empty(), "one packet, nothing left over");
+        assert_eq!(reason_string("short"), "short");
     }
 
     #[test]

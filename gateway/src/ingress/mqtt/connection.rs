@@ -166,10 +166,13 @@ pub async fn run<T: Transport>(
     {
         tracing::error!(%error, "cannot save an MQTT session");
     }
+    // The will is for the device's abnormal end: a dropped connection, a protocol error,
+    // a takeover (MQTT 5 §3.1.4). Not for the gateway's own decisions: its shutdown, or a
+    // credential it found expired or revoked.
     let will = match &end {
         End::Disconnected { with_will } => *with_will,
-        End::Ended(Ended::ShuttingDown) => false,
-        End::Closed | End::Refused(..) | End::Ended(_) => true,
+        End::Ended(Ended::ShuttingDown | Ended::Expired(_) | Ended::Revoked) => false,
+        End::Closed | End::Refused(..) | End::Ended(Ended::TakenOver) => true,
     };
     let refused = match end {
         End::Refused(reason, why) => Some((reason, why)),
