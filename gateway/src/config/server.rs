@@ -101,8 +101,9 @@ pub struct ServerConfig {
     pub data_dir: PathBuf,
     /// Serve HTTPS with this certificate; plain HTTP when absent.
     pub tls: Option<TlsConfig>,
-    /// On SIGTERM or Ctrl-C: how long to keep delivering spooled records after the last
-    /// request finished, before exiting with the rest left in the spool. Default 10000.
+    /// On SIGTERM or Ctrl-C: how long requests in flight and device sessions may take to
+    /// finish, and then how long to keep delivering spooled records, before exiting with
+    /// the rest left in the spool. Default 10000.
     #[serde(default = "default_shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
     /// Without `[auth]` the device id is whatever a client says (`x-device-id`), so the
