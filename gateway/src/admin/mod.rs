@@ -205,10 +205,8 @@ mod tests {
 
     const TOKEN: &str = "test-admin-token-0123";
 
-    /// Sends `request` (with the admin token unless `token` is false) to a fresh admin
-    /// app; the status, the code and the headers.
-    async fn send(request: Request<Body>) -> (StatusCode, Value, axum::http::HeaderMap) {
-        let fixture = crate::testing::gateway("");
+    /// The admin app over `fixture`'s gateway (no downlink).
+    fn app(fixture: &crate::testing::Fixture) -> axum::Router {
         let parts = Parts {
             pipeline: fixture.state.pipeline.clone(),
             sessions: fixture.state.sessions.clone(),
@@ -217,10 +215,14 @@ mod tests {
         };
         let console =
             crate::console::Console::new(parts.pipeline.clone(), None, parts.reloader.clone());
-        let response = router(parts, TOKEN.to_string(), console)
-            .oneshot(request)
-            .await
-            .unwrap();
+        router(parts, TOKEN.to_string(), console)
+    }
+
+    /// Sends `request` (with the admin token unless `token` is false) to a fresh admin
+    /// app; the status, the code and the headers.
+    async fn send(request: Request<Body>) -> (StatusCode, Value, axum::http::HeaderMap) {
+        let fixture = crate::testing::gateway("");
+        let response = app(&fixture).oneshot(request).await.unwrap();
         let status = response.status();
         let headers = response.headers().clone();
         let bytes = axum::body::to_bytes(response.into_body(), 1 << 20)
@@ -379,15 +381,7 @@ mod tests {
             .process(vec![message], false)
             .await
             .unwrap();
-        let parts = Parts {
-            pipeline: fixture.state.pipeline.clone(),
-            sessions: fixture.state.sessions.clone(),
-            downlink: None,
-            reloader: fixture.reloader.clone(),
-        };
-        let console =
-            crate::console::Console::new(parts.pipeline.clone(), None, parts.reloader.clone());
-        let response = router(parts, TOKEN.to_string(), console)
+        let response = app(&fixture)
             .oneshot(authorized("GET", "/metrics", ""))
             .await
             .unwrap();

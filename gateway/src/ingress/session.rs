@@ -40,8 +40,6 @@ pub enum Ended {
 pub struct DeviceSession {
     /// The session as `GET /admin/devices` lists it, with its counters.
     info: Arc<SessionInfo>,
-    /// Where the session is registered, to leave at close.
-    state: AppState,
     /// Why the session must stop.
     pub end: Ending,
     /// The downlink's commands for the device.
@@ -74,7 +72,6 @@ impl DeviceSession {
                 info: info.clone(),
             },
             info,
-            state: state.clone(),
         }
     }
 
@@ -97,12 +94,15 @@ impl DeviceSession {
     /// the session leaves the list.
     pub async fn close(self) {
         let Commands {
-            identity, attached, ..
+            state,
+            identity,
+            attached,
+            ..
         } = self.commands;
-        if let (Some(downlink), Some(attached)) = (&self.state.downlink, attached) {
+        if let (Some(downlink), Some(attached)) = (&state.downlink, attached) {
             downlink.detach(&identity.device_id, attached.session).await;
         }
-        self.state.sessions.close(self.info.session);
+        state.sessions.close(self.info.session);
     }
 }
 
@@ -198,7 +198,7 @@ async fn taken_over(takeover: &mut Option<oneshot::Receiver<()>>) {
 /// The downlink's commands for a session's device: a nudge when there may be some, and
 /// each one checked against the policy as it is taken.
 pub struct Commands {
-    /// The downlink and the rules.
+    /// The downlink, the rules, and the session list the session leaves at close.
     state: AppState,
     /// The device.
     identity: Identity,
