@@ -10,8 +10,9 @@
 //!
 //! A message's way: [`ingress`] (a device's protocol) → [`auth`] and [`policy`] (who it
 //! is, what it may do) → [`pipeline`] → [`plugin`] (transforms, a router) → [`route`]
-//! (the decision) → [`record`] → [`spool`] (durable) → [`sink`] (delivery). Commands come
-//! back through [`downlink`].
+//! (the decision) → [`record`] → [`spool`] (durable) → [`sink`] (delivery). What a device
+//! receives comes through its own session at IoT Core, [`upstream`] (commands through the
+//! shared [`downlink`] for the WebSocket dialect and HTTP long-polls).
 //!
 //! The modules stand on floors, the top floor first. A module imports only modules on
 //! its own floor or below (`scripts/check-imports` fails the tests otherwise), so that
@@ -42,6 +43,8 @@
 //!   across batches, time and memory limits, hot reload, uploaded versions.
 //! - [`spool`]: the durable queue per sink (group commit), delivery from it, best-effort
 //!   hand-over beside it, and the dead-letter store.
+//! - [`upstream`]: each receiving device's own MQTT 5 session at IoT Core, under its
+//!   client id: subscriptions, shadow and jobs requests, messages for the device.
 //! - [`downlink`]: commands from the cloud to devices, through the MQTT broker.
 //! - [`sink`]: delivery to Kinesis, IoT Core (MQTT or HTTPS), or the local sink, the
 //!   embedded default that needs no cloud.
@@ -95,6 +98,7 @@ pub(crate) mod template;
 mod testing;
 pub mod tls;
 pub(crate) mod topic;
+pub(crate) mod upstream;
 pub(crate) mod wit;
 
 use std::sync::Arc;
@@ -158,6 +162,11 @@ pub async fn run(
         .clone()
         .map(|settings| downlink::Downlink::start(settings, &config.server.data_dir))
         .transpose()?;
+    let upstream = config
+        .upstream
+        .clone()
+        .map(upstream::Upstream::new)
+        .transpose()?;
     let admin = match (&config.admin.listen, &config.admin.token) {
         (Some(listen), Some(token)) => Some(
             admin::serve(
@@ -181,6 +190,7 @@ pub async fn run(
         shutdown,
         sessions,
         downlink,
+        upstream,
         mqtt_clients: Default::default(),
         mqtt_sessions: ingress::mqtt::saved::SavedSessions::open(&config.server.data_dir)?,
     };

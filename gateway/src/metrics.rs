@@ -126,6 +126,12 @@ pub struct Metrics {
     pub sessions: Gauge,
     /// MQTT publishes by outcome: `accepted`, or the reason code they were refused with.
     pub mqtt_publishes: Family<Status, Counter>,
+    /// Events of the devices' own sessions at IoT Core (`[upstream]`): `connected`,
+    /// `connect_failed`, `refused`, `taken_over`, `relayed` (a message sent to its
+    /// device), `too_large` (over the device's Maximum Packet Size), `denied` (the policy
+    /// no longer allows the device to receive it), `dropped_qos0` (the device far
+    /// behind).
+    pub upstream: Family<Status, Counter>,
     /// Seconds from reading a batch of MQTT publishes to writing their PUBACKs.
     pub mqtt_puback_seconds: Histogram,
     /// Message parts routed, by route and destination.
@@ -344,6 +350,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "Connections the gateway refused or closed (refused_full, handshake_timeout, idle_timeout)",
         connections_closed.clone(),
     );
+    let upstream = Family::<Status, Counter>::default();
+    registry.register(
+        "upstream_events",
+        "Events of the devices' own sessions at IoT Core, by event",
+        upstream.clone(),
+    );
     let mqtt_publishes = Family::<Status, Counter>::default();
     registry.register(
         "mqtt_publishes",
@@ -454,6 +466,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         connections,
         connections_closed,
         mqtt_publishes,
+        upstream,
         mqtt_puback_seconds,
         sessions,
         routes,
@@ -515,7 +528,16 @@ impl Metrics {
             .inc();
     }
 
-    /// Counts MQTT publishes with `outcome`.
+    /// Counts an event of a device's session at IoT Core.
+    pub fn upstream(&self, event: &str) {
+        self.upstream
+            .get_or_create(&Status {
+                status: event.to_string(),
+            })
+            .inc();
+    }
+
+    /// Counts `n` MQTT publishes with `outcome`.
     pub fn mqtt_publish(&self, outcome: &str, n: u64) {
         self.mqtt_publishes
             .get_or_create(&Status {

@@ -16,3 +16,9 @@ pub const KINESIS_LARGEST_MAX_RECORD_BYTES: usize = 10 * 1024 * 1024;
 
 /// Kinesis: a partition key is 1 to 256 Unicode characters (`PutRecords`).
 pub const KINESIS_MAX_PARTITION_KEY_CHARS: usize = 256;
+
+/// IoT Core: topic filters in one SUBSCRIBE.
+pub const IOT_CORE_MAX_FILTERS_PER_SUBSCRIBE: usize = 8;
+
+/// IoT Core: subscriptions per connection.
+pub const IOT_CORE_MAX_SUBSCRIPTIONS: usize = 50;

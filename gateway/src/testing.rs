@@ -64,6 +64,7 @@ pub fn gateway(config: &str) -> Fixture {
             shutdown,
             sessions: Arc::new(Sessions::default()),
             downlink: None,
+            upstream: None,
             mqtt_clients: Default::default(),
             mqtt_sessions,
         },

@@ -106,9 +106,87 @@ pub fn validate_publish_topic(topic: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// IoT Core's reserved topics begin with this.
+pub const RESERVED_PREFIX: &str = "$aws/";
+
+/// What a topic under IoT Core's reserved `$aws/` prefix is to a device.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Reserved {
+    /// `$aws/rules/{rule}/…`: Basic Ingest, straight to a rule (it goes through the
+    /// gateway's way like any telemetry).
+    BasicIngest,
+    /// A request to one of IoT Core's services (shadow, jobs, fleet provisioning,
+    /// Device Defender, secure tunnelling): answered by IoT Core on the session that sent
+    /// it, so it goes through the device's own session, untouched.
+    Request,
+    /// A reply or notification only IoT Core publishes (`…/accepted`, `…/rejected`,
+    /// `…/delta`, `…/documents`, `…/notify`, `…/notify-next`, `$aws/events/…`): a device
+    /// may subscribe to it, never publish on it.
+    Reply,
+}
+
+/// Whether `topic` is one of IoT Core's reserved topics, and which kind.
+pub fn reserved(topic: &str) -> Option<Reserved> {
+    let rest = topic.strip_prefix(RESERVED_PREFIX)?;
+    if rest.starts_with("rules/") {
+        return Some(Reserved::BasicIngest);
+    }
+    if rest.starts_with("events/") {
+        return Some(Reserved::Reply);
+    }
+    let last = rest.rsplit('/').next().unwrap_or_default();
+    if matches!(
+        last,
+        "accepted" | "rejected" | "delta" | "documents" | "notify" | "notify-next"
+    ) {
+        Some(Reserved::Reply)
+    } else {
+        Some(Reserved::Request)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reserved_topics_are_told_apart() {
+        let cases = [
+            ("telemetry/d1", None),
+            ("$aws/rules/ingest/d1", Some(Reserved::BasicIngest)),
+            ("$aws/things/d1/shadow/update", Some(Reserved::Request)),
+            (
+                "$aws/things/d1/shadow/name/cfg/get",
+                Some(Reserved::Request),
+            ),
+            (
+                "$aws/things/d1/shadow/update/accepted",
+                Some(Reserved::Reply),
+            ),
+            ("$aws/things/d1/shadow/update/delta", Some(Reserved::Reply)),
+            (
+                "$aws/things/d1/shadow/update/documents",
+                Some(Reserved::Reply),
+            ),
+            ("$aws/things/d1/jobs/start-next", Some(Reserved::Request)),
+            ("$aws/things/d1/jobs/job-7/update", Some(Reserved::Request)),
+            ("$aws/things/d1/jobs/notify-next", Some(Reserved::Reply)),
+            ("$aws/things/d1/jobs/notify", Some(Reserved::Reply)),
+            ("$aws/certificates/create/json", Some(Reserved::Request)),
+            (
+                "$aws/certificates/create/json/rejected",
+                Some(Reserved::Reply),
+            ),
+            (
+                "$aws/provisioning-templates/t/provision/json",
+                Some(Reserved::Request),
+            ),
+            ("$aws/events/presence/connected/d1", Some(Reserved::Reply)),
+        ];
+        for (topic, kind) in cases {
+            assert_eq!(reserved(topic), kind, "{topic}");
+        }
+    }
 
     #[test]
     fn filters_match_like_mqtt() {

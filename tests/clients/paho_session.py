@@ -7,7 +7,9 @@ usage: paho_session.py JSON
    "clean": true|false, "session_expiry"?: SECONDS (5.0),
    "will"?: {"topic": "...", "payload": "...", "qos": 0|1, "retain": false},
    "subscribe"?: [["filter", QOS], ...],
-   "publishes"?: [{"topic": "...", "payload": "...", "qos": 0|1, "retain"?: bool}],
+   "publishes"?: [{"topic": "...", "payload": "...", "qos": 0|1, "retain"?: bool,
+                   "properties"?: PROPERTIES (5.0)}],
+   "max_packet_size"?: BYTES, "receive_maximum"?: N (5.0, in the CONNECT),
    "expect": N (messages to wait for), "timeout": SECONDS,
    "ack": true|false (false: QoS 1 messages are never acknowledged),
    "end": "disconnect" | "disconnect_with_will" | "drop" (no DISCONNECT)}
@@ -15,7 +17,9 @@ events:
   {"event": "connack", "reason": CODE, "session_present": bool}
   {"event": "suback", "granted": [CODE, ...]}
   {"event": "puback", "mid": N, "reason": CODE}
-  {"event": "message", "topic", "payload", "qos", "dup", "retain"}
+  {"event": "message", "topic", "payload", "qos", "dup", "retain", "properties"?: PROPERTIES}
+PROPERTIES (MQTT 5): {"response_topic", "correlation_data" (text), "content_type",
+  "user_properties": [["key", "value"], ...]}, each optional
   {"event": "end", "disconnected": bool, "disconnect_reason": CODE|null}
 """
 import json
@@ -83,15 +87,48 @@ def on_publish(client, userdata, mid, reason, properties):
         acked.set()
 
 
+def to_properties(given):
+    """A PUBLISH's MQTT 5 properties from the spec's PROPERTIES."""
+    properties = Properties(PacketTypes.PUBLISH)
+    if "response_topic" in given:
+        properties.ResponseTopic = given["response_topic"]
+    if "correlation_data" in given:
+        properties.CorrelationData = given["correlation_data"].encode()
+    if "content_type" in given:
+        properties.ContentType = given["content_type"]
+    if "user_properties" in given:
+        properties.UserProperty = [tuple(pair) for pair in given["user_properties"]]
+    return properties
+
+
+def from_properties(properties):
+    """PROPERTIES of a received message (only those it has)."""
+    out = {}
+    if properties is None:
+        return out
+    if hasattr(properties, "ResponseTopic"):
+        out["response_topic"] = properties.ResponseTopic
+    if hasattr(properties, "CorrelationData"):
+        out["correlation_data"] = properties.CorrelationData.decode("utf-8", "replace")
+    if hasattr(properties, "ContentType"):
+        out["content_type"] = properties.ContentType
+    if hasattr(properties, "UserProperty"):
+        out["user_properties"] = [list(pair) for pair in properties.UserProperty]
+    return out
+
+
 def on_message(client, userdata, message):
-    emit({
+    event = {
         "event": "message",
         "topic": message.topic,
         "payload": message.payload.decode("utf-8", "replace"),
         "qos": message.qos,
         "dup": bool(message.dup),
         "retain": bool(message.retain),
-    })
+    }
+    if version == mqtt.MQTTv5:
+        event["properties"] = from_properties(message.properties)
+    emit(event)
     state["messages"] += 1
     if state["messages"] >= spec.get("expect", 0):
         finished.set()
@@ -116,6 +153,10 @@ if version == mqtt.MQTTv5:
     properties = Properties(PacketTypes.CONNECT)
     if spec.get("session_expiry"):
         properties.SessionExpiryInterval = spec["session_expiry"]
+    if spec.get("max_packet_size"):
+        properties.MaximumPacketSize = spec["max_packet_size"]
+    if spec.get("receive_maximum"):
+        properties.ReceiveMaximum = spec["receive_maximum"]
     client.connect(url.hostname, url.port, keepalive=60, clean_start=clean, properties=properties)
 else:
     client.connect(url.hostname, url.port, keepalive=60)
@@ -126,8 +167,11 @@ if not state["disconnected"]:
         client.subscribe([(f, q) for f, q in spec["subscribe"]])
         subscribed.wait(15)
     for publish in spec.get("publishes", []):
+        extra = {}
+        if "properties" in publish:
+            extra["properties"] = to_properties(publish["properties"])
         client.publish(publish["topic"], publish["payload"], qos=publish.get("qos", 0),
-                       retain=publish.get("retain", False))
+                       retain=publish.get("retain", False), **extra)
     if expected_acks:
         acked.wait(15)
     if spec.get("expect", 0) > 0:

@@ -170,8 +170,25 @@ impl TestEnv {
         self.mqtt_config_via(self.mqtt_port)
     }
 
+    /// `[upstream]`: the devices' own sessions at the broker, reached through `port`
+    /// (the broker's, or a proxy's), as the gateway's certificate.
+    pub fn upstream_config_via(&self, port: u16) -> String {
+        let certs = self.certs.display();
+        format!(
+            r#"
+            [upstream]
+            host = "localhost"
+            port = {port}
+            ca = "{certs}/ca.pem"
+            cert = "{certs}/sluice-gateway.pem"
+            key = "{certs}/sluice-gateway.key"
+            answer_timeout_ms = 3000
+            "#
+        )
+    }
+
     /// The MQTT sink's configuration, connecting to the broker through `port` (a proxy).
-    fn mqtt_config_via(&self, port: u16) -> String {
+    pub fn mqtt_config_via(&self, port: u16) -> String {
         let certs = self.certs.display();
         format!(
             r#"
@@ -181,14 +198,16 @@ impl TestEnv {
             [sinks.iot_core.mqtt]
             host = "localhost"
             port = {}
-            client_id = "sluice-gateway-{}"
+            client_id = "{}"
             ca = "{certs}/ca.pem"
             cert = "{certs}/sluice-gateway.pem"
             key = "{certs}/sluice-gateway.key"
             keep_alive_secs = 5
             "#,
             port,
-            std::process::id()
+            // One per gateway: two gateways with one client id would take the broker's
+            // connection from each other.
+            unique("sluice-gateway")
         )
     }
 
@@ -603,6 +622,31 @@ impl Subscriber {
                 false,
                 payload.to_string(),
             ))
+            .unwrap();
+    }
+
+    /// Publishes a retained message with QoS 1, and waits until the broker has it (this
+    /// subscriber's own filter must match it: it comes back).
+    pub fn publish_retained(&self, topic: &str, payload: &str) {
+        self.runtime
+            .block_on(self.client.publish(
+                topic,
+                rumqttc::QoS::AtLeastOnce,
+                true,
+                payload.to_string(),
+            ))
+            .unwrap();
+        let (got, _) = self.take(1).pop().unwrap();
+        assert_eq!(got, topic);
+    }
+
+    /// Publishes `payload` bytes with QoS 1.
+    pub fn publish_bytes(&self, topic: &str, payload: Vec<u8>) {
+        self.runtime
+            .block_on(
+                self.client
+                    .publish(topic, rumqttc::QoS::AtLeastOnce, false, payload),
+            )
             .unwrap();
     }
 

@@ -356,7 +356,12 @@ fn spawn(dir: &Path) -> (Child, String, String, String) {
         .arg(dir.join("sluice.toml"))
         .arg("--data-dir")
         .arg(dir.join("data"))
-        .env("SLUICE_LOG", "warn")
+        // SLUICE_TEST_LOG (e.g. `debug`) shows more of the gateways' logs when a test
+        // is looked into.
+        .env(
+            "SLUICE_LOG",
+            std::env::var("SLUICE_TEST_LOG").unwrap_or_else(|_| "warn".to_string()),
+        )
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());

@@ -23,5 +23,6 @@ mod py_plugins;
 mod refusals;
 mod reload;
 mod routing;
+mod upstream;
 mod websocket;
 mod wsclient;

@@ -15,13 +15,13 @@ use crate::harness::{Gateway, eventually};
 use crate::mqtt::{paho, ws_url};
 
 /// A paho-mqtt session (tests/clients/paho_session.py), its events read as they come.
-struct PahoSession {
+pub struct PahoSession {
     child: std::process::Child,
     events: mpsc::Receiver<Value>,
 }
 
 impl PahoSession {
-    fn start(spec: Value) -> PahoSession {
+    pub fn start(spec: Value) -> PahoSession {
         let python =
             std::env::var("SLUICE_TEST_PYTHON").expect("SLUICE_TEST_PYTHON: run scripts/test");
         let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -47,7 +47,7 @@ impl PahoSession {
     }
 
     /// The next event of kind `kind` (others before it are skipped).
-    fn next(&self, kind: &str) -> Value {
+    pub fn next(&self, kind: &str) -> Value {
         loop {
             let event = self
                 .events
@@ -60,7 +60,7 @@ impl PahoSession {
     }
 
     /// The messages it received until its end.
-    fn messages_until_end(mut self) -> Vec<Value> {
+    pub fn messages_until_end(mut self) -> Vec<Value> {
         let mut messages = Vec::new();
         loop {
             let event = self.next_any();
@@ -119,7 +119,7 @@ fn wait_queued(gateway: &Gateway, count: u64) {
     );
 }
 
-fn payloads(messages: &[Value]) -> Vec<&str> {
+pub fn payloads(messages: &[Value]) -> Vec<&str> {
     messages
         .iter()
         .map(|m| m["payload"].as_str().unwrap())

@@ -6,7 +6,7 @@
 //!
 //! One file per section, each with its types, defaults and checks: `server` (with
 //! `[limits]`, `[admin]`, `[websocket]`), `auth` (with `[policy]`), `plugins`,
-//! `routing`, `spool`, `sinks` (with `[aws]`), `downlink`, `mqtt`. The AWS quotas the
+//! `routing`, `spool`, `sinks` (with `[aws]`), `downlink`, `upstream`, `mqtt`. The AWS quotas the
 //! defaults and checks use are on the ground floor ([`crate::quota`]), with the topic
 //! filters and templates they parse.
 
@@ -18,6 +18,7 @@ mod routing;
 mod server;
 mod sinks;
 mod spool;
+mod upstream;
 
 use std::fmt;
 use std::path::{Path, PathBuf};
@@ -44,6 +45,7 @@ pub use sinks::{
     validate_stream_name,
 };
 pub use spool::{Durability, ExpiredPath, SpoolConfig};
+pub use upstream::UpstreamConfig;
 
 /// The whole configuration file.
 #[derive(Debug, Clone, Default, PartialEq, Deserialize)]
@@ -84,6 +86,9 @@ pub struct Config {
     pub websocket: WebSocketConfig,
     /// Commands from the cloud to devices, through an MQTT broker; absent: none.
     pub downlink: Option<DownlinkConfig>,
+    /// IoT Core's MQTT endpoint, where each device that receives gets its own session;
+    /// absent: devices cannot subscribe.
+    pub upstream: Option<UpstreamConfig>,
     /// Devices speaking MQTT.
     #[serde(default)]
     pub mqtt: MqttConfig,
@@ -164,6 +169,11 @@ impl Config {
                 relative_to_file(path);
             }
         }
+        if let Some(upstream) = config.upstream.as_mut() {
+            for path in [&mut upstream.ca, &mut upstream.cert, &mut upstream.key] {
+                relative_to_file(path);
+            }
+        }
         if let Some(mtls) = config.auth.as_mut().and_then(|auth| auth.mtls.as_mut()) {
             for path in &mut mtls.ca {
                 relative_to_file(path);
@@ -208,6 +218,7 @@ impl Config {
         self.validate_auth_and_policy(&mut problems);
         self.validate_websocket(&mut problems);
         self.validate_downlink(&mut problems);
+        self.validate_upstream(&mut problems);
         self.validate_mqtt(&mut problems);
         if problems.is_empty() {
             Ok(())

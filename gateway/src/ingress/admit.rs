@@ -19,9 +19,9 @@ use base64::Engine as _;
 use crate::auth::{Authenticator, Identity};
 use crate::config::{Config, WebSocketConfig};
 use crate::ingress::verdict::Refusal;
-use crate::message::{Message, new_id, now_ms};
+use crate::message::{Message, attribute, new_id, now_ms};
 use crate::policy::{self, DevicePolicy};
-use crate::topic::{TopicFilter, validate_publish_topic};
+use crate::topic::{Reserved, TopicFilter, validate_publish_topic};
 
 /// What decides whether a device's request is taken: who it is, what it may do, and the
 /// limits. A configuration reload builds new ones and swaps them in whole.
@@ -131,10 +131,26 @@ pub fn admit(
         let topic = &publish.topic;
         validate_publish_topic(topic)
             .map_err(|why| Refusal::BadTopic(at(index, format!("topic `{topic}`: {why}"))))?;
-        if rules.reserved.iter().any(|filter| filter.matches(topic)) {
+        let reserved = crate::topic::reserved(topic);
+        if reserved == Some(Reserved::Reply)
+            || rules.reserved.iter().any(|filter| filter.matches(topic))
+        {
             return Err(Refusal::Reserved {
                 topic: topic.clone(),
             });
+        }
+        if reserved == Some(Reserved::Request)
+            && publish
+                .attributes
+                .iter()
+                .any(|(key, value)| key == attribute::RETAIN && value == "true")
+        {
+            return Err(Refusal::BadRequest(at(
+                index,
+                format!(
+                    "`{topic}` is one of IoT Core's reserved topics: a retained message is refused there"
+                ),
+            )));
         }
         if publish.qos > 1 {
             return Err(Refusal::BadRequest(at(

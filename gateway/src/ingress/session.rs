@@ -2,18 +2,20 @@
 //! dialect, MQTT) does around its framing, written once.
 //!
 //! [`DeviceSession::open`] registers the session (`GET /admin/devices`, the metrics) and
-//! attaches the device to whatever delivers to it (the downlink's commands). While it
-//! runs, the protocol's loop `select!`s on its socket, on [`Ending::ended`] (why the
-//! session must stop: its credential expired, a reload revoked it, another connection
-//! took it over, the gateway is stopping) and on [`Commands::waiting`]; it counts what it
-//! received and answered ([`DeviceSession::received`], [`DeviceSession::answered`]).
-//! [`DeviceSession::close`] detaches and unregisters.
+//! attaches the device to whatever delivers to it (the downlink's commands); the device's
+//! own session at IoT Core is attached when the protocol opens it
+//! ([`DeviceSession::attach_upstream`]). While it runs, the protocol's loop `select!`s on
+//! its socket, on [`Ending::ended`] (why the session must stop: its credential expired,
+//! a reload revoked it, another connection took it over, here or at IoT Core, the gateway
+//! is stopping), on [`Commands::waiting`] and on [`DeviceSession::upstream`]'s messages;
+//! it counts what it received and answered ([`DeviceSession::received`],
+//! [`DeviceSession::answered`]). [`DeviceSession::close`] detaches and unregisters.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use tokio::sync::oneshot;
+use tokio::sync::{oneshot, watch};
 
 use crate::auth::{AuthError, Identity};
 use crate::downlink::{Attached, Command, Downlink};
@@ -21,6 +23,7 @@ use crate::ingress::live::Live;
 use crate::ingress::sessions::SessionInfo;
 use crate::ingress::state::AppState;
 use crate::shutdown::Shutdown;
+use crate::upstream::{self, UpstreamSession};
 
 /// Why the gateway ends a session.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -32,6 +35,9 @@ pub enum Ended {
     Revoked,
     /// Another connection took the session over (MQTT: the same client id).
     TakenOver,
+    /// The device's own session at IoT Core ended without a takeover being said: the
+    /// device connects again, as it would to IoT Core directly.
+    UpstreamLost,
     /// The gateway is shutting down.
     ShuttingDown,
 }
@@ -44,6 +50,8 @@ pub struct DeviceSession {
     pub end: Ending,
     /// The downlink's commands for the device.
     pub commands: Commands,
+    /// The device's own session at IoT Core, once the protocol opened it.
+    pub upstream: Option<UpstreamSession>,
 }
 
 impl DeviceSession {
@@ -72,7 +80,15 @@ impl DeviceSession {
                 info: info.clone(),
             },
             info,
+            upstream: None,
         }
+    }
+
+    /// Attaches the device's own session at IoT Core: it is the device's from now on,
+    /// and its takeover (the device connected elsewhere) ends this session.
+    pub fn attach_upstream(&mut self, upstream: UpstreamSession) {
+        self.end.upstream = Some(upstream.watch());
+        self.upstream = Some(upstream);
     }
 
     /// `count` messages came in: they are in flight until [`DeviceSession::answered`].
@@ -90,9 +106,14 @@ impl DeviceSession {
             .fetch_sub(count as u64, Ordering::Relaxed);
     }
 
-    /// Closes the session: commands taken and not delivered go back to the queue, and
-    /// the session leaves the list.
-    pub async fn close(self) {
+    /// Closes the session: commands taken and not delivered go back to the queue, the
+    /// session at IoT Core ends (`with_will`: by dropping its connection, so that IoT Core
+    /// publishes the device's will; otherwise with DISCONNECT), and the session leaves
+    /// the list.
+    pub async fn close(self, with_will: bool) {
+        if let Some(upstream) = self.upstream {
+            upstream.close(!with_will).await;
+        }
         let Commands {
             state,
             identity,
@@ -121,6 +142,8 @@ pub struct Ending {
     expiry: Option<std::pin::Pin<Box<tokio::time::Sleep>>>,
     /// Fires when another connection takes the session over.
     takeover: Option<oneshot::Receiver<()>>,
+    /// Where the device's session at IoT Core stands, once there is one.
+    upstream: Option<watch::Receiver<upstream::State>>,
 }
 
 impl Ending {
@@ -145,6 +168,7 @@ impl Ending {
             updates,
             expiry,
             takeover,
+            upstream: None,
         }
     }
 
@@ -161,6 +185,7 @@ impl Ending {
                     });
                 }
                 () = taken_over(&mut self.takeover) => return Ended::TakenOver,
+                ended = upstream_ended(&mut self.upstream) => return ended,
                 Ok(()) = self.updates.changed() => {
                     let now = crate::message::now_ms() / 1000;
                     match self.live.rules.load().auth.still_valid(&self.identity, now) {
@@ -192,6 +217,22 @@ async fn taken_over(takeover: &mut Option<oneshot::Receiver<()>>) {
             }
         }
         None => std::future::pending().await,
+    }
+}
+
+/// Resolves when the device's session at IoT Core is over (taken over by a connection
+/// elsewhere, or lost); never while it lasts.
+async fn upstream_ended(state: &mut Option<watch::Receiver<upstream::State>>) -> Ended {
+    let Some(state) = state else {
+        return std::future::pending().await;
+    };
+    let over = |state: &upstream::State| {
+        matches!(state, upstream::State::TakenOver | upstream::State::Lost)
+    };
+    match state.wait_for(over).await.map(|state| *state) {
+        Ok(upstream::State::TakenOver) => Ended::TakenOver,
+        Ok(_) => Ended::UpstreamLost,
+        Err(_) => std::future::pending().await,
     }
 }
 
@@ -308,7 +349,7 @@ mod tests {
             session.end.ended().await,
             Ended::Expired(AuthError::TokenExpired)
         );
-        session.close().await;
+        session.close(false).await;
         assert!(state.sessions.list().is_empty());
         state.sessions.all_closed().await;
     }
@@ -329,7 +370,7 @@ mod tests {
         .await;
         take.send(()).unwrap();
         assert_eq!(session.end.ended().await, Ended::TakenOver);
-        session.close().await;
+        session.close(false).await;
     }
 
     /// Shutdown waits for open sessions: `all_closed` resolves once the last one closes.
@@ -342,7 +383,7 @@ mod tests {
         let waiting = tokio::spawn(async move { state.sessions.all_closed().await });
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished(), "a session is still open");
-        session.close().await;
+        session.close(false).await;
         tokio::time::timeout(std::time::Duration::from_secs(5), waiting)
             .await
             .expect("all_closed resolves after the close")

@@ -23,6 +23,8 @@ pub struct AppState {
     pub sessions: Arc<Sessions>,
     /// Commands to devices, when configured.
     pub downlink: Option<Arc<crate::downlink::Downlink>>,
+    /// IoT Core's endpoint for the devices' own sessions, when configured.
+    pub upstream: Option<Arc<crate::upstream::Upstream>>,
     /// MQTT client ids connected here (a second connection takes one over).
     pub mqtt_clients: Arc<Clients>,
     /// MQTT sessions kept between connections.

@@ -41,6 +41,7 @@ pub fn disconnect_reason(ended: &Ended) -> DisconnectReasonCode {
     match ended {
         Ended::Expired(_) | Ended::Revoked => DisconnectReasonCode::NotAuthorized,
         Ended::TakenOver => DisconnectReasonCode::SessionTakenOver,
+        Ended::UpstreamLost => DisconnectReasonCode::UnspecifiedError,
         Ended::ShuttingDown => DisconnectReasonCode::ServerShuttingDown,
     }
 }
@@ -100,6 +101,7 @@ mod tests {
             (Ended::Expired(AuthError::TokenExpired), 0x87),
             (Ended::Revoked, 0x87),
             (Ended::TakenOver, 0x8e),
+            (Ended::UpstreamLost, 0x80),
             (Ended::ShuttingDown, 0x8b),
         ];
         for (ended, reason) in cases {

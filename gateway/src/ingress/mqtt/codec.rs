@@ -22,7 +22,7 @@ use rumqttc::mqttbytes::v4;
 use rumqttc::v5::mqttbytes::v5;
 
 use crate::message::attribute;
-pub use rumqttc::v5::mqttbytes::v5::{DisconnectReasonCode, PubAckReason};
+pub use rumqttc::v5::mqttbytes::v5::{DisconnectReasonCode, PubAckReason, SubscribeReasonCode};
 
 /// The protocol version a client chose in its CONNECT.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -426,6 +426,63 @@ fn attributes(
     }
 }
 
+/// The MQTT 5 properties that `attributes` wrote (the inverse of [`attributes`]), for a
+/// publish passed on to IoT Core as the device sent it. `None` when there are none.
+pub fn mqtt5_properties(properties: &Properties) -> Option<v5::PublishProperties> {
+    use base64::Engine as _;
+    let decode = |text: &str| base64::engine::general_purpose::STANDARD.decode(text).ok();
+    let mut out = v5::PublishProperties {
+        content_type: properties.content_type.clone().filter(|c| !c.is_empty()),
+        ..Default::default()
+    };
+    for (key, value) in &properties.attributes {
+        match key.as_str() {
+            attribute::RESPONSE_TOPIC => out.response_topic = Some(value.clone()),
+            attribute::CORRELATION_DATA => out.correlation_data = decode(value).map(Bytes::from),
+            attribute::MESSAGE_EXPIRY => out.message_expiry_interval = value.parse().ok(),
+            attribute::PAYLOAD_FORMAT_INDICATOR => {
+                out.payload_format_indicator = Some(u8::from(value == "UTF8_DATA"));
+            }
+            attribute::USER_PROPERTIES => {
+                let pairs: Vec<serde_json::Map<String, serde_json::Value>> = decode(value)
+                    .and_then(|json| serde_json::from_slice(&json).ok())
+                    .unwrap_or_default();
+                out.user_properties = pairs
+                    .into_iter()
+                    .flatten()
+                    .map(|(k, v)| (k, v.as_str().unwrap_or_default().to_string()))
+                    .collect();
+            }
+            _ => {}
+        }
+    }
+    (out != v5::PublishProperties::default()).then_some(out)
+}
+
+/// A client's last will as the will of its session at IoT Core.
+pub fn mqtt5_will(will: &Publish) -> v5::LastWill {
+    let properties = mqtt5_properties(&will.properties).map(|p| v5::LastWillProperties {
+        delay_interval: None,
+        payload_format_indicator: p.payload_format_indicator,
+        message_expiry_interval: p.message_expiry_interval,
+        content_type: p.content_type,
+        response_topic: p.response_topic,
+        correlation_data: p.correlation_data,
+        user_properties: p.user_properties,
+    });
+    v5::LastWill {
+        topic: Bytes::from(will.topic.clone()),
+        message: will.payload.clone(),
+        qos: if will.qos == 0 {
+            rumqttc::v5::mqttbytes::QoS::AtMostOnce
+        } else {
+            rumqttc::v5::mqttbytes::QoS::AtLeastOnce
+        },
+        retain: will.retain,
+        properties,
+    }
+}
+
 /// What a CONNACK says.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ConnAckCode {
@@ -611,21 +668,21 @@ pub fn puback_code(reason: PubAckReason) -> u8 {
     }
 }
 
-/// A SUBACK: per filter, the granted QoS or `None` for a refused one.
-pub fn suback(version: Version, pkid: u16, granted: &[Option<u8>]) -> BytesMut {
+/// A SUBACK's answer for one filter: the QoS granted, or the reason it was refused.
+pub type Granted = Result<u8, SubscribeReasonCode>;
+
+/// A SUBACK: per filter, the granted QoS or the refusal (3.1.1: 0x80 for any), and (5.0)
+/// `why` as the reason string.
+pub fn suback(version: Version, pkid: u16, granted: &[Granted], why: Option<&str>) -> BytesMut {
     let mut out = BytesMut::new();
     match version {
         Version::V4 => {
             let codes = granted
                 .iter()
                 .map(|g| match g {
-                    Some(0) => {
-                        v4::SubscribeReasonCode::Success(rumqttc::mqttbytes::QoS::AtMostOnce)
-                    }
-                    Some(_) => {
-                        v4::SubscribeReasonCode::Success(rumqttc::mqttbytes::QoS::AtLeastOnce)
-                    }
-                    None => v4::SubscribeReasonCode::Failure,
+                    Ok(0) => v4::SubscribeReasonCode::Success(rumqttc::mqttbytes::QoS::AtMostOnce),
+                    Ok(_) => v4::SubscribeReasonCode::Success(rumqttc::mqttbytes::QoS::AtLeastOnce),
+                    Err(_) => v4::SubscribeReasonCode::Failure,
                 })
                 .collect();
             v4::SubAck::new(pkid, codes)
@@ -636,19 +693,18 @@ pub fn suback(version: Version, pkid: u16, granted: &[Option<u8>]) -> BytesMut {
             let codes = granted
                 .iter()
                 .map(|g| match g {
-                    Some(0) => {
-                        v5::SubscribeReasonCode::Success(rumqttc::v5::mqttbytes::QoS::AtMostOnce)
-                    }
-                    Some(_) => {
-                        v5::SubscribeReasonCode::Success(rumqttc::v5::mqttbytes::QoS::AtLeastOnce)
-                    }
-                    None => v5::SubscribeReasonCode::NotAuthorized,
+                    Ok(0) => SubscribeReasonCode::Success(rumqttc::v5::mqttbytes::QoS::AtMostOnce),
+                    Ok(_) => SubscribeReasonCode::Success(rumqttc::v5::mqttbytes::QoS::AtLeastOnce),
+                    Err(code) => *code,
                 })
                 .collect();
             let ack = v5::SubAck {
                 pkid,
                 return_codes: codes,
-                properties: None,
+                properties: why.map(|why| v5::SubAckProperties {
+                    reason_string: Some(reason_string(why)),
+                    user_properties: Vec::new(),
+                }),
             };
             v5::Packet::SubAck(ack)
                 .write(&mut out, None)
@@ -685,6 +741,49 @@ pub fn unsuback(version: Version, pkid: u16, count: usize) -> BytesMut {
 pub fn complete(bytes: &[u8]) -> bool {
     matches!(fixed_header(bytes), Ok(Some((length, start))) if bytes.len() >= start + length)
         || fixed_header(bytes).is_err()
+}
+
+/// A message from the device's session at IoT Core, to the device with packet id `pkid`
+/// (its QoS as IoT Core sent it, at most 1): MQTT 5 keeps the message's properties
+/// (response topic, correlation data, user properties, content type, expiry), 3.1.1 has
+/// none. The retain flag says the message is a retained one sent on subscribe.
+pub fn relayed(version: Version, from: &v5::Publish, pkid: u16) -> BytesMut {
+    let mut out = BytesMut::new();
+    let at_least_once = from.qos != rumqttc::v5::mqttbytes::QoS::AtMostOnce;
+    match version {
+        Version::V4 => {
+            let qos = if at_least_once {
+                rumqttc::mqttbytes::QoS::AtLeastOnce
+            } else {
+                rumqttc::mqttbytes::QoS::AtMostOnce
+            };
+            let mut packet = v4::Publish::from_bytes(
+                String::from_utf8_lossy(&from.topic),
+                qos,
+                from.payload.clone(),
+            );
+            packet.pkid = if at_least_once { pkid } else { 0 };
+            packet.retain = from.retain;
+            packet.write(&mut out).expect("a PUBLISH always encodes");
+        }
+        Version::V5 => {
+            let mut packet = from.clone();
+            packet.dup = false;
+            packet.pkid = if at_least_once { pkid } else { 0 };
+            if at_least_once {
+                packet.qos = rumqttc::v5::mqttbytes::QoS::AtLeastOnce;
+            }
+            if let Some(properties) = packet.properties.as_mut() {
+                // Aliases and subscription ids are the upstream connection's own.
+                properties.topic_alias = None;
+                properties.subscription_identifiers.clear();
+            }
+            v5::Packet::Publish(packet)
+                .write(&mut out, None)
+                .expect("a PUBLISH always encodes");
+        }
+    }
+    out
 }
 
 /// A PUBLISH to the client (a command) at `qos` with packet id `pkid`.

@@ -1,14 +1,19 @@
-//! An MQTT session's subscriptions, and the downlink's commands sent on them.
+//! An MQTT session's subscriptions, and what is sent to the device on them.
 //!
 //! A SUBSCRIBE is checked filter by filter against the policy's `subscribe` grants (a
-//! grant's filter must cover the subscription's) and takes at most
-//! [`MAX_FILTERS_PER_SUBSCRIBE`] filters, as IoT Core does; the rest are refused in the
-//! SUBACK. Each of the device's commands whose topic a subscription matches is sent as a
-//! PUBLISH at the highest QoS granted among the matching ones (at most 1). A QoS 0
-//! command leaves the queue when it is written; a QoS 1 command when the device's PUBACK
-//! comes, so one in flight when the connection drops goes again on the next (after a
-//! gateway restart too: the queue is on disk). At most the client's receive maximum of
-//! them are in flight at once.
+//! grant's filter must cover the subscription's) and IoT Core's limits: at most
+//! [`MAX_FILTERS_PER_SUBSCRIBE`] filters in one SUBSCRIBE and
+//! [`crate::quota::IOT_CORE_MAX_SUBSCRIPTIONS`] per session; the rest are refused in the
+//! SUBACK.
+//!
+//! What the device receives comes from its own session at IoT Core when `[upstream]` is
+//! configured ([`Outbound::relay`]: each message as IoT Core sent it, acknowledged there
+//! once the device acknowledged it), otherwise from the downlink's queue: each command
+//! whose topic a subscription matches is sent at the highest QoS granted among the
+//! matching ones (at most 1); a QoS 0 command leaves the queue when it is written, a
+//! QoS 1 command when the device's PUBACK comes, so one in flight when the connection
+//! drops goes again on the next (after a gateway restart too: the queue is on disk).
+//! Either way at most the client's receive maximum of QoS 1 messages are in flight.
 
 use std::collections::HashMap;
 
@@ -17,11 +22,12 @@ use bytes::BytesMut;
 use crate::auth::Identity;
 use crate::downlink::Command;
 use crate::ingress::admit::DeviceRules;
-use crate::ingress::mqtt::codec::{self, Version};
+use crate::ingress::mqtt::codec::{self, Granted, SubscribeReasonCode, Version};
 use crate::topic::TopicFilter;
+use rumqttc::v5::mqttbytes::v5::Publish as UpstreamPublish;
 
 /// IoT Core's limit of topic filters in one SUBSCRIBE.
-pub const MAX_FILTERS_PER_SUBSCRIBE: usize = 8;
+pub const MAX_FILTERS_PER_SUBSCRIBE: usize = crate::quota::IOT_CORE_MAX_FILTERS_PER_SUBSCRIBE;
 
 /// A subscription.
 struct Subscription {
@@ -41,11 +47,29 @@ pub struct Sending {
     pub sent: u64,
 }
 
-/// A session's subscriptions and QoS 1 commands in flight.
+/// A QoS 1 message sent to the device and not yet acknowledged.
+pub enum InFlight {
+    /// A downlink command: its place in the queue.
+    Command(u64),
+    /// A message from the device's session at IoT Core (its payload left out), to
+    /// acknowledge there.
+    Relayed(UpstreamPublish),
+}
+
+/// What [`Outbound::relay`] makes of a message from IoT Core.
+pub enum Relay {
+    /// The PUBLISH to write.
+    Send(BytesMut),
+    /// Over the device's Maximum Packet Size: not sent (MQTT 5 §3.1.2.11.4 has the
+    /// server discard it as if delivered).
+    TooLarge(usize),
+}
+
+/// A session's subscriptions and QoS 1 messages in flight.
 pub struct Outbound {
     subscriptions: Vec<Subscription>,
-    /// Per packet id, the command's place in the queue.
-    in_flight: HashMap<u16, u64>,
+    /// Per packet id, what the device has not acknowledged yet.
+    in_flight: HashMap<u16, InFlight>,
     last_pkid: u16,
     max_in_flight: usize,
 }
@@ -61,33 +85,62 @@ impl Outbound {
         }
     }
 
-    /// Takes a SUBSCRIBE's filters; per filter, the QoS granted or `None` (refused).
+    /// Checks a SUBSCRIBE's filters against the policy and IoT Core's limits, keeping
+    /// nothing yet: per filter, the QoS it may have (at most 1) or why not.
+    pub fn check(
+        &self,
+        rules: &DeviceRules,
+        identity: &Identity,
+        filters: &[(String, u8)],
+    ) -> Vec<Granted> {
+        let mut count = self.subscriptions.len();
+        filters
+            .iter()
+            .enumerate()
+            .map(|(index, (filter, qos))| {
+                if index >= MAX_FILTERS_PER_SUBSCRIBE {
+                    return Err(SubscribeReasonCode::QuotaExceeded);
+                }
+                TopicFilter::parse(filter).map_err(|_| SubscribeReasonCode::TopicFilterInvalid)?;
+                if !rules.policy.may_subscribe_filter(identity, filter) {
+                    return Err(SubscribeReasonCode::NotAuthorized);
+                }
+                if !self.subscriptions.iter().any(|s| s.filter == *filter) {
+                    if count >= crate::quota::IOT_CORE_MAX_SUBSCRIPTIONS {
+                        return Err(SubscribeReasonCode::QuotaExceeded);
+                    }
+                    count += 1;
+                }
+                Ok((*qos).min(1))
+            })
+            .collect()
+    }
+
+    /// Keeps the subscriptions `granted` grants (a new one replaces an equal filter's).
+    pub fn keep(&mut self, filters: &[(String, u8)], granted: &[Granted]) {
+        for ((filter, _), granted) in filters.iter().zip(granted) {
+            let (Ok(qos), Ok(parsed)) = (granted, TopicFilter::parse(filter)) else {
+                continue;
+            };
+            self.subscriptions.retain(|s| s.filter != *filter);
+            self.subscriptions.push(Subscription {
+                filter: filter.clone(),
+                parsed,
+                qos: *qos,
+            });
+        }
+    }
+
+    /// Takes a SUBSCRIBE's filters as far as the policy and the limits allow.
     pub fn subscribe(
         &mut self,
         rules: &DeviceRules,
         identity: &Identity,
         filters: &[(String, u8)],
-    ) -> Vec<Option<u8>> {
-        filters
-            .iter()
-            .enumerate()
-            .map(|(index, (filter, qos))| {
-                if index >= MAX_FILTERS_PER_SUBSCRIBE
-                    || !rules.policy.may_subscribe_filter(identity, filter)
-                {
-                    return None;
-                }
-                let parsed = TopicFilter::parse(filter).ok()?;
-                let qos = (*qos).min(1);
-                self.subscriptions.retain(|s| s.filter != *filter);
-                self.subscriptions.push(Subscription {
-                    filter: filter.clone(),
-                    parsed,
-                    qos,
-                });
-                Some(qos)
-            })
-            .collect()
+    ) -> Vec<Granted> {
+        let granted = self.check(rules, identity, filters);
+        self.keep(filters, &granted);
+        granted
     }
 
     /// Takes back subscriptions kept from an earlier connection, each checked again
@@ -120,9 +173,39 @@ impl Outbound {
             .max()
     }
 
-    /// A PUBACK from the device: the command it confirms, if one was in flight.
-    pub fn acked(&mut self, pkid: u16) -> Option<u64> {
+    /// A PUBACK from the device: what it confirms, if that was in flight.
+    pub fn acked(&mut self, pkid: u16) -> Option<InFlight> {
         self.in_flight.remove(&pkid)
+    }
+
+    /// Whether the device's receive maximum leaves room for one more QoS 1 message.
+    pub fn has_room(&self) -> bool {
+        self.in_flight.len() < self.max_in_flight
+    }
+
+    /// Encodes a message from the device's session at IoT Core for the device, unless
+    /// it is over `max_packet` (the device's Maximum Packet Size). A QoS 1 one is in
+    /// flight until the device's PUBACK.
+    pub fn relay(
+        &mut self,
+        publish: &UpstreamPublish,
+        version: Version,
+        max_packet: Option<u32>,
+    ) -> Relay {
+        // Encoded once to learn its size (any packet id has the same size; 0 is not one).
+        let bytes = codec::relayed(version, publish, 1);
+        let limit = max_packet.map_or(usize::MAX, |max| max as usize);
+        if bytes.len() > limit {
+            return Relay::TooLarge(bytes.len());
+        }
+        if publish.qos == rumqttc::v5::mqttbytes::QoS::AtMostOnce {
+            return Relay::Send(bytes);
+        }
+        let pkid = self.next_pkid();
+        let mut kept = publish.clone();
+        kept.payload = bytes::Bytes::new();
+        self.in_flight.insert(pkid, InFlight::Relayed(kept));
+        Relay::Send(codec::relayed(version, publish, pkid))
     }
 
     fn next_pkid(&mut self) -> u16 {
@@ -155,7 +238,7 @@ impl Outbound {
             let qos = self.qos_for(&command.topic).unwrap_or(0);
             let pkid = if qos == 1 {
                 let pkid = self.next_pkid();
-                self.in_flight.insert(pkid, seq);
+                self.in_flight.insert(pkid, InFlight::Command(seq));
                 pkid
             } else {
                 sending.done.push(seq);
@@ -182,10 +265,13 @@ mod tests {
     fn packet_ids_skip_those_in_flight_and_zero() {
         let mut outbound = Outbound::new(4);
         outbound.last_pkid = u16::MAX - 1;
-        outbound.in_flight.insert(u16::MAX, 7);
-        outbound.in_flight.insert(1, 8);
+        outbound.in_flight.insert(u16::MAX, InFlight::Command(7));
+        outbound.in_flight.insert(1, InFlight::Command(8));
         assert_eq!(outbound.next_pkid(), 2);
-        assert_eq!(outbound.acked(u16::MAX), Some(7));
-        assert_eq!(outbound.acked(u16::MAX), None, "acknowledged once");
+        assert!(matches!(
+            outbound.acked(u16::MAX),
+            Some(InFlight::Command(7))
+        ));
+        assert!(outbound.acked(u16::MAX).is_none(), "acknowledged once");
     }
 }

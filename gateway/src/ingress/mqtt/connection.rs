@@ -11,6 +11,7 @@ use crate::auth::{AuthError, Credential, Identity};
 use crate::ingress::admit::admit;
 use crate::ingress::mqtt::codec::{self, CodecError, ConnAckCode, Connect, Publish, Version};
 use crate::ingress::mqtt::commands::Outbound;
+use crate::ingress::mqtt::saved::Kept;
 use crate::ingress::mqtt::session::{End, Limits, Session, submission};
 use crate::ingress::mqtt::transport::Transport;
 use crate::ingress::session::{DeviceSession, Ended};
@@ -97,16 +98,26 @@ pub async fn run<T: Transport>(
         Version::V5 => connect.session_expiry.unwrap_or(0),
     };
     let expiry = asked_expiry.min(limits.session_expiry_secs);
-    let kept = match state
-        .mqtt_sessions
-        .begin(
+    // With `[upstream]` the device's session lives at IoT Core, which every instance
+    // shares; nothing of it is saved here.
+    let kept = if state.upstream.is_some() {
+        Ok(Kept::at_iot_core(
             &connect.client_id,
             &identity.device_id,
-            connect.clean,
             expiry,
-        )
-        .await
-    {
+        ))
+    } else {
+        state
+            .mqtt_sessions
+            .begin(
+                &connect.client_id,
+                &identity.device_id,
+                connect.clean,
+                expiry,
+            )
+            .await
+    };
+    let kept = match kept {
         Ok(kept) => kept,
         Err(error) => {
             tracing::error!(%error, "cannot read or save an MQTT session");
@@ -119,6 +130,46 @@ pub async fn run<T: Transport>(
         .window
         .min(connect.receive_maximum.unwrap_or(u16::MAX))
         .max(1);
+    // The device's session at IoT Core: opened now for a device that keeps a session
+    // (IoT Core holds it, and says whether it had it), otherwise when first needed.
+    // A client id whose session IoT Core lost after its device was told it went on
+    // starts clean, and hears so.
+    let forgotten = state
+        .upstream
+        .as_ref()
+        .is_some_and(|endpoint| endpoint.take_forgotten(&connect.client_id));
+    let upstream_spec = state.upstream.as_ref().map(|_| crate::upstream::Spec {
+        client_id: connect.client_id.clone(),
+        clean_start: connect.clean || forgotten,
+        session_expiry_secs: expiry,
+        will: connect.will.as_ref().map(codec::mqtt5_will),
+        receive_maximum: window,
+    });
+    let mut upstream = None;
+    let mut session_present = kept.present;
+    if let (Some(endpoint), Some(spec)) = (&state.upstream, &upstream_spec)
+        && expiry > 0
+    {
+        let mut session = endpoint.open(spec.clone());
+        let answer = match endpoint.reachable() {
+            true => {
+                session
+                    .connected_within(crate::upstream::CONNACK_WAIT)
+                    .await
+            }
+            false => None,
+        };
+        session_present = match answer {
+            Some(present) => present,
+            // IoT Core did not answer in time: the device is told its session goes on
+            // (so that it keeps and sends again what it has not had acknowledged); if
+            // IoT Core then says it had none, the device is told to reconnect and
+            // hears the truth.
+            None if !spec.clean_start => session.promise_present(),
+            None => false,
+        };
+        upstream = Some(session);
+    }
     let keep_alive = match connect.keep_alive {
         0 => KEEP_ALIVE_SECS.1,
         secs => secs.clamp(KEEP_ALIVE_SECS.0, KEEP_ALIVE_SECS.1),
@@ -127,7 +178,7 @@ pub async fn run<T: Transport>(
         receive_maximum: limits.window,
         max_packet: limits.max_packet_bytes,
         keep_alive,
-        session_present: kept.present,
+        session_present,
         session_expiry: (version == Version::V5 && asked_expiry > expiry).then_some(expiry),
     };
     let ack = codec::connack(version, ConnAckCode::Accepted, accepted, None);
@@ -147,6 +198,9 @@ pub async fn run<T: Transport>(
         Some(kicked.receiver),
     )
     .await;
+    if let Some(upstream) = upstream {
+        device.attach_upstream(upstream);
+    }
     let session = Session {
         state: &state,
         identity: &identity,
@@ -155,6 +209,8 @@ pub async fn run<T: Transport>(
         limits,
         idle: Duration::from_millis(u64::from(keep_alive) * 1500),
         kept: &kept,
+        upstream_spec,
+        client_max_packet: connect.max_packet_size,
     };
     let end = tracing::Instrument::instrument(
         session.serve(&mut io, buffer, &mut device, &mut outbound),
@@ -172,7 +228,7 @@ pub async fn run<T: Transport>(
     let will = match &end {
         End::Disconnected { with_will } => *with_will,
         End::Ended(Ended::ShuttingDown | Ended::Expired(_) | Ended::Revoked) => false,
-        End::Closed | End::Refused(..) | End::Ended(Ended::TakenOver) => true,
+        End::Closed | End::Refused(..) | End::Ended(Ended::TakenOver | Ended::UpstreamLost) => true,
     };
     let refused = match end {
         End::Refused(reason, why) => Some((reason, why)),
@@ -188,12 +244,14 @@ pub async fn run<T: Transport>(
             let _ = io.send(&codec::disconnect(reason)).await;
         }
     }
-    // Before the session is closed: once it is gone from `GET /admin/devices`, its will
-    // is stored.
-    if let (true, Some(publish)) = (will, connect.will) {
+    // With a session at IoT Core, IoT Core publishes the will (the session's connection
+    // is dropped rather than closed); otherwise the gateway does, through its way. Before
+    // the session is closed: once it is gone from `GET /admin/devices`, its will is
+    // stored.
+    if let (true, Some(publish), None) = (will, connect.will, &device.upstream) {
         publish_will(&state, &identity, publish).await;
     }
-    device.close().await;
+    device.close(will).await;
 }
 
 /// Why the gateway ended a session, for its log.
@@ -202,6 +260,9 @@ fn ended_in_words(ended: &Ended) -> String {
         Ended::Expired(error) => error.to_string(),
         Ended::Revoked => AuthError::CertificateRevoked.to_string(),
         Ended::TakenOver => "another connection took over the client id".to_string(),
+        Ended::UpstreamLost => {
+            "the device's session at IoT Core was closed (another connection may have taken it over); connect again".to_string()
+        }
         Ended::ShuttingDown => "the gateway is shutting down".to_string(),
     }
 }

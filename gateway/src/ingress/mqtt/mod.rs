@@ -15,7 +15,9 @@
 //! - [`session`]: the connected session: publishes through the admission step and the
 //!   pipeline, PUBACK once durable, subscriptions;
 //! - [`answer`]: a refusal, or the gateway's reason to end a session, as a reason code;
-//! - [`commands`]: a session's subscriptions and the downlink's commands sent on them;
+//! - [`commands`]: a session's subscriptions and what is sent to the device on them;
+//! - [`relay`]: the device's own session at IoT Core, seen from its connection
+//!   (subscriptions, requests on reserved topics, messages for the device);
 //! - [`saved`]: sessions kept between connections, on disk;
 //! - [`clients`]: a client id held by one connection at a time;
 //! - [`transport`]: what carries the bytes (a stream, WebSocket frames).
@@ -25,6 +27,7 @@ pub mod clients;
 pub mod codec;
 pub mod commands;
 pub mod connection;
+pub mod relay;
 pub mod saved;
 pub mod session;
 pub mod transport;

@@ -147,6 +147,23 @@ pub struct Kept {
     pub present: bool,
     /// Its subscriptions.
     pub filters: Vec<(String, u8)>,
+    /// Saved here; not when the device's session at IoT Core holds it (`[upstream]`).
+    here: bool,
+}
+
+impl Kept {
+    /// A session that IoT Core holds (`[upstream]`): nothing of it is saved here, and
+    /// whether it goes on is IoT Core's answer.
+    pub fn at_iot_core(client_id: &str, device: &str, expiry_secs: u32) -> Kept {
+        Kept {
+            client_id: client_id.to_string(),
+            device: device.to_string(),
+            expiry_secs,
+            present: false,
+            filters: Vec::new(),
+            here: false,
+        }
+    }
 }
 
 impl SavedSessions {
@@ -173,6 +190,7 @@ impl SavedSessions {
             expiry_secs,
             present: saved.is_some(),
             filters: saved.map(|s| s.filters).unwrap_or_default(),
+            here: true,
         };
         if expiry_secs > 0 {
             self.keep(&kept, kept.filters.clone()).await?;
@@ -185,7 +203,7 @@ impl SavedSessions {
     /// Saves the session's subscriptions now (after a SUBSCRIBE or UNSUBSCRIBE, and at
     /// the end of its connection); nothing for a session that ends with its connection.
     pub async fn keep(&self, kept: &Kept, filters: Vec<(String, u8)>) -> anyhow::Result<()> {
-        if kept.expiry_secs == 0 {
+        if kept.expiry_secs == 0 || !kept.here {
             return Ok(());
         }
         let saved = Saved {

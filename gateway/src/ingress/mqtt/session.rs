@@ -23,7 +23,8 @@ use crate::ingress::mqtt::answer::{Answer, answer};
 use crate::ingress::mqtt::codec::{
     self, DisconnectReasonCode, Incoming, PubAckReason, Publish, Version,
 };
-use crate::ingress::mqtt::commands::Outbound;
+use crate::ingress::mqtt::commands::{InFlight, Outbound};
+use crate::ingress::mqtt::relay;
 use crate::ingress::mqtt::saved::Kept;
 use crate::ingress::mqtt::transport::Transport;
 use crate::ingress::session::{DeviceSession, Ended};
@@ -32,6 +33,7 @@ use crate::ingress::verdict::{Refusal, Verdict, verdicts};
 use crate::message::attribute;
 use crate::pipeline::StoreError;
 use crate::spool::SpoolError;
+use crate::topic::Reserved;
 
 /// The limits of a session.
 #[derive(Debug, Clone, Copy)]
@@ -89,6 +91,10 @@ pub(super) struct Session<'a> {
     pub(super) idle: Duration,
     /// The session's persistence.
     pub(super) kept: &'a Kept,
+    /// The device's session at IoT Core as it is opened (with `[upstream]`).
+    pub(super) upstream_spec: Option<crate::upstream::Spec>,
+    /// 5.0: the largest packet the client takes.
+    pub(super) client_max_packet: Option<u32>,
 }
 
 impl Session<'_> {
@@ -136,23 +142,33 @@ impl Session<'_> {
                         ending = Some(End::Disconnected { with_will });
                         break;
                     }
-                    Incoming::PubAck { pkid } => {
-                        if let Some(seq) = outbound.acked(pkid) {
+                    Incoming::PubAck { pkid } => match outbound.acked(pkid) {
+                        Some(InFlight::Command(seq)) => {
                             device.commands.done(vec![seq]).await;
                             // Room in the window for the next command.
                             if let Err(end) = self.deliver(io, outbound, device).await {
                                 return end;
                             }
                         }
-                    }
+                        Some(InFlight::Relayed(publish)) => {
+                            if let Some(upstream) = &device.upstream {
+                                upstream.ack(&publish);
+                            }
+                        }
+                        None => {}
+                    },
                     Incoming::Subscribe { pkid, filters } => {
-                        let granted =
-                            outbound.subscribe(&self.state.rules(), self.identity, &filters);
+                        let answer = self.subscribe(device, outbound, &filters).await;
                         // Saved before the SUBACK: a subscription acknowledged is kept.
                         if let Err(end) = self.save_subscriptions(outbound).await {
                             return end;
                         }
-                        let ack = codec::suback(self.version, pkid, &granted);
+                        let ack = codec::suback(
+                            self.version,
+                            pkid,
+                            &answer.granted,
+                            answer.why.as_deref(),
+                        );
                         if io.send(&ack).await.is_err() {
                             return End::Closed;
                         }
@@ -161,7 +177,7 @@ impl Session<'_> {
                         }
                     }
                     Incoming::Unsubscribe { pkid, filters } => {
-                        outbound.unsubscribe(&filters);
+                        self.unsubscribe(device, outbound, &filters);
                         if let Err(end) = self.save_subscriptions(outbound).await {
                             return end;
                         }
@@ -189,7 +205,7 @@ impl Session<'_> {
             if !batch.is_empty() {
                 let count = batch.len();
                 device.received(count);
-                let published = self.publish(io, batch).await;
+                let published = self.publish(io, batch, device).await;
                 device.answered(count);
                 if let Err(end) = published {
                     return end;
@@ -209,6 +225,13 @@ impl Session<'_> {
                 () = device.commands.waiting() => {
                     if let Err(end) = self.deliver(io, outbound, device).await {
                         return end;
+                    }
+                }
+                publish = relay::next(&mut device.upstream), if outbound.has_room() => {
+                    if let Some(bytes) = self.relay(device, outbound, publish)
+                        && io.send(&bytes).await.is_err()
+                    {
+                        return End::Closed;
                     }
                 }
                 () = tokio::time::sleep(self.idle) => {
@@ -266,7 +289,12 @@ impl Session<'_> {
 
     /// Admits each publish, runs the admitted ones as one batch, and answers each in
     /// arrival order.
-    async fn publish<T: Transport>(&self, io: &mut T, batch: Vec<Publish>) -> Result<(), End> {
+    async fn publish<T: Transport>(
+        &self,
+        io: &mut T,
+        batch: Vec<Publish>,
+        device: &mut DeviceSession,
+    ) -> Result<(), End> {
         let started = std::time::Instant::now();
         let rules = self.state.rules();
         let limit = self.state.pipeline.max_payload_bytes();
@@ -275,10 +303,18 @@ impl Session<'_> {
         let mut answers: Vec<(u16, u8, Result<Option<usize>, Refusal>)> =
             Vec::with_capacity(batch.len());
         let mut messages = Vec::with_capacity(batch.len());
+        let session = device;
         let device = &self.identity.device_id;
         for publish in batch {
             let (pkid, qos) = (publish.pkid, publish.qos);
             let admitted = match &self.state.downlink {
+                // A request to IoT Core's services goes straight there, on the device's
+                // own session.
+                _ if self.state.upstream.is_some()
+                    && crate::topic::reserved(&publish.topic) == Some(Reserved::Request) =>
+                {
+                    self.pass_through(session, publish).await.map(|()| None)
+                }
                 Some(downlink) if publish.topic == downlink.reply_topic(device) => {
                     let size = publish.payload.len();
                     match admit_reply(&rules, self.identity, &publish.topic, size) {

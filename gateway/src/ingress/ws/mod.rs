@@ -152,6 +152,7 @@ fn close_for(ended: &Ended) -> Frame {
         Ended::Expired(_) => close(CLOSE_EXPIRED, "the credential expired"),
         Ended::Revoked => close(CLOSE_REVOKED, "the certificate was revoked"),
         Ended::TakenOver => close(1008, "another session took over"),
+        Ended::UpstreamLost => close(1011, "the session at IoT Core was closed; connect again"),
         Ended::ShuttingDown => close(1001, "the gateway is shutting down"),
     }
 }
@@ -179,7 +180,7 @@ async fn session(
     let mut session =
         DeviceSession::open(&state, &identity, "websocket", window, remote, None).await;
     run_session(&mut tx, &mut rx, &state, settings, &identity, &mut session).await;
-    session.close().await;
+    session.close(false).await;
     let _ = tx.close().await;
 }
 

@@ -1,0 +1,368 @@
+//! Each device's own session at IoT Core (`[upstream]`), with mosquitto playing IoT
+//! Core's broker and paho-mqtt and rumqttc (clients nobody here wrote) as devices: the
+//! pubsub round trip, retained messages on subscribe, requests on reserved topics and
+//! their replies, MQTT 5 properties both ways, persistent sessions kept by the broker
+//! (across a gateway crash, and on a second instance), flow control towards the device,
+//! and an outage of the broker that never blocks publishing.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::cloud::{Subscriber, TestEnv, unique};
+use crate::harness::{Gateway, eventually};
+use crate::mqtt::ws_url;
+use crate::mqtt_sessions::{PahoSession, payloads};
+use crate::net::Proxy;
+
+/// A gateway whose IoT Core sink and device sessions use the broker (through `port`).
+fn gateway_via(env: &TestEnv, port: u16, extra: &str) -> Gateway {
+    Gateway::start(&format!(
+        "{}\n{}\n{extra}",
+        env.mqtt_config_via(port),
+        env.upstream_config_via(port)
+    ))
+}
+
+fn gateway(env: &TestEnv, extra: &str) -> Gateway {
+    gateway_via(env, env.mqtt_address().port(), extra)
+}
+
+/// The messages' (topic, payload, retain), sorted.
+fn received(messages: &[Value]) -> Vec<(String, String, bool)> {
+    let mut got: Vec<(String, String, bool)> = messages
+        .iter()
+        .map(|m| {
+            (
+                m["topic"].as_str().unwrap().to_string(),
+                m["payload"].as_str().unwrap().to_string(),
+                m["retain"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    got.sort();
+    got
+}
+
+/// The value of `sluice_upstream_events_total{status="EVENT"}`.
+fn upstream_events(gateway: &Gateway, event: &str) -> f64 {
+    let prefix = format!("sluice_upstream_events_total{{status=\"{event}\"}}");
+    gateway
+        .admin_text("/metrics")
+        .lines()
+        .filter_map(|line| line.strip_prefix(&prefix))
+        .map(|value| value.trim().parse::<f64>().unwrap())
+        .sum()
+}
+
+/// The AWS SDK's pubsub sample through Sluice: subscribe to a topic, publish to it, get
+/// the message back (it goes through the gateway's way to IoT Core, and comes back on
+/// the device's own session); a retained configuration message arrives on subscribe,
+/// flagged retained. Both MQTT versions.
+#[test]
+fn the_pubsub_round_trip_and_a_retained_message_on_subscribe() {
+    let env = TestEnv::get();
+    let run = unique("pubsub");
+    let gateway = gateway(&env, "");
+    let commander = Subscriber::connect(&env, &format!("cmd/{run}/#"));
+    commander.publish_retained(&format!("cmd/{run}/config"), r#"{"rate":5}"#);
+    for version in [4, 5] {
+        let device = format!("{run}-v{version}");
+        let echo = format!("sdk/{run}/{device}");
+        let session = PahoSession::start(json!({
+            "url": ws_url(&gateway), "version": version, "client_id": device,
+            "subscribe": [[format!("cmd/{run}/config"), 1], [echo, 1]],
+            "publishes": [{"topic": echo, "payload": "hello", "qos": 1}],
+            "expect": 2,
+        }));
+        assert_eq!(
+            session.next("suback")["granted"],
+            json!([1, 1]),
+            "v{version}"
+        );
+        let messages = session.messages_until_end();
+        assert_eq!(
+            received(&messages),
+            [
+                (
+                    format!("cmd/{run}/config"),
+                    r#"{"rate":5}"#.to_string(),
+                    true
+                ),
+                (echo.clone(), "hello".to_string(), false),
+            ],
+            "v{version}"
+        );
+    }
+}
+
+/// Without `[upstream]` (and without `[downlink]`), a SUBSCRIBE is refused in the
+/// SUBACK (5.0: 0x83; 3.1.1: 0x80), never granted and then silent.
+#[test]
+fn a_subscribe_without_iot_core_is_refused_in_the_suback() {
+    let gateway = Gateway::start("[routing]\ndefault_destination = \"local\"\n");
+    for (version, code) in [(5, 0x83), (4, 0x80)] {
+        let session = PahoSession::start(json!({
+            "url": ws_url(&gateway), "version": version, "client_id": format!("lonely-{version}"),
+            "subscribe": [["cmd/lonely/#", 1]],
+        }));
+        assert_eq!(
+            session.next("suback")["granted"],
+            json!([code]),
+            "v{version}"
+        );
+    }
+}
+
+/// A request on a reserved topic goes straight to the broker on the device's own
+/// session (its PUBACK after the broker's), with its MQTT 5 properties; what comes back
+/// keeps them. A device cannot publish on a reply topic, nor retain on a reserved one.
+#[test]
+fn requests_on_reserved_topics_pass_through_with_their_properties() {
+    let env = TestEnv::get();
+    let run = unique("props");
+    let gateway = gateway(&env, "");
+    let device = format!("{run}-d");
+    let request = format!("$aws/things/{device}/echo/props");
+    let properties = json!({
+        "response_topic": format!("$aws/things/{device}/echo/props"),
+        "correlation_data": "req-42",
+        "content_type": "application/json",
+        "user_properties": [["site", "north"], ["rev", "3"]],
+    });
+    let session = PahoSession::start(json!({
+        "url": ws_url(&gateway), "version": 5, "client_id": device,
+        "subscribe": [[request, 1]],
+        "publishes": [
+            {"topic": request, "payload": "{\"ask\":1}", "qos": 1, "properties": properties},
+            {"topic": format!("$aws/things/{device}/shadow/update/accepted"), "payload": "{}", "qos": 1},
+        ],
+        "expect": 1,
+    }));
+    assert_eq!(session.next("suback")["granted"], json!([1]));
+    let first = session.next("puback");
+    assert_eq!(
+        first["reason"], 0,
+        "the request is PUBACKed once the broker has it"
+    );
+    let second = session.next("puback");
+    assert_eq!(
+        second["reason"], 0x87,
+        "a reply topic is IoT Core's, not the device's"
+    );
+    let messages = session.messages_until_end();
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    assert_eq!(messages[0]["topic"], request);
+    assert_eq!(messages[0]["properties"], properties);
+    // Nothing went to the gateway's sinks: the request bypassed the spool.
+    assert!(gateway.sink("local").is_empty());
+}
+
+/// A persistent session lives at the broker: a message sent while the device is away
+/// arrives when it comes back, with session present and no new SUBSCRIBE; after a
+/// `kill -9` of the gateway too; and on a second gateway (two instances, one broker),
+/// whose session takes the client id over from the first: the device's connection there
+/// ends with its session at the broker, and the first gateway does not take it back.
+/// (IoT Core says why with DISCONNECT 0x8E, which Sluice passes on; mosquitto 2.0 closes
+/// without a word, and the device hears 0x80.)
+#[test]
+fn a_persistent_session_at_the_broker_survives_a_crash_and_moves_to_another_instance() {
+    let env = TestEnv::get();
+    let run = unique("persist");
+    let mut first_gateway = gateway(&env, "");
+    let commander = Subscriber::connect(&env, &format!("cmd/{run}/#"));
+    let device = format!("{run}-meter");
+    let persistent = |gateway: &Gateway, extra: Value| {
+        let mut spec = json!({
+            "url": ws_url(gateway), "version": 5, "client_id": device,
+            "clean": false, "session_expiry": 600,
+        });
+        spec.as_object_mut()
+            .unwrap()
+            .extend(extra.as_object().unwrap().clone());
+        PahoSession::start(spec)
+    };
+    let subscribing = persistent(
+        &first_gateway,
+        json!({"clean": true, "subscribe": [[format!("cmd/{run}/{device}/#"), 1]]}),
+    );
+    assert_eq!(subscribing.next("connack")["session_present"], false);
+    assert_eq!(subscribing.next("suback")["granted"], json!([1]));
+    subscribing.messages_until_end();
+
+    commander.publish(&format!("cmd/{run}/{device}/a"), "while-offline");
+    commander.take(1);
+    let back = persistent(&first_gateway, json!({"expect": 1}));
+    assert_eq!(back.next("connack")["session_present"], true);
+    assert_eq!(payloads(&back.messages_until_end()), ["while-offline"]);
+
+    // Connected when the gateway dies.
+    let held = persistent(&first_gateway, json!({"expect": 1, "timeout": 120}));
+    assert_eq!(held.next("connack")["session_present"], true);
+    first_gateway.crash_and_restart_after(|| {
+        commander.publish(&format!("cmd/{run}/{device}/b"), "while-down");
+        commander.take(1);
+    });
+    held.messages_until_end();
+    let after_crash = persistent(&first_gateway, json!({"expect": 1}));
+    assert_eq!(after_crash.next("connack")["session_present"], true);
+    assert_eq!(payloads(&after_crash.messages_until_end()), ["while-down"]);
+
+    // Connected to the first gateway, the device comes back through a second one.
+    let second_gateway = gateway(&env, "");
+    let on_first = persistent(&first_gateway, json!({"expect": 1, "timeout": 120}));
+    assert_eq!(on_first.next("connack")["session_present"], true);
+    commander.publish(&format!("cmd/{run}/{device}/c"), "before-the-move");
+    commander.take(1);
+    assert_eq!(
+        payloads(&on_first.messages_until_end()),
+        ["before-the-move"]
+    );
+    let staying = persistent(&first_gateway, json!({"expect": 5, "timeout": 120}));
+    assert_eq!(staying.next("connack")["session_present"], true);
+    let moved = persistent(&second_gateway, json!({"expect": 1}));
+    assert_eq!(moved.next("connack")["session_present"], true);
+    let end = staying.next("end");
+    assert_eq!(end["disconnect_reason"], 0x80, "taken over: {end}");
+    commander.publish(&format!("cmd/{run}/{device}/d"), "after-the-move");
+    commander.take(1);
+    assert_eq!(payloads(&moved.messages_until_end()), ["after-the-move"]);
+}
+
+/// Flow control towards the device: 20 QoS 1 messages to a device whose receive maximum
+/// is 2 all arrive (each acknowledged at the broker after the device's PUBACK); a QoS 0
+/// burst of 50 all arrive; a message over the device's Maximum Packet Size is not sent
+/// and is counted, and the next one arrives.
+#[test]
+fn messages_for_the_device_respect_its_receive_maximum_and_packet_size() {
+    let env = TestEnv::get();
+    let run = unique("flow");
+    let gateway = gateway(&env, "");
+    let commander = Subscriber::connect(&env, &format!("cmd/{run}/#"));
+    let device = format!("{run}-slow");
+    let session = PahoSession::start(json!({
+        "url": ws_url(&gateway), "version": 5, "client_id": device,
+        "receive_maximum": 2, "max_packet_size": 2048,
+        "subscribe": [[format!("cmd/{run}/{device}/one/#"), 1], [format!("cmd/{run}/{device}/zero/#"), 0]],
+        "expect": 71, "timeout": 60,
+    }));
+    assert_eq!(session.next("suback")["granted"], json!([1, 0]));
+    for n in 0..20 {
+        commander.publish(&format!("cmd/{run}/{device}/one"), &format!("q1-{n}"));
+    }
+    for n in 0..50 {
+        commander.publish(&format!("cmd/{run}/{device}/zero"), &format!("q0-{n}"));
+    }
+    commander.publish_bytes(&format!("cmd/{run}/{device}/one"), vec![b'x'; 4096]);
+    commander.publish(&format!("cmd/{run}/{device}/one"), "after-the-big-one");
+    commander.take(72);
+    let messages = session.messages_until_end();
+    let got = payloads(&messages);
+    // QoS 1 in order, the big one left out; QoS 0 may come between them (the broker
+    // sends it while QoS 1 waits for room).
+    let ones: Vec<&str> = got
+        .iter()
+        .copied()
+        .filter(|p| !p.starts_with("q0-"))
+        .collect();
+    let mut want: Vec<String> = (0..20).map(|n| format!("q1-{n}")).collect();
+    want.push("after-the-big-one".to_string());
+    assert_eq!(ones, want);
+    assert_eq!(got.iter().filter(|p| p.starts_with("q0-")).count(), 50);
+    assert_eq!(upstream_events(&gateway, "too_large"), 1.0);
+}
+
+/// The broker unreachable: 300 devices with persistent sessions connect, publish and
+/// leave, each publish PUBACKed from the spool; a SUBSCRIBE then is refused in the SUBACK
+/// (0x80: nothing could be delivered), truthfully. Once the broker is back, every
+/// publish reaches it and a device's subscription works again.
+#[test]
+fn an_outage_of_the_broker_never_blocks_publishing() {
+    let env = TestEnv::get();
+    let run = unique("outage");
+    let proxy = Proxy::start(env.mqtt_address());
+    let gateway = gateway_via(&env, proxy.port, "[mqtt]\nlisten = \"127.0.0.1:0\"\n");
+    let watcher = Subscriber::connect(&env, &format!("tele/{run}/#"));
+    proxy.cut();
+    let port: u16 = gateway.mqtt.rsplit(':').next().unwrap().parse().unwrap();
+    let runtime = TestEnv::runtime();
+    let started = std::time::Instant::now();
+    runtime.block_on(async {
+        let mut devices = tokio::task::JoinSet::new();
+        for n in 0..300 {
+            let run = run.clone();
+            devices.spawn(async move {
+                let client_id = format!("{run}-{n}");
+                let mut options = rumqttc::v5::MqttOptions::new(&client_id, "127.0.0.1", port);
+                options
+                    .set_clean_start(false)
+                    .set_session_expiry_interval(Some(600));
+                let (client, mut events) = rumqttc::v5::AsyncClient::new(options, 10);
+                client
+                    .publish(
+                        format!("tele/{run}/{n}"),
+                        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
+                        false,
+                        format!("m{n}"),
+                    )
+                    .await
+                    .unwrap();
+                loop {
+                    let event = tokio::time::timeout(Duration::from_secs(30), events.poll())
+                        .await
+                        .expect("a PUBACK in time")
+                        .expect("the connection holds");
+                    if let rumqttc::v5::Event::Incoming(rumqttc::v5::Incoming::PubAck(ack)) = event
+                    {
+                        assert_eq!(
+                            ack.reason,
+                            rumqttc::v5::mqttbytes::v5::PubAckReason::Success
+                        );
+                        break;
+                    }
+                }
+                client.disconnect().await.unwrap();
+                let _ = tokio::time::timeout(Duration::from_secs(5), events.poll()).await;
+            });
+        }
+        while let Some(done) = devices.join_next().await {
+            done.unwrap();
+        }
+    });
+    let took = started.elapsed();
+    let refused = PahoSession::start(json!({
+        "url": ws_url(&gateway), "version": 5, "client_id": format!("{run}-sub"),
+        "subscribe": [[format!("cmd/{run}/#"), 1]],
+    }));
+    assert_eq!(refused.next("suback")["granted"], json!([0x80]));
+    drop(refused);
+    proxy.restore();
+    let mut seen: Vec<String> = watcher
+        .take(300)
+        .into_iter()
+        .map(|(_, payload)| String::from_utf8(payload).unwrap())
+        .collect();
+    seen.sort();
+    let mut want: Vec<String> = (0..300).map(|n| format!("m{n}")).collect();
+    want.sort();
+    assert_eq!(seen, want);
+    let commander = Subscriber::connect(&env, &format!("cmd/{run}/#"));
+    let device = format!("{run}-after");
+    eventually(
+        Duration::from_secs(30),
+        "a subscription once the broker is back",
+        || {
+            let session = PahoSession::start(json!({
+                "url": ws_url(&gateway), "version": 5, "client_id": device,
+                "subscribe": [[format!("cmd/{run}/{device}"), 1]], "expect": 1, "timeout": 10,
+            }));
+            if session.next("suback")["granted"] != json!([1]) {
+                return None;
+            }
+            commander.publish(&format!("cmd/{run}/{device}"), "back");
+            let messages = session.messages_until_end();
+            (payloads(&messages) == ["back"]).then_some(())
+        },
+    );
+    eprintln!("300 devices published through an outage in {took:?}");
+}
