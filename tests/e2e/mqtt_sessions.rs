@@ -18,6 +18,9 @@ use crate::mqtt::{paho, ws_url};
 pub struct PahoSession {
     child: std::process::Child,
     events: mpsc::Receiver<Value>,
+    /// Messages that came while [`PahoSession::next`] looked for another event: kept for
+    /// [`PahoSession::messages_until_end`].
+    skipped: std::cell::RefCell<Vec<Value>>,
 }
 
 impl PahoSession {
@@ -43,10 +46,14 @@ impl PahoSession {
                 }
             }
         });
-        PahoSession { child, events }
+        PahoSession {
+            child,
+            events,
+            skipped: Default::default(),
+        }
     }
 
-    /// The next event of kind `kind` (others before it are skipped).
+    /// The next event of kind `kind` (others before it are skipped; messages are kept).
     pub fn next(&self, kind: &str) -> Value {
         loop {
             let event = self
@@ -56,12 +63,15 @@ impl PahoSession {
             if event["event"] == kind {
                 return event;
             }
+            if event["event"] == "message" {
+                self.skipped.borrow_mut().push(event);
+            }
         }
     }
 
     /// The messages it received until its end.
     pub fn messages_until_end(mut self) -> Vec<Value> {
-        let mut messages = Vec::new();
+        let mut messages = self.skipped.take();
         loop {
             let event = self.next_any();
             match event["event"].as_str() {

@@ -274,8 +274,9 @@ fn messages_for_the_device_respect_its_receive_maximum_and_packet_size() {
 
 /// The broker unreachable: 300 devices with persistent sessions connect, publish and
 /// leave, each publish PUBACKed from the spool; a SUBSCRIBE then is refused in the SUBACK
-/// (0x80: nothing could be delivered), truthfully. Once the broker is back, every
-/// publish reaches it and a device's subscription works again.
+/// (0x80: nothing could be delivered), truthfully; a device resuming a session is told
+/// it goes on, and told to reconnect when the broker comes back without it. Once the
+/// broker is back, every publish reaches it and a device's subscription works again.
 #[test]
 fn an_outage_of_the_broker_never_blocks_publishing() {
     let env = TestEnv::get();
@@ -285,48 +286,27 @@ fn an_outage_of_the_broker_never_blocks_publishing() {
     let watcher = Subscriber::connect(&env, &format!("tele/{run}/#"));
     proxy.cut();
     let port: u16 = gateway.mqtt.rsplit(':').next().unwrap().parse().unwrap();
-    let runtime = TestEnv::runtime();
     let started = std::time::Instant::now();
-    runtime.block_on(async {
-        let mut devices = tokio::task::JoinSet::new();
-        for n in 0..300 {
-            let run = run.clone();
-            devices.spawn(async move {
-                let client_id = format!("{run}-{n}");
-                let mut options = rumqttc::v5::MqttOptions::new(&client_id, "127.0.0.1", port);
-                options
-                    .set_clean_start(false)
-                    .set_session_expiry_interval(Some(600));
-                let (client, mut events) = rumqttc::v5::AsyncClient::new(options, 10);
-                client
-                    .publish(
-                        format!("tele/{run}/{n}"),
-                        rumqttc::v5::mqttbytes::QoS::AtLeastOnce,
-                        false,
-                        format!("m{n}"),
-                    )
-                    .await
-                    .unwrap();
+    // mosquitto_pub, 30 at a time: each connects with a persistent session, publishes
+    // at QoS 1 and exits 0 once the gateway PUBACKed it.
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|threads| {
+        for _ in 0..30 {
+            threads.spawn(|| {
                 loop {
-                    let event = tokio::time::timeout(Duration::from_secs(30), events.poll())
-                        .await
-                        .expect("a PUBACK in time")
-                        .expect("the connection holds");
-                    if let rumqttc::v5::Event::Incoming(rumqttc::v5::Incoming::PubAck(ack)) = event
-                    {
-                        assert_eq!(
-                            ack.reason,
-                            rumqttc::v5::mqttbytes::v5::PubAckReason::Success
-                        );
-                        break;
+                    let n = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if n >= 300 {
+                        return;
                     }
+                    let output = std::process::Command::new("mosquitto_pub")
+                        .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-V", "mqttv5"])
+                        .args(["-i", &format!("{run}-{n}"), "-c", "-x", "600", "-q", "1"])
+                        .args(["-t", &format!("tele/{run}/{n}"), "-m", &format!("m{n}")])
+                        .output()
+                        .expect("mosquitto_pub");
+                    assert!(output.status.success(), "device {n}: {output:?}");
                 }
-                client.disconnect().await.unwrap();
-                let _ = tokio::time::timeout(Duration::from_secs(5), events.poll()).await;
             });
-        }
-        while let Some(done) = devices.join_next().await {
-            done.unwrap();
         }
     });
     let took = started.elapsed();
@@ -336,7 +316,24 @@ fn an_outage_of_the_broker_never_blocks_publishing() {
     }));
     assert_eq!(refused.next("suback")["granted"], json!([0x80]));
     drop(refused);
+    // A device resuming a session the broker never had is told it goes on (the
+    // gateway cannot ask); once the broker answers that it had none, the device is
+    // told to reconnect, and then hears the truth.
+    let resuming = format!("{run}-resuming");
+    let promised = PahoSession::start(json!({
+        "url": ws_url(&gateway), "version": 5, "client_id": resuming,
+        "clean": false, "session_expiry": 600, "expect": 1, "timeout": 60,
+    }));
+    assert_eq!(promised.next("connack")["session_present"], true);
     proxy.restore();
+    let end = promised.next("end");
+    assert_eq!(end["disconnect_reason"], 0x80, "{end}");
+    let truthful = PahoSession::start(json!({
+        "url": ws_url(&gateway), "version": 5, "client_id": resuming,
+        "clean": false, "session_expiry": 600,
+    }));
+    assert_eq!(truthful.next("connack")["session_present"], false);
+    drop(truthful);
     let mut seen: Vec<String> = watcher
         .take(300)
         .into_iter()
