@@ -25,16 +25,23 @@ pub struct PahoSession {
 
 impl PahoSession {
     pub fn start(spec: Value) -> PahoSession {
+        PahoSession::python("tests/clients/paho_session.py", &[spec.to_string()])
+    }
+
+    /// Any of the tests' Python clients or servers that report JSON lines on stdout
+    /// (`script` from the repository's root), run with `args`.
+    pub fn python(script: &str, args: &[String]) -> PahoSession {
         let python =
             std::env::var("SLUICE_TEST_PYTHON").expect("SLUICE_TEST_PYTHON: run scripts/test");
         let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../tests/clients/paho_session.py");
+            .join("..")
+            .join(script);
         let mut child = std::process::Command::new(python)
             .arg(script)
-            .arg(spec.to_string())
+            .args(args)
             .stdout(std::process::Stdio::piped())
             .spawn()
-            .expect("run paho");
+            .expect("run a Python client");
         let stdout = child.stdout.take().expect("stdout");
         let (send, events) = mpsc::channel();
         std::thread::spawn(move || {
@@ -63,6 +70,7 @@ impl PahoSession {
             if event["event"] == kind {
                 return event;
             }
+            assert_ne!(event["event"], "error", "looking for `{kind}`: {event}");
             if event["event"] == "message" {
                 self.skipped.borrow_mut().push(event);
             }

@@ -3,7 +3,8 @@
 //! pubsub round trip, retained messages on subscribe, requests on reserved topics and
 //! their replies, MQTT 5 properties both ways, persistent sessions kept by the broker
 //! (across a gateway crash, and on a second instance), flow control towards the device,
-//! and an outage of the broker that never blocks publishing.
+//! an outage of the broker that never blocks publishing, and the AWS IoT Device SDK's
+//! own shadow and jobs flows, answered by a stand-in for those services on the broker.
 
 use std::time::Duration;
 
@@ -362,4 +363,163 @@ fn an_outage_of_the_broker_never_blocks_publishing() {
         },
     );
     eprintln!("300 devices published through an outage in {took:?}");
+}
+
+/// IoT Core's shadow and jobs services, played by tests/servers/iot_services.py on the
+/// broker; stopped when dropped.
+struct IotServices {
+    _process: PahoSession,
+}
+
+impl IotServices {
+    fn start(env: &TestEnv) -> IotServices {
+        let certs = crate::mqtt::certs();
+        let file = |name: &str| certs.join(name).display().to_string();
+        let args = [
+            "--host".to_string(),
+            "localhost".to_string(),
+            "--port".to_string(),
+            env.mqtt_address().port().to_string(),
+            "--ca".to_string(),
+            file("ca.pem"),
+            "--cert".to_string(),
+            file("test-subscriber.pem"),
+            "--key".to_string(),
+            file("test-subscriber.key"),
+        ];
+        let services = PahoSession::python("tests/servers/iot_services.py", &args);
+        services.next("ready");
+        IotServices { _process: services }
+    }
+}
+
+/// A gateway that devices reach over TLS with their client certificate (the test
+/// certificate names device `test-subscriber`), which may use any thing's shadow and
+/// jobs topics.
+fn device_gateway(env: &TestEnv) -> Gateway {
+    gateway(
+        env,
+        &format!(
+            r#"
+            {}
+            [[policy.grants]]
+            name = "things"
+            devices = ["*"]
+            client_ids = ["${{device.id}}-*"]
+            publish = ["$aws/things/+/#", "sdk/#"]
+            subscribe = ["$aws/things/+/#", "sdk/#"]
+            [routing]
+            default_destination = "local"
+            "#,
+            crate::mqtt::mtls_config(&crate::mqtt::certs())
+        ),
+    )
+}
+
+/// The AWS IoT Device SDK v2 for Python (`aws_device.py`, the SDK's defaults: MQTT
+/// 3.1.1, a persistent session, keep-alive 1200 s, its metrics user name) over TLS with
+/// its client certificate, running `scenario` as `client_id`.
+fn aws_device(gateway: &Gateway, client_id: &str, thing: &str, scenario: Value) -> PahoSession {
+    let certs = crate::mqtt::certs();
+    let port = gateway
+        .mqtt
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse::<u16>()
+        .unwrap();
+    let mut spec = json!({
+        "endpoint": "localhost", "port": port,
+        "ca": certs.join("ca.pem"), "cert": certs.join("test-subscriber.pem"),
+        "key": certs.join("test-subscriber.key"),
+        "client_id": client_id, "thing": thing, "timeout": 60,
+    });
+    spec.as_object_mut()
+        .unwrap()
+        .extend(scenario.as_object().unwrap().clone());
+    PahoSession::python("tests/clients/aws_device.py", &[spec.to_string()])
+}
+
+/// The SDK's Device Shadow flow through Sluice, answered by the shadow service on the
+/// device's own session: report state (update/accepted), get a delta when the cloud
+/// changes the desired state, report it back, read the document (get/accepted). Every
+/// reply topic is one IoT Core answers on the connection that asked.
+#[test]
+fn the_aws_device_sdk_reports_its_shadow_and_gets_its_delta() {
+    let env = TestEnv::get();
+    let _services = IotServices::start(&env);
+    let run = unique("shadow");
+    let gateway = device_gateway(&env);
+    let thing = format!("{run}-pump");
+    let device = aws_device(
+        &gateway,
+        &format!("test-subscriber-{run}"),
+        &thing,
+        json!({"scenario": "shadow", "shadow": "config", "reported": {"rate": 1},
+               "report_delta": true}),
+    );
+    assert_eq!(device.next("connected")["session_present"], false);
+    let accepted = device.next("update_accepted");
+    assert_eq!(
+        accepted["response"]["state"]["reported"]["rate"], 1,
+        "{accepted}"
+    );
+    device.next("waiting_delta");
+    // The cloud side asks for another rate (an application, through the broker).
+    let cloud = Subscriber::connect(
+        &env,
+        &format!("$aws/things/{thing}/shadow/name/config/update/accepted"),
+    );
+    cloud.publish(
+        &format!("$aws/things/{thing}/shadow/name/config/update"),
+        r#"{"state":{"desired":{"rate":5}}}"#,
+    );
+    let delta = device.next("delta");
+    assert_eq!(delta["response"]["state"]["rate"], 5, "{delta}");
+    let document = device.next("get_accepted");
+    assert_eq!(
+        document["response"]["state"]["reported"]["rate"], 5,
+        "{document}"
+    );
+    assert_eq!(
+        document["response"]["state"]["desired"]["rate"], 5,
+        "{document}"
+    );
+    device.next("end");
+}
+
+/// The SDK's Jobs flow (what every OTA agent does) through Sluice: a job created in the
+/// cloud reaches the device (notify-next), which starts it (start-next/accepted) and
+/// reports it done (update/accepted), then hears that nothing is next.
+#[test]
+fn the_aws_device_sdk_runs_a_job() {
+    let env = TestEnv::get();
+    let _services = IotServices::start(&env);
+    let run = unique("jobs");
+    let gateway = device_gateway(&env);
+    let thing = format!("{run}-pump");
+    let device = aws_device(
+        &gateway,
+        &format!("test-subscriber-{run}"),
+        &thing,
+        json!({"scenario": "jobs", "status": "SUCCEEDED"}),
+    );
+    device.next("waiting_job");
+    let cloud = Subscriber::connect(&env, &format!("$aws/things/{thing}/jobs/notify-next"));
+    cloud.publish(
+        "standin/jobs/create",
+        &json!({"thing": thing, "jobId": "ota-1", "document": {"firmware": "2.0"}}).to_string(),
+    );
+    let started = device.next("start_next_accepted");
+    assert_eq!(
+        started["response"]["execution"]["job_id"], "ota-1",
+        "{started}"
+    );
+    assert_eq!(
+        started["response"]["execution"]["job_document"]["firmware"], "2.0",
+        "{started}"
+    );
+    let updated = device.next("update_accepted");
+    assert!(updated["response"].is_object(), "{updated}");
+    device.next("end");
 }
