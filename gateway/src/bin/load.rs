@@ -20,7 +20,8 @@
 //! With `--hold`, it opens that many WebSocket sessions (with `--mqtt`: MQTT connections,
 //! each waiting for its CONNACK and pinging at half its keep-alive), waits for every
 //! welcome, prints `holding N sessions`, and keeps them idle for `--duration` seconds (for
-//! measuring a server's memory per connection).
+//! measuring a server's memory per connection). `--persistent` makes each MQTT connection
+//! keep a session (clean session off).
 //!
 //! `failed_by_status` counts HTTP statuses; `0` is a connection that could not be made
 //! (for MQTT also a refused CONNACK), and with `--ws` and `--mqtt`, `1` is a publish
@@ -85,6 +86,11 @@ struct Args {
     /// them for --duration seconds.
     #[arg(long)]
     hold: Option<usize>,
+    /// With --mqtt: CONNECT with clean session off, so that each connection keeps a
+    /// session (with Sluice's `[upstream]`: its own session at IoT Core, a bidirectional
+    /// device).
+    #[arg(long, requires = "mqtt")]
+    persistent: bool,
     /// An extra request header, `NAME: VALUE` (repeatable), e.g. an Authorization.
     #[arg(long = "header", short = 'H', value_parser = parse_header)]
     headers: Vec<(String, String)>,
@@ -382,8 +388,13 @@ struct MqttClient {
 }
 
 impl MqttClient {
-    /// Connects to `address`, sends CONNECT (clean session) and waits for the CONNACK.
-    async fn connect(address: &str, client_id: &str) -> anyhow::Result<MqttClient> {
+    /// Connects to `address`, sends CONNECT (clean session unless `persistent`) and
+    /// waits for the CONNACK.
+    async fn connect(
+        address: &str,
+        client_id: &str,
+        persistent: bool,
+    ) -> anyhow::Result<MqttClient> {
         let stream = TcpStream::connect(address).await?;
         stream.set_nodelay(true)?;
         let mut client = MqttClient {
@@ -392,6 +403,7 @@ impl MqttClient {
         };
         let mut connect = Connect::new(client_id);
         connect.keep_alive = MQTT_KEEP_ALIVE;
+        connect.clean_session = !persistent;
         let mut out = BytesMut::new();
         connect.write(&mut out)?;
         client.stream.write_all(&out).await?;
@@ -438,7 +450,7 @@ async fn mqtt_connection(
 ) -> Tally {
     let mut tally = Tally::new();
     let device = format!("load-{index}");
-    let Ok(mut client) = MqttClient::connect(&address, &device).await else {
+    let Ok(mut client) = MqttClient::connect(&address, &device, args.persistent).await else {
         tally.failed += 1;
         *tally.statuses.entry(0).or_default() += 1;
         return tally;
@@ -551,9 +563,10 @@ async fn mqtt_hold(
     address: String,
     count: usize,
 ) -> anyhow::Result<()> {
+    let persistent = args.persistent;
     let clients = open_all(count, |index| {
         let address = address.clone();
-        async move { MqttClient::connect(&address, &format!("load-{index}")).await }
+        async move { MqttClient::connect(&address, &format!("load-{index}"), persistent).await }
     })
     .await?;
     let until = Instant::now() + Duration::from_secs_f64(args.duration);

@@ -54,6 +54,9 @@ use crate::upstream::pace::PER_CLIENT_ID;
 /// and room is left for the topic and properties.
 const MAX_INCOMING_PACKET: u32 = 256 * 1024;
 
+/// Publishes of the device (requests passed through) unacknowledged at once.
+const OUTGOING_IN_FLIGHT: u16 = 4;
+
 /// QoS 0 messages held for a device beyond its receive maximum.
 const QOS0_ROOM: usize = 64;
 
@@ -165,7 +168,9 @@ impl UpstreamSession {
             .set_max_packet_size(Some(MAX_INCOMING_PACKET))
             // A message is acknowledged once the device acknowledged it.
             .set_manual_acks(true)
-            .set_outgoing_inflight_upper_limit(spec.receive_maximum.max(1))
+            // Requests passed through wait for their PUBACK one by one; rumqttc keeps a
+            // slot per possible one (about 150 bytes each), so few are allowed.
+            .set_outgoing_inflight_upper_limit(OUTGOING_IN_FLIGHT)
             .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
                 upstream.tls.clone(),
             )));
