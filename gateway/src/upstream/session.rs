@@ -362,6 +362,17 @@ impl UpstreamSession {
     }
 }
 
+/// The next message for the device from its session, if it has one; never without one.
+/// Cancel-safe.
+pub async fn next_for(session: &mut Option<UpstreamSession>) -> Publish {
+    if let Some(session) = session
+        && let Some(publish) = session.next().await
+    {
+        return publish;
+    }
+    std::future::pending().await
+}
+
 impl Drop for UpstreamSession {
     fn drop(&mut self) {
         if let Some(task) = self.task.take() {

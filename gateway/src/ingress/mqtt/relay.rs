@@ -224,14 +224,3 @@ impl Session<'_> {
         }
     }
 }
-
-/// The next message from the device's session at IoT Core; never without one.
-/// Cancel-safe.
-pub(super) async fn next(upstream: &mut Option<UpstreamSession>) -> UpstreamPublish {
-    if let Some(session) = upstream
-        && let Some(publish) = session.next().await
-    {
-        return publish;
-    }
-    std::future::pending().await
-}

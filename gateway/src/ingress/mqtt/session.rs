@@ -24,7 +24,6 @@ use crate::ingress::mqtt::codec::{
     self, DisconnectReasonCode, Incoming, PubAckReason, Publish, Version,
 };
 use crate::ingress::mqtt::commands::{InFlight, Outbound};
-use crate::ingress::mqtt::relay;
 use crate::ingress::mqtt::saved::Kept;
 use crate::ingress::mqtt::transport::Transport;
 use crate::ingress::session::{DeviceSession, Ended};
@@ -227,7 +226,7 @@ impl Session<'_> {
                         return end;
                     }
                 }
-                publish = relay::next(&mut device.upstream), if outbound.has_room() => {
+                publish = crate::upstream::session::next_for(&mut device.upstream), if outbound.has_room() => {
                     if let Some(bytes) = self.relay(device, outbound, publish)
                         && io.send(&bytes).await.is_err()
                     {
