@@ -53,7 +53,7 @@ pub enum InFlight {
     Command(u64),
     /// A message from the device's session at IoT Core (its payload left out), to
     /// acknowledge there.
-    Relayed(UpstreamPublish),
+    Relayed(Box<UpstreamPublish>),
 }
 
 /// What [`Outbound::relay`] makes of a message from IoT Core.
@@ -204,7 +204,8 @@ impl Outbound {
         let pkid = self.next_pkid();
         let mut kept = publish.clone();
         kept.payload = bytes::Bytes::new();
-        self.in_flight.insert(pkid, InFlight::Relayed(kept));
+        self.in_flight
+            .insert(pkid, InFlight::Relayed(Box::new(kept)));
         Relay::Send(codec::relayed(version, publish, pkid))
     }
 
