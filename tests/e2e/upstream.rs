@@ -418,26 +418,46 @@ fn device_gateway(env: &TestEnv) -> Gateway {
 
 /// The AWS IoT Device SDK v2 for Python (`aws_device.py`, the SDK's defaults: MQTT
 /// 3.1.1, a persistent session, keep-alive 1200 s, its metrics user name) over TLS with
-/// its client certificate, running `scenario` as `client_id`.
-fn aws_device(gateway: &Gateway, client_id: &str, thing: &str, scenario: Value) -> PahoSession {
-    let certs = crate::mqtt::certs();
-    let port = gateway
-        .mqtt
-        .rsplit(':')
-        .next()
-        .unwrap()
-        .parse::<u16>()
-        .unwrap();
-    let mut spec = json!({
-        "endpoint": "localhost", "port": port,
-        "ca": certs.join("ca.pem"), "cert": certs.join("test-subscriber.pem"),
-        "key": certs.join("test-subscriber.key"),
-        "client_id": client_id, "thing": thing, "timeout": 60,
-    });
-    spec.as_object_mut()
-        .unwrap()
-        .extend(scenario.as_object().unwrap().clone());
-    PahoSession::python("tests/clients/aws_device.py", &[spec.to_string()])
+/// its client certificate, through a gateway of its own, for a thing of its own, with the
+/// shadow and jobs services' stand-in on the broker.
+struct SdkDevice {
+    /// The SDK's events.
+    events: PahoSession,
+    /// Its thing's name.
+    thing: String,
+    env: TestEnv,
+    _gateway: Gateway,
+    _services: IotServices,
+}
+
+impl SdkDevice {
+    /// Runs `scenario` (aws_device.py's spec, less the connection).
+    fn start(name: &str, scenario: Value) -> SdkDevice {
+        let env = TestEnv::get();
+        let services = IotServices::start(&env);
+        let run = unique(name);
+        let gateway = device_gateway(&env);
+        let thing = format!("{run}-pump");
+        let certs = crate::mqtt::certs();
+        let port: u16 = gateway.mqtt.rsplit(':').next().unwrap().parse().unwrap();
+        let mut spec = json!({
+            "endpoint": "localhost", "port": port,
+            "ca": certs.join("ca.pem"), "cert": certs.join("test-subscriber.pem"),
+            "key": certs.join("test-subscriber.key"),
+            "client_id": format!("test-subscriber-{run}"), "thing": thing, "timeout": 60,
+        });
+        spec.as_object_mut()
+            .unwrap()
+            .extend(scenario.as_object().unwrap().clone());
+        let events = PahoSession::python("tests/clients/aws_device.py", &[spec.to_string()]);
+        SdkDevice {
+            events,
+            thing,
+            env,
+            _gateway: gateway,
+            _services: services,
+        }
+    }
 }
 
 /// The SDK's Device Shadow flow through Sluice, answered by the shadow service on the
@@ -446,18 +466,12 @@ fn aws_device(gateway: &Gateway, client_id: &str, thing: &str, scenario: Value) 
 /// reply topic is one IoT Core answers on the connection that asked.
 #[test]
 fn the_aws_device_sdk_reports_its_shadow_and_gets_its_delta() {
-    let env = TestEnv::get();
-    let _services = IotServices::start(&env);
-    let run = unique("shadow");
-    let gateway = device_gateway(&env);
-    let thing = format!("{run}-pump");
-    let device = aws_device(
-        &gateway,
-        &format!("test-subscriber-{run}"),
-        &thing,
+    let sdk = SdkDevice::start(
+        "shadow",
         json!({"scenario": "shadow", "shadow": "config", "reported": {"rate": 1},
                "report_delta": true}),
     );
+    let (device, thing, env) = (&sdk.events, &sdk.thing, &sdk.env);
     assert_eq!(device.next("connected")["session_present"], false);
     let accepted = device.next("update_accepted");
     assert_eq!(
@@ -467,7 +481,7 @@ fn the_aws_device_sdk_reports_its_shadow_and_gets_its_delta() {
     device.next("waiting_delta");
     // The cloud side asks for another rate (an application, through the broker).
     let cloud = Subscriber::connect(
-        &env,
+        env,
         &format!("$aws/things/{thing}/shadow/name/config/update/accepted"),
     );
     cloud.publish(
@@ -493,19 +507,10 @@ fn the_aws_device_sdk_reports_its_shadow_and_gets_its_delta() {
 /// reports it done (update/accepted), then hears that nothing is next.
 #[test]
 fn the_aws_device_sdk_runs_a_job() {
-    let env = TestEnv::get();
-    let _services = IotServices::start(&env);
-    let run = unique("jobs");
-    let gateway = device_gateway(&env);
-    let thing = format!("{run}-pump");
-    let device = aws_device(
-        &gateway,
-        &format!("test-subscriber-{run}"),
-        &thing,
-        json!({"scenario": "jobs", "status": "SUCCEEDED"}),
-    );
+    let sdk = SdkDevice::start("jobs", json!({"scenario": "jobs", "status": "SUCCEEDED"}));
+    let (device, thing, env) = (&sdk.events, &sdk.thing, &sdk.env);
     device.next("waiting_job");
-    let cloud = Subscriber::connect(&env, &format!("$aws/things/{thing}/jobs/notify-next"));
+    let cloud = Subscriber::connect(env, &format!("$aws/things/{thing}/jobs/notify-next"));
     cloud.publish(
         "standin/jobs/create",
         &json!({"thing": thing, "jobId": "ota-1", "document": {"firmware": "2.0"}}).to_string(),

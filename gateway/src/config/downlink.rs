@@ -75,18 +75,13 @@ impl Config {
         let Some(downlink) = &self.downlink else {
             return;
         };
-        for (what, path) in [
-            ("ca", &downlink.ca),
-            ("cert", &downlink.cert),
-            ("key", &downlink.key),
-        ] {
-            if !path.is_file() {
-                problems.push(format!(
-                    "downlink.{what}: {} does not exist",
-                    path.display()
-                ));
-            }
-        }
+        super::check_tls_files(
+            "downlink",
+            &downlink.ca,
+            &downlink.cert,
+            &downlink.key,
+            problems,
+        );
         for (what, pattern) in [
             ("command_topic", &downlink.command_topic),
             ("reply_topic", &downlink.reply_topic),

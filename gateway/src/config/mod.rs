@@ -228,6 +228,24 @@ impl Config {
     }
 }
 
+/// A problem for each of a section's TLS files (`ca`, `cert`, `key`) that is not a file.
+fn check_tls_files(
+    section: &str,
+    ca: &std::path::Path,
+    cert: &std::path::Path,
+    key: &std::path::Path,
+    problems: &mut Vec<String>,
+) {
+    for (what, path) in [("ca", ca), ("cert", cert), ("key", key)] {
+        if !path.is_file() {
+            problems.push(format!(
+                "{section}.{what}: file {} does not exist",
+                path.display()
+            ));
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

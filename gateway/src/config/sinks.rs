@@ -175,14 +175,13 @@ impl Config {
                 );
             }
             (IotTransport::Mqtt, Some(mqtt)) => {
-                for (what, path) in [("ca", &mqtt.ca), ("cert", &mqtt.cert), ("key", &mqtt.key)] {
-                    if !path.is_file() {
-                        problems.push(format!(
-                            "sinks.iot_core.mqtt.{what}: file {} does not exist",
-                            path.display()
-                        ));
-                    }
-                }
+                super::check_tls_files(
+                    "sinks.iot_core.mqtt",
+                    &mqtt.ca,
+                    &mqtt.cert,
+                    &mqtt.key,
+                    problems,
+                );
                 if mqtt.client_id.is_empty() || mqtt.client_id.len() > 128 {
                     problems.push(
                         "sinks.iot_core.mqtt.client_id must be 1 to 128 characters".to_string(),

@@ -58,18 +58,13 @@ impl Config {
         let Some(upstream) = &self.upstream else {
             return;
         };
-        for (what, path) in [
-            ("ca", &upstream.ca),
-            ("cert", &upstream.cert),
-            ("key", &upstream.key),
-        ] {
-            if !path.is_file() {
-                problems.push(format!(
-                    "upstream.{what}: {} does not exist",
-                    path.display()
-                ));
-            }
-        }
+        super::check_tls_files(
+            "upstream",
+            &upstream.ca,
+            &upstream.cert,
+            &upstream.key,
+            problems,
+        );
         if upstream.connects_per_sec == 0 {
             problems.push("upstream.connects_per_sec must be at least 1".to_string());
         }
