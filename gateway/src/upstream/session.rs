@@ -347,7 +347,10 @@ impl UpstreamSession {
         let Some(task) = self.task.take() else {
             return;
         };
-        if politely && self.connected() && self.client.try_disconnect().is_ok() {
+        let ending = matches!(*self.state.borrow(), State::Lost | State::TakenOver);
+        // A session that is over ends by itself (one IoT Core no longer had is closed
+        // with DISCONNECT, so that no will goes): it is not cut short.
+        if ending || (politely && self.connected() && self.client.try_disconnect().is_ok()) {
             // The task ends once the DISCONNECT is written.
             let abort = task.abort_handle();
             if tokio::time::timeout(Duration::from_secs(2), task)
