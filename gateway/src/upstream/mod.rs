@@ -12,7 +12,8 @@
 //! instance resumes it there (IoT Core's takeover closes the old connection).
 //!
 //! - [`session`]: one device's session: subscriptions, publishes passed through and
-//!   their acknowledgements, messages for the device, reconnects.
+//!   their acknowledgements, messages for the device, attempts to connect until it is
+//!   made (a connection lost after that ends the session, and the device's with it).
 //! - [`pace`]: CONNECTs spread over time (the gateway's rate, one a second per client
 //!   id).
 

@@ -508,13 +508,8 @@ impl Driver {
                     }
                     self.upstream.connected(false);
                     failures += 1;
-                    // Subscribes in flight are lost with the connection (rumqttc keeps
-                    // only publishes); their waiters hear it now.
-                    {
-                        let mut waiting = self.lock();
-                        waiting.subscribes.clear();
-                        waiting.subacks.clear();
-                    }
+                    // Nothing is in flight: subscribes and publishes are refused until
+                    // the session is connected.
                     self.state.send_replace(State::Down);
                     tokio::time::sleep(RECONNECT.delay(failures)).await;
                 }

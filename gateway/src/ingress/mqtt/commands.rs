@@ -192,21 +192,21 @@ impl Outbound {
         version: Version,
         max_packet: Option<u32>,
     ) -> Relay {
-        // Encoded once to learn its size (any packet id has the same size; 0 is not one).
-        let bytes = codec::relayed(version, publish, 1);
+        let at_least_once = publish.qos != rumqttc::v5::mqttbytes::QoS::AtMostOnce;
+        // A packet id taken for a message then not sent is only skipped.
+        let pkid = if at_least_once { self.next_pkid() } else { 0 };
+        let bytes = codec::relayed(version, publish, pkid);
         let limit = max_packet.map_or(usize::MAX, |max| max as usize);
         if bytes.len() > limit {
             return Relay::TooLarge(bytes.len());
         }
-        if publish.qos == rumqttc::v5::mqttbytes::QoS::AtMostOnce {
-            return Relay::Send(bytes);
+        if at_least_once {
+            let mut kept = publish.clone();
+            kept.payload = bytes::Bytes::new();
+            self.in_flight
+                .insert(pkid, InFlight::Relayed(Box::new(kept)));
         }
-        let pkid = self.next_pkid();
-        let mut kept = publish.clone();
-        kept.payload = bytes::Bytes::new();
-        self.in_flight
-            .insert(pkid, InFlight::Relayed(Box::new(kept)));
-        Relay::Send(codec::relayed(version, publish, pkid))
+        Relay::Send(bytes)
     }
 
     fn next_pkid(&mut self) -> u16 {

@@ -151,13 +151,12 @@ pub async fn run<T: Transport>(
         && expiry > 0
     {
         let mut session = endpoint.open(spec.clone());
-        let answer = match endpoint.reachable() {
-            true => {
-                session
-                    .connected_within(crate::upstream::CONNACK_WAIT)
-                    .await
-            }
-            false => None,
+        let answer = if endpoint.reachable() {
+            session
+                .connected_within(crate::upstream::CONNACK_WAIT)
+                .await
+        } else {
+            None
         };
         session_present = match answer {
             Some(present) => present,
