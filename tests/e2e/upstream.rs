@@ -159,6 +159,42 @@ fn requests_on_reserved_topics_pass_through_with_their_properties() {
     assert!(gateway.sink("local").is_empty());
 }
 
+/// A request passed straight through is held to its grant's rates like any publish:
+/// with one message a second, three shadow requests at once get one PUBACK 0 (and that one
+/// reaches the broker) and two 0x97.
+#[test]
+fn requests_passed_through_are_held_to_the_grants_rates() {
+    let env = TestEnv::get();
+    let run = unique("rated");
+    let gateway = gateway(
+        &env,
+        r#"
+        [[policy.grants]]
+        name = "shadow"
+        devices = ["*"]
+        publish = ["$aws/things/${device.id}/#"]
+        subscribe = ["$aws/things/${device.id}/#"]
+        max_messages_per_sec = 1
+        "#,
+    );
+    let device = format!("{run}-d");
+    let request = format!("$aws/things/{device}/shadow/get");
+    let broker = Subscriber::connect(&env, &request);
+    let publishes: Vec<Value> = (0..3)
+        .map(|n| json!({"topic": request, "payload": format!("{{\"n\":{n}}}"), "qos": 1}))
+        .collect();
+    let session = PahoSession::start(json!({
+        "url": ws_url(&gateway), "version": 5, "client_id": device, "publishes": publishes,
+    }));
+    let mut reasons: Vec<i64> = (0..3)
+        .map(|_| session.next("puback")["reason"].as_i64().unwrap())
+        .collect();
+    reasons.sort();
+    assert_eq!(reasons, [0, 0x97, 0x97]);
+    let (topic, _) = broker.take(1).pop().unwrap();
+    assert_eq!(topic, request);
+}
+
 /// A persistent session lives at the broker: a message sent while the device is away
 /// arrives when it comes back, with session present and no new SUBSCRIBE; after a
 /// `kill -9` of the gateway too; and on a second gateway (two instances, one broker),

@@ -223,8 +223,9 @@ pub fn admit(
         .collect())
 }
 
-/// Admits a device's reply to a command, `size` bytes published on its reply `topic`:
-/// held to the policy (and its rates) like a publish there.
+/// Admits a publish of `size` bytes on `topic` that leaves for the broker as it is,
+/// outside the pipeline (a reply to a command, a request to IoT Core's services): held to
+/// the policy (and its rates) like any publish there.
 pub fn admit_reply(
     rules: &DeviceRules,
     identity: &Identity,

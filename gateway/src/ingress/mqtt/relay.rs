@@ -120,20 +120,20 @@ impl Session<'_> {
 
     /// Passes a request on one of IoT Core's reserved topics (shadow, jobs, fleet
     /// provisioning, …) straight to IoT Core on the device's own session, after the
-    /// policy, and waits for IoT Core's PUBACK: the device's PUBACK then says IoT Core
+    /// policy and its rates, and waits for IoT Core's PUBACK: the device's PUBACK then says IoT Core
     /// has it.
     pub(super) async fn pass_through(
         &self,
         device: &mut DeviceSession,
         publish: Publish,
     ) -> Result<(), Refusal> {
-        let rules = self.state.rules();
-        if !rules.policy.may_publish(self.identity, &publish.topic) {
-            return Err(Refusal::Forbidden {
-                topic: publish.topic,
-                device: self.identity.device_id.clone(),
-            });
-        }
+        // The policy and the grant's rates, as for any publish.
+        crate::ingress::admit::admit_reply(
+            &self.state.rules(),
+            self.identity,
+            &publish.topic,
+            publish.payload.len(),
+        )?;
         if publish.retain {
             return Err(Refusal::BadRequest(format!(
                 "`{}` is one of IoT Core's reserved topics: a retained message is refused there",
