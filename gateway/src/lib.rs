@@ -11,8 +11,8 @@
 //! A message's way: [`ingress`] (a device's protocol) → [`auth`] and [`policy`] (who it
 //! is, what it may do) → [`pipeline`] → [`plugin`] (transforms, a router) → [`route`]
 //! (the decision) → [`record`] → [`spool`] (durable) → [`sink`] (delivery). What a device
-//! receives comes through its own session at IoT Core, [`upstream`] (commands through the
-//! shared [`downlink`] for the WebSocket dialect and HTTP long-polls).
+//! receives comes through its own session at IoT Core, [`upstream`], whatever its
+//! protocol.
 //!
 //! The modules stand on floors, the top floor first. A module imports only modules on
 //! its own floor or below (`scripts/check-imports` fails the tests otherwise), so that
@@ -45,7 +45,6 @@
 //!   hand-over beside it, and the dead-letter store.
 //! - [`upstream`]: each receiving device's own MQTT 5 session at IoT Core, under its
 //!   client id: subscriptions, shadow and jobs requests, messages for the device.
-//! - [`downlink`]: commands from the cloud to devices, through the MQTT broker.
 //! - [`sink`]: delivery to Kinesis, IoT Core (MQTT or HTTPS), or the local sink, the
 //!   embedded default that needs no cloud.
 //!
@@ -77,7 +76,6 @@ pub mod auth;
 pub(crate) mod backoff;
 pub mod config;
 pub(crate) mod console;
-pub(crate) mod downlink;
 pub(crate) mod ingress;
 pub mod message;
 pub(crate) mod metrics;
@@ -157,16 +155,15 @@ pub async fn run(
     #[cfg(unix)]
     let hangups = reconfigure::reload_on_sighup(reloader.clone())?;
     let sessions = Arc::new(ingress::sessions::Sessions::default());
-    let downlink = config
-        .downlink
-        .clone()
-        .map(|settings| downlink::Downlink::start(settings, &config.server.data_dir))
-        .transpose()?;
     let upstream = config
         .upstream
         .clone()
         .map(upstream::Upstream::new)
         .transpose()?;
+    let held = upstream.as_ref().map(|upstream| {
+        let idle = std::time::Duration::from_secs(upstream.settings().session_expiry_secs.into());
+        upstream::held::Held::start(upstream.clone(), idle, shutdown.clone())
+    });
     let admin = match (&config.admin.listen, &config.admin.token) {
         (Some(listen), Some(token)) => Some(
             admin::serve(
@@ -175,7 +172,6 @@ pub async fn run(
                 admin::Parts {
                     pipeline: pipeline.clone(),
                     sessions: sessions.clone(),
-                    downlink: downlink.clone(),
                     reloader: reloader.clone(),
                 },
                 shutdown.clone(),
@@ -189,10 +185,9 @@ pub async fn run(
         live,
         shutdown,
         sessions,
-        downlink,
         upstream,
+        held,
         mqtt_clients: Default::default(),
-        mqtt_sessions: ingress::mqtt::saved::SavedSessions::open(&config.server.data_dir)?,
     };
     let listeners = match ingress::listener::bind(&config).await {
         Ok(listeners) => listeners,

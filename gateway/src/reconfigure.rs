@@ -14,7 +14,7 @@
 //! `[websocket]` (for new sessions), and the certificate, key and CAs of
 //! `[server.tls]` / `[auth.mtls]`, read again on every reload (for new connections). The rest (addresses, the data
 //! directory, the connection limits and timeouts, the spool's size, `spool.expired`, the
-//! sinks, AWS, the admin listener, the downlink, the
+//! sinks, AWS, the admin listener, `[upstream]`, the
 //! plugin host's workers and limits, turning TLS on or off) is only read at start: a
 //! reload that changes it applies the live sections and lists the others under
 //! `restart_required`.
@@ -274,7 +274,7 @@ fn split(running: &Config, new: &Config) -> (Config, Vec<String>) {
         (running.aws != new.aws, "aws"),
         (running.sinks != new.sinks, "sinks"),
         (running.admin != new.admin, "admin"),
-        (running.downlink != new.downlink, "downlink"),
+        (running.upstream != new.upstream, "upstream"),
         (
             mtls_switch,
             "auth (turning client certificates on or off; the whole [auth] change waits)",
@@ -308,7 +308,7 @@ fn split(running: &Config, new: &Config) -> (Config, Vec<String>) {
     effective.aws = running.aws.clone();
     effective.sinks = running.sinks.clone();
     effective.admin = running.admin.clone();
-    effective.downlink = running.downlink.clone();
+    effective.upstream = running.upstream.clone();
     effective.mqtt.listen = running.mqtt.listen;
     if mtls_switch {
         // The whole `[auth]` section waits with it: half of it (tokens without the

@@ -2,7 +2,7 @@
 //! `telemetry-${topic.1}`. Variables: `${device.id}`, `${topic}` (the whole topic) and
 //! `${topic.N}` (level N of the topic, from 0; empty when the topic is shorter).
 //!
-//! Policy grants, client-id patterns and the downlink's topics take `${device.id}` alone:
+//! Policy grants, client-id patterns and `[upstream]`'s command and reply topics take `${device.id}` alone:
 //! [`for_device`] fills it in.
 
 use crate::message::Message;

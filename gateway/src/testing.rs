@@ -38,8 +38,6 @@ pub fn gateway(config: &str) -> Fixture {
     let spool = Arc::new(Spool::open(data, config.spool.max_bytes_per_sink).expect("spool"));
     spool.set_dead_letter_limit(config.spool.max_dead_letter_bytes);
     let local = Arc::new(LocalSink::open(data).expect("local sink"));
-    let mqtt_sessions =
-        crate::ingress::mqtt::saved::SavedSessions::open(data).expect("MQTT sessions");
     let plugins = Plugins::start(&config).expect("plugins");
     let live = Live::new(&config).expect("device side");
     let sinks = Arc::new(Sinks::new(local, None, None));
@@ -63,10 +61,9 @@ pub fn gateway(config: &str) -> Fixture {
             live,
             shutdown,
             sessions: Arc::new(Sessions::default()),
-            downlink: None,
             upstream: None,
+            held: None,
             mqtt_clients: Default::default(),
-            mqtt_sessions,
         },
         reloader,
         _dir: dir,

@@ -1,6 +1,6 @@
 //! The one place PEM files become rustls configurations: the device listeners' server
 //! config (with the client-certificate verifier `auth::mtls` builds), and the client
-//! config of every connection to the broker (the IoT Core sink, the downlink). All use
+//! config of every connection to the broker (the IoT Core sink, the devices' sessions at IoT Core). All use
 //! ring as the crypto provider and rustls' safe default protocol versions.
 
 use std::path::Path;

@@ -13,7 +13,7 @@ pub enum AdminApiError {
     BadRequest(String),
     /// `401 unauthorized`: no admin token, or the wrong one.
     Unauthorized,
-    /// `404 not_found`: no such dead letter, plugin or version; no `[downlink]`.
+    /// `404 not_found`: no such dead letter, plugin or version.
     NotFound(String),
     /// `503 spool_unavailable` (with `Retry-After: 5`): the spool cannot read or write.
     Spool(String),

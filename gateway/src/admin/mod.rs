@@ -7,8 +7,6 @@
 //! - `GET /metrics`: Prometheus metrics (messages by status, refusals by code, records
 //!   leaving the spool by sink and outcome, sink failures, receipt-to-confirmation
 //!   latency per sink, spool depth and bytes, fsyncs, dead letters, WebSocket sessions).
-//! - `GET /admin/downlink`: the instance id, whether the broker confirmed the command and
-//!   presence subscriptions, devices with commands waiting, commands queued in all.
 //! - `GET /admin/dlq?from=KEY&limit=N`: dead letters, oldest first (`next` pages on).
 //! - `GET /admin/dlq/{key}`: one dead letter with its payload.
 //! - `DELETE /admin/dlq/{key}`: discard one.
@@ -35,7 +33,7 @@
 //!
 //! Errors are JSON `{"code": …, "message": …}` like the device API's ([`error`]).
 //!
-//! - [`status`]: the state now (metrics, devices, downlink, spool);
+//! - [`status`]: the state now (metrics, devices, spool);
 //! - [`dlq`]: the dead letters;
 //! - [`plugins`]: the plugin chain and its uploaded versions.
 
@@ -60,7 +58,7 @@ use crate::shutdown::Shutdown;
 use dlq::{discard, list, redrive, show};
 use error::AdminApiError;
 use plugins::{activate, delete_version, plugins, upload};
-use status::{devices, downlink_status, metrics, spool_stats};
+use status::{devices, metrics, spool_stats};
 
 /// The parts of the gateway the admin API reads and acts on.
 #[derive(Clone)]
@@ -69,8 +67,6 @@ pub struct Parts {
     pub pipeline: Arc<Pipeline>,
     /// Open WebSocket sessions.
     pub sessions: Arc<Sessions>,
-    /// Commands to devices, when configured.
-    pub downlink: Option<Arc<crate::downlink::Downlink>>,
     /// Configuration reloads.
     pub reloader: Arc<crate::reconfigure::Reloader>,
 }
@@ -82,7 +78,6 @@ const MAX_COMPONENT_BYTES: usize = 64 << 20;
 struct AdminState {
     pipeline: Arc<Pipeline>,
     sessions: Arc<Sessions>,
-    downlink: Option<Arc<crate::downlink::Downlink>>,
     reloader: Arc<crate::reconfigure::Reloader>,
     token: Arc<str>,
 }
@@ -102,11 +97,7 @@ pub async fn serve(
     let address = listener.local_addr()?;
     println!("sluice: admin on http://{address}");
     tracing::info!(%address, "admin API listening");
-    let console = crate::console::Console::new(
-        parts.pipeline.clone(),
-        parts.downlink.clone(),
-        parts.reloader.clone(),
-    );
+    let console = crate::console::Console::new(parts.pipeline.clone(), parts.reloader.clone());
     let sampler = crate::console::start(console.clone(), shutdown.clone());
     let app = router(parts, token, console);
     Ok(tokio::spawn(async move {
@@ -133,7 +124,6 @@ fn router(parts: Parts, token: String, console: crate::console::Console) -> axum
     let state = AdminState {
         pipeline: parts.pipeline,
         sessions: parts.sessions,
-        downlink: parts.downlink,
         reloader: parts.reloader,
         token: token.into(),
     };
@@ -141,7 +131,6 @@ fn router(parts: Parts, token: String, console: crate::console::Console) -> axum
         .route("/admin/spool", get(spool_stats))
         .route("/admin/devices", get(devices))
         .route("/metrics", get(metrics))
-        .route("/admin/downlink", get(downlink_status))
         .route("/admin/dlq", get(list))
         .route("/admin/dlq/redrive", post(redrive))
         .route("/admin/dlq/{key}", get(show).delete(discard))
@@ -205,16 +194,15 @@ mod tests {
 
     const TOKEN: &str = "test-admin-token-0123";
 
-    /// The admin app over `fixture`'s gateway (no downlink).
+    /// The admin app over `fixture`'s gateway.
     fn app(fixture: &crate::testing::Fixture) -> axum::Router {
         let parts = Parts {
             pipeline: fixture.state.pipeline.clone(),
             sessions: fixture.state.sessions.clone(),
-            downlink: None,
             reloader: fixture.reloader.clone(),
         };
         let console =
-            crate::console::Console::new(parts.pipeline.clone(), None, parts.reloader.clone());
+            crate::console::Console::new(parts.pipeline.clone(), parts.reloader.clone());
         router(parts, TOKEN.to_string(), console)
     }
 
@@ -274,11 +262,6 @@ mod tests {
                 authorized("POST", "/admin/reload", ""),
                 StatusCode::CONFLICT,
                 "no_config_file",
-            ),
-            (
-                authorized("GET", "/admin/downlink", ""),
-                StatusCode::NOT_FOUND,
-                "not_found",
             ),
             (
                 authorized(

@@ -1,5 +1,5 @@
 //! What the gateway's state is now: `GET /metrics` (the gauges read from the spool and
-//! the sessions first), `GET /admin/devices`, `GET /admin/downlink`, `GET /admin/spool`.
+//! the sessions first), `GET /admin/devices`, `GET /admin/spool`.
 
 use axum::Json;
 use axum::extract::State;
@@ -9,7 +9,6 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use crate::admin::AdminState;
-use crate::admin::error::AdminApiError;
 
 /// `GET /metrics`: Prometheus (OpenMetrics) text; state gauges are read now.
 pub(super) async fn metrics(State(state): State<AdminState>) -> Response {
@@ -36,13 +35,6 @@ pub(super) async fn metrics(State(state): State<AdminState>) -> Response {
         m.render(),
     )
         .into_response()
-}
-
-pub(super) async fn downlink_status(State(state): State<AdminState>) -> Response {
-    match &state.downlink {
-        Some(downlink) => Json(downlink.status()).into_response(),
-        None => AdminApiError::NotFound("no [downlink] configured".into()).into_response(),
-    }
 }
 
 pub(super) async fn devices(State(state): State<AdminState>) -> Response {

@@ -6,12 +6,11 @@
 //!
 //! One file per section, each with its types, defaults and checks: `server` (with
 //! `[limits]`, `[admin]`, `[websocket]`), `auth` (with `[policy]`), `plugins`,
-//! `routing`, `spool`, `sinks` (with `[aws]`), `downlink`, `upstream`, `mqtt`. The AWS quotas the
+//! `routing`, `spool`, `sinks` (with `[aws]`), `upstream`, `mqtt`. The AWS quotas the
 //! defaults and checks use are on the ground floor ([`crate::quota`]), with the topic
 //! filters and templates they parse.
 
 mod auth;
-mod downlink;
 mod mqtt;
 mod plugins;
 mod routing;
@@ -29,7 +28,6 @@ pub use auth::{
     AuthConfig, DeviceIdSource, GrantConfig, MtlsConfig, PolicyConfig, TokenKeyConfig,
     TokensConfig, parse_hex,
 };
-pub use downlink::DownlinkConfig;
 pub use mqtt::MqttConfig;
 pub use plugins::{
     DEFAULT_PLUGIN_MEMORY_MIB, DEFAULT_PLUGIN_TIMEOUT_MS, FailurePath, PluginEntry, PluginsConfig,
@@ -84,8 +82,9 @@ pub struct Config {
     /// WebSocket sessions (`GET /ws`).
     #[serde(default)]
     pub websocket: WebSocketConfig,
-    /// Commands from the cloud to devices, through an MQTT broker; absent: none.
-    pub downlink: Option<DownlinkConfig>,
+    /// The shared command subscription of earlier versions, replaced by `[upstream]`:
+    /// present, it is refused with a pointer to its replacement.
+    pub downlink: Option<toml::Value>,
     /// IoT Core's MQTT endpoint, where each device that receives gets its own session;
     /// absent: devices cannot subscribe.
     pub upstream: Option<UpstreamConfig>,
@@ -164,11 +163,6 @@ impl Config {
             relative_to_file(&mut tls.cert);
             relative_to_file(&mut tls.key);
         }
-        if let Some(downlink) = config.downlink.as_mut() {
-            for path in [&mut downlink.ca, &mut downlink.cert, &mut downlink.key] {
-                relative_to_file(path);
-            }
-        }
         if let Some(upstream) = config.upstream.as_mut() {
             for path in [&mut upstream.ca, &mut upstream.cert, &mut upstream.key] {
                 relative_to_file(path);
@@ -217,7 +211,11 @@ impl Config {
         self.validate_admin(&mut problems);
         self.validate_auth_and_policy(&mut problems);
         self.validate_websocket(&mut problems);
-        self.validate_downlink(&mut problems);
+        if self.downlink.is_some() {
+            problems.push(
+                "[downlink] is gone: commands now come through each device's own session at IoT Core; configure [upstream] (host, ca, cert, key, command_topics, reply_topic) instead".to_string(),
+            );
+        }
         self.validate_upstream(&mut problems);
         self.validate_mqtt(&mut problems);
         if problems.is_empty() {

@@ -111,7 +111,7 @@ fn default_delivery_timeout_ms() -> u64 {
     10_000
 }
 
-/// IoT Core's MQTT port (TLS), also the broker default of `[downlink]`.
+/// IoT Core's MQTT port (TLS), also the default of `[upstream]`.
 pub(super) fn default_mqtt_port() -> u16 {
     8883
 }

@@ -39,8 +39,7 @@ async fn overview(State(console): State<Console>) -> Response {
     let samples = exposition::parse(&crate::metrics::METRICS.render());
     let spool = console.pipeline.spool().stats();
     let failing = console.pipeline.spool().failing_sinks();
-    let reasons =
-        crate::readiness::not_ready_reasons(&console.pipeline, console.downlink.as_deref());
+    let reasons = crate::readiness::not_ready_reasons(&console.pipeline);
     let (last, names) = {
         let history = console.history.lock().unwrap_or_else(|p| p.into_inner());
         (history.last().cloned(), history::series_names())
@@ -208,7 +207,6 @@ mod tests {
         let fixture = crate::testing::gateway(config);
         let console = Console::new(
             fixture.state.pipeline.clone(),
-            None,
             fixture.reloader.clone(),
         );
         (fixture, console)

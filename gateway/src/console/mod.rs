@@ -28,8 +28,6 @@ use crate::shutdown::Shutdown;
 pub struct Console {
     /// The message path: spool, plugins.
     pub pipeline: Arc<crate::pipeline::Pipeline>,
-    /// Commands to devices, when configured (readiness).
-    pub downlink: Option<Arc<crate::downlink::Downlink>>,
     /// The running configuration.
     pub reloader: Arc<crate::reconfigure::Reloader>,
     /// The time series.
@@ -40,12 +38,10 @@ impl Console {
     /// A console with an empty history.
     pub fn new(
         pipeline: Arc<crate::pipeline::Pipeline>,
-        downlink: Option<Arc<crate::downlink::Downlink>>,
         reloader: Arc<crate::reconfigure::Reloader>,
     ) -> Console {
         Console {
             pipeline,
-            downlink,
             reloader,
             history: Arc::default(),
         }

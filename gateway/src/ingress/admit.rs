@@ -42,8 +42,8 @@ pub struct DeviceRules {
     pub max_attributes: usize,
     /// Most attribute bytes (names and values) per message.
     pub max_attribute_bytes: usize,
-    /// Topics the gateway owns (the downlink's command and presence topics, any device):
-    /// no device publishes there.
+    /// Topics the gateway owns (`[upstream]`'s command topics, any device): no device
+    /// publishes there.
     pub reserved: Vec<TopicFilter>,
 }
 
@@ -82,14 +82,15 @@ impl DeviceRules {
     }
 }
 
-/// The downlink's command and presence topics, for every device: a device publishing
-/// there could send another device commands, or clear its command queue.
+/// The command topics of `[upstream]`, for every device: a device publishing there
+/// could send another device commands.
 fn reserved_topics(config: &Config) -> Vec<TopicFilter> {
-    let Some(downlink) = &config.downlink else {
+    let Some(upstream) = &config.upstream else {
         return Vec::new();
     };
-    [&downlink.command_topic, &downlink.presence_topic]
-        .into_iter()
+    upstream
+        .command_topics
+        .iter()
         .filter_map(|template| TopicFilter::parse(&crate::template::for_device(template, "+")).ok())
         .collect()
 }
@@ -342,14 +343,14 @@ mod tests {
     /// Every check, for one message, with the code a device gets.
     #[test]
     fn each_check_refuses_with_its_code() {
-        let downlink = r#"
-            [downlink]
+        let upstream = r#"
+            [upstream]
             host = "broker"
             ca = "ca.pem"
             cert = "c.pem"
             key = "k.pem"
         "#;
-        let rules = rules(downlink);
+        let rules = rules(upstream);
         let mut qos2 = publish("status/x", b"1", &[]);
         qos2.qos = 2;
         let cases: Vec<(Submission, Option<&str>)> = vec![
@@ -358,13 +359,9 @@ mod tests {
             (publish("a/+/b", b"1", &[]), Some("bad_request")),
             (qos2, Some("bad_request")),
             (publish("elsewhere/x", b"1", &[]), Some("topic_denied")),
-            // Another device's command topic and presence topic are the gateway's.
+            // Another device's command topic is the gateway's.
             (
                 publish("cmd/other/reboot", b"1", &[]),
-                Some("topic_reserved"),
-            ),
-            (
-                publish("sluice/presence/d1", b"", &[]),
                 Some("topic_reserved"),
             ),
             (

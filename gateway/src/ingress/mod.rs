@@ -14,7 +14,9 @@
 //!
 //! - [`device`]: the device of an HTTP request (its credential, authenticated);
 //! - [`session`]: the session shell of every long-lived protocol (registration, why it
-//!   ends, the downlink's commands, accounting);
+//!   ends, the device's session at IoT Core, accounting);
+//! - [`commands`]: commands for the devices that cannot subscribe (the WebSocket dialect,
+//!   HTTP long-polls), through their own sessions at IoT Core, and their replies;
 //! - [`admit`]: the checks every protocol's messages pass before the pipeline;
 //! - [`verdict`]: what a device is told about each message, accepted or refused, which
 //!   each protocol maps once to its wire form;
@@ -23,6 +25,7 @@
 
 pub mod accept;
 pub mod admit;
+pub mod commands;
 pub mod device;
 pub mod guard;
 pub mod http;

@@ -1,15 +1,15 @@
 //! The device session shell: what every long-lived protocol (the `sluice.v1` WebSocket
 //! dialect, MQTT) does around its framing, written once.
 //!
-//! [`DeviceSession::open`] registers the session (`GET /admin/devices`, the metrics) and
-//! attaches the device to whatever delivers to it (the downlink's commands); the device's
-//! own session at IoT Core is attached when the protocol opens it
+//! [`DeviceSession::open`] registers the session (`GET /admin/devices`, the metrics); the
+//! device's own session at IoT Core is attached when the protocol opens it
 //! ([`DeviceSession::attach_upstream`]). While it runs, the protocol's loop `select!`s on
 //! its socket, on [`Ending::ended`] (why the session must stop: its credential expired,
 //! a reload revoked it, another connection took it over, here or at IoT Core, the gateway
-//! is stopping), on [`Commands::waiting`] and on [`DeviceSession::upstream`]'s messages;
-//! it counts what it received and answered ([`DeviceSession::received`],
-//! [`DeviceSession::answered`]). [`DeviceSession::close`] detaches and unregisters.
+//! is stopping) and on [`DeviceSession::upstream`]'s messages; it counts what it
+//! received, answered and sent ([`DeviceSession::received`], [`DeviceSession::answered`],
+//! [`DeviceSession::commands_sent`]). [`DeviceSession::close`] ends the session at IoT
+//! Core and unregisters.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -18,7 +18,6 @@ use std::time::Duration;
 use tokio::sync::{oneshot, watch};
 
 use crate::auth::{AuthError, Identity};
-use crate::downlink::{Attached, Command, Downlink};
 use crate::ingress::live::Live;
 use crate::ingress::sessions::SessionInfo;
 use crate::ingress::state::AppState;
@@ -48,8 +47,8 @@ pub struct DeviceSession {
     info: Arc<SessionInfo>,
     /// Why the session must stop.
     pub end: Ending,
-    /// The downlink's commands for the device.
-    pub commands: Commands,
+    /// The session list it leaves at close.
+    state: AppState,
     /// The device's own session at IoT Core, once the protocol opened it.
     pub upstream: Option<UpstreamSession>,
 }
@@ -58,7 +57,7 @@ impl DeviceSession {
     /// Opens a session of `identity` over `protocol`, with `window` messages in flight at
     /// most, on a connection from `remote`; `takeover` fires when another connection
     /// takes it over.
-    pub async fn open(
+    pub fn open(
         state: &AppState,
         identity: &Identity,
         protocol: &'static str,
@@ -67,18 +66,9 @@ impl DeviceSession {
         takeover: Option<oneshot::Receiver<()>>,
     ) -> DeviceSession {
         let info = state.sessions.open(identity, protocol, window, remote);
-        let attached = match &state.downlink {
-            Some(downlink) => Some(downlink.attach(&identity.device_id).await),
-            None => None,
-        };
         DeviceSession {
             end: Ending::new(state, identity, takeover),
-            commands: Commands {
-                state: state.clone(),
-                identity: identity.clone(),
-                attached,
-                info: info.clone(),
-            },
+            state: state.clone(),
             info,
             upstream: None,
         }
@@ -106,24 +96,19 @@ impl DeviceSession {
             .fetch_sub(count as u64, Ordering::Relaxed);
     }
 
-    /// Closes the session: commands taken and not delivered go back to the queue, the
-    /// session at IoT Core ends (`with_will`: by dropping its connection, so that IoT Core
+    /// `count` messages from IoT Core were written to the device.
+    pub fn commands_sent(&self, count: u64) {
+        self.info.commands.fetch_add(count, Ordering::Relaxed);
+    }
+
+    /// Closes the session: the session at IoT Core ends (`with_will`: by dropping its connection, so that IoT Core
     /// publishes the device's will; otherwise with DISCONNECT), and the session leaves
     /// the list.
     pub async fn close(self, with_will: bool) {
         if let Some(upstream) = self.upstream {
             upstream.close(!with_will).await;
         }
-        let Commands {
-            state,
-            identity,
-            attached,
-            ..
-        } = self.commands;
-        if let (Some(downlink), Some(attached)) = (&state.downlink, attached) {
-            downlink.detach(&identity.device_id, attached.session).await;
-        }
-        state.sessions.close(self.info.session);
+        self.state.sessions.close(self.info.session);
     }
 }
 
@@ -236,83 +221,6 @@ async fn upstream_ended(state: &mut Option<watch::Receiver<upstream::State>>) ->
     }
 }
 
-/// The downlink's commands for a session's device: a nudge when there may be some, and
-/// each one checked against the policy as it is taken.
-pub struct Commands {
-    /// The downlink, the rules, and the session list the session leaves at close.
-    state: AppState,
-    /// The device.
-    identity: Identity,
-    /// The session's registration at the downlink, when there is one.
-    attached: Option<Attached>,
-    /// Counts the commands sent.
-    info: Arc<SessionInfo>,
-}
-
-impl Commands {
-    /// Resolves when the downlink may have commands for the device (at once after the
-    /// session opens); never without a downlink. Cancel-safe.
-    pub async fn waiting(&mut self) {
-        match &mut self.attached {
-            Some(attached) => {
-                if attached.nudges.recv().await.is_none() {
-                    std::future::pending::<()>().await;
-                }
-            }
-            None => std::future::pending().await,
-        }
-    }
-
-    /// The downlink, when commands are configured.
-    pub fn downlink(&self) -> Option<&Arc<Downlink>> {
-        self.state.downlink.as_ref()
-    }
-
-    /// Takes up to `max` of the device's waiting commands that `wanted` accepts (a
-    /// subscription matches it), in order. Each is checked against the policy now: one
-    /// it refuses is answered `denied` on the reply topic and leaves the queue. The rest
-    /// are the caller's to send; they stay queued until [`Commands::done`] (or go back
-    /// at close).
-    pub async fn take(
-        &self,
-        max: usize,
-        wanted: impl FnMut(&Command) -> bool,
-    ) -> Vec<(u64, Command)> {
-        let (Some(downlink), Some(attached)) = (&self.state.downlink, &self.attached) else {
-            return Vec::new();
-        };
-        let device = &self.identity.device_id;
-        let claimed = downlink.claim(device, attached.session, max, wanted);
-        let rules = self.state.rules();
-        let mut allowed = Vec::with_capacity(claimed.len());
-        let mut denied = Vec::new();
-        for (seq, command) in claimed {
-            if rules.policy.may_subscribe(&self.identity, &command.topic) {
-                allowed.push((seq, command));
-            } else {
-                tracing::info!(%device, command = %command.id, topic = %command.topic, "command refused by the policy");
-                downlink.reply(device, &command.id, "denied", None).await;
-                denied.push(seq);
-            }
-        }
-        downlink.done(device, denied).await;
-        allowed
-    }
-
-    /// `count` commands were written to the device.
-    pub fn sent(&self, count: u64) {
-        self.info.commands.fetch_add(count, Ordering::Relaxed);
-    }
-
-    /// The device has commands `seqs` (written at QoS 0, or acknowledged): out of the
-    /// queue for good.
-    pub async fn done(&self, seqs: Vec<u64>) {
-        if let Some(downlink) = &self.state.downlink {
-            downlink.done(&self.identity.device_id, seqs).await;
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,7 +245,7 @@ mod tests {
         // Valid to the end of this second: the session ends within a second or two.
         let expires = crate::message::now_ms() / 1000;
         let mut session =
-            DeviceSession::open(state, &identity(Some(expires)), "mqtt", 8, None, None).await;
+            DeviceSession::open(state, &identity(Some(expires)), "mqtt", 8, None, None);
         session.received(3);
         session.answered(2);
         let listed = state.sessions.list();
@@ -366,8 +274,7 @@ mod tests {
             8,
             None,
             Some(takeover),
-        )
-        .await;
+        );
         take.send(()).unwrap();
         assert_eq!(session.end.ended().await, Ended::TakenOver);
         session.close(false).await;
@@ -378,8 +285,7 @@ mod tests {
     async fn all_closed_waits_for_the_last_session() {
         let fixture = crate::testing::gateway("");
         let state = fixture.state.clone();
-        let session =
-            DeviceSession::open(&state, &identity(None), "websocket", 8, None, None).await;
+        let session = DeviceSession::open(&state, &identity(None), "websocket", 8, None, None);
         let waiting = tokio::spawn(async move { state.sessions.all_closed().await });
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished(), "a session is still open");

@@ -5,7 +5,6 @@ use std::sync::Arc;
 use crate::ingress::admit::DeviceRules;
 use crate::ingress::live::Live;
 use crate::ingress::mqtt::clients::Clients;
-use crate::ingress::mqtt::saved::SavedSessions;
 use crate::ingress::sessions::Sessions;
 use crate::pipeline::Pipeline;
 use crate::shutdown::Shutdown;
@@ -21,14 +20,12 @@ pub struct AppState {
     pub shutdown: Shutdown,
     /// Open WebSocket sessions.
     pub sessions: Arc<Sessions>,
-    /// Commands to devices, when configured.
-    pub downlink: Option<Arc<crate::downlink::Downlink>>,
     /// IoT Core's endpoint for the devices' own sessions, when configured.
     pub upstream: Option<Arc<crate::upstream::Upstream>>,
+    /// The sessions at IoT Core of devices that poll for commands (with `upstream`).
+    pub held: Option<Arc<crate::upstream::held::Held>>,
     /// MQTT client ids connected here (a second connection takes one over).
     pub mqtt_clients: Arc<Clients>,
-    /// MQTT sessions kept between connections.
-    pub mqtt_sessions: SavedSessions,
 }
 
 impl AppState {

@@ -40,7 +40,7 @@ pub enum Refusal {
         /// The device.
         device: String,
     },
-    /// `topic_reserved`: the topic belongs to the gateway (commands, presence) or to
+    /// `topic_reserved`: the topic belongs to the gateway (commands) or to
     /// IoT Core (its replies and notifications).
     Reserved {
         /// The topic.
@@ -135,7 +135,7 @@ impl Refusal {
                 format!("no policy grant lets `{device}` publish to `{topic}`")
             }
             Refusal::Reserved { topic } => format!(
-                "`{topic}` is a topic the gateway or IoT Core owns (device commands and presence; IoT Core's replies and notifications); devices do not publish there"
+                "`{topic}` is a topic the gateway or IoT Core owns (device commands; IoT Core's replies and notifications); devices do not publish there"
             ),
             Refusal::RateLimited {
                 grant,

@@ -16,6 +16,9 @@
 //!   made (a connection lost after that ends the session, and the device's with it).
 //! - [`pace`]: CONNECTs spread over time (the gateway's rate, one a second per client
 //!   id).
+//! - [`commands`]: messages as commands with ids, and where the replies go, for devices
+//!   that cannot speak MQTT to the endpoint themselves.
+//! - [`held`]: sessions held open between a device's requests (HTTP long-polls).
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -25,6 +28,8 @@ use tokio::sync::watch;
 
 use crate::config::UpstreamConfig;
 
+pub mod commands;
+pub mod held;
 pub mod pace;
 pub mod session;
 
@@ -67,6 +72,11 @@ impl Upstream {
     /// Opens `spec`'s session (it connects in the background).
     pub fn open(self: &Arc<Self>, spec: Spec) -> UpstreamSession {
         UpstreamSession::open(self.clone(), spec)
+    }
+
+    /// The endpoint's settings.
+    pub fn settings(&self) -> &UpstreamConfig {
+        &self.settings
     }
 
     /// How long a subscribe or a request passed through waits for the endpoint.

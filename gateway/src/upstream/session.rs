@@ -37,7 +37,7 @@ use rumqttc::Outgoing;
 use rumqttc::v5::mqttbytes::QoS;
 use rumqttc::v5::mqttbytes::v5::{
     ConnectReturnCode, DisconnectReasonCode, Filter, LastWill, PubAckReason, Publish,
-    PublishProperties, SubscribeReasonCode,
+    PublishProperties, RetainForwardRule, SubscribeReasonCode,
 };
 use rumqttc::v5::{
     AsyncClient, ConnectionError, Event, EventLoop, Incoming, MqttOptions, StateError,
@@ -80,6 +80,10 @@ pub struct Spec {
     pub will: Option<LastWill>,
     /// Most QoS 1 messages the device takes unacknowledged.
     pub receive_maximum: u16,
+    /// Filters the session subscribes to (QoS 1) once connected, for a device that
+    /// cannot subscribe itself; a retained message comes only for a subscription that
+    /// is new at the endpoint.
+    pub subscriptions: Vec<String>,
 }
 
 /// Where the session stands.
@@ -189,6 +193,7 @@ impl UpstreamSession {
             waiting: waiting.clone(),
             to_device,
             state: state_tx,
+            subscriptions: spec.subscriptions,
         };
         let task = tokio::spawn(driver.run(events));
         UpstreamSession {
@@ -206,7 +211,8 @@ impl UpstreamSession {
         self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn connected(&self) -> bool {
+    /// Whether the session is connected to the endpoint now.
+    pub fn is_connected(&self) -> bool {
         matches!(*self.state.borrow(), State::Connected { .. })
     }
 
@@ -260,7 +266,7 @@ impl UpstreamSession {
         &self,
         filters: Vec<(String, u8)>,
     ) -> Result<Vec<SubscribeReasonCode>, Failure> {
-        if !self.connected() {
+        if !self.is_connected() {
             return Err(Failure::Unavailable);
         }
         let filters: Vec<Filter> = filters
@@ -298,7 +304,7 @@ impl UpstreamSession {
         payload: bytes::Bytes,
         properties: Option<PublishProperties>,
     ) -> Result<PubAckReason, Failure> {
-        if !self.connected() {
+        if !self.is_connected() {
             return Err(Failure::Unavailable);
         }
         let (answer, answered) = oneshot::channel();
@@ -333,6 +339,16 @@ impl UpstreamSession {
         self.incoming.recv().await
     }
 
+    /// The next message for the device if one is here now.
+    pub fn try_next(&mut self) -> Option<Publish> {
+        self.incoming.try_recv().ok()
+    }
+
+    /// Whether the session is over (taken over elsewhere, or its connection lost).
+    pub fn is_over(&self) -> bool {
+        matches!(*self.state.borrow(), State::Lost | State::TakenOver)
+    }
+
     /// The device acknowledged `publish` (or it cannot be delivered and must not come
     /// again): the endpoint hears the PUBACK now.
     pub fn ack(&self, publish: &Publish) {
@@ -350,7 +366,7 @@ impl UpstreamSession {
         let ending = matches!(*self.state.borrow(), State::Lost | State::TakenOver);
         // A session that is over ends by itself (one IoT Core no longer had is closed
         // with DISCONNECT, so that no will goes): it is not cut short.
-        if ending || (politely && self.connected() && self.client.try_disconnect().is_ok()) {
+        if ending || (politely && self.is_connected() && self.client.try_disconnect().is_ok()) {
             // The task ends once the DISCONNECT is written.
             let abort = task.abort_handle();
             if tokio::time::timeout(Duration::from_secs(2), task)
@@ -401,6 +417,8 @@ struct Driver {
     waiting: Arc<Mutex<Waiting>>,
     to_device: mpsc::Sender<Publish>,
     state: watch::Sender<State>,
+    /// Subscribed once connected (the spec's).
+    subscriptions: Vec<String>,
 }
 
 impl Driver {
@@ -443,6 +461,7 @@ impl Driver {
                         session_present: ack.session_present,
                     });
                     drop(waiting);
+                    self.subscribe_spec(&client_id);
                 }
                 Ok(Event::Outgoing(Outgoing::Subscribe(pkid))) => {
                     let mut waiting = self.lock();
@@ -514,6 +533,41 @@ impl Driver {
                     tokio::time::sleep(RECONNECT.delay(failures)).await;
                 }
             }
+        }
+    }
+
+    /// Subscribes the spec's filters (again, on a resumed session: the endpoint keeps
+    /// one subscription per filter, and sends no retained message for it twice). A
+    /// refusal is logged and counted; nobody waits for the answers.
+    fn subscribe_spec(&self, client_id: &str) {
+        let per_subscribe = crate::quota::IOT_CORE_MAX_FILTERS_PER_SUBSCRIBE;
+        for chunk in self.subscriptions.chunks(per_subscribe) {
+            let filters: Vec<Filter> = chunk
+                .iter()
+                .map(|path| Filter {
+                    retain_forward_rule: RetainForwardRule::OnNewSubscribe,
+                    ..Filter::new(path.clone(), QoS::AtLeastOnce)
+                })
+                .collect();
+            let (answer, answered) = oneshot::channel();
+            let mut waiting = self.lock();
+            waiting.subscribes.push_back(answer);
+            if self.client.try_subscribe_many(filters).is_err() {
+                waiting.subscribes.pop_back();
+                return;
+            }
+            drop(waiting);
+            let chunk = chunk.to_vec();
+            let client_id = client_id.to_string();
+            tokio::spawn(async move {
+                let Ok(codes) = answered.await else { return };
+                for (filter, code) in chunk.iter().zip(codes) {
+                    if !matches!(code, SubscribeReasonCode::Success(_)) {
+                        crate::metrics::METRICS.upstream("subscribe_refused");
+                        tracing::warn!(%client_id, %filter, ?code, "IoT Core refused a command subscription");
+                    }
+                }
+            });
         }
     }
 

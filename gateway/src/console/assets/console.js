@@ -461,15 +461,6 @@ async function discard(keys) {
 
 async function renderDevices() {
   const { sessions } = await api("/admin/devices");
-  let queued = new Map();
-  let downlink = null;
-  try {
-    downlink = await api("/admin/downlink");
-    queued = new Map((downlink.queues || []).map((q) => [q.device, q.commands]));
-  } catch (error) {
-    if (error instanceof Unauthorized) throw error;
-    $("#downlink").textContent = error.status === 404 ? "no [downlink] configured" : error.message;
-  }
   fill($("#sessions-table tbody"), sessions, (tr, s) => {
     cell(tr, s.device);
     cell(tr, s.protocol);
@@ -479,19 +470,7 @@ async function renderDevices() {
     cell(tr, number(s.messages), "num");
     cell(tr, `${number(s.in_flight)} of ${number(s.window)}`, "num");
     cell(tr, number(s.commands), "num");
-    cell(tr, downlink ? number(queued.get(s.device) || 0) : "–", "num");
   });
-  if (downlink) {
-    const d = downlink;
-    $("#downlink").textContent = `instance ${d.instance}; subscriptions ${d.subscribed ? "confirmed" : "not confirmed"}; ` +
-      `${d.commands_queued} commands queued for ${d.devices_waiting} devices`;
-    fill($("#queues-table tbody"), d.queues || [], (tr, q) => {
-      cell(tr, q.device);
-      cell(tr, number(q.commands), "num");
-      cell(tr, q.oldest_ms ? time(q.oldest_ms) : "–");
-      cell(tr, q.connected_here ? "yes" : "no");
-    });
-  }
 }
 
 // ------------------------------------------------------------------ configuration

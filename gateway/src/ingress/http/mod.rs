@@ -8,9 +8,11 @@
 //! Errors are JSON `{"code": …, "message": …}` with a stable code; [`answer`] maps
 //! every [`Refusal`] to its status.
 //!
-//! - [`answer`]: a refusal as an HTTP answer.
+//! - [`answer`]: a refusal as an HTTP answer;
+//! - [`commands`]: `GET /commands` (a long-poll) and `POST /commands/{id}/reply`.
 
 pub mod answer;
+pub mod commands;
 
 use axum::Json;
 use axum::body::{Body, Bytes};
@@ -21,7 +23,7 @@ use axum::routing::{get, post};
 use serde::Deserialize;
 use serde_json::json;
 
-use crate::ingress::admit::{Submission, admit, admit_reply, decode_payload};
+use crate::ingress::admit::{Submission, admit, decode_payload};
 use crate::ingress::device::Device;
 use crate::ingress::state::AppState;
 use crate::ingress::verdict::{Refusal, Verdict, verdict};
@@ -34,8 +36,8 @@ pub fn app(state: AppState) -> axum::Router {
         .route("/batch", post(batch))
         .route("/ws", get(crate::ingress::ws::upgrade))
         .route("/mqtt", get(crate::ingress::mqtt::upgrade))
-        .route("/commands", get(poll_commands))
-        .route("/commands/{id}/reply", post(reply_command))
+        .route("/commands", get(commands::poll))
+        .route("/commands/{id}/reply", post(commands::reply))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         // Limits are enforced by the handlers, which know which limit applies and say so.
@@ -266,10 +268,10 @@ async fn batch(
 }
 
 /// `GET /readyz`: `200` once the gateway can take and deliver messages (plugins are
-/// loaded before the listener opens; no sink is failing; the downlink, if configured,
-/// has its subscriptions), else `503` with the reasons.
+/// loaded before the listener opens; no sink is failing), else `503` with the
+/// reasons.
 async fn readyz(State(state): State<AppState>) -> Response {
-    let reasons = crate::readiness::not_ready_reasons(&state.pipeline, state.downlink.as_deref());
+    let reasons = crate::readiness::not_ready_reasons(&state.pipeline);
     if reasons.is_empty() {
         Json(json!({"ready": true})).into_response()
     } else {
@@ -279,80 +281,6 @@ async fn readyz(State(state): State<AppState>) -> Response {
         )
             .into_response()
     }
-}
-
-/// `GET /commands?wait=SECONDS` parameters.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PollParams {
-    wait: Option<u64>,
-}
-
-/// Longest long-poll.
-const MAX_POLL_SECS: u64 = 60;
-
-/// `GET /commands?wait=N`: the device's waiting commands, waiting up to N seconds
-/// (default 30, at most 60) for one. Commands returned are removed from the queue.
-async fn poll_commands(
-    State(state): State<AppState>,
-    Device { identity, .. }: Device,
-    params: Result<Query<PollParams>, axum::extract::rejection::QueryRejection>,
-) -> Result<Response, Refusal> {
-    let Query(params) = params.map_err(|rejection| Refusal::BadRequest(rejection.body_text()))?;
-    let downlink = state.downlink.as_ref().ok_or_else(|| {
-        Refusal::BadRequest("commands to devices are not configured ([downlink])".to_string())
-    })?;
-    let wait = std::time::Duration::from_secs(params.wait.unwrap_or(30).min(MAX_POLL_SECS));
-    let mut commands = Vec::new();
-    for command in downlink.poll(&identity.device_id, wait).await {
-        if state
-            .rules()
-            .policy
-            .may_subscribe(&identity, &command.topic)
-        {
-            commands.push(command.to_json());
-        } else {
-            downlink
-                .reply(&identity.device_id, &command.id, "denied", None)
-                .await;
-        }
-    }
-    Ok(Json(json!({ "commands": commands })).into_response())
-}
-
-/// `POST /commands/{id}/reply` with `{"status": …, "payload": …}` (both optional):
-/// published on the device's reply topic.
-async fn reply_command(
-    State(state): State<AppState>,
-    Device {
-        identity, rules, ..
-    }: Device,
-    Path(id): Path<String>,
-    headers: HeaderMap,
-    body: Body,
-) -> Result<Response, Refusal> {
-    let downlink = state.downlink.as_ref().ok_or_else(|| {
-        Refusal::BadRequest("commands to devices are not configured ([downlink])".to_string())
-    })?;
-    let body = read_body(&headers, body, 64 * 1024, "reply", "64 KiB").await?;
-    let topic = downlink.reply_topic(&identity.device_id);
-    admit_reply(&rules, &identity, &topic, body.len())?;
-    let reply: serde_json::Value = if body.is_empty() {
-        json!({})
-    } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| Refusal::BadRequest(format!("the reply is not JSON: {e}")))?
-    };
-    let status = reply["status"].as_str().unwrap_or("done").to_string();
-    downlink
-        .reply(
-            &identity.device_id,
-            &id,
-            &status,
-            reply.get("payload").cloned(),
-        )
-        .await;
-    Ok(Json(json!({"message": "OK"})).into_response())
 }
 
 fn parse_qos(qos: Option<&str>) -> Result<u8, Refusal> {

@@ -496,8 +496,6 @@ pub enum ConnAckCode {
     BadCredentials,
     /// Not allowed to connect.
     NotAuthorized,
-    /// The gateway cannot take connections now.
-    Unavailable,
 }
 
 /// What an accepting MQTT 5 CONNACK announces.
@@ -538,7 +536,6 @@ pub fn connack(
                 ConnAckCode::BadClientId => v4::ConnectReturnCode::BadClientId,
                 ConnAckCode::BadCredentials => v4::ConnectReturnCode::BadUserNamePassword,
                 ConnAckCode::NotAuthorized => v4::ConnectReturnCode::NotAuthorized,
-                ConnAckCode::Unavailable => v4::ConnectReturnCode::ServiceUnavailable,
             };
             v4::ConnAck::new(code, session_present)
                 .write(&mut out)
@@ -554,7 +551,6 @@ pub fn connack(
                 ConnAckCode::BadClientId => v5::ConnectReturnCode::ClientIdentifierNotValid,
                 ConnAckCode::BadCredentials => v5::ConnectReturnCode::BadUserNamePassword,
                 ConnAckCode::NotAuthorized => v5::ConnectReturnCode::NotAuthorized,
-                ConnAckCode::Unavailable => v5::ConnectReturnCode::ServerUnavailable,
             };
             let properties = v5::ConnAckProperties {
                 session_expiry_interval: session_expiry.filter(|_| accepted),
@@ -778,36 +774,6 @@ pub fn relayed(version: Version, from: &v5::Publish, pkid: u16) -> BytesMut {
                 properties.topic_alias = None;
                 properties.subscription_identifiers.clear();
             }
-            v5::Packet::Publish(packet)
-                .write(&mut out, None)
-                .expect("a PUBLISH always encodes");
-        }
-    }
-    out
-}
-
-/// A PUBLISH to the client (a command) at `qos` with packet id `pkid`.
-pub fn publish(version: Version, topic: &str, payload: &[u8], qos: u8, pkid: u16) -> BytesMut {
-    let mut out = BytesMut::new();
-    match version {
-        Version::V4 => {
-            let qos = if qos == 0 {
-                rumqttc::mqttbytes::QoS::AtMostOnce
-            } else {
-                rumqttc::mqttbytes::QoS::AtLeastOnce
-            };
-            let mut packet = v4::Publish::new(topic, qos, payload.to_vec());
-            packet.pkid = pkid;
-            packet.write(&mut out).expect("a PUBLISH always encodes");
-        }
-        Version::V5 => {
-            let qos = if qos == 0 {
-                rumqttc::v5::mqttbytes::QoS::AtMostOnce
-            } else {
-                rumqttc::v5::mqttbytes::QoS::AtLeastOnce
-            };
-            let mut packet = v5::Publish::new(topic, qos, payload.to_vec(), None);
-            packet.pkid = pkid;
             v5::Packet::Publish(packet)
                 .write(&mut out, None)
                 .expect("a PUBLISH always encodes");

@@ -10,8 +10,7 @@ use bytes::BytesMut;
 use crate::auth::{AuthError, Credential, Identity};
 use crate::ingress::admit::admit;
 use crate::ingress::mqtt::codec::{self, CodecError, ConnAckCode, Connect, Publish, Version};
-use crate::ingress::mqtt::commands::Outbound;
-use crate::ingress::mqtt::saved::Kept;
+use crate::ingress::mqtt::outbound::Outbound;
 use crate::ingress::mqtt::session::{End, Limits, Session, submission};
 use crate::ingress::mqtt::transport::Transport;
 use crate::ingress::session::{DeviceSession, Ended};
@@ -89,8 +88,6 @@ pub async fn run<T: Transport>(
         let why = format!("the last will's topic `{}` is not allowed", will.topic);
         return refuse(&mut io, ConnAckCode::NotAuthorized, why).await;
     }
-    // The client id is taken over before its saved session is read, so that the
-    // connection it takes over no longer writes it.
     let kicked = state.mqtt_clients.register(&connect.client_id);
     let asked_expiry = match version {
         Version::V4 if connect.clean => 0,
@@ -98,34 +95,6 @@ pub async fn run<T: Transport>(
         Version::V5 => connect.session_expiry.unwrap_or(0),
     };
     let expiry = asked_expiry.min(limits.session_expiry_secs);
-    // With `[upstream]` the device's session lives at IoT Core, which every instance
-    // shares; nothing of it is saved here.
-    let kept = if state.upstream.is_some() {
-        Ok(Kept::at_iot_core(
-            &connect.client_id,
-            &identity.device_id,
-            expiry,
-        ))
-    } else {
-        state
-            .mqtt_sessions
-            .begin(
-                &connect.client_id,
-                &identity.device_id,
-                connect.clean,
-                expiry,
-            )
-            .await
-    };
-    let kept = match kept {
-        Ok(kept) => kept,
-        Err(error) => {
-            tracing::error!(%error, "cannot read or save an MQTT session");
-            state.mqtt_clients.unregister(&connect.client_id, kicked.id);
-            let why = "the session store is unavailable".to_string();
-            return refuse(&mut io, ConnAckCode::Unavailable, why).await;
-        }
-    };
     let window = limits
         .window
         .min(connect.receive_maximum.unwrap_or(u16::MAX))
@@ -144,9 +113,12 @@ pub async fn run<T: Transport>(
         session_expiry_secs: expiry,
         will: connect.will.as_ref().map(codec::mqtt5_will),
         receive_maximum: window,
+        subscriptions: Vec::new(),
     });
+    // A session lives at IoT Core, which every instance shares, or nowhere: without
+    // `[upstream]` a device receives nothing, so there is nothing to keep.
     let mut upstream = None;
-    let mut session_present = kept.present;
+    let mut session_present = false;
     if let (Some(endpoint), Some(spec)) = (&state.upstream, &upstream_spec)
         && expiry > 0
     {
@@ -187,7 +159,6 @@ pub async fn run<T: Transport>(
     }
     let span = tracing::info_span!("mqtt_session", device = %identity.device_id, protocol);
     let mut outbound = Outbound::new(window);
-    outbound.restore(&state.rules(), &identity, &kept.filters);
     let mut device = DeviceSession::open(
         &state,
         &identity,
@@ -195,8 +166,7 @@ pub async fn run<T: Transport>(
         usize::from(window),
         credentials.remote,
         Some(kicked.receiver),
-    )
-    .await;
+    );
     if let Some(upstream) = upstream {
         device.attach_upstream(upstream);
     }
@@ -207,7 +177,6 @@ pub async fn run<T: Transport>(
         window,
         limits,
         idle: Duration::from_millis(u64::from(keep_alive) * 1500),
-        kept: &kept,
         upstream_spec,
         client_max_packet: connect.max_packet_size,
     };
@@ -216,11 +185,7 @@ pub async fn run<T: Transport>(
         span,
     )
     .await;
-    if state.mqtt_clients.unregister(&connect.client_id, kicked.id)
-        && let Err(error) = state.mqtt_sessions.keep(&kept, outbound.filters()).await
-    {
-        tracing::error!(%error, "cannot save an MQTT session");
-    }
+    state.mqtt_clients.unregister(&connect.client_id, kicked.id);
     // The will is for the device's abnormal end: a dropped connection, a protocol error,
     // a takeover (MQTT 5 §3.1.4). Not for the gateway's own decisions: its shutdown, or a
     // credential it found expired or revoked.

@@ -11,24 +11,23 @@
 //!
 //! - [`codec`]: packets in and out (rumqttc's `mqttbytes`, and why);
 //! - [`connection`]: one connection from CONNECT to its end (who the client is, the
-//!   CONNACK, the saved session, the last will);
+//!   CONNACK, the session at IoT Core, the last will);
 //! - [`session`]: the connected session: publishes through the admission step and the
 //!   pipeline, PUBACK once durable, subscriptions;
 //! - [`answer`]: a refusal, or the gateway's reason to end a session, as a reason code;
-//! - [`commands`]: a session's subscriptions and what is sent to the device on them;
+//! - [`outbound`]: a session's subscriptions, and the messages on their way to the
+//!   device;
 //! - [`relay`]: the device's own session at IoT Core, seen from its connection
 //!   (subscriptions, requests on reserved topics, messages for the device);
-//! - [`saved`]: sessions kept between connections, on disk;
 //! - [`clients`]: a client id held by one connection at a time;
 //! - [`transport`]: what carries the bytes (a stream, WebSocket frames).
 
 pub mod answer;
 pub mod clients;
 pub mod codec;
-pub mod commands;
 pub mod connection;
+pub mod outbound;
 pub mod relay;
-pub mod saved;
 pub mod session;
 pub mod transport;
 

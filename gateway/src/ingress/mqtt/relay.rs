@@ -7,14 +7,14 @@
 //! otherwise when the device first needs it (its first SUBSCRIBE, its first request on a
 //! reserved topic): a device that only publishes telemetry costs IoT Core nothing.
 //!
-//! Without `[upstream]` a SUBSCRIBE is answered from the downlink's commands when
-//! `[downlink]` is configured, and refused (0x83, with a reason string that says why)
-//! when neither is: nothing would ever arrive on it.
+//! Without `[upstream]` a SUBSCRIBE is refused (0x83, with a reason string that says
+//! why; 3.1.1: 0x80): nothing would ever arrive on it.
 
 use bytes::BytesMut;
 
+use crate::ingress::commands::unavailable;
 use crate::ingress::mqtt::codec::{self, Granted, PubAckReason, Publish, SubscribeReasonCode};
-use crate::ingress::mqtt::commands::{Outbound, Relay};
+use crate::ingress::mqtt::outbound::{Outbound, Relay};
 use crate::ingress::mqtt::session::Session;
 use crate::ingress::session::DeviceSession;
 use crate::ingress::verdict::Refusal;
@@ -58,18 +58,12 @@ impl Session<'_> {
     ) -> SubAck {
         let rules = self.state.rules();
         if self.state.upstream.is_none() {
-            if self.state.downlink.is_none() {
-                return SubAck {
-                    granted: vec![Err(SubscribeReasonCode::ImplementationSpecific); filters.len()],
-                    why: Some(
-                        "this gateway delivers nothing to devices: no IoT Core endpoint is configured ([upstream])"
-                            .to_string(),
-                    ),
-                };
-            }
             return SubAck {
-                granted: outbound.subscribe(&rules, self.identity, filters),
-                why: None,
+                granted: vec![Err(SubscribeReasonCode::ImplementationSpecific); filters.len()],
+                why: Some(
+                    "this gateway delivers nothing to devices: no IoT Core endpoint is configured ([upstream])"
+                        .to_string(),
+                ),
             };
         }
         let mut granted = outbound.check(&rules, self.identity, filters);
@@ -148,21 +142,14 @@ impl Session<'_> {
                 publish.topic
             )));
         }
-        let unavailable = |why: String| Refusal::Unavailable {
-            code: "iot_core_unavailable",
-            message: why,
-            retry_after: 1,
-        };
         let Some(upstream) = self.upstream(device).await else {
-            return Err(unavailable(
-                "no IoT Core endpoint is configured".to_string(),
-            ));
+            return Err(unavailable(Failure::Unavailable));
         };
         let properties = codec::mqtt5_properties(&publish.properties);
         let answer = upstream
             .publish(&publish.topic, publish.qos, publish.payload, properties)
             .await
-            .map_err(|failure| unavailable(failure.to_string()))?;
+            .map_err(unavailable)?;
         match answer {
             PubAckReason::Success | PubAckReason::NoMatchingSubscribers => Ok(()),
             PubAckReason::NotAuthorized => Err(Refusal::Forbidden {
@@ -176,7 +163,11 @@ impl Session<'_> {
             PubAckReason::PayloadFormatInvalid => Err(Refusal::BadRequest(
                 "IoT Core refused the payload's format".to_string(),
             )),
-            other => Err(unavailable(format!("IoT Core answered {other:?}"))),
+            other => Err(Refusal::Unavailable {
+                code: "iot_core_unavailable",
+                message: format!("IoT Core answered {other:?}"),
+                retry_after: 1,
+            }),
         }
     }
 

@@ -1,6 +1,6 @@
 //! A connected MQTT session: publishes through the one admission step and the pipeline,
-//! acknowledged once durable, in the order they came; subscriptions and the commands
-//! sent on them; the session shell's reasons to end.
+//! acknowledged once durable, in the order they came; subscriptions and the messages
+//! relayed from the device's session at IoT Core; the session shell's reasons to end.
 //!
 //! **Batches.** Every PUBLISH that is in when the gateway reads (up to the window) is
 //! admitted one by one and then runs through the pipeline as one batch: one spool commit
@@ -18,13 +18,12 @@ use std::time::Duration;
 use bytes::BytesMut;
 
 use crate::auth::Identity;
-use crate::ingress::admit::{Submission, admit, admit_reply};
+use crate::ingress::admit::{Submission, admit};
 use crate::ingress::mqtt::answer::{Answer, answer};
 use crate::ingress::mqtt::codec::{
     self, DisconnectReasonCode, Incoming, PubAckReason, Publish, Version,
 };
-use crate::ingress::mqtt::commands::{InFlight, Outbound};
-use crate::ingress::mqtt::saved::Kept;
+use crate::ingress::mqtt::outbound::Outbound;
 use crate::ingress::mqtt::transport::Transport;
 use crate::ingress::session::{DeviceSession, Ended};
 use crate::ingress::state::AppState;
@@ -88,8 +87,6 @@ pub(super) struct Session<'a> {
     pub(super) limits: Limits,
     /// 1.5 × the keep-alive: silent this long, the connection is closed.
     pub(super) idle: Duration,
-    /// The session's persistence.
-    pub(super) kept: &'a Kept,
     /// The device's session at IoT Core as it is opened (with `[upstream]`).
     pub(super) upstream_spec: Option<crate::upstream::Spec>,
     /// 5.0: the largest packet the client takes.
@@ -141,27 +138,15 @@ impl Session<'_> {
                         ending = Some(End::Disconnected { with_will });
                         break;
                     }
-                    Incoming::PubAck { pkid } => match outbound.acked(pkid) {
-                        Some(InFlight::Command(seq)) => {
-                            device.commands.done(vec![seq]).await;
-                            // Room in the window for the next command.
-                            if let Err(end) = self.deliver(io, outbound, device).await {
-                                return end;
-                            }
+                    Incoming::PubAck { pkid } => {
+                        if let (Some(publish), Some(upstream)) =
+                            (outbound.acked(pkid), &device.upstream)
+                        {
+                            upstream.ack(&publish);
                         }
-                        Some(InFlight::Relayed(publish)) => {
-                            if let Some(upstream) = &device.upstream {
-                                upstream.ack(&publish);
-                            }
-                        }
-                        None => {}
-                    },
+                    }
                     Incoming::Subscribe { pkid, filters } => {
                         let answer = self.subscribe(device, outbound, &filters).await;
-                        // Saved before the SUBACK: a subscription acknowledged is kept.
-                        if let Err(end) = self.save_subscriptions(outbound).await {
-                            return end;
-                        }
                         let ack = codec::suback(
                             self.version,
                             pkid,
@@ -171,15 +156,9 @@ impl Session<'_> {
                         if io.send(&ack).await.is_err() {
                             return End::Closed;
                         }
-                        if let Err(end) = self.deliver(io, outbound, device).await {
-                            return end;
-                        }
                     }
                     Incoming::Unsubscribe { pkid, filters } => {
                         self.unsubscribe(device, outbound, &filters);
-                        if let Err(end) = self.save_subscriptions(outbound).await {
-                            return end;
-                        }
                         let ack = codec::unsuback(self.version, pkid, filters.len());
                         if io.send(&ack).await.is_err() {
                             return End::Closed;
@@ -221,11 +200,6 @@ impl Session<'_> {
                     Ok(0) | Err(_) => return End::Closed,
                     Ok(_) => {}
                 },
-                () = device.commands.waiting() => {
-                    if let Err(end) = self.deliver(io, outbound, device).await {
-                        return end;
-                    }
-                }
                 publish = crate::upstream::session::next_for(&mut device.upstream), if outbound.has_room() => {
                     if let Some(bytes) = self.relay(device, outbound, publish)
                         && io.send(&bytes).await.is_err()
@@ -242,48 +216,6 @@ impl Session<'_> {
                 ended = device.end.ended() => return End::Ended(ended),
             }
         }
-    }
-
-    /// Saves the session's subscriptions (a persistent session's); the session ends
-    /// when the store cannot.
-    async fn save_subscriptions(&self, outbound: &Outbound) -> Result<(), End> {
-        let saved = self
-            .state
-            .mqtt_sessions
-            .keep(self.kept, outbound.filters())
-            .await;
-        saved.map_err(|error| {
-            tracing::error!(%error, "cannot save an MQTT session");
-            End::Refused(
-                DisconnectReasonCode::UnspecifiedError,
-                "the session store is unavailable".to_string(),
-            )
-        })
-    }
-
-    /// Sends the device the commands its subscriptions match, as many as its window
-    /// has room for.
-    async fn deliver<T: Transport>(
-        &self,
-        io: &mut T,
-        outbound: &mut Outbound,
-        device: &DeviceSession,
-    ) -> Result<(), End> {
-        let room = outbound.room();
-        if room == 0 {
-            return Ok(());
-        }
-        let taken = device
-            .commands
-            .take(room, |command| outbound.wants(&command.topic))
-            .await;
-        let sending = outbound.encode(taken, self.version);
-        if !sending.bytes.is_empty() && io.send(&sending.bytes).await.is_err() {
-            return Err(End::Closed);
-        }
-        device.commands.sent(sending.sent);
-        device.commands.done(sending.done).await;
-        Ok(())
     }
 
     /// Admits each publish, runs the admitted ones as one batch, and answers each in
@@ -303,30 +235,16 @@ impl Session<'_> {
             Vec::with_capacity(batch.len());
         let mut messages = Vec::with_capacity(batch.len());
         let session = device;
-        let device = &self.identity.device_id;
         for publish in batch {
             let (pkid, qos) = (publish.pkid, publish.qos);
-            let admitted = match &self.state.downlink {
-                // A request to IoT Core's services goes straight there, on the device's
-                // own session.
-                _ if self.state.upstream.is_some()
-                    && crate::topic::reserved(&publish.topic) == Some(Reserved::Request) =>
-                {
-                    self.pass_through(session, publish).await.map(|()| None)
-                }
-                Some(downlink) if publish.topic == downlink.reply_topic(device) => {
-                    let size = publish.payload.len();
-                    match admit_reply(&rules, self.identity, &publish.topic, size) {
-                        Ok(()) => {
-                            downlink
-                                .publish_raw_reply(device, publish.payload.to_vec())
-                                .await;
-                            Ok(None)
-                        }
-                        Err(refusal) => Err(refusal),
-                    }
-                }
-                _ => admit(
+            // A request to IoT Core's services goes straight there, on the device's own
+            // session.
+            let passes_through = self.state.upstream.is_some()
+                && crate::topic::reserved(&publish.topic) == Some(Reserved::Request);
+            let admitted = if passes_through {
+                self.pass_through(session, publish).await.map(|()| None)
+            } else {
+                admit(
                     &rules,
                     self.identity,
                     limit,
@@ -336,7 +254,7 @@ impl Session<'_> {
                 .map(|mut admitted| {
                     messages.append(&mut admitted);
                     Some(messages.len() - 1)
-                }),
+                })
             };
             // A refusal that ends the connection (any, in 3.1.1; a DISCONNECT answer in
             // 5.0) ends the batch: what came after it is neither stored nor

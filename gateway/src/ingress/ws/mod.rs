@@ -34,9 +34,13 @@
 //! certificate expires, 4003 when a configuration reload revokes its certificate.
 //! Messages already received are still processed and acknowledged first.
 //!
-//! **Command replies** (`{"type": "command_reply", "id", "status"?, "payload"?}`) are
-//! publishes on the device's reply topic, held to the policy like any other: a refused
-//! one gets an error frame.
+//! **Commands.** With `[upstream]`, the session has its own session at IoT Core under
+//! the device's id, subscribed to the command topics ([`crate::ingress::commands`]);
+//! each message there comes as `{"type": "command", "id", "topic", "qos", "payload"…}`
+//! and is acknowledged at IoT Core once the frame is written. A reply
+//! (`{"type": "command_reply", "id", "status"?, "payload"?}`) goes to the command's
+//! response topic or the reply topic, held to the policy like any publish: nothing
+//! comes back once IoT Core has it, an error frame when it is refused.
 
 mod frames;
 
@@ -52,7 +56,8 @@ use serde_json::json;
 
 use crate::auth::Identity;
 use crate::config::WebSocketConfig;
-use crate::ingress::admit::{Submission, admit, admit_reply};
+use crate::ingress::admit::{Submission, admit};
+use crate::ingress::commands;
 use crate::ingress::device::Device;
 use crate::ingress::session::{DeviceSession, Ended};
 use crate::ingress::state::AppState;
@@ -73,6 +78,9 @@ const READ_BUFFER_BYTES: usize = 4 * 1024;
 const WRITE_BUFFER_BYTES: usize = 4 * 1024;
 /// Longest message id a device may choose.
 const MAX_ID_LEN: usize = 128;
+/// QoS 1 commands IoT Core may have in flight to a session (each is acknowledged
+/// there as soon as its frame is written).
+const COMMANDS_IN_FLIGHT: u16 = 16;
 
 /// `GET /ws`: the device (authenticated by [`Device`]), then the upgrade.
 pub async fn upgrade(
@@ -114,8 +122,14 @@ pub async fn upgrade(
         .into_response())
 }
 
-/// Runs one publish through policy, plugins, routing and the spool.
-async fn handle(state: &AppState, identity: &Identity, publish: Publish) -> Reply {
+/// Runs one publish through policy, plugins, routing and the spool; `bidirectional`:
+/// the session receives commands (it takes part in command & control).
+async fn handle(
+    state: &AppState,
+    identity: &Identity,
+    publish: Publish,
+    bidirectional: bool,
+) -> Reply {
     let Publish {
         id,
         topic,
@@ -140,8 +154,6 @@ async fn handle(state: &AppState, identity: &Identity, publish: Publish) -> Repl
         Ok(messages) => messages,
         Err(refusal) => return Reply::of(id, binary, Verdict::Refused(refusal)),
     };
-    // A session that receives commands takes part in command & control.
-    let bidirectional = state.downlink.is_some();
     let outcome = state.pipeline.process(messages, bidirectional).await;
     Reply::of(id, binary, verdict(outcome))
 }
@@ -177,8 +189,13 @@ async fn session(
     if tx.send(welcome).await.is_err() {
         return;
     }
-    let mut session =
-        DeviceSession::open(&state, &identity, "websocket", window, remote, None).await;
+    let mut session = DeviceSession::open(&state, &identity, "websocket", window, remote, None);
+    if let (Some(upstream), Some(spec)) = (
+        &state.upstream,
+        commands::spec(&state, &identity, COMMANDS_IN_FLIGHT),
+    ) {
+        session.attach_upstream(upstream.open(spec));
+    }
     run_session(&mut tx, &mut rx, &state, settings, &identity, &mut session).await;
     session.close(false).await;
     let _ = tx.close().await;
@@ -196,6 +213,8 @@ async fn run_session(
     session: &mut DeviceSession,
 ) {
     let window = settings.window;
+    let bidirectional = session.upstream.is_some();
+    let mut recent = crate::upstream::commands::Recent::default();
     let mut in_flight = FuturesUnordered::new();
     let mut last_heard = Instant::now();
     let idle = Duration::from_secs(settings.idle_timeout_secs);
@@ -226,21 +245,13 @@ async fn run_session(
                     Frame::Text(text) => match parse_incoming(text.as_str()) {
                         Ok(Incoming::Publish(publish)) => Ok(publish),
                         Ok(Incoming::Reply(reply)) => {
-                            if let Some(downlink) = session.commands.downlink() {
-                                let topic = downlink.reply_topic(&identity.device_id);
-                                let size = text.len();
-                                match admit_reply(&state.rules(), identity, &topic, size) {
-                                    Ok(()) => {
-                                        let status = reply.status.as_deref().unwrap_or("done");
-                                        downlink.reply(&identity.device_id, &reply.id, status, reply.payload).await;
-                                    }
-                                    Err(refusal) => {
-                                        let credit = window - in_flight.len();
-                                        let frame = Reply::of(reply.id, false, Verdict::Refused(refusal)).frame(credit);
-                                        if tx.send(frame).await.is_err() {
-                                            break None;
-                                        }
-                                    }
+                            let status = reply.status.as_deref().unwrap_or("done");
+                            let sent = commands::reply(state, identity, session.upstream.as_ref(), &recent, &reply.id, status, reply.payload).await;
+                            if let Err(refusal) = sent {
+                                let credit = window - in_flight.len();
+                                let frame = Reply::of(reply.id, false, Verdict::Refused(refusal)).frame(credit);
+                                if tx.send(frame).await.is_err() {
+                                    break None;
                                 }
                             }
                             continue;
@@ -254,7 +265,7 @@ async fn run_session(
                 session.received(1);
                 match parsed {
                     Ok(publish) => in_flight.push(futures_util::future::Either::Left(async move {
-                        handle(state, identity, publish).await
+                        handle(state, identity, publish, bidirectional).await
                     })),
                     Err(bad) => in_flight.push(futures_util::future::Either::Right(
                         futures_util::future::ready(Reply::from_bad(bad)),
@@ -268,23 +279,17 @@ async fn run_session(
                     break None;
                 }
             }
-            () = session.commands.waiting() => {
-                let taken = session.commands.take(usize::MAX, |_| true).await;
-                let mut sent = Vec::with_capacity(taken.len());
-                let mut closed = false;
-                for (seq, command) in taken {
-                    if tx.send(text(command.to_json())).await.is_err() {
-                        closed = true;
-                        break;
-                    }
-                    sent.push(seq);
-                }
-                session.commands.sent(sent.len() as u64);
-                // Sent: out of the queue; the rest goes back at close.
-                session.commands.done(sent).await;
-                if closed {
+            publish = crate::upstream::session::next_for(&mut session.upstream) => {
+                let Some(upstream) = &session.upstream else { continue };
+                let Some(command) = commands::command(state, identity, upstream, publish) else {
+                    continue;
+                };
+                // Not written: not acknowledged, so IoT Core sends it again.
+                if tx.send(text(command.to_json())).await.is_err() {
                     break None;
                 }
+                commands::delivered(upstream, &mut recent, &command);
+                session.commands_sent(1);
             }
             _ = ping.tick() => {
                 if last_heard.elapsed() >= idle {
