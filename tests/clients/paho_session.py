@@ -2,7 +2,8 @@
 event as one JSON line on stdout, so that a test can act between them.
 
 usage: paho_session.py JSON
-  {"url": "ws://127.0.0.1:PORT/mqtt" | "mqtt://127.0.0.1:PORT",
+  {"url": "ws://127.0.0.1:PORT/mqtt" | "mqtt://127.0.0.1:PORT" | "mqtts://HOST:PORT",
+   "tls"?: {"ca": PEM, "cert": PEM, "key": PEM} (with mqtts: mutual TLS),
    "version": 4 | 5, "client_id": "...", "username"?: "...", "password"?: "...",
    "clean": true|false, "session_expiry"?: SECONDS (5.0),
    "will"?: {"topic": "...", "payload": "...", "qos": 0|1, "retain": false},
@@ -48,6 +49,9 @@ client = mqtt.Client(
 )
 if transport == "websockets":
     client.ws_set_options(path=url.path or "/mqtt")
+if url.scheme == "mqtts":
+    tls = spec["tls"]
+    client.tls_set(ca_certs=tls["ca"], certfile=tls["cert"], keyfile=tls["key"])
 if spec.get("username") or spec.get("password"):
     client.username_pw_set(spec.get("username"), spec.get("password"))
 if spec.get("will"):

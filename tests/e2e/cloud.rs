@@ -133,36 +133,30 @@ impl TestEnv {
         )
     }
 
-    /// A `[downlink]` section for the test broker, with topics of their own under `run`.
-    pub fn downlink_config(&self, run: &str, instance: &str, ttl_secs: u64) -> String {
-        self.downlink_config_via(run, instance, ttl_secs, self.mqtt_port)
+    /// `[upstream]` for the test broker, with command and reply topics of their own
+    /// under `run` (for devices that cannot subscribe), sessions kept `expiry_secs`.
+    pub fn commands_config(&self, run: &str, expiry_secs: u32) -> String {
+        format!(
+            r#"{}
+            command_topics = ["cmd/{run}/${{device.id}}/#"]
+            reply_topic = "cmd-reply/{run}/${{device.id}}"
+            session_expiry_secs = {expiry_secs}
+            "#,
+            self.upstream_config_via(self.mqtt_port)
+        )
     }
 
-    /// Like [`TestEnv::downlink_config`], reaching the broker through `port` (a proxy).
-    pub fn downlink_config_via(
-        &self,
-        run: &str,
-        instance: &str,
-        ttl_secs: u64,
-        port: u16,
-    ) -> String {
-        let certs = self.certs.display();
-        format!(
-            r#"
-            [downlink]
-            host = "localhost"
-            port = {}
-            ca = "{certs}/ca.pem"
-            cert = "{certs}/sluice-gateway.pem"
-            key = "{certs}/sluice-gateway.key"
-            instance_id = "{instance}"
-            client_id_prefix = "sluice-downlink-{run}"
-            command_topic = "cmd/{run}/${{device.id}}/#"
-            reply_topic = "cmd-reply/{run}/${{device.id}}"
-            presence_topic = "sluice/presence/{run}/${{device.id}}"
-            queue_ttl_secs = {ttl_secs}
-            "#,
-            port
+    /// What a paho client needs to reach the broker directly (mutual TLS, as the test
+    /// subscriber): its URL and TLS files.
+    pub fn paho_direct(&self) -> (String, Value) {
+        let file = |name: &str| self.certs.join(name).display().to_string();
+        (
+            format!("mqtts://localhost:{}", self.mqtt_port),
+            serde_json::json!({
+                "ca": file("ca.pem"),
+                "cert": file("test-subscriber.pem"),
+                "key": file("test-subscriber.key"),
+            }),
         )
     }
 

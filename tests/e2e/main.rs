@@ -5,9 +5,9 @@ mod harness;
 
 mod cli;
 mod cloud;
+mod commands;
 mod console;
 mod devices;
-mod downlink;
 mod durability;
 mod failures;
 mod hardening;

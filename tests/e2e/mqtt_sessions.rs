@@ -1,8 +1,8 @@
-//! MQTT sessions beyond publishing, with paho-mqtt and rumqttc (clients nobody here
-//! wrote): commands from the downlink (mosquitto) as PUBLISHes on the device's
-//! subscriptions, QoS 1 commands sent again until acknowledged, persistent sessions
-//! across a gateway crash, last wills, retained messages to IoT Core, and kill -9
-//! under MQTT load with every PUBACKed message read back.
+//! MQTT sessions beyond publishing, with paho-mqtt, rumqttc and mosquitto_sub (clients
+//! nobody here wrote): messages from the device's own session at IoT Core (mosquitto)
+//! on its subscriptions, a QoS 1 message sent again until the device acknowledges it,
+//! last wills, retained messages to IoT Core, and kill -9 under MQTT load with every
+//! PUBACKed message read back.
 
 use std::io::BufRead as _;
 use std::sync::mpsc;
@@ -106,35 +106,12 @@ impl Drop for PahoSession {
     }
 }
 
-/// A gateway with the local sink, the downlink under `run`, `extra`, and its downlink
-/// subscribed.
-fn gateway(env: &TestEnv, run: &str, extra: &str) -> Gateway {
-    let gateway = Gateway::start(&format!(
+/// A gateway with the local sink whose devices' sessions are at the broker, and `extra`.
+fn gateway(env: &TestEnv, extra: &str) -> Gateway {
+    Gateway::start(&format!(
         "[routing]\ndefault_destination = \"local\"\n{}\n{extra}",
-        env.downlink_config(run, "gw-1", 300)
-    ));
-    wait_subscribed(&gateway);
-    gateway
-}
-
-fn wait_subscribed(gateway: &Gateway) {
-    eventually(
-        Duration::from_secs(30),
-        "the downlink subscriptions",
-        || (gateway.admin_get("/admin/downlink")["subscribed"] == true).then_some(()),
-    );
-}
-
-fn queued(gateway: &Gateway) -> Value {
-    gateway.admin_get("/admin/downlink")["commands_queued"].clone()
-}
-
-fn wait_queued(gateway: &Gateway, count: u64) {
-    eventually(
-        Duration::from_secs(20),
-        &format!("{count} commands queued"),
-        || (queued(gateway) == count).then_some(()),
-    );
+        env.upstream_config_via(env.mqtt_address().port())
+    ))
 }
 
 pub fn payloads(messages: &[Value]) -> Vec<&str> {
@@ -144,147 +121,32 @@ pub fn payloads(messages: &[Value]) -> Vec<&str> {
         .collect()
 }
 
-/// A device subscribed over MQTT 5 gets its commands as PUBLISHes at the QoS granted;
-/// filters outside its grant, and a ninth filter in one SUBSCRIBE, are refused in the
-/// SUBACK; its publish on the reply topic goes to the broker as it is.
+/// A QoS 1 message the device never acknowledges is not acknowledged at the broker
+/// either: it goes again to the device's next connection (its persistent session),
+/// which acknowledges it.
 #[test]
-fn commands_reach_an_mqtt_subscriber_and_its_reply_goes_to_the_broker() {
-    let env = TestEnv::get();
-    let run = unique("mqttcmd");
-    let grant = format!(
-        r#"
-        [[policy.grants]]
-        name = "own"
-        devices = ["*"]
-        publish = ["devices/${{device.id}}/#", "cmd-reply/{run}/${{device.id}}"]
-        subscribe = ["cmd/{run}/${{device.id}}/#"]
-        "#
-    );
-    let gateway = gateway(&env, &run, &grant);
-    let commander = Subscriber::connect(&env, &format!("cmd-reply/{run}/#"));
-    let own = format!("cmd/{run}/valve-1/#");
-    let mut filters = vec![json!([own, 1]), json!(["cmd/#", 1])];
-    filters.extend((0..7).map(|n| json!([format!("cmd/{run}/valve-1/x{n}"), 0])));
-    let session = PahoSession::start(json!({
-        "url": ws_url(&gateway),
-        "version": 5,
-        "client_id": "valve-1",
-        "subscribe": filters,
-        "publishes": [{"topic": format!("cmd-reply/{run}/valve-1"), "payload": "{\"status\":\"done\"}", "qos": 1}],
-        "expect": 2,
-    }));
-    assert_eq!(session.next("connack")["reason"], 0);
-    let granted = session.next("suback")["granted"].clone();
-    let mut want = vec![json!(1), json!(0x87)];
-    want.extend((0..6).map(|_| json!(0)));
-    // Quota exceeded.
-    want.push(json!(0x97));
-    assert_eq!(granted, json!(want), "the 9th filter is over IoT Core's 8");
-    assert_eq!(session.next("puback")["reason"], 0);
-    let (topic, reply) = commander.take(1).pop().unwrap();
-    assert_eq!(topic, format!("cmd-reply/{run}/valve-1"));
-    assert_eq!(reply, b"{\"status\":\"done\"}");
-    commander.publish(&format!("cmd/{run}/valve-1/open"), "40");
-    commander.publish(&format!("cmd/{run}/valve-1/close"), "now");
-    let messages = session.messages_until_end();
-    assert_eq!(payloads(&messages), ["40", "now"]);
-    assert_eq!(messages[0]["topic"], format!("cmd/{run}/valve-1/open"));
-    assert!(messages.iter().all(|m| m["qos"] == 1), "{messages:?}");
-    // Both PUBACKed: nothing waits.
-    wait_queued(&gateway, 0);
-}
-
-/// A QoS 1 command the device never acknowledges stays queued, and goes again to its
-/// next connection, which acknowledges it.
-#[test]
-fn an_unacknowledged_qos1_command_goes_again_to_the_next_connection() {
+fn an_unacknowledged_qos1_message_goes_again_to_the_next_connection() {
     let env = TestEnv::get();
     let run = unique("mqttack");
-    let gateway = gateway(&env, &run, "");
+    let device = format!("{run}-pump");
+    let gateway = gateway(&env, "");
     let commander = Subscriber::connect(&env, &format!("cmd-reply/{run}/#"));
-    let subscribe = json!([[format!("cmd/{run}/pump-1/#"), 1]]);
+    let subscribe = json!([[format!("cmd/{run}/{device}/#"), 1]]);
     let first = PahoSession::start(json!({
-        "url": ws_url(&gateway), "version": 4, "client_id": "pump-1",
+        "url": ws_url(&gateway), "version": 4, "client_id": device, "clean": false,
         "subscribe": subscribe, "expect": 1, "ack": false, "end": "drop",
     }));
-    first.next("suback");
-    commander.publish(&format!("cmd/{run}/pump-1/reboot"), "r1");
+    assert_eq!(first.next("suback")["granted"], json!([1]));
+    commander.publish(&format!("cmd/{run}/{device}/reboot"), "r1");
     assert_eq!(payloads(&first.messages_until_end()), ["r1"]);
-    assert_eq!(queued(&gateway), 1, "not acknowledged: still queued");
     let second = PahoSession::start(json!({
-        "url": ws_url(&gateway), "version": 4, "client_id": "pump-1",
-        "subscribe": subscribe, "expect": 1,
+        "url": ws_url(&gateway), "version": 4, "client_id": device, "clean": false,
+        "expect": 1,
     }));
-    assert_eq!(payloads(&second.messages_until_end()), ["r1"]);
-    wait_queued(&gateway, 0);
-}
-
-/// A persistent session (3.1.1 clean session off; 5.0 clean start off with a session
-/// expiry) keeps its subscription: a command queued while the device was offline, and one
-/// sent while the gateway itself was down (kill -9), both reach the device when it comes
-/// back, without subscribing again.
-#[test]
-fn a_persistent_session_gets_commands_queued_while_offline_across_a_gateway_crash() {
-    let env = TestEnv::get();
-    let run = unique("mqttpersist");
-    let mut gateway = gateway(&env, &run, "");
-    let commander = Subscriber::connect(&env, &format!("cmd-reply/{run}/#"));
-    for (version, device) in [(4, "meter-4"), (5, "meter-5")] {
-        let first = PahoSession::start(json!({
-            "url": ws_url(&gateway), "version": version, "client_id": device,
-            "clean": false, "session_expiry": 600,
-            "subscribe": [[format!("cmd/{run}/{device}/#"), 1]],
-        }));
-        assert_eq!(first.next("connack")["session_present"], false);
-        first.next("suback");
-        first.messages_until_end();
-        commander.publish(&format!("cmd/{run}/{device}/read"), "while-offline");
-    }
-    wait_queued(&gateway, 2);
-    // Listed per device, neither connected.
-    let queues = gateway.admin_get("/admin/downlink")["queues"].clone();
-    assert_eq!(
-        queues
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|q| (
-                q["device"].clone(),
-                q["commands"].clone(),
-                q["connected_here"].clone()
-            ))
-            .collect::<Vec<_>>(),
-        [
-            (json!("meter-4"), json!(1), json!(false)),
-            (json!("meter-5"), json!(1), json!(false))
-        ],
-        "{queues}"
-    );
-    gateway.crash_and_restart_after(|| {
-        for device in ["meter-4", "meter-5"] {
-            commander.publish(&format!("cmd/{run}/{device}/read"), "while-down");
-        }
-    });
-    wait_subscribed(&gateway);
-    for (version, device) in [(4, "meter-4"), (5, "meter-5")] {
-        let again = PahoSession::start(json!({
-            "url": ws_url(&gateway), "version": version, "client_id": device,
-            "clean": false, "session_expiry": 600, "expect": 2,
-        }));
-        assert_eq!(again.next("connack")["session_present"], true, "{device}");
-        let messages = again.messages_until_end();
-        assert_eq!(
-            payloads(&messages),
-            ["while-offline", "while-down"],
-            "{device}"
-        );
-    }
-    wait_queued(&gateway, 0);
-    // A clean session starts without the subscription: nothing is sent to it.
-    let clean = PahoSession::start(json!({
-        "url": ws_url(&gateway), "version": 4, "client_id": "meter-4", "clean": true,
-    }));
-    assert_eq!(clean.next("connack")["session_present"], false);
+    assert_eq!(second.next("connack")["session_present"], true);
+    let messages = second.messages_until_end();
+    assert_eq!(payloads(&messages), ["r1"]);
+    assert_eq!(messages[0]["dup"], true, "sent again: {messages:?}");
 }
 
 /// The last will goes through the pipeline when the connection drops without a
@@ -388,7 +250,7 @@ fn a_retained_publish_reaches_iot_core_retained_and_never_kinesis() {
 fn rumqttc_publishes_and_receives_a_command() {
     let env = TestEnv::get();
     let run = unique("rumqttc");
-    let gateway = gateway(&env, &run, "[mqtt]\nlisten = \"127.0.0.1:0\"\n");
+    let gateway = gateway(&env, "[mqtt]\nlisten = \"127.0.0.1:0\"\n");
     let commander = Subscriber::connect(&env, &format!("cmd-reply/{run}/#"));
     let port: u16 = gateway.mqtt.rsplit(':').next().unwrap().parse().unwrap();
     let runtime = TestEnv::runtime();
@@ -502,7 +364,8 @@ fn kill_9_under_mqtt_load_loses_no_acknowledged_message() {
 }
 
 /// `mosquitto_sub` (Debian's) over TLS with a client certificate on `[mqtt] listen`
-/// receives the device's command from the downlink; the certificate names the device.
+/// receives a command retained at the broker, through its own session there; the
+/// certificate names the device.
 #[test]
 fn mosquitto_sub_over_tls_receives_a_command() {
     let env = TestEnv::get();
@@ -510,7 +373,6 @@ fn mosquitto_sub_over_tls_receives_a_command() {
     let certs = crate::mqtt::certs();
     let gateway = gateway(
         &env,
-        &run,
         &format!(
             r#"
             {}
@@ -522,9 +384,9 @@ fn mosquitto_sub_over_tls_receives_a_command() {
             crate::mqtt::mtls_config(&certs)
         ),
     );
-    let commander = Subscriber::connect(&env, &format!("cmd-reply/{run}/#"));
-    let port = gateway.mqtt.rsplit(':').next().unwrap().to_string();
+    let commander = Subscriber::connect(&env, &format!("cmd/{run}/#"));
     let device = "test-subscriber";
+    let port = gateway.mqtt.rsplit(':').next().unwrap().to_string();
     let sub = std::process::Command::new("mosquitto_sub")
         .args(["-h", "127.0.0.1", "-p", &port, "-V", "mqttv311", "-q", "1"])
         .args(["-i", device, "-C", "1", "-W", "30", "-v"])
@@ -539,8 +401,6 @@ fn mosquitto_sub_over_tls_receives_a_command() {
         .stderr(std::process::Stdio::piped())
         .spawn()
         .expect("mosquitto_sub");
-    // Its session is open (and so subscribed: mosquitto_sub subscribes right after the
-    // CONNACK, and the command waits in the queue until it is).
     let session = eventually(Duration::from_secs(20), "mosquitto_sub's session", || {
         let devices = gateway.admin_get("/admin/devices");
         devices["sessions"]
@@ -556,7 +416,9 @@ fn mosquitto_sub_over_tls_receives_a_command() {
             .is_some_and(|r| r.starts_with("127.0.0.1:")),
         "{session}"
     );
-    commander.publish(&format!("cmd/{run}/{device}/reboot"), "please");
+    // Retained: it is there whenever the subscription comes (mosquitto_sub subscribes
+    // right after its CONNACK).
+    commander.publish_retained(&format!("cmd/{run}/{device}/reboot"), "please");
     let output = sub.wait_with_output().unwrap();
     assert!(
         output.status.success(),
@@ -567,7 +429,6 @@ fn mosquitto_sub_over_tls_receives_a_command() {
         String::from_utf8_lossy(&output.stdout).trim(),
         format!("cmd/{run}/{device}/reboot please")
     );
-    wait_queued(&gateway, 0);
 }
 
 /// An MQTT session is one of the device sessions the gateway waits for at shutdown: a

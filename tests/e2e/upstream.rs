@@ -97,7 +97,7 @@ fn the_pubsub_round_trip_and_a_retained_message_on_subscribe() {
     }
 }
 
-/// Without `[upstream]` (and without `[downlink]`), a SUBSCRIBE is refused in the
+/// Without `[upstream]`, a SUBSCRIBE is refused in the
 /// SUBACK (5.0: 0x83; 3.1.1: 0x80), never granted and then silent.
 #[test]
 fn a_subscribe_without_iot_core_is_refused_in_the_suback() {

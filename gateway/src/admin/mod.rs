@@ -201,8 +201,7 @@ mod tests {
             sessions: fixture.state.sessions.clone(),
             reloader: fixture.reloader.clone(),
         };
-        let console =
-            crate::console::Console::new(parts.pipeline.clone(), parts.reloader.clone());
+        let console = crate::console::Console::new(parts.pipeline.clone(), parts.reloader.clone());
         router(parts, TOKEN.to_string(), console)
     }
 

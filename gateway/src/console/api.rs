@@ -205,10 +205,7 @@ mod tests {
 
     fn console(config: &str) -> (crate::testing::Fixture, Console) {
         let fixture = crate::testing::gateway(config);
-        let console = Console::new(
-            fixture.state.pipeline.clone(),
-            fixture.reloader.clone(),
-        );
+        let console = Console::new(fixture.state.pipeline.clone(), fixture.reloader.clone());
         (fixture, console)
     }
 

@@ -742,7 +742,9 @@ pub fn complete(bytes: &[u8]) -> bool {
 /// A message from the device's session at IoT Core, to the device with packet id `pkid`
 /// (its QoS as IoT Core sent it, at most 1): MQTT 5 keeps the message's properties
 /// (response topic, correlation data, user properties, content type, expiry), 3.1.1 has
-/// none. The retain flag says the message is a retained one sent on subscribe.
+/// none. The retain flag says the message is a retained one sent on subscribe; the DUP
+/// flag that IoT Core sends it again (it went to the device's session before, and was
+/// not acknowledged).
 pub fn relayed(version: Version, from: &v5::Publish, pkid: u16) -> BytesMut {
     let mut out = BytesMut::new();
     let at_least_once = from.qos != rumqttc::v5::mqttbytes::QoS::AtMostOnce;
@@ -760,11 +762,12 @@ pub fn relayed(version: Version, from: &v5::Publish, pkid: u16) -> BytesMut {
             );
             packet.pkid = if at_least_once { pkid } else { 0 };
             packet.retain = from.retain;
+            packet.dup = from.dup && at_least_once;
             packet.write(&mut out).expect("a PUBLISH always encodes");
         }
         Version::V5 => {
             let mut packet = from.clone();
-            packet.dup = false;
+            packet.dup = from.dup && at_least_once;
             packet.pkid = if at_least_once { pkid } else { 0 };
             if at_least_once {
                 packet.qos = rumqttc::v5::mqttbytes::QoS::AtLeastOnce;
