@@ -29,10 +29,10 @@ pub struct MqttConfig {
     /// Seconds a client has for its CONNECT. Default 10.
     #[serde(default = "default_connect_timeout")]
     pub connect_timeout_secs: u64,
-    /// How long a persistent session (3.1.1: clean session off; 5.0: clean start off)
-    /// outlives its connection, in seconds: what a 3.1.1 session gets, and the most a
-    /// 5.0 client's session expiry may ask for. 0: sessions end with their connection.
-    /// Default 3600 (IoT Core's).
+    /// How long a persistent session at IoT Core (3.1.1: clean session off; 5.0: clean
+    /// start off) outlives its connection, in seconds: what a 3.1.1 session gets, and
+    /// the most a 5.0 client's session expiry may ask for. 0: sessions end with their
+    /// connection. Default 3600 (IoT Core's).
     #[serde(default = "default_session_expiry")]
     pub session_expiry_secs: u32,
 }

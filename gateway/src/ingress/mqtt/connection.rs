@@ -1,7 +1,7 @@
 //! One MQTT connection from its first byte to its end, whatever carries it (TLS, TCP on
 //! loopback, a WebSocket): the CONNECT and who sent it, the CONNACK, the session
 //! ([`super::session`]) inside the device session shell, and what its end leaves behind
-//! (the saved session, the DISCONNECT, the last will).
+//! (the session at IoT Core, the DISCONNECT, the last will).
 
 use std::time::Duration;
 
