@@ -310,4 +310,38 @@ mod tests {
         }
         assert_eq!(problems.len(), 11, "{all}");
     }
+
+    /// `[upstream]`'s command topics, reply topic and session expiry are checked; the
+    /// `[downlink]` of earlier versions is refused with a pointer to `[upstream]`.
+    #[test]
+    fn upstream_commands_are_checked_and_downlink_points_to_upstream() {
+        let config = Config::parse(
+            r#"
+            [downlink]
+            host = "broker"
+            [upstream]
+            host = "broker"
+            ca = "/nonexistent/ca.pem"
+            cert = "/nonexistent/c.pem"
+            key = "/nonexistent/k.pem"
+            command_topics = ["cmd/${device.id}/#/x"]
+            reply_topic = "replies/+"
+            session_expiry_secs = 0
+            "#,
+        )
+        .unwrap();
+        let ConfigError::Invalid(problems) = config.validate().unwrap_err() else {
+            panic!("expected validation problems");
+        };
+        let all = problems.join("\n");
+        for expected in [
+            "[downlink] is gone",
+            "configure [upstream]",
+            "upstream.command_topics: `cmd/${device.id}/#/x` is not a topic filter",
+            "upstream.reply_topic: `replies/+`",
+            "upstream.session_expiry_secs: 0",
+        ] {
+            assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+        }
+    }
 }
