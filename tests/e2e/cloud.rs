@@ -763,6 +763,64 @@ fn mqtt_publishes_made_during_an_outage_are_delivered_after_it() {
     assert_eq!(gateway.spooled(), 0);
 }
 
+/// A publish's MQTT 5 properties (from IoT Core's HTTPS API parameters here) reach IoT
+/// Core's HTTPS `Publish` as its parameters: the content type, response topic and
+/// message expiry as query parameters, the correlation data, payload format and user
+/// properties as its `x-amz-mqtt5-*` headers.
+#[test]
+fn https_publishes_carry_the_mqtt5_properties() {
+    use base64::Engine as _;
+    let env = TestEnv::get();
+    let topic = unique("props");
+    let gateway = Gateway::start(&format!(
+        "[aws]\nregion = \"us-east-1\"\nendpoint_url = \"{}\"\n[sinks.iot_core]\ntransport = \"https\"\n",
+        env.aws
+    ));
+    let base64 = |text: &str| base64::engine::general_purpose::STANDARD.encode(text);
+    // As a query value: `+`, `/` and `=` escaped.
+    let escaped = |text: String| {
+        text.replace('+', "%2B")
+            .replace('/', "%2F")
+            .replace('=', "%3D")
+    };
+    let users = r#"[{"site":"north"},{"rev":"3"}]"#;
+    let query = format!(
+        "qos=1&contentType=application%2Fjson&responseTopic=answers%2Fx&messageExpiry=90\
+         &correlationData={}&payloadFormatIndicator=UTF8_DATA&userProperties={}",
+        escaped(base64("req-7")),
+        escaped(base64(users))
+    );
+    let reply = gateway.publish(&format!("{topic}/x?{query}"), "dev-p", r#"{"p":1}"#);
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    gateway.settle();
+    let published = env.control(reqwest::Method::GET, "published", None);
+    let mine = published
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["topic"] == format!("{topic}/x"))
+        .unwrap_or_else(|| panic!("{published}"))
+        .clone();
+    assert_eq!(mine["query"]["contentType"], "application/json", "{mine}");
+    assert_eq!(mine["query"]["responseTopic"], "answers/x", "{mine}");
+    assert_eq!(mine["query"]["messageExpiry"], "90", "{mine}");
+    let headers = &mine["mqtt5_headers"];
+    assert_eq!(
+        headers["x-amz-mqtt5-correlation-data"],
+        base64("req-7"),
+        "{mine}"
+    );
+    assert_eq!(
+        headers["x-amz-mqtt5-payload-format-indicator"], "UTF8_DATA",
+        "{mine}"
+    );
+    assert_eq!(
+        headers["x-amz-mqtt5-user-properties"],
+        base64(users),
+        "{mine}"
+    );
+}
+
 #[test]
 fn https_publishes_are_recorded_by_the_iot_data_plane() {
     let env = TestEnv::get();

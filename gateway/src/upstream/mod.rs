@@ -19,6 +19,7 @@
 //! - [`commands`]: messages as commands with ids, and where the replies go, for devices
 //!   that cannot speak MQTT to the endpoint themselves.
 //! - [`held`]: sessions held open between a device's requests (HTTP long-polls).
+//! - [`properties`]: a message's MQTT 5 properties, as a publish there carries them.
 
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
@@ -31,6 +32,7 @@ use crate::config::UpstreamConfig;
 pub mod commands;
 pub mod held;
 pub mod pace;
+pub mod properties;
 pub mod session;
 
 pub use session::{Failure, Spec, State, UpstreamSession};

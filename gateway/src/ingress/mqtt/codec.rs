@@ -429,34 +429,7 @@ fn attributes(
 /// The MQTT 5 properties that `attributes` wrote (the inverse of [`attributes`]), for a
 /// publish passed on to IoT Core as the device sent it. `None` when there are none.
 pub fn mqtt5_properties(properties: &Properties) -> Option<v5::PublishProperties> {
-    use base64::Engine as _;
-    let decode = |text: &str| base64::engine::general_purpose::STANDARD.decode(text).ok();
-    let mut out = v5::PublishProperties {
-        content_type: properties.content_type.clone().filter(|c| !c.is_empty()),
-        ..Default::default()
-    };
-    for (key, value) in &properties.attributes {
-        match key.as_str() {
-            attribute::RESPONSE_TOPIC => out.response_topic = Some(value.clone()),
-            attribute::CORRELATION_DATA => out.correlation_data = decode(value).map(Bytes::from),
-            attribute::MESSAGE_EXPIRY => out.message_expiry_interval = value.parse().ok(),
-            attribute::PAYLOAD_FORMAT_INDICATOR => {
-                out.payload_format_indicator = Some(u8::from(value == "UTF8_DATA"));
-            }
-            attribute::USER_PROPERTIES => {
-                let pairs: Vec<serde_json::Map<String, serde_json::Value>> = decode(value)
-                    .and_then(|json| serde_json::from_slice(&json).ok())
-                    .unwrap_or_default();
-                out.user_properties = pairs
-                    .into_iter()
-                    .flatten()
-                    .map(|(k, v)| (k, v.as_str().unwrap_or_default().to_string()))
-                    .collect();
-            }
-            _ => {}
-        }
-    }
-    (out != v5::PublishProperties::default()).then_some(out)
+    crate::upstream::properties::of(properties.content_type.as_deref(), &properties.attributes)
 }
 
 /// A client's last will as the will of its session at IoT Core.

@@ -1,11 +1,51 @@
-//! IoT Core over HTTPS: the IoT data-plane `Publish` call through the AWS SDK.
+//! IoT Core over HTTPS: the IoT data-plane `Publish` call through the AWS SDK, with the
+//! message's MQTT 5 properties (content type, response topic, correlation data, message
+//! expiry, payload format, user properties) as the call's parameters.
 
 use aws_sdk_iotdataplane::error::{DisplayErrorContext, ProvideErrorMetadata, SdkError};
+use aws_sdk_iotdataplane::operation::publish::builders::PublishFluentBuilder;
 use aws_sdk_iotdataplane::primitives::Blob;
+use aws_sdk_iotdataplane::types::PayloadFormatIndicator;
 
+use crate::message::{Message, attribute};
 use crate::record::Record;
 use crate::sink::iot_core::prepare;
 use crate::sink::{Rejected, SinkError, SinkFuture};
+
+/// `call` with `message`'s MQTT 5 properties, from its content type and its `mqtt.*`
+/// attributes (kept in the forms this API takes, but the user properties, which the
+/// SDK encodes itself).
+fn with_properties(mut call: PublishFluentBuilder, message: &Message) -> PublishFluentBuilder {
+    use base64::Engine as _;
+    if !message.content_type.is_empty() {
+        call = call.content_type(&message.content_type);
+    }
+    for (key, value) in &message.attributes {
+        call = match key.as_str() {
+            attribute::RESPONSE_TOPIC => call.response_topic(value),
+            attribute::CORRELATION_DATA => call.correlation_data(value),
+            attribute::MESSAGE_EXPIRY => match value.parse() {
+                Ok(secs) => call.message_expiry(secs),
+                Err(_) => call,
+            },
+            attribute::PAYLOAD_FORMAT_INDICATOR => {
+                call.payload_format_indicator(PayloadFormatIndicator::from(value.as_str()))
+            }
+            attribute::USER_PROPERTIES => {
+                let json = base64::engine::general_purpose::STANDARD
+                    .decode(value)
+                    .ok()
+                    .and_then(|bytes| String::from_utf8(bytes).ok());
+                match json {
+                    Some(json) => call.user_properties(json),
+                    None => call,
+                }
+            }
+            _ => call,
+        };
+    }
+    call
+}
 
 /// Publishes each record with one `Publish` call, concurrently.
 pub struct HttpsSink {
@@ -46,8 +86,8 @@ impl HttpsSink {
                             .topic(publish.topic)
                             .qos(i32::from(publish.qos))
                             .retain(publish.retain)
-                            .payload(Blob::new(publish.payload))
-                            .send();
+                            .payload(Blob::new(publish.payload));
+                        let call = with_properties(call, &record.message).send();
                         calls.push((record, call));
                     }
                     Err(reason) => rejected.push(Rejected { record, reason }),
