@@ -131,7 +131,12 @@ pub async fn run(
     let local = Arc::new(sink::local::LocalSink::open(&config.server.data_dir)?);
     let plugins = plugin::Plugins::start(&config)?;
     let live = ingress::live::Live::new(&config)?;
-    let sinks = Arc::new(sink::Sinks::build(&config, local.clone()).await?);
+    let upstream = config
+        .upstream
+        .clone()
+        .map(upstream::Upstream::new)
+        .transpose()?;
+    let sinks = Arc::new(sink::Sinks::build(&config, local.clone(), upstream.as_ref()).await?);
     let pipeline = Arc::new(pipeline::Pipeline::new(
         &config,
         plugins.clone(),
@@ -155,11 +160,6 @@ pub async fn run(
     #[cfg(unix)]
     let hangups = reconfigure::reload_on_sighup(reloader.clone())?;
     let sessions = Arc::new(ingress::sessions::Sessions::default());
-    let upstream = config
-        .upstream
-        .clone()
-        .map(upstream::Upstream::new)
-        .transpose()?;
     let held = upstream.as_ref().map(|upstream| {
         let idle = std::time::Duration::from_secs(upstream.settings().session_expiry_secs.into());
         upstream::held::Held::start(upstream.clone(), idle, shutdown.clone())

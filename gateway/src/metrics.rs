@@ -127,10 +127,13 @@ pub struct Metrics {
     /// MQTT publishes by outcome: `accepted`, or the reason code they were refused with.
     pub mqtt_publishes: Family<Status, Counter>,
     /// Events of the devices' own sessions at IoT Core (`[upstream]`): `connected`,
-    /// `connect_failed`, `refused`, `taken_over`, `relayed` (a message sent to its
-    /// device), `too_large` (over the device's Maximum Packet Size), `denied` (the policy
-    /// no longer allows the device to receive it), `dropped_qos0` (the device far
-    /// behind).
+    /// `connect_failed`, `refused`, `taken_over`, `lost`, `session_gone` (IoT Core no
+    /// longer had a session its device was told went on), `subscribe_refused` (a command
+    /// topic), `relayed` (a message sent to its device), `too_large` (over the device's
+    /// Maximum Packet Size), `denied` (the policy no longer allows the device to receive
+    /// it), `dropped_qos0` (the device far behind), `telemetry` (a record delivered
+    /// through its device's session), `telemetry_elsewhere` (one that session could not
+    /// take, delivered through the sink's connection).
     pub upstream: Family<Status, Counter>,
     /// Seconds from reading a batch of MQTT publishes to writing their PUBACKs.
     pub mqtt_puback_seconds: Histogram,

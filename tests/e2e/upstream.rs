@@ -97,6 +97,58 @@ fn the_pubsub_round_trip_and_a_retained_message_on_subscribe() {
     }
 }
 
+/// Telemetry of a device whose session at IoT Core is connected goes through that
+/// session, with its MQTT 5 properties (a listener on the broker sees them); a device
+/// without a session has its telemetry delivered through the sink's own connection
+/// (MQTT 3.1.1: no properties). The sink needs no section of its own: `[upstream]` is
+/// its endpoint.
+#[test]
+fn telemetry_goes_through_the_devices_own_session_with_its_properties() {
+    let env = TestEnv::get();
+    let run = unique("tele");
+    let gateway = Gateway::start(&format!(
+        "[sinks.iot_core]\ntransport = \"mqtt\"\n{}",
+        env.upstream_config_via(env.mqtt_address().port())
+    ));
+    let (url, tls) = env.paho_direct();
+    let listener = PahoSession::start(json!({
+        "url": url, "tls": tls, "version": 5, "client_id": unique("listener"),
+        "subscribe": [[format!("{run}/tele/#"), 1]], "expect": 2, "timeout": 30,
+    }));
+    listener.next("suback");
+    let properties =
+        json!({"content_type": "application/json", "user_properties": [["site", "north"]]});
+    let publish = |device: &str| json!({"topic": format!("{run}/tele/{device}"), "payload": "{\"t\":1}", "qos": 1, "properties": properties});
+    // With a session: it subscribed (its PUBACK comes once the record is in the spool).
+    let with = PahoSession::start(json!({
+        "url": ws_url(&gateway), "version": 5, "client_id": format!("{run}-with"),
+        "subscribe": [[format!("{run}/in/with"), 1]], "publishes": [publish("with")],
+    }));
+    assert_eq!(with.next("suback")["granted"], json!([1]));
+    assert_eq!(with.next("puback")["reason"], 0);
+    let without = PahoSession::start(json!({
+        "url": ws_url(&gateway), "version": 5, "client_id": format!("{run}-without"),
+        "publishes": [publish("without")],
+    }));
+    assert_eq!(without.next("puback")["reason"], 0);
+    let mut messages = listener.messages_until_end();
+    messages.sort_by_key(|m| m["topic"].as_str().unwrap().to_string());
+    let seen: Vec<(&str, &Value)> = messages
+        .iter()
+        .map(|m| (m["topic"].as_str().unwrap(), &m["properties"]))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (format!("{run}/tele/with").as_str(), &properties),
+            (format!("{run}/tele/without").as_str(), &json!({})),
+        ],
+        "{messages:?}"
+    );
+    assert_eq!(upstream_events(&gateway, "telemetry"), 1.0);
+    drop(with);
+}
+
 /// Without `[upstream]`, a SUBSCRIBE is refused in the
 /// SUBACK (5.0: 0x83; 3.1.1: 0x80), never granted and then silent.
 #[test]

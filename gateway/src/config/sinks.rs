@@ -138,6 +138,28 @@ pub fn validate_stream_name(name: &str) -> Result<(), String> {
 }
 
 impl Config {
+    /// The IoT Core sink's MQTT connection: `[sinks.iot_core.mqtt]`, or (transport
+    /// `mqtt` without it) `[upstream]`'s endpoint and certificate, with the defaults of
+    /// `[sinks.iot_core.mqtt]` for the rest: one endpoint section for the sink and the
+    /// devices' sessions alike.
+    pub fn iot_core_mqtt(&self) -> Option<MqttSinkConfig> {
+        let iot = self.sinks.iot_core.as_ref()?;
+        if iot.transport != IotTransport::Mqtt {
+            return None;
+        }
+        iot.mqtt.clone().or_else(|| {
+            self.upstream.as_ref().map(|upstream| MqttSinkConfig {
+                host: upstream.host.clone(),
+                port: upstream.port,
+                client_id: default_client_id(),
+                ca: upstream.ca.clone(),
+                cert: upstream.cert.clone(),
+                key: upstream.key.clone(),
+                keep_alive_secs: default_keep_alive(),
+            })
+        })
+    }
+
     pub(super) fn validate_sinks(&self, problems: &mut Vec<String>) {
         if let Some(kinesis) = &self.sinks.kinesis {
             if kinesis.linger_ms > 1000 {
@@ -169,11 +191,14 @@ impl Config {
                 ));
         }
         match (iot.transport, &iot.mqtt) {
-            (IotTransport::Mqtt, None) => {
+            (IotTransport::Mqtt, None) if self.upstream.is_none() => {
                 problems.push(
-                    "sinks.iot_core: transport \"mqtt\" needs [sinks.iot_core.mqtt]".to_string(),
+                    "sinks.iot_core: transport \"mqtt\" needs [sinks.iot_core.mqtt] or [upstream]"
+                        .to_string(),
                 );
             }
+            // `[upstream]`'s endpoint and certificate, checked there.
+            (IotTransport::Mqtt, None) => {}
             (IotTransport::Mqtt, Some(mqtt)) => {
                 super::check_tls_files(
                     "sinks.iot_core.mqtt",

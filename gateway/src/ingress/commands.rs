@@ -31,6 +31,7 @@ pub fn spec(state: &AppState, identity: &Identity, receive_maximum: u16) -> Opti
         return None;
     }
     Some(Spec {
+        device: identity.device_id.clone(),
         client_id: identity.device_id.clone(),
         clean_start: false,
         session_expiry_secs: settings.session_expiry_secs,
@@ -90,7 +91,7 @@ pub async fn reply(
     let reply = recent.reply(id, status, payload, &reply_topic);
     admit_reply(&state.rules(), identity, &reply.topic, reply.payload.len())?;
     let answer = session
-        .publish(&reply.topic, 1, reply.payload, reply.properties)
+        .publish(&reply.topic, 1, false, reply.payload, reply.properties)
         .await
         .map_err(unavailable)?;
     match answer {

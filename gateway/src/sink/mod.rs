@@ -64,8 +64,13 @@ pub struct Sinks {
 
 impl Sinks {
     /// The sinks `config` configures, each built from its own section, around the local
-    /// sink (which stands in for the others).
-    pub async fn build(config: &Config, local: Arc<local::LocalSink>) -> anyhow::Result<Sinks> {
+    /// sink (which stands in for the others); IoT Core's through the devices' own
+    /// sessions at `upstream` first.
+    pub async fn build(
+        config: &Config,
+        local: Arc<local::LocalSink>,
+        upstream: Option<&Arc<crate::upstream::Upstream>>,
+    ) -> anyhow::Result<Sinks> {
         let needs_aws = config.sinks.kinesis.is_some()
             || config
                 .sinks
@@ -85,7 +90,12 @@ impl Sinks {
             _ => None,
         };
         let iot_core = match &config.sinks.iot_core {
-            Some(settings) => Some(iot_core::build(settings, shared.as_ref())?),
+            Some(settings) => Some(iot_core::build(
+                settings,
+                config.iot_core_mqtt(),
+                shared.as_ref(),
+                upstream,
+            )?),
             None => None,
         };
         Ok(Sinks::new(local, kinesis, iot_core))

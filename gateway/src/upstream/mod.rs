@@ -21,8 +21,8 @@
 //! - [`held`]: sessions held open between a device's requests (HTTP long-polls).
 //! - [`properties`]: a message's MQTT 5 properties, as a publish there carries them.
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use tokio::sync::watch;
@@ -35,7 +35,7 @@ pub mod pace;
 pub mod properties;
 pub mod session;
 
-pub use session::{Failure, Spec, State, UpstreamSession};
+pub use session::{Failure, Link, Spec, State, UpstreamSession};
 
 /// The endpoint and what every device session shares.
 pub struct Upstream {
@@ -52,6 +52,8 @@ pub struct Upstream {
     /// Client ids whose session the endpoint no longer had after a device was told it
     /// went on: their next CONNECT hears the truth (session present 0).
     forgotten: Mutex<HashSet<String>>,
+    /// Each device's latest session, for its telemetry.
+    links: Mutex<HashMap<String, Weak<Link>>>,
 }
 
 /// The longest a device's CONNACK waits for its session at the endpoint: device
@@ -68,6 +70,7 @@ impl Upstream {
             settings,
             reachable: watch::Sender::new(true),
             forgotten: Mutex::new(HashSet::new()),
+            links: Mutex::new(HashMap::new()),
         }))
     }
 
@@ -111,6 +114,32 @@ impl Upstream {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .insert(client_id.to_string());
+    }
+
+    /// `device`'s session, when it has one connected now: its telemetry goes through it.
+    pub fn link_for(&self, device: &str) -> Option<Arc<Link>> {
+        let links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        links
+            .get(device)
+            .and_then(Weak::upgrade)
+            .filter(|link| link.is_connected())
+    }
+
+    /// `link` is `device`'s latest session.
+    fn listed(&self, device: &str, link: &Arc<Link>) {
+        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        links.insert(device.to_string(), Arc::downgrade(link));
+    }
+
+    /// `link`'s session is over (unless a later one of the device replaced it).
+    fn unlisted(&self, device: &str, link: &Arc<Link>) {
+        let mut links = self.links.lock().unwrap_or_else(|p| p.into_inner());
+        if links
+            .get(device)
+            .is_some_and(|listed| std::ptr::eq(listed.as_ptr(), Arc::as_ptr(link)))
+        {
+            links.remove(device);
+        }
     }
 
     fn connected(&self, yes: bool) {

@@ -70,6 +70,8 @@ const RECONNECT: Backoff = Backoff {
 /// What the session at the endpoint is for.
 #[derive(Debug, Clone)]
 pub struct Spec {
+    /// The device (its telemetry goes through the session).
+    pub device: String,
     /// The device's client id.
     pub client_id: String,
     /// Start a new session (the device asked for a clean start).
@@ -141,72 +143,43 @@ impl Waiting {
     }
 }
 
-/// A device's session at the endpoint.
-pub struct UpstreamSession {
+/// What asking the endpoint something on a session takes: shared by the device's
+/// connection (which owns the session, [`UpstreamSession`]) and the IoT Core sink (which
+/// delivers the device's telemetry through it).
+pub struct Link {
     /// Requests to the session's task (never awaited: `try_*` only).
     client: AsyncClient,
     /// The waiters, shared with the task.
     waiting: Arc<Mutex<Waiting>>,
-    /// Messages for the device.
-    incoming: mpsc::Receiver<Publish>,
     /// Where the session stands.
     state: watch::Receiver<State>,
-    /// The task that drives the connection (taken at close; aborted when dropped).
-    task: Option<tokio::task::JoinHandle<()>>,
     /// How long answers are waited for, in milliseconds.
     timeout_ms: u64,
+}
+
+/// A device's session at the endpoint.
+pub struct UpstreamSession {
+    /// Requests and their answers.
+    link: Arc<Link>,
+    /// The device, under which the session is listed at the endpoint.
+    device: String,
+    /// Messages for the device.
+    incoming: mpsc::Receiver<Publish>,
+    /// The task that drives the connection (taken at close; aborted when dropped).
+    task: Option<tokio::task::JoinHandle<()>>,
     /// The endpoint.
     upstream: Arc<Upstream>,
 }
 
-impl UpstreamSession {
-    /// Starts `spec`'s session at `upstream`; it connects in the background.
-    pub(super) fn open(upstream: Arc<Upstream>, spec: Spec) -> UpstreamSession {
-        let settings = &upstream.settings;
-        let mut options = MqttOptions::new(spec.client_id.clone(), &settings.host, settings.port);
-        options
-            .set_keep_alive(Duration::from_secs(u64::from(settings.keep_alive_secs)))
-            .set_clean_start(spec.clean_start)
-            .set_session_expiry_interval(Some(spec.session_expiry_secs))
-            .set_receive_maximum(Some(spec.receive_maximum.max(1)))
-            .set_max_packet_size(Some(MAX_INCOMING_PACKET))
-            // A message is acknowledged once the device acknowledged it.
-            .set_manual_acks(true)
-            // Requests passed through wait for their PUBACK one by one; rumqttc keeps a
-            // slot per possible one (about 150 bytes each), so few are allowed.
-            .set_outgoing_inflight_upper_limit(OUTGOING_IN_FLIGHT)
-            .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
-                upstream.tls.clone(),
-            )));
-        if let Some(will) = spec.will {
-            options.set_last_will(will);
-        }
-        let room = usize::from(spec.receive_maximum.max(1));
-        let (client, events) = AsyncClient::new(options, room + 16);
-        let (to_device, incoming) = mpsc::channel(room + QOS0_ROOM);
-        let (state_tx, state) = watch::channel(State::Connecting);
-        let waiting = Arc::new(Mutex::new(Waiting::default()));
-        let timeout_ms = upstream.settings.answer_timeout_ms;
-        let driver = Driver {
-            upstream: upstream.clone(),
-            client: client.clone(),
-            waiting: waiting.clone(),
-            to_device,
-            state: state_tx,
-            subscriptions: spec.subscriptions,
-        };
-        let task = tokio::spawn(driver.run(events));
-        UpstreamSession {
-            client,
-            waiting,
-            incoming,
-            state,
-            task: Some(task),
-            timeout_ms,
-            upstream,
-        }
-    }
+impl std::ops::Deref for UpstreamSession {
+    type Target = Link;
 
+    fn deref(&self) -> &Link {
+        &self.link
+    }
+}
+
+impl Link {
     fn lock(&self) -> std::sync::MutexGuard<'_, Waiting> {
         self.waiting.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -214,50 +187,6 @@ impl UpstreamSession {
     /// Whether the session is connected to the endpoint now.
     pub fn is_connected(&self) -> bool {
         matches!(*self.state.borrow(), State::Connected { .. })
-    }
-
-    /// Waits for the first attempt to connect, at most `within` (and no longer once
-    /// another session found the endpoint down): whether the endpoint kept the session,
-    /// or `None` when it is not connected.
-    pub async fn connected_within(&mut self, within: Duration) -> Option<bool> {
-        let connected = self
-            .state
-            .wait_for(|state| !matches!(state, State::Connecting));
-        tokio::select! {
-            answer = tokio::time::timeout(within, connected) => match answer {
-                Ok(Ok(state)) => match *state {
-                    State::Connected { session_present } => Some(session_present),
-                    _ => None,
-                },
-                _ => None,
-            },
-            () = self.upstream.found_down() => None,
-        }
-    }
-
-    /// The device was told its session went on (session present 1) before the endpoint
-    /// answered. Should the endpoint then say it had no session, this one ends (the
-    /// device's connection with it) and the device's next CONNECT hears session present
-    /// 0, so that it subscribes again.
-    ///
-    /// False when the endpoint answered meanwhile that it had no session: the device is
-    /// told so instead.
-    pub fn promise_present(&self) -> bool {
-        let mut waiting = self.lock();
-        if *self.state.borrow()
-            == (State::Connected {
-                session_present: false,
-            })
-        {
-            return false;
-        }
-        waiting.promised = true;
-        true
-    }
-
-    /// Where the session stands, now and as it changes.
-    pub fn watch(&self) -> watch::Receiver<State> {
-        self.state.clone()
     }
 
     /// Subscribes to `filters` (each with the QoS asked for); the endpoint's answer per
@@ -301,6 +230,7 @@ impl UpstreamSession {
         &self,
         topic: &str,
         qos: u8,
+        retain: bool,
         payload: bytes::Bytes,
         properties: Option<PublishProperties>,
     ) -> Result<PubAckReason, Failure> {
@@ -314,7 +244,7 @@ impl UpstreamSession {
             let sent = self.client.try_publish_with_properties(
                 topic,
                 qos_of(qos),
-                false,
+                retain,
                 payload,
                 properties.unwrap_or_default(),
             );
@@ -334,6 +264,111 @@ impl UpstreamSession {
         }
     }
 
+    /// The device acknowledged `publish` (or it cannot be delivered and must not come
+    /// again): the endpoint hears the PUBACK now.
+    pub fn ack(&self, publish: &Publish) {
+        if let Err(error) = self.client.try_ack(publish) {
+            tracing::debug!(%error, "acknowledgement not passed on; the endpoint sends it again");
+        }
+    }
+}
+
+impl UpstreamSession {
+    /// Starts `spec`'s session at `upstream`; it connects in the background.
+    pub(super) fn open(upstream: Arc<Upstream>, spec: Spec) -> UpstreamSession {
+        let settings = &upstream.settings;
+        let mut options = MqttOptions::new(spec.client_id.clone(), &settings.host, settings.port);
+        options
+            .set_keep_alive(Duration::from_secs(u64::from(settings.keep_alive_secs)))
+            .set_clean_start(spec.clean_start)
+            .set_session_expiry_interval(Some(spec.session_expiry_secs))
+            .set_receive_maximum(Some(spec.receive_maximum.max(1)))
+            .set_max_packet_size(Some(MAX_INCOMING_PACKET))
+            // A message is acknowledged once the device acknowledged it.
+            .set_manual_acks(true)
+            // Requests passed through wait for their PUBACK one by one; rumqttc keeps a
+            // slot per possible one (about 150 bytes each), so few are allowed.
+            .set_outgoing_inflight_upper_limit(OUTGOING_IN_FLIGHT)
+            .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
+                upstream.tls.clone(),
+            )));
+        if let Some(will) = spec.will {
+            options.set_last_will(will);
+        }
+        let room = usize::from(spec.receive_maximum.max(1));
+        let (client, events) = AsyncClient::new(options, room + 16);
+        let (to_device, incoming) = mpsc::channel(room + QOS0_ROOM);
+        let (state_tx, state) = watch::channel(State::Connecting);
+        let waiting = Arc::new(Mutex::new(Waiting::default()));
+        let timeout_ms = upstream.settings.answer_timeout_ms;
+        let driver = Driver {
+            upstream: upstream.clone(),
+            client: client.clone(),
+            waiting: waiting.clone(),
+            to_device,
+            state: state_tx,
+            subscriptions: spec.subscriptions,
+        };
+        let task = tokio::spawn(driver.run(events));
+        let link = Arc::new(Link {
+            client,
+            waiting,
+            state,
+            timeout_ms,
+        });
+        upstream.listed(&spec.device, &link);
+        UpstreamSession {
+            link,
+            device: spec.device,
+            incoming,
+            task: Some(task),
+            upstream,
+        }
+    }
+
+    /// Waits for the first attempt to connect, at most `within` (and no longer once
+    /// another session found the endpoint down): whether the endpoint kept the session,
+    /// or `None` when it is not connected.
+    pub async fn connected_within(&self, within: Duration) -> Option<bool> {
+        let mut state = self.state.clone();
+        let connected = state.wait_for(|state| !matches!(state, State::Connecting));
+        tokio::select! {
+            answer = tokio::time::timeout(within, connected) => match answer {
+                Ok(Ok(state)) => match *state {
+                    State::Connected { session_present } => Some(session_present),
+                    _ => None,
+                },
+                _ => None,
+            },
+            () = self.upstream.found_down() => None,
+        }
+    }
+
+    /// The device was told its session went on (session present 1) before the endpoint
+    /// answered. Should the endpoint then say it had no session, this one ends (the
+    /// device's connection with it) and the device's next CONNECT hears session present
+    /// 0, so that it subscribes again.
+    ///
+    /// False when the endpoint answered meanwhile that it had no session: the device is
+    /// told so instead.
+    pub fn promise_present(&self) -> bool {
+        let mut waiting = self.lock();
+        if *self.state.borrow()
+            == (State::Connected {
+                session_present: false,
+            })
+        {
+            return false;
+        }
+        waiting.promised = true;
+        true
+    }
+
+    /// Where the session stands, now and as it changes.
+    pub fn watch(&self) -> watch::Receiver<State> {
+        self.state.clone()
+    }
+
     /// The next message for the device. Cancel-safe.
     pub async fn next(&mut self) -> Option<Publish> {
         self.incoming.recv().await
@@ -347,14 +382,6 @@ impl UpstreamSession {
     /// Whether the session is over (taken over elsewhere, or its connection lost).
     pub fn is_over(&self) -> bool {
         matches!(*self.state.borrow(), State::Lost | State::TakenOver)
-    }
-
-    /// The device acknowledged `publish` (or it cannot be delivered and must not come
-    /// again): the endpoint hears the PUBACK now.
-    pub fn ack(&self, publish: &Publish) {
-        if let Err(error) = self.client.try_ack(publish) {
-            tracing::debug!(%error, "acknowledgement not passed on; the endpoint sends it again");
-        }
     }
 
     /// Ends the session: `politely` with DISCONNECT (no will), otherwise by dropping the
@@ -394,6 +421,7 @@ pub async fn next_for(session: &mut Option<UpstreamSession>) -> Publish {
 
 impl Drop for UpstreamSession {
     fn drop(&mut self) {
+        self.upstream.unlisted(&self.device, &self.link);
         if let Some(task) = self.task.take() {
             task.abort();
         }

@@ -108,6 +108,7 @@ pub async fn run<T: Transport>(
         .as_ref()
         .is_some_and(|endpoint| endpoint.take_forgotten(&connect.client_id));
     let upstream_spec = state.upstream.as_ref().map(|_| crate::upstream::Spec {
+        device: identity.device_id.clone(),
         client_id: connect.client_id.clone(),
         clean_start: connect.clean || forgotten,
         session_expiry_secs: expiry,
@@ -122,7 +123,7 @@ pub async fn run<T: Transport>(
     if let (Some(endpoint), Some(spec)) = (&state.upstream, &upstream_spec)
         && expiry > 0
     {
-        let mut session = endpoint.open(spec.clone());
+        let session = endpoint.open(spec.clone());
         let answer = if endpoint.reachable() {
             session
                 .connected_within(crate::upstream::CONNACK_WAIT)

@@ -39,7 +39,7 @@ impl Session<'_> {
         let upstream = self.state.upstream.as_ref()?;
         if device.upstream.is_none() {
             let spec = self.upstream_spec.clone()?;
-            let mut session = upstream.open(spec);
+            let session = upstream.open(spec);
             // The first attempt's outcome (quick when the endpoint refuses), so that the
             // first SUBSCRIBE is not refused only because it came first.
             session.connected_within(upstream.answer_timeout()).await;
@@ -147,7 +147,13 @@ impl Session<'_> {
         };
         let properties = codec::mqtt5_properties(&publish.properties);
         let answer = upstream
-            .publish(&publish.topic, publish.qos, publish.payload, properties)
+            .publish(
+                &publish.topic,
+                publish.qos,
+                false,
+                publish.payload,
+                properties,
+            )
             .await
             .map_err(unavailable)?;
         match answer {

@@ -7,26 +7,33 @@
 //! most 256 bytes and 7 slashes, no wildcards, QoS 0 or 1. With `basic_ingest_rule`,
 //! messages go to `$aws/rules/<rule>/<topic>` (Basic Ingest: no messaging charge; the
 //! prefix does not count towards the topic limits).
+//!
+//! With `[upstream]`, a device's telemetry goes through its own session at IoT Core when
+//! it has one ([`devices`]), and through the sink's connection otherwise.
 
+pub mod devices;
 pub mod https;
 pub mod mqtt;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use crate::config::IotCoreSinkConfig;
+use crate::config::{IotCoreSinkConfig, MqttSinkConfig};
 use crate::record::Record;
 use crate::route::{Destination, check_iot_core};
 
-/// The IoT Core sink `[sinks.iot_core]` configures: over MQTT with `[sinks.iot_core.mqtt]`,
-/// else over HTTPS with the shared AWS configuration.
+/// The IoT Core sink `[sinks.iot_core]` configures: over MQTT on `mqtt` (its own section,
+/// or `[upstream]`'s endpoint), else over HTTPS with the shared AWS configuration; with
+/// `upstream`, through the devices' own sessions first.
 pub fn build(
     settings: &IotCoreSinkConfig,
+    mqtt: Option<MqttSinkConfig>,
     aws: Option<&aws_config::SdkConfig>,
+    upstream: Option<&Arc<crate::upstream::Upstream>>,
 ) -> anyhow::Result<Arc<dyn crate::sink::Sink>> {
     let delivery_timeout = Duration::from_millis(settings.delivery_timeout_ms);
     let rule = settings.basic_ingest_rule.clone();
-    Ok(match (&settings.mqtt, aws) {
+    let shared: Arc<dyn crate::sink::Sink> = match (&mqtt, aws) {
         (Some(mqtt), _) => Arc::new(mqtt::MqttSink::start(mqtt::MqttSettings {
             host: mqtt.host.clone(),
             port: mqtt.port,
@@ -36,14 +43,22 @@ pub fn build(
             key: mqtt.key.clone(),
             keep_alive: Duration::from_secs(mqtt.keep_alive_secs),
             delivery_timeout,
-            basic_ingest_rule: rule,
+            basic_ingest_rule: rule.clone(),
         })?),
         (None, Some(shared)) => {
             let endpoint = settings.endpoint_url.as_deref();
             let shared = crate::sink::aws::with_endpoint(shared, endpoint);
-            Arc::new(https::HttpsSink::new(&shared, rule, delivery_timeout))
+            Arc::new(https::HttpsSink::new(
+                &shared,
+                rule.clone(),
+                delivery_timeout,
+            ))
         }
         (None, None) => anyhow::bail!("sinks.iot_core: no transport could be set up"),
+    };
+    Ok(match upstream {
+        Some(upstream) => Arc::new(devices::ThroughDevices::new(upstream.clone(), shared, rule)),
+        None => shared,
     })
 }
 
