@@ -245,9 +245,15 @@ impl DevicePolicy {
     }
 
     /// Whether `identity` may subscribe to `filter`: a grant's `subscribe` filter covers
-    /// it (`cmd/${device.id}/#` covers `cmd/dev-1/+`, not `cmd/#`).
+    /// it (`cmd/${device.id}/#` covers `cmd/dev-1/+`, not `cmd/#`). A shared
+    /// subscription (`$share/{group}/{filter}`) is covered by a grant's shared filter
+    /// (`$share/+/jobs/#` covers `$share/workers/jobs/#`) or by one that covers its
+    /// filter.
     pub fn may_subscribe_filter(&self, identity: &Identity, filter: &str) -> bool {
-        let Ok(wanted) = TopicFilter::parse(filter) else {
+        let (Ok(wanted), Ok(messages)) = (
+            TopicFilter::parse(filter),
+            TopicFilter::parse(crate::topic::unshared(filter)),
+        ) else {
             return false;
         };
         !self.enforced
@@ -258,7 +264,7 @@ impl DevicePolicy {
                             granted,
                             &identity.device_id,
                         ))
-                        .is_ok_and(|granted| granted.covers(&wanted))
+                        .is_ok_and(|granted| granted.covers(&wanted) || granted.covers(&messages))
                     })
             })
     }
@@ -280,11 +286,17 @@ impl DevicePolicy {
             })
     }
 
-    /// Whether `identity` may receive commands on `topic`.
+    /// Whether `identity` may receive a message on `topic` (a shared filter in a grant
+    /// stands for its filter).
     pub fn may_subscribe(&self, identity: &Identity, topic: &str) -> bool {
         !self.enforced
             || self.grants.iter().any(|g| {
-                g.applies_to(identity) && Grant::allows(&g.config.subscribe, identity, topic)
+                g.applies_to(identity)
+                    && g.config.subscribe.iter().any(|filter| {
+                        let filter = crate::template::for_device(filter, &identity.device_id);
+                        TopicFilter::parse(crate::topic::unshared(&filter))
+                            .is_ok_and(|f| f.matches(topic))
+                    })
             })
     }
 }
@@ -312,6 +324,10 @@ mod tests {
             groups = ["ops"]
             publish = ["fleet/#"]
             max_payload_bytes = 10
+            [[grants]]
+            name = "workers"
+            groups = ["workers"]
+            subscribe = ["$share/+/jobs/#"]
             "#,
         )
         .unwrap();
@@ -326,6 +342,25 @@ mod tests {
             expires_at_secs: None,
             certificate: None,
         }
+    }
+
+    /// A shared subscription is allowed by a grant's shared filter or by one covering
+    /// its filter; the messages it brings are allowed by the filter inside the grant's.
+    #[test]
+    fn shared_subscriptions_are_held_to_their_filter() {
+        let policy = policy();
+        let plain = device("dev-1", &[]);
+        let worker = device("w-1", &["workers"]);
+        assert!(policy.may_subscribe_filter(&plain, "$share/g/cmd/dev-1/#"));
+        assert!(!policy.may_subscribe_filter(&plain, "$share/g/cmd/#"));
+        assert!(!policy.may_subscribe_filter(&plain, "$share/g/jobs/#"));
+        assert!(policy.may_subscribe_filter(&worker, "$share/pool/jobs/#"));
+        assert!(
+            !policy.may_subscribe_filter(&worker, "jobs/#"),
+            "shared only"
+        );
+        assert!(policy.may_subscribe(&worker, "jobs/17"));
+        assert!(!policy.may_subscribe(&worker, "other/17"));
     }
 
     #[test]

@@ -106,6 +106,15 @@ pub fn validate_publish_topic(topic: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// The filter of a shared subscription (`$share/{group}/{filter}`: the messages that
+/// match `filter` are shared among the group's subscribers); any other filter as it is.
+pub fn unshared(filter: &str) -> &str {
+    filter
+        .strip_prefix("$share/")
+        .and_then(|rest| rest.split_once('/'))
+        .map_or(filter, |(_, filter)| filter)
+}
+
 /// IoT Core's reserved topics begin with this.
 pub const RESERVED_PREFIX: &str = "$aws/";
 

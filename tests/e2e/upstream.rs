@@ -149,6 +149,52 @@ fn telemetry_goes_through_the_devices_own_session_with_its_properties() {
     drop(with);
 }
 
+/// A shared subscription (`$share/{group}/{filter}`) that a grant covers is made at the
+/// broker: the messages on its filter are shared among the group's subscribers, each
+/// delivered to one of them; the filter alone, outside the grant, is refused.
+#[test]
+fn a_shared_subscription_shares_the_messages_among_the_group() {
+    let env = TestEnv::get();
+    let run = unique("share");
+    let gateway = gateway(
+        &env,
+        &format!(
+            r#"
+            [[policy.grants]]
+            name = "workers"
+            devices = ["*"]
+            subscribe = ["$share/+/cmd/{run}/work/#"]
+            "#
+        ),
+    );
+    let shared = format!("$share/pool/cmd/{run}/work/#");
+    let worker = |n: u32| {
+        PahoSession::start(json!({
+            "url": ws_url(&gateway), "version": 5, "client_id": format!("{run}-w{n}"),
+            "subscribe": [[shared, 1], [format!("cmd/{run}/work/#"), 1]], "expect": 3,
+        }))
+    };
+    let workers = [worker(1), worker(2)];
+    for session in &workers {
+        assert_eq!(session.next("suback")["granted"], json!([1, 0x87]));
+    }
+    let commander = Subscriber::connect(&env, &format!("cmd-reply/{run}/#"));
+    for n in 0..6 {
+        commander.publish(&format!("cmd/{run}/work/{n}"), &format!("job-{n}"));
+    }
+    let [first, second] = workers;
+    let first = first.messages_until_end();
+    let second = second.messages_until_end();
+    let mut all: Vec<&str> = payloads(&first);
+    all.extend(payloads(&second));
+    all.sort_unstable();
+    assert_eq!(all, ["job-0", "job-1", "job-2", "job-3", "job-4", "job-5"]);
+    assert!(
+        !first.is_empty() && !second.is_empty(),
+        "shared: {first:?} {second:?}"
+    );
+}
+
 /// Without `[upstream]`, a SUBSCRIBE is refused in the
 /// SUBACK (5.0: 0x83; 3.1.1: 0x80), never granted and then silent.
 #[test]
