@@ -17,6 +17,7 @@ use governor::{DefaultKeyedRateLimiter, Quota, RateLimiter};
 
 use crate::auth::Identity;
 use crate::config::{GrantConfig, PolicyConfig};
+use crate::template::{DEVICE_ID, THING_NAME};
 use crate::topic::TopicFilter;
 
 /// Why the policy refused a publish.
@@ -76,11 +77,17 @@ impl Grant {
                 .any(|g| identity.groups.contains(g))
     }
 
-    fn allows(filters: &[String], identity: &Identity, topic: &str) -> bool {
+    fn allows(&self, filters: &[String], identity: &Identity, topic: &str) -> bool {
         filters.iter().any(|filter| {
-            TopicFilter::parse(&crate::template::for_device(filter, &identity.device_id))
-                .is_ok_and(|f| f.matches(topic))
+            TopicFilter::parse(&self.expand(filter, identity)).is_ok_and(|f| f.matches(topic))
         })
+    }
+
+    /// `pattern` for `identity`: `${thing.name}` is the grant's `thing_name` (the device
+    /// id unless it says otherwise), `${device.id}` the device id.
+    fn expand(&self, pattern: &str, identity: &Identity) -> String {
+        let thing = self.config.thing_name.as_deref().unwrap_or(DEVICE_ID);
+        crate::template::for_device(&pattern.replace(THING_NAME, thing), &identity.device_id)
     }
 }
 
@@ -138,7 +145,7 @@ impl DevicePolicy {
                 .iter()
                 .enumerate()
                 .find(|(_, g)| {
-                    g.applies_to(identity) && Grant::allows(&g.config.publish, identity, topic)
+                    g.applies_to(identity) && g.allows(&g.config.publish, identity, topic)
                 })
                 .ok_or_else(|| Refusal::Denied {
                     topic: topic.to_string(),
@@ -239,9 +246,10 @@ impl DevicePolicy {
     /// last will's topic, at CONNECT).
     pub fn may_publish(&self, identity: &Identity, topic: &str) -> bool {
         !self.enforced
-            || self.grants.iter().any(|g| {
-                g.applies_to(identity) && Grant::allows(&g.config.publish, identity, topic)
-            })
+            || self
+                .grants
+                .iter()
+                .any(|g| g.applies_to(identity) && g.allows(&g.config.publish, identity, topic))
     }
 
     /// Whether `identity` may subscribe to `filter`: a grant's `subscribe` filter covers
@@ -260,11 +268,9 @@ impl DevicePolicy {
             || self.grants.iter().any(|g| {
                 g.applies_to(identity)
                     && g.config.subscribe.iter().any(|granted| {
-                        TopicFilter::parse(&crate::template::for_device(
-                            granted,
-                            &identity.device_id,
-                        ))
-                        .is_ok_and(|granted| granted.covers(&wanted) || granted.covers(&messages))
+                        TopicFilter::parse(&g.expand(granted, identity)).is_ok_and(|granted| {
+                            granted.covers(&wanted) || granted.covers(&messages)
+                        })
                     })
             })
     }
@@ -277,7 +283,7 @@ impl DevicePolicy {
             || self.grants.iter().any(|g| {
                 g.applies_to(identity)
                     && g.config.client_ids.iter().any(|pattern| {
-                        let pattern = crate::template::for_device(pattern, &identity.device_id);
+                        let pattern = g.expand(pattern, identity);
                         match pattern.strip_suffix('*') {
                             Some(prefix) => client_id.starts_with(prefix),
                             None => client_id == pattern,
@@ -293,7 +299,7 @@ impl DevicePolicy {
             || self.grants.iter().any(|g| {
                 g.applies_to(identity)
                     && g.config.subscribe.iter().any(|filter| {
-                        let filter = crate::template::for_device(filter, &identity.device_id);
+                        let filter = g.expand(filter, identity);
                         TopicFilter::parse(crate::topic::unshared(&filter))
                             .is_ok_and(|f| f.matches(topic))
                     })
@@ -328,6 +334,12 @@ mod tests {
             name = "workers"
             groups = ["workers"]
             subscribe = ["$share/+/jobs/#"]
+            [[grants]]
+            name = "plant-a"
+            groups = ["plant-a"]
+            thing_name = "plant-a-${device.id}"
+            publish = ["$aws/things/${thing.name}/shadow/#"]
+            subscribe = ["$aws/things/${thing.name}/shadow/#"]
             "#,
         )
         .unwrap();
@@ -361,6 +373,19 @@ mod tests {
         );
         assert!(policy.may_subscribe(&worker, "jobs/17"));
         assert!(!policy.may_subscribe(&worker, "other/17"));
+    }
+
+    /// A grant's `thing_name` maps the device id to its thing name in the grant's
+    /// filters.
+    #[test]
+    fn a_grant_maps_the_device_id_to_its_thing_name() {
+        let policy = policy();
+        let pump = device("p1", &["plant-a"]);
+        assert!(policy.may_publish(&pump, "$aws/things/plant-a-p1/shadow/update"));
+        assert!(!policy.may_publish(&pump, "$aws/things/p1/shadow/update"));
+        assert!(policy.may_subscribe_filter(&pump, "$aws/things/plant-a-p1/shadow/update/+"));
+        assert!(policy.may_subscribe(&pump, "$aws/things/plant-a-p1/shadow/update/delta"));
+        assert!(!policy.may_subscribe(&pump, "$aws/things/plant-a-p2/shadow/update/delta"));
     }
 
     #[test]

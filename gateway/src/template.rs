@@ -10,6 +10,10 @@ use crate::message::Message;
 /// The variable that stands for a device's own id.
 pub const DEVICE_ID: &str = "${device.id}";
 
+/// The variable that stands for a device's thing name in policy grants (its
+/// `thing_name`, by default the device id).
+pub const THING_NAME: &str = "${thing.name}";
+
 /// `pattern` with every `${device.id}` replaced by `device`: a device's id, `+` for any
 /// device (a topic filter), or a sample id (to validate the pattern).
 pub fn for_device(pattern: &str, device: &str) -> String {

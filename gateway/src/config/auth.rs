@@ -113,6 +113,10 @@ pub struct GrantConfig {
     /// Topic filters the devices may receive commands on.
     #[serde(default)]
     pub subscribe: Vec<String>,
+    /// The devices' thing name at IoT Core (its registry, `$aws/things/<name>/…`), as
+    /// `${thing.name}` in this grant's filters and client ids; `${device.id}` is the
+    /// device id. Default: the device id.
+    pub thing_name: Option<String>,
     /// MQTT client ids the devices may connect as besides their device id:
     /// `${device.id}` is the device's id, a trailing `*` matches any rest
     /// (`["${device.id}-*"]`).
