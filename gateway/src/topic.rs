@@ -80,10 +80,19 @@ impl TopicFilter {
 }
 
 /// Checks a topic a device publishes to, by IoT Core's rules: not empty, at most 256
-/// bytes and 7 slashes, no wildcards, no NUL.
+/// bytes and 7 slashes, no wildcards, no NUL. A Basic Ingest topic's prefix
+/// (`$aws/rules/{rule}/`) does not count towards the length and the slashes, as at IoT
+/// Core.
 pub fn validate_publish_topic(topic: &str) -> Result<(), String> {
     if topic.is_empty() {
         return Err("the topic is empty".to_string());
+    }
+    let topic = topic
+        .strip_prefix(BASIC_INGEST_PREFIX)
+        .and_then(|rest| rest.split_once('/'))
+        .map_or(topic, |(_, rest)| rest);
+    if topic.is_empty() {
+        return Err("the topic is empty after the Basic Ingest prefix".to_string());
     }
     if topic.len() > IOT_CORE_MAX_TOPIC_BYTES {
         return Err(format!(
@@ -114,6 +123,9 @@ pub fn unshared(filter: &str) -> &str {
         .and_then(|rest| rest.split_once('/'))
         .map_or(filter, |(_, filter)| filter)
 }
+
+/// Basic Ingest topics begin with this, then the rule's name.
+pub const BASIC_INGEST_PREFIX: &str = "$aws/rules/";
 
 /// IoT Core's reserved topics begin with this.
 pub const RESERVED_PREFIX: &str = "$aws/";
@@ -273,9 +285,15 @@ mod tests {
     fn publish_topics_follow_iot_core_rules() {
         assert!(validate_publish_topic("sites/12/temp").is_ok());
         assert!(validate_publish_topic("a/b/c/d/e/f/g/h").is_ok());
+        // Basic Ingest's prefix is not counted.
+        assert!(validate_publish_topic("$aws/rules/ingest/a/b/c/d/e/f/g/h").is_ok());
+        let long = format!("$aws/rules/ingest/{}", "x".repeat(256));
+        assert!(validate_publish_topic(&long).is_ok());
         let cases = [
             ("", "empty"),
             ("a/b/c/d/e/f/g/h/i", "8 slashes"),
+            ("$aws/rules/ingest/a/b/c/d/e/f/g/h/i", "8 slashes"),
+            ("$aws/rules/ingest/", "empty after"),
             ("a/+/b", "wildcards"),
             ("a/#", "wildcards"),
         ];

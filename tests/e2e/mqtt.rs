@@ -335,6 +335,70 @@ fn mosquitto_pub_over_tls_with_a_client_certificate_and_by_alpn() {
     );
 }
 
+/// A client offering only IoT Core's ALPN for HTTPS with a client certificate
+/// (`x-amzn-http-ca`, port 443 at IoT Core) gets the HTTP API; the MQTT 5 parameters the
+/// AWS SDKs send as headers become the message's `mqtt.*` attributes.
+#[test]
+fn iot_cores_https_alpn_gets_the_http_api_and_its_mqtt5_headers_are_kept() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let certs = certs();
+    let gateway = Gateway::start(&format!(
+        r#"
+        {}
+        [[policy.grants]]
+        name = "own"
+        devices = ["*"]
+        publish = ["devices/${{device.id}}/#"]
+        [routing]
+        default_destination = "local"
+        "#,
+        mtls_config(&certs)
+    ));
+    let port: u16 = gateway.url.rsplit(':').next().unwrap().parse().unwrap();
+    let mut tls = sluice_gateway::tls::client_config(
+        &certs.join("ca.pem"),
+        &certs.join("test-subscriber.pem"),
+        &certs.join("test-subscriber.key"),
+    )
+    .unwrap();
+    tls.alpn_protocols = vec![b"x-amzn-http-ca".to_vec()];
+    let body = r#"{"a":1}"#;
+    let request = format!(
+        "POST /topics/devices/test-subscriber/t?qos=1 HTTP/1.1\r\nHost: localhost\r\n\
+         Content-Length: {}\r\nx-amz-mqtt5-correlation-data: Yy0x\r\n\
+         x-amz-mqtt5-payload-format-indicator: UTF8_DATA\r\n\
+         x-amz-mqtt5-user-properties: W3siYSI6ImIifV0=\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    let (alpn, response) = crate::wsclient::runtime().block_on(async {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", port))
+            .await
+            .unwrap();
+        let name = tokio_rustls::rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut stream = tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+            .connect(name, tcp)
+            .await
+            .expect("the TLS handshake with x-amzn-http-ca");
+        let alpn = stream.get_ref().1.alpn_protocol().map(<[u8]>::to_vec);
+        stream.write_all(request.as_bytes()).await.unwrap();
+        let mut response = Vec::new();
+        let _ = stream.read_to_end(&mut response).await;
+        (alpn, String::from_utf8_lossy(&response).into_owned())
+    });
+    assert_eq!(alpn.as_deref(), Some(&b"x-amzn-http-ca"[..]));
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let lines = gateway.sink("local");
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(
+        lines[0]["attributes"],
+        serde_json::json!({
+            "mqtt.correlation_data": "Yy0x",
+            "mqtt.payload_format_indicator": "UTF8_DATA",
+            "mqtt.user_properties": "W3siYSI6ImIifV0=",
+        })
+    );
+}
+
 /// With `[auth.tokens]`, an MQTT client over WebSocket authenticates with the token as
 /// its password (the AWS SDKs' `?SDK=…` after the user name is ignored); the client id
 /// must be the token's device.

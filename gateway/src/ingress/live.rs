@@ -12,6 +12,8 @@ use crate::ingress::admit::DeviceRules;
 
 /// ALPN names that select MQTT on a TLS port: IoT Core's, and the standard one.
 pub const MQTT_ALPN: [&[u8]; 2] = [b"x-amzn-mqtt-ca", b"mqtt"];
+/// IoT Core's ALPN name for HTTPS with a client certificate on port 443.
+pub const HTTP_ALPN: &[u8] = b"x-amzn-http-ca";
 
 /// What a configuration reload can change on the device side without dropping a
 /// connection: the rules every request is checked against, and the TLS acceptor (new
@@ -123,14 +125,15 @@ pub struct DeviceUpdate {
 
 /// Builds the TLS acceptor from the configured certificate and key, asking for client
 /// certificates when `[auth.mtls]` is set (optional when tokens are accepted too). HTTP
-/// first; MQTT by ALPN as IoT Core does on 443 (a client offering none gets HTTP).
+/// first; MQTT by ALPN as IoT Core does on 443 (a client offering none gets HTTP, as does
+/// one offering IoT Core's `x-amzn-http-ca`).
 fn tls_acceptor(tls: &TlsConfig, auth: Option<&AuthConfig>) -> anyhow::Result<TlsAcceptor> {
     let clients = auth
         .and_then(|a| a.mtls.as_ref().map(|m| (m, a.tokens.is_some())))
         .map(|(mtls, tokens_too)| crate::auth::mtls::verifier(mtls, tokens_too))
         .transpose()?;
     let [iot_core, mqtt] = MQTT_ALPN;
-    let alpn = [b"h2".as_slice(), b"http/1.1", iot_core, mqtt];
+    let alpn = [b"h2".as_slice(), b"http/1.1", HTTP_ALPN, iot_core, mqtt];
     let server = crate::tls::server_config(&tls.cert, &tls.key, clients, &alpn)?;
     Ok(TlsAcceptor::from(Arc::new(server)))
 }

@@ -137,20 +137,34 @@ async fn publish_one(
         .or_else(|| header_str(&headers, header::CONTENT_TYPE))
         .unwrap_or_default();
     let mut attributes = Vec::new();
+    // The AWS SDKs send three of them as headers; the query parameter wins.
+    let header = |name: &'static str| header_str(&headers, header::HeaderName::from_static(name));
     let optional = [
-        (attribute::RETAIN, &params.retain),
-        (attribute::RESPONSE_TOPIC, &params.response_topic),
-        (attribute::CORRELATION_DATA, &params.correlation_data),
-        (attribute::MESSAGE_EXPIRY, &params.message_expiry),
+        (attribute::RETAIN, params.retain),
+        (attribute::RESPONSE_TOPIC, params.response_topic),
+        (
+            attribute::CORRELATION_DATA,
+            params
+                .correlation_data
+                .or_else(|| header("x-amz-mqtt5-correlation-data")),
+        ),
+        (attribute::MESSAGE_EXPIRY, params.message_expiry),
         (
             attribute::PAYLOAD_FORMAT_INDICATOR,
-            &params.payload_format_indicator,
+            params
+                .payload_format_indicator
+                .or_else(|| header("x-amz-mqtt5-payload-format-indicator")),
         ),
-        (attribute::USER_PROPERTIES, &params.user_properties),
+        (
+            attribute::USER_PROPERTIES,
+            params
+                .user_properties
+                .or_else(|| header("x-amz-mqtt5-user-properties")),
+        ),
     ];
     for (key, value) in optional {
         if let Some(value) = value {
-            attributes.push((key.to_string(), value.clone()));
+            attributes.push((key.to_string(), value));
         }
     }
     let publish = Submission {

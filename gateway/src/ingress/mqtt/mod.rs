@@ -4,7 +4,7 @@
 //! - over TLS on `[mqtt] listen` (8883 by convention; plain TCP on loopback only), the
 //!   device named by its client certificate exactly as for HTTPS;
 //! - over TLS on the device listener, chosen by ALPN as IoT Core does on 443
-//!   (`x-amzn-mqtt-ca` or `mqtt`; `h2` and `http/1.1` get the HTTP API);
+//!   (`x-amzn-mqtt-ca` or `mqtt`; `h2`, `http/1.1` and `x-amzn-http-ca` get the HTTP API);
 //! - over WebSocket at `GET /mqtt` (subprotocol `mqtt`) on the device listener, on by
 //!   default: authenticated by client certificate, a bearer header, or the token as the
 //!   MQTT password; without `[auth]` the client id names the device.
