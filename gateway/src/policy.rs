@@ -275,6 +275,17 @@ impl DevicePolicy {
             })
     }
 
+    /// Whether a grant of `identity` names `client_id` itself (not by a trailing `*`): the
+    /// device may take it over from another device (a console's shared client id).
+    pub fn names_client_id(&self, identity: &Identity, client_id: &str) -> bool {
+        self.grants.iter().any(|g| {
+            g.applies_to(identity)
+                && g.config.client_ids.iter().any(|pattern| {
+                    !pattern.ends_with('*') && g.expand(pattern, identity) == client_id
+                })
+        })
+    }
+
     /// Whether `identity` may connect over MQTT as `client_id`: its own device id always;
     /// another when a grant's `client_ids` names it (`${device.id}` is the device's id; a
     /// trailing `*` matches any rest).
@@ -396,6 +407,11 @@ mod tests {
         assert!(policy.may_use_client_id(&plain, "dev-1"));
         assert!(!policy.may_use_client_id(&plain, "dev-1-ui"));
         assert!(policy.may_use_client_id(&console, "dev-1-ui"));
+        assert!(policy.names_client_id(&console, "shared-console"));
+        assert!(
+            !policy.names_client_id(&console, "dev-1-ui"),
+            "by a pattern"
+        );
         assert!(policy.may_use_client_id(&console, "shared-console"));
         assert!(!policy.may_use_client_id(&console, "dev-2-ui"));
         assert!(policy.may_subscribe_filter(&plain, "cmd/dev-1/+"));

@@ -4,9 +4,11 @@
 //! read back from the local sink; refusals with their MQTT 5 reason codes, or the
 //! disconnect MQTT 3.1.1 gets.
 
+use std::time::Duration;
+
 use serde_json::{Value, json};
 
-use crate::harness::Gateway;
+use crate::harness::{Gateway, eventually};
 
 /// Runs tests/clients/paho_publish.py with `spec`; its report.
 pub fn paho(spec: Value) -> Value {
@@ -397,6 +399,66 @@ fn iot_cores_https_alpn_gets_the_http_api_and_its_mqtt5_headers_are_kept() {
             "mqtt.user_properties": "W3siYSI6ImIifV0=",
         })
     );
+}
+
+/// The README's own example grant, `client_ids = ["${device.id}-*"]`, does not let device
+/// `pump` take device `pump-3`'s client id: refused (0x85) while pump-3 is connected,
+/// which stays connected, and after it left; its own id and unused ones work.
+#[test]
+fn a_device_cannot_take_another_devices_client_id() {
+    let secret = "mqtt-secret-0123456789abcdef0123456789";
+    let gateway = Gateway::start(&format!(
+        r#"
+        [auth.tokens]
+        keys = [{{ id = "k1", secret = "{secret}" }}]
+        [[policy.grants]]
+        name = "own"
+        devices = ["*"]
+        publish = ["devices/${{device.id}}/#"]
+        client_ids = ["${{device.id}}-*"]
+        [routing]
+        default_destination = "local"
+        "#
+    ));
+    let pump = gateway.issue_token("pump", "10m");
+    let pump_3 = gateway.issue_token("pump-3", "10m");
+    let owner = crate::mqtt_sessions::PahoSession::start(json!({
+        "url": ws_url(&gateway), "version": 5, "client_id": "pump-3",
+        "username": "pump-3", "password": pump_3, "expect": 1, "timeout": 30,
+        "publishes": [{"topic": "devices/pump-3/t", "payload": "mine", "qos": 1}],
+    }));
+    assert_eq!(owner.next("connack")["reason"], 0);
+    assert_eq!(owner.next("puback")["reason"], 0);
+    let as_pump = |client_id: &str| {
+        paho(json!({
+            "url": ws_url(&gateway), "version": 5, "client_id": client_id,
+            "username": "pump", "password": pump,
+            "publishes": [{"topic": "devices/pump/t", "payload": client_id, "qos": 1}],
+        }))
+    };
+    let taken = as_pump("pump-3");
+    assert_eq!(taken["connack"], 0x85, "{taken}");
+    // pump-3 still holds its connection.
+    let devices = gateway.admin_get("/admin/devices");
+    assert!(
+        devices["sessions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["device"] == "pump-3"),
+        "{devices}"
+    );
+    drop(owner);
+    eventually(Duration::from_secs(20), "pump-3 gone", || {
+        let devices = gateway.admin_get("/admin/devices");
+        devices["sessions"].as_array()?.is_empty().then_some(())
+    });
+    let later = as_pump("pump-3");
+    assert_eq!(later["connack"], 0x85, "its owner is remembered: {later}");
+    for client_id in ["pump", "pump-ui"] {
+        let fine = as_pump(client_id);
+        assert_eq!(fine["results"][0]["reason"], 0, "{fine}");
+    }
 }
 
 /// With `[auth.tokens]`, an MQTT client over WebSocket authenticates with the token as

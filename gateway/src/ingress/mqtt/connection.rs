@@ -88,7 +88,23 @@ pub async fn run<T: Transport>(
         let why = format!("the last will's topic `{}` is not allowed", will.topic);
         return refuse(&mut io, ConnAckCode::NotAuthorized, why).await;
     }
-    let kicked = state.mqtt_clients.register(&connect.client_id);
+    let named = state
+        .rules()
+        .policy
+        .names_client_id(&identity, &connect.client_id);
+    let kicked = match state
+        .mqtt_clients
+        .register(&connect.client_id, &identity.device_id, named)
+    {
+        Ok(kicked) => kicked,
+        Err(owner) => {
+            let why = format!(
+                "the client id `{}` is device `{owner}`'s; only a grant naming it lets another device use it",
+                connect.client_id
+            );
+            return refuse(&mut io, ConnAckCode::BadClientId, why).await;
+        }
+    };
     let asked_expiry = match version {
         Version::V4 if connect.clean => 0,
         Version::V4 => limits.session_expiry_secs,
