@@ -460,3 +460,97 @@ fn a_stalled_tls_handshake_is_closed_at_its_timeout() {
     let closed = r#"sluice_connections_closed_total{listener="http",reason="handshake_timeout"}"#;
     assert_eq!(metric(&gateway, closed), 1.0);
 }
+
+/// An MQTT packet: `header` byte, the remaining length, `body`.
+fn mqtt_packet(header: u8, body: &[u8]) -> Vec<u8> {
+    let mut packet = vec![header];
+    let mut length = body.len();
+    loop {
+        let byte = (length % 128) as u8;
+        length /= 128;
+        packet.push(if length > 0 { byte | 0x80 } else { byte });
+        if length == 0 {
+            break;
+        }
+    }
+    packet.extend_from_slice(body);
+    packet
+}
+
+/// An MQTT string: its length, then its bytes.
+fn mqtt_string(text: &str) -> Vec<u8> {
+    let mut out = (text.len() as u16).to_be_bytes().to_vec();
+    out.extend_from_slice(text.as_bytes());
+    out
+}
+
+/// An MQTT 5 client that stops reading (its receive buffer small, then full) while it
+/// makes the gateway write (each QoS 1 publish on a topic IoT Core owns is refused with a
+/// PUBACK carrying a reason string): once a write has made no progress for
+/// `write_timeout_secs`, the gateway closes the connection, counts it, and the session
+/// is no longer listed. Before the write timeout, such a session stayed listed for as
+/// long as the client held its socket.
+#[test]
+fn an_mqtt_client_that_stops_reading_is_closed_at_the_write_timeout() {
+    let gateway = Gateway::start(
+        "[server]\nwrite_timeout_secs = 2\n[mqtt]\nlisten = \"127.0.0.1:0\"\n[routing]\ndefault_destination = \"local\"\n",
+    );
+    let port: u16 = gateway.mqtt.rsplit(':').next().unwrap().parse().unwrap();
+    let mut connect = mqtt_string("MQTT");
+    connect.extend_from_slice(&[5, 0x02, 0, 60, 0]);
+    connect.extend(mqtt_string("deaf"));
+    let topic = format!("$aws/things/{}/shadow/update/accepted", "t".repeat(100));
+    let publish = |pkid: u16| {
+        let mut body = mqtt_string(&topic);
+        body.extend_from_slice(&pkid.to_be_bytes());
+        body.push(0);
+        body.extend_from_slice(b"{}");
+        mqtt_packet(0x32, &body)
+    };
+    let (stream, sent) = runtime().block_on(async {
+        use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(4096).unwrap();
+        let mut stream = socket.connect(([127, 0, 0, 1], port).into()).await.unwrap();
+        stream
+            .write_all(&mqtt_packet(0x10, &connect))
+            .await
+            .unwrap();
+        let mut connack = [0u8; 4];
+        stream.read_exact(&mut connack).await.unwrap();
+        assert_eq!(connack[0], 0x20, "{connack:?}");
+        // Publishes until the gateway takes no more: it is stuck writing to us.
+        let mut sent = 0u32;
+        loop {
+            let packet = publish((sent % 60_000 + 1) as u16);
+            match tokio::time::timeout(Duration::from_secs(1), stream.write_all(&packet)).await {
+                Ok(Ok(())) => sent += 1,
+                Ok(Err(error)) => panic!("closed before it stopped reading: {error}"),
+                Err(_) => break,
+            }
+            assert!(sent < 2_000_000, "the gateway never stopped reading");
+        }
+        (stream, sent)
+    });
+    let closed = r#"sluice_connections_closed_total{listener="mqtt",reason="write_timeout"}"#;
+    eventually(Duration::from_secs(15), "the write timeout", || {
+        (metric(&gateway, closed) == 1.0).then_some(())
+    });
+    eventually(Duration::from_secs(5), "the session gone", || {
+        let devices = gateway.admin_get("/admin/devices");
+        devices["sessions"].as_array()?.is_empty().then_some(())
+    });
+    // The socket was closed: reading drains the PUBACKs, then the end.
+    runtime().block_on(async move {
+        use tokio::io::AsyncReadExt as _;
+        let mut stream = stream;
+        let mut buf = vec![0u8; 1 << 16];
+        loop {
+            match tokio::time::timeout(Duration::from_secs(10), stream.read(&mut buf)).await {
+                Ok(Ok(0) | Err(_)) => break,
+                Ok(Ok(_)) => {}
+                Err(_) => panic!("the gateway kept the connection open ({sent} publishes)"),
+            }
+        }
+    });
+}

@@ -128,6 +128,11 @@ pub struct ServerConfig {
     /// this). Default 90.
     #[serde(default = "default_connection_idle")]
     pub idle_timeout_secs: u64,
+    /// A write to a client that makes no progress for this many seconds (the client
+    /// stopped reading and its TCP window is full) ends the connection, whatever it
+    /// carries: HTTP, the WebSocket dialect, MQTT. Default 30.
+    #[serde(default = "default_write_timeout")]
+    pub write_timeout_secs: u64,
 }
 
 /// `[server.tls]`: the gateway's own certificate.
@@ -167,6 +172,10 @@ fn default_shutdown_grace_ms() -> u64 {
 
 fn default_max_connections() -> usize {
     10_000
+}
+
+fn default_write_timeout() -> u64 {
+    30
 }
 
 fn default_handshake_timeout() -> u64 {
@@ -219,6 +228,7 @@ impl Default for ServerConfig {
             handshake_timeout_secs: default_handshake_timeout(),
             header_timeout_secs: default_header_timeout(),
             idle_timeout_secs: default_connection_idle(),
+            write_timeout_secs: default_write_timeout(),
         }
     }
 }
@@ -270,6 +280,7 @@ impl Config {
             ("handshake_timeout_secs", server.handshake_timeout_secs),
             ("header_timeout_secs", server.header_timeout_secs),
             ("idle_timeout_secs", server.idle_timeout_secs),
+            ("write_timeout_secs", server.write_timeout_secs),
         ] {
             if secs == 0 {
                 problems.push(format!("server.{name} must be at least 1"));

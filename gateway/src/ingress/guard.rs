@@ -10,7 +10,11 @@
 //!   timeout covers the requests after it, but not the protocol detection before the
 //!   first, where a client sending half a request line would otherwise wait for ever;
 //! - **an idle timeout** (`server.idle_timeout_secs`): a read that waits this long
-//!   with nothing written meanwhile ends the connection.
+//!   with nothing written meanwhile ends the connection;
+//! - **a write timeout** (`server.write_timeout_secs`): a write (or flush) that makes no
+//!   progress this long ends the connection: a client that stops reading cannot hold a
+//!   session, its place in `GET /admin/devices` or its client id, while the task that
+//!   writes to it waits (and reads nothing, so the idle timeout never fires).
 //!
 //! Each closed connection is counted in `sluice_connections_closed_total` with its
 //! reason, open ones in `sluice_connections`.
@@ -47,6 +51,8 @@ pub struct Guard {
     pub first_request_timeout: Duration,
     /// `server.idle_timeout_secs`.
     pub idle_timeout: Duration,
+    /// `server.write_timeout_secs`.
+    pub write_timeout: Duration,
 }
 
 /// An open connection's place under the limit; given back on drop.
@@ -80,6 +86,7 @@ impl Guard {
             handshake_timeout: Duration::from_secs(server.handshake_timeout_secs),
             first_request_timeout: Duration::from_secs(server.header_timeout_secs),
             idle_timeout: Duration::from_secs(server.idle_timeout_secs),
+            write_timeout: Duration::from_secs(server.write_timeout_secs),
         }
     }
 
@@ -146,6 +153,7 @@ impl Guard {
             first_request: Some(FirstRequest::default()),
             first_request_timeout: self.first_request_timeout,
             idle_timeout,
+            write_stalled: None,
             guard: self.clone(),
         }
     }
@@ -185,6 +193,9 @@ pub struct Guarded<S> {
     first_request: Option<FirstRequest>,
     first_request_timeout: Duration,
     idle_timeout: Duration,
+    /// Since the write waiting now made no progress: the write deadline (made on the
+    /// first stall, so that a connection that never stalls carries none).
+    write_stalled: Option<(bool, Pin<Box<Sleep>>)>,
     guard: Guard,
 }
 
@@ -196,6 +207,32 @@ impl<S> Guarded<S> {
                 .as_mut()
                 .reset(Instant::now() + self.idle_timeout);
         }
+    }
+
+    /// A write made progress: a later stall starts a new write deadline.
+    fn wrote(&mut self) {
+        if let Some((stalled, _)) = &mut self.write_stalled {
+            *stalled = false;
+        }
+    }
+
+    /// A write could not go on: pending until it has stalled for the write timeout,
+    /// then the error that ends the connection (counted).
+    fn stalled(&mut self, cx: &mut Context<'_>) -> Poll<io::Error> {
+        let timeout = self.guard.write_timeout;
+        let (stalled, deadline) = self
+            .write_stalled
+            .get_or_insert_with(|| (false, Box::pin(tokio::time::sleep(timeout))));
+        if !*stalled {
+            *stalled = true;
+            deadline.as_mut().reset(Instant::now() + timeout);
+        }
+        ready!(deadline.as_mut().poll(cx));
+        self.guard.closed("write_timeout");
+        Poll::Ready(io::Error::new(
+            io::ErrorKind::TimedOut,
+            format!("write_timeout: the client read nothing for {timeout:?}"),
+        ))
     }
 
     /// The first request is in: from now on only the idle timeout applies.
@@ -252,17 +289,24 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        let written = ready!(Pin::new(&mut self.inner).poll_write(cx, buf));
+        let Poll::Ready(written) = Pin::new(&mut self.inner).poll_write(cx, buf) else {
+            return self.stalled(cx).map(Err);
+        };
         if matches!(written, Ok(n) if n > 0) {
             // The server answers only once it has a request (or, for HTTP/2, the preface).
             self.first_request_done();
             self.active();
+            self.wrote();
         }
         Poll::Ready(written)
     }
 
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_flush(cx)
+        let Poll::Ready(flushed) = Pin::new(&mut self.inner).poll_flush(cx) else {
+            return self.stalled(cx).map(Err);
+        };
+        self.wrote();
+        Poll::Ready(flushed)
     }
 
     fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
@@ -274,10 +318,13 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        let written = ready!(Pin::new(&mut self.inner).poll_write_vectored(cx, bufs));
+        let Poll::Ready(written) = Pin::new(&mut self.inner).poll_write_vectored(cx, bufs) else {
+            return self.stalled(cx).map(Err);
+        };
         if matches!(written, Ok(n) if n > 0) {
             self.first_request_done();
             self.active();
+            self.wrote();
         }
         Poll::Ready(written)
     }
@@ -301,6 +348,7 @@ mod tests {
         Guard {
             first_request_timeout: Duration::from_millis(300),
             idle_timeout: Duration::from_millis(500),
+            write_timeout: Duration::from_millis(400),
             ..Guard::new("test", &server)
         }
     }
@@ -368,5 +416,34 @@ mod tests {
         let error = guarded.read(&mut buf).await.unwrap_err();
         assert_eq!(error.kind(), io::ErrorKind::TimedOut);
         assert!(started.elapsed() >= Duration::from_millis(450));
+    }
+
+    /// A client that stops reading ends its connection once a write has made no
+    /// progress for the write timeout; one that reads slowly (but reads) keeps it.
+    #[tokio::test]
+    async fn a_write_that_makes_no_progress_times_out() {
+        let (mut client, server) = tokio::io::duplex(64);
+        let mut guarded = guard(10).watch(server);
+        // Slow but reading: 64 bytes every 200 ms, under the 400 ms write timeout.
+        let reader = tokio::spawn(async move {
+            let mut buf = [0u8; 64];
+            let mut read = 0;
+            while read < 640 {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                read += client.read(&mut buf).await.unwrap();
+            }
+            client
+        });
+        guarded.write_all(&[7u8; 640]).await.unwrap();
+        let _client = reader.await.unwrap();
+        // Not reading at all: the write fails after the write timeout.
+        let started = Instant::now();
+        let error = tokio::time::timeout(Duration::from_secs(5), guarded.write_all(&[7u8; 640]))
+            .await
+            .expect("the write gave up by itself")
+            .unwrap_err();
+        assert_eq!(error.kind(), io::ErrorKind::TimedOut);
+        let waited = started.elapsed();
+        assert!(waited >= Duration::from_millis(350), "{waited:?}");
     }
 }
