@@ -95,6 +95,9 @@ pub struct Connect {
     /// The last will: published when the connection drops without a DISCONNECT (its
     /// `pkid` is 0).
     pub will: Option<Publish>,
+    /// 5.0: the enhanced authentication method asked for (none is supported: CONNACK
+    /// 0x8C).
+    pub auth_method: Option<String>,
 }
 
 /// A PUBLISH from a client.
@@ -139,6 +142,9 @@ pub enum CodecError {
     /// (CONNACK 0x01 / 0x84).
     #[error("unsupported protocol: {0}")]
     Protocol(String),
+    /// 5.0: a topic alias, where the gateway announced a Topic Alias Maximum of 0 (0x94).
+    #[error("a topic alias, where the gateway takes none (Topic Alias Maximum 0)")]
+    TopicAlias,
 }
 
 impl CodecError {
@@ -149,6 +155,7 @@ impl CodecError {
             CodecError::TooLarge(_) => DisconnectReasonCode::PacketTooLarge,
             CodecError::Malformed(_) => DisconnectReasonCode::MalformedPacket,
             CodecError::Protocol(_) => DisconnectReasonCode::ProtocolError,
+            CodecError::TopicAlias => DisconnectReasonCode::TopicAliasInvalid,
         }
     }
 }
@@ -223,7 +230,7 @@ pub fn read(
         Version::V5 => from_v5(
             v5::Packet::read(buffer, Some(u32::try_from(max_bytes).unwrap_or(u32::MAX)))
                 .map_err(|e| malformed(&e))?,
-        ),
+        )?,
     };
     Ok(Some(packet))
 }
@@ -253,6 +260,7 @@ fn from_v4(packet: v4::Packet) -> Incoming {
                     payload: will.message,
                     properties: Properties::default(),
                 }),
+                auth_method: None,
             })
         }
         v4::Packet::Publish(publish) => Incoming::Publish(Publish {
@@ -288,8 +296,15 @@ fn from_v4(packet: v4::Packet) -> Incoming {
     }
 }
 
-fn from_v5(packet: v5::Packet) -> Incoming {
-    match packet {
+/// A 5.0 topic as text: the specification makes a topic that is not UTF-8 a malformed
+/// packet (rumqttc's reader leaves 5.0 topics as bytes).
+fn utf8_topic(topic: Bytes) -> Result<String, CodecError> {
+    String::from_utf8(topic.to_vec())
+        .map_err(|_| CodecError::Malformed("the topic is not UTF-8".to_string()))
+}
+
+fn from_v5(packet: v5::Packet) -> Result<Incoming, CodecError> {
+    Ok(match packet {
         v5::Packet::Connect(connect, will, login) => {
             let properties = connect.properties.unwrap_or_default();
             let will = will.map(|will| {
@@ -303,14 +318,14 @@ fn from_v5(packet: v5::Packet) -> Incoming {
                         &p.user_properties,
                     )
                 });
-                Publish {
+                Ok::<_, CodecError>(Publish {
                     qos: will.qos as u8,
                     retain: will.retain,
-                    topic: String::from_utf8_lossy(&will.topic).into_owned(),
+                    topic: utf8_topic(will.topic)?,
                     pkid: 0,
                     payload: will.message,
                     properties: properties.unwrap_or_default(),
-                }
+                })
             });
             Incoming::Connect(Connect {
                 version: Version::V5,
@@ -325,10 +340,18 @@ fn from_v5(packet: v5::Packet) -> Incoming {
                 receive_maximum: properties.receive_maximum,
                 max_packet_size: properties.max_packet_size,
                 session_expiry: properties.session_expiry_interval,
-                will,
+                will: will.transpose()?,
+                auth_method: properties.authentication_method,
             })
         }
         v5::Packet::Publish(publish) => {
+            if publish
+                .properties
+                .as_ref()
+                .is_some_and(|p| p.topic_alias.is_some())
+            {
+                return Err(CodecError::TopicAlias);
+            }
             let out = publish.properties.map(|p| {
                 attributes(
                     p.content_type,
@@ -342,7 +365,7 @@ fn from_v5(packet: v5::Packet) -> Incoming {
             Incoming::Publish(Publish {
                 qos: publish.qos as u8,
                 retain: publish.retain,
-                topic: String::from_utf8_lossy(&publish.topic).into_owned(),
+                topic: utf8_topic(publish.topic)?,
                 pkid: publish.pkid,
                 payload: publish.payload,
                 properties: out.unwrap_or_default(),
@@ -374,7 +397,7 @@ fn from_v5(packet: v5::Packet) -> Incoming {
         | v5::Packet::SubAck(_)
         | v5::Packet::UnsubAck(_)
         | v5::Packet::PingResp(_) => Incoming::Unexpected("a packet only servers send"),
-    }
+    })
 }
 
 /// MQTT 5 message properties (of a PUBLISH or a will) as the HTTPS API's attributes.
@@ -469,10 +492,12 @@ pub enum ConnAckCode {
     BadCredentials,
     /// Not allowed to connect.
     NotAuthorized,
+    /// 5.0: an enhanced authentication method, which the gateway does not support.
+    BadAuthMethod,
 }
 
 /// What an accepting MQTT 5 CONNACK announces.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct Accepted {
     /// QoS 1 publishes the client may have unacknowledged.
     pub receive_maximum: u16,
@@ -484,6 +509,10 @@ pub struct Accepted {
     pub session_present: bool,
     /// 5.0: the session expiry the gateway holds the client to, when less than it asked.
     pub session_expiry: Option<u32>,
+    /// 5.0: the client id the gateway gave a client that sent an empty one.
+    pub assigned_client_id: Option<String>,
+    /// 5.0: whether shared subscriptions (`$share/…`) are available (with `[upstream]`).
+    pub shared_subscriptions: bool,
 }
 
 /// A CONNACK; with [`ConnAckCode::Accepted`], MQTT 5 clients are told `accepted`.
@@ -499,6 +528,8 @@ pub fn connack(
         keep_alive,
         session_present,
         session_expiry,
+        assigned_client_id,
+        shared_subscriptions,
     } = accepted;
     let mut out = BytesMut::new();
     match version {
@@ -508,7 +539,10 @@ pub fn connack(
                 ConnAckCode::BadProtocol => v4::ConnectReturnCode::RefusedProtocolVersion,
                 ConnAckCode::BadClientId => v4::ConnectReturnCode::BadClientId,
                 ConnAckCode::BadCredentials => v4::ConnectReturnCode::BadUserNamePassword,
-                ConnAckCode::NotAuthorized => v4::ConnectReturnCode::NotAuthorized,
+                // 3.1.1 has no authentication method to refuse.
+                ConnAckCode::NotAuthorized | ConnAckCode::BadAuthMethod => {
+                    v4::ConnectReturnCode::NotAuthorized
+                }
             };
             v4::ConnAck::new(code, session_present)
                 .write(&mut out)
@@ -524,6 +558,7 @@ pub fn connack(
                 ConnAckCode::BadClientId => v5::ConnectReturnCode::ClientIdentifierNotValid,
                 ConnAckCode::BadCredentials => v5::ConnectReturnCode::BadUserNamePassword,
                 ConnAckCode::NotAuthorized => v5::ConnectReturnCode::NotAuthorized,
+                ConnAckCode::BadAuthMethod => v5::ConnectReturnCode::BadAuthenticationMethod,
             };
             let properties = v5::ConnAckProperties {
                 session_expiry_interval: session_expiry.filter(|_| accepted),
@@ -531,13 +566,14 @@ pub fn connack(
                 max_qos: accepted.then_some(1),
                 retain_available: None,
                 max_packet_size: accepted.then(|| u32::try_from(max_packet).unwrap_or(u32::MAX)),
-                assigned_client_identifier: None,
+                assigned_client_identifier: assigned_client_id.filter(|_| accepted),
                 topic_alias_max: accepted.then_some(0),
                 reason_string: reason.map(reason_string),
                 user_properties: Vec::new(),
                 wildcard_subscription_available: None,
                 subscription_identifiers_available: accepted.then_some(0),
-                shared_subscription_available: accepted.then_some(0),
+                // Absent means available.
+                shared_subscription_available: (accepted && !shared_subscriptions).then_some(0),
                 server_keep_alive: accepted.then_some(keep_alive),
                 response_information: None,
                 server_reference: None,
@@ -590,12 +626,15 @@ pub fn pingresp() -> &'static [u8] {
     &[0xd0, 0x00]
 }
 
-/// A DISCONNECT from the server (5.0 only: 3.1.1 just closes) with `reason`.
+/// A DISCONNECT from the server (5.0 only: 3.1.1 just closes) with `reason`, and an
+/// empty property length: the specification lets a remaining length of 1 leave it out,
+/// but some clients' readers (rumqttc's) then fail on the packet.
 pub fn disconnect(reason: DisconnectReasonCode) -> BytesMut {
     let mut out = BytesMut::with_capacity(4);
     out.put_u8(0xe0);
-    out.put_u8(1);
+    out.put_u8(2);
     out.put_u8(reason as u8);
+    out.put_u8(0);
     out
 }
 
@@ -874,6 +913,51 @@ mod tests {
         assert_eq!(users, br#"[{"k":"v"}]"#);
     }
 
+    /// A 5.0 topic that is not UTF-8 is a malformed packet (0x81), not a topic with
+    /// U+FFFD in it; a topic alias, where the gateway announced none, is 0x94.
+    #[test]
+    fn a_topic_not_utf8_and_a_topic_alias_end_the_connection() {
+        let publish = |topic: &[u8], properties: Option<v5::PublishProperties>| {
+            let mut packet = v5::Publish::new(
+                "x",
+                rumqttc::v5::mqttbytes::QoS::AtMostOnce,
+                b"{}".to_vec(),
+                properties,
+            );
+            packet.topic = Bytes::copy_from_slice(topic);
+            let mut bytes = BytesMut::new();
+            v5::Packet::Publish(packet).write(&mut bytes, None).unwrap();
+            read(Version::V5, &mut bytes, 1 << 20)
+        };
+        let error = publish(b"a/\xff", None).unwrap_err();
+        assert_eq!(error.reason_code(), DisconnectReasonCode::MalformedPacket);
+        let aliased = v5::PublishProperties {
+            topic_alias: Some(1),
+            ..Default::default()
+        };
+        let error = publish(b"a/b", Some(aliased)).unwrap_err();
+        assert_eq!(error, CodecError::TopicAlias);
+        assert_eq!(error.reason_code(), DisconnectReasonCode::TopicAliasInvalid);
+        assert!(matches!(
+            publish(b"a/b", None),
+            Ok(Some(Incoming::Publish(_)))
+        ));
+    }
+
+    /// A DISCONNECT reads back with rumqttc's reader (it fails on the spec's shortest
+    /// form, without a property length).
+    #[test]
+    fn a_disconnect_reads_back() {
+        let mut bytes = disconnect(DisconnectReasonCode::TopicAliasInvalid);
+        match v5::Packet::read(&mut bytes, None) {
+            Ok(v5::Packet::Disconnect(disconnect)) => assert_eq!(
+                disconnect.reason_code,
+                DisconnectReasonCode::TopicAliasInvalid
+            ),
+            other => panic!("{other:?}"),
+        }
+    }
+
     /// An accepting MQTT 5 CONNACK announces the gateway's limits and the keep-alive it
     /// holds the client to; a refusal only its reason (a receive maximum of 0 would be a
     /// protocol error). An UNSUBACK answers each filter.
@@ -883,6 +967,7 @@ mod tests {
             receive_maximum: 100,
             max_packet: 4096,
             keep_alive: 1200,
+            assigned_client_id: Some("dev-1".to_string()),
             ..Accepted::default()
         };
         let mut ack = connack(Version::V5, ConnAckCode::Accepted, accepted, None);
@@ -892,6 +977,11 @@ mod tests {
                 assert_eq!(properties.receive_max, Some(100));
                 assert_eq!(properties.max_packet_size, Some(4096));
                 assert_eq!(properties.server_keep_alive, Some(1200));
+                assert_eq!(
+                    properties.assigned_client_identifier.as_deref(),
+                    Some("dev-1")
+                );
+                assert_eq!(properties.shared_subscription_available, Some(0));
             }
             other => panic!("{other:?}"),
         }

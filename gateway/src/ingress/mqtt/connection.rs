@@ -71,14 +71,29 @@ pub async fn run<T: Transport>(
         }
         Ok(Err(None)) | Err(_) => return,
     };
+    let mut connect = connect;
     let version = connect.version;
+    let asked_id = connect.client_id.clone();
     let refuse = async |io: &mut T, code: ConnAckCode, why: String| {
-        tracing::info!(client_id = %connect.client_id, why = %why, "MQTT CONNECT refused");
+        tracing::info!(client_id = %asked_id, why = %why, "MQTT CONNECT refused");
         crate::metrics::METRICS.refusal("mqtt_connect_refused");
         let ack = codec::connack(version, code, codec::Accepted::default(), Some(&why));
         let _ = io.send(&ack).await;
     };
-    let identity = match identify(&state, credentials.credential, &connect) {
+    if let Some(method) = &connect.auth_method {
+        let why = format!(
+            "enhanced authentication (method `{method}`) is not supported; send the token as the password"
+        );
+        return refuse(&mut io, ConnAckCode::BadAuthMethod, why).await;
+    }
+    // An empty client id gets one from the gateway (MQTT 5: Assigned Client Identifier),
+    // as at IoT Core; 3.1.1 allows that only with a clean session.
+    let assigned = connect.client_id.is_empty();
+    if assigned && version == Version::V4 && !connect.clean {
+        let why = "an empty client id needs a clean session".to_string();
+        return refuse(&mut io, ConnAckCode::BadClientId, why).await;
+    }
+    let identity = match identify(&state, credentials.credential, &mut connect) {
         Ok(identity) => identity,
         Err((code, why)) => return refuse(&mut io, code, why).await,
     };
@@ -168,6 +183,8 @@ pub async fn run<T: Transport>(
         keep_alive,
         session_present,
         session_expiry: (version == Version::V5 && asked_expiry > expiry).then_some(expiry),
+        assigned_client_id: assigned.then(|| connect.client_id.clone()),
+        shared_subscriptions: state.upstream.is_some(),
     };
     let ack = codec::connack(version, ConnAckCode::Accepted, accepted, None);
     if io.send(&ack).await.is_err() {
@@ -304,14 +321,18 @@ async fn read_connect<T: Transport>(
 
 /// Who the client is. With `[auth]`: its certificate, else a token (a bearer header over
 /// WebSocket, or the MQTT password); the client id must be its device id. Without
-/// `[auth]` the client id names the device, as `x-device-id` does over HTTP.
+/// `[auth]` the client id names the device, as `x-device-id` does over HTTP. An empty
+/// client id is given one: the device id with `[auth]`, else a new unique one.
 fn identify(
     state: &AppState,
     mut credential: Credential,
-    connect: &Connect,
+    connect: &mut Connect,
 ) -> Result<Identity, (ConnAckCode, String)> {
     let rules = state.rules();
-    let client_id = connect.client_id.as_str();
+    if connect.client_id.is_empty() && !rules.auth.required() {
+        connect.client_id = format!("sluice-{}", uuid::Uuid::now_v7().simple());
+    }
+    let client_id = connect.client_id.clone();
     if client_id.len() > crate::auth::MAX_DEVICE_ID_LEN {
         return Err((
             ConnAckCode::BadClientId,
@@ -321,7 +342,7 @@ fn identify(
             ),
         ));
     }
-    credential.claimed_id = Some(client_id.to_string());
+    credential.claimed_id = Some(client_id.clone());
     if credential.token.is_none() {
         // The AWS SDKs put `?SDK=…&Version=…` after the user name; the password is the
         // token.
@@ -337,7 +358,9 @@ fn identify(
             AuthError::MissingCredentials => (ConnAckCode::NotAuthorized, error.to_string()),
             other => (ConnAckCode::BadCredentials, other.to_string()),
         })?;
-    if rules.auth.required() && !rules.policy.may_use_client_id(&identity, client_id) {
+    if client_id.is_empty() {
+        connect.client_id.clone_from(&identity.device_id);
+    } else if rules.auth.required() && !rules.policy.may_use_client_id(&identity, &client_id) {
         return Err((
             ConnAckCode::NotAuthorized,
             format!(
