@@ -687,3 +687,66 @@ fn mqtt5_edge_cases_get_the_specifications_answers() {
         .collect();
     assert_eq!(topics, ["edge/ok"]);
 }
+
+/// MQTT 3.1.1 cannot be told that a plugin refused one publish. By default
+/// (`mqtt.v311_plugin_failure = "dead-letter"`) the refused publish is dead-lettered with
+/// the plugin's reason and PUBACKed, the connection goes on, so that a device does not
+/// send it again for ever. With `"reject"` the connection is closed unacknowledged, and
+/// the publish after it in the same batch, which was stored, is PUBACKed first (it used
+/// to be stored unacknowledged: the client's resend was a duplicate).
+#[test]
+fn mqtt311_publishes_a_plugin_refuses_never_loop_and_never_duplicate() {
+    let v311_publish = |pkid: u8, payload: &[u8]| {
+        let mut body = mqtt_string("v311/t");
+        body.extend_from_slice(&[0, pkid]);
+        body.extend_from_slice(payload);
+        mqtt_packet(0x32, &body)
+    };
+    for mode in ["dead-letter", "reject"] {
+        let gateway = Gateway::start(&format!(
+            "{}[mqtt]\nlisten = \"127.0.0.1:0\"\nv311_plugin_failure = \"{mode}\"\n",
+            misbehave("reject", "")
+        ));
+        let mut connect = mqtt_string("MQTT");
+        connect.extend_from_slice(&[4, 0x02, 0, 60]);
+        connect.extend(mqtt_string(&format!("v311-{mode}")));
+        // All in one write: the three publishes are one batch.
+        let mut bytes = mqtt_packet(0x10, &connect);
+        bytes.extend(v311_publish(1, b"one"));
+        bytes.extend(v311_publish(2, b"fail"));
+        bytes.extend(v311_publish(3, b"three"));
+        let mut stream = TcpStream::connect(gateway.mqtt.trim_start_matches("mqtt://")).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(20)))
+            .unwrap();
+        stream.write_all(&bytes).unwrap();
+        let mut expected = b"\x20\x02\x00\x00\x40\x02\x00\x01".to_vec();
+        if mode == "dead-letter" {
+            expected.extend_from_slice(b"\x40\x02\x00\x02");
+        }
+        expected.extend_from_slice(b"\x40\x02\x00\x03");
+        let mut answer = vec![0u8; expected.len()];
+        stream.read_exact(&mut answer).unwrap();
+        assert_eq!(answer, expected, "{mode}");
+        if mode == "dead-letter" {
+            stream.write_all(b"\xe0\x00").unwrap();
+        }
+        let mut rest = Vec::new();
+        stream.read_to_end(&mut rest).unwrap();
+        assert!(rest.is_empty(), "{mode}: {rest:?}");
+        let mut stored: Vec<String> = gateway
+            .sink("local")
+            .iter()
+            .map(|line| line["payload_text"].as_str().unwrap().to_string())
+            .collect();
+        stored.sort();
+        assert_eq!(stored, ["one", "three"], "{mode}");
+        let letters = gateway.dead_letters();
+        if mode == "dead-letter" {
+            assert_eq!(letters.len(), 1, "{letters:?}");
+            assert_eq!(letters[0]["reason"], "asked to fail", "{letters:?}");
+        } else {
+            assert!(letters.is_empty(), "{letters:?}");
+        }
+    }
+}

@@ -5,7 +5,7 @@ use std::net::SocketAddr;
 
 use serde::Deserialize;
 
-use super::Config;
+use super::{Config, FailurePath};
 
 /// `[mqtt]`.
 #[derive(Debug, Clone, PartialEq, Deserialize)]
@@ -35,6 +35,14 @@ pub struct MqttConfig {
     /// connection. Default 3600 (IoT Core's).
     #[serde(default = "default_session_expiry")]
     pub session_expiry_secs: u32,
+    /// What an MQTT 3.1.1 publish that a plugin refuses or fails on gets (3.1.1 has no
+    /// negative PUBACK): `"dead-letter"` keeps it in the dead-letter store with the
+    /// reason and acknowledges it, so that the device does not send it again for ever;
+    /// `"reject"` closes the connection unacknowledged, as `plugins.on_failure =
+    /// "reject"` would. Default `"dead-letter"`. MQTT 5 clients get PUBACK 0x83 with the
+    /// reason under `plugins.on_failure`.
+    #[serde(default = "default_v311_plugin_failure")]
+    pub v311_plugin_failure: FailurePath,
 }
 
 fn default_true() -> bool {
@@ -49,6 +57,9 @@ fn default_max_packet() -> usize {
 fn default_connect_timeout() -> u64 {
     10
 }
+fn default_v311_plugin_failure() -> FailurePath {
+    FailurePath::DeadLetter
+}
 fn default_session_expiry() -> u32 {
     3600
 }
@@ -62,6 +73,7 @@ impl Default for MqttConfig {
             max_packet_bytes: default_max_packet(),
             connect_timeout_secs: default_connect_timeout(),
             session_expiry_secs: default_session_expiry(),
+            v311_plugin_failure: default_v311_plugin_failure(),
         }
     }
 }

@@ -102,6 +102,8 @@ struct Keep<'a> {
     rules: &'a RoutingRules,
     /// Every route is durable (a redrive: the dead letter was durable).
     durable_only: bool,
+    /// What a plugin failure does, when not `plugins.on_failure`.
+    on_failure: Option<FailurePath>,
 }
 
 impl Pipeline {
@@ -152,7 +154,28 @@ impl Pipeline {
         bidirectional: bool,
     ) -> Result<Vec<MessageReport>, StoreError> {
         let rates = self.measure(&batch);
-        self.run(batch, None, bidirectional, &rates, None).await
+        self.run(batch, None, bidirectional, &rates, None, None)
+            .await
+    }
+
+    /// As [`Pipeline::process`], for a sender that cannot be told a refusal per message
+    /// (MQTT 3.1.1 has no negative PUBACK): a message a plugin refuses or fails on is
+    /// dead-lettered with the reason, whatever `plugins.on_failure` says, so that the
+    /// sender gets its acknowledgement and does not send it again for ever.
+    pub async fn process_dead_lettering_failures(
+        &self,
+        batch: Vec<Message>,
+    ) -> Result<Vec<MessageReport>, StoreError> {
+        let rates = self.measure(&batch);
+        self.run(
+            batch,
+            None,
+            false,
+            &rates,
+            None,
+            Some(FailurePath::DeadLetter),
+        )
+        .await
     }
 
     /// Plugins, routing, then the spool and the best-effort hand-over.
@@ -168,6 +191,7 @@ impl Pipeline {
         bidirectional: bool,
         rates: &HashMap<String, u64>,
         letters: Option<&[u64]>,
+        on_failure: Option<FailurePath>,
     ) -> Result<Vec<MessageReport>, StoreError> {
         let ids: Vec<String> = batch.iter().map(|m| m.id.clone()).collect();
         let results = self.plugins.run_from(batch, start).await;
@@ -176,6 +200,7 @@ impl Pipeline {
         let keep = Keep {
             rules: &rules,
             durable_only: letters.is_some(),
+            on_failure,
         };
         let mut reports = Vec::with_capacity(results.len());
         for (id, result) in ids.into_iter().zip(results) {
@@ -246,8 +271,7 @@ impl Pipeline {
                 message: first.reason.clone(),
             });
             report.failure_kind = Some(first.kind);
-            let rules = keep.rules;
-            if rules.on_failure == FailurePath::Reject {
+            if keep.on_failure.unwrap_or(keep.rules.on_failure) == FailurePath::Reject {
                 report.status = Status::Rejected;
                 return report;
             }

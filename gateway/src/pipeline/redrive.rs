@@ -113,7 +113,7 @@ impl Pipeline {
         for (start, letters) in again {
             let (keys, batch): (Vec<u64>, Vec<Message>) = letters.into_iter().unzip();
             let reports = self
-                .run(batch, start, false, &HashMap::new(), Some(&keys))
+                .run(batch, start, false, &HashMap::new(), Some(&keys), None)
                 .await?;
             for (key, message) in keys.into_iter().zip(reports) {
                 if message.status == Status::Rejected {

@@ -65,6 +65,7 @@ pub fn limits(config: &MqttConfig) -> Limits {
         max_packet_bytes: config.max_packet_bytes,
         connect_timeout: Duration::from_secs(config.connect_timeout_secs),
         session_expiry_secs: config.session_expiry_secs,
+        v311_plugin_failure: config.v311_plugin_failure,
     }
 }
 

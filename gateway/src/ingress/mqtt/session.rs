@@ -18,6 +18,7 @@ use std::time::Duration;
 use bytes::BytesMut;
 
 use crate::auth::Identity;
+use crate::config::FailurePath;
 use crate::ingress::admit::{Submission, admit};
 use crate::ingress::mqtt::answer::{Answer, answer};
 use crate::ingress::mqtt::codec::{
@@ -44,6 +45,8 @@ pub struct Limits {
     pub connect_timeout: Duration,
     /// The longest a session outlives its connection (`mqtt.session_expiry_secs`).
     pub session_expiry_secs: u32,
+    /// What a 3.1.1 publish that a plugin refuses gets (`mqtt.v311_plugin_failure`).
+    pub v311_plugin_failure: FailurePath,
 }
 
 /// A publish as the admission step takes it (the retain flag as `mqtt.retain`).
@@ -275,7 +278,17 @@ impl Session<'_> {
             if messages.is_empty() {
                 break Ok(Vec::new());
             }
-            match self.state.pipeline.process(messages.clone(), false).await {
+            let processed = if self.version == Version::V4
+                && self.limits.v311_plugin_failure == FailurePath::DeadLetter
+            {
+                self.state
+                    .pipeline
+                    .process_dead_lettering_failures(messages.clone())
+                    .await
+            } else {
+                self.state.pipeline.process(messages.clone(), false).await
+            };
+            match processed {
                 Err(StoreError::Spool(SpoolError::Full { .. }))
                     if self.version == Version::V4 && std::time::Instant::now() < hold_until =>
                 {
@@ -289,6 +302,10 @@ impl Session<'_> {
             .map(Some)
             .collect::<Vec<_>>();
         let mut out = BytesMut::new();
+        // The first answer that ends the connection: it ends once the batch is answered.
+        // The publishes after it that were stored are acknowledged first, so that the
+        // client does not send them again.
+        let mut closing: Option<(DisconnectReasonCode, String)> = None;
         for (pkid, qos, admitted) in answers {
             let refusal = match admitted {
                 Err(refusal) => Some(refusal),
@@ -313,18 +330,16 @@ impl Session<'_> {
             let wire = answer(&refusal);
             crate::metrics::METRICS.mqtt_publish(&label(wire), 1);
             match (wire, self.version) {
-                // 3.1.1 has no negative PUBACK: the connection ends, after the acks
-                // before it (5.0's reason for the log).
+                // 3.1.1 has no negative PUBACK: the connection ends (5.0's reason for the
+                // log).
                 (Answer::PubAck(reason), Version::V4) => {
-                    let _ = io.send(&out).await;
                     let reason = DisconnectReasonCode::try_from(codec::puback_code(reason))
                         .unwrap_or(DisconnectReasonCode::UnspecifiedError);
-                    return Err(End::Refused(reason, refusal.message()));
+                    closing.get_or_insert((reason, refusal.message()));
                 }
-                // Not a PUBACK code: the connection ends, after the acks before it.
+                // Not a PUBACK code: the connection ends.
                 (Answer::Disconnect(reason), _) => {
-                    let _ = io.send(&out).await;
-                    return Err(End::Refused(reason, refusal.message()));
+                    closing.get_or_insert((reason, refusal.message()));
                 }
                 (Answer::PubAck(reason), Version::V5) => {
                     if qos == 1 {
@@ -340,6 +355,9 @@ impl Session<'_> {
         }
         if !out.is_empty() && io.send(&out).await.is_err() {
             return Err(End::Closed);
+        }
+        if let Some((reason, why)) = closing {
+            return Err(End::Refused(reason, why));
         }
         crate::metrics::METRICS
             .mqtt_puback_seconds
