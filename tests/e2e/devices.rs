@@ -410,7 +410,7 @@ fn a_device_cannot_publish_to_another_devices_topic_and_fast_ones_get_429() {
 
 /// Rewrites the gateway's configuration file (`from` → `to`, which must occur) and
 /// reloads it through the admin API; the report.
-fn rewrite_and_reload(gateway: &Gateway, edits: &[(&str, &str)]) -> Value {
+pub fn rewrite_and_reload(gateway: &Gateway, edits: &[(&str, &str)]) -> Value {
     let path = gateway.dir.path().join("sluice.toml");
     let mut text = std::fs::read_to_string(&path).unwrap();
     for (from, to) in edits {

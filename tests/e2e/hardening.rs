@@ -622,10 +622,14 @@ fn raw_publish(topic: &[u8], qos: u8, properties: &[u8]) -> Vec<u8> {
 /// given one (Assigned Client Identifier, not refused); a topic that is not UTF-8 is a
 /// malformed packet (DISCONNECT 0x81, not stored as `a/\u{fffd}`); a topic alias, where
 /// the gateway announced a Topic Alias Maximum of 0, is DISCONNECT 0x94 at QoS 0 (not
-/// dropped in silence) and at QoS 1 (not a PUBACK and on). Nothing of it is stored.
+/// dropped in silence) and at QoS 1 (not a PUBACK and on); a reason string that would
+/// take a PUBACK or SUBACK past the client's Maximum Packet Size is left out. Nothing of
+/// it is stored.
 #[test]
 fn mqtt5_edge_cases_get_the_specifications_answers() {
-    use rumqttc::v5::mqttbytes::v5::{ConnectReturnCode, DisconnectReasonCode};
+    use rumqttc::v5::mqttbytes::v5::{
+        ConnectReturnCode, DisconnectReasonCode, PubAckReason, SubscribeReasonCode,
+    };
     let gateway = Gateway::start(
         "[mqtt]\nlisten = \"127.0.0.1:0\"\n[routing]\ndefault_destination = \"local\"\n",
     );
@@ -680,6 +684,46 @@ fn mqtt5_edge_cases_get_the_specifications_answers() {
             other => panic!("QoS {qos}: {other:?}"),
         }
     }
+
+    // A refusal's reason string is left out where it would take the answer past the
+    // client's Maximum Packet Size (0x27), 64 bytes here; the answer itself still comes.
+    let deep = b"edge/1/2/3/4/5/6/7/8";
+    let mut subscribe = 2u16.to_be_bytes().to_vec();
+    subscribe.push(0);
+    subscribe.extend(mqtt_string("edge/#"));
+    subscribe.push(1);
+    let subscribe = mqtt_packet(0x82, &subscribe);
+    for (client_id, limit) in [("edge-roomy", None), ("edge-tight", Some(64u32))] {
+        let properties = limit.map_or(Vec::new(), |limit| {
+            let mut property = vec![0x27];
+            property.extend_from_slice(&limit.to_be_bytes());
+            property
+        });
+        let (mut raw, _) = RawMqtt::connect(&gateway, client_id, &properties);
+        raw.send(&raw_publish(deep, 1, &[]));
+        let Some(Packet5::PubAck(ack)) = raw.next() else {
+            panic!("{client_id}: no PUBACK")
+        };
+        assert_eq!(ack.reason, PubAckReason::TopicNameInvalid, "{client_id}");
+        let reason = ack.properties.and_then(|p| p.reason_string);
+        raw.send(&subscribe);
+        let Some(Packet5::SubAck(suback)) = raw.next() else {
+            panic!("{client_id}: no SUBACK")
+        };
+        assert_eq!(
+            suback.return_codes,
+            [SubscribeReasonCode::ImplementationSpecific],
+            "{client_id}"
+        );
+        let sub_reason = suback.properties.and_then(|p| p.reason_string);
+        if limit.is_some() {
+            assert_eq!((reason, sub_reason), (None, None), "{client_id}");
+        } else {
+            assert!(reason.is_some_and(|r| r.len() > 64), "{client_id}");
+            assert!(sub_reason.is_some_and(|r| r.len() > 64), "{client_id}");
+        }
+    }
+
     let topics: Vec<String> = gateway
         .sink("local")
         .iter()
@@ -749,4 +793,133 @@ fn mqtt311_publishes_a_plugin_refuses_never_loop_and_never_duplicate() {
             assert!(letters.is_empty(), "{letters:?}");
         }
     }
+}
+
+/// MQTT 3.1.1 cannot be told "later": while the spool is full, a batch waits for room, up
+/// to 1.5 × the keep-alive (90 s here). The wait ends with the session: a connection with
+/// the same client id takes over at once and the waiting one is closed, unacknowledged (it
+/// used to wait out its keep-alive, listed beside the new session).
+#[test]
+fn a_v311_batch_waiting_for_a_full_spool_ends_with_its_session() {
+    // Kinesis on a closed port: nothing is delivered, the small spool fills.
+    let gateway = Gateway::start(
+        r#"
+        [mqtt]
+        listen = "127.0.0.1:0"
+        [limits]
+        max_batch_bytes = 16384
+        [spool]
+        max_bytes_per_sink = 32768
+        [aws]
+        region = "us-east-1"
+        endpoint_url = "http://127.0.0.1:9"
+        [routing]
+        default_destination = "kinesis"
+        kinesis_stream = "nowhere"
+        [sinks.kinesis]
+        linger_ms = 5
+        "#,
+    );
+    let connect = || {
+        let mut connect = mqtt_string("MQTT");
+        connect.extend_from_slice(&[4, 0x02, 0, 60]);
+        connect.extend(mqtt_string("full-waiter"));
+        let mut stream = TcpStream::connect(gateway.mqtt.trim_start_matches("mqtt://")).unwrap();
+        stream
+            .set_read_timeout(Some(Duration::from_secs(10)))
+            .unwrap();
+        stream.write_all(&mqtt_packet(0x10, &connect)).unwrap();
+        let mut connack = [0u8; 4];
+        stream.read_exact(&mut connack).unwrap();
+        assert_eq!(connack, *b"\x20\x02\x00\x00");
+        stream
+    };
+    let mut waiting = connect();
+    let payload = format!("{{\"fill\":\"{}\"}}", "x".repeat(4000));
+    let mut pkid = 0u16;
+    eventually(Duration::from_secs(30), "the spool to fill", || {
+        if gateway.admin_get("/admin/spool")["refused_full"].as_u64() > Some(0) {
+            return Some(());
+        }
+        pkid += 1;
+        let mut body = mqtt_string("full/t");
+        body.extend_from_slice(&pkid.to_be_bytes());
+        body.extend_from_slice(payload.as_bytes());
+        waiting.write_all(&mqtt_packet(0x32, &body)).unwrap();
+        None
+    });
+    let _taker = connect();
+    let started = Instant::now();
+    let mut rest = Vec::new();
+    waiting
+        .read_to_end(&mut rest)
+        .expect("the waiting connection is closed once taken over");
+    assert!(started.elapsed() < Duration::from_secs(10));
+    let unanswered = u16::try_from(rest.len() / 4).unwrap();
+    assert!(
+        unanswered < pkid,
+        "{unanswered} PUBACKs for {pkid} publishes"
+    );
+    eventually(Duration::from_secs(10), "one session listed", || {
+        let devices = gateway.admin_get("/admin/devices");
+        (devices["sessions"].as_array().unwrap().len() == 1).then_some(())
+    });
+}
+
+/// Before its CONNECT, an MQTT-over-WebSocket client may send 64 KiB (the largest
+/// CONNECT) and one read's worth more: a frame announcing 1 MiB is cut off once 256 KiB
+/// of it are in, the connection closed and counted (`reason="read_allowance"`), long
+/// before the CONNECT timeout. It used to be buffered whole (up to the packet limit,
+/// ~1.1 MB) before the 64 KiB CONNECT limit applied, for each such connection.
+#[test]
+fn mqtt_over_websocket_buffers_little_before_the_connect() {
+    let gateway = Gateway::start("[mqtt]\nconnect_timeout_secs = 60\n");
+    let address = gateway.url.trim_start_matches("http://");
+    let mut stream = TcpStream::connect(address).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(20)))
+        .unwrap();
+    stream
+        .write_all(
+            format!(
+                "GET /mqtt HTTP/1.1\r\nHost: {address}\r\nUpgrade: websocket\r\n\
+                 Connection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\
+                 Sec-WebSocket-Version: 13\r\nSec-WebSocket-Protocol: mqtt\r\n\r\n"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+    let mut head = Vec::new();
+    while !head.ends_with(b"\r\n\r\n") {
+        let mut byte = [0u8];
+        stream.read_exact(&mut byte).unwrap();
+        head.push(byte[0]);
+    }
+    let head = String::from_utf8(head).unwrap();
+    assert!(head.starts_with("HTTP/1.1 101"), "{head}");
+    // A binary frame, masked (key 0: the payload as it is), of 1 MiB: a CONNECT's
+    // fixed header claiming ~1 MiB, then zeros, 256 KiB of it sent.
+    let mut frame = vec![0x82, 0x80 | 127];
+    frame.extend_from_slice(&(1u64 << 20).to_be_bytes());
+    frame.extend_from_slice(&[0, 0, 0, 0]);
+    frame.extend_from_slice(&[0x10, 0xf8, 0xff, 0x3f]);
+    frame.resize(frame.len() + 256 * 1024, 0);
+    let started = Instant::now();
+    let _ = stream.write_all(&frame);
+    let mut rest = Vec::new();
+    match stream.read_to_end(&mut rest) {
+        Ok(_) => {}
+        Err(error) => assert_eq!(
+            error.kind(),
+            std::io::ErrorKind::ConnectionReset,
+            "not closed: {error}"
+        ),
+    }
+    assert!(started.elapsed() < Duration::from_secs(15));
+    assert!(
+        metric(
+            &gateway,
+            "sluice_connections_closed_total{listener=\"http\",reason=\"read_allowance\"}"
+        ) >= 1.0
+    );
 }

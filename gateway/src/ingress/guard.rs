@@ -16,6 +16,11 @@
 //!   session, its place in `GET /admin/devices` or its client id, while the task that
 //!   writes to it waits (and reads nothing, so the idle timeout never fires).
 //!
+//! - **a read allowance**, set by what the connection carries ([`ReadAllowance`]): MQTT
+//!   over WebSocket may read only so many bytes before its CONNECT, so that a client
+//!   that has not authenticated cannot make the gateway buffer a frame of the full
+//!   packet size (a WebSocket frame is read whole before MQTT sees any of it).
+//!
 //! Each closed connection is counted in `sluice_connections_closed_total` with its
 //! reason, open ones in `sluice_connections`.
 //!
@@ -27,6 +32,7 @@
 use std::io;
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
@@ -154,8 +160,43 @@ impl Guard {
             first_request_timeout: self.first_request_timeout,
             idle_timeout,
             write_stalled: None,
+            allowance: ReadAllowance::default(),
             guard: self.clone(),
         }
+    }
+}
+
+/// How many more bytes a connection may read; unlimited unless set. Shared between the
+/// connection's [`Guarded`] stream and what runs on it (the request that upgrades it).
+#[derive(Clone, Debug)]
+pub struct ReadAllowance(Arc<AtomicUsize>);
+
+impl Default for ReadAllowance {
+    fn default() -> ReadAllowance {
+        ReadAllowance(Arc::new(AtomicUsize::new(usize::MAX)))
+    }
+}
+
+impl ReadAllowance {
+    /// From now on, the connection may read `bytes` more.
+    pub fn limit(&self, bytes: usize) {
+        self.0.store(bytes, Ordering::Relaxed);
+    }
+
+    /// From now on, the connection reads without limit.
+    pub fn lift(&self) {
+        self.0.store(usize::MAX, Ordering::Relaxed);
+    }
+
+    /// Takes `read` bytes from the allowance; false when they were more than was left.
+    /// (Only the connection's reader spends, so load-then-store does not race.)
+    fn spend(&self, read: usize) -> bool {
+        let left = self.0.load(Ordering::Relaxed);
+        if left == usize::MAX {
+            return true;
+        }
+        self.0.store(left.saturating_sub(read), Ordering::Relaxed);
+        read <= left
     }
 }
 
@@ -196,10 +237,17 @@ pub struct Guarded<S> {
     /// Since the write waiting now made no progress: the write deadline (made on the
     /// first stall, so that a connection that never stalls carries none).
     write_stalled: Option<(bool, Pin<Box<Sleep>>)>,
+    /// How much more may be read.
+    allowance: ReadAllowance,
     guard: Guard,
 }
 
 impl<S> Guarded<S> {
+    /// The connection's read allowance, for what runs on it to set.
+    pub fn allowance(&self) -> ReadAllowance {
+        self.allowance.clone()
+    }
+
     /// Something happened: the idle deadline moves (the first-request one does not).
     fn active(&mut self) {
         if self.first_request.is_none() {
@@ -253,6 +301,13 @@ impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
         match Pin::new(&mut self.inner).poll_read(cx, buf) {
             Poll::Ready(result) => {
                 let read = &buf.filled()[before..];
+                if !self.allowance.spend(read.len()) {
+                    self.guard.closed("read_allowance");
+                    return Poll::Ready(Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "read_allowance: the client sent more than it may yet",
+                    )));
+                }
                 if !read.is_empty() {
                     let ended = self
                         .first_request

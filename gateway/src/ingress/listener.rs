@@ -147,15 +147,18 @@ async fn serve_http(
         slot: _slot,
         ..
     } = connection;
+    let stream = guard.watch(stream);
+    let allowance = stream.allowance();
     let app = app.map_request(move |mut request: axum::http::Request<_>| {
         // The client certificate (verified in the handshake) names the device for every
-        // request on this connection.
+        // request on this connection; an upgrade may bound what the connection reads.
         request.extensions_mut().insert(peer.clone());
         request.extensions_mut().insert(RemoteAddr(remote));
+        request.extensions_mut().insert(allowance.clone());
         request
     });
     let service = TowerToHyperService::new(app);
-    let io = TokioIo::new(guard.watch(stream));
+    let io = TokioIo::new(stream);
     let connection = builder.serve_connection_with_upgrades(io, service);
     tokio::pin!(connection);
     let mut shutdown = state.shutdown.clone();

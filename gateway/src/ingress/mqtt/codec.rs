@@ -515,8 +515,24 @@ pub struct Accepted {
     pub shared_subscriptions: bool,
 }
 
-/// A CONNACK; with [`ConnAckCode::Accepted`], MQTT 5 clients are told `accepted`.
+/// A CONNACK; with [`ConnAckCode::Accepted`], MQTT 5 clients are told `accepted`; the
+/// reason string is left out where the packet would exceed `limit` (the client's Maximum
+/// Packet Size).
 pub fn connack(
+    version: Version,
+    code: ConnAckCode,
+    accepted: Accepted,
+    reason: Option<&str>,
+    limit: Option<u32>,
+) -> BytesMut {
+    let out = connack_with(version, code, accepted.clone(), reason);
+    if reason.is_some() && over(&out, limit) {
+        return connack_with(version, code, accepted, None);
+    }
+    out
+}
+
+fn connack_with(
     version: Version,
     code: ConnAckCode,
     accepted: Accepted,
@@ -594,8 +610,28 @@ pub fn connack(
 }
 
 /// A PUBACK for `pkid`: 3.1.1 has no reason; 5.0 carries `reason` and, for a refusal,
-/// the reason in words.
-pub fn puback(version: Version, pkid: u16, reason: PubAckReason, why: Option<&str>) -> BytesMut {
+/// the reason in words, left out where the packet would exceed `limit` (the client's
+/// Maximum Packet Size, as MQTT 5 §3.4.2.2.2 asks).
+pub fn puback(
+    version: Version,
+    pkid: u16,
+    reason: PubAckReason,
+    why: Option<&str>,
+    limit: Option<u32>,
+) -> BytesMut {
+    let out = puback_with(version, pkid, reason, why);
+    if why.is_some() && over(&out, limit) {
+        return puback_with(version, pkid, reason, None);
+    }
+    out
+}
+
+/// Whether `packet` is larger than `limit`, a client's Maximum Packet Size.
+fn over(packet: &[u8], limit: Option<u32>) -> bool {
+    limit.is_some_and(|limit| packet.len() > limit as usize)
+}
+
+fn puback_with(version: Version, pkid: u16, reason: PubAckReason, why: Option<&str>) -> BytesMut {
     let mut out = BytesMut::with_capacity(8);
     match version {
         Version::V4 => {
@@ -680,8 +716,23 @@ pub fn puback_code(reason: PubAckReason) -> u8 {
 pub type Granted = Result<u8, SubscribeReasonCode>;
 
 /// A SUBACK: per filter, the granted QoS or the refusal (3.1.1: 0x80 for any), and (5.0)
-/// `why` as the reason string.
-pub fn suback(version: Version, pkid: u16, granted: &[Granted], why: Option<&str>) -> BytesMut {
+/// `why` as the reason string, left out where the packet would exceed `limit` (the
+/// client's Maximum Packet Size).
+pub fn suback(
+    version: Version,
+    pkid: u16,
+    granted: &[Granted],
+    why: Option<&str>,
+    limit: Option<u32>,
+) -> BytesMut {
+    let out = suback_with(version, pkid, granted, why);
+    if why.is_some() && over(&out, limit) {
+        return suback_with(version, pkid, granted, None);
+    }
+    out
+}
+
+fn suback_with(version: Version, pkid: u16, granted: &[Granted], why: Option<&str>) -> BytesMut {
     let mut out = BytesMut::new();
     match version {
         Version::V4 => {
@@ -970,7 +1021,7 @@ mod tests {
             assigned_client_id: Some("dev-1".to_string()),
             ..Accepted::default()
         };
-        let mut ack = connack(Version::V5, ConnAckCode::Accepted, accepted, None);
+        let mut ack = connack(Version::V5, ConnAckCode::Accepted, accepted, None, None);
         match v5::Packet::read(&mut ack, None) {
             Ok(v5::Packet::ConnAck(ack)) => {
                 let properties = ack.properties.unwrap();
@@ -990,6 +1041,7 @@ mod tests {
             ConnAckCode::NotAuthorized,
             Accepted::default(),
             Some("no"),
+            None,
         );
         match v5::Packet::read(&mut refused, None) {
             Ok(v5::Packet::ConnAck(ack)) => {
@@ -1016,7 +1068,13 @@ mod tests {
     #[test]
     fn reason_strings_are_bounded_and_clean() {
         let why = format!("topic `a\0b{}`: too long", "é".repeat(35_000));
-        let mut ack = puback(Version::V5, 9, PubAckReason::TopicNameInvalid, Some(&why));
+        let mut ack = puback(
+            Version::V5,
+            9,
+            PubAckReason::TopicNameInvalid,
+            Some(&why),
+            None,
+        );
         match v5::Packet::read(&mut ack, None) {
             Ok(v5::Packet::PubAck(ack)) => {
                 let reason = ack.properties.unwrap().reason_string.unwrap();
@@ -1030,20 +1088,72 @@ mod tests {
         assert_eq!(reason_string("short"), "short");
     }
 
+    /// A reason string never takes an answer past the client's Maximum Packet Size: it is
+    /// left out (MQTT 5 §3.4.2.2.2), the answer kept.
+    #[test]
+    fn reason_strings_are_left_out_past_the_clients_maximum_packet_size() {
+        let why = "the topic has 9 slashes, over IoT Core's limit of 7";
+        let reason = |packet: v5::Packet| match packet {
+            v5::Packet::PubAck(ack) => ack.properties.and_then(|p| p.reason_string),
+            v5::Packet::SubAck(ack) => ack.properties.and_then(|p| p.reason_string),
+            v5::Packet::ConnAck(ack) => ack.properties.and_then(|p| p.reason_string),
+            other => panic!("{other:?}"),
+        };
+        let refused = Err(SubscribeReasonCode::NotAuthorized);
+        for limit in [None, Some(20), Some(1000)] {
+            let answers = [
+                puback(
+                    Version::V5,
+                    1,
+                    PubAckReason::TopicNameInvalid,
+                    Some(why),
+                    limit,
+                ),
+                suback(Version::V5, 1, &[refused], Some(why), limit),
+                connack(
+                    Version::V5,
+                    ConnAckCode::NotAuthorized,
+                    Accepted::default(),
+                    Some(why),
+                    limit,
+                ),
+            ];
+            for mut answer in answers {
+                let fits = limit.is_none_or(|limit| answer.len() <= limit as usize);
+                assert!(fits, "{} bytes, limit {limit:?}", answer.len());
+                let packet = v5::Packet::read(&mut answer, None).unwrap();
+                let expected = (limit != Some(20)).then(|| why.to_string());
+                assert_eq!(reason(packet), expected, "limit {limit:?}");
+            }
+        }
+    }
+
     #[test]
     fn pubacks_carry_their_reason_in_v5() {
         assert_eq!(
-            &puback(Version::V4, 7, PubAckReason::NotAuthorized, Some("no"))[..],
+            &puback(
+                Version::V4,
+                7,
+                PubAckReason::NotAuthorized,
+                Some("no"),
+                None
+            )[..],
             b"\x40\x02\x00\x07"
         );
-        let mut ack = puback(Version::V5, 7, PubAckReason::NotAuthorized, Some("denied"));
+        let mut ack = puback(
+            Version::V5,
+            7,
+            PubAckReason::NotAuthorized,
+            Some("denied"),
+            None,
+        );
         for reason in [
             PubAckReason::Success,
             PubAckReason::QuotaExceeded,
             PubAckReason::PayloadFormatInvalid,
         ] {
             // rumqttc reads back the byte `puback_code` says it is.
-            let mut bytes = puback(Version::V5, 1, reason, Some("why"));
+            let mut bytes = puback(Version::V5, 1, reason, Some("why"), None);
             assert_eq!(bytes[4], puback_code(reason), "{reason:?}");
             assert!(
                 matches!(v5::Packet::read(&mut bytes, None), Ok(v5::Packet::PubAck(a)) if a.reason == reason)

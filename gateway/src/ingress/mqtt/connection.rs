@@ -19,7 +19,7 @@ use crate::ingress::verdict::{Verdict, verdict};
 
 /// The largest CONNECT taken: before a client is authenticated it may not make the
 /// gateway hold more (a CONNECT carries ids, credentials and a will).
-const MAX_CONNECT_BYTES: usize = 64 * 1024;
+pub const MAX_CONNECT_BYTES: usize = 64 * 1024;
 
 /// IoT Core's keep-alive range, in seconds: a client asking for less gets the least, for
 /// none or more the most.
@@ -54,7 +54,10 @@ pub async fn run<T: Transport>(
     )
     .await
     {
-        Ok(Ok(connect)) => connect,
+        Ok(Ok(connect)) => {
+            io.connected();
+            connect
+        }
         Ok(Err(Some(error))) => {
             tracing::debug!(%error, "MQTT connection refused before CONNECT");
             if let CodecError::Protocol(_) = error {
@@ -62,6 +65,7 @@ pub async fn run<T: Transport>(
                     Version::V4,
                     ConnAckCode::BadProtocol,
                     codec::Accepted::default(),
+                    None,
                     None,
                 );
                 let _ = io.send(&ack).await;
@@ -74,10 +78,17 @@ pub async fn run<T: Transport>(
     let mut connect = connect;
     let version = connect.version;
     let asked_id = connect.client_id.clone();
+    let client_max_packet = connect.max_packet_size;
     let refuse = async |io: &mut T, code: ConnAckCode, why: String| {
         tracing::info!(client_id = %asked_id, why = %why, "MQTT CONNECT refused");
         crate::metrics::METRICS.refusal("mqtt_connect_refused");
-        let ack = codec::connack(version, code, codec::Accepted::default(), Some(&why));
+        let ack = codec::connack(
+            version,
+            code,
+            codec::Accepted::default(),
+            Some(&why),
+            client_max_packet,
+        );
         let _ = io.send(&ack).await;
     };
     if let Some(method) = &connect.auth_method {
@@ -186,7 +197,7 @@ pub async fn run<T: Transport>(
         assigned_client_id: assigned.then(|| connect.client_id.clone()),
         shared_subscriptions: state.upstream.is_some(),
     };
-    let ack = codec::connack(version, ConnAckCode::Accepted, accepted, None);
+    let ack = codec::connack(version, ConnAckCode::Accepted, accepted, None, None);
     if io.send(&ack).await.is_err() {
         state.mqtt_clients.unregister(&connect.client_id, kicked.id);
         return;
@@ -243,12 +254,25 @@ pub async fn run<T: Transport>(
         }
     }
     // With a session at IoT Core, IoT Core publishes the will (the session's connection
-    // is dropped rather than closed); otherwise the gateway does, through its way. Before
-    // the session is closed: once it is gone from `GET /admin/devices`, its will is
-    // stored.
-    if let (true, Some(publish), None) = (will, connect.will, &device.upstream) {
-        publish_will(&state, &identity, publish).await;
-    }
+    // is dropped rather than closed), if the policy in force now still grants its topic
+    // (a reload may have taken it away since the CONNECT); otherwise the gateway does,
+    // through its way, which checks it the same. Before the session is closed: once it
+    // is gone from `GET /admin/devices`, its will is stored.
+    let will = match (will, connect.will, &device.upstream) {
+        (true, Some(publish), None) => {
+            publish_will(&state, &identity, publish).await;
+            true
+        }
+        (true, Some(publish), Some(_)) => {
+            let granted = state.rules().policy.may_publish(&identity, &publish.topic);
+            if !granted {
+                tracing::warn!(device = %identity.device_id, topic = %publish.topic, "MQTT last will refused: the policy no longer grants its topic");
+                crate::metrics::METRICS.mqtt_publish("will_refused", 1);
+            }
+            granted
+        }
+        (will, _, _) => will,
+    };
     device.close(will).await;
 }
 

@@ -41,7 +41,7 @@ use axum::response::{IntoResponse, Response};
 use crate::auth::{Credential, PeerIdentity};
 use crate::config::MqttConfig;
 use crate::ingress::accept::Connection;
-use crate::ingress::guard::Guard;
+use crate::ingress::guard::{Guard, ReadAllowance};
 use crate::ingress::mqtt::connection::Credentials;
 use crate::ingress::mqtt::session::Limits;
 use crate::ingress::mqtt::transport::{Stream, WsTransport};
@@ -57,6 +57,12 @@ const MQTT_IDLE: Duration = Duration::from_secs(1800);
 /// How often a WebSocket carrying MQTT is pinged, so that a quiet device's connection
 /// does not count as idle to the HTTP listener.
 const WS_PING: Duration = Duration::from_secs(30);
+/// What MQTT over WebSocket may read before its CONNECT: the largest CONNECT, and what
+/// one read of the WebSocket may take beyond it (tungstenite's read buffer, 128 KiB, of
+/// a client that sends its first packets right behind the CONNECT). Past it the
+/// connection is closed; without it a client could make the gateway buffer a frame of
+/// the full packet size before saying who it is.
+const WS_BEFORE_CONNECT_BYTES: usize = connection::MAX_CONNECT_BYTES + 128 * 1024;
 
 /// The limits of `config`.
 pub fn limits(config: &MqttConfig) -> Limits {
@@ -75,6 +81,7 @@ pub async fn upgrade(
     State(state): State<AppState>,
     peer: Option<Extension<PeerIdentity>>,
     remote: Option<Extension<RemoteAddr>>,
+    allowance: Option<Extension<ReadAllowance>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Result<Response, Refusal> {
@@ -98,6 +105,10 @@ pub async fn upgrade(
         credential: crate::ingress::device::credential(peer.map(|Extension(peer)| peer), &headers)?,
         remote: remote.map(|Extension(RemoteAddr(address))| address),
     };
+    let allowance = allowance.map(|Extension(allowance)| allowance);
+    if let Some(allowance) = &allowance {
+        allowance.limit(WS_BEFORE_CONNECT_BYTES);
+    }
     Ok(ws
         .protocols([SUBPROTOCOL])
         .max_message_size(limits.max_packet_bytes + 16)
@@ -105,6 +116,7 @@ pub async fn upgrade(
             let transport = WsTransport {
                 socket,
                 ping: tokio::time::interval_at(tokio::time::Instant::now() + WS_PING, WS_PING),
+                allowance,
             };
             connection::run(transport, state, credentials, limits, "mqtt-ws")
         })

@@ -4,8 +4,9 @@
 //! A SUBSCRIBE is checked filter by filter against the policy's `subscribe` grants (a
 //! grant's filter must cover the subscription's) and IoT Core's limits: at most
 //! [`MAX_FILTERS_PER_SUBSCRIBE`] filters in one SUBSCRIBE and
-//! [`crate::quota::IOT_CORE_MAX_SUBSCRIPTIONS`] per session; the rest are refused in the
-//! SUBACK. Each message from IoT Core is relayed as IoT Core sent it
+//! [`crate::quota::IOT_CORE_MAX_SUBSCRIPTIONS`] per session, and a filter of at most
+//! [`topic::IOT_CORE_MAX_TOPIC_BYTES`] bytes (a shared subscription's `$share/{group}/`
+//! not counted); the rest are refused in the SUBACK. Each message from IoT Core is relayed as IoT Core sent it
 //! ([`Outbound::relay`]) and acknowledged there once the device acknowledged it; at most
 //! the client's receive maximum of QoS 1 messages are in flight.
 
@@ -16,7 +17,7 @@ use bytes::BytesMut;
 use crate::auth::Identity;
 use crate::ingress::admit::DeviceRules;
 use crate::ingress::mqtt::codec::{self, Granted, SubscribeReasonCode, Version};
-use crate::topic::TopicFilter;
+use crate::topic::{self, TopicFilter};
 use rumqttc::v5::mqttbytes::v5::Publish as UpstreamPublish;
 
 /// IoT Core's limit of topic filters in one SUBSCRIBE.
@@ -68,6 +69,9 @@ impl Outbound {
             .map(|(index, (filter, qos))| {
                 if index >= MAX_FILTERS_PER_SUBSCRIBE {
                     return Err(SubscribeReasonCode::QuotaExceeded);
+                }
+                if topic::unshared(filter).len() > topic::IOT_CORE_MAX_TOPIC_BYTES {
+                    return Err(SubscribeReasonCode::TopicFilterInvalid);
                 }
                 TopicFilter::parse(filter).map_err(|_| SubscribeReasonCode::TopicFilterInvalid)?;
                 if !rules.policy.may_subscribe_filter(identity, filter) {

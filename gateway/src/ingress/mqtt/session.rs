@@ -155,6 +155,7 @@ impl Session<'_> {
                             pkid,
                             &answer.granted,
                             answer.why.as_deref(),
+                            self.client_max_packet,
                         );
                         if io.send(&ack).await.is_err() {
                             return End::Closed;
@@ -271,7 +272,8 @@ impl Session<'_> {
             }
         }
         // 3.1.1 cannot say "later": while the spool is full, the batch waits (nothing more
-        // is read), for at most the keep-alive's span; then the connection is closed.
+        // is read), for at most the keep-alive's span or until the session ends; then the
+        // connection is closed.
         let hold_until = std::time::Instant::now() + self.idle;
         let count = messages.len();
         let outcome = loop {
@@ -292,7 +294,12 @@ impl Session<'_> {
                 Err(StoreError::Spool(SpoolError::Full { .. }))
                     if self.version == Version::V4 && std::time::Instant::now() < hold_until =>
                 {
-                    tokio::time::sleep(Duration::from_secs(1)).await;
+                    // The wait ends with the session: a takeover, expired credentials
+                    // or the gateway's shutdown do not wait for room in the spool.
+                    tokio::select! {
+                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                        ended = session.end.ended() => return Err(End::Ended(ended)),
+                    }
                 }
                 outcome => break outcome,
             }
@@ -323,6 +330,7 @@ impl Session<'_> {
                         pkid,
                         PubAckReason::Success,
                         None,
+                        None,
                     ));
                 }
                 continue;
@@ -348,6 +356,7 @@ impl Session<'_> {
                             pkid,
                             reason,
                             Some(&refusal.message()),
+                            self.client_max_packet,
                         ));
                     }
                 }

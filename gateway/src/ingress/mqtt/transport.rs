@@ -7,6 +7,8 @@ use axum::extract::ws::{Message as Frame, WebSocket};
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
 
+use crate::ingress::guard::ReadAllowance;
+
 /// What carries the MQTT bytes.
 pub trait Transport: Send {
     /// Reads more bytes into `buffer`; `Ok(0)` at the end. Cancel-safe.
@@ -16,6 +18,8 @@ pub trait Transport: Send {
     ) -> impl Future<Output = io::Result<usize>> + Send;
     /// Writes `bytes` whole.
     fn send(&mut self, bytes: &[u8]) -> impl Future<Output = io::Result<()>> + Send;
+    /// The CONNECT is in: what was bounded until the client said who it is is not.
+    fn connected(&mut self) {}
 }
 
 /// A byte stream (TLS, TCP).
@@ -38,6 +42,8 @@ pub struct WsTransport {
     pub socket: WebSocket,
     /// Pings a quiet device's connection, so that it does not count as idle.
     pub ping: tokio::time::Interval,
+    /// What the connection may read before the CONNECT (lifted after it).
+    pub allowance: Option<ReadAllowance>,
 }
 
 impl Transport for WsTransport {
@@ -68,5 +74,11 @@ impl Transport for WsTransport {
             .send(Frame::Binary(bytes.to_vec().into()))
             .await
             .map_err(io::Error::other)
+    }
+
+    fn connected(&mut self) {
+        if let Some(allowance) = self.allowance.take() {
+            allowance.lift();
+        }
     }
 }
