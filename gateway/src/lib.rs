@@ -92,8 +92,9 @@ mod shutdown;
 pub mod sink;
 pub(crate) mod spool;
 pub(crate) mod template;
-#[cfg(test)]
-mod testing;
+/// In-process gateways for unit tests and the fuzz targets (`gateway/fuzz`).
+#[cfg(any(test, feature = "fuzzing"))]
+pub mod testing;
 pub mod tls;
 pub(crate) mod topic;
 pub(crate) mod upstream;

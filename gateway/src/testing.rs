@@ -5,6 +5,8 @@ use std::sync::Arc;
 
 use crate::config::Config;
 use crate::ingress::live::Live;
+use crate::ingress::mqtt::connection::{self, Credentials};
+use crate::ingress::mqtt::transport::Scripted;
 use crate::ingress::sessions::Sessions;
 use crate::ingress::state::AppState;
 use crate::pipeline::Pipeline;
@@ -68,6 +70,22 @@ pub fn gateway(config: &str) -> Fixture {
         reloader,
         _dir: dir,
         _trigger: trigger,
+    }
+}
+
+impl Fixture {
+    /// An MQTT connection (over `[mqtt] listen`, no certificate) whose socket gives
+    /// `input` in reads of `chunk` bytes and then ends: everything the gateway sent back.
+    pub async fn mqtt_connection(&self, input: &[u8], chunk: usize) -> Vec<u8> {
+        let mut io = Scripted {
+            input,
+            chunk,
+            sent: Vec::new(),
+        };
+        let limits = crate::ingress::mqtt::limits(&self.state.rules().mqtt);
+        let credentials = Credentials::default();
+        connection::run(&mut io, self.state.clone(), credentials, limits, "mqtt").await;
+        io.sent
     }
 }
 

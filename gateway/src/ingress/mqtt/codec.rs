@@ -138,8 +138,7 @@ pub enum CodecError {
     /// Not a valid packet (0x81).
     #[error("malformed packet: {0}")]
     Malformed(String),
-    /// The first packet is not a CONNECT, or names a protocol this server does not speak
-    /// (CONNACK 0x01 / 0x84).
+    /// The CONNECT names a protocol this server does not speak (CONNACK 0x01 / 0x84).
     #[error("unsupported protocol: {0}")]
     Protocol(String),
     /// 5.0: a topic alias, where the gateway announced a Topic Alias Maximum of 0 (0x94).
@@ -183,8 +182,10 @@ pub fn detect_version(bytes: &[u8]) -> Result<Option<Version>, CodecError> {
     let Some((_, start)) = fixed_header(bytes)? else {
         return Ok(None);
     };
+    // Not a CONNECT (the flags included): closed without a CONNACK, which would be in a
+    // version the client never named (MQTT-3.1.0-1, MQTT-3.1.4-1 / 5.0 §4.13).
     if bytes[0] != 0x10 {
-        return Err(CodecError::Protocol(
+        return Err(CodecError::Malformed(
             "the first packet must be CONNECT".to_string(),
         ));
     }
@@ -224,6 +225,13 @@ pub fn read(
         let _ = buffer.split_to(2);
         return Ok(Some(Incoming::Disconnect { with_will: false }));
     }
+    // rumqttc's readers check neither (found by the fuzz target, gateway/fuzz).
+    if !flags_allowed(buffer[0]) {
+        return Err(CodecError::Malformed(format!(
+            "fixed header {:#04x}: flags this packet type may not have",
+            buffer[0]
+        )));
+    }
     let malformed = |error: &dyn std::fmt::Display| CodecError::Malformed(error.to_string());
     let packet = match version {
         Version::V4 => from_v4(v4::Packet::read(buffer, max_bytes).map_err(|e| malformed(&e))?),
@@ -232,7 +240,29 @@ pub fn read(
                 .map_err(|e| malformed(&e))?,
         )?,
     };
+    let empty = match &packet {
+        Incoming::Subscribe { filters, .. } => filters.is_empty(),
+        Incoming::Unsubscribe { filters, .. } => filters.is_empty(),
+        _ => false,
+    };
+    if empty {
+        return Err(CodecError::Malformed(
+            "a SUBSCRIBE or UNSUBSCRIBE needs at least one topic filter".to_string(),
+        ));
+    }
     Ok(Some(packet))
+}
+
+/// Whether a packet's first byte has the flags its type must have (MQTT 3.1.1 and 5.0,
+/// section 2.1.3): PUBLISH any but QoS 3; PUBREL, SUBSCRIBE and UNSUBSCRIBE `0010`; the
+/// rest `0000`.
+fn flags_allowed(first: u8) -> bool {
+    let flags = first & 0x0f;
+    match first >> 4 {
+        3 => flags & 0x06 != 0x06,
+        6 | 8 | 10 => flags == 0x02,
+        _ => flags == 0,
+    }
 }
 
 fn from_v4(packet: v4::Packet) -> Incoming {
@@ -905,10 +935,48 @@ mod tests {
         assert_eq!(detect_version(&whole[..5]), Ok(None));
         let mut half = BytesMut::from(&whole[..whole.len() - 1]);
         assert_eq!(read(Version::V4, &mut half, 1 << 20), Ok(None));
-        assert!(matches!(
-            detect_version(b"\x30\x02\x00\x00"),
-            Err(CodecError::Protocol(_))
-        ));
+        // Not a CONNECT, or one with flags: malformed (closed, no CONNACK).
+        for first in [&b"\x30\x02\x00\x00"[..], b"\x12\x02\x00\x00"] {
+            assert!(matches!(
+                detect_version(first),
+                Err(CodecError::Malformed(_))
+            ));
+        }
+    }
+
+    /// Packets with flags their type may not have, and a SUBSCRIBE or UNSUBSCRIBE with no
+    /// filter, are malformed (the fuzz target found an UNSUBSCRIBE `0xaa` with none,
+    /// answered with an UNSUBACK of no reason codes, itself malformed in MQTT 5).
+    #[test]
+    fn wrong_flags_and_empty_filter_lists_are_malformed() {
+        for version in [Version::V4, Version::V5] {
+            let property = if version == Version::V5 {
+                &b"\x00"[..]
+            } else {
+                b""
+            };
+            let mut unsubscribe = BytesMut::from(&b"\xaa\x06\x00\x01"[..]);
+            unsubscribe.extend_from_slice(property);
+            unsubscribe.extend_from_slice(b"\x00\x01x");
+            unsubscribe[1] = (unsubscribe.len() - 2) as u8;
+            let mut empty = BytesMut::from(&b"\xa2\x02\x00\x01"[..]);
+            empty.extend_from_slice(property);
+            empty[1] = (empty.len() - 2) as u8;
+            for (what, mut bytes) in [
+                ("flags", unsubscribe),
+                ("empty", empty),
+                ("ping", BytesMut::from(&b"\xc1\x00"[..])),
+            ] {
+                assert!(
+                    matches!(
+                        read(version, &mut bytes, 1024),
+                        Err(CodecError::Malformed(_))
+                    ),
+                    "{what} {version:?}"
+                );
+            }
+        }
+        assert!(flags_allowed(0x3b) && !flags_allowed(0x36) && flags_allowed(0x62));
     }
 
     #[test]

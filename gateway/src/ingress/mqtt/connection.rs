@@ -331,7 +331,7 @@ async fn read_connect<T: Transport>(
         {
             return match packet {
                 codec::Incoming::Connect(connect) => Ok(connect),
-                _ => Err(Some(CodecError::Protocol(
+                _ => Err(Some(CodecError::Malformed(
                     "the first packet must be CONNECT".to_string(),
                 ))),
             };
@@ -394,4 +394,20 @@ fn identify(
         ));
     }
     Ok(identity)
+}
+
+#[cfg(test)]
+mod tests {
+    /// Bytes fed as a socket would feed them, three at a time (every packet split across
+    /// reads): a 3.1.1 CONNECT, a QoS 1 PUBLISH and a DISCONNECT get the CONNACK and the
+    /// PUBACK (sent once the message is stored).
+    #[tokio::test]
+    async fn a_connection_fed_in_small_reads_is_answered_like_a_socket() {
+        let fixture = crate::testing::gateway("[routing]\ndefault_destination = \"local\"\n");
+        let mut input = b"\x10\x12\x00\x04MQTT\x04\x02\x00\x3c\x00\x06reader".to_vec();
+        input.extend_from_slice(b"\x32\x0b\x00\x03a/b\x00\x01{}xx");
+        input.extend_from_slice(b"\xe0\x00");
+        let sent = fixture.mqtt_connection(&input, 3).await;
+        assert_eq!(sent, b"\x20\x02\x00\x00\x40\x02\x00\x01");
+    }
 }

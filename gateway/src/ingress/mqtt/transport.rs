@@ -82,3 +82,31 @@ impl Transport for WsTransport {
         }
     }
 }
+
+/// Bytes given in advance, read in chunks of `chunk` bytes and then the end; what the
+/// gateway sends is kept. For tests and the fuzz target, which feed a connection as a
+/// socket would without one.
+#[cfg(any(test, feature = "fuzzing"))]
+pub struct Scripted<'a> {
+    /// What is still to be read.
+    pub input: &'a [u8],
+    /// The most one read gives.
+    pub chunk: usize,
+    /// What the gateway sent.
+    pub sent: Vec<u8>,
+}
+
+#[cfg(any(test, feature = "fuzzing"))]
+impl Transport for &mut Scripted<'_> {
+    async fn read_more(&mut self, buffer: &mut BytesMut) -> io::Result<usize> {
+        let n = self.chunk.max(1).min(self.input.len());
+        buffer.extend_from_slice(&self.input[..n]);
+        self.input = &self.input[n..];
+        Ok(n)
+    }
+
+    async fn send(&mut self, bytes: &[u8]) -> io::Result<()> {
+        self.sent.extend_from_slice(bytes);
+        Ok(())
+    }
+}
