@@ -555,11 +555,9 @@ pub fn connack(
     reason: Option<&str>,
     limit: Option<u32>,
 ) -> BytesMut {
-    let out = connack_with(version, code, accepted.clone(), reason);
-    if reason.is_some() && over(&out, limit) {
-        return connack_with(version, code, accepted, None);
-    }
-    out
+    fitted(reason, limit, |reason| {
+        connack_with(version, code, accepted.clone(), reason)
+    })
 }
 
 fn connack_with(
@@ -649,16 +647,21 @@ pub fn puback(
     why: Option<&str>,
     limit: Option<u32>,
 ) -> BytesMut {
-    let out = puback_with(version, pkid, reason, why);
-    if why.is_some() && over(&out, limit) {
-        return puback_with(version, pkid, reason, None);
-    }
-    out
+    fitted(why, limit, |why| puback_with(version, pkid, reason, why))
 }
 
-/// Whether `packet` is larger than `limit`, a client's Maximum Packet Size.
-fn over(packet: &[u8], limit: Option<u32>) -> bool {
-    limit.is_some_and(|limit| packet.len() > limit as usize)
+/// `encode`d with the reason string `why`, or without it where that would take the
+/// packet past `limit` (a client's Maximum Packet Size).
+fn fitted(
+    why: Option<&str>,
+    limit: Option<u32>,
+    encode: impl Fn(Option<&str>) -> BytesMut,
+) -> BytesMut {
+    let out = encode(why);
+    if why.is_some() && limit.is_some_and(|limit| out.len() > limit as usize) {
+        return encode(None);
+    }
+    out
 }
 
 fn puback_with(version: Version, pkid: u16, reason: PubAckReason, why: Option<&str>) -> BytesMut {
@@ -755,11 +758,7 @@ pub fn suback(
     why: Option<&str>,
     limit: Option<u32>,
 ) -> BytesMut {
-    let out = suback_with(version, pkid, granted, why);
-    if why.is_some() && over(&out, limit) {
-        return suback_with(version, pkid, granted, None);
-    }
-    out
+    fitted(why, limit, |why| suback_with(version, pkid, granted, why))
 }
 
 fn suback_with(version: Version, pkid: u16, granted: &[Granted], why: Option<&str>) -> BytesMut {
