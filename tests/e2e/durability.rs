@@ -489,3 +489,43 @@ fn a_backlog_over_several_segments_is_replayed_in_order_after_kill_9() {
         ns.len() as u64 - count
     );
 }
+
+/// A second gateway started on the data directory a running one holds (a replacement
+/// pointed at a live instance's volume) refuses to start, saying why, and the first goes
+/// on serving: two processes never share a spool.
+#[test]
+fn a_second_gateway_on_a_held_data_directory_refuses_to_start() {
+    let gateway = Gateway::start("[routing]\ndefault_destination = \"local\"\n");
+    let dir = gateway.dir.path();
+    let mut second = Command::new(crate::harness::SLUICE)
+        .args(["run", "--listen", "127.0.0.1:0", "--config"])
+        .arg(dir.join("sluice.toml"))
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = eventually(
+        Duration::from_secs(20),
+        "the second gateway to exit",
+        || second.try_wait().unwrap(),
+    );
+    let mut error = String::new();
+    std::io::Read::read_to_string(&mut second.stderr.take().unwrap(), &mut error).unwrap();
+    assert_eq!(status.code(), Some(1), "{error}");
+    assert!(
+        error.contains(
+            "is in use by another process (is another sluice running on this data directory?)"
+        ),
+        "{error}"
+    );
+    let reply = gateway.publish("held/t?qos=1", "dev-1", "{}".to_string());
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    let topics: Vec<Value> = gateway
+        .sink("local")
+        .iter()
+        .map(|l| l["topic"].clone())
+        .collect();
+    assert_eq!(topics, [Value::from("held/t")]);
+}
