@@ -1,5 +1,7 @@
 //! A gateway assembled in-process for unit tests of the HTTP apps (`oneshot` requests,
-//! no socket): the real pipeline, spool and local sink in a temporary directory.
+//! no socket) and of MQTT connections fed bytes as a socket would feed them (also the
+//! fuzz target's way in, with the `fuzzing` feature): the real pipeline, spool and local
+//! sink in a temporary directory.
 
 use std::sync::Arc;
 

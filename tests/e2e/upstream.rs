@@ -120,14 +120,15 @@ fn telemetry_goes_through_the_devices_own_session_with_its_properties() {
         json!({"content_type": "application/json", "user_properties": [["site", "north"]]});
     let publish = |device: &str| json!({"topic": format!("{run}/tele/{device}"), "payload": "{\"t\":1}", "qos": 1, "properties": properties});
     // With a session: it subscribed to its own topic, as the SDKs' pubsub sample does,
-    // and stays until its message comes back (its PUBACK comes once the record is in
-    // the spool, the delivery later: a device gone by then has no session to use).
+    // and stays until its message has come back and IoT Core's PUBACK for it is in (its
+    // PUBACK comes once the record is in the spool, the delivery later: a device gone by
+    // then has no session to use, and IoT Core may send the echo before that PUBACK).
     let with = PahoSession::start(json!({
         "url": ws_url(&gateway), "version": 5, "client_id": format!("{run}-with"),
-        "subscribe": [[format!("{run}/tele/with"), 1]], "publishes": [publish("with")],
-        "expect": 1, "timeout": 30,
+        "subscribe": [[format!("{run}/tele/with"), 1], [format!("cmd/{run}/release"), 1]],
+        "publishes": [publish("with")], "expect": 2, "timeout": 60,
     }));
-    assert_eq!(with.next("suback")["granted"], json!([1]));
+    assert_eq!(with.next("suback")["granted"], json!([1, 1]));
     assert_eq!(with.next("puback")["reason"], 0);
     let without = PahoSession::start(json!({
         "url": ws_url(&gateway), "version": 5, "client_id": format!("{run}-without"),
@@ -153,8 +154,11 @@ fn telemetry_goes_through_the_devices_own_session_with_its_properties() {
         (upstream_events(&gateway, "telemetry") == 1.0).then_some(())
     });
     assert_eq!(upstream_events(&gateway, "telemetry_elsewhere"), 0.0);
+    let releaser = Subscriber::connect(&env, &format!("cmd/{run}/#"));
+    releaser.publish(&format!("cmd/{run}/release"), "release");
+    releaser.take(1);
     let echoed = with.messages_until_end();
-    assert_eq!(payloads(&echoed), ["{\"t\":1}"], "{echoed:?}");
+    assert_eq!(payloads(&echoed), ["{\"t\":1}", "release"], "{echoed:?}");
 }
 
 /// A shared subscription (`$share/{group}/{filter}`) that a grant covers is made at the
