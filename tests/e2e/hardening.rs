@@ -477,6 +477,19 @@ fn mqtt_packet(header: u8, body: &[u8]) -> Vec<u8> {
     packet
 }
 
+/// A clean-session CONNECT with a 60 s keep-alive, MQTT `version` 4 (3.1.1) or 5 (with
+/// `properties`).
+fn mqtt_connect(version: u8, client_id: &str, properties: &[u8]) -> Vec<u8> {
+    let mut body = mqtt_string("MQTT");
+    body.extend_from_slice(&[version, 0x02, 0, 60]);
+    if version == 5 {
+        body.push(properties.len() as u8);
+        body.extend_from_slice(properties);
+    }
+    body.extend(mqtt_string(client_id));
+    mqtt_packet(0x10, &body)
+}
+
 /// An MQTT string: its length, then its bytes.
 fn mqtt_string(text: &str) -> Vec<u8> {
     let mut out = (text.len() as u16).to_be_bytes().to_vec();
@@ -496,9 +509,7 @@ fn an_mqtt_client_that_stops_reading_is_closed_at_the_write_timeout() {
         "[server]\nwrite_timeout_secs = 2\n[mqtt]\nlisten = \"127.0.0.1:0\"\n[routing]\ndefault_destination = \"local\"\n",
     );
     let port: u16 = gateway.mqtt.rsplit(':').next().unwrap().parse().unwrap();
-    let mut connect = mqtt_string("MQTT");
-    connect.extend_from_slice(&[5, 0x02, 0, 60, 0]);
-    connect.extend(mqtt_string("deaf"));
+    let connect = mqtt_connect(5, "deaf", &[]);
     let topic = format!("$aws/things/{}/shadow/update/accepted", "t".repeat(100));
     let publish = |pkid: u16| {
         let mut body = mqtt_string(&topic);
@@ -512,10 +523,7 @@ fn an_mqtt_client_that_stops_reading_is_closed_at_the_write_timeout() {
         let socket = tokio::net::TcpSocket::new_v4().unwrap();
         socket.set_recv_buffer_size(4096).unwrap();
         let mut stream = socket.connect(([127, 0, 0, 1], port).into()).await.unwrap();
-        stream
-            .write_all(&mqtt_packet(0x10, &connect))
-            .await
-            .unwrap();
+        stream.write_all(&connect).await.unwrap();
         let mut connack = [0u8; 4];
         stream.read_exact(&mut connack).await.unwrap();
         assert_eq!(connack[0], 0x20, "{connack:?}");
@@ -572,11 +580,7 @@ impl RawMqtt {
             stream,
             buffer: bytes::BytesMut::new(),
         };
-        let mut connect = mqtt_string("MQTT");
-        connect.extend_from_slice(&[5, 0x02, 0, 60, properties.len() as u8]);
-        connect.extend_from_slice(properties);
-        connect.extend(mqtt_string(client_id));
-        raw.send(&mqtt_packet(0x10, &connect));
+        raw.send(&mqtt_connect(5, client_id, properties));
         let connack = raw.next().expect("a CONNACK");
         (raw, connack)
     }
@@ -751,11 +755,8 @@ fn mqtt311_publishes_a_plugin_refuses_never_loop_and_never_duplicate() {
             "{}[mqtt]\nlisten = \"127.0.0.1:0\"\nv311_plugin_failure = \"{mode}\"\n",
             misbehave("reject", "")
         ));
-        let mut connect = mqtt_string("MQTT");
-        connect.extend_from_slice(&[4, 0x02, 0, 60]);
-        connect.extend(mqtt_string(&format!("v311-{mode}")));
         // All in one write: the three publishes are one batch.
-        let mut bytes = mqtt_packet(0x10, &connect);
+        let mut bytes = mqtt_connect(4, &format!("v311-{mode}"), &[]);
         bytes.extend(v311_publish(1, b"one"));
         bytes.extend(v311_publish(2, b"fail"));
         bytes.extend(v311_publish(3, b"three"));
@@ -821,14 +822,13 @@ fn a_v311_batch_waiting_for_a_full_spool_ends_with_its_session() {
         "#,
     );
     let connect = || {
-        let mut connect = mqtt_string("MQTT");
-        connect.extend_from_slice(&[4, 0x02, 0, 60]);
-        connect.extend(mqtt_string("full-waiter"));
         let mut stream = TcpStream::connect(gateway.mqtt.trim_start_matches("mqtt://")).unwrap();
         stream
             .set_read_timeout(Some(Duration::from_secs(10)))
             .unwrap();
-        stream.write_all(&mqtt_packet(0x10, &connect)).unwrap();
+        stream
+            .write_all(&mqtt_connect(4, "full-waiter", &[]))
+            .unwrap();
         let mut connack = [0u8; 4];
         stream.read_exact(&mut connack).unwrap();
         assert_eq!(connack, *b"\x20\x02\x00\x00");

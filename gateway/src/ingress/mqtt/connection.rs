@@ -266,8 +266,11 @@ pub async fn run<T: Transport>(
         (true, Some(publish), Some(_)) => {
             let granted = state.rules().policy.may_publish(&identity, &publish.topic);
             if !granted {
-                tracing::warn!(device = %identity.device_id, topic = %publish.topic, "MQTT last will refused: the policy no longer grants its topic");
-                crate::metrics::METRICS.mqtt_publish("will_refused", 1);
+                will_refused(
+                    &identity,
+                    &publish.topic,
+                    "the policy no longer grants its topic",
+                );
             }
             granted
         }
@@ -311,11 +314,14 @@ async fn publish_will(state: &AppState, identity: &Identity, will: Publish) {
             tracing::info!(device = %identity.device_id, %topic, "MQTT last will published");
             crate::metrics::METRICS.mqtt_publish("will", 1);
         }
-        Err(why) => {
-            tracing::warn!(device = %identity.device_id, %topic, %why, "MQTT last will refused");
-            crate::metrics::METRICS.mqtt_publish("will_refused", 1);
-        }
+        Err(why) => will_refused(identity, &topic, &why),
     }
+}
+
+/// Logs and counts a last will that does not go out, and why.
+fn will_refused(identity: &Identity, topic: &str, why: &str) {
+    tracing::warn!(device = %identity.device_id, %topic, %why, "MQTT last will refused");
+    crate::metrics::METRICS.mqtt_publish("will_refused", 1);
 }
 
 /// Reads up to the CONNECT; `Err(None)` when the client went away.

@@ -6,9 +6,10 @@
 //! [`MAX_FILTERS_PER_SUBSCRIBE`] filters in one SUBSCRIBE and
 //! [`crate::quota::IOT_CORE_MAX_SUBSCRIPTIONS`] per session, and a filter of at most
 //! [`topic::IOT_CORE_MAX_TOPIC_BYTES`] bytes (a shared subscription's `$share/{group}/`
-//! not counted); the rest are refused in the SUBACK. Each message from IoT Core is relayed as IoT Core sent it
-//! ([`Outbound::relay`]) and acknowledged there once the device acknowledged it; at most
-//! the client's receive maximum of QoS 1 messages are in flight.
+//! not counted); the rest are refused in the SUBACK. Each message from IoT Core is
+//! relayed as IoT Core sent it ([`Outbound::relay`]) and acknowledged there once the
+//! device acknowledged it; at most the client's receive maximum of QoS 1 messages are in
+//! flight.
 
 use std::collections::HashMap;
 
