@@ -69,6 +69,8 @@
 //! - [`tls`]: PEM files into rustls server and client configurations.
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`progress`]: progress of long work at start (a large plugin's first compile).
+//! - [`instance`]: which of the fleet's gateways this process is (the instance id its
+//!   own connections at IoT Core are named after).
 //! - `shutdown`: the signal every task stops on.
 
 pub(crate) mod admin;
@@ -77,6 +79,7 @@ pub(crate) mod backoff;
 pub mod config;
 pub(crate) mod console;
 pub(crate) mod ingress;
+pub(crate) mod instance;
 pub mod message;
 pub(crate) mod metrics;
 pub(crate) mod pipeline;
@@ -124,6 +127,11 @@ pub async fn run(
             config.server.data_dir.display()
         )
     })?;
+    let instance = instance::resolve(
+        config.server.instance_id.as_deref(),
+        &config.server.data_dir,
+    )?;
+    tracing::info!(%instance, "instance id");
     let spool = Arc::new(spool::Spool::open(
         &config.server.data_dir,
         config.spool.max_bytes_per_sink,
@@ -137,7 +145,8 @@ pub async fn run(
         .clone()
         .map(upstream::Upstream::new)
         .transpose()?;
-    let sinks = Arc::new(sink::Sinks::build(&config, local.clone(), upstream.as_ref()).await?);
+    let sinks =
+        Arc::new(sink::Sinks::build(&config, &instance, local.clone(), upstream.as_ref()).await?);
     let pipeline = Arc::new(pipeline::Pipeline::new(
         &config,
         plugins.clone(),

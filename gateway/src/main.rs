@@ -55,6 +55,11 @@ enum Command {
         /// Data directory, overriding the configuration.
         #[arg(long)]
         data_dir: Option<PathBuf>,
+        /// This instance's id among the gateways that serve one fleet, overriding
+        /// server.instance_id (the gateway's own connections at IoT Core are named after
+        /// it). Default: one made at the first start and kept in the data directory.
+        #[arg(long, env = "SLUICE_INSTANCE_ID")]
+        instance_id: Option<String>,
     },
     /// Work with plugin components.
     Plugin {
@@ -211,11 +216,13 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             config,
             listen,
             data_dir,
+            instance_id,
         } => {
             let source = sluice_gateway::reconfigure::ConfigSource {
                 path: config,
                 listen,
                 data_dir,
+                instance_id,
             };
             let config = source.load()?;
             // Plugins run on these threads too (see `plugins.workers`).

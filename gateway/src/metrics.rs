@@ -147,6 +147,9 @@ pub struct Metrics {
     pub sink_retries: Family<SinkLabel, Counter>,
     /// Calls the service throttled, per sink.
     pub sink_throttles: Family<SinkLabel, Counter>,
+    /// Connections a sink's own client made to its service (the IoT Core MQTT sink's
+    /// CONNACKs): 1 for a connection that stays up.
+    pub sink_connections: Family<SinkLabel, Counter>,
     /// Plugin calls (one per batch), per plugin.
     pub plugin_calls: Family<PluginLabel, Counter>,
     /// Seconds per plugin call, per plugin.
@@ -409,6 +412,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "Calls or records the sink's service throttled",
         sink_throttles.clone(),
     );
+    let sink_connections = Family::<SinkLabel, Counter>::default();
+    registry.register(
+        "sink_connections",
+        "Connections a sink's own client made to its service (IoT Core MQTT CONNACKs)",
+        sink_connections.clone(),
+    );
     let plugin_calls = Family::<PluginLabel, Counter>::default();
     registry.register(
         "plugin_calls",
@@ -477,6 +486,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         sink_call_records,
         sink_retries,
         sink_throttles,
+        sink_connections,
         plugin_calls,
         plugin_call_seconds,
         plugin_batch_messages,

@@ -40,6 +40,8 @@ pub struct ConfigSource {
     pub listen: Option<SocketAddr>,
     /// `--data-dir`.
     pub data_dir: Option<PathBuf>,
+    /// `--instance-id`.
+    pub instance_id: Option<String>,
 }
 
 impl ConfigSource {
@@ -54,6 +56,9 @@ impl ConfigSource {
         }
         if let Some(data_dir) = &self.data_dir {
             config.server.data_dir.clone_from(data_dir);
+        }
+        if let Some(instance_id) = &self.instance_id {
+            config.server.instance_id = Some(instance_id.clone());
         }
         config.validate()?;
         Ok(config)
@@ -221,6 +226,10 @@ fn split(running: &Config, new: &Config) -> (Config, Vec<String>) {
         (
             old_server.data_dir != new_server.data_dir,
             "server.data_dir",
+        ),
+        (
+            old_server.instance_id != new_server.instance_id,
+            "server.instance_id",
         ),
         (
             old_server.shutdown_grace_ms != new_server.shutdown_grace_ms,

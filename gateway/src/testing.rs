@@ -46,11 +46,7 @@ pub fn gateway(config: &str) -> Fixture {
     let live = Live::new(&config).expect("device side");
     let sinks = Arc::new(Sinks::new(local, None, None));
     let pipeline = Arc::new(Pipeline::new(&config, plugins, sinks, spool));
-    let source = ConfigSource {
-        path: None,
-        listen: None,
-        data_dir: None,
-    };
+    let source = ConfigSource::default();
     let reloader = Arc::new(Reloader::new(
         source,
         config,

@@ -683,6 +683,48 @@ fn mqtt_publishes_reach_a_subscriber_through_mosquitto() {
     assert!(got.iter().all(|(t, _)| *t == format!("{topic}/temp")));
 }
 
+/// Two instances started from one configuration (the sink's client id left at its
+/// default) each keep their own connection at the broker: neither takes the other's over,
+/// so each made exactly one, and each delivers.
+#[test]
+fn two_instances_from_one_configuration_keep_their_own_broker_connections() {
+    let env = TestEnv::get();
+    let topic = unique("instances");
+    let subscriber = Subscriber::connect(&env, &format!("{topic}/#"));
+    let config: String = env
+        .mqtt_config()
+        .lines()
+        .filter(|line| !line.trim_start().starts_with("client_id"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let gateways = [Gateway::start(&config), Gateway::start(&config)];
+    let connections = r#"sluice_sink_connections_total{sink="iot-core"}"#;
+    for round in 0..3 {
+        for (n, gateway) in gateways.iter().enumerate() {
+            let reply = gateway.publish(&format!("{topic}/{n}?qos=1"), "dev-1", format!("{round}"));
+            assert_eq!(reply.status, 200, "{:?}", reply.body);
+        }
+        // Both delivered this round: each instance's connection was up for it.
+        let mut got: Vec<String> = subscriber
+            .take(2)
+            .into_iter()
+            .map(|(topic, payload)| format!("{topic} {}", String::from_utf8(payload).unwrap()))
+            .collect();
+        got.sort();
+        assert_eq!(
+            got,
+            [format!("{topic}/0 {round}"), format!("{topic}/1 {round}")]
+        );
+    }
+    for gateway in &gateways {
+        assert_eq!(
+            gateway.metric(connections),
+            1.0,
+            "connected once, never taken over"
+        );
+    }
+}
+
 #[test]
 fn basic_ingest_publishes_to_the_rules_topic() {
     let env = TestEnv::get();

@@ -34,15 +34,6 @@ fn misbehave(on_failure: &str, extra: &str) -> String {
     )
 }
 
-/// A Prometheus sample's value (`name{labels}`), 0 when absent.
-fn metric(gateway: &Gateway, sample: &str) -> f64 {
-    gateway
-        .admin_text("/metrics")
-        .lines()
-        .find_map(|line| line.strip_prefix(sample)?.trim().parse().ok())
-        .unwrap_or(0.0)
-}
-
 /// A letter whose message a plugin refuses again stays in the store, with the outcome
 /// said; nothing reaches a sink.
 #[test]
@@ -122,7 +113,7 @@ fn a_damaged_spool_entry_costs_only_itself() {
         assert!(damaged, "a segment with the five records");
     });
     assert_eq!(gateway.spooled(), 4, "only the damaged record is lost");
-    assert_eq!(metric(&gateway, "sluice_spool_damaged_entries_total"), 1.0);
+    assert_eq!(gateway.metric("sluice_spool_damaged_entries_total"), 1.0);
     let logged = gateway.log_records().into_iter().any(|record| {
         record["level"] == "ERROR"
             && record["fields"]["segment"].is_u64()
@@ -266,7 +257,7 @@ fn the_dead_letter_store_is_bounded() {
     gateway.settle();
     assert_eq!(gateway.dead_letters().len(), stored);
     let dropped = r#"sluice_dead_letters_refused_total{status="store_full"}"#;
-    assert!(metric(&gateway, dropped) >= 2.0, "the refusals are counted");
+    assert!(gateway.metric(dropped) >= 2.0, "the refusals are counted");
 }
 
 #[test]
@@ -280,7 +271,7 @@ fn expired_messages_can_be_dropped_instead_of_kept() {
     assert!(gateway.dead_letters().is_empty());
     assert!(gateway.sink("local").is_empty());
     let dropped = r#"sluice_dead_letters_refused_total{status="expired_dropped"}"#;
-    assert_eq!(metric(&gateway, dropped), 3.0);
+    assert_eq!(gateway.metric(dropped), 3.0);
 }
 
 /// 200 clients that send half a request line are cut off at the first-request timeout;
@@ -314,7 +305,7 @@ fn half_requests_are_cut_off_at_the_header_timeout() {
     assert!(took < Duration::from_secs(15), "closed after {took:?}");
     let closed =
         r#"sluice_connections_closed_total{listener="http",reason="first_request_timeout"}"#;
-    assert!(metric(&gateway, closed) >= 200.0);
+    assert!(gateway.metric(closed) >= 200.0);
     let ok = gateway.publish("t", "dev-1", "x");
     assert_eq!(ok.status, 200, "{:?}", ok.body);
 }
@@ -330,7 +321,7 @@ fn connections_past_the_limit_are_refused() {
         .collect();
     // The gateway counts them as open before the fourth comes.
     eventually(Duration::from_secs(10), "three open connections", || {
-        (metric(&gateway, r#"sluice_connections{listener="http"}"#) == 3.0).then_some(())
+        (gateway.metric(r#"sluice_connections{listener="http"}"#) == 3.0).then_some(())
     });
     let mut extra = TcpStream::connect(&address).unwrap();
     extra
@@ -344,7 +335,7 @@ fn connections_past_the_limit_are_refused() {
         other => panic!("the fourth connection was served: {other:?}"),
     }
     let refused = r#"sluice_connections_closed_total{listener="http",reason="refused_full"}"#;
-    assert!(metric(&gateway, refused) >= 1.0);
+    assert!(gateway.metric(refused) >= 1.0);
     held.pop();
     eventually(Duration::from_secs(10), "room again", || {
         let mut stream = TcpStream::connect(&address).ok()?;
@@ -458,7 +449,7 @@ fn a_stalled_tls_handshake_is_closed_at_its_timeout() {
         "{took:?}"
     );
     let closed = r#"sluice_connections_closed_total{listener="http",reason="handshake_timeout"}"#;
-    assert_eq!(metric(&gateway, closed), 1.0);
+    assert_eq!(gateway.metric(closed), 1.0);
 }
 
 /// An MQTT packet: `header` byte, the remaining length, `body`.
@@ -542,7 +533,7 @@ fn an_mqtt_client_that_stops_reading_is_closed_at_the_write_timeout() {
     });
     let closed = r#"sluice_connections_closed_total{listener="mqtt",reason="write_timeout"}"#;
     eventually(Duration::from_secs(15), "the write timeout", || {
-        (metric(&gateway, closed) == 1.0).then_some(())
+        (gateway.metric(closed) == 1.0).then_some(())
     });
     eventually(Duration::from_secs(5), "the session gone", || {
         let devices = gateway.admin_get("/admin/devices");
@@ -917,9 +908,8 @@ fn mqtt_over_websocket_buffers_little_before_the_connect() {
     }
     assert!(started.elapsed() < Duration::from_secs(15));
     assert!(
-        metric(
-            &gateway,
-            "sluice_connections_closed_total{listener=\"http\",reason=\"read_allowance\"}"
-        ) >= 1.0
+        gateway
+            .metric("sluice_connections_closed_total{listener=\"http\",reason=\"read_allowance\"}")
+            >= 1.0
     );
 }

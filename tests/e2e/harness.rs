@@ -146,6 +146,14 @@ impl Gateway {
         serde_json::from_str(&self.admin_text(path)).expect("admin JSON")
     }
 
+    /// A Prometheus sample's value (`name{labels}`, exactly as exposed), 0 when absent.
+    pub fn metric(&self, sample: &str) -> f64 {
+        self.admin_text("/metrics")
+            .lines()
+            .find_map(|line| line.strip_prefix(sample)?.trim().parse().ok())
+            .unwrap_or(0.0)
+    }
+
     /// `GET` on the admin API, as text (for `/metrics`).
     pub fn admin_text(&self, path: &str) -> String {
         let response = self

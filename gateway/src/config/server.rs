@@ -99,6 +99,11 @@ pub struct ServerConfig {
     /// Local sink files and the compiled-plugin cache. Default `./sluice-data`.
     #[serde(default = "default_data_dir")]
     pub data_dir: PathBuf,
+    /// This instance's name among the instances that serve one fleet (1 to 64 characters
+    /// of `A-Z a-z 0-9 _ -`); the gateway's own connections at IoT Core are named after
+    /// it (`sinks.iot_core.mqtt.client_id`). Default: an id made at the first start and
+    /// kept in `<data_dir>/instance-id`.
+    pub instance_id: Option<String>,
     /// Serve HTTPS with this certificate; plain HTTP when absent.
     pub tls: Option<TlsConfig>,
     /// On SIGTERM or Ctrl-C: how long requests in flight and device sessions may take to
@@ -221,6 +226,7 @@ impl Default for ServerConfig {
         ServerConfig {
             listen: default_listen(),
             data_dir: default_data_dir(),
+            instance_id: None,
             tls: None,
             shutdown_grace_ms: default_shutdown_grace_ms(),
             allow_unauthenticated: false,
@@ -271,6 +277,13 @@ impl Config {
                  could name itself any device (x-device-id); configure [auth], listen on \
                  127.0.0.1, or set server.allow_unauthenticated = true",
                 server.listen
+            ));
+        }
+        if let Some(id) = &server.instance_id
+            && !crate::instance::valid(id)
+        {
+            problems.push(format!(
+                "server.instance_id {id:?} must be 1 to 64 characters of A-Z a-z 0-9 _ -"
             ));
         }
         if server.max_connections == 0 {

@@ -89,7 +89,9 @@ pub struct MqttSinkConfig {
     /// Default 8883.
     #[serde(default = "default_mqtt_port")]
     pub port: u16,
-    /// MQTT client id. Default `sluice-gateway`.
+    /// MQTT client id; `${instance.id}` in it stands for the instance id
+    /// (`server.instance_id`). IoT Core keeps one connection per client id, so instances
+    /// that share a configuration need it. Default `sluice-gateway-${instance.id}`.
     #[serde(default = "default_client_id")]
     pub client_id: String,
     /// PEM CA bundle for the broker's certificate (Amazon Root CA 1 for IoT Core).
@@ -117,7 +119,7 @@ pub(super) fn default_mqtt_port() -> u16 {
 }
 
 fn default_client_id() -> String {
-    "sluice-gateway".to_string()
+    format!("sluice-gateway-{}", crate::instance::PLACEHOLDER)
 }
 
 fn default_keep_alive() -> u64 {
@@ -207,9 +209,11 @@ impl Config {
                     &mqtt.key,
                     problems,
                 );
-                if mqtt.client_id.is_empty() || mqtt.client_id.len() > 128 {
+                // The longest instance id it may stand for.
+                let longest = crate::instance::fill(&mqtt.client_id, &"x".repeat(64));
+                if mqtt.client_id.is_empty() || longest.len() > 128 {
                     problems.push(
-                        "sinks.iot_core.mqtt.client_id must be 1 to 128 characters".to_string(),
+                        "sinks.iot_core.mqtt.client_id must be 1 to 128 characters, with a 64-character instance id in place of ${instance.id}".to_string(),
                     );
                 }
             }

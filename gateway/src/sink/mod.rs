@@ -68,6 +68,7 @@ impl Sinks {
     /// sessions at `upstream` first.
     pub async fn build(
         config: &Config,
+        instance: &str,
         local: Arc<local::LocalSink>,
         upstream: Option<&Arc<crate::upstream::Upstream>>,
     ) -> anyhow::Result<Sinks> {
@@ -93,6 +94,7 @@ impl Sinks {
             Some(settings) => Some(iot_core::build(
                 settings,
                 config.iot_core_mqtt(),
+                instance,
                 shared.as_ref(),
                 upstream,
             )?),

@@ -24,10 +24,12 @@ use crate::route::{Destination, check_iot_core};
 
 /// The IoT Core sink `[sinks.iot_core]` configures: over MQTT on `mqtt` (its own section,
 /// or `[upstream]`'s endpoint), else over HTTPS with the shared AWS configuration; with
-/// `upstream`, through the devices' own sessions first.
+/// `upstream`, through the devices' own sessions first. The MQTT client id names
+/// `instance` where it says `${instance.id}`.
 pub fn build(
     settings: &IotCoreSinkConfig,
     mqtt: Option<MqttSinkConfig>,
+    instance: &str,
     aws: Option<&aws_config::SdkConfig>,
     upstream: Option<&Arc<crate::upstream::Upstream>>,
 ) -> anyhow::Result<Arc<dyn crate::sink::Sink>> {
@@ -37,7 +39,7 @@ pub fn build(
         (Some(mqtt), _) => Arc::new(mqtt::MqttSink::start(mqtt::MqttSettings {
             host: mqtt.host.clone(),
             port: mqtt.port,
-            client_id: mqtt.client_id.clone(),
+            client_id: crate::instance::fill(&mqtt.client_id, instance),
             ca: mqtt.ca.clone(),
             cert: mqtt.cert.clone(),
             key: mqtt.key.clone(),

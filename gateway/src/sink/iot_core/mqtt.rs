@@ -106,9 +106,12 @@ impl MqttSink {
             loop {
                 match events.poll().await {
                     Ok(event) => {
-                        if failures > 0 && matches!(event, Event::Incoming(Packet::ConnAck(_))) {
-                            tracing::info!(%broker, "MQTT connection to IoT Core restored");
-                            failures = 0;
+                        if matches!(event, Event::Incoming(Packet::ConnAck(_))) {
+                            count_connection();
+                            if failures > 0 {
+                                tracing::info!(%broker, "MQTT connection to IoT Core restored");
+                                failures = 0;
+                            }
                         }
                         settle(&loop_tracker, event);
                     }
@@ -195,6 +198,17 @@ impl MqttSink {
             }
         })
     }
+}
+
+/// Counts a connection made (`sluice_sink_connections_total{sink="iot-core"}`): one
+/// that another client with the same id keeps taking over shows as a count that grows.
+fn count_connection() {
+    crate::metrics::METRICS
+        .sink_connections
+        .get_or_create(&crate::metrics::SinkLabel {
+            sink: crate::record::SinkId::IotCore.name().to_string(),
+        })
+        .inc();
 }
 
 fn lock(tracker: &Mutex<Tracker>) -> std::sync::MutexGuard<'_, Tracker> {
