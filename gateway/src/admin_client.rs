@@ -72,6 +72,10 @@ pub enum AdminCommand {
     /// Read the configuration file again and apply it (like SIGHUP); prints what was
     /// applied and what needs a restart.
     Reload,
+    /// Take the gateway out of service and stop it, as SIGTERM does: /readyz red and HTTP
+    /// refused for server.leave_delay_ms, then no new connections, sessions told to go,
+    /// the spool delivered within server.shutdown_grace_ms; the process exits.
+    Drain,
     /// List the plugin chain: versions, hashes, counters.
     Plugins {
         /// Print the API's JSON instead of a table.
@@ -186,6 +190,7 @@ pub fn run_admin(target: AdminTarget, command: AdminCommand) -> anyhow::Result<(
         AdminCommand::Reload => {
             print(client.send(client.http.post(format!("{base}/admin/reload")))?)
         }
+        AdminCommand::Drain => print(client.send(client.http.post(format!("{base}/admin/drain")))?),
         AdminCommand::Plugins { json } => {
             let answer = client
                 .send(client.http.get(format!("{base}/admin/plugins")))?

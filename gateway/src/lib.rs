@@ -71,7 +71,7 @@
 //! - [`progress`]: progress of long work at start (a large plugin's first compile).
 //! - [`instance`]: which of the fleet's gateways this process is (the instance id its
 //!   own connections at IoT Core are named after).
-//! - `shutdown`: the signal every task stops on.
+//! - `shutdown`: the signal every task stops on, and leaving before it.
 
 pub(crate) mod admin;
 pub mod auth;
@@ -112,7 +112,8 @@ pub use crate::shutdown::Shutdown;
 pub use crate::sink::aws::sdk_config as aws_sdk_config;
 
 /// Starts the gateway described by `config` (read from `source`, which a reload reads
-/// again) and serves until `shutdown` fires.
+/// again) and serves until `shutdown` fires (or `POST /admin/drain`): it leaves for
+/// `server.leave_delay_ms`, then stops ([`shutdown::Leave`]).
 ///
 /// Everything that can fail because of the configuration (plugin files, TLS material,
 /// the listen address) fails here, before the first request is accepted.
@@ -169,10 +170,14 @@ pub async fn run(
     ));
     #[cfg(unix)]
     let hangups = reconfigure::reload_on_sighup(reloader.clone())?;
+    let leave = shutdown::Leave::start(
+        shutdown,
+        std::time::Duration::from_millis(config.server.leave_delay_ms),
+    );
     let sessions = Arc::new(ingress::sessions::Sessions::default());
     let held = upstream.as_ref().map(|upstream| {
         let idle = std::time::Duration::from_secs(upstream.settings().session_expiry_secs.into());
-        upstream::held::Held::start(upstream.clone(), idle, shutdown.clone())
+        upstream::held::Held::start(upstream.clone(), idle, leave.stop.clone())
     });
     let admin = match (&config.admin.listen, &config.admin.token) {
         (Some(listen), Some(token)) => Some(
@@ -183,8 +188,9 @@ pub async fn run(
                     pipeline: pipeline.clone(),
                     sessions: sessions.clone(),
                     reloader: reloader.clone(),
+                    leave: leave.trigger.clone(),
                 },
-                shutdown.clone(),
+                leave.stop.clone(),
             )
             .await?,
         ),
@@ -193,7 +199,8 @@ pub async fn run(
     let state = ingress::state::AppState {
         pipeline,
         live,
-        shutdown,
+        shutdown: leave.stop,
+        leaving: leave.leaving,
         sessions,
         upstream,
         held,

@@ -235,6 +235,10 @@ fn split(running: &Config, new: &Config) -> (Config, Vec<String>) {
             old_server.shutdown_grace_ms != new_server.shutdown_grace_ms,
             "server.shutdown_grace_ms",
         ),
+        (
+            old_server.leave_delay_ms != new_server.leave_delay_ms,
+            "server.leave_delay_ms",
+        ),
         (tls_switch, "server.tls (turning TLS on or off)"),
         (
             old_server.allow_unauthenticated != new_server.allow_unauthenticated,

@@ -52,6 +52,54 @@ impl Shutdown {
     pub async fn wait(&mut self) {
         let _ = self.receiver.wait_for(|fired| *fired).await;
     }
+
+    /// Whether the signal has fired.
+    pub fn fired(&self) -> bool {
+        *self.receiver.borrow()
+    }
+}
+
+/// Stopping in two steps, so that a load balancer in front sees the gateway go before its
+/// connections do: first the gateway *leaves* (`/readyz` turns red, HTTP requests are
+/// refused with `503 leaving`), then, `delay` later, it *stops* (the listeners close,
+/// sessions end, the spool drains).
+pub struct Leave {
+    /// Starts leaving: SIGTERM, Ctrl-C or the admin API's `POST /admin/drain`.
+    pub trigger: std::sync::Arc<ShutdownTrigger>,
+    /// Fires when leaving starts.
+    pub leaving: Shutdown,
+    /// Fires `delay` after `leaving`.
+    pub stop: Shutdown,
+}
+
+impl Leave {
+    /// Leaving starts when `outside` fires or the trigger is pulled; stopping `delay`
+    /// after that.
+    pub fn start(mut outside: Shutdown, delay: std::time::Duration) -> Leave {
+        let (trigger, leaving) = Shutdown::new();
+        let trigger = std::sync::Arc::new(trigger);
+        let (stop_trigger, stop) = Shutdown::new();
+        let pull = trigger.clone();
+        let mut left = leaving.clone();
+        tokio::spawn(async move {
+            tokio::select! {
+                () = outside.wait() => pull.fire(),
+                () = left.wait() => {}
+            }
+            left.wait().await;
+            tracing::info!(
+                ?delay,
+                "leaving: /readyz answers 503 and HTTP requests are refused; the listeners close after server.leave_delay_ms"
+            );
+            tokio::time::sleep(delay).await;
+            stop_trigger.fire();
+        });
+        Leave {
+            trigger,
+            leaving,
+            stop,
+        }
+    }
 }
 
 impl ShutdownTrigger {

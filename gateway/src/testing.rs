@@ -25,6 +25,8 @@ pub struct Fixture {
     pub state: AppState,
     /// Configuration reloads (the admin API's).
     pub reloader: Arc<Reloader>,
+    /// Starts the gateway's leaving (`state.leaving`), as the admin API's drain does.
+    pub leave: Arc<ShutdownTrigger>,
     /// Holds the data directory (deleted on drop).
     _dir: tempfile::TempDir,
     /// Fires the shutdown signal on drop.
@@ -55,17 +57,20 @@ pub fn gateway(config: &str) -> Fixture {
         None,
     ));
     let (trigger, shutdown) = Shutdown::new();
+    let (leave, leaving) = Shutdown::new();
     Fixture {
         state: AppState {
             pipeline,
             live,
             shutdown,
+            leaving,
             sessions: Arc::new(Sessions::default()),
             upstream: None,
             held: None,
             mqtt_clients: Default::default(),
         },
         reloader,
+        leave: Arc::new(leave),
         _dir: dir,
         _trigger: trigger,
     }

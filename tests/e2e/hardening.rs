@@ -15,6 +15,7 @@ use tokio_tungstenite::tungstenite::Message as Frame;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
 use crate::harness::{Gateway, eventually, plugin, sluice};
+use crate::raw_mqtt::{Packet5, RawMqtt, mqtt_connect, mqtt_packet, mqtt_string, raw_publish};
 use crate::wsclient::runtime;
 
 fn misbehave(on_failure: &str, extra: &str) -> String {
@@ -452,42 +453,6 @@ fn a_stalled_tls_handshake_is_closed_at_its_timeout() {
     assert_eq!(gateway.metric(closed), 1.0);
 }
 
-/// An MQTT packet: `header` byte, the remaining length, `body`.
-fn mqtt_packet(header: u8, body: &[u8]) -> Vec<u8> {
-    let mut packet = vec![header];
-    let mut length = body.len();
-    loop {
-        let byte = (length % 128) as u8;
-        length /= 128;
-        packet.push(if length > 0 { byte | 0x80 } else { byte });
-        if length == 0 {
-            break;
-        }
-    }
-    packet.extend_from_slice(body);
-    packet
-}
-
-/// A clean-session CONNECT with a 60 s keep-alive, MQTT `version` 4 (3.1.1) or 5 (with
-/// `properties`).
-fn mqtt_connect(version: u8, client_id: &str, properties: &[u8]) -> Vec<u8> {
-    let mut body = mqtt_string("MQTT");
-    body.extend_from_slice(&[version, 0x02, 0, 60]);
-    if version == 5 {
-        body.push(properties.len() as u8);
-        body.extend_from_slice(properties);
-    }
-    body.extend(mqtt_string(client_id));
-    mqtt_packet(0x10, &body)
-}
-
-/// An MQTT string: its length, then its bytes.
-fn mqtt_string(text: &str) -> Vec<u8> {
-    let mut out = (text.len() as u16).to_be_bytes().to_vec();
-    out.extend_from_slice(text.as_bytes());
-    out
-}
-
 /// An MQTT 5 client that stops reading (its receive buffer small, then full) while it
 /// makes the gateway write (each QoS 1 publish on a topic IoT Core owns is refused with a
 /// PUBACK carrying a reason string): once a write has made no progress for
@@ -552,64 +517,6 @@ fn an_mqtt_client_that_stops_reading_is_closed_at_the_write_timeout() {
             }
         }
     });
-}
-
-/// A raw MQTT 5 connection over `[mqtt] listen`, reading packets with rumqttc's reader.
-struct RawMqtt {
-    stream: TcpStream,
-    buffer: bytes::BytesMut,
-}
-
-impl RawMqtt {
-    fn connect(gateway: &Gateway, client_id: &str, properties: &[u8]) -> (RawMqtt, Packet5) {
-        let address = gateway.mqtt.trim_start_matches("mqtt://");
-        let stream = TcpStream::connect(address).unwrap();
-        stream
-            .set_read_timeout(Some(Duration::from_secs(10)))
-            .unwrap();
-        let mut raw = RawMqtt {
-            stream,
-            buffer: bytes::BytesMut::new(),
-        };
-        raw.send(&mqtt_connect(5, client_id, properties));
-        let connack = raw.next().expect("a CONNACK");
-        (raw, connack)
-    }
-
-    fn send(&mut self, packet: &[u8]) {
-        self.stream.write_all(packet).unwrap();
-    }
-
-    /// The next packet, `None` once the gateway closed the connection.
-    fn next(&mut self) -> Option<Packet5> {
-        loop {
-            if let Ok(packet) = Packet5::read(&mut self.buffer, None) {
-                return Some(packet);
-            }
-            let mut chunk = [0u8; 4096];
-            match self.stream.read(&mut chunk) {
-                Ok(0) => return None,
-                Ok(n) => self.buffer.extend_from_slice(&chunk[..n]),
-                Err(error) if error.kind() == std::io::ErrorKind::ConnectionReset => return None,
-                Err(error) => panic!("no answer: {error}"),
-            }
-        }
-    }
-}
-
-use rumqttc::v5::mqttbytes::v5::Packet as Packet5;
-
-/// A QoS `qos` PUBLISH of `{}` on `topic` (raw bytes), with `properties`.
-fn raw_publish(topic: &[u8], qos: u8, properties: &[u8]) -> Vec<u8> {
-    let mut body = (topic.len() as u16).to_be_bytes().to_vec();
-    body.extend_from_slice(topic);
-    if qos > 0 {
-        body.extend_from_slice(&1u16.to_be_bytes());
-    }
-    body.push(properties.len() as u8);
-    body.extend_from_slice(properties);
-    body.extend_from_slice(b"{}");
-    mqtt_packet(0x30 | (qos << 1), &body)
 }
 
 /// MQTT 5 as the specification has it, where the gateway used to differ: an enhanced

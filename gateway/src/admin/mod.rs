@@ -27,6 +27,7 @@
 //!   version_active` for the one serving).
 //! - `POST /admin/reload`: reads the configuration file again (like `SIGHUP`), see
 //!   [`crate::reconfigure`]; `422 invalid_config` (nothing changed) when it is refused.
+//! - `POST /admin/drain`: the gateway leaves and stops, as on SIGTERM (`202`).
 //! - `GET /admin/console/…`: what the operator's console reads ([`crate::console::api`]).
 //! - `GET /`, `GET /console/{file}`: the console's page and assets, the only routes
 //!   served without the token: they hold no data ([`crate::console::page`]).
@@ -54,7 +55,7 @@ use axum::routing::{get, post};
 
 use crate::ingress::sessions::Sessions;
 use crate::pipeline::Pipeline;
-use crate::shutdown::Shutdown;
+use crate::shutdown::{Shutdown, ShutdownTrigger};
 use dlq::{discard, list, redrive, show};
 use error::AdminApiError;
 use plugins::{activate, delete_version, plugins, upload};
@@ -69,6 +70,8 @@ pub struct Parts {
     pub sessions: Arc<Sessions>,
     /// Configuration reloads.
     pub reloader: Arc<crate::reconfigure::Reloader>,
+    /// Starts leaving (`POST /admin/drain`), as SIGTERM does.
+    pub leave: Arc<ShutdownTrigger>,
 }
 
 /// Largest plugin component an upload may carry.
@@ -79,6 +82,7 @@ struct AdminState {
     pipeline: Arc<Pipeline>,
     sessions: Arc<Sessions>,
     reloader: Arc<crate::reconfigure::Reloader>,
+    leave: Arc<ShutdownTrigger>,
     token: Arc<str>,
 }
 
@@ -125,6 +129,7 @@ fn router(parts: Parts, token: String, console: crate::console::Console) -> axum
         pipeline: parts.pipeline,
         sessions: parts.sessions,
         reloader: parts.reloader,
+        leave: parts.leave,
         token: token.into(),
     };
     axum::Router::new()
@@ -145,6 +150,7 @@ fn router(parts: Parts, token: String, console: crate::console::Console) -> axum
             axum::routing::delete(delete_version),
         )
         .route("/admin/reload", post(reload))
+        .route("/admin/drain", post(drain))
         .with_state(state.clone())
         .merge(crate::console::api::router(console))
         .layer(axum::middleware::from_fn_with_state(state, authorize))
@@ -182,6 +188,24 @@ async fn reload(State(state): State<AdminState>) -> Response {
     }
 }
 
+/// `POST /admin/drain`: the gateway leaves and stops as on SIGTERM: `/readyz` red and
+/// HTTP refused for `server.leave_delay_ms`, then no new connections, sessions told to
+/// go, the spool delivered within `server.shutdown_grace_ms`, and the process exits.
+async fn drain(State(state): State<AdminState>) -> Response {
+    state.leave.fire();
+    let (_, config) = state.reloader.running().await;
+    let server = config.server;
+    (
+        axum::http::StatusCode::ACCEPTED,
+        Json(serde_json::json!({
+            "leaving": true,
+            "leave_delay_ms": server.leave_delay_ms,
+            "shutdown_grace_ms": server.shutdown_grace_ms,
+        })),
+    )
+        .into_response()
+}
+
 #[cfg(test)]
 mod tests {
     use axum::body::Body;
@@ -200,6 +224,7 @@ mod tests {
             pipeline: fixture.state.pipeline.clone(),
             sessions: fixture.state.sessions.clone(),
             reloader: fixture.reloader.clone(),
+            leave: fixture.leave.clone(),
         };
         let console = crate::console::Console::new(parts.pipeline.clone(), parts.reloader.clone());
         router(parts, TOKEN.to_string(), console)

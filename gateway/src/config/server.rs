@@ -111,6 +111,13 @@ pub struct ServerConfig {
     /// the rest left in the spool. Default 10000.
     #[serde(default = "default_shutdown_grace_ms")]
     pub shutdown_grace_ms: u64,
+    /// On SIGTERM, Ctrl-C or `sluice drain`: how long the gateway *leaves* before it
+    /// stops accepting and ends sessions: `/readyz` answers 503 and HTTP requests `503
+    /// leaving` with `Retry-After` and `Connection: close`, so that a load balancer's
+    /// health check takes the instance out first. Set it above the balancer's check
+    /// interval times its fall count. Default 0.
+    #[serde(default)]
+    pub leave_delay_ms: u64,
     /// Without `[auth]` the device id is whatever a client says (`x-device-id`), so the
     /// gateway refuses to start on an address other than loopback unless this is `true`.
     /// Default `false`.
@@ -229,6 +236,7 @@ impl Default for ServerConfig {
             instance_id: None,
             tls: None,
             shutdown_grace_ms: default_shutdown_grace_ms(),
+            leave_delay_ms: 0,
             allow_unauthenticated: false,
             max_connections: default_max_connections(),
             handshake_timeout_secs: default_handshake_timeout(),

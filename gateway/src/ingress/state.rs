@@ -18,6 +18,9 @@ pub struct AppState {
     pub live: Arc<Live>,
     /// Fires when the gateway stops (WebSocket sessions close with 1001).
     pub shutdown: Shutdown,
+    /// Fires when the gateway starts leaving, before it stops: `/readyz` is red and
+    /// HTTP requests are refused (`503 leaving`).
+    pub leaving: Shutdown,
     /// Open WebSocket sessions.
     pub sessions: Arc<Sessions>,
     /// IoT Core's endpoint for the devices' own sessions, when configured.

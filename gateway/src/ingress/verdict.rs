@@ -77,7 +77,8 @@ pub enum Refusal {
     /// - `dead_letters_full`: the request's messages would be dead-lettered, and the
     ///   dead-letter store is at `spool.max_dead_letter_bytes`;
     /// - `best_effort_busy`: too many best-effort messages wait for their sinks;
-    /// - `spool_unavailable`: the spool cannot write (disk error) or is shutting down.
+    /// - `spool_unavailable`: the spool cannot write (disk error) or is shutting down;
+    /// - `leaving`: the gateway is shutting down (`server.leave_delay_ms`).
     Unavailable {
         /// The code.
         code: &'static str,

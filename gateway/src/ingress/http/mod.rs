@@ -42,6 +42,10 @@ pub fn app(state: AppState) -> axum::Router {
         .route("/readyz", get(readyz))
         // Limits are enforced by the handlers, which know which limit applies and say so.
         .layer(DefaultBodyLimit::disable())
+        .layer(axum::middleware::from_fn_with_state(
+            state.clone(),
+            refuse_while_leaving,
+        ))
         .layer(axum::middleware::from_fn(with_request_id))
         .with_state(state)
 }
@@ -281,17 +285,52 @@ async fn batch(
     Ok((StatusCode::OK, Json(json!({ "results": reports }))).into_response())
 }
 
+/// While the gateway leaves ([`AppState::leaving`]), every request but `/healthz` and
+/// `/readyz` is refused with `503 leaving`, `Retry-After: 1` and, on HTTP/1.x,
+/// `Connection: close`: nothing of it was taken, and the client comes back through the
+/// load balancer to another instance.
+async fn refuse_while_leaving(
+    State(state): State<AppState>,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    if !state.leaving.fired() || matches!(request.uri().path(), "/healthz" | "/readyz") {
+        return next.run(request).await;
+    }
+    let http1 = request.version() < axum::http::Version::HTTP_2;
+    let mut response = Refusal::Unavailable {
+        code: "leaving",
+        message: "this gateway instance is shutting down; connect again (through the load balancer, another instance answers)".to_string(),
+        retry_after: 1,
+    }
+    .into_response();
+    if http1 {
+        response
+            .headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    response
+}
+
 /// `GET /readyz`: `200` once the gateway can take and deliver messages (plugins are
 /// loaded before the listener opens; no sink is failing), else `503` with the
-/// reasons.
+/// reasons; `503` from the moment the gateway starts leaving (`"leaving": true`), so
+/// that a load balancer stops sending before the listeners close.
 async fn readyz(State(state): State<AppState>) -> Response {
-    let reasons = crate::readiness::not_ready_reasons(&state.pipeline);
+    let leaving = state.leaving.fired();
+    let mut reasons = crate::readiness::not_ready_reasons(&state.pipeline);
+    if leaving {
+        reasons.insert(
+            0,
+            "leaving: the gateway is shutting down (SIGTERM or sluice drain)".to_string(),
+        );
+    }
     if reasons.is_empty() {
         Json(json!({"ready": true})).into_response()
     } else {
         (
             StatusCode::SERVICE_UNAVAILABLE,
-            Json(json!({"ready": false, "reasons": reasons})),
+            Json(json!({"ready": false, "leaving": leaving, "reasons": reasons})),
         )
             .into_response()
     }
