@@ -25,6 +25,8 @@
 //! - [`console`]: the operator's console, a page on the admin listener, and the
 //!   in-memory time series it charts.
 //! - [`reconfigure`]: configuration reload without a restart (admin API and `SIGHUP`).
+//! - [`handover`]: `sluice spool drain`, another (dead) instance's data directory
+//!   delivered to the sinks.
 //!
 //! **The device side.**
 //! - [`ingress`]: the listeners and their protocols (HTTP, the `sluice.v1` WebSocket
@@ -78,6 +80,7 @@ pub mod auth;
 pub(crate) mod backoff;
 pub mod config;
 pub(crate) mod console;
+pub mod handover;
 pub(crate) mod ingress;
 pub(crate) mod instance;
 pub mod message;

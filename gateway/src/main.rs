@@ -76,6 +76,11 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// A data directory no gateway runs on (a dead instance's volume): deliver it.
+    Spool {
+        #[command(subcommand)]
+        command: SpoolCommand,
+    },
     /// Dead letters of a running gateway: list, show, redrive, discard (through its
     /// admin API).
     Dlq {
@@ -91,6 +96,28 @@ enum Command {
         target: admin_client::AdminTarget,
         #[command(subcommand)]
         command: admin_client::AdminCommand,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum SpoolCommand {
+    /// Deliver everything in DIR's spool to the configured sinks, its dead letters run
+    /// again first, and report what was delivered and what is left. Refused while a
+    /// gateway runs on DIR. Exits 0 when nothing is left, 1 otherwise.
+    Drain {
+        /// The data directory (a dead instance's volume).
+        #[arg(long)]
+        data_dir: PathBuf,
+        /// The configuration whose sinks (and plugins, for dead letters) to use: the
+        /// fleet's. Without it: the embedded default (the local sink, in DIR).
+        #[arg(long, short, env = "SLUICE_CONFIG")]
+        config: Option<PathBuf>,
+        /// Give up after this many seconds, leaving what was not delivered in DIR.
+        #[arg(long, default_value_t = 300)]
+        timeout: u64,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
 }
 
@@ -237,6 +264,15 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
+        Command::Spool {
+            command:
+                SpoolCommand::Drain {
+                    data_dir,
+                    config,
+                    timeout,
+                    json,
+                },
+        } => spool_drain(data_dir, config, timeout, json),
         Command::Plugin {
             command: PluginCommand::Check { file },
         } => plugin_check(&file),
@@ -364,4 +400,65 @@ fn plugin_check(file: &std::path::Path) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::FAILURE)
         }
     }
+}
+
+/// `sluice spool drain`.
+fn spool_drain(
+    data_dir: PathBuf,
+    config: Option<PathBuf>,
+    timeout: u64,
+    json: bool,
+) -> anyhow::Result<ExitCode> {
+    let source = sluice_gateway::reconfigure::ConfigSource {
+        path: config,
+        data_dir: Some(data_dir),
+        ..Default::default()
+    };
+    let config = source.load()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.plugins.workers)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")?;
+    let report = runtime.block_on(sluice_gateway::handover::drain(
+        &config,
+        std::time::Duration::from_secs(timeout),
+    ))?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        println!(
+            "{} (instance {}), in {:.1} s:",
+            report.data_dir, report.instance, report.seconds
+        );
+        for sink in &report.sinks {
+            println!(
+                "  {:<9} {} delivered, {} left",
+                sink.sink, sink.delivered, sink.left
+            );
+        }
+        println!(
+            "  dead letters: {} run again, {} left{}",
+            report.dead_letters_redriven,
+            report.dead_letters_left,
+            if report.dead_letters_left > 0 {
+                " (refused again: `sluice dlq list` on a gateway run on the directory says why)"
+            } else {
+                ""
+            }
+        );
+        println!(
+            "{}",
+            if report.complete {
+                "everything was delivered"
+            } else {
+                "NOT everything was delivered: what is left stays in the directory; drain it again"
+            }
+        );
+    }
+    Ok(if report.complete {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }

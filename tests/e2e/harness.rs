@@ -96,11 +96,16 @@ impl Gateway {
         Gateway::start_in(dir, config, reqwest::blocking::Client::new())
     }
 
+    /// Kills the gateway with SIGKILL: no chance to clean up.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
     /// Kills the gateway with SIGKILL (no chance to clean up) and starts it again on
     /// the same configuration and data directory.
     pub fn crash_and_restart(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
         let (child, url, admin, mqtt) = spawn(self.dir.path());
         self.child = child;
         self.url = url;
@@ -111,8 +116,7 @@ impl Gateway {
     /// Kills the gateway with SIGKILL, runs `meanwhile` while it is down, and starts it
     /// again on the same configuration and data directory.
     pub fn crash_and_restart_after(&mut self, meanwhile: impl FnOnce()) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
         meanwhile();
         let (child, url, admin, mqtt) = spawn(self.dir.path());
         self.child = child;

@@ -1,9 +1,11 @@
 //! Many instances behind a load balancer (issue 23): an instance leaves before it stops,
-//! so that the balancer sees it go before its clients are told to.
+//! so that the balancer sees it go before its clients are told to; a dead instance's
+//! data directory is delivered by `sluice spool drain`.
 
 use std::time::Duration;
 
-use crate::harness::{Gateway, eventually};
+use crate::cloud::{TestEnv, unique};
+use crate::harness::{Gateway, eventually, sluice};
 use crate::raw_mqtt::{Packet5, RawMqtt};
 
 /// SIGTERM with `server.leave_delay_ms`: the gateway first leaves. `/readyz` turns red
@@ -106,4 +108,89 @@ fn sluice_admin_drain_stops_the_gateway_as_sigterm_does() {
         .status();
     assert_eq!(status, 503);
     assert!(gateway.wait_exit(Duration::from_secs(30)).success());
+}
+
+/// What an instance acknowledged and never delivered (records its unreachable sink never
+/// took, dead letters Kinesis refused while the stream was missing) is delivered from its
+/// data directory by `sluice spool drain` once the instance is dead: every message read
+/// back from the stream, none left. While the instance runs, the directory is refused.
+#[test]
+fn spool_drain_delivers_a_dead_instances_queue_and_dead_letters() {
+    let env = TestEnv::get();
+    let stream = unique("handover");
+    let fleet = env.kinesis_config(&stream, "");
+    let mut gateway = Gateway::start(&fleet);
+    // The stream does not exist yet: Kinesis refuses these for good.
+    for n in 0..3 {
+        let reply = gateway.publish("t", "dev-1", format!("dead-{n}"));
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+    }
+    eventually(Duration::from_secs(30), "three dead letters", || {
+        (gateway.dead_letters().len() == 3).then_some(())
+    });
+    // Kinesis unreachable: these are acknowledged and wait in the spool.
+    let own = gateway.dir.path().join("sluice.toml");
+    let unreachable = std::fs::read_to_string(&own)
+        .unwrap()
+        .replace(&env.aws_endpoint(), "http://127.0.0.1:9");
+    gateway.crash_and_restart_after(|| std::fs::write(&own, unreachable).unwrap());
+    for n in 0..5 {
+        let reply = gateway.publish("t", "dev-1", format!("queued-{n}"));
+        assert_eq!(reply.status, 200, "{:?}", reply.body);
+    }
+    let data = gateway.dir.path().join("data");
+    let fleet_file = gateway.dir.path().join("fleet.toml");
+    std::fs::write(&fleet_file, &fleet).unwrap();
+    let drain = |json: bool| {
+        let mut args = vec![
+            "spool".to_string(),
+            "drain".to_string(),
+            "--data-dir".to_string(),
+            data.display().to_string(),
+            "--config".to_string(),
+            fleet_file.display().to_string(),
+            "--timeout".to_string(),
+            "60".to_string(),
+        ];
+        if json {
+            args.push("--json".to_string());
+        }
+        sluice(&args.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let (code, _, error) = drain(false);
+    assert_eq!(
+        code, 1,
+        "a directory a live gateway holds is refused: {error}"
+    );
+    assert!(error.contains("is in use by another process"), "{error}");
+    assert_eq!(gateway.spooled(), 5, "nothing taken from the live instance");
+
+    gateway.kill();
+    env.create_stream(&stream, 1);
+    let (code, out, error) = drain(true);
+    assert_eq!(code, 0, "{out}{error}");
+    let report: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(report["complete"], true, "{report}");
+    assert_eq!(report["dead_letters_redriven"], 3, "{report}");
+    assert_eq!(report["dead_letters_left"], 0, "{report}");
+    let kinesis = report["sinks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|sink| sink["sink"] == "kinesis")
+        .unwrap();
+    assert_eq!(kinesis["delivered"], 8, "{report}");
+    assert_eq!(kinesis["left"], 0, "{report}");
+    let mut got: Vec<String> = env
+        .read_stream(&stream)
+        .into_iter()
+        .map(|(_, _, data)| String::from_utf8(data).unwrap())
+        .collect();
+    got.sort();
+    let mut expected: Vec<String> = (0..3)
+        .map(|n| format!("dead-{n}"))
+        .chain((0..5).map(|n| format!("queued-{n}")))
+        .collect();
+    expected.sort();
+    assert_eq!(got, expected);
 }
