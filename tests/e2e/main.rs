@@ -3,6 +3,7 @@
 
 mod harness;
 
+mod balancer;
 mod cli;
 mod cloud;
 mod commands;

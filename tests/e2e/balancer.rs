@@ -1,0 +1,233 @@
+//! Instances behind a real load balancer (issue 23): HAProxy (Debian's package, installed
+//! by `scripts/test-env`) in TCP mode in front of three `sluice` processes from one
+//! configuration, its health check on each one's `/readyz`, and a fleet of paho-mqtt
+//! devices (`tests/clients/fleet.py`) publishing QoS 1 through it while an instance dies
+//! or leaves. What the devices were acknowledged is read back from the instances' sinks.
+
+use std::collections::HashMap;
+use std::io::{BufRead as _, Write as _};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::harness::{Gateway, eventually};
+use crate::mqtt_sessions::PahoSession;
+
+/// HAProxy in TCP mode, one server per gateway's MQTT listener, checked on its `/readyz`
+/// every 200 ms (down after 2 failures).
+struct Balancer {
+    child: Child,
+    /// `mqtt://127.0.0.1:PORT`: the balancer's front.
+    url: String,
+    /// The stats socket (`show stat`).
+    socket: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Balancer {
+    fn start(gateways: &[Gateway]) -> Balancer {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let socket = dir.path().join("haproxy.sock");
+        let servers: String = gateways
+            .iter()
+            .enumerate()
+            .map(|(n, gateway)| {
+                let mqtt = gateway.mqtt.trim_start_matches("mqtt://");
+                let http = gateway.url.rsplit(':').next().unwrap();
+                format!("    server s{n} {mqtt} check port {http}\n")
+            })
+            .collect();
+        let config = format!(
+            "global\n    stats socket {socket} mode 600 level admin\n\
+             defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 1300s\n    timeout server 1300s\n\
+             frontend mqtt\n    bind 127.0.0.1:{port}\n    default_backend sluice\n\
+             backend sluice\n    balance roundrobin\n    option httpchk GET /readyz\n    http-check expect status 200\n\
+             \x20   default-server inter 200ms fall 2 rise 2\n{servers}",
+            socket = socket.display()
+        );
+        let file = dir.path().join("haproxy.cfg");
+        std::fs::write(&file, config).unwrap();
+        let haproxy =
+            std::env::var("SLUICE_TEST_HAPROXY").expect("SLUICE_TEST_HAPROXY: run scripts/test");
+        let child = Command::new(haproxy)
+            .arg("-db")
+            .arg("-f")
+            .arg(&file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start haproxy");
+        let balancer = Balancer {
+            child,
+            url: format!("mqtt://127.0.0.1:{port}"),
+            socket,
+            _dir: dir,
+        };
+        eventually(
+            Duration::from_secs(20),
+            "HAProxy to see every server up",
+            || {
+                (0..gateways.len())
+                    .all(|n| balancer.status(n).as_deref() == Some("UP"))
+                    .then_some(())
+            },
+        );
+        balancer
+    }
+
+    /// Server `n`'s status as HAProxy sees it (`UP`, `DOWN`, …), from `show stat`.
+    fn status(&self, n: usize) -> Option<String> {
+        let mut stream = std::os::unix::net::UnixStream::connect(&self.socket).ok()?;
+        stream.write_all(b"show stat\n").ok()?;
+        let name = format!("s{n}");
+        std::io::BufReader::new(stream)
+            .lines()
+            .map_while(Result::ok)
+            .find_map(|line| {
+                let fields: Vec<&str> = line.split(',').collect();
+                // pxname, svname, …; status is the 18th field.
+                (fields.first() == Some(&"sluice") && fields.get(1) == Some(&name.as_str()))
+                    .then(|| fields.get(17).map(|s| s.to_string()))
+                    .flatten()
+            })
+    }
+}
+
+impl Drop for Balancer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Three instances from one configuration: MQTT on a listener of its own, everything to
+/// the local sink (read back from each instance's directory).
+fn three_instances(extra: &str) -> Vec<Gateway> {
+    let config = format!(
+        "[server]\n{extra}\n[mqtt]\nlisten = \"127.0.0.1:0\"\n[routing]\ndefault_destination = \"local\"\n"
+    );
+    (0..3).map(|_| Gateway::start(&config)).collect()
+}
+
+/// `devices` paho devices through `balancer`, publishing for `seconds`.
+fn fleet(balancer: &Balancer, version: u8, devices: usize, seconds: u64) -> PahoSession {
+    PahoSession::python(
+        "tests/clients/fleet.py",
+        &[json!({
+            "url": balancer.url, "version": version, "devices": devices,
+            "interval": 0.5, "seconds": seconds,
+        })
+        .to_string()],
+    )
+}
+
+/// Every payload in the instances' sinks, with how many times each arrived.
+fn delivered(gateways: &[Gateway]) -> HashMap<String, usize> {
+    let mut seen = HashMap::new();
+    for gateway in gateways {
+        for line in gateway.sink("local") {
+            if let Some(text) = line["payload_text"].as_str() {
+                *seen.entry(text.to_string()).or_insert(0) += 1;
+            }
+        }
+    }
+    seen
+}
+
+/// Checks that every payload the fleet was acknowledged is in a sink; says how many
+/// arrived more than once (at least once is the promise).
+fn nothing_acknowledged_is_lost(done: &Value, gateways: &[Gateway]) {
+    let acked: Vec<&str> = done["acked"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    let seen = delivered(gateways);
+    let lost: Vec<&&str> = acked.iter().filter(|p| !seen.contains_key(**p)).collect();
+    let duplicates = seen.values().filter(|n| **n > 1).count();
+    eprintln!(
+        "fleet: {} published, {} acknowledged, {} delivered, {duplicates} delivered more than once, {} lost, {} connections",
+        done["published"],
+        acked.len(),
+        seen.len(),
+        lost.len(),
+        done["connections"]
+    );
+    assert!(acked.len() > 200, "the fleet got going: {}", acked.len());
+    assert!(lost.is_empty(), "acknowledged and lost: {lost:?}");
+}
+
+/// 200 devices publishing QoS 1 through HAProxy while one instance is killed with
+/// SIGKILL: its devices reconnect through HAProxy to the others and go on; once the dead
+/// instance's data directory is delivered (restarted on the same directory), every
+/// acknowledged message is in a sink.
+#[test]
+fn an_instance_killed_under_load_behind_haproxy_loses_nothing_acknowledged() {
+    let mut gateways = three_instances("");
+    let balancer = Balancer::start(&gateways);
+    let fleet = fleet(&balancer, 4, 200, 8);
+    fleet.next("connected");
+    eventually(Duration::from_secs(20), "acknowledged publishes", || {
+        (fleet.next("progress")["acked"].as_u64()? > 200).then_some(())
+    });
+    gateways[0].kill();
+    eventually(Duration::from_secs(20), "HAProxy to take s0 out", || {
+        balancer.status(0)?.starts_with("DOWN").then_some(())
+    });
+    let done = fleet.next("done");
+    assert!(
+        done["connections"].as_u64().unwrap() > 200,
+        "the dead instance's devices connected again: {done}"
+    );
+    gateways[0].restart();
+    nothing_acknowledged_is_lost(&done, &gateways);
+}
+
+/// SIGTERM to one of three instances while 200 MQTT 5 devices publish through HAProxy:
+/// HAProxy's health check sees `/readyz` red and takes the instance out while its
+/// devices are still connected to it; then they are told to go (DISCONNECT 0x8B),
+/// reconnect through HAProxy to the others, the instance delivers its spool and exits 0,
+/// and every acknowledged message is in a sink.
+#[test]
+fn an_instance_leaving_under_load_behind_haproxy_is_taken_out_first_and_loses_nothing() {
+    let mut gateways = three_instances("leave_delay_ms = 1500");
+    let balancer = Balancer::start(&gateways);
+    let fleet = fleet(&balancer, 5, 200, 8);
+    fleet.next("connected");
+    eventually(Duration::from_secs(20), "acknowledged publishes", || {
+        (fleet.next("progress")["acked"].as_u64()? > 200).then_some(())
+    });
+    let sessions = |gateway: &Gateway| {
+        gateway.admin_get("/admin/devices")["sessions"]
+            .as_array()
+            .map_or(0, Vec::len)
+    };
+    assert!(sessions(&gateways[0]) > 0, "devices on the first instance");
+    gateways[0].send_sigterm();
+    eventually(Duration::from_secs(10), "HAProxy to take s0 out", || {
+        balancer.status(0)?.starts_with("DOWN").then_some(())
+    });
+    assert!(
+        sessions(&gateways[0]) > 0,
+        "HAProxy took the instance out before its devices were told to go"
+    );
+    let done = fleet.next("done");
+    assert!(
+        gateways[0].wait_exit(Duration::from_secs(30)).success(),
+        "the leaving instance exits 0"
+    );
+    assert!(
+        done["disconnect_reasons"]["139"].as_u64().unwrap_or(0) > 0,
+        "devices told to go with 0x8B: {}",
+        done["disconnect_reasons"]
+    );
+    gateways[0].restart();
+    nothing_acknowledged_is_lost(&done, &gateways);
+}
