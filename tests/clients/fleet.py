@@ -5,12 +5,16 @@ behind a load balancer. Reports JSON lines on stdout.
 usage: fleet.py JSON
   {"url": "mqtt://127.0.0.1:PORT", "version": 4 | 5, "devices": N, "prefix": "dev",
    "interval": SECONDS between a device's publishes, "seconds": SECONDS of publishing
-   after every device connected}
+   after every device connected,
+   "subscribe"?: "cmd/run/{id}/#" (each device subscribes, QoS 1, to its own filter; with
+   MQTT 5 its session is kept 600 s and resumed on every reconnection)}
 events:
   {"event": "connected", "devices": N}                       every device connected once
-  {"event": "progress", "acked": N, "connections": N}        about once a second
+                                                             (and subscribed)
+  {"event": "progress", "acked": N, "connections": N, "received": N}   about once a second
   {"event": "done", "published": N, "acked": ["dev-3:17", ...], "refused": N,
-   "connections": N, "disconnect_reasons": {"139": N, ...}}
+   "connections": N, "disconnect_reasons": {"139": N, ...},
+   "received": ["payload", ...] (every message received, repeats included)}
 A payload is "<client id>:<sequence>"; "acked" lists those whose PUBACK said success
 (reason below 0x80). "connections" counts CONNACKs, reconnections included;
 "disconnect_reasons" counts the DISCONNECT reason codes the server sent (MQTT 5).
@@ -23,6 +27,8 @@ import time
 import urllib.parse
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 spec = json.loads(sys.argv[1])
 url = urllib.parse.urlparse(spec["url"])
@@ -30,6 +36,7 @@ version = mqtt.MQTTv5 if spec["version"] == 5 else mqtt.MQTTv311
 count = spec["devices"]
 interval = spec.get("interval", 0.5)
 seconds = spec.get("seconds", 10)
+subscribe = spec.get("subscribe")
 
 # Callbacks run on paho's network threads: they only put events on this queue, so that
 # they never wait on a lock a publishing thread holds.
@@ -53,11 +60,22 @@ class Device:
         self.client.on_connect = self.on_connect
         self.client.on_publish = self.on_publish
         self.client.on_disconnect = self.on_disconnect
+        self.client.on_subscribe = self.on_subscribe
+        self.client.on_message = self.on_message
         self.sent = {}  # mid -> payload, per connection's numbering (paho keeps mids)
         self.seq = 0
 
     def on_connect(self, client, userdata, flags, reason, properties):
-        events.put(("connack", self.id, int(reason.value if hasattr(reason, "value") else reason)))
+        code = int(reason.value if hasattr(reason, "value") else reason)
+        events.put(("connack", self.id, code))
+        if code == 0 and subscribe and not flags.session_present:
+            client.subscribe(subscribe.replace("{id}", self.id), qos=1)
+
+    def on_subscribe(self, client, userdata, mid, reasons, properties):
+        events.put(("suback", self.id))
+
+    def on_message(self, client, userdata, message):
+        events.put(("message", self.id, message.payload.decode()))
 
     def on_publish(self, client, userdata, mid, reason, properties):
         code = reason.value if hasattr(reason, "value") else int(reason)
@@ -68,7 +86,13 @@ class Device:
         events.put(("disconnect", self.id, code))
 
     def start(self):
-        self.client.connect_async(url.hostname, url.port, keepalive=30)
+        if subscribe and version == mqtt.MQTTv5:
+            properties = Properties(PacketTypes.CONNECT)
+            properties.SessionExpiryInterval = 600
+            # Clean start on the first connection only: every reconnection resumes.
+            self.client.connect_async(url.hostname, url.port, keepalive=30, properties=properties)
+        else:
+            self.client.connect_async(url.hostname, url.port, keepalive=30)
         self.client.loop_start()
 
     def publish(self):
@@ -91,6 +115,8 @@ refused = 0
 connections = 0
 reasons = {}
 published = 0
+subscribed = set()
+received = []
 
 
 def settle_events():
@@ -113,6 +139,10 @@ def settle_events():
                 acked.add(payload)
             else:
                 refused += 1
+        elif kind == "suback":
+            subscribed.add(device.id)
+        elif kind == "message":
+            received.append(event[2])
         elif kind == "disconnect" and version == mqtt.MQTTv5 and event[2] not in (0,):
             reasons[str(event[2])] = reasons.get(str(event[2]), 0) + 1
 
@@ -120,7 +150,7 @@ def settle_events():
 for device in devices:
     device.start()
 deadline = time.monotonic() + 60
-while len(first_connacks) < count:
+while len(first_connacks) < count or (subscribe and len(subscribed) < count):
     settle_events()
     if time.monotonic() > deadline:
         emit({"event": "error", "message": f"{len(first_connacks)} of {count} connected"})
@@ -137,7 +167,8 @@ while time.monotonic() < end:
             published += 1
     settle_events()
     if time.monotonic() >= next_progress:
-        emit({"event": "progress", "acked": len(acked), "connections": connections})
+        emit({"event": "progress", "acked": len(acked), "connections": connections,
+              "received": len(received)})
         next_progress += 1
     time.sleep(max(0.0, interval - (time.monotonic() - round_started)))
 
@@ -160,4 +191,5 @@ emit({
     "refused": refused,
     "connections": connections,
     "disconnect_reasons": reasons,
+    "received": received,
 })

@@ -2,7 +2,8 @@
 //! by `scripts/test-env`) in TCP mode in front of three `sluice` processes from one
 //! configuration, its health check on each one's `/readyz`, and a fleet of paho-mqtt
 //! devices (`tests/clients/fleet.py`) publishing QoS 1 through it while an instance dies
-//! or leaves. What the devices were acknowledged is read back from the instances' sinks.
+//! or leaves. What the devices were acknowledged is read back from the instances' sinks;
+//! commands sent at the broker (mosquitto, IoT Core's part) are counted at the devices.
 
 use std::collections::HashMap;
 use std::io::{BufRead as _, Write as _};
@@ -11,6 +12,7 @@ use std::time::Duration;
 
 use serde_json::{Value, json};
 
+use crate::cloud::{Subscriber, TestEnv, unique};
 use crate::harness::{Gateway, eventually};
 use crate::mqtt_sessions::PahoSession;
 
@@ -230,4 +232,72 @@ fn an_instance_leaving_under_load_behind_haproxy_is_taken_out_first_and_loses_no
     );
     gateways[0].restart();
     nothing_acknowledged_is_lost(&done, &gateways);
+}
+
+/// Commands for 200 devices, QoS 1, published at the broker while instances die
+/// (SIGKILL) and their devices move through HAProxy to the others: each device's session
+/// lives at the broker (`[upstream]`, IoT Core's part), resumed wherever the device comes
+/// back, so every command reaches its device.
+#[test]
+fn commands_for_devices_moving_between_instances_behind_haproxy_all_arrive() {
+    let env = TestEnv::get();
+    let run = unique("moving");
+    let config = format!(
+        "{}\n[mqtt]\nlisten = \"127.0.0.1:0\"\n[routing]\ndefault_destination = \"local\"\n",
+        env.upstream_config_via(env.mqtt_address().port())
+    );
+    let mut gateways: Vec<Gateway> = (0..3).map(|_| Gateway::start(&config)).collect();
+    let balancer = Balancer::start(&gateways);
+    let commander = Subscriber::connect(&env, &format!("cmd/{run}/#"));
+    let devices = 200;
+    let fleet = PahoSession::python(
+        "tests/clients/fleet.py",
+        &[json!({
+            "url": balancer.url, "version": 5, "devices": devices, "prefix": run,
+            "interval": 1.0, "seconds": 15, "subscribe": format!("cmd/{run}/{{id}}/#"),
+        })
+        .to_string()],
+    );
+    fleet.next("connected");
+    let mut sent = Vec::new();
+    for round in 0..4 {
+        for n in 0..devices {
+            let payload = format!("{run}-{n}:{round}");
+            commander.publish(&format!("cmd/{run}/{run}-{n}/c"), &payload);
+            sent.push(payload);
+        }
+        // Back through the commander's own subscription: the broker has them all.
+        commander.take(devices);
+        match round {
+            0 => gateways[0].kill(),
+            2 => gateways[1].kill(),
+            _ => {}
+        }
+    }
+    let done = fleet.next("done");
+    let received: Vec<&str> = done["received"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|p| p.as_str().unwrap())
+        .collect();
+    let unique: std::collections::HashSet<&str> = received.iter().copied().collect();
+    let lost: Vec<&String> = sent
+        .iter()
+        .filter(|p| !unique.contains(p.as_str()))
+        .collect();
+    eprintln!(
+        "commands: {} sent, {} received, {} received more than once, {} lost, {} connections",
+        sent.len(),
+        received.len(),
+        received.len() - unique.len(),
+        lost.len(),
+        done["connections"]
+    );
+    assert!(
+        done["connections"].as_u64().unwrap() > devices as u64,
+        "devices moved: {}",
+        done["connections"]
+    );
+    assert!(lost.is_empty(), "{} commands lost: {lost:?}", lost.len());
 }
