@@ -16,19 +16,27 @@ use crate::cloud::{Subscriber, TestEnv, unique};
 use crate::harness::{Gateway, eventually};
 use crate::mqtt_sessions::PahoSession;
 
-/// HAProxy in TCP mode, one server per gateway's MQTT listener, checked on its `/readyz`
+/// HAProxy in TCP mode, round robin over servers checked on their gateway's `/readyz`
 /// every 200 ms (down after 2 failures).
 struct Balancer {
     child: Child,
-    /// `mqtt://127.0.0.1:PORT`: the balancer's front.
-    url: String,
+    /// `127.0.0.1:PORT`: the balancer's front.
+    address: String,
     /// The stats socket (`show stat`).
     socket: std::path::PathBuf,
     _dir: tempfile::TempDir,
 }
 
+/// Which of a gateway's listeners the balancer sends to.
+#[derive(Clone, Copy)]
+enum Front {
+    Mqtt,
+    Http,
+}
+
 impl Balancer {
-    fn start(gateways: &[Gateway]) -> Balancer {
+    /// In front of `front` of each of `gateways`.
+    fn start(gateways: &[Gateway], front: Front) -> Balancer {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -40,15 +48,19 @@ impl Balancer {
             .iter()
             .enumerate()
             .map(|(n, gateway)| {
-                let mqtt = gateway.mqtt.trim_start_matches("mqtt://");
-                let http = gateway.url.rsplit(':').next().unwrap();
-                format!("    server s{n} {mqtt} check port {http}\n")
+                let http = gateway.url.trim_start_matches("http://");
+                let address = match front {
+                    Front::Mqtt => gateway.mqtt.trim_start_matches("mqtt://"),
+                    Front::Http => http,
+                };
+                let check = http.rsplit(':').next().unwrap();
+                format!("    server s{n} {address} check port {check}\n")
             })
             .collect();
         let config = format!(
             "global\n    stats socket {socket} mode 600 level admin\n\
              defaults\n    mode tcp\n    timeout connect 2s\n    timeout client 1300s\n    timeout server 1300s\n\
-             frontend mqtt\n    bind 127.0.0.1:{port}\n    default_backend sluice\n\
+             frontend devices\n    bind 127.0.0.1:{port}\n    default_backend sluice\n\
              backend sluice\n    balance roundrobin\n    option httpchk GET /readyz\n    http-check expect status 200\n\
              \x20   default-server inter 200ms fall 2 rise 2\n{servers}",
             socket = socket.display()
@@ -67,7 +79,7 @@ impl Balancer {
             .expect("start haproxy");
         let balancer = Balancer {
             child,
-            url: format!("mqtt://127.0.0.1:{port}"),
+            address: format!("127.0.0.1:{port}"),
             socket,
             _dir: dir,
         };
@@ -122,7 +134,7 @@ fn fleet(balancer: &Balancer, version: u8, devices: usize, seconds: u64) -> Paho
     PahoSession::python(
         "tests/clients/fleet.py",
         &[json!({
-            "url": balancer.url, "version": version, "devices": devices,
+            "url": format!("mqtt://{}", balancer.address), "version": version, "devices": devices,
             "interval": 0.5, "seconds": seconds,
         })
         .to_string()],
@@ -173,7 +185,7 @@ fn nothing_acknowledged_is_lost(done: &Value, gateways: &[Gateway]) {
 #[test]
 fn an_instance_killed_under_load_behind_haproxy_loses_nothing_acknowledged() {
     let mut gateways = three_instances("");
-    let balancer = Balancer::start(&gateways);
+    let balancer = Balancer::start(&gateways, Front::Mqtt);
     let fleet = fleet(&balancer, 4, 200, 8);
     fleet.next("connected");
     eventually(Duration::from_secs(20), "acknowledged publishes", || {
@@ -200,7 +212,7 @@ fn an_instance_killed_under_load_behind_haproxy_loses_nothing_acknowledged() {
 #[test]
 fn an_instance_leaving_under_load_behind_haproxy_is_taken_out_first_and_loses_nothing() {
     let mut gateways = three_instances("leave_delay_ms = 1500");
-    let balancer = Balancer::start(&gateways);
+    let balancer = Balancer::start(&gateways, Front::Mqtt);
     let fleet = fleet(&balancer, 5, 200, 8);
     fleet.next("connected");
     eventually(Duration::from_secs(20), "acknowledged publishes", || {
@@ -247,13 +259,13 @@ fn commands_for_devices_moving_between_instances_behind_haproxy_all_arrive() {
         env.upstream_config_via(env.mqtt_address().port())
     );
     let mut gateways: Vec<Gateway> = (0..3).map(|_| Gateway::start(&config)).collect();
-    let balancer = Balancer::start(&gateways);
+    let balancer = Balancer::start(&gateways, Front::Mqtt);
     let commander = Subscriber::connect(&env, &format!("cmd/{run}/#"));
     let devices = 200;
     let fleet = PahoSession::python(
         "tests/clients/fleet.py",
         &[json!({
-            "url": balancer.url, "version": 5, "devices": devices, "prefix": run,
+            "url": format!("mqtt://{}", balancer.address), "version": 5, "devices": devices, "prefix": run,
             "interval": 1.0, "seconds": 15, "subscribe": format!("cmd/{run}/{{id}}/#"),
         })
         .to_string()],
@@ -300,4 +312,78 @@ fn commands_for_devices_moving_between_instances_behind_haproxy_all_arrive() {
         done["connections"]
     );
     assert!(lost.is_empty(), "{} commands lost: {lost:?}", lost.len());
+}
+
+/// A device that long-polls for commands (`GET /commands`) through HAProxy, each poll on
+/// a new connection, so round robin sends its polls to each of three instances in turn:
+/// its session at the broker moves with its polls, and every command sent meanwhile is
+/// returned to it, none once per instance.
+#[test]
+fn a_device_polling_through_a_round_robin_balancer_gets_each_command() {
+    let env = TestEnv::get();
+    let run = unique("polling");
+    let config = format!(
+        "{}\n[routing]\ndefault_destination = \"local\"\n",
+        env.commands_config(&run, 600)
+    );
+    let gateways: Vec<Gateway> = (0..3).map(|_| Gateway::start(&config)).collect();
+    let balancer = Balancer::start(&gateways, Front::Http);
+    let commander = Subscriber::connect(&env, &format!("cmd/{run}/#"));
+    let device = format!("{run}-valve");
+    // No connection kept between polls: each goes through the balancer anew.
+    let client = reqwest::blocking::Client::builder()
+        .pool_max_idle_per_host(0)
+        .build()
+        .unwrap();
+    let poll = || -> Vec<String> {
+        let response = client
+            .get(format!("http://{}/commands?wait=2", balancer.address))
+            .header("x-device-id", &device)
+            .send()
+            .unwrap();
+        assert_eq!(response.status(), 200);
+        let answer: Value = response.json().unwrap();
+        answer["commands"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| c["payload_text"].as_str().unwrap_or_default().to_string())
+            .collect()
+    };
+    // The first poll opens the device's session at the broker.
+    assert!(poll().is_empty());
+    let sent: Vec<String> = (0..12).map(|n| format!("command-{n}")).collect();
+    let mut received = Vec::new();
+    for (n, payload) in sent.iter().enumerate() {
+        commander.publish(&format!("cmd/{run}/{device}/c{n}"), payload);
+        commander.take(1);
+        received.extend(poll());
+    }
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    while received.len() < sent.len() && std::time::Instant::now() < deadline {
+        received.extend(poll());
+    }
+    let mut unique = received.clone();
+    unique.sort();
+    unique.dedup();
+    eprintln!(
+        "polls: {} commands sent, {} returned, {} distinct",
+        sent.len(),
+        received.len(),
+        unique.len()
+    );
+    let mut expected = sent.clone();
+    expected.sort();
+    assert_eq!(unique, expected, "every command returned");
+    assert_eq!(
+        received.len(),
+        sent.len(),
+        "none returned twice: {received:?}"
+    );
+    for gateway in &gateways {
+        assert!(
+            gateway.metric(r#"sluice_upstream_events_total{status="connected"}"#) >= 1.0,
+            "the polls went to every instance, each opening the device's session there"
+        );
+    }
 }
