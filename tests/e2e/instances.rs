@@ -194,3 +194,27 @@ fn spool_drain_delivers_a_dead_instances_queue_and_dead_letters() {
     expected.sort();
     assert_eq!(got, expected);
 }
+
+/// With `mqtt.server_reference`, a leaving gateway sends its MQTT 5 clients elsewhere:
+/// DISCONNECT 0x9C (use another server) naming that server.
+#[test]
+fn a_leaving_gateway_sends_mqtt5_clients_to_the_configured_server() {
+    let mut gateway = Gateway::start(
+        "[mqtt]\nlisten = \"127.0.0.1:0\"\nserver_reference = \"edge-b.example.com:8883\"\n[routing]\ndefault_destination = \"local\"\n",
+    );
+    let (mut session, connack) = RawMqtt::connect(&gateway, "moved", &[]);
+    assert!(
+        matches!(connack, Packet5::ConnAck(ref ack) if ack.code as u8 == 0),
+        "{connack:?}"
+    );
+    gateway.send_sigterm();
+    match session.next() {
+        Some(Packet5::Disconnect(disconnect)) => {
+            assert_eq!(disconnect.reason_code as u8, 0x9c, "use another server");
+            let reference = disconnect.properties.and_then(|p| p.server_reference);
+            assert_eq!(reference.as_deref(), Some("edge-b.example.com:8883"));
+        }
+        other => panic!("expected DISCONNECT 0x9C, got {other:?}"),
+    }
+    assert!(gateway.wait_exit(Duration::from_secs(30)).success());
+}

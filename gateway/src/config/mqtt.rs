@@ -43,6 +43,12 @@ pub struct MqttConfig {
     /// reason under `plugins.on_failure`.
     #[serde(default = "default_v311_plugin_failure")]
     pub v311_plugin_failure: FailurePath,
+    /// Where MQTT 5 clients are sent when this instance leaves (SIGTERM, `sluice admin
+    /// drain`): DISCONNECT 0x9C (use another server) with this as its Server Reference
+    /// (`host[:port]`, as MQTT 5 §4.11 has it: another site, the new name of a moved
+    /// fleet). Absent: DISCONNECT 0x8B (server shutting down), and clients reconnect where
+    /// they were configured to (behind a load balancer, to another instance).
+    pub server_reference: Option<String>,
 }
 
 fn default_true() -> bool {
@@ -74,6 +80,7 @@ impl Default for MqttConfig {
             connect_timeout_secs: default_connect_timeout(),
             session_expiry_secs: default_session_expiry(),
             v311_plugin_failure: default_v311_plugin_failure(),
+            server_reference: None,
         }
     }
 }
@@ -86,6 +93,16 @@ impl Config {
         }
         if mqtt.max_packet_bytes < 1024 {
             problems.push("mqtt.max_packet_bytes must be at least 1024".to_string());
+        }
+        if mqtt
+            .server_reference
+            .as_ref()
+            .is_some_and(|r| r.is_empty() || r.len() > 1024 || r.contains(char::is_whitespace))
+        {
+            problems.push(
+                "mqtt.server_reference must be host[:port], 1 to 1024 characters without spaces"
+                    .to_string(),
+            );
         }
         if mqtt.connect_timeout_secs == 0 {
             problems.push("mqtt.connect_timeout_secs must be at least 1".to_string());

@@ -707,6 +707,24 @@ pub fn disconnect(reason: DisconnectReasonCode) -> BytesMut {
     out
 }
 
+/// A DISCONNECT 0x9C (use another server) naming `reference` (5.0 only), for a
+/// gateway that leaves with `mqtt.server_reference` set.
+pub fn disconnect_to(reference: &str) -> BytesMut {
+    let mut out = BytesMut::with_capacity(8 + reference.len());
+    v5::Packet::Disconnect(v5::Disconnect {
+        reason_code: DisconnectReasonCode::UseAnotherServer,
+        properties: Some(v5::DisconnectProperties {
+            session_expiry_interval: None,
+            reason_string: None,
+            user_properties: Vec::new(),
+            server_reference: Some(reference.to_string()),
+        }),
+    })
+    .write(&mut out, None)
+    .expect("a DISCONNECT always encodes");
+    out
+}
+
 /// Longest reason string sent, in bytes: a reason is for a person reading a log, and a
 /// long one (a refusal quoting a 64 KiB topic) would overflow the property's 16-bit
 /// length and break the packet.

@@ -250,7 +250,14 @@ pub async fn run<T: Transport>(
     if let Some((reason, why)) = refused {
         tracing::info!(device = %identity.device_id, reason = format!("{:#04x}", reason as u8), why = %why, "MQTT connection closed by the gateway");
         if version == Version::V5 {
-            let _ = io.send(&codec::disconnect(reason)).await;
+            let reference = state.rules().mqtt.server_reference.clone();
+            let packet = match reference {
+                Some(reference) if reason == codec::DisconnectReasonCode::ServerShuttingDown => {
+                    codec::disconnect_to(&reference)
+                }
+                _ => codec::disconnect(reason),
+            };
+            let _ = io.send(&packet).await;
         }
     }
     // With a session at IoT Core, IoT Core publishes the will (the session's connection
