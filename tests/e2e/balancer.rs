@@ -27,6 +27,11 @@ struct Balancer {
     _dir: tempfile::TempDir,
 }
 
+/// Fields of HAProxy's `show stat` CSV (from 0): a server's status and its last check's
+/// result.
+const STATUS: usize = 17;
+const CHECK_STATUS: usize = 36;
+
 /// Which of a gateway's listeners the balancer sends to.
 #[derive(Clone, Copy)]
 enum Front {
@@ -37,6 +42,12 @@ enum Front {
 impl Balancer {
     /// In front of `front` of each of `gateways`.
     fn start(gateways: &[Gateway], front: Front) -> Balancer {
+        Balancer::start_checking(gateways, front, "")
+    }
+
+    /// Like [`Balancer::start`], with `check` added to each server's health check (TLS
+    /// options for gateways that serve HTTPS).
+    fn start_checking(gateways: &[Gateway], front: Front, check: &str) -> Balancer {
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
@@ -48,13 +59,13 @@ impl Balancer {
             .iter()
             .enumerate()
             .map(|(n, gateway)| {
-                let http = gateway.url.trim_start_matches("http://");
+                let http = gateway.url.split("://").nth(1).unwrap();
                 let address = match front {
-                    Front::Mqtt => gateway.mqtt.trim_start_matches("mqtt://"),
+                    Front::Mqtt => gateway.mqtt.split("://").nth(1).unwrap(),
                     Front::Http => http,
                 };
-                let check = http.rsplit(':').next().unwrap();
-                format!("    server s{n} {address} check port {check}\n")
+                let port = http.rsplit(':').next().unwrap();
+                format!("    server s{n} {address} check port {port} {check}\n")
             })
             .collect();
         let config = format!(
@@ -83,20 +94,23 @@ impl Balancer {
             socket,
             _dir: dir,
         };
-        eventually(
-            Duration::from_secs(20),
-            "HAProxy to see every server up",
-            || {
-                (0..gateways.len())
-                    .all(|n| balancer.status(n).as_deref() == Some("UP"))
-                    .then_some(())
-            },
-        );
+        // Each server's health check passed (`L7OK`: `/readyz` answered 200), not only
+        // HAProxy's initial "up" before any check.
+        eventually(Duration::from_secs(20), "HAProxy's checks to pass", || {
+            (0..gateways.len())
+                .all(|n| balancer.stat(n, CHECK_STATUS).as_deref() == Some("L7OK"))
+                .then_some(())
+        });
         balancer
     }
 
-    /// Server `n`'s status as HAProxy sees it (`UP`, `DOWN`, …), from `show stat`.
+    /// Server `n`'s status as HAProxy sees it (`UP`, `DOWN`, …).
     fn status(&self, n: usize) -> Option<String> {
+        self.stat(n, STATUS)
+    }
+
+    /// Field `field` of server `n`'s line of `show stat`.
+    fn stat(&self, n: usize, field: usize) -> Option<String> {
         let mut stream = std::os::unix::net::UnixStream::connect(&self.socket).ok()?;
         stream.write_all(b"show stat\n").ok()?;
         let name = format!("s{n}");
@@ -105,9 +119,8 @@ impl Balancer {
             .map_while(Result::ok)
             .find_map(|line| {
                 let fields: Vec<&str> = line.split(',').collect();
-                // pxname, svname, …; status is the 18th field.
                 (fields.first() == Some(&"sluice") && fields.get(1) == Some(&name.as_str()))
-                    .then(|| fields.get(17).map(|s| s.to_string()))
+                    .then(|| fields.get(field).map(|s| s.to_string()))
                     .flatten()
             })
     }
@@ -386,4 +399,99 @@ fn a_device_polling_through_a_round_robin_balancer_gets_each_command() {
             "the polls went to every instance, each opening the device's session there"
         );
     }
+}
+
+/// The AWS IoT Device SDK v2 (its defaults: MQTT 3.1.1, a persistent session) through
+/// HAProxy in TCP mode with TLS passed through, as the README's configuration has it:
+/// its client certificate reaches Sluice, which names the device by it, and HAProxy's
+/// health checks are HTTPS with a certificate of their own. The SDK's pubsub sample runs
+/// through an instance; that instance is killed; the sample runs again, through another
+/// instance, which resumes the device's session at the broker.
+#[test]
+fn the_aws_device_sdk_through_haproxy_with_tls_passed_through_moves_between_instances() {
+    let env = TestEnv::get();
+    let run = unique("sdk-lb");
+    let certs = crate::mqtt::certs();
+    // The IoT Core sink at its default client id: each instance's names the instance.
+    let sink: String = env
+        .mqtt_config()
+        .lines()
+        .filter(|line| !line.trim_start().starts_with("client_id"))
+        .collect::<Vec<_>>()
+        .join("\n");
+    let config = format!(
+        r#"
+        {sink}
+        {upstream}
+        {mtls}
+        [[policy.grants]]
+        name = "sdk"
+        devices = ["*"]
+        client_ids = ["${{device.id}}-*"]
+        publish = ["sdk/#"]
+        subscribe = ["sdk/#"]
+        "#,
+        upstream = env.upstream_config_via(env.mqtt_address().port()),
+        mtls = crate::mqtt::mtls_config(&certs),
+    );
+    let mut gateways: Vec<Gateway> = (0..3).map(|_| Gateway::start(&config)).collect();
+    // HAProxy's own certificate for its checks: the handshake requires one.
+    let check_pem = certs.join(format!("{run}-check.pem"));
+    let pem = [
+        std::fs::read(certs.join("test-subscriber.pem")).unwrap(),
+        std::fs::read(certs.join("test-subscriber.key")).unwrap(),
+    ]
+    .concat();
+    std::fs::write(&check_pem, pem).unwrap();
+    let balancer = Balancer::start_checking(
+        &gateways,
+        Front::Mqtt,
+        &format!("check-ssl verify none crt {}", check_pem.display()),
+    );
+    let port: u16 = balancer
+        .address
+        .rsplit(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let topic = format!("sdk/{run}/echo");
+    let pubsub = || {
+        let spec = json!({
+            "endpoint": "localhost", "port": port,
+            "ca": certs.join("ca.pem"), "cert": certs.join("test-subscriber.pem"),
+            "key": certs.join("test-subscriber.key"),
+            "client_id": format!("test-subscriber-{run}"), "thing": run, "timeout": 60,
+            "scenario": "pubsub", "topic": topic, "count": 3,
+        });
+        let device = PahoSession::python("tests/clients/aws_device.py", &[spec.to_string()]);
+        let connected = device.next("connected");
+        for _ in 0..3 {
+            device.next("message");
+        }
+        device.next("end");
+        connected["session_present"].as_bool().unwrap()
+    };
+    let connected_here = |gateway: &Gateway| {
+        gateway.metric(r#"sluice_upstream_events_total{status="connected"}"#) > 0.0
+    };
+    assert!(!pubsub(), "a new session");
+    let first = (0..3)
+        .find(|n| connected_here(&gateways[*n]))
+        .expect("an instance opened the device's session");
+    gateways[first].kill();
+    eventually(
+        Duration::from_secs(20),
+        "HAProxy to take the instance out",
+        || balancer.status(first)?.starts_with("DOWN").then_some(()),
+    );
+    assert!(
+        pubsub(),
+        "the session resumed at the broker through another instance"
+    );
+    let second = (0..3)
+        .filter(|n| *n != first)
+        .find(|n| connected_here(&gateways[*n]));
+    assert!(second.is_some(), "another instance served the device");
+    let _ = std::fs::remove_file(check_pem);
 }
