@@ -116,7 +116,7 @@ pub use crate::sink::aws::sdk_config as aws_sdk_config;
 
 /// Starts the gateway described by `config` (read from `source`, which a reload reads
 /// again) and serves until `shutdown` fires (or `POST /admin/drain`): it leaves for
-/// `server.leave_delay_ms`, then stops ([`shutdown::Leave`]).
+/// `server.leave_delay_ms`, then stops (`shutdown::Leave`).
 ///
 /// Everything that can fail because of the configuration (plugin files, TLS material,
 /// the listen address) fails here, before the first request is accepted.

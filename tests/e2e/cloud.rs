@@ -684,8 +684,9 @@ fn mqtt_publishes_reach_a_subscriber_through_mosquitto() {
 }
 
 /// Two instances started from one configuration (the sink's client id left at its
-/// default) each keep their own connection at the broker: neither takes the other's over,
-/// so each made exactly one, and each delivers.
+/// default) each keep their own connection at the broker for a minute (twelve of its
+/// 5-second keep-alives): neither takes the other's over, so each made exactly one, and
+/// each delivers throughout.
 #[test]
 fn two_instances_from_one_configuration_keep_their_own_broker_connections() {
     let env = TestEnv::get();
@@ -699,7 +700,11 @@ fn two_instances_from_one_configuration_keep_their_own_broker_connections() {
         .join("\n");
     let gateways = [Gateway::start(&config), Gateway::start(&config)];
     let connections = r#"sluice_sink_connections_total{sink="iot-core"}"#;
-    for round in 0..3 {
+    let started = std::time::Instant::now();
+    for round in 0..7u64 {
+        // Time passing is what is tested: a round every 10 s, for a minute.
+        let due = started + Duration::from_secs(10 * round);
+        std::thread::sleep(due.saturating_duration_since(std::time::Instant::now()));
         for (n, gateway) in gateways.iter().enumerate() {
             let reply = gateway.publish(&format!("{topic}/{n}?qos=1"), "dev-1", format!("{round}"));
             assert_eq!(reply.status, 200, "{:?}", reply.body);

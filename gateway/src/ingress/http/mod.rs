@@ -322,7 +322,7 @@ async fn readyz(State(state): State<AppState>) -> Response {
     if leaving {
         reasons.insert(
             0,
-            "leaving: the gateway is shutting down (SIGTERM or sluice drain)".to_string(),
+            "leaving: the gateway is shutting down (SIGTERM or sluice admin drain)".to_string(),
         );
     }
     if reasons.is_empty() {
