@@ -252,13 +252,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
                 instance_id,
             };
             let config = source.load()?;
-            // Plugins run on these threads too (see `plugins.workers`).
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(config.plugins.workers)
-                .enable_all()
-                .build()
-                .context("cannot start the async runtime")?;
-            runtime.block_on(async {
+            runtime(&config)?.block_on(async {
                 let shutdown = sluice_gateway::Shutdown::on_signals();
                 sluice_gateway::run(source, config, shutdown).await
             })?;
@@ -402,6 +396,16 @@ fn plugin_check(file: &std::path::Path) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// The async runtime `config`'s gateway runs on: plugins run on these threads too (see
+/// `plugins.workers`).
+fn runtime(config: &Config) -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(config.plugins.workers)
+        .enable_all()
+        .build()
+        .context("cannot start the async runtime")
+}
+
 /// `sluice spool drain`.
 fn spool_drain(
     data_dir: PathBuf,
@@ -415,12 +419,7 @@ fn spool_drain(
         ..Default::default()
     };
     let config = source.load()?;
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(config.plugins.workers)
-        .enable_all()
-        .build()
-        .context("cannot start the async runtime")?;
-    let report = runtime.block_on(sluice_gateway::handover::drain(
+    let report = runtime(&config)?.block_on(sluice_gateway::handover::drain(
         &config,
         std::time::Duration::from_secs(timeout),
     ))?;

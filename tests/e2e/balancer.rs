@@ -142,16 +142,22 @@ fn three_instances(extra: &str) -> Vec<Gateway> {
     (0..3).map(|_| Gateway::start(&config)).collect()
 }
 
-/// `devices` paho devices through `balancer`, publishing for `seconds`.
-fn fleet(balancer: &Balancer, version: u8, devices: usize, seconds: u64) -> PahoSession {
-    PahoSession::python(
+/// 200 paho devices through `balancer` with MQTT `version`, publishing for 8 s, once
+/// every device is connected and more than 200 publishes were acknowledged.
+fn fleet_under_way(balancer: &Balancer, version: u8) -> PahoSession {
+    let fleet = PahoSession::python(
         "tests/clients/fleet.py",
         &[json!({
-            "url": format!("mqtt://{}", balancer.address), "version": version, "devices": devices,
-            "interval": 0.5, "seconds": seconds,
+            "url": format!("mqtt://{}", balancer.address), "version": version, "devices": 200,
+            "interval": 0.5, "seconds": 8,
         })
         .to_string()],
-    )
+    );
+    fleet.next("connected");
+    eventually(Duration::from_secs(20), "acknowledged publishes", || {
+        (fleet.next("progress")["acked"].as_u64()? > 200).then_some(())
+    });
+    fleet
 }
 
 /// Every payload in the instances' sinks, with how many times each arrived.
@@ -199,11 +205,7 @@ fn nothing_acknowledged_is_lost(done: &Value, gateways: &[Gateway]) {
 fn an_instance_killed_under_load_behind_haproxy_loses_nothing_acknowledged() {
     let mut gateways = three_instances("");
     let balancer = Balancer::start(&gateways, Front::Mqtt);
-    let fleet = fleet(&balancer, 4, 200, 8);
-    fleet.next("connected");
-    eventually(Duration::from_secs(20), "acknowledged publishes", || {
-        (fleet.next("progress")["acked"].as_u64()? > 200).then_some(())
-    });
+    let fleet = fleet_under_way(&balancer, 4);
     gateways[0].kill();
     eventually(Duration::from_secs(20), "HAProxy to take s0 out", || {
         balancer.status(0)?.starts_with("DOWN").then_some(())
@@ -226,11 +228,7 @@ fn an_instance_killed_under_load_behind_haproxy_loses_nothing_acknowledged() {
 fn an_instance_leaving_under_load_behind_haproxy_is_taken_out_first_and_loses_nothing() {
     let mut gateways = three_instances("leave_delay_ms = 1500");
     let balancer = Balancer::start(&gateways, Front::Mqtt);
-    let fleet = fleet(&balancer, 5, 200, 8);
-    fleet.next("connected");
-    eventually(Duration::from_secs(20), "acknowledged publishes", || {
-        (fleet.next("progress")["acked"].as_u64()? > 200).then_some(())
-    });
+    let fleet = fleet_under_way(&balancer, 5);
     let sessions = |gateway: &Gateway| {
         gateway.admin_get("/admin/devices")["sessions"]
             .as_array()
@@ -412,13 +410,7 @@ fn the_aws_device_sdk_through_haproxy_with_tls_passed_through_moves_between_inst
     let env = TestEnv::get();
     let run = unique("sdk-lb");
     let certs = crate::mqtt::certs();
-    // The IoT Core sink at its default client id: each instance's names the instance.
-    let sink: String = env
-        .mqtt_config()
-        .lines()
-        .filter(|line| !line.trim_start().starts_with("client_id"))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let sink = env.mqtt_config_per_instance();
     let config = format!(
         r#"
         {sink}

@@ -205,6 +205,16 @@ impl TestEnv {
         )
     }
 
+    /// The MQTT sink's configuration with the client id left at its default, which
+    /// names the instance: for several gateways from one configuration.
+    pub fn mqtt_config_per_instance(&self) -> String {
+        self.mqtt_config()
+            .lines()
+            .filter(|line| !line.trim_start().starts_with("client_id"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
     /// The broker's address, for a proxy in front of it.
     pub fn mqtt_address(&self) -> std::net::SocketAddr {
         ([127, 0, 0, 1], self.mqtt_port).into()
@@ -692,12 +702,7 @@ fn two_instances_from_one_configuration_keep_their_own_broker_connections() {
     let env = TestEnv::get();
     let topic = unique("instances");
     let subscriber = Subscriber::connect(&env, &format!("{topic}/#"));
-    let config: String = env
-        .mqtt_config()
-        .lines()
-        .filter(|line| !line.trim_start().starts_with("client_id"))
-        .collect::<Vec<_>>()
-        .join("\n");
+    let config = env.mqtt_config_per_instance();
     let gateways = [Gateway::start(&config), Gateway::start(&config)];
     let connections = r#"sluice_sink_connections_total{sink="iot-core"}"#;
     let started = std::time::Instant::now();
