@@ -70,12 +70,7 @@ impl Gateway {
         config: &str,
         client: reqwest::blocking::Client,
     ) -> Gateway {
-        let mut config = config.replace("{dir}", &dir.path().display().to_string());
-        if !config.contains("[admin]") {
-            config.push_str(&format!(
-                "\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{ADMIN_TOKEN}\"\n"
-            ));
-        }
+        let config = with_admin(&config.replace("{dir}", &dir.path().display().to_string()));
         std::fs::write(dir.path().join("sluice.toml"), config).expect("write config");
         let (child, url, admin, mqtt) = spawn(dir.path());
         Gateway {
@@ -86,6 +81,39 @@ impl Gateway {
             dir,
             client,
         }
+    }
+
+    /// Like [`Gateway::start`], the gateway run by `tracer` (a program and its options,
+    /// e.g. `strace -f -o FILE`), with `sluice run` and its arguments after them.
+    pub fn start_traced(config: &str, tracer: &[&str]) -> Gateway {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let config = with_admin(&config.replace("{dir}", &dir.path().display().to_string()));
+        std::fs::write(dir.path().join("sluice.toml"), config).expect("write config");
+        let mut command = Command::new(tracer[0]);
+        command.args(&tracer[1..]).arg(SLUICE);
+        let (child, url, admin, mqtt) = spawn_with(dir.path(), command);
+        Gateway {
+            child,
+            url,
+            admin,
+            mqtt,
+            dir,
+            client: reqwest::blocking::Client::new(),
+        }
+    }
+
+    /// For a gateway started with [`Gateway::start_traced`]: SIGTERM to the gateway (the
+    /// tracer's child), and the tracer's exit status once the gateway is gone and the
+    /// tracer has written all of its output.
+    pub fn terminate_traced(&mut self) -> std::process::ExitStatus {
+        let pid = self.child.id();
+        let children = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+            .expect("the tracer's children");
+        for child in children.split_whitespace() {
+            let sent = Command::new("kill").args(["-TERM", child]).status();
+            assert!(sent.expect("kill").success());
+        }
+        self.wait_exit(Duration::from_secs(30))
     }
 
     /// Like [`Gateway::start`], with info-level JSON logs written to a file in its
@@ -354,15 +382,39 @@ impl Gateway {
 
 impl Drop for Gateway {
     fn drop(&mut self) {
+        // A gateway run under a tracer is the tracer's child: killed first, or it would
+        // go on once the tracer is gone.
+        let pid = self.child.id();
+        if let Ok(children) = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")) {
+            for child in children.split_whitespace() {
+                let _ = Command::new("kill").args(["-KILL", child]).status();
+            }
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
+/// `config` with an admin listener on a free port, unless it has one.
+fn with_admin(config: &str) -> String {
+    let mut config = config.to_string();
+    if !config.contains("[admin]") {
+        config.push_str(&format!(
+            "\n[admin]\nlisten = \"127.0.0.1:0\"\ntoken = \"{ADMIN_TOKEN}\"\n"
+        ));
+    }
+    config
+}
+
 /// Starts `sluice run` on `dir`'s `sluice.toml` and data directory; returns the child,
 /// the device URL, the admin URL and the MQTT URL (empty when not configured).
 fn spawn(dir: &Path) -> (Child, String, String, String) {
-    let mut command = Command::new(SLUICE);
+    spawn_with(dir, Command::new(SLUICE))
+}
+
+/// [`spawn`] with `command` (`sluice`, or a tracer with `sluice` as its last argument),
+/// to which `sluice run`'s arguments are added.
+fn spawn_with(dir: &Path, mut command: Command) -> (Child, String, String, String) {
     command
         .args(["run", "--listen", "127.0.0.1:0", "--config"])
         .arg(dir.join("sluice.toml"))

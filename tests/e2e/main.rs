@@ -26,6 +26,7 @@ mod raw_mqtt;
 mod refusals;
 mod reload;
 mod routing;
+mod synced;
 mod upstream;
 mod websocket;
 mod wsclient;
