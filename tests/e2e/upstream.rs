@@ -275,6 +275,66 @@ fn requests_on_reserved_topics_pass_through_with_their_properties() {
     assert!(gateway.sink("local").is_empty());
 }
 
+/// A request on a reserved topic passes only the transforms scoped to it by topic: the
+/// json-enricher scoped to `…/shadow/update` adds its field to the update IoT Core gets,
+/// the same plugin without `topics` (every message) touches neither request, and the
+/// `…/shadow/get` outside the scoped one's filter arrives as sent. Telemetry still
+/// passes the unscoped one.
+#[test]
+fn requests_pass_only_the_plugins_scoped_to_them() {
+    let env = TestEnv::get();
+    let run = unique("scoped");
+    let enricher = crate::harness::plugin("json_enricher");
+    let gateway = gateway(
+        &env,
+        &format!(
+            r#"
+            [[plugins.transform]]
+            name = "everywhere"
+            path = "{enricher}"
+            config = {{ device_field = "by_everywhere", time_field = "t_everywhere" }}
+            [[plugins.transform]]
+            name = "shadow-updates"
+            path = "{enricher}"
+            topics = ["$aws/things/+/shadow/update"]
+            config = {{ device_field = "by_scoped", time_field = "t_scoped" }}
+            [routing]
+            default_destination = "local"
+            "#,
+            enricher = enricher.display()
+        ),
+    );
+    let device = format!("{run}-d");
+    let broker = Subscriber::connect(&env, &format!("$aws/things/{device}/shadow/#"));
+    let session = PahoSession::start(json!({
+        "url": ws_url(&gateway), "version": 5, "client_id": device,
+        "publishes": [
+            {"topic": format!("$aws/things/{device}/shadow/update"), "payload": "{\"state\":{}}", "qos": 1},
+            {"topic": format!("$aws/things/{device}/shadow/get"), "payload": "{\"ask\":1}", "qos": 1},
+            {"topic": format!("sdk/{run}/telemetry"), "payload": "{\"t\":1}", "qos": 1},
+        ],
+        "expect": 0,
+    }));
+    for _ in 0..3 {
+        assert_eq!(session.next("puback")["reason"], 0);
+    }
+    let mut got: Vec<(String, Value)> = broker
+        .take(2)
+        .into_iter()
+        .map(|(topic, payload)| (topic, serde_json::from_slice(&payload).unwrap()))
+        .collect();
+    got.sort_by(|a, b| a.0.cmp(&b.0));
+    let (get, update) = (&got[0], &got[1]);
+    assert_eq!(get.0, format!("$aws/things/{device}/shadow/get"));
+    assert_eq!(get.1, json!({"ask": 1}), "outside every scope: as sent");
+    assert_eq!(update.0, format!("$aws/things/{device}/shadow/update"));
+    assert_eq!(update.1["by_scoped"], device.as_str(), "{}", update.1);
+    assert!(update.1.get("by_everywhere").is_none(), "{}", update.1);
+    let telemetry = gateway.sink("local");
+    assert_eq!(telemetry.len(), 1, "{telemetry:?}");
+    assert_eq!(telemetry[0]["payload"]["by_everywhere"], device.as_str());
+}
+
 /// A request passed straight through is held to its grant's rates like any publish:
 /// with one message a second, three shadow requests at once get one PUBACK 0 (and that one
 /// reaches the broker) and two 0x97.

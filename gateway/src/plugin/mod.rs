@@ -163,9 +163,20 @@ pub struct LoadedPlugin {
 }
 
 impl LoadedPlugin {
-    /// Whether a message on `topic` is sent to this plugin.
+    /// Whether a message on `topic` is sent to this plugin: one its filters match, or,
+    /// when it has none, any message but a request on IoT Core's reserved topics
+    /// (shadow, jobs, provisioning, …), which only a plugin scoped to it by a filter sees.
     pub fn in_scope(&self, topic: &str) -> bool {
-        self.scope.is_empty() || self.scope.iter().any(|filter| filter.matches(topic))
+        if self.scope.is_empty() {
+            crate::topic::reserved(topic).is_none()
+        } else {
+            self.scoped_to(topic)
+        }
+    }
+
+    /// Whether one of the plugin's filters matches `topic`.
+    pub fn scoped_to(&self, topic: &str) -> bool {
+        self.scope.iter().any(|filter| filter.matches(topic))
     }
 }
 
@@ -562,6 +573,14 @@ impl Plugins {
     /// The active plugin set.
     pub fn current(&self) -> Arc<PluginSet> {
         self.inner.set.load_full()
+    }
+
+    /// Whether a transform of the active set is scoped to `topic` by one of its filters.
+    pub fn scoped_to(&self, topic: &str) -> bool {
+        self.current()
+            .transforms
+            .iter()
+            .any(|plugin| plugin.scoped_to(topic))
     }
 
     /// Runs the chain from the plugin named `start` on (the whole chain when it is

@@ -174,7 +174,11 @@ fn scope(
     messages: Vec<Message>,
     origins: Vec<usize>,
 ) -> (Vec<Message>, Vec<usize>, Vec<(Message, usize)>) {
-    if plugin.scope.is_empty() {
+    if plugin.scope.is_empty()
+        && messages
+            .iter()
+            .all(|message| crate::topic::reserved(&message.topic).is_none())
+    {
         return (messages, origins, Vec::new());
     }
     let mut inside = Vec::with_capacity(messages.len());

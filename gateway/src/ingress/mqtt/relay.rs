@@ -134,6 +134,10 @@ impl Session<'_> {
                 publish.topic
             )));
         }
+        let Some(publish) = self.through_scoped_plugins(publish).await? else {
+            // A plugin scoped to the request dropped it: nothing goes to IoT Core.
+            return Ok(());
+        };
         if publish.payload.len() > crate::quota::IOT_CORE_MAX_PAYLOAD_BYTES {
             return Err(Refusal::TooLarge(format!(
                 "the payload is {} bytes, over IoT Core's {} for a request on `{}`",
@@ -175,6 +179,65 @@ impl Session<'_> {
                 retry_after: 1,
             }),
         }
+    }
+
+    /// A request through the transforms scoped to its topic by a filter (no other plugin
+    /// sees a request: [`crate::plugin::LoadedPlugin::in_scope`]): the request as they
+    /// leave it, `None` when one dropped it. A plugin's failure refuses the request; it
+    /// stays one message on its topic (the policy allowed that topic).
+    async fn through_scoped_plugins(&self, publish: Publish) -> Result<Option<Publish>, Refusal> {
+        let plugins = self.state.pipeline.plugins();
+        if !plugins.scoped_to(&publish.topic) {
+            return Ok(Some(publish));
+        }
+        let message = crate::message::Message {
+            id: crate::message::new_id(),
+            device_id: self.identity.device_id.clone(),
+            topic: publish.topic.clone(),
+            content_type: publish.properties.content_type.clone().unwrap_or_default(),
+            qos: publish.qos.min(1),
+            attributes: publish.properties.attributes.clone(),
+            received_at_ms: crate::message::now_ms(),
+            payload: publish.payload.to_vec(),
+        };
+        let id = message.id.clone();
+        let mut result = plugins
+            .run_from(vec![message], None)
+            .await
+            .pop()
+            .unwrap_or_default();
+        if let Some(failure) = result.failures.pop() {
+            return Err(Refusal::Plugin {
+                id,
+                kind: failure.kind,
+                plugin: failure.plugin,
+                message: failure.reason,
+            });
+        }
+        let output = match result.outputs.len() {
+            0 => return Ok(None),
+            1 => result.outputs.remove(0).message,
+            parts => {
+                return Err(Refusal::BadRequest(format!(
+                    "a plugin made {parts} messages of the request on `{}`; a request passes as one",
+                    publish.topic
+                )));
+            }
+        };
+        if output.topic != publish.topic {
+            return Err(Refusal::BadRequest(format!(
+                "a plugin moved the request on `{}` to `{}`; a request keeps its topic",
+                publish.topic, output.topic
+            )));
+        }
+        Ok(Some(Publish {
+            payload: output.payload.into(),
+            properties: codec::Properties {
+                content_type: Some(output.content_type).filter(|c| !c.is_empty()),
+                attributes: output.attributes,
+            },
+            ..publish
+        }))
     }
 
     /// A message from IoT Core for the device: the bytes to write, or nothing (it is
