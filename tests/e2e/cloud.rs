@@ -735,6 +735,79 @@ fn two_instances_from_one_configuration_keep_their_own_broker_connections() {
     }
 }
 
+/// A publish the broker refuses for good (the gateway's certificate may not write the
+/// topic: MQTT 5 PUBACK 0x87) becomes a dead letter with the broker's answer, and the
+/// sink goes on: the next message arrives. (Over MQTT 3.1.1 the broker acknowledged such
+/// a publish and dropped it, and the sink counted it delivered.)
+#[test]
+fn a_publish_the_broker_refuses_is_dead_lettered_and_the_next_is_delivered() {
+    let env = TestEnv::get();
+    let topic = unique("refused");
+    let subscriber = Subscriber::connect(&env, &format!("{topic}/#"));
+    let gateway = Gateway::start(&format!(
+        "{}\n[[routing.rules]]\nname = \"denied\"\ntopic = \"denied/#\"\ndestination = \"iot-core\"\niot_topic = \"$denied/${{device.id}}\"\nqos = 1\n",
+        env.mqtt_config()
+    ));
+    let refused = gateway.publish("denied/x?qos=1", "dev-1", "not for the broker");
+    assert_eq!(refused.status, 200, "{:?}", refused.body);
+    let letters = gateway.dead_letters();
+    assert_eq!(letters.len(), 1, "{letters:?}");
+    assert_eq!(letters[0]["id"], refused.body["id"]);
+    assert_eq!(
+        letters[0]["origin"],
+        json!({"stage": "sink", "sink": "iot-core"})
+    );
+    let reason = letters[0]["reason"].as_str().unwrap();
+    assert!(reason.contains("NotAuthorized"), "{reason}");
+    let reply = gateway.publish(&format!("{topic}/next?qos=1"), "dev-1", "after");
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    let got = subscriber.take(1);
+    assert_eq!(got[0].1, b"after");
+}
+
+/// What a device says in MQTT 5 properties over HTTP (IoT Core's publish API's
+/// parameters) reaches the broker through the IoT Core sink's own connection: content
+/// type, response topic, correlation data and user properties.
+#[test]
+fn mqtt_sink_publishes_carry_the_mqtt5_properties() {
+    let env = TestEnv::get();
+    let topic = unique("props-sink");
+    let (url, tls) = env.paho_direct();
+    let watcher = crate::mqtt_sessions::PahoSession::start(json!({
+        "url": url, "tls": tls, "version": 5, "client_id": unique("watcher"),
+        "subscribe": [[format!("{topic}/#"), 1]], "expect": 1, "timeout": 30,
+    }));
+    assert_eq!(watcher.next("suback")["granted"], json!([1]));
+    let gateway = Gateway::start(&env.mqtt_config());
+    // As query values: base64 with `+`, `/` and `=` escaped.
+    let escaped = |bytes: &[u8]| {
+        use base64::Engine as _;
+        base64::engine::general_purpose::STANDARD
+            .encode(bytes)
+            .replace('+', "%2B")
+            .replace('/', "%2F")
+            .replace('=', "%3D")
+    };
+    let query = format!(
+        "qos=1&contentType=application%2Fjson&responseTopic=replies%2F7&correlationData={}&userProperties={}",
+        escaped(b"req-7"),
+        escaped(br#"[{"site":"north"}]"#)
+    );
+    let reply = gateway.publish(&format!("{topic}/t?{query}"), "dev-1", "{}");
+    assert_eq!(reply.status, 200, "{:?}", reply.body);
+    let message = watcher.next("message");
+    assert_eq!(message["topic"], format!("{topic}/t"));
+    let properties = &message["properties"];
+    assert_eq!(properties["content_type"], "application/json", "{message}");
+    assert_eq!(properties["response_topic"], "replies/7", "{message}");
+    assert_eq!(properties["correlation_data"], "req-7", "{message}");
+    assert_eq!(
+        properties["user_properties"],
+        json!([["site", "north"]]),
+        "{message}"
+    );
+}
+
 #[test]
 fn basic_ingest_publishes_to_the_rules_topic() {
     let env = TestEnv::get();

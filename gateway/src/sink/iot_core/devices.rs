@@ -58,18 +58,13 @@ impl Sink for ThroughDevices {
             let sends = direct
                 .into_iter()
                 .map(|(record, link, publish)| async move {
-                    let message = &record.message;
-                    let properties = crate::upstream::properties::of(
-                        Some(&message.content_type),
-                        &message.attributes,
-                    );
                     let answer = link
                         .publish(
                             &publish.topic,
                             publish.qos,
                             publish.retain,
                             Bytes::from(publish.payload),
-                            properties,
+                            publish.properties,
                         )
                         .await;
                     (record, answer)

@@ -75,6 +75,8 @@ pub struct Publish {
     /// MQTT's retain flag (the message's `mqtt.retain`): IoT Core keeps it for later
     /// subscribers.
     pub retain: bool,
+    /// The message's MQTT 5 properties (content type and `mqtt.*` attributes), if any.
+    pub properties: Option<rumqttc::v5::mqttbytes::v5::PublishProperties>,
 }
 
 /// Checks a record against IoT Core's rules and builds its publish.
@@ -93,5 +95,9 @@ pub fn prepare(record: &Record, basic_ingest_rule: Option<&str>) -> Result<Publi
         qos: *qos,
         payload: record.message.payload.clone(),
         retain: crate::route::is_retained(&record.message.attributes),
+        properties: crate::upstream::properties::of(
+            Some(&record.message.content_type),
+            &record.message.attributes,
+        ),
     })
 }

@@ -1,8 +1,12 @@
-//! IoT Core over MQTT: one persistent TLS connection (rumqttc) with the gateway's own
-//! X.509 certificate.
+//! IoT Core over MQTT 5: one persistent TLS connection (rumqttc) with the gateway's own
+//! X.509 certificate; each publish carries its message's MQTT 5 properties (content
+//! type, response topic, correlation data, user properties, message expiry).
 //!
-//! A QoS 1 message counts as delivered only when its PUBACK arrives; a QoS 0 message
-//! when it is written to the connection. rumqttc reconnects on its own (the event loop
+//! A QoS 1 message counts as delivered only when its PUBACK says so (success, or no
+//! matching subscribers); a QoS 0 message when it is written to the connection. A PUBACK
+//! that refuses the publish for good (not authorized, topic or payload invalid) makes
+//! the record a dead letter with IoT Core's reason; one that says "later" (quota
+//! exceeded, server busy, unspecified) fails the delivery, which the spool retries. rumqttc reconnects on its own (the event loop
 //! is polled again after a pause that grows while the broker stays away) and re-sends
 //! unacknowledged publishes after reconnecting; their PUBACKs settle the waiting
 //! deliveries. A delivery whose messages are not confirmed within the delivery timeout
@@ -12,9 +16,10 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rumqttc::{
-    AsyncClient, Event, MqttOptions, Outgoing, Packet, QoS, TlsConfiguration, Transport,
-};
+use rumqttc::v5::mqttbytes::QoS;
+use rumqttc::v5::mqttbytes::v5::{Packet, PubAckReason};
+use rumqttc::v5::{AsyncClient, ConnectionError, Event, MqttOptions};
+use rumqttc::{Outgoing, TlsConfiguration, Transport};
 use tokio::sync::oneshot;
 
 use crate::backoff::Backoff;
@@ -33,6 +38,22 @@ const RECONNECT: Backoff = Backoff {
 /// Publishes handed to rumqttc but not yet acknowledged, at most (rumqttc's in-flight
 /// window; further publishes wait, which pushes back towards ingress).
 const INFLIGHT: u16 = 100;
+
+/// How long IoT Core keeps the sink's session after its connection drops, so that
+/// publishes in flight are re-sent on the same session after a reconnect: IoT Core's
+/// default persistent-session expiry (one hour).
+const SESSION_EXPIRY_SECS: u32 = 3600;
+
+/// How a publish ended.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Answer {
+    /// Acknowledged (QoS 1) or written (QoS 0).
+    Confirmed,
+    /// Lost with the connection or the session, or refused for now: sent again.
+    Lost,
+    /// Refused for good, in IoT Core's words: a dead letter.
+    Refused(String),
+}
 
 /// Where and how to connect.
 #[derive(Debug, Clone)]
@@ -57,14 +78,13 @@ pub struct MqttSettings {
     pub basic_ingest_rule: Option<String>,
 }
 
-/// Publishes waiting for their packet id, then for their PUBACK. A waiter hears `true`
-/// when its publish is confirmed, `false` when the broker lost it.
+/// Publishes waiting for their packet id, then for their PUBACK, and how each ended.
 #[derive(Default)]
 struct Tracker {
     /// In publish order: the waiters of publishes rumqttc has not sent yet.
-    unsent: VecDeque<(u8, oneshot::Sender<bool>)>,
+    unsent: VecDeque<(u8, oneshot::Sender<Answer>)>,
     /// Sent QoS 1 publishes by packet id, waiting for PUBACK.
-    unacked: HashMap<u16, oneshot::Sender<bool>>,
+    unacked: HashMap<u16, oneshot::Sender<Answer>>,
     /// Whether the connection is up (a CONNACK came and no error since).
     connected: bool,
     /// When a connection drops, rumqttc keeps the unacknowledged publishes and the
@@ -91,9 +111,10 @@ impl MqttSink {
         let mut options = MqttOptions::new(&settings.client_id, &settings.host, settings.port);
         options
             .set_keep_alive(settings.keep_alive)
-            .set_clean_session(false)
-            .set_inflight(INFLIGHT)
-            .set_max_packet_size(256 * 1024, 256 * 1024)
+            .set_clean_start(false)
+            .set_session_expiry_interval(Some(SESSION_EXPIRY_SECS))
+            .set_outgoing_inflight_upper_limit(INFLIGHT)
+            .set_max_packet_size(Some(256 * 1024))
             .set_transport(Transport::tls_with_config(TlsConfiguration::Rustls(
                 Arc::new(tls),
             )));
@@ -115,7 +136,7 @@ impl MqttSink {
                         }
                         settle(&loop_tracker, event);
                     }
-                    Err(rumqttc::ConnectionError::RequestsDone) => return,
+                    Err(ConnectionError::RequestsDone) => return,
                     Err(error) => {
                         disconnected(&loop_tracker);
                         failures = failures.saturating_add(1);
@@ -134,14 +155,19 @@ impl MqttSink {
         })
     }
 
-    /// Publishes `records`; answers when each is confirmed.
+    /// Publishes `records`; answers when each is confirmed, with those IoT Core refused
+    /// for good.
     pub fn deliver(&self, records: Vec<Record>) -> SinkFuture<'_> {
         Box::pin(async move {
             let mut rejected = Vec::new();
             let mut publishes = Vec::new();
+            let mut sent = Vec::new();
             for record in records {
                 match prepare(&record, self.settings.basic_ingest_rule.as_deref()) {
-                    Ok(publish) => publishes.push(publish),
+                    Ok(publish) => {
+                        publishes.push(publish);
+                        sent.push(record);
+                    }
                     Err(reason) => rejected.push(Rejected { record, reason }),
                 }
             }
@@ -163,10 +189,25 @@ impl MqttSink {
                     } else {
                         QoS::AtLeastOnce
                     };
-                    if let Err(error) = client
-                        .publish(publish.topic, qos, publish.retain, publish.payload)
-                        .await
-                    {
+                    let handed = match publish.properties {
+                        Some(properties) => {
+                            client
+                                .publish_with_properties(
+                                    publish.topic,
+                                    qos,
+                                    publish.retain,
+                                    publish.payload,
+                                    properties,
+                                )
+                                .await
+                        }
+                        None => {
+                            client
+                                .publish(publish.topic, qos, publish.retain, publish.payload)
+                                .await
+                        }
+                    };
+                    if let Err(error) = handed {
                         // Never handed over: take its waiter back out (the last one).
                         lock(&tracker).unsent.pop_back();
                         return Err(format!("the MQTT client stopped: {error}"));
@@ -185,17 +226,25 @@ impl MqttSink {
                 }
             };
             let all = futures_util::future::join_all(waiting);
-            match tokio::time::timeout_at(deadline, all).await {
-                Ok(answers) if answers.iter().all(|a| matches!(a, Ok(true))) => Ok(rejected),
-                Ok(_) => Err(SinkError::Unavailable(
-                    "the connection to IoT Core was lost before every publish was acknowledged"
-                        .to_string(),
-                )),
-                Err(_) => Err(SinkError::Unavailable(format!(
+            let Ok(answers) = tokio::time::timeout_at(deadline, all).await else {
+                return Err(SinkError::Unavailable(format!(
                     "IoT Core did not acknowledge every publish within {:?}",
                     self.settings.delivery_timeout
-                ))),
+                )));
+            };
+            for (record, answer) in sent.into_iter().zip(answers) {
+                match answer {
+                    Ok(Answer::Confirmed) => {}
+                    Ok(Answer::Refused(reason)) => rejected.push(Rejected { record, reason }),
+                    Ok(Answer::Lost) | Err(_) => {
+                        return Err(SinkError::Unavailable(
+                            "IoT Core did not take every publish (the connection was lost, or it asked for a retry)"
+                                .to_string(),
+                        ));
+                    }
+                }
             }
+            Ok(rejected)
         })
     }
 }
@@ -236,11 +285,11 @@ fn settle(tracker: &Mutex<Tracker>, event: Event) {
                 // A fresh session: rumqttc dropped what it held for re-sending. Those
                 // deliveries learn that their publishes were lost (the spool re-sends them).
                 for (_, done) in tracker.unacked.drain() {
-                    let _ = done.send(false);
+                    let _ = done.send(Answer::Lost);
                 }
                 let held = held.min(tracker.unsent.len());
                 for (_, done) in tracker.unsent.drain(..held) {
-                    let _ = done.send(false);
+                    let _ = done.send(Answer::Lost);
                 }
             }
         }
@@ -253,17 +302,33 @@ fn settle(tracker: &Mutex<Tracker>, event: Event) {
                 return;
             };
             if qos == 0 || pkid == 0 {
-                let _ = done.send(true);
+                let _ = done.send(Answer::Confirmed);
             } else {
                 tracker.unacked.insert(pkid, done);
             }
         }
         Event::Incoming(Packet::PubAck(ack)) => {
             if let Some(done) = tracker.unacked.remove(&ack.pkid) {
-                let _ = done.send(true);
+                let why = ack.properties.and_then(|p| p.reason_string);
+                let _ = done.send(answer(ack.reason, why));
             }
         }
         _ => {}
+    }
+}
+
+/// What a PUBACK's reason means for its record.
+fn answer(reason: PubAckReason, why: Option<String>) -> Answer {
+    match reason {
+        PubAckReason::Success | PubAckReason::NoMatchingSubscribers => Answer::Confirmed,
+        PubAckReason::NotAuthorized
+        | PubAckReason::TopicNameInvalid
+        | PubAckReason::PayloadFormatInvalid => Answer::Refused(match why {
+            Some(why) => format!("IoT Core refused the publish ({reason:?}): {why}"),
+            None => format!("IoT Core refused the publish ({reason:?})"),
+        }),
+        // Quota exceeded, implementation specific, unspecified, packet id in use: later.
+        _ => Answer::Lost,
     }
 }
 
@@ -275,7 +340,7 @@ impl crate::sink::Sink for MqttSink {
 
 #[cfg(test)]
 mod tests {
-    use rumqttc::{ConnAck, ConnectReturnCode, PubAck};
+    use rumqttc::v5::mqttbytes::v5::{ConnAck, ConnectReturnCode, PubAck};
 
     use super::*;
 
@@ -283,10 +348,11 @@ mod tests {
         Event::Incoming(Packet::ConnAck(ConnAck {
             session_present,
             code: ConnectReturnCode::Success,
+            properties: None,
         }))
     }
 
-    fn waiter(tracker: &Mutex<Tracker>, qos: u8) -> oneshot::Receiver<bool> {
+    fn waiter(tracker: &Mutex<Tracker>, qos: u8) -> oneshot::Receiver<Answer> {
         let (done, confirmed) = oneshot::channel();
         lock(tracker).unsent.push_back((qos, done));
         confirmed
@@ -302,13 +368,49 @@ mod tests {
         settle(&tracker, Event::Outgoing(Outgoing::Publish(7)));
         settle(&tracker, Event::Outgoing(Outgoing::Publish(0)));
         settle(&tracker, Event::Outgoing(Outgoing::Publish(8)));
-        assert_eq!(second.try_recv(), Ok(true), "QoS 0: confirmed once sent");
+        assert_eq!(
+            second.try_recv(),
+            Ok(Answer::Confirmed),
+            "QoS 0: confirmed once sent"
+        );
         assert!(first.try_recv().is_err(), "QoS 1 waits for its PUBACK");
-        settle(&tracker, Event::Incoming(Packet::PubAck(PubAck::new(8))));
-        assert_eq!(third.try_recv(), Ok(true));
+        settle(
+            &tracker,
+            Event::Incoming(Packet::PubAck(PubAck::new(8, None))),
+        );
+        assert_eq!(third.try_recv(), Ok(Answer::Confirmed));
         assert!(first.try_recv().is_err());
-        settle(&tracker, Event::Incoming(Packet::PubAck(PubAck::new(7))));
-        assert_eq!(first.try_recv(), Ok(true));
+        settle(
+            &tracker,
+            Event::Incoming(Packet::PubAck(PubAck::new(7, None))),
+        );
+        assert_eq!(first.try_recv(), Ok(Answer::Confirmed));
+    }
+
+    #[test]
+    fn a_pubacks_reason_decides_between_delivered_dead_letter_and_retry() {
+        let tracker = Mutex::new(Tracker::default());
+        settle(&tracker, connack(false));
+        let mut waiters: Vec<_> = (1..=4).map(|_| waiter(&tracker, 1)).collect();
+        for pkid in 1..=4 {
+            settle(&tracker, Event::Outgoing(Outgoing::Publish(pkid)));
+        }
+        let reasons = [
+            PubAckReason::NoMatchingSubscribers,
+            PubAckReason::NotAuthorized,
+            PubAckReason::QuotaExceeded,
+            PubAckReason::TopicNameInvalid,
+        ];
+        for (pkid, reason) in (1..=4).zip(reasons) {
+            let mut ack = PubAck::new(pkid, None);
+            ack.reason = reason;
+            settle(&tracker, Event::Incoming(Packet::PubAck(ack)));
+        }
+        let answers: Vec<Answer> = waiters.iter_mut().map(|w| w.try_recv().unwrap()).collect();
+        assert_eq!(answers[0], Answer::Confirmed);
+        assert!(matches!(&answers[1], Answer::Refused(why) if why.contains("NotAuthorized")));
+        assert_eq!(answers[2], Answer::Lost, "quota exceeded: later");
+        assert!(matches!(&answers[3], Answer::Refused(_)));
     }
 
     #[test]
@@ -323,10 +425,16 @@ mod tests {
         // rumqttc re-sends packet 1 with the same id, then the queued publish.
         settle(&tracker, Event::Outgoing(Outgoing::Publish(1)));
         settle(&tracker, Event::Outgoing(Outgoing::Publish(2)));
-        settle(&tracker, Event::Incoming(Packet::PubAck(PubAck::new(2))));
-        assert_eq!(queued.try_recv(), Ok(true));
-        settle(&tracker, Event::Incoming(Packet::PubAck(PubAck::new(1))));
-        assert_eq!(sent.try_recv(), Ok(true));
+        settle(
+            &tracker,
+            Event::Incoming(Packet::PubAck(PubAck::new(2, None))),
+        );
+        assert_eq!(queued.try_recv(), Ok(Answer::Confirmed));
+        settle(
+            &tracker,
+            Event::Incoming(Packet::PubAck(PubAck::new(1, None))),
+        );
+        assert_eq!(sent.try_recv(), Ok(Answer::Confirmed));
     }
 
     #[test]
@@ -342,17 +450,20 @@ mod tests {
         settle(&tracker, connack(false));
         assert_eq!(
             sent.try_recv(),
-            Ok(false),
+            Ok(Answer::Lost),
             "unacknowledged and dropped: sent again from the spool"
         );
         assert_eq!(
             queued.try_recv(),
-            Ok(false),
+            Ok(Answer::Lost),
             "held for re-sending and dropped: sent again from the spool"
         );
         // The later publish goes out after the reconnect and may reuse packet id 1.
         settle(&tracker, Event::Outgoing(Outgoing::Publish(1)));
-        settle(&tracker, Event::Incoming(Packet::PubAck(PubAck::new(1))));
-        assert_eq!(later.try_recv(), Ok(true));
+        settle(
+            &tracker,
+            Event::Incoming(Packet::PubAck(PubAck::new(1, None))),
+        );
+        assert_eq!(later.try_recv(), Ok(Answer::Confirmed));
     }
 }
