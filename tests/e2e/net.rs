@@ -203,7 +203,9 @@ pub fn finish_in_flight(requests: Vec<(RawHttp, Vec<u8>)>) -> Vec<String> {
 
 /// A TCP proxy on 127.0.0.1 to `upstream`. [`Proxy::cut`] closes every connection it
 /// carries and refuses new ones (each is closed as soon as it is accepted) until
-/// [`Proxy::restore`].
+/// [`Proxy::restore`]. [`Proxy::hold_answers`] keeps what `upstream` sends (a broker's
+/// PUBACKs) from reaching the clients, as a slow link would, until
+/// [`Proxy::release_answers`].
 pub struct Proxy {
     pub port: u16,
     state: Arc<ProxyState>,
@@ -213,6 +215,9 @@ struct ProxyState {
     open: AtomicBool,
     stopped: AtomicBool,
     connections: Mutex<Vec<TcpStream>>,
+    /// Whether bytes from `upstream` wait before they are passed on.
+    holding: Mutex<bool>,
+    released: std::sync::Condvar,
 }
 
 impl Proxy {
@@ -223,6 +228,8 @@ impl Proxy {
             open: AtomicBool::new(true),
             stopped: AtomicBool::new(false),
             connections: Mutex::new(Vec::new()),
+            holding: Mutex::new(false),
+            released: std::sync::Condvar::new(),
         });
         let shared = state.clone();
         std::thread::spawn(move || {
@@ -244,7 +251,7 @@ impl Proxy {
                 connections.push(server.try_clone().unwrap());
                 drop(connections);
                 pipe(client.try_clone().unwrap(), server.try_clone().unwrap());
-                pipe(server, client);
+                answers(server, client, shared.clone());
             }
         });
         Proxy { port, state }
@@ -262,6 +269,17 @@ impl Proxy {
     pub fn restore(&self) {
         self.state.open.store(true, Ordering::SeqCst);
     }
+
+    /// What `upstream` sends from now on waits in the proxy.
+    pub fn hold_answers(&self) {
+        *self.state.holding.lock().unwrap() = true;
+    }
+
+    /// What waited, and what comes after, is passed on.
+    pub fn release_answers(&self) {
+        *self.state.holding.lock().unwrap() = false;
+        self.state.released.notify_all();
+    }
 }
 
 impl Drop for Proxy {
@@ -271,6 +289,32 @@ impl Drop for Proxy {
         // Wakes the accept loop so that it sees `stopped`.
         let _ = TcpStream::connect(("127.0.0.1", self.port));
     }
+}
+
+/// Copies what `server` sends to `client`, each read waiting while the proxy holds
+/// answers, until either ends; then closes both.
+fn answers(mut server: TcpStream, mut client: TcpStream, state: Arc<ProxyState>) {
+    use std::io::{Read as _, Write as _};
+    std::thread::spawn(move || {
+        let mut buffer = [0u8; 16 * 1024];
+        while let Ok(read) = server.read(&mut buffer) {
+            if read == 0 {
+                break;
+            }
+            let holding = state.holding.lock().unwrap();
+            drop(
+                state
+                    .released
+                    .wait_while(holding, |holding| *holding)
+                    .unwrap(),
+            );
+            if client.write_all(&buffer[..read]).is_err() {
+                break;
+            }
+        }
+        let _ = server.shutdown(Shutdown::Both);
+        let _ = client.shutdown(Shutdown::Both);
+    });
 }
 
 /// Copies `from` to `to` until either ends, then closes both.

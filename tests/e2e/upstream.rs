@@ -15,6 +15,7 @@ use crate::harness::{Gateway, eventually};
 use crate::mqtt::ws_url;
 use crate::mqtt_sessions::{PahoSession, payloads};
 use crate::net::Proxy;
+use crate::raw_mqtt::{Packet5, RawMqtt, mqtt_packet, mqtt_string, raw_publish};
 
 /// A gateway whose IoT Core sink and device sessions use the broker (through `port`).
 fn gateway_via(env: &TestEnv, port: u16, extra: &str) -> Gateway {
@@ -159,6 +160,46 @@ fn telemetry_goes_through_the_devices_own_session_with_its_properties() {
     releaser.take(1);
     let echoed = with.messages_until_end();
     assert_eq!(payloads(&echoed), ["{\"t\":1}", "release"], "{echoed:?}");
+}
+
+/// A device that leaves while IoT Core's PUBACK for its telemetry is still on the way
+/// (held by a slow link): its session at IoT Core waits for that answer before it
+/// closes, so the telemetry counts as delivered there and is not sent again through the
+/// sink's connection (IoT Core would have had it twice).
+#[test]
+fn telemetry_in_flight_when_its_device_leaves_is_not_sent_twice() {
+    let env = TestEnv::get();
+    let run = unique("leaving");
+    let proxy = Proxy::start(env.mqtt_address());
+    let gateway = gateway_via(&env, proxy.port, "[mqtt]\nlisten = \"127.0.0.1:0\"\n");
+    let broker = Subscriber::connect(&env, &format!("{run}/tele/#"));
+    let (mut device, connack) = RawMqtt::connect(&gateway, &format!("{run}-dev"), &[]);
+    assert!(matches!(connack, Packet5::ConnAck(_)), "{connack:?}");
+    // A SUBSCRIBE gives the device its session at IoT Core.
+    let mut subscribe = 1u16.to_be_bytes().to_vec();
+    subscribe.push(0);
+    subscribe.extend(mqtt_string(&format!("cmd/{run}/x")));
+    subscribe.push(1);
+    device.send(&mqtt_packet(0x82, &subscribe));
+    assert!(matches!(device.next(), Some(Packet5::SubAck(_))));
+    proxy.hold_answers();
+    let topic = format!("{run}/tele/raw");
+    device.send(&raw_publish(topic.as_bytes(), 1, &[]));
+    assert!(matches!(device.next(), Some(Packet5::PubAck(_))), "spooled");
+    // At the broker through the device's session; its PUBACK waits in the proxy.
+    assert_eq!(broker.take(1)[0].0, topic);
+    device.send(&[0xe0, 0x00]);
+    // The slow link: the answer comes a little after the device left.
+    std::thread::sleep(Duration::from_millis(300));
+    proxy.release_answers();
+    eventually(Duration::from_secs(10), "the telemetry counted", || {
+        (upstream_events(&gateway, "telemetry") == 1.0).then_some(())
+    });
+    assert_eq!(
+        upstream_events(&gateway, "telemetry_elsewhere"),
+        0.0,
+        "not sent again through the sink's connection"
+    );
 }
 
 /// A shared subscription (`$share/{group}/{filter}`) that a grant covers is made at the

@@ -133,6 +133,9 @@ struct Waiting {
     promised: bool,
 }
 
+/// The longest a closing session waits for the answers to its publishes in flight.
+const SETTLE_AT_CLOSE: Duration = Duration::from_secs(2);
+
 impl Waiting {
     /// Everything in flight is lost (dropping a waiter tells it so).
     fn lost(&mut self) {
@@ -155,6 +158,8 @@ pub struct Link {
     state: watch::Receiver<State>,
     /// How long answers are waited for, in milliseconds.
     timeout_ms: u64,
+    /// Told whenever the last publish in flight got its answer.
+    settled: Arc<tokio::sync::Notify>,
 }
 
 /// A device's session at the endpoint.
@@ -264,6 +269,27 @@ impl Link {
         }
     }
 
+    /// Waits, at most `limit`, until every publish in flight on the session (telemetry
+    /// delivered through it, a request passed through) has its answer: a session closed
+    /// before would leave its telemetry unconfirmed, and the spool would send it again
+    /// through the sink's connection, so that IoT Core had it twice.
+    async fn settle(&self, limit: Duration) {
+        let settled = async {
+            loop {
+                // Registered before looking, so that an answer in between wakes it.
+                let told = self.settled.notified();
+                {
+                    let waiting = self.lock();
+                    if waiting.publishes.is_empty() && waiting.pubacks.is_empty() {
+                        return;
+                    }
+                }
+                told.await;
+            }
+        };
+        let _ = tokio::time::timeout(limit, settled).await;
+    }
+
     /// The device acknowledged `publish` (or it cannot be delivered and must not come
     /// again): the endpoint hears the PUBACK now.
     pub fn ack(&self, publish: &Publish) {
@@ -301,10 +327,12 @@ impl UpstreamSession {
         let (state_tx, state) = watch::channel(State::Connecting);
         let waiting = Arc::new(Mutex::new(Waiting::default()));
         let timeout_ms = upstream.settings.answer_timeout_ms;
+        let settled = Arc::new(tokio::sync::Notify::new());
         let driver = Driver {
             upstream: upstream.clone(),
             client: client.clone(),
             waiting: waiting.clone(),
+            settled: settled.clone(),
             to_device,
             state: state_tx,
             subscriptions: spec.subscriptions,
@@ -315,6 +343,7 @@ impl UpstreamSession {
             waiting,
             state,
             timeout_ms,
+            settled,
         });
         upstream.listed(&spec.device, &link);
         UpstreamSession {
@@ -391,6 +420,9 @@ impl UpstreamSession {
             return;
         };
         let ending = matches!(*self.state.borrow(), State::Lost | State::TakenOver);
+        if !ending {
+            self.link.settle(SETTLE_AT_CLOSE).await;
+        }
         // A session that is over ends by itself (one IoT Core no longer had is closed
         // with DISCONNECT, so that no will goes): it is not cut short.
         if ending || (politely && self.is_connected() && self.client.try_disconnect().is_ok()) {
@@ -443,6 +475,8 @@ struct Driver {
     /// To end the connection politely.
     client: AsyncClient,
     waiting: Arc<Mutex<Waiting>>,
+    /// Told when the last publish in flight got its answer ([`Link::settle`]).
+    settled: Arc<tokio::sync::Notify>,
     to_device: mpsc::Sender<Publish>,
     state: watch::Sender<State>,
     /// Subscribed once connected (the spec's).
@@ -512,10 +546,17 @@ impl Driver {
                             waiting.pubacks.insert(pkid, answer);
                         }
                     }
+                    if waiting.publishes.is_empty() && waiting.pubacks.is_empty() {
+                        self.settled.notify_waiters();
+                    }
                 }
                 Ok(Event::Incoming(Incoming::PubAck(ack))) => {
-                    if let Some(answer) = self.lock().pubacks.remove(&ack.pkid) {
+                    let mut waiting = self.lock();
+                    if let Some(answer) = waiting.pubacks.remove(&ack.pkid) {
                         let _ = answer.send(ack.reason);
+                    }
+                    if waiting.publishes.is_empty() && waiting.pubacks.is_empty() {
+                        self.settled.notify_waiters();
                     }
                 }
                 Ok(Event::Incoming(Incoming::Publish(publish))) => self.for_device(publish),
