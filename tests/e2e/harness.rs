@@ -70,27 +70,28 @@ impl Gateway {
         config: &str,
         client: reqwest::blocking::Client,
     ) -> Gateway {
-        let config = with_admin(&config.replace("{dir}", &dir.path().display().to_string()));
-        std::fs::write(dir.path().join("sluice.toml"), config).expect("write config");
-        let (child, url, admin, mqtt) = spawn(dir.path());
-        Gateway {
-            child,
-            url,
-            admin,
-            mqtt,
-            dir,
-            client,
-        }
+        Gateway::launch(dir, config, client, Command::new(SLUICE))
     }
 
     /// Like [`Gateway::start`], the gateway run by `tracer` (a program and its options,
     /// e.g. `strace -f -o FILE`), with `sluice run` and its arguments after them.
     pub fn start_traced(config: &str, tracer: &[&str]) -> Gateway {
         let dir = tempfile::tempdir().expect("temp dir");
-        let config = with_admin(&config.replace("{dir}", &dir.path().display().to_string()));
-        std::fs::write(dir.path().join("sluice.toml"), config).expect("write config");
         let mut command = Command::new(tracer[0]);
         command.args(&tracer[1..]).arg(SLUICE);
+        Gateway::launch(dir, config, reqwest::blocking::Client::new(), command)
+    }
+
+    /// Writes `config` into `dir` and starts `command` (`sluice`, or a tracer running it)
+    /// with `sluice run`'s arguments.
+    fn launch(
+        dir: tempfile::TempDir,
+        config: &str,
+        client: reqwest::blocking::Client,
+        command: Command,
+    ) -> Gateway {
+        let config = with_admin(&config.replace("{dir}", &dir.path().display().to_string()));
+        std::fs::write(dir.path().join("sluice.toml"), config).expect("write config");
         let (child, url, admin, mqtt) = spawn_with(dir.path(), command);
         Gateway {
             child,
@@ -98,7 +99,7 @@ impl Gateway {
             admin,
             mqtt,
             dir,
-            client: reqwest::blocking::Client::new(),
+            client,
         }
     }
 
