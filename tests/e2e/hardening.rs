@@ -311,6 +311,26 @@ fn half_requests_are_cut_off_at_the_header_timeout() {
     assert_eq!(ok.status, 200, "{:?}", ok.body);
 }
 
+/// A kept-alive HTTP connection idle for longer than the first request's header timeout
+/// (but within the idle timeout) serves its next request: it used to be closed at the
+/// header timeout, so a device publishing every few seconds on one connection lost it
+/// between publishes (and a request sent as it closed failed).
+#[test]
+fn a_kept_alive_connection_outlives_the_header_timeout_while_idle() {
+    let gateway = Gateway::start("[server]\nheader_timeout_secs = 1\n");
+    let mut connection = crate::net::RawHttp::connect(&gateway.url);
+    let first = connection
+        .request("POST", "/topics/t", &[("x-device-id", "dev-1")], b"{}")
+        .unwrap();
+    assert_eq!(first.status, 200);
+    // Idle past the header timeout: what is tested is time passing.
+    std::thread::sleep(Duration::from_millis(2500));
+    let second = connection
+        .request("POST", "/topics/t", &[("x-device-id", "dev-1")], b"{}")
+        .expect("the same connection serves the next request");
+    assert_eq!(second.status, 200);
+}
+
 /// Past `server.max_connections`, a new connection is closed at once, counted; when one
 /// closes, there is room again.
 #[test]

@@ -131,8 +131,9 @@ pub struct ServerConfig {
     /// Seconds a client has for its TLS handshake. Default 10.
     #[serde(default = "default_handshake_timeout")]
     pub handshake_timeout_secs: u64,
-    /// Seconds a client has to send a request's headers once it started (HTTP/1.1).
-    /// Default 10.
+    /// Seconds a client has to send its first request's headers once it connected
+    /// (HTTP/1.1); a kept-alive connection waits up to `idle_timeout_secs` for a later
+    /// request's. Default 10.
     #[serde(default = "default_header_timeout")]
     pub header_timeout_secs: u64,
     /// A connection on which nothing was read or written for this many seconds is

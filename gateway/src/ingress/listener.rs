@@ -82,11 +82,14 @@ pub async fn serve(listeners: Listeners, config: &Config, state: AppState) {
     let guard = Guard::new("http", &config.server);
     let mut builder = auto::Builder::new(TokioExecutor::new());
     // hyper's header timeout needs a timer; it covers every request after the first
-    // (the guard covers the first, and the protocol detection before it).
+    // (the guard covers the first, and the protocol detection before it). hyper starts
+    // it when it waits for the next request, so it is also how long a kept-alive
+    // connection may sit idle between requests: the idle timeout, not the first
+    // request's (a device publishing every 15 s on one connection keeps it).
     builder
         .http1()
         .timer(TokioTimer::new())
-        .header_read_timeout(guard.first_request_timeout);
+        .header_read_timeout(guard.idle_timeout.max(guard.first_request_timeout));
     builder.http2().timer(TokioTimer::new());
     let connections = TaskTracker::new();
     let serve = {
