@@ -6,11 +6,13 @@
 //! matching subscribers); a QoS 0 message when it is written to the connection. A PUBACK
 //! that refuses the publish for good (not authorized, topic or payload invalid) makes
 //! the record a dead letter with IoT Core's reason; one that says "later" (quota
-//! exceeded, server busy, unspecified) fails the delivery, which the spool retries. rumqttc reconnects on its own (the event loop
-//! is polled again after a pause that grows while the broker stays away) and re-sends
-//! unacknowledged publishes after reconnecting; their PUBACKs settle the waiting
-//! deliveries. A delivery whose messages are not confirmed within the delivery timeout
-//! fails, and the spool sends them again (they may arrive twice: at least once).
+//! exceeded, server busy, unspecified) fails the delivery, which the spool retries.
+//!
+//! rumqttc reconnects on its own (the event loop is polled again after a pause that
+//! grows while the broker stays away) and re-sends unacknowledged publishes after
+//! reconnecting; their PUBACKs settle the waiting deliveries. A delivery whose messages
+//! are not confirmed within the delivery timeout fails, and the spool sends them again
+//! (they may arrive twice: at least once).
 
 use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
