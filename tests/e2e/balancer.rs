@@ -226,7 +226,7 @@ fn an_instance_killed_under_load_behind_haproxy_loses_nothing_acknowledged() {
 /// and every acknowledged message is in a sink.
 #[test]
 fn an_instance_leaving_under_load_behind_haproxy_is_taken_out_first_and_loses_nothing() {
-    let mut gateways = three_instances("leave_delay_ms = 1500");
+    let mut gateways = three_instances("leave_delay_ms = 3000");
     let balancer = Balancer::start(&gateways, Front::Mqtt);
     let fleet = fleet_under_way(&balancer, 5);
     let sessions = |gateway: &Gateway| {

@@ -16,7 +16,7 @@ use crate::raw_mqtt::{Packet5, RawMqtt};
 #[test]
 fn a_leaving_gateway_turns_readyz_red_before_it_tells_its_clients_to_go() {
     let mut gateway = Gateway::start(
-        "[server]\nleave_delay_ms = 1500\n[mqtt]\nlisten = \"127.0.0.1:0\"\n[routing]\ndefault_destination = \"local\"\n",
+        "[server]\nleave_delay_ms = 3000\n[mqtt]\nlisten = \"127.0.0.1:0\"\n[routing]\ndefault_destination = \"local\"\n",
     );
     let (mut session, connack) = RawMqtt::connect(&gateway, "leaver", &[]);
     assert!(
