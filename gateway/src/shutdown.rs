@@ -82,11 +82,11 @@ impl Leave {
         let pull = trigger.clone();
         let mut left = leaving.clone();
         tokio::spawn(async move {
+            // Either way, leaving has started.
             tokio::select! {
                 () = outside.wait() => pull.fire(),
                 () = left.wait() => {}
             }
-            left.wait().await;
             tracing::info!(
                 ?delay,
                 "leaving: /readyz answers 503 and HTTP requests are refused; the listeners close after server.leave_delay_ms"

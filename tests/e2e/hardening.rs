@@ -15,7 +15,9 @@ use tokio_tungstenite::tungstenite::Message as Frame;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest as _;
 
 use crate::harness::{Gateway, eventually, plugin, sluice};
-use crate::raw_mqtt::{Packet5, RawMqtt, mqtt_connect, mqtt_packet, mqtt_string, raw_publish};
+use crate::raw_mqtt::{
+    Packet5, RawMqtt, mqtt_connect, mqtt_packet, mqtt_string, raw_publish, raw_subscribe,
+};
 use crate::wsclient::runtime;
 
 fn misbehave(on_failure: &str, extra: &str) -> String {
@@ -610,11 +612,7 @@ fn mqtt5_edge_cases_get_the_specifications_answers() {
     // A refusal's reason string is left out where it would take the answer past the
     // client's Maximum Packet Size (0x27), 64 bytes here; the answer itself still comes.
     let deep = b"edge/1/2/3/4/5/6/7/8";
-    let mut subscribe = 2u16.to_be_bytes().to_vec();
-    subscribe.push(0);
-    subscribe.extend(mqtt_string("edge/#"));
-    subscribe.push(1);
-    let subscribe = mqtt_packet(0x82, &subscribe);
+    let subscribe = raw_subscribe(2, "edge/#");
     for (client_id, limit) in [("edge-roomy", None), ("edge-tight", Some(64u32))] {
         let properties = limit.map_or(Vec::new(), |limit| {
             let mut property = vec![0x27];

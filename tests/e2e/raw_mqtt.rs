@@ -45,6 +45,15 @@ pub fn mqtt_string(text: &str) -> Vec<u8> {
     out
 }
 
+/// An MQTT 5 SUBSCRIBE, packet id `pkid`, of `filter` at QoS 1, without properties.
+pub fn raw_subscribe(pkid: u16, filter: &str) -> Vec<u8> {
+    let mut body = pkid.to_be_bytes().to_vec();
+    body.push(0);
+    body.extend(mqtt_string(filter));
+    body.push(1);
+    mqtt_packet(0x82, &body)
+}
+
 /// A QoS `qos` PUBLISH of `{}` on `topic` (raw bytes), with `properties`.
 pub fn raw_publish(topic: &[u8], qos: u8, properties: &[u8]) -> Vec<u8> {
     let mut body = (topic.len() as u16).to_be_bytes().to_vec();

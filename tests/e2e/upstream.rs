@@ -15,7 +15,7 @@ use crate::harness::{Gateway, eventually};
 use crate::mqtt::ws_url;
 use crate::mqtt_sessions::{PahoSession, payloads};
 use crate::net::Proxy;
-use crate::raw_mqtt::{Packet5, RawMqtt, mqtt_packet, mqtt_string, raw_publish};
+use crate::raw_mqtt::{Packet5, RawMqtt, raw_publish, raw_subscribe};
 
 /// A gateway whose IoT Core sink and device sessions use the broker (through `port`).
 fn gateway_via(env: &TestEnv, port: u16, extra: &str) -> Gateway {
@@ -176,11 +176,7 @@ fn telemetry_in_flight_when_its_device_leaves_is_not_sent_twice() {
     let (mut device, connack) = RawMqtt::connect(&gateway, &format!("{run}-dev"), &[]);
     assert!(matches!(connack, Packet5::ConnAck(_)), "{connack:?}");
     // A SUBSCRIBE gives the device its session at IoT Core.
-    let mut subscribe = 1u16.to_be_bytes().to_vec();
-    subscribe.push(0);
-    subscribe.extend(mqtt_string(&format!("cmd/{run}/x")));
-    subscribe.push(1);
-    device.send(&mqtt_packet(0x82, &subscribe));
+    device.send(&raw_subscribe(1, &format!("cmd/{run}/x")));
     assert!(matches!(device.next(), Some(Packet5::SubAck(_))));
     proxy.hold_answers();
     let topic = format!("{run}/tele/raw");

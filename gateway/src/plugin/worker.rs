@@ -174,10 +174,9 @@ fn scope(
     messages: Vec<Message>,
     origins: Vec<usize>,
 ) -> (Vec<Message>, Vec<usize>, Vec<(Message, usize)>) {
-    if plugin.scope.is_empty()
-        && messages
-            .iter()
-            .all(|message| crate::topic::reserved(&message.topic).is_none())
+    if messages
+        .iter()
+        .all(|message| plugin.in_scope(&message.topic))
     {
         return (messages, origins, Vec::new());
     }
