@@ -49,6 +49,7 @@
 //!   client id: subscriptions, shadow and jobs requests, messages for the device.
 //! - [`sink`]: delivery to Kinesis, IoT Core (MQTT or HTTPS), or the local sink, the
 //!   embedded default that needs no cloud.
+//! - [`shadow`]: Device Shadow calls made over HTTPS, passed to IoT Core's data plane.
 //!
 //! **The decision.**
 //! - [`record`]: a routed message ([`record::Record`]) and the sink that delivers it
@@ -94,6 +95,7 @@ pub(crate) mod readiness;
 pub mod reconfigure;
 pub mod record;
 pub mod route;
+pub(crate) mod shadow;
 mod shutdown;
 pub mod sink;
 pub(crate) mod spool;
@@ -149,6 +151,15 @@ pub async fn run(
         .clone()
         .map(upstream::Upstream::new)
         .transpose()?;
+    let shadows = match &config.sinks.iot_core {
+        Some(iot_core) => {
+            let shared = sink::aws::sdk_config(&config.aws).await;
+            let endpoint = iot_core.endpoint_url.as_deref();
+            let data_plane = sink::aws::with_endpoint(&shared, endpoint);
+            Some(Arc::new(shadow::Shadows::new(&data_plane)))
+        }
+        None => None,
+    };
     let sinks =
         Arc::new(sink::Sinks::build(&config, &instance, local.clone(), upstream.as_ref()).await?);
     let pipeline = Arc::new(pipeline::Pipeline::new(
@@ -207,6 +218,7 @@ pub async fn run(
         sessions,
         upstream,
         held,
+        shadows,
         mqtt_clients: Default::default(),
     };
     let listeners = match ingress::listener::bind(&config).await {

@@ -252,6 +252,22 @@ impl DevicePolicy {
                 .any(|g| g.applies_to(identity) && g.allows(&g.config.publish, identity, topic))
     }
 
+    /// Whether a grant lets `identity` publish on every topic `filter` matches (one of
+    /// its `publish` filters covers it): all the named shadows of a thing, to list them.
+    pub fn may_publish_all(&self, identity: &Identity, filter: &str) -> bool {
+        let Ok(wanted) = TopicFilter::parse(filter) else {
+            return false;
+        };
+        !self.enforced
+            || self.grants.iter().any(|g| {
+                g.applies_to(identity)
+                    && g.config.publish.iter().any(|granted| {
+                        TopicFilter::parse(&g.expand(granted, identity))
+                            .is_ok_and(|granted| granted.covers(&wanted))
+                    })
+            })
+    }
+
     /// Whether `identity` may subscribe to `filter`: a grant's `subscribe` filter covers
     /// it (`cmd/${device.id}/#` covers `cmd/dev-1/+`, not `cmd/#`). A shared
     /// subscription (`$share/{group}/{filter}`) is covered by a grant's shared filter

@@ -67,6 +67,7 @@ pub fn gateway(config: &str) -> Fixture {
             sessions: Arc::new(Sessions::default()),
             upstream: None,
             held: None,
+            shadows: None,
             mqtt_clients: Default::default(),
         },
         reloader,

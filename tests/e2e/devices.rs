@@ -18,13 +18,13 @@ const SECRET_3: &str = "k3-secret-0123456789abcdef0123456789abcdef";
 const SECRET_4: &str = "k4-secret-0123456789abcdef0123456789abcdef";
 
 /// A certificate authority that signs device certificates.
-struct Ca {
+pub struct Ca {
     issuer: Issuer<'static, KeyPair>,
-    pem: String,
+    pub pem: String,
 }
 
 impl Ca {
-    fn new(name: &str) -> Ca {
+    pub fn new(name: &str) -> Ca {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
@@ -42,7 +42,7 @@ impl Ca {
     }
 
     /// A device certificate (CN = device id, OU = group): (cert PEM + key PEM, DER).
-    fn device(&self, id: &str, group: &str, serial: u8, expired: bool) -> (String, Vec<u8>) {
+    pub fn device(&self, id: &str, group: &str, serial: u8, expired: bool) -> (String, Vec<u8>) {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
         params.distinguished_name.push(DnType::CommonName, id);
@@ -65,7 +65,7 @@ impl Ca {
 }
 
 /// The gateway's own server certificate for 127.0.0.1, written to `dir`; returns its PEM.
-fn server_cert(dir: &Path) -> String {
+pub fn server_cert(dir: &Path) -> String {
     let key = KeyPair::generate().unwrap();
     let params =
         CertificateParams::new(vec!["127.0.0.1".to_string(), "localhost".to_string()]).unwrap();

@@ -497,6 +497,30 @@ pub fn sluice(args: &[&str]) -> (i32, String, String) {
 
 /// Polls `check` until it returns `Some`, or fails after `timeout`. For effects that
 /// happen asynchronously (a hot reload); never a stand-in for readiness.
+/// Runs the Python client `script` (under `tests/clients`) with `spec`; what it printed,
+/// one JSON value per line.
+pub fn python_client(script: &str, spec: &Value) -> Vec<Value> {
+    let python = std::env::var("SLUICE_TEST_PYTHON").expect("SLUICE_TEST_PYTHON: run scripts/test");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../tests/clients")
+        .join(script);
+    let output = Command::new(python)
+        .arg(path)
+        .arg(spec.to_string())
+        .output()
+        .expect("run a Python client");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{script} failed: {stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line}")))
+        .collect()
+}
+
 pub fn eventually<T>(timeout: Duration, what: &str, mut check: impl FnMut() -> Option<T>) -> T {
     let deadline = Instant::now() + timeout;
     loop {

@@ -26,6 +26,7 @@ mod raw_mqtt;
 mod refusals;
 mod reload;
 mod routing;
+mod shadows;
 mod synced;
 mod upstream;
 mod websocket;

@@ -73,8 +73,9 @@ pub struct IotCoreSinkConfig {
     pub delivery_timeout_ms: u64,
     /// Publish through Basic Ingest to this IoT rule (`$aws/rules/<rule>/<topic>`).
     pub basic_ingest_rule: Option<String>,
-    /// With `https`: endpoint for IoT data plane only, overriding `aws.endpoint_url`
-    /// (the account's `https://<prefix>-ats.iot.<region>.amazonaws.com`).
+    /// IoT Core's HTTPS data plane (the `https` transport's publishes, the Device Shadow
+    /// routes), overriding `aws.endpoint_url` (the account's
+    /// `https://<prefix>-ats.iot.<region>.amazonaws.com`).
     pub endpoint_url: Option<String>,
     /// With `mqtt`: the connection.
     pub mqtt: Option<MqttSinkConfig>,

@@ -27,6 +27,8 @@ pub struct AppState {
     pub upstream: Option<Arc<crate::upstream::Upstream>>,
     /// The sessions at IoT Core of devices that poll for commands (with `upstream`).
     pub held: Option<Arc<crate::upstream::held::Held>>,
+    /// IoT Core's data plane for the Device Shadow routes (with `[sinks.iot_core]`).
+    pub shadows: Option<Arc<crate::shadow::Shadows>>,
     /// MQTT client ids connected here (a second connection takes one over).
     pub mqtt_clients: Arc<Clients>,
 }

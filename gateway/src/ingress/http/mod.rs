@@ -9,10 +9,13 @@
 //! every [`Refusal`] to its status.
 //!
 //! - [`answer`]: a refusal as an HTTP answer;
-//! - [`commands`]: `GET /commands` (a long-poll) and `POST /commands/{id}/reply`.
+//! - [`commands`]: `GET /commands` (a long-poll) and `POST /commands/{id}/reply`;
+//! - [`shadow`]: IoT Core's Device Shadow routes (`/things/{thing}/shadow`, the list of
+//!   a thing's named shadows), passed to IoT Core.
 
 pub mod answer;
 pub mod commands;
+pub mod shadow;
 
 use axum::Json;
 use axum::body::{Body, Bytes};
@@ -38,6 +41,14 @@ pub fn app(state: AppState) -> axum::Router {
         .route("/mqtt", get(crate::ingress::mqtt::upgrade))
         .route("/commands", get(commands::poll))
         .route("/commands/{id}/reply", post(commands::reply))
+        .route(
+            "/things/{thing}/shadow",
+            get(shadow::get).post(shadow::update).delete(shadow::delete),
+        )
+        .route(
+            "/api/things/shadow/ListNamedShadowsForThing/{thing}",
+            get(shadow::list),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         // Limits are enforced by the handlers, which know which limit applies and say so.
