@@ -79,15 +79,25 @@ impl Grant {
 
     fn allows(&self, filters: &[String], identity: &Identity, topic: &str) -> bool {
         filters.iter().any(|filter| {
-            TopicFilter::parse(&self.expand(filter, identity)).is_ok_and(|f| f.matches(topic))
+            self.filter(filter, identity)
+                .is_some_and(|f| f.matches(topic))
         })
     }
 
     /// `pattern` for `identity`: `${thing.name}` is the grant's `thing_name` (the device
-    /// id unless it says otherwise), `${device.id}` the device id.
-    fn expand(&self, pattern: &str, identity: &Identity) -> String {
+    /// id unless it says otherwise), `${device.id}` the device id, `${claims.NAME}` the
+    /// token's claim; `None` when a claim it names is missing or unusable (the pattern
+    /// then allows nothing).
+    fn expand(&self, pattern: &str, identity: &Identity) -> Option<String> {
         let thing = self.config.thing_name.as_deref().unwrap_or(DEVICE_ID);
-        crate::template::for_device(&pattern.replace(THING_NAME, thing), &identity.device_id)
+        let pattern = pattern.replace(THING_NAME, thing);
+        let pattern = crate::template::with_claims(&pattern, |name| identity.claim(name))?;
+        Some(crate::template::for_device(&pattern, &identity.device_id))
+    }
+
+    /// The topic filter `pattern` stands for, for `identity`.
+    fn filter(&self, pattern: &str, identity: &Identity) -> Option<TopicFilter> {
+        TopicFilter::parse(&self.expand(pattern, identity)?).ok()
     }
 }
 
@@ -262,8 +272,8 @@ impl DevicePolicy {
             || self.grants.iter().any(|g| {
                 g.applies_to(identity)
                     && g.config.publish.iter().any(|granted| {
-                        TopicFilter::parse(&g.expand(granted, identity))
-                            .is_ok_and(|granted| granted.covers(&wanted))
+                        g.filter(granted, identity)
+                            .is_some_and(|granted| granted.covers(&wanted))
                     })
             })
     }
@@ -284,7 +294,7 @@ impl DevicePolicy {
             || self.grants.iter().any(|g| {
                 g.applies_to(identity)
                     && g.config.subscribe.iter().any(|granted| {
-                        TopicFilter::parse(&g.expand(granted, identity)).is_ok_and(|granted| {
+                        g.filter(granted, identity).is_some_and(|granted| {
                             granted.covers(&wanted) || granted.covers(&messages)
                         })
                     })
@@ -297,7 +307,9 @@ impl DevicePolicy {
         self.grants.iter().any(|g| {
             g.applies_to(identity)
                 && g.config.client_ids.iter().any(|pattern| {
-                    !pattern.ends_with('*') && g.expand(pattern, identity) == client_id
+                    !pattern.ends_with('*')
+                        && g.expand(pattern, identity)
+                            .is_some_and(|id| id == client_id)
                 })
         })
     }
@@ -310,7 +322,9 @@ impl DevicePolicy {
             || self.grants.iter().any(|g| {
                 g.applies_to(identity)
                     && g.config.client_ids.iter().any(|pattern| {
-                        let pattern = g.expand(pattern, identity);
+                        let Some(pattern) = g.expand(pattern, identity) else {
+                            return false;
+                        };
                         match pattern.strip_suffix('*') {
                             Some(prefix) => client_id.starts_with(prefix),
                             None => client_id == pattern,
@@ -326,9 +340,10 @@ impl DevicePolicy {
             || self.grants.iter().any(|g| {
                 g.applies_to(identity)
                     && g.config.subscribe.iter().any(|filter| {
-                        let filter = g.expand(filter, identity);
-                        TopicFilter::parse(crate::topic::unshared(&filter))
-                            .is_ok_and(|f| f.matches(topic))
+                        g.expand(filter, identity).is_some_and(|filter| {
+                            TopicFilter::parse(crate::topic::unshared(&filter))
+                                .is_ok_and(|f| f.matches(topic))
+                        })
                     })
             })
     }
@@ -380,6 +395,7 @@ mod tests {
             method: Method::Token,
             expires_at_secs: None,
             certificate: None,
+            claims: Vec::new(),
         }
     }
 

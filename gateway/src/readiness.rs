@@ -1,10 +1,13 @@
 //! Whether the gateway is ready for traffic, and why not, as `GET /readyz` and the
-//! console both say it: a sink that is failing (its records wait in the spool).
+//! console both say it: a sink that is failing (its records wait in the spool), devices
+//! that cannot authenticate yet (the identity provider's keys never read).
 
+use crate::auth::Authenticator;
 use crate::pipeline::Pipeline;
 
 /// The reasons the gateway is not ready; none when it is.
-pub fn not_ready_reasons(pipeline: &Pipeline) -> Vec<String> {
+pub fn not_ready_reasons(pipeline: &Pipeline, auth: &Authenticator) -> Vec<String> {
+    let auth = auth.not_ready();
     pipeline
         .spool()
         .failing_sinks()
@@ -15,5 +18,6 @@ pub fn not_ready_reasons(pipeline: &Pipeline) -> Vec<String> {
                 sink.name()
             )
         })
+        .chain(auth)
         .collect()
 }

@@ -100,6 +100,11 @@ pub struct Reloader {
 }
 
 impl Reloader {
+    /// Who devices are now (the running configuration's `[auth]`).
+    pub fn auth(&self) -> Arc<crate::auth::Authenticator> {
+        self.live.rules.load().auth.clone()
+    }
+
     /// A reloader for the gateway started with `config` from `source`.
     pub fn new(
         source: ConfigSource,

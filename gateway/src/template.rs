@@ -2,8 +2,9 @@
 //! `telemetry-${topic.1}`. Variables: `${device.id}`, `${topic}` (the whole topic) and
 //! `${topic.N}` (level N of the topic, from 0; empty when the topic is shorter).
 //!
-//! Policy grants, client-id patterns and `[upstream]`'s command and reply topics take `${device.id}` alone:
-//! [`for_device`] fills it in.
+//! Policy grants, client-id patterns and `[upstream]`'s command and reply topics take `${device.id}`:
+//! [`for_device`] fills it in; grants take a token's claims too (`${claims.site}`,
+//! [`with_claims`]).
 
 use crate::message::Message;
 
@@ -13,6 +14,31 @@ pub const DEVICE_ID: &str = "${device.id}";
 /// The variable that stands for a device's thing name in policy grants (its
 /// `thing_name`, by default the device id).
 pub const THING_NAME: &str = "${thing.name}";
+
+/// How a variable naming one of a token's claims starts (`${claims.site}`), in policy
+/// grants.
+pub const CLAIMS_PREFIX: &str = "${claims.";
+
+/// `pattern` with every `${claims.NAME}` replaced by the claim `NAME` that `claim` finds;
+/// `None` when a claim it names is missing, or holds a value that would reach across
+/// topic levels (`/`, `+`, `#`) or is empty: a grant's filter then allows nothing.
+pub fn with_claims<'a>(pattern: &str, claim: impl Fn(&str) -> Option<&'a str>) -> Option<String> {
+    let mut out = String::with_capacity(pattern.len());
+    let mut rest = pattern;
+    while let Some(at) = rest.find(CLAIMS_PREFIX) {
+        out.push_str(&rest[..at]);
+        let after = &rest[at + CLAIMS_PREFIX.len()..];
+        let end = after.find('}')?;
+        let value = claim(&after[..end])?;
+        if value.is_empty() || value.contains(['/', '+', '#']) {
+            return None;
+        }
+        out.push_str(value);
+        rest = &after[end + 1..];
+    }
+    out.push_str(rest);
+    Some(out)
+}
 
 /// `pattern` with every `${device.id}` replaced by `device`: a device's id, `+` for any
 /// device (a topic filter), or a sample id (to validate the pattern).
@@ -103,6 +129,41 @@ impl Template {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A claim fills its variable; a missing claim, an empty one, or one that would
+    /// reach across topic levels leaves the pattern allowing nothing.
+    #[test]
+    fn claims_fill_grants_only_with_single_level_values() {
+        let claims = [
+            ("site", "paris"),
+            ("bad", "a/b"),
+            ("wild", "#"),
+            ("empty", ""),
+        ];
+        let claim = |name: &str| {
+            claims
+                .iter()
+                .find(|(key, _)| *key == name)
+                .map(|(_, value)| *value)
+        };
+        assert_eq!(
+            with_claims("sites/${claims.site}/${device.id}/#", claim).as_deref(),
+            Some("sites/paris/${device.id}/#")
+        );
+        assert_eq!(
+            with_claims("no/claims", claim).as_deref(),
+            Some("no/claims")
+        );
+        for pattern in [
+            "s/${claims.missing}",
+            "s/${claims.bad}",
+            "s/${claims.wild}",
+            "s/${claims.empty}",
+            "s/${claims.site",
+        ] {
+            assert_eq!(with_claims(pattern, claim), None, "{pattern}");
+        }
+    }
 
     fn message(device: &str, topic: &str) -> Message {
         Message {

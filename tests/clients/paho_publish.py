@@ -38,7 +38,8 @@ client = mqtt.Client(
     transport=transport,
 )
 if transport == "websockets":
-    client.ws_set_options(path=url.path or "/mqtt")
+    # The query too: a token may travel in the WebSocket URL.
+    client.ws_set_options(path=(url.path or "/mqtt") + (f"?{url.query}" if url.query else ""))
 if spec.get("username") or spec.get("password"):
     client.username_pw_set(spec.get("username"), spec.get("password"))
 if url.scheme in ("mqtts", "wss"):

@@ -497,16 +497,16 @@ pub fn sluice(args: &[&str]) -> (i32, String, String) {
 
 /// Polls `check` until it returns `Some`, or fails after `timeout`. For effects that
 /// happen asynchronously (a hot reload); never a stand-in for readiness.
-/// Runs the Python client `script` (under `tests/clients`) with `spec`; what it printed,
+/// Runs the Python client `script` (under `tests/clients`) with `args`; what it printed,
 /// one JSON value per line.
-pub fn python_client(script: &str, spec: &Value) -> Vec<Value> {
+pub fn python_client(script: &str, args: &[&str]) -> Vec<Value> {
     let python = std::env::var("SLUICE_TEST_PYTHON").expect("SLUICE_TEST_PYTHON: run scripts/test");
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("../tests/clients")
         .join(script);
     let output = Command::new(python)
         .arg(path)
-        .arg(spec.to_string())
+        .args(args)
         .output()
         .expect("run a Python client");
     let stdout = String::from_utf8_lossy(&output.stdout);

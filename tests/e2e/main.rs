@@ -21,6 +21,7 @@ mod net;
 mod operate;
 mod plugin_new;
 mod plugins;
+mod provider_tokens;
 mod py_plugins;
 mod raw_mqtt;
 mod refusals;

@@ -68,7 +68,7 @@ fn boto3(
         "things": things,
         "calls": calls,
     });
-    python_client("shadow_http.py", &spec)
+    python_client("shadow_http.py", &[&spec.to_string()])
 }
 
 fn refused(answer: &Value) -> (u64, &str) {

@@ -6,6 +6,10 @@
 //! - [`token`]: short-lived HS256 JWTs (`Authorization: Bearer …`) carrying the device id
 //!   (`sub`) and optional `groups`, signed with keys from the config and chosen by key id,
 //!   so that several keys are valid at once while they rotate.
+//! - [`jwt`]: JWTs from the operator's identity provider (RS256, ES256, EdDSA), verified
+//!   with the keys of its JWKS; the device id, groups and claims from configured claims.
+//! - [`verified`]: tokens verified lately, so that a token is checked once, not per
+//!   request.
 //!
 //! Every protocol gathers what a device presents into one [`Credential`] (HTTP in an
 //! extractor, MQTT from its CONNECT) and [`Authenticator::authenticate`] decides who it
@@ -14,8 +18,10 @@
 //! With it, a device without a valid certificate or token is refused with a reason code
 //! ([`AuthError::code`]) and nothing about the secret.
 
+pub mod jwt;
 pub mod mtls;
 pub mod token;
+pub mod verified;
 
 use crate::config::AuthConfig;
 
@@ -51,6 +57,19 @@ pub struct Identity {
     pub expires_at_secs: Option<u64>,
     /// The client certificate, so that a session can be ended when a reload revokes it.
     pub certificate: Option<CertificateKey>,
+    /// A token's claims with a string or number value, by name, for `${claims.NAME}`
+    /// in policy grants (none for certificates and the gateway's own tokens).
+    pub claims: Vec<(String, String)>,
+}
+
+impl Identity {
+    /// The value of the claim `name`, when the credential carried it.
+    pub fn claim(&self, name: &str) -> Option<&str> {
+        self.claims
+            .iter()
+            .find(|(key, _)| key == name)
+            .map(|(_, value)| value.as_str())
+    }
 }
 
 /// What names a client certificate in the revocation lists.
@@ -86,6 +105,18 @@ pub enum AuthError {
     /// Another issuer.
     #[error("the token was issued by someone else")]
     TokenWrongIssuer,
+    /// For another audience (`[auth.jwt] audience`).
+    #[error("the token is meant for another audience")]
+    TokenWrongAudience,
+    /// Without a claim the gateway needs (`exp`, `iss`, `aud`, the device id's).
+    #[error("the token has no `{0}` claim")]
+    TokenMissingClaim(String),
+    /// Signed with an algorithm the gateway does not accept.
+    #[error("the token's algorithm {0} is not accepted")]
+    TokenAlgorithm(String),
+    /// The identity provider's keys could not be read yet (`[auth.jwt]`).
+    #[error("the identity provider's keys are not available yet; try again")]
+    TokenKeysUnavailable,
     /// The credential names a device id the gateway cannot use.
     #[error("the device id is not usable: {0}")]
     BadDeviceId(String),
@@ -112,6 +143,10 @@ impl AuthError {
             AuthError::TokenExpired => "token_expired",
             AuthError::TokenNotYetValid => "token_not_yet_valid",
             AuthError::TokenWrongIssuer => "token_wrong_issuer",
+            AuthError::TokenWrongAudience => "token_wrong_audience",
+            AuthError::TokenMissingClaim(_) => "token_missing_claim",
+            AuthError::TokenAlgorithm(_) => "token_algorithm_not_accepted",
+            AuthError::TokenKeysUnavailable => "token_keys_unavailable",
             AuthError::BadDeviceId(_) => "bad_device_id",
             AuthError::CertificateWithoutId(_) => "certificate_without_device_id",
             AuthError::CertificateRevoked => "certificate_revoked",
@@ -130,7 +165,8 @@ pub struct PeerIdentity(pub Option<Result<Identity, AuthError>>);
 pub struct Credential {
     /// The connection's client certificate, verified in the TLS handshake.
     pub certificate: PeerIdentity,
-    /// A bearer token (`Authorization: Bearer`, the MQTT password).
+    /// A bearer token (`Authorization: Bearer`, the MQTT password, or where
+    /// [`Authenticator::token_key_name`] says).
     pub token: Option<String>,
     /// The device id the device claims for itself (`x-device-id`, the MQTT client id):
     /// who it is when `[auth]` is off, ignored when it is on. `None`: it names none.
@@ -139,8 +175,13 @@ pub struct Credential {
 
 /// Authenticates requests the way the config says.
 pub struct Authenticator {
-    /// `None`: no `[auth]`, devices name themselves.
+    /// The gateway's own tokens (`[auth.tokens]`).
     tokens: Option<token::TokenKeys>,
+    /// The identity provider's tokens (`[auth.jwt]`).
+    provider: Option<jwt::ProviderTokens>,
+    /// The name a token travels under besides `Authorization: Bearer` and the MQTT
+    /// password (`[auth.jwt] token_key_name`).
+    token_key_name: Option<String>,
     required: bool,
     /// Where a client certificate names the device (`[auth.mtls] device_id`).
     mtls_device_id: Option<crate::config::DeviceIdSource>,
@@ -155,6 +196,12 @@ impl Authenticator {
             tokens: auth
                 .and_then(|a| a.tokens.as_ref())
                 .map(token::TokenKeys::new),
+            provider: auth
+                .and_then(|a| a.jwt.as_ref())
+                .map(jwt::ProviderTokens::new),
+            token_key_name: auth
+                .and_then(|a| a.jwt.as_ref())
+                .map(|jwt| jwt.token_key_name.clone()),
             required: auth.is_some(),
             mtls_device_id: auth.and_then(|a| a.mtls.as_ref()).map(|m| m.device_id),
             revoked: auth
@@ -187,6 +234,20 @@ impl Authenticator {
         self.mtls_device_id
     }
 
+    /// The name a token travels under as an HTTP header, a URL query parameter and a
+    /// query parameter of the MQTT user name, when `[auth.jwt]` is configured.
+    pub fn token_key_name(&self) -> Option<&str> {
+        self.token_key_name.as_deref()
+    }
+
+    /// Why devices cannot authenticate now (the identity provider's keys were never
+    /// read).
+    pub fn not_ready(&self) -> Option<String> {
+        self.provider
+            .as_ref()
+            .and_then(jwt::ProviderTokens::not_ready)
+    }
+
     /// Whether devices must authenticate (`[auth]` is configured).
     pub fn required(&self) -> bool {
         self.required
@@ -201,10 +262,16 @@ impl Authenticator {
         if let PeerIdentity(Some(result)) = credential.certificate {
             return result;
         }
-        match (credential.token, &self.tokens) {
-            (Some(token), Some(keys)) => keys.verify(token.trim()),
+        let Some(token) = credential.token else {
+            return Err(AuthError::MissingCredentials);
+        };
+        let token = token.trim();
+        match (&self.provider, &self.tokens) {
+            (Some(provider), _) if provider.takes(token) => provider.verify(token),
+            (_, Some(keys)) => keys.verify(token),
+            (Some(provider), None) => provider.verify(token),
             // A token where only certificates are accepted: as if none was sent.
-            _ => Err(AuthError::MissingCredentials),
+            (None, None) => Err(AuthError::MissingCredentials),
         }
     }
 }
@@ -231,6 +298,7 @@ fn claimed_identity(claimed: Option<String>) -> Result<Identity, AuthError> {
         method: Method::Claimed,
         expires_at_secs: None,
         certificate: None,
+        claims: Vec::new(),
     })
 }
 
@@ -252,6 +320,7 @@ mod tests {
             method: Method::Certificate,
             expires_at_secs: Some(1_000),
             certificate: Some(key),
+            claims: Vec::new(),
         };
         let config = |revoked: &str| -> AuthConfig {
             toml::from_str(&format!(
@@ -273,6 +342,7 @@ mod tests {
         let token = Identity {
             method: Method::Token,
             certificate: None,
+            claims: Vec::new(),
             ..identity
         };
         assert_eq!(

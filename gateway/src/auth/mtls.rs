@@ -201,5 +201,6 @@ pub fn identity(der: &CertificateDer<'_>, source: DeviceIdSource) -> Result<Iden
         method: Method::Certificate,
         expires_at_secs,
         certificate: key_of(der.as_ref()),
+        claims: Vec::new(),
     })
 }

@@ -11,6 +11,7 @@ use jsonwebtoken::errors::ErrorKind;
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
+use crate::auth::verified::Verified;
 use crate::auth::{AuthError, Identity, Method, check_device_id};
 use crate::config::TokensConfig;
 
@@ -27,20 +28,14 @@ struct Claims {
     groups: Vec<String>,
 }
 
-/// Tokens verified lately, at most this many: a device sends the same token with every
-/// request until it renews it, so the signature and claims are checked once, not per
-/// request. When full, the cache starts afresh.
-const VERIFIED_CACHE_MAX: usize = 16_384;
-
 /// The configured keys, ready to sign and verify.
 pub struct TokenKeys {
     keys: HashMap<String, (EncodingKey, DecodingKey)>,
     signing: String,
     issuer: String,
     max_ttl: Duration,
-    /// Verified tokens with their identity and the second (`exp` plus the leeway) after
-    /// which they are refused. New keys (a configuration reload) start with an empty one.
-    verified: std::sync::Mutex<HashMap<String, (Identity, u64)>>,
+    /// Verified tokens, kept until `exp` plus the leeway.
+    verified: Verified,
 }
 
 impl TokenKeys {
@@ -70,7 +65,7 @@ impl TokenKeys {
             signing,
             issuer: config.issuer.clone(),
             max_ttl: Duration::from_secs(config.max_ttl_secs),
-            verified: std::sync::Mutex::new(HashMap::new()),
+            verified: Verified::default(),
         }
     }
 
@@ -112,26 +107,12 @@ impl TokenKeys {
     /// Checks a token and returns the device it names.
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
         let now = jsonwebtoken::get_current_timestamp();
-        {
-            let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
-            match verified.get(token) {
-                Some((identity, until)) if now <= *until => return Ok(identity.clone()),
-                Some(_) => {
-                    // Expired: the full check below says so precisely.
-                    verified.remove(token);
-                }
-                None => {}
-            }
+        if let Some(identity) = self.verified.get(token, now) {
+            return Ok(identity);
         }
         let (identity, exp) = self.verify_uncached(token)?;
-        let mut verified = self.verified.lock().unwrap_or_else(|p| p.into_inner());
-        if verified.len() >= VERIFIED_CACHE_MAX {
-            verified.clear();
-        }
-        verified.insert(
-            token.to_string(),
-            (identity.clone(), exp.saturating_add(LEEWAY_SECS)),
-        );
+        self.verified
+            .put(token, &identity, exp.saturating_add(LEEWAY_SECS));
         Ok(identity)
     }
 
@@ -168,6 +149,7 @@ impl TokenKeys {
                 method: Method::Token,
                 expires_at_secs: Some(claims.exp.saturating_add(LEEWAY_SECS)),
                 certificate: None,
+                claims: Vec::new(),
             },
             claims.exp,
         ))
@@ -232,11 +214,11 @@ mod tests {
             "dev-1",
             "from the cache"
         );
-        assert_eq!(keys.verified.lock().unwrap().len(), 1);
+        assert_eq!(keys.verified.count(), 1);
         // Real time has to pass: the check compares with the wall clock.
         std::thread::sleep(Duration::from_millis(2_100));
         assert_eq!(keys.verify(&token), Err(AuthError::TokenExpired));
-        assert!(keys.verified.lock().unwrap().is_empty());
+        assert_eq!(keys.verified.count(), 0);
     }
 
     #[test]

@@ -16,6 +16,69 @@ pub struct AuthConfig {
     pub mtls: Option<MtlsConfig>,
     /// Short-lived signed tokens (JWT, HS256) in `Authorization: Bearer`.
     pub tokens: Option<TokensConfig>,
+    /// JWTs from the operator's identity provider (RS256, ES256, EdDSA), verified with
+    /// the keys of its JWKS.
+    pub jwt: Option<JwtConfig>,
+}
+
+/// `[auth.jwt]`: tokens an identity provider issues, as IoT Core's custom authorizers
+/// take them.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JwtConfig {
+    /// Where the provider publishes its keys (a JWKS document), fetched at start, every
+    /// `refresh_secs`, and when a token names a key id not seen yet.
+    pub jwks_url: Option<String>,
+    /// A JWKS document on disk instead (read at start and every `refresh_secs`).
+    pub jwks_file: Option<PathBuf>,
+    /// The `iss` every token must carry.
+    pub issuer: String,
+    /// Accepted `aud` values (a token must name one); empty: `aud` is not checked.
+    #[serde(default)]
+    pub audience: Vec<String>,
+    /// Accepted signature algorithms, of `RS256`, `ES256`, `EdDSA` (the default: all).
+    #[serde(default = "default_jwt_algorithms")]
+    pub algorithms: Vec<String>,
+    /// The claim that holds the device id. Default `sub`.
+    #[serde(default = "default_device_id_claim")]
+    pub device_id_claim: String,
+    /// The claim that holds the device's groups (a list of strings, or one string).
+    pub groups_claim: Option<String>,
+    /// Clock skew tolerated on `exp` and `nbf`, in seconds. Default 60.
+    #[serde(default = "default_jwt_leeway")]
+    pub leeway_secs: u64,
+    /// How often the keys are read again, in seconds. Default 300.
+    #[serde(default = "default_jwks_refresh")]
+    pub refresh_secs: u64,
+    /// The name the token travels under besides `Authorization: Bearer` and the MQTT
+    /// password (IoT Core's custom authorizer `tokenKeyName`): an HTTP header, a query
+    /// parameter of the request's URL (the WebSocket URL), a query parameter of the MQTT
+    /// user name (`user?x-amz-customauthorizer-name=…&token=…`). Default `token`.
+    #[serde(default = "default_token_key_name")]
+    pub token_key_name: String,
+}
+
+/// The algorithms `[auth.jwt]` can verify.
+pub const JWT_ALGORITHMS: [&str; 3] = ["RS256", "ES256", "EdDSA"];
+
+fn default_jwt_algorithms() -> Vec<String> {
+    JWT_ALGORITHMS.iter().map(|a| a.to_string()).collect()
+}
+
+fn default_device_id_claim() -> String {
+    "sub".to_string()
+}
+
+fn default_jwt_leeway() -> u64 {
+    60
+}
+
+fn default_jwks_refresh() -> u64 {
+    300
+}
+
+fn default_token_key_name() -> String {
+    "token".to_string()
 }
 
 /// Where a client certificate names its device.
@@ -107,7 +170,8 @@ pub struct GrantConfig {
     /// Groups it applies to (token `groups`, certificate OUs).
     #[serde(default)]
     pub groups: Vec<String>,
-    /// Topic filters the devices may publish to; `${device.id}` is the device's id.
+    /// Topic filters the devices may publish to; `${device.id}` is the device's id,
+    /// `${claims.NAME}` a claim of its `[auth.jwt]` token.
     #[serde(default)]
     pub publish: Vec<String>,
     /// Topic filters the devices may receive commands on.
@@ -153,11 +217,72 @@ pub fn parse_hex(text: &str) -> Option<Vec<u8>> {
     hex::decode(padded).ok()
 }
 
+/// `[auth.jwt]`: one source of keys that can be read, known algorithms, sane periods.
+fn validate_jwt(jwt: &JwtConfig, problems: &mut Vec<String>) {
+    match (&jwt.jwks_url, &jwt.jwks_file) {
+        (Some(_), Some(_)) | (None, None) => {
+            problems.push("auth.jwt: give jwks_url or jwks_file (one of them)".to_string())
+        }
+        (Some(url), None) => {
+            if !(url.starts_with("https://") || url.starts_with("http://")) {
+                problems.push(format!("auth.jwt.jwks_url: `{url}` is not an http(s) URL"));
+            }
+        }
+        (None, Some(file)) => {
+            let read = std::fs::read(file).map_err(|error| error.to_string());
+            let parsed = read.and_then(|bytes| {
+                serde_json::from_slice::<jsonwebtoken::jwk::JwkSet>(&bytes)
+                    .map_err(|error| format!("not a JWKS document: {error}"))
+            });
+            if let Err(why) = parsed {
+                problems.push(format!("auth.jwt.jwks_file: {}: {why}", file.display()));
+            }
+        }
+    }
+    if jwt.issuer.is_empty() {
+        problems.push("auth.jwt.issuer must not be empty".to_string());
+    }
+    if jwt.algorithms.is_empty() {
+        problems.push("auth.jwt.algorithms must name at least one algorithm".to_string());
+    }
+    for algorithm in &jwt.algorithms {
+        if !JWT_ALGORITHMS.contains(&algorithm.as_str()) {
+            problems.push(format!(
+                "auth.jwt.algorithms: `{algorithm}` is not one of {}",
+                JWT_ALGORITHMS.join(", ")
+            ));
+        }
+    }
+    if jwt.device_id_claim.is_empty() {
+        problems.push("auth.jwt.device_id_claim must not be empty".to_string());
+    }
+    if jwt.refresh_secs < 10 {
+        problems.push("auth.jwt.refresh_secs must be at least 10".to_string());
+    }
+    if jwt.token_key_name.is_empty()
+        || !jwt
+            .token_key_name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        problems.push(format!(
+            "auth.jwt.token_key_name `{}` must be letters, digits, `-` and `_` (it is a header and a query parameter)",
+            jwt.token_key_name
+        ));
+    }
+}
+
 impl Config {
     pub(super) fn validate_auth_and_policy(&self, problems: &mut Vec<String>) {
         if let Some(auth) = &self.auth {
-            if auth.mtls.is_none() && auth.tokens.is_none() {
-                problems.push("[auth] needs [auth.mtls], [auth.tokens] or both".to_string());
+            if auth.mtls.is_none() && auth.tokens.is_none() && auth.jwt.is_none() {
+                problems.push(
+                    "[auth] needs at least one of [auth.mtls], [auth.tokens], [auth.jwt]"
+                        .to_string(),
+                );
+            }
+            if let Some(jwt) = &auth.jwt {
+                validate_jwt(jwt, problems);
             }
             if let Some(mtls) = &auth.mtls {
                 if self.server.tls.is_none() {
@@ -228,7 +353,14 @@ impl Config {
                     problems.push(format!("{at}: give `devices` or `groups`"));
                 }
                 for filter in grant.publish.iter().chain(&grant.subscribe) {
-                    let sample = crate::template::for_device(filter, "device");
+                    let Some(sample) = crate::template::with_claims(filter, |_| Some("claim"))
+                    else {
+                        problems.push(format!(
+                            "{at}: filter `{filter}`: a `${{claims.` without its closing `}}`"
+                        ));
+                        continue;
+                    };
+                    let sample = crate::template::for_device(&sample, "device");
                     if let Err(why) = TopicFilter::parse(&sample) {
                         problems.push(format!("{at}: filter `{filter}`: {why}"));
                     }

@@ -25,7 +25,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use auth::{
-    AuthConfig, DeviceIdSource, GrantConfig, MtlsConfig, PolicyConfig, TokenKeyConfig,
+    AuthConfig, DeviceIdSource, GrantConfig, JwtConfig, MtlsConfig, PolicyConfig, TokenKeyConfig,
     TokensConfig, parse_hex,
 };
 pub use mqtt::MqttConfig;
@@ -173,6 +173,14 @@ impl Config {
                 relative_to_file(path);
             }
         }
+        if let Some(file) = config
+            .auth
+            .as_mut()
+            .and_then(|auth| auth.jwt.as_mut())
+            .and_then(|jwt| jwt.jwks_file.as_mut())
+        {
+            relative_to_file(file);
+        }
         if let Some(mqtt) = config
             .sinks
             .iot_core
@@ -309,6 +317,56 @@ mod tests {
             assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
         }
         assert_eq!(problems.len(), 11, "{all}");
+    }
+
+    /// `[auth.jwt]`: one readable source of keys, known algorithms, usable names; a
+    /// grant's `${claims.` variable closed.
+    #[test]
+    fn identity_provider_settings_are_checked() {
+        let config = Config::parse(
+            r#"
+            [auth.jwt]
+            jwks_url = "ftp://idp/keys"
+            jwks_file = "/nonexistent/jwks.json"
+            issuer = ""
+            algorithms = ["HS256"]
+            refresh_secs = 1
+            token_key_name = "a b"
+            [[policy.grants]]
+            name = "g"
+            devices = ["*"]
+            publish = ["sites/${claims.site/#"]
+            "#,
+        )
+        .unwrap();
+        let ConfigError::Invalid(problems) = config.validate().unwrap_err() else {
+            panic!("expected validation problems");
+        };
+        let all = problems.join("\n");
+        for expected in [
+            "give jwks_url or jwks_file",
+            "issuer must not be empty",
+            "`HS256` is not one of RS256, ES256, EdDSA",
+            "refresh_secs must be at least 10",
+            "token_key_name `a b`",
+            "without its closing",
+        ] {
+            assert!(all.contains(expected), "missing {expected:?} in:\n{all}");
+        }
+        let file = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(file.path(), "{\"keys\": 1}").unwrap();
+        let config = Config::parse(&format!(
+            "[auth.jwt]\njwks_file = \"{}\"\nissuer = \"i\"\n[[policy.grants]]\nname = \"g\"\ndevices = [\"*\"]\n",
+            file.path().display()
+        ))
+        .unwrap();
+        let ConfigError::Invalid(problems) = config.validate().unwrap_err() else {
+            panic!("expected validation problems");
+        };
+        assert!(
+            problems.join("\n").contains("not a JWKS document"),
+            "{problems:?}"
+        );
     }
 
     /// `[upstream]`'s command topics, reply topic and session expiry are checked; the

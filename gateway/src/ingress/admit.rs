@@ -324,6 +324,7 @@ mod tests {
             method: Method::Token,
             expires_at_secs: None,
             certificate: None,
+            claims: Vec::new(),
         }
     }
 

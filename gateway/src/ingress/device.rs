@@ -8,7 +8,7 @@ use std::sync::Arc;
 
 use axum::extract::FromRequestParts;
 use axum::http::request::Parts;
-use axum::http::{HeaderMap, header};
+use axum::http::{HeaderMap, Uri, header};
 
 use crate::auth::{AuthError, Credential, Identity, PeerIdentity};
 use crate::ingress::admit::DeviceRules;
@@ -36,7 +36,7 @@ impl FromRequestParts<AppState> for Device {
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Device, Refusal> {
         let rules = state.rules();
         let peer = parts.extensions.get::<PeerIdentity>().cloned();
-        let credential = credential(peer, &parts.headers)?;
+        let credential = credential(peer, &parts.headers, &parts.uri, &rules)?;
         let identity = authenticate(&rules, credential)?;
         Ok(Device {
             identity,
@@ -49,14 +49,27 @@ impl FromRequestParts<AppState> for Device {
     }
 }
 
-/// What an HTTP request presents: the connection's certificate (`peer`), a bearer token,
-/// and the id it claims in `x-device-id`.
-pub fn credential(peer: Option<PeerIdentity>, headers: &HeaderMap) -> Result<Credential, Refusal> {
+/// What an HTTP request presents: the connection's certificate (`peer`), a bearer token
+/// (`Authorization: Bearer`; with `[auth.jwt]` also the header or the URL's query
+/// parameter its `token_key_name` names), and the id it claims in `x-device-id`.
+pub fn credential(
+    peer: Option<PeerIdentity>,
+    headers: &HeaderMap,
+    uri: &Uri,
+    rules: &DeviceRules,
+) -> Result<Credential, Refusal> {
+    let named = |name: &str| {
+        let header = headers.get(name).and_then(|value| value.to_str().ok());
+        header
+            .map(str::to_string)
+            .or_else(|| query_value(uri.query()?, name))
+    };
     let token = headers
         .get(header::AUTHORIZATION)
         .and_then(|value| value.to_str().ok())
         .and_then(|value| value.strip_prefix("Bearer "))
-        .map(str::to_string);
+        .map(str::to_string)
+        .or_else(|| rules.auth.token_key_name().and_then(named));
     let claimed_id = match headers.get(DEVICE_HEADER) {
         None => None,
         Some(value) => Some(
@@ -73,6 +86,14 @@ pub fn credential(peer: Option<PeerIdentity>, headers: &HeaderMap) -> Result<Cre
         token,
         claimed_id,
     })
+}
+
+/// The value of the parameter `name` in the query string `query`, decoded.
+pub fn query_value(query: &str, name: &str) -> Option<String> {
+    form_urlencoded::parse(query.as_bytes())
+        .find(|(key, _)| key == name)
+        .map(|(_, value)| value.into_owned())
+        .filter(|value| !value.is_empty())
 }
 
 /// Who presented `credential`, or the refusal a device gets over HTTP.

@@ -233,6 +233,7 @@ mod tests {
             method: Method::Token,
             expires_at_secs,
             certificate: None,
+            claims: Vec::new(),
         }
     }
 

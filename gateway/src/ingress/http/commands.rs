@@ -26,11 +26,12 @@ use crate::ingress::verdict::Refusal;
 use crate::upstream::Spec;
 use crate::upstream::held::Held;
 
-/// `GET /commands?wait=SECONDS` parameters.
+/// `GET /commands?wait=SECONDS` parameters (and a token, with `[auth.jwt]`).
 #[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
 pub(super) struct PollParams {
-    wait: Option<u64>,
+    wait: Option<String>,
+    #[serde(flatten)]
+    others: std::collections::BTreeMap<String, String>,
 }
 
 /// Longest long-poll.
@@ -61,12 +62,23 @@ fn held_for<'s>(state: &'s AppState, identity: &Identity) -> Result<(&'s Held, S
 /// first; `503 iot_core_unavailable` when none came and IoT Core is not reachable.
 pub(super) async fn poll(
     State(state): State<AppState>,
-    Device { identity, .. }: Device,
+    Device {
+        identity, rules, ..
+    }: Device,
     params: Result<Query<PollParams>, axum::extract::rejection::QueryRejection>,
 ) -> Result<Response, Refusal> {
     let Query(params) = params.map_err(|rejection| Refusal::BadRequest(rejection.body_text()))?;
+    super::refuse_unknown(&params.others, &rules, "wait")?;
+    let wait = match params.wait.as_deref() {
+        None => 30,
+        Some(secs) => secs.parse::<u64>().map_err(|_| {
+            Refusal::BadRequest(format!(
+                "wait must be a whole number of seconds, not `{secs}`"
+            ))
+        })?,
+    };
     let (held, spec) = held_for(&state, &identity)?;
-    let wait = std::time::Duration::from_secs(params.wait.unwrap_or(30).min(MAX_POLL_SECS));
+    let wait = std::time::Duration::from_secs(wait.min(MAX_POLL_SECS));
     let mut held = held.session(spec).await;
     let (session, recent) = held.parts();
     let first = tokio::time::timeout(wait, session.next()).await;

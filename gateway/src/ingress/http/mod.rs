@@ -94,10 +94,13 @@ async fn with_request_id(
 }
 
 /// Query parameters of IoT Core's HTTPS publish API. Besides `qos` they are MQTT 5
-/// publish properties; Sluice keeps them as message attributes (`mqtt.*`).
+/// publish properties; Sluice keeps them as message attributes (`mqtt.*`). Any other is
+/// refused, but a token under `[auth.jwt] token_key_name`.
 #[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields, rename_all = "camelCase")]
+#[serde(rename_all = "camelCase")]
 struct PublishParams {
+    #[serde(flatten)]
+    others: std::collections::BTreeMap<String, String>,
     qos: Option<String>,
     retain: Option<String>,
     content_type: Option<String>,
@@ -136,6 +139,11 @@ async fn publish_one(
     // The headers taken from the request, not extracted: that would copy them.
     let (axum::http::request::Parts { headers, .. }, body) = request.into_parts();
     let Query(params) = params.map_err(|rejection| Refusal::BadRequest(rejection.body_text()))?;
+    refuse_unknown(
+        &params.others,
+        &rules,
+        "qos, retain, contentType, responseTopic, correlationData, messageExpiry, payloadFormatIndicator or userProperties",
+    )?;
     let qos = parse_qos(params.qos.as_deref())?;
     if let Some(expiry) = &params.message_expiry
         && expiry.parse::<u32>().is_err()
@@ -329,7 +337,7 @@ async fn refuse_while_leaving(
 /// that a load balancer stops sending before the listeners close.
 async fn readyz(State(state): State<AppState>) -> Response {
     let leaving = state.leaving.fired();
-    let mut reasons = crate::readiness::not_ready_reasons(&state.pipeline);
+    let mut reasons = crate::readiness::not_ready_reasons(&state.pipeline, &state.rules().auth);
     if leaving {
         reasons.insert(
             0,
@@ -354,6 +362,22 @@ fn parse_qos(qos: Option<&str>) -> Result<u8, Refusal> {
         Some(other) => Err(Refusal::BadRequest(format!(
             "qos must be 0 or 1 (IoT Core's limits), not `{other}`"
         ))),
+    }
+}
+
+/// Refuses a query parameter of `others` that is not the token (`[auth.jwt]
+/// token_key_name`): `expected` names the ones the route takes.
+fn refuse_unknown(
+    others: &std::collections::BTreeMap<String, String>,
+    rules: &crate::ingress::admit::DeviceRules,
+    expected: &str,
+) -> Result<(), Refusal> {
+    let token = rules.auth.token_key_name();
+    match others.keys().find(|key| Some(key.as_str()) != token) {
+        Some(unknown) => Err(Refusal::BadRequest(format!(
+            "unknown query parameter `{unknown}`: expected {expected}"
+        ))),
+        None => Ok(()),
     }
 }
 

@@ -58,7 +58,16 @@ pub async fn update(
     named: Result<Query<Named>, QueryRejection>,
     request: axum::extract::Request,
 ) -> Response {
-    answer(shadow_call(&state, device, &thing, named, Verb::Update(request)).await)
+    answer(
+        shadow_call(
+            &state,
+            device,
+            &thing,
+            named,
+            Verb::Update(Box::new(request)),
+        )
+        .await,
+    )
 }
 
 /// `DELETE /things/{thing}/shadow`.
@@ -75,7 +84,7 @@ pub async fn delete(
 enum Verb {
     Get,
     /// The request's body is the update document.
-    Update(axum::extract::Request),
+    Update(Box<axum::extract::Request>),
     Delete,
 }
 
@@ -95,7 +104,7 @@ async fn shadow_call(
         Verb::Get => Call::Get,
         Verb::Delete => Call::Delete,
         Verb::Update(request) => {
-            let (parts, body) = request.into_parts();
+            let (parts, body) = (*request).into_parts();
             // At most IoT Core's message size: IoT Core holds it to its own, smaller,
             // shadow document limit and says so.
             let limit = crate::quota::IOT_CORE_MAX_PAYLOAD_BYTES;

@@ -381,9 +381,14 @@ fn identify(
     }
     credential.claimed_id = Some(client_id.clone());
     if credential.token.is_none() {
-        // The AWS SDKs put `?SDK=…&Version=…` after the user name; the password is the
-        // token.
-        credential.token.clone_from(&connect.password);
+        // The AWS SDKs put `?SDK=…&Version=…` after the user name. With `[auth.jwt]` a
+        // custom authorizer's token may be there too (`?x-amz-customauthorizer-name=…&
+        // token=…`, as IoT Core takes it); else the password is the token.
+        let in_user_name = rules.auth.token_key_name().and_then(|name| {
+            let (_, query) = connect.username.as_deref()?.split_once('?')?;
+            crate::ingress::device::query_value(query, name)
+        });
+        credential.token = in_user_name.or_else(|| connect.password.clone());
     }
     let identity = rules
         .auth

@@ -83,6 +83,7 @@ pub async fn upgrade(
     remote: Option<Extension<RemoteAddr>>,
     allowance: Option<Extension<ReadAllowance>>,
     headers: HeaderMap,
+    uri: axum::http::Uri,
     ws: WebSocketUpgrade,
 ) -> Result<Response, Refusal> {
     let rules = state.rules();
@@ -102,7 +103,12 @@ pub async fn upgrade(
     }
     let limits = limits(&rules.mqtt);
     let credentials = Credentials {
-        credential: crate::ingress::device::credential(peer.map(|Extension(peer)| peer), &headers)?,
+        credential: crate::ingress::device::credential(
+            peer.map(|Extension(peer)| peer),
+            &headers,
+            &uri,
+            &rules,
+        )?,
         remote: remote.map(|Extension(RemoteAddr(address))| address),
     };
     let allowance = allowance.map(|Extension(allowance)| allowance);
