@@ -76,6 +76,9 @@ pub enum AdminCommand {
     /// refused for server.leave_delay_ms, then no new connections, sessions told to go,
     /// the spool delivered within server.shutdown_grace_ms; the process exits.
     Drain,
+    /// Read the certificates registered at AWS IoT again ([auth.registry]), every
+    /// certificate's things too; prints how many there are and how many are ACTIVE.
+    RefreshRegistry,
     /// List the plugin chain: versions, hashes, counters.
     Plugins {
         /// Print the API's JSON instead of a table.
@@ -191,6 +194,9 @@ pub fn run_admin(target: AdminTarget, command: AdminCommand) -> anyhow::Result<(
             print(client.send(client.http.post(format!("{base}/admin/reload")))?)
         }
         AdminCommand::Drain => print(client.send(client.http.post(format!("{base}/admin/drain")))?),
+        AdminCommand::RefreshRegistry => {
+            print(client.send(client.http.post(format!("{base}/admin/registry/refresh")))?)
+        }
         AdminCommand::Plugins { json } => {
             let answer = client
                 .send(client.http.get(format!("{base}/admin/plugins")))?

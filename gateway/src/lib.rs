@@ -145,7 +145,26 @@ pub async fn run(
     spool.set_dead_letter_limit(config.spool.max_dead_letter_bytes);
     let local = Arc::new(sink::local::LocalSink::open(&config.server.data_dir)?);
     let plugins = plugin::Plugins::start(&config)?;
-    let live = ingress::live::Live::new(&config)?;
+    let registry = match config.auth.as_ref().and_then(|auth| auth.registry.as_ref()) {
+        Some(settings) => {
+            let aws = sink::aws::sdk_config(&config.aws).await;
+            let data_dir = &config.server.data_dir;
+            let registry = auth::registry::Registry::open(settings, data_dir, &aws)?;
+            // Without a snapshot kept from before, the first one is read before devices
+            // are let in; with one, devices it knows get in while it is refreshed.
+            let first = match registry.age_secs() {
+                None => {
+                    let _ = registry.refresh(true).await;
+                    std::time::Duration::from_secs(settings.refresh_secs)
+                }
+                Some(_) => std::time::Duration::ZERO,
+            };
+            registry.keep_fresh(first, std::time::Duration::from_secs(settings.refresh_secs));
+            Some(registry)
+        }
+        None => None,
+    };
+    let live = ingress::live::Live::new(&config, registry)?;
     let upstream = config
         .upstream
         .clone()

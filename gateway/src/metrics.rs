@@ -124,6 +124,8 @@ pub struct Metrics {
     pub connections_closed: Family<ConnectionEnd, Counter>,
     /// Open WebSocket sessions (set at scrape time).
     pub sessions: Gauge,
+    /// Seconds since the registry snapshot was read from the IoT control plane.
+    pub registry_age: Gauge,
     /// MQTT publishes by outcome: `accepted`, or the reason code they were refused with.
     pub mqtt_publishes: Family<Status, Counter>,
     /// Events of the devices' own sessions at IoT Core (`[upstream]`): `connected`,
@@ -380,6 +382,12 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         "Open WebSocket sessions",
         sessions.clone(),
     );
+    let registry_age = Gauge::default();
+    registry.register(
+        "registry_snapshot_age_seconds",
+        "Seconds since the snapshot of the certificates registered at AWS IoT was read",
+        registry_age.clone(),
+    );
     let routes = Family::<RouteLabel, Counter>::default();
     registry.register(
         "routed_messages",
@@ -481,6 +489,7 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
         upstream,
         mqtt_puback_seconds,
         sessions,
+        registry_age,
         routes,
         sink_window_records,
         sink_call_records,

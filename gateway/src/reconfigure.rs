@@ -105,6 +105,11 @@ impl Reloader {
         self.live.rules.load().auth.clone()
     }
 
+    /// The certificates registered at AWS IoT (`[auth.registry]`, set at start).
+    pub fn registry(&self) -> Option<Arc<crate::auth::registry::Registry>> {
+        self.live.registry.clone()
+    }
+
     /// A reloader for the gateway started with `config` from `source`.
     pub fn new(
         source: ConfigSource,
@@ -226,6 +231,9 @@ fn split(running: &Config, new: &Config) -> (Config, Vec<String>) {
     // client certificates on: that too waits for a restart.
     let mtls_switch = running.auth.as_ref().is_some_and(|a| a.mtls.is_some())
         != new.auth.as_ref().is_some_and(|a| a.mtls.is_some());
+    // The registry is read and kept fresh from the start on; the rest of `[auth]` applies.
+    let registry = |config: &Config| config.auth.as_ref().and_then(|a| a.registry.clone());
+    let registry_changed = registry(running) != registry(new);
     let restart: Vec<String> = [
         (old_server.listen != new_server.listen, "server.listen"),
         (
@@ -297,6 +305,7 @@ fn split(running: &Config, new: &Config) -> (Config, Vec<String>) {
             mtls_switch,
             "auth (turning client certificates on or off; the whole [auth] change waits)",
         ),
+        (registry_changed, "auth.registry"),
     ]
     .into_iter()
     .filter(|(changed, _)| *changed)
@@ -332,6 +341,8 @@ fn split(running: &Config, new: &Config) -> (Config, Vec<String>) {
         // The whole `[auth]` section waits with it: half of it (tokens without the
         // certificates they were configured with, or the reverse) could lock devices out.
         effective.auth.clone_from(&running.auth);
+    } else if let Some(auth) = effective.auth.as_mut() {
+        auth.registry = registry(running);
     }
     (effective, restart)
 }

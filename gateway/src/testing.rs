@@ -45,7 +45,7 @@ pub fn gateway(config: &str) -> Fixture {
     spool.set_dead_letter_limit(config.spool.max_dead_letter_bytes);
     let local = Arc::new(LocalSink::open(data).expect("local sink"));
     let plugins = Plugins::start(&config).expect("plugins");
-    let live = Live::new(&config).expect("device side");
+    let live = Live::new(&config, None).expect("device side");
     let sinks = Arc::new(Sinks::new(local, None, None));
     let pipeline = Arc::new(Pipeline::new(&config, plugins, sinks, spool));
     let source = ConfigSource::default();

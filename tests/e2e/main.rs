@@ -25,6 +25,7 @@ mod provider_tokens;
 mod py_plugins;
 mod raw_mqtt;
 mod refusals;
+mod registry;
 mod reload;
 mod routing;
 mod shadows;

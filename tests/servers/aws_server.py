@@ -7,6 +7,10 @@ except for these additions:
 
   GET    /_sluice/health      200 once the server answers.
 
+  IoT certificate ids are IoT Core's (the SHA-256 of the DER certificate), not moto's
+  default (the SHA-256 of the PEM text): moto's own `iot.use_valid_cert` setting, which
+  its configuration API does not expose, is turned on at start.
+
   IoT data-plane publishes (`POST /topics/{topic}?qos=N`) are recorded before moto sees
   them (moto has no API to read them back):
   GET    /_sluice/published   JSON list, oldest first, of
@@ -421,6 +425,8 @@ def main(argv=None):
 
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    from moto.core.config import default_user_config
+    default_user_config["iot"] = {"use_valid_cert": True}
     app = SluiceAwsApp(DomainDispatcherApplication(create_backend_app))
     server = make_server(args.host, args.port, app, threaded=True,
                          request_handler=MotoRequestHandler)

@@ -24,6 +24,8 @@ pub enum AdminApiError {
     Reload(crate::reconfigure::ReloadError),
     /// `500 internal`: a task the request ran failed.
     Internal(String),
+    /// `502 registry_unavailable`: the IoT control plane did not give the registry.
+    Registry(String),
 }
 
 impl From<crate::spool::SpoolError> for AdminApiError {
@@ -55,6 +57,7 @@ impl AdminApiError {
             AdminApiError::NotFound(_) => (StatusCode::NOT_FOUND, "not_found"),
             AdminApiError::Spool(_) => (StatusCode::SERVICE_UNAVAILABLE, "spool_unavailable"),
             AdminApiError::Internal(_) => (StatusCode::INTERNAL_SERVER_ERROR, "internal"),
+            AdminApiError::Registry(_) => (StatusCode::BAD_GATEWAY, "registry_unavailable"),
             AdminApiError::Plugin(error) => match error {
                 Plugin::UnknownPlugin(_) | Plugin::UnknownVersion { .. } => {
                     (StatusCode::NOT_FOUND, "not_found")
@@ -83,7 +86,8 @@ impl IntoResponse for AdminApiError {
             AdminApiError::BadRequest(message)
             | AdminApiError::NotFound(message)
             | AdminApiError::Spool(message)
-            | AdminApiError::Internal(message) => message,
+            | AdminApiError::Internal(message)
+            | AdminApiError::Registry(message) => message,
             AdminApiError::Unauthorized => "send `Authorization: Bearer <admin.token>`".to_string(),
             AdminApiError::Plugin(error) => error.to_string(),
             AdminApiError::Reload(error) => error.to_string(),

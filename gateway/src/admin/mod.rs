@@ -28,6 +28,9 @@
 //! - `POST /admin/reload`: reads the configuration file again (like `SIGHUP`), see
 //!   [`crate::reconfigure`]; `422 invalid_config` (nothing changed) when it is refused.
 //! - `POST /admin/drain`: the gateway leaves and stops, as on SIGTERM (`202`).
+//! - `POST /admin/registry/refresh`: the snapshot of the certificates registered at AWS
+//!   IoT read again, every certificate's things too (`[auth.registry]`; `404` without
+//!   it, `502 registry_unavailable` when the control plane failed).
 //! - `GET /admin/console/…`: what the operator's console reads ([`crate::console::api`]).
 //! - `GET /`, `GET /console/{file}`: the console's page and assets, the only routes
 //!   served without the token: they hold no data ([`crate::console::page`]).
@@ -151,6 +154,7 @@ fn router(parts: Parts, token: String, console: crate::console::Console) -> axum
         )
         .route("/admin/reload", post(reload))
         .route("/admin/drain", post(drain))
+        .route("/admin/registry/refresh", post(refresh_registry))
         .with_state(state.clone())
         .merge(crate::console::api::router(console))
         .layer(axum::middleware::from_fn_with_state(state, authorize))
@@ -204,6 +208,20 @@ async fn drain(State(state): State<AdminState>) -> Response {
         })),
     )
         .into_response()
+}
+
+/// `POST /admin/registry/refresh`: `{"certificates", "active", "changed"}`.
+async fn refresh_registry(State(state): State<AdminState>) -> Response {
+    let Some(registry) = state.reloader.registry() else {
+        return AdminApiError::NotFound("no [auth.registry] is configured".to_string())
+            .into_response();
+    };
+    // In its own task: a client that hangs up must not cut a refresh in half.
+    match tokio::spawn(async move { registry.refresh(true).await }).await {
+        Ok(Ok(refreshed)) => Json(refreshed).into_response(),
+        Ok(Err(error)) => AdminApiError::Registry(error).into_response(),
+        Err(_) => AdminApiError::Internal("the refresh task failed".into()).into_response(),
+    }
 }
 
 #[cfg(test)]

@@ -27,6 +27,9 @@ pub(super) async fn metrics(State(state): State<AdminState>) -> Response {
     m.dead_letters.set(stats.dead_letters as i64);
     m.dead_letter_bytes.set(stats.dead_letter_bytes as i64);
     m.sessions.set(state.sessions.list().len() as i64);
+    if let Some(age) = state.reloader.registry().and_then(|r| r.age_secs()) {
+        m.registry_age.set(age as i64);
+    }
     (
         [(
             header::CONTENT_TYPE,

@@ -3,6 +3,8 @@
 //! - [`mtls`]: client certificates checked during the TLS handshake (trusted CAs from the
 //!   config, expiry, revocation by serial number or fingerprint); the device id comes from
 //!   the certificate's subject CN or a SAN, its groups from the subject's OUs.
+//! - [`registry`]: certificates registered at AWS IoT, from a snapshot of the account's
+//!   registry; the device id is the certificate's thing.
 //! - [`token`]: short-lived HS256 JWTs (`Authorization: Bearer …`) carrying the device id
 //!   (`sub`) and optional `groups`, signed with keys from the config and chosen by key id,
 //!   so that several keys are valid at once while they rotate.
@@ -20,6 +22,7 @@
 
 pub mod jwt;
 pub mod mtls;
+pub mod registry;
 pub mod token;
 pub mod verified;
 
@@ -77,8 +80,11 @@ impl Identity {
 pub struct CertificateKey {
     /// The serial number, leading zero bytes removed.
     pub serial: Vec<u8>,
-    /// The SHA-256 fingerprint of the DER encoding.
+    /// The SHA-256 fingerprint of the DER encoding (IoT Core's certificate id).
     pub fingerprint: Vec<u8>,
+    /// Admitted as a certificate registered at AWS IoT (`[auth.registry]`): its sessions
+    /// end when the registry no longer says it is ACTIVE.
+    pub registered: bool,
 }
 
 /// Why a device was not let in: each is a `401` with its code.
@@ -127,6 +133,12 @@ pub enum AuthError {
     /// opened before; new connections fail in the TLS handshake).
     #[error("the client certificate was revoked")]
     CertificateRevoked,
+    /// A certificate registered at AWS IoT, attached to no thing or to several: its
+    /// thing is the device, so exactly one is needed.
+    #[error(
+        "the registered client certificate is attached to {0} things; exactly one names the device"
+    )]
+    CertificateNotOneThing(usize),
     /// The client certificate's validity ended during a session.
     #[error("the client certificate has expired")]
     CertificateExpired,
@@ -150,6 +162,7 @@ impl AuthError {
             AuthError::BadDeviceId(_) => "bad_device_id",
             AuthError::CertificateWithoutId(_) => "certificate_without_device_id",
             AuthError::CertificateRevoked => "certificate_revoked",
+            AuthError::CertificateNotOneThing(_) => "certificate_not_one_thing",
             AuthError::CertificateExpired => "certificate_expired",
         }
     }
@@ -313,6 +326,7 @@ mod tests {
         let key = CertificateKey {
             serial: vec![0x10, 0x66],
             fingerprint: vec![7; 32],
+            registered: false,
         };
         let identity = Identity {
             device_id: "d".to_string(),

@@ -1,12 +1,15 @@
 //! Client certificates: the verifier the TLS listener uses, and the device identity read
 //! from a verified certificate.
 //!
-//! The chain is checked by rustls' WebPKI verifier against the configured CA bundles (a
-//! foreign CA or an expired certificate fails the handshake). On top of that, a
-//! certificate whose serial number or SHA-256 fingerprint is listed as revoked fails the
-//! handshake with rustls' `Revoked` error (the TLS alert `certificate_revoked`). Lists
-//! from the config rather than CRLs: operators revoke a device's certificate by adding
-//! one line, without running a CRL publisher.
+//! A certificate registered at AWS IoT (`[auth.registry]`) is accepted when the snapshot
+//! says it is ACTIVE and it is within its validity dates, whatever CA issued it (as IoT
+//! Core admits it); registered but not ACTIVE fails the handshake with rustls' `Revoked`
+//! error (the TLS alert `certificate_revoked`). Any other certificate's chain is checked
+//! by rustls' WebPKI verifier against the configured CA bundles (`[auth.mtls]`; a
+//! foreign CA or an expired certificate fails the handshake). On top of both, a
+//! certificate whose serial number or SHA-256 fingerprint `[auth.mtls]` lists as revoked
+//! fails the handshake with `Revoked`. Lists from the config rather than CRLs: operators
+//! revoke a device's certificate by adding one line, without running a CRL publisher.
 
 use std::collections::HashSet;
 use std::path::PathBuf;
@@ -15,6 +18,7 @@ use std::sync::Arc;
 use anyhow::Context as _;
 use sha2::{Digest, Sha256};
 use tokio_rustls::rustls::client::danger::HandshakeSignatureValid;
+use tokio_rustls::rustls::crypto::WebPkiSupportedAlgorithms;
 use tokio_rustls::rustls::pki_types::{CertificateDer, UnixTime};
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
@@ -23,29 +27,40 @@ use tokio_rustls::rustls::{
 };
 use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 
+use crate::auth::registry::{ACTIVE, Registered, Registry};
 use crate::auth::{AuthError, CertificateKey, Identity, Method, check_device_id};
 use crate::config::{DeviceIdSource, MtlsConfig, parse_hex};
 
-/// Builds the client-certificate verifier. With `optional`, clients without a
-/// certificate get through the handshake (to authenticate with a token instead).
+/// Builds the client-certificate verifier: the CA bundles of `mtls`, the certificates
+/// `registry` holds, or both. With `optional`, clients without a certificate get through
+/// the handshake (to authenticate with a token instead).
 pub fn verifier(
-    config: &MtlsConfig,
+    mtls: Option<&MtlsConfig>,
+    registry: Option<Arc<Registry>>,
     optional: bool,
 ) -> anyhow::Result<Arc<dyn ClientCertVerifier>> {
-    let roots = crate::tls::roots(config.ca.iter().map(PathBuf::as_path))?;
-    let builder =
-        WebPkiClientVerifier::builder_with_provider(Arc::new(roots), crate::tls::provider());
-    let builder = if optional {
-        builder.allow_unauthenticated()
-    } else {
-        builder
+    let chains = match mtls {
+        Some(config) => {
+            let roots = crate::tls::roots(config.ca.iter().map(PathBuf::as_path))?;
+            let builder = WebPkiClientVerifier::builder_with_provider(
+                Arc::new(roots),
+                crate::tls::provider(),
+            )
+            .allow_unauthenticated();
+            Some(
+                builder
+                    .build()
+                    .context("cannot build the client certificate verifier")?,
+            )
+        }
+        None => None,
     };
-    let inner = builder
-        .build()
-        .context("cannot build the client certificate verifier")?;
-    Ok(Arc::new(Revocations {
-        inner,
-        revoked: RevocationList::new(config),
+    Ok(Arc::new(ClientCertificates {
+        chains,
+        revoked: mtls.map(RevocationList::new),
+        registry,
+        optional,
+        algorithms: crate::tls::provider().signature_verification_algorithms,
     }))
 }
 
@@ -81,11 +96,12 @@ impl RevocationList {
 }
 
 /// What names `cert` in the revocation lists.
-fn key_of(der: &[u8]) -> Option<CertificateKey> {
+pub fn key_of(der: &[u8]) -> Option<CertificateKey> {
     let (_, cert) = X509Certificate::from_der(der).ok()?;
     Some(CertificateKey {
         serial: strip_zeros(cert.raw_serial().to_vec()),
         fingerprint: Sha256::digest(der).to_vec(),
+        registered: false,
     })
 }
 
@@ -94,24 +110,34 @@ fn strip_zeros(bytes: Vec<u8>) -> Vec<u8> {
     bytes[first..].to_vec()
 }
 
-/// The WebPKI verifier, plus the configured revocations.
+/// The registry's certificates, the WebPKI verifier for the CA bundles, and the
+/// configured revocations.
 #[derive(Debug)]
-struct Revocations {
-    inner: Arc<dyn ClientCertVerifier>,
-    revoked: RevocationList,
+struct ClientCertificates {
+    /// Chains to the configured CAs (`[auth.mtls]`).
+    chains: Option<Arc<dyn ClientCertVerifier>>,
+    revoked: Option<RevocationList>,
+    registry: Option<Arc<Registry>>,
+    optional: bool,
+    algorithms: WebPkiSupportedAlgorithms,
 }
 
-impl ClientCertVerifier for Revocations {
+impl ClientCertVerifier for ClientCertificates {
     fn offer_client_auth(&self) -> bool {
-        self.inner.offer_client_auth()
+        true
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        self.inner.client_auth_mandatory()
+        !self.optional
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        self.inner.root_hint_subjects()
+        match (&self.registry, &self.chains) {
+            // Registered certificates come from any CA: no hint that would make a client
+            // hold back a certificate of another one.
+            (Some(_), _) | (None, None) => &[],
+            (None, Some(chains)) => chains.root_hint_subjects(),
+        }
     }
 
     fn verify_client_cert(
@@ -120,15 +146,33 @@ impl ClientCertVerifier for Revocations {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, Error> {
-        let verified = self
-            .inner
-            .verify_client_cert(end_entity, intermediates, now)?;
         let key = key_of(end_entity.as_ref());
-        if let Some(key) = key.filter(|key| self.revoked.contains(key)) {
+        if let (Some(key), Some(revoked)) = (&key, &self.revoked)
+            && revoked.contains(key)
+        {
             tracing::info!(fingerprint = %hex::encode(&key.fingerprint), "revoked client certificate refused");
             return Err(Error::InvalidCertificate(CertificateError::Revoked));
         }
-        Ok(verified)
+        let registered = match (&key, &self.registry) {
+            (Some(key), Some(registry)) => registry.lookup(&key.fingerprint),
+            _ => None,
+        };
+        if let Some(registered) = registered {
+            if registered.status != ACTIVE {
+                tracing::info!(
+                    certificate = %hex::encode(key.map(|k| k.fingerprint).unwrap_or_default()),
+                    status = %registered.status,
+                    "registered client certificate refused: not ACTIVE"
+                );
+                return Err(Error::InvalidCertificate(CertificateError::Revoked));
+            }
+            within_validity(end_entity, now)?;
+            return Ok(ClientCertVerified::assertion());
+        }
+        match &self.chains {
+            Some(chains) => chains.verify_client_cert(end_entity, intermediates, now),
+            None => Err(Error::InvalidCertificate(CertificateError::UnknownIssuer)),
+        }
     }
 
     fn verify_tls12_signature(
@@ -137,7 +181,7 @@ impl ClientCertVerifier for Revocations {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.inner.verify_tls12_signature(message, cert, dss)
+        tokio_rustls::rustls::crypto::verify_tls12_signature(message, cert, dss, &self.algorithms)
     }
 
     fn verify_tls13_signature(
@@ -146,12 +190,54 @@ impl ClientCertVerifier for Revocations {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, Error> {
-        self.inner.verify_tls13_signature(message, cert, dss)
+        tokio_rustls::rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.inner.supported_verify_schemes()
+        self.algorithms.supported_schemes()
     }
+}
+
+/// A registered certificate is still held to its validity dates, as IoT Core holds it.
+fn within_validity(der: &CertificateDer<'_>, now: UnixTime) -> Result<(), Error> {
+    let (_, cert) = X509Certificate::from_der(der.as_ref())
+        .map_err(|_| Error::InvalidCertificate(CertificateError::BadEncoding))?;
+    let now = now.as_secs() as i64;
+    let validity = cert.validity();
+    if now < validity.not_before.timestamp() {
+        return Err(Error::InvalidCertificate(CertificateError::NotValidYet));
+    }
+    if now > validity.not_after.timestamp() {
+        return Err(Error::InvalidCertificate(CertificateError::Expired));
+    }
+    Ok(())
+}
+
+/// The identity of a registered certificate: its one thing (none or several: refused,
+/// with the count), no groups.
+pub fn registered_identity(
+    der: &CertificateDer<'_>,
+    registered: &Registered,
+) -> Result<Identity, AuthError> {
+    let [thing] = registered.things.as_slice() else {
+        return Err(AuthError::CertificateNotOneThing(registered.things.len()));
+    };
+    check_device_id(thing)
+        .map_err(|why| AuthError::BadDeviceId(format!("the thing `{thing}` {why}")))?;
+    let expires_at_secs = X509Certificate::from_der(der.as_ref())
+        .ok()
+        .and_then(|(_, cert)| u64::try_from(cert.validity().not_after.timestamp()).ok());
+    Ok(Identity {
+        device_id: thing.clone(),
+        groups: Vec::new(),
+        method: Method::Certificate,
+        expires_at_secs,
+        certificate: key_of(der.as_ref()).map(|key| CertificateKey {
+            registered: true,
+            ..key
+        }),
+        claims: Vec::new(),
+    })
 }
 
 /// The identity in a verified client certificate: the device id from `source`, groups

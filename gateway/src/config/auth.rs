@@ -19,6 +19,33 @@ pub struct AuthConfig {
     /// JWTs from the operator's identity provider (RS256, ES256, EdDSA), verified with
     /// the keys of its JWKS.
     pub jwt: Option<JwtConfig>,
+    /// Client certificates registered at AWS IoT (the account's registry, through the IoT
+    /// control plane), whatever CA issued them; the device is the certificate's thing.
+    pub registry: Option<RegistryConfig>,
+}
+
+/// `[auth.registry]`: the account's registered certificates, as IoT Core admits them.
+#[derive(Debug, Clone, PartialEq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// The IoT control plane's endpoint, overriding `aws.endpoint_url` (default: the
+    /// SDK's for the region, `https://iot.<region>.amazonaws.com`).
+    pub endpoint_url: Option<String>,
+    /// How often the snapshot is refreshed, in seconds. Default 300.
+    #[serde(default = "default_registry_refresh")]
+    pub refresh_secs: u64,
+    /// A snapshot older than this (no refresh succeeded meanwhile) makes the gateway
+    /// not ready, in seconds. Default 3600.
+    #[serde(default = "default_registry_max_age")]
+    pub max_age_secs: u64,
+}
+
+fn default_registry_refresh() -> u64 {
+    300
+}
+
+fn default_registry_max_age() -> u64 {
+    3600
 }
 
 /// `[auth.jwt]`: tokens an identity provider issues, as IoT Core's custom authorizers
@@ -275,11 +302,31 @@ fn validate_jwt(jwt: &JwtConfig, problems: &mut Vec<String>) {
 impl Config {
     pub(super) fn validate_auth_and_policy(&self, problems: &mut Vec<String>) {
         if let Some(auth) = &self.auth {
-            if auth.mtls.is_none() && auth.tokens.is_none() && auth.jwt.is_none() {
+            if auth.mtls.is_none()
+                && auth.tokens.is_none()
+                && auth.jwt.is_none()
+                && auth.registry.is_none()
+            {
                 problems.push(
-                    "[auth] needs at least one of [auth.mtls], [auth.tokens], [auth.jwt]"
+                    "[auth] needs at least one of [auth.mtls], [auth.registry], [auth.tokens], [auth.jwt]"
                         .to_string(),
                 );
+            }
+            if let Some(registry) = &auth.registry {
+                if self.server.tls.is_none() {
+                    problems.push(
+                        "auth.registry needs [server.tls]: client certificates come with TLS"
+                            .to_string(),
+                    );
+                }
+                if registry.refresh_secs < 10 {
+                    problems.push("auth.registry.refresh_secs must be at least 10".to_string());
+                }
+                if registry.max_age_secs < registry.refresh_secs {
+                    problems.push(
+                        "auth.registry.max_age_secs must be at least refresh_secs".to_string(),
+                    );
+                }
             }
             if let Some(jwt) = &auth.jwt {
                 validate_jwt(jwt, problems);

@@ -25,8 +25,8 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 
 pub use auth::{
-    AuthConfig, DeviceIdSource, GrantConfig, JwtConfig, MtlsConfig, PolicyConfig, TokenKeyConfig,
-    TokensConfig, parse_hex,
+    AuthConfig, DeviceIdSource, GrantConfig, JwtConfig, MtlsConfig, PolicyConfig, RegistryConfig,
+    TokenKeyConfig, TokensConfig, parse_hex,
 };
 pub use mqtt::MqttConfig;
 pub use plugins::{

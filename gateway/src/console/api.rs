@@ -39,7 +39,12 @@ async fn overview(State(console): State<Console>) -> Response {
     let samples = exposition::parse(&crate::metrics::METRICS.render());
     let spool = console.pipeline.spool().stats();
     let failing = console.pipeline.spool().failing_sinks();
-    let reasons = crate::readiness::not_ready_reasons(&console.pipeline, &console.reloader.auth());
+    let registry = console.reloader.registry();
+    let reasons = crate::readiness::not_ready_reasons(
+        &console.pipeline,
+        &console.reloader.auth(),
+        registry.as_deref(),
+    );
     let (last, names) = {
         let history = console.history.lock().unwrap_or_else(|p| p.into_inner());
         (history.last().cloned(), history::series_names())

@@ -173,7 +173,7 @@ impl Ending {
                 ended = upstream_ended(&mut self.upstream) => return ended,
                 Ok(()) = self.updates.changed() => {
                     let now = crate::message::now_ms() / 1000;
-                    match self.live.rules.load().auth.still_valid(&self.identity, now) {
+                    match self.live.still_valid(&self.identity, now) {
                         Ok(()) => {}
                         Err(AuthError::CertificateRevoked) => return Ended::Revoked,
                         Err(error) => return Ended::Expired(error),

@@ -337,7 +337,11 @@ async fn refuse_while_leaving(
 /// that a load balancer stops sending before the listeners close.
 async fn readyz(State(state): State<AppState>) -> Response {
     let leaving = state.leaving.fired();
-    let mut reasons = crate::readiness::not_ready_reasons(&state.pipeline, &state.rules().auth);
+    let mut reasons = crate::readiness::not_ready_reasons(
+        &state.pipeline,
+        &state.rules().auth,
+        state.live.registry.as_deref(),
+    );
     if leaving {
         reasons.insert(
             0,
