@@ -6,7 +6,7 @@
 use serde_json::{Value, json};
 
 use crate::cloud::{TestEnv, unique};
-use crate::devices::server_cert;
+use crate::devices::{Ca, server_cert};
 use crate::harness::{Gateway, python_client};
 use crate::mqtt_sessions::PahoSession;
 
@@ -53,6 +53,12 @@ fn certificates_registered_at_aws_iot_name_their_thing_until_made_inactive() {
         )
     };
     let one = device("one", &[&thing]);
+    // Beside them, a certificate of the operator's own CA (`[auth.mtls]`), named by its CN.
+    let ca = Ca::new("Own Fleet CA");
+    std::fs::write(dir.path().join("own-ca.pem"), &ca.pem).unwrap();
+    let (own_pem, _) = ca.device("own-device", "fleet", 1, false);
+    let own = dir.path().join("own-device.pem").display().to_string();
+    std::fs::write(&own, own_pem).unwrap();
     let two = device("two", &[&unique("reg-a"), &unique("reg-b")]);
     let none = device("none", &[]);
     let config = format!(
@@ -64,6 +70,8 @@ fn certificates_registered_at_aws_iot_name_their_thing_until_made_inactive() {
         listen = "127.0.0.1:0"
         [auth.registry]
         refresh_secs = 3600
+        [auth.mtls]
+        ca = ["{{dir}}/own-ca.pem"]
         [aws]
         region = "us-east-1"
         endpoint_url = "{}"
@@ -97,6 +105,13 @@ fn certificates_registered_at_aws_iot_name_their_thing_until_made_inactive() {
     assert_eq!(status, 200, "{body}");
     let line = gateway.find(body["id"].as_str().unwrap()).unwrap();
     assert_eq!(line["device"], thing.as_str());
+    let (status, body) = publish(&gateway, &own, "devices/own-device/t").unwrap();
+    assert_eq!(status, 200, "{body}");
+    let line = gateway.find(body["id"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        line["device"], "own-device",
+        "the CA bundle's certificate, by its CN"
+    );
     // Attached to two things, or to none: refused with the reason.
     for (answer, count) in [(&two, 2), (&none, 0)] {
         let (status, body) = publish(&gateway, &pem(answer), "devices/x/t").unwrap();
@@ -123,6 +138,12 @@ fn certificates_registered_at_aws_iot_name_their_thing_until_made_inactive() {
     }));
     assert_eq!(session.next("connack")["reason"], 0);
     assert_eq!(session.next("puback")["reason"], 0);
+    let stored = gateway
+        .all_sink_lines()
+        .into_iter()
+        .find(|line| line["topic"] == format!("devices/{thing}/mqtt").as_str())
+        .expect("the MQTT publish in the sink");
+    assert_eq!(stored["device"], thing.as_str());
 
     // Made INACTIVE at AWS IoT: after a refresh, the live session is closed and the
     // next connection fails the handshake.
