@@ -256,6 +256,15 @@ fn check_tls_files(
 mod tests {
     use super::*;
 
+    /// The problems validation finds in `text` (it must find some).
+    fn problems_of(text: &str) -> Vec<String> {
+        let config = Config::parse(text).unwrap();
+        let ConfigError::Invalid(problems) = config.validate().unwrap_err() else {
+            panic!("expected validation problems");
+        };
+        problems
+    }
+
     #[test]
     fn empty_file_is_the_embedded_default() {
         let config = Config::parse("").unwrap();
@@ -274,7 +283,7 @@ mod tests {
 
     #[test]
     fn validation_reports_every_problem_at_once() {
-        let config = Config::parse(
+        let problems = problems_of(
             r#"
             [plugins]
             workers = 0
@@ -295,11 +304,7 @@ mod tests {
             destination = "kinesis"
             qos = 2
             "#,
-        )
-        .unwrap();
-        let ConfigError::Invalid(problems) = config.validate().unwrap_err() else {
-            panic!("expected validation problems");
-        };
+        );
         let all = problems.join("\n");
         for expected in [
             "plugins.workers",
@@ -323,7 +328,7 @@ mod tests {
     /// grant's `${claims.` variable closed.
     #[test]
     fn identity_provider_settings_are_checked() {
-        let config = Config::parse(
+        let problems = problems_of(
             r#"
             [auth.jwt]
             jwks_url = "ftp://idp/keys"
@@ -337,11 +342,7 @@ mod tests {
             devices = ["*"]
             publish = ["sites/${claims.site/#"]
             "#,
-        )
-        .unwrap();
-        let ConfigError::Invalid(problems) = config.validate().unwrap_err() else {
-            panic!("expected validation problems");
-        };
+        );
         let all = problems.join("\n");
         for expected in [
             "give jwks_url or jwks_file",
@@ -355,14 +356,10 @@ mod tests {
         }
         let file = tempfile::NamedTempFile::new().unwrap();
         std::fs::write(file.path(), "{\"keys\": 1}").unwrap();
-        let config = Config::parse(&format!(
+        let problems = problems_of(&format!(
             "[auth.jwt]\njwks_file = \"{}\"\nissuer = \"i\"\n[[policy.grants]]\nname = \"g\"\ndevices = [\"*\"]\n",
             file.path().display()
-        ))
-        .unwrap();
-        let ConfigError::Invalid(problems) = config.validate().unwrap_err() else {
-            panic!("expected validation problems");
-        };
+        ));
         assert!(
             problems.join("\n").contains("not a JWKS document"),
             "{problems:?}"
@@ -373,7 +370,7 @@ mod tests {
     /// `[downlink]` of earlier versions is refused with a pointer to `[upstream]`.
     #[test]
     fn upstream_commands_are_checked_and_downlink_points_to_upstream() {
-        let config = Config::parse(
+        let problems = problems_of(
             r#"
             [downlink]
             host = "broker"
@@ -386,11 +383,7 @@ mod tests {
             reply_topic = "replies/+"
             session_expiry_secs = 0
             "#,
-        )
-        .unwrap();
-        let ConfigError::Invalid(problems) = config.validate().unwrap_err() else {
-            panic!("expected validation problems");
-        };
+        );
         let all = problems.join("\n");
         for expected in [
             "[downlink] is gone",
