@@ -95,14 +95,15 @@ wait_http() {
     die "$2 does not answer on $1"
 }
 
-# Sets $nginx_url. Keep-alive connections are never closed by nginx (its default closes
-# each after 1,000 requests; sluice and wasmtime serve have no such limit), and bodies up
-# to 2 MiB are taken (the sweep sends 1 MiB).
+# Sets $nginx_url; NGINX_WORKERS worker processes (default auto: one per CPU). Keep-alive
+# connections are never closed by nginx (its default closes each after 1,000 requests;
+# sluice and wasmtime serve have no such limit), and bodies up to 2 MiB are taken (the
+# sweep sends 1 MiB).
 start_nginx() {
     local port
     port=$(free_port)
     cat >"$work/nginx.conf" <<CONF
-worker_processes auto;
+worker_processes ${NGINX_WORKERS:-auto};
 pid $work/nginx.pid;
 error_log $work/nginx.err warn;
 events { worker_connections 4096; }
@@ -117,7 +118,7 @@ http {
     }
 }
 CONF
-    nginx -e "$work/nginx.err" -c "$work/nginx.conf"
+    "${pinned[@]}" nginx -e "$work/nginx.err" -c "$work/nginx.conf"
     nginx_url="http://127.0.0.1:$port"
     wait_http "$nginx_url" nginx
 }
@@ -178,7 +179,7 @@ TOML
     # Emptied here, not only by the redirection below: that happens in the background, and
     # until it has, the loop would read the previous gateway's address.
     : >"$work/$name.out"
-    "$bin/sluice" run --config "$work/$name.toml" >"$work/$name.out" 2>"$work/$name.err" &
+    "${pinned[@]}" "$bin/sluice" run --config "$work/$name.toml" >"$work/$name.out" 2>"$work/$name.err" &
     sluice_pid=$!
     sluice_url=
     for _ in $(seq 600); do
@@ -217,3 +218,101 @@ run_load() {
     url=$(server_url "$1")
     "$bin/sluice-load" --url "$url" --warmup 1 -H "authorization: Bearer $token" --json "${@:3}" >"$2"
 }
+
+# What a server's command starts with: `taskset -c $SERVER_CPUS` when set (the server on
+# those CPUs, the load on the others), else nothing. (An array, not a function: a function
+# run in the background is a subshell, and `$!` would name it, not the server.)
+# `pin_servers CPUS` sets it for the servers started from then on.
+pin_servers() {
+    pinned=()
+    [[ -z ${1:-} ]] || pinned=(taskset -c "$1")
+}
+pin_servers "${SERVER_CPUS:-}"
+
+admin_token=bench-admin-token-0123456789
+
+# Starts MQTT server $1 (mosquitto, mosquitto-persist, sluice, sluice-enricher) on an empty
+# data directory, on the CPUs in $SERVER_CPUS when set (`taskset`); sets $pid and $address
+# (HOST:PORT of its MQTT listener) and, for sluice, $admin (its token: $admin_token).
+start_mqtt_server() {
+    rm -rf "$work/data" && mkdir -p "$work/data"
+    : >"$work/out"
+    admin=
+    case $1 in
+        mosquitto | mosquitto-persist)
+            local port
+            port=$(free_port)
+            # Run as root (the bench's user), so that mosquitto can write the temporary
+            # directory; the connection limit off, anonymous clients allowed.
+            cat >"$work/mosquitto.conf" <<CONF
+user root
+listener $port 127.0.0.1
+allow_anonymous true
+max_connections -1
+log_dest stderr
+log_type error
+log_type warning
+CONF
+            if [[ $1 == mosquitto-persist ]]; then
+                printf 'persistence true\npersistence_location %s/\n' "$work/data" >>"$work/mosquitto.conf"
+            else
+                echo 'persistence false' >>"$work/mosquitto.conf"
+            fi
+            "${pinned[@]}" mosquitto -c "$work/mosquitto.conf" >"$work/out" 2>"$work/err" </dev/null &
+            pid=$!
+            for _ in $(seq 300); do
+                if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+                    address=127.0.0.1:$port
+                    return 0
+                fi
+                kill -0 "$pid" 2>/dev/null || die "mosquitto exited: $(cat "$work/err")"
+                sleep 0.1
+            done
+            die "mosquitto does not answer on port $port"
+            ;;
+        sluice | sluice-enricher)
+            local plugin=
+            if [[ $1 == sluice-enricher ]]; then
+                plugin="[plugins]
+cache_dir = \"$work/plugin-cache\"
+[[plugins.transform]]
+name = \"enricher\"
+path = \"$SLUICE_PLUGIN_DIR/json_enricher.wasm\""
+            fi
+            # The default path, the MQTT listener on loopback TCP; connections raised
+            # above the 10,000 default for the memory run, and a short shutdown grace.
+            cat >"$work/sluice.toml" <<TOML
+[server]
+listen = "127.0.0.1:0"
+data_dir = "$work/data"
+max_connections = 20000
+shutdown_grace_ms = 2000
+[mqtt]
+listen = "127.0.0.1:0"
+[routing]
+default_destination = "local"
+[admin]
+listen = "127.0.0.1:0"
+token = "$admin_token"
+$plugin
+TOML
+            "${pinned[@]}" "$bin/sluice" run --config "$work/sluice.toml" >"$work/out" 2>"$work/err" </dev/null &
+            pid=$!
+            for _ in $(seq 600); do
+                address=$(sed -n 's|^sluice: mqtt on mqtt://||p' "$work/out")
+                admin=$(sed -n 's/^sluice: admin on //p' "$work/out")
+                [[ -n $address ]] && grep -q '^sluice: listening on ' "$work/out" && return 0
+                kill -0 "$pid" 2>/dev/null || die "sluice exited: $(cat "$work/err")"
+                sleep 0.1
+            done
+            die "sluice did not start: $(cat "$work/err")"
+            ;;
+        *) die "no server $1" ;;
+    esac
+}
+
+stop_mqtt_server() {
+    kill -TERM "$pid" 2>/dev/null || true
+    wait "$pid" 2>/dev/null || true
+}
+

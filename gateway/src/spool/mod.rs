@@ -145,6 +145,11 @@ struct Shared {
     commits: AtomicU64,
     durable_commits: AtomicU64,
     refused_full: AtomicU64,
+    /// Room made in a queue (records delivered): one waiter for room at a time is woken,
+    /// and passes it on once it stored its messages ([`Spool::room_made`]).
+    room: tokio::sync::Notify,
+    /// Writers waiting in [`Spool::room`] now.
+    waiting_for_room: std::sync::atomic::AtomicUsize,
     last_seq: AtomicU64,
     /// `spool.max_bytes_per_sink`.
     limit: u64,
@@ -248,6 +253,8 @@ impl Spool {
             commits: AtomicU64::new(0),
             durable_commits: AtomicU64::new(0),
             refused_full: AtomicU64::new(0),
+            room: tokio::sync::Notify::new(),
+            waiting_for_room: std::sync::atomic::AtomicUsize::new(0),
             last_seq: AtomicU64::new(next_seq - 1),
             limit: max_bytes_per_sink,
         });
@@ -471,6 +478,35 @@ impl Spool {
             .collect()
     }
 
+    /// Resolves once records were delivered from a queue since the last caller was
+    /// woken: a writer refused with [`SpoolError::Full`] waits here instead of for a
+    /// fixed time. Waiters are woken one at a time; one that then stored its messages
+    /// calls [`Spool::room_made`] so that the next tries too, and the turn stops at the
+    /// first that finds no room, so a full spool costs about one refused try per delivered
+    /// window rather than one per waiting session.
+    pub async fn room(&self) {
+        struct Waiting<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Waiting<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::Relaxed);
+            }
+        }
+        self.shared.waiting_for_room.fetch_add(1, Ordering::Relaxed);
+        let _waiting = Waiting(&self.shared.waiting_for_room);
+        self.shared.room.notified().await;
+    }
+
+    /// Whether writers wait for room now: one that can wait should queue behind them
+    /// rather than take the room delivery made for them.
+    pub fn waiting_for_room(&self) -> bool {
+        self.shared.waiting_for_room.load(Ordering::Relaxed) > 0
+    }
+
+    /// Passes the turn on to the next waiter in [`Spool::room`] (there may be room left).
+    pub fn room_made(&self) {
+        self.shared.room.notify_one();
+    }
+
     /// Records waiting for `sink`.
     pub fn depth(&self, sink: SinkId) -> u64 {
         self.shared.sinks[sink].records.load(Ordering::Relaxed)
@@ -642,6 +678,51 @@ mod tests {
             .unwrap();
         let mut change = Change::default();
         change.queue(SinkId::Kinesis, record("c", &[1; 1_500]));
+        spool.commit(change).await.unwrap();
+    }
+
+    /// A writer refused for lack of room waits for its turn: it is woken when delivery
+    /// removed records (not before), and while it waits, others see that someone does.
+    #[tokio::test]
+    async fn a_writer_waiting_for_room_is_woken_by_a_delivery() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Arc::new(Spool::open(dir.path(), 2_000).unwrap());
+        let mut change = Change::default();
+        change.queue(SinkId::Local, record("a", &[1; 1_500]));
+        spool.commit(change).await.unwrap();
+        let mut change = Change::default();
+        change.queue(SinkId::Local, record("b", &[1; 1_500]));
+        assert!(matches!(
+            spool.commit(change).await,
+            Err(SpoolError::Full { .. })
+        ));
+        assert!(!spool.waiting_for_room());
+        let waiter = tokio::spawn({
+            let spool = spool.clone();
+            async move { spool.room().await }
+        });
+        while !spool.waiting_for_room() {
+            tokio::task::yield_now().await;
+        }
+        // A commit that removes nothing does not wake it.
+        let mut change = Change::default();
+        change.queue(SinkId::Kinesis, record("k", b"x"));
+        spool.commit(change).await.unwrap();
+        tokio::task::yield_now().await;
+        assert!(!waiter.is_finished());
+        let seqs = spool.read_disk(SinkId::Local, 0, 10, 1 << 20).unwrap().0;
+        let seqs = seqs.into_iter().map(|(seq, _)| seq).collect();
+        spool
+            .delivered(SinkId::Local, seqs, Vec::new())
+            .await
+            .unwrap();
+        tokio::time::timeout(std::time::Duration::from_secs(10), waiter)
+            .await
+            .expect("woken by the delivery")
+            .unwrap();
+        assert!(!spool.waiting_for_room());
+        let mut change = Change::default();
+        change.queue(SinkId::Local, record("b", &[1; 1_500]));
         spool.commit(change).await.unwrap();
     }
 

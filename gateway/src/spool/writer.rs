@@ -74,6 +74,9 @@ pub(super) fn write_loop(
         if outcome.durable {
             shared.durable_commits.fetch_add(1, Ordering::Relaxed);
         }
+        if SinkId::ALL.into_iter().any(|sink| outcome.bytes[sink] < 0) {
+            shared.room.notify_one();
+        }
         for sink in SinkId::ALL {
             add_signed(&shared.sinks[sink].records, outcome.records[sink]);
             add_signed(&shared.sinks[sink].bytes, outcome.bytes[sink]);

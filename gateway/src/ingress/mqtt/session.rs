@@ -272,13 +272,25 @@ impl Session<'_> {
             }
         }
         // 3.1.1 cannot say "later": while the spool is full, the batch waits (nothing more
-        // is read), for at most the keep-alive's span or until the session ends; then the
-        // connection is closed.
+        // is read) for room, for at most the keep-alive's span or until the session ends;
+        // then the connection is closed. It tries again as soon as delivery made room
+        // (its turn among the waiters, `Spool::room`), at the latest after a second.
         let hold_until = std::time::Instant::now() + self.idle;
         let count = messages.len();
+        let spool = self.state.pipeline.spool().clone();
+        let mut waited = false;
         let outcome = loop {
             if messages.is_empty() {
                 break Ok(Vec::new());
+            }
+            if self.version == Version::V4 && !waited && spool.waiting_for_room() {
+                // Behind the batches already waiting, in turn.
+                waited = true;
+                tokio::select! {
+                    () = spool.room() => {}
+                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
+                    ended = session.end.ended() => return Err(End::Ended(ended)),
+                }
             }
             let processed = if self.version == Version::V4
                 && self.limits.v311_plugin_failure == FailurePath::DeadLetter
@@ -296,12 +308,21 @@ impl Session<'_> {
                 {
                     // The wait ends with the session: a takeover, expired credentials
                     // or the gateway's shutdown do not wait for room in the spool.
+                    waited = true;
                     tokio::select! {
+                        () = spool.room() => {}
                         () = tokio::time::sleep(Duration::from_secs(1)) => {}
                         ended = session.end.ended() => return Err(End::Ended(ended)),
                     }
                 }
-                outcome => break outcome,
+                outcome => {
+                    if waited && outcome.is_ok() {
+                        // Stored after a wait: the next waiter's turn (there may be
+                        // room left).
+                        spool.room_made();
+                    }
+                    break outcome;
+                }
             }
         };
         let mut verdicts = verdicts(outcome, count)
