@@ -74,9 +74,6 @@ pub(super) fn write_loop(
         if outcome.durable {
             shared.durable_commits.fetch_add(1, Ordering::Relaxed);
         }
-        if SinkId::ALL.into_iter().any(|sink| outcome.bytes[sink] < 0) {
-            shared.room.notify_one();
-        }
         for sink in SinkId::ALL {
             add_signed(&shared.sinks[sink].records, outcome.records[sink]);
             add_signed(&shared.sinks[sink].bytes, outcome.bytes[sink]);
@@ -90,6 +87,10 @@ pub(super) fn write_loop(
             {
                 tracing::info!(sink = sink.name(), bytes, "spool has room again; accepting");
             }
+        }
+        // Records delivered: room for a writer waiting for it (`Spool::room`).
+        if SinkId::ALL.into_iter().any(|sink| outcome.bytes[sink] < 0) {
+            shared.room.notify_one();
         }
         add_signed(&shared.dead_letters, outcome.dead_letters);
         add_signed(&shared.dead_letter_bytes, outcome.dead_letter_bytes);

@@ -224,6 +224,7 @@ pub async fn run<T: Transport>(
         idle: Duration::from_millis(u64::from(keep_alive) * 1500),
         upstream_spec,
         client_max_packet: connect.max_packet_size,
+        waits_for_room: Default::default(),
     };
     let end = tracing::Instrument::instrument(
         session.serve(&mut io, buffer, &mut device, &mut outbound),

@@ -13,6 +13,7 @@
 //! the connection is closed. QoS 2 is refused (5.0: DISCONNECT 0x9B; 3.1.1: closed). When the spool is full, a 3.1.1 client's batch waits
 //! and is tried again without reading further, so the client's own window holds it back.
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -94,6 +95,10 @@ pub(super) struct Session<'a> {
     pub(super) upstream_spec: Option<crate::upstream::Spec>,
     /// 5.0: the largest packet the client takes.
     pub(super) client_max_packet: Option<u32>,
+    /// 3.1.1: its last batch had to wait for room in the spool (until one is stored at
+    /// the first try): its next one queues behind the batches waiting. A session whose
+    /// messages go to a sink with room never waits, whichever sink is full.
+    pub(super) waits_for_room: std::sync::atomic::AtomicBool,
 }
 
 impl Session<'_> {
@@ -283,7 +288,11 @@ impl Session<'_> {
             if messages.is_empty() {
                 break Ok(Vec::new());
             }
-            if self.version == Version::V4 && !waited && spool.waiting_for_room() {
+            if self.version == Version::V4
+                && !waited
+                && self.waits_for_room.load(Ordering::Relaxed)
+                && spool.waiting_for_room()
+            {
                 // Behind the batches already waiting, in turn.
                 waited = true;
                 tokio::select! {
@@ -321,6 +330,7 @@ impl Session<'_> {
                         // room left).
                         spool.room_made();
                     }
+                    self.waits_for_room.store(waited, Ordering::Relaxed);
                     break outcome;
                 }
             }
