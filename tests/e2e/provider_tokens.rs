@@ -375,7 +375,7 @@ fn a_jwks_url_is_read_at_start_and_again_for_a_new_key() {
     );
     drop(unready);
 
-    let (_served, port) = idp.serve();
+    let (served, port) = idp.serve();
     let reads = || -> u64 {
         let answer: Value = reqwest::blocking::get(format!("http://127.0.0.1:{port}/_requests"))
             .unwrap()
@@ -422,4 +422,29 @@ fn a_jwks_url_is_read_at_start_and_again_for_a_new_key() {
         2,
         "one read for the new key, however many tokens named it"
     );
+
+    // The provider becomes unreachable, and a reload changes `[auth]`: the new verifier
+    // starts with the keys read before, so tokens keep working.
+    drop(served);
+    let file = gateway.dir.path().join("sluice.toml");
+    let text = std::fs::read_to_string(&file).unwrap();
+    std::fs::write(
+        &file,
+        text.replace("refresh_secs = 3600", "refresh_secs = 1800"),
+    )
+    .unwrap();
+    let reloaded = gateway.admin_post("/admin/reload", "");
+    assert_eq!(reloaded.status, 200, "{:?}", reloaded.body);
+    assert!(
+        reloaded.body.to_string().contains("auth"),
+        "{:?}",
+        reloaded.body
+    );
+    let reply = publish(
+        &gateway,
+        "sites/s2/dev-2/t",
+        token(&rotated, "second"),
+        Carried::Bearer,
+    );
+    assert_eq!(stored_device(&gateway, &reply), "dev-2");
 }

@@ -38,6 +38,21 @@ pub const MIN_REFETCH: Duration = Duration::from_secs(10);
 /// How long one read of a JWKS URL may take.
 const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// The key set last read from each source, so that a verifier built again for the same
+/// provider (a configuration reload that changed `[auth]`) starts with its keys rather
+/// than none: its tokens would be refused until the first read, or for good while the
+/// provider is unreachable.
+static LAST_READ: Mutex<Vec<(String, Arc<KeySet>)>> = Mutex::new(Vec::new());
+
+/// The set last read from `source`, if any.
+fn last_read(source: &Source) -> Option<Arc<KeySet>> {
+    let last = LAST_READ.lock().unwrap_or_else(|p| p.into_inner());
+    let name = source.describe();
+    last.iter()
+        .find(|(read_from, _)| *read_from == name)
+        .map(|(_, set)| set.clone())
+}
+
 /// The keys of one JWKS document, ready to verify.
 #[derive(Default)]
 struct KeySet {
@@ -165,9 +180,14 @@ impl Keys {
         let mut error = self.error.lock().unwrap_or_else(|p| p.into_inner());
         match outcome {
             Ok(set) => {
-                tracing::info!(source = %self.source.describe(), keys = set.len(), "JWKS read");
-                self.set.store(Some(Arc::new(set)));
+                let name = self.source.describe();
+                tracing::info!(source = %name, keys = set.len(), "JWKS read");
+                let set = Arc::new(set);
+                self.set.store(Some(set.clone()));
                 *error = None;
+                let mut last = LAST_READ.lock().unwrap_or_else(|p| p.into_inner());
+                last.retain(|(read_from, _)| *read_from != name);
+                last.push((name, set));
             }
             Err(why) => {
                 tracing::warn!(source = %self.source.describe(), error = %why, "cannot read the JWKS");
@@ -222,10 +242,11 @@ impl ProviderTokens {
             (Some(url), _) => Source::Url(url.clone()),
             (None, file) => Source::File(file.clone().unwrap_or_default()),
         };
+        let before = last_read(&source);
         let keys = Arc::new(Keys {
+            error: Mutex::new(before.is_none().then(|| "not read yet".to_string())),
+            set: ArcSwapOption::new(before),
             source,
-            set: ArcSwapOption::empty(),
-            error: Mutex::new(Some("not read yet".to_string())),
         });
         let every = Duration::from_secs(config.refresh_secs);
         let first_wait = match keys.source {
