@@ -44,12 +44,14 @@ WASMTIME_SERVE_OPTS=(
     --max-concurrent-requests 4096
 )
 
-# Installs nginx and wasmtime if missing, builds the plugins and http-hello and (unless
-# SLUICE_BENCH_BIN) the gateway, makes the work directory, and stops every server on exit.
-# Sets $bin (sluice, sluice-load), $wasmtime and $work.
+# Installs nginx and (unless BENCH_WASMTIME=0: a script that does not run `wasmtime serve`)
+# wasmtime if missing, builds the plugins and http-hello and (unless SLUICE_BENCH_BIN) the
+# gateway, makes the work directory, and stops every server on exit. Sets $bin (sluice,
+# sluice-load), $wasmtime and $work.
 bench_setup() {
     command -v nginx >/dev/null || { say "installing nginx"; apt-get install -y -q nginx-light >/dev/null; }
-    wasmtime=$("$ROOT/scripts/install-wasmtime")
+    wasmtime=
+    [[ ${BENCH_WASMTIME:-1} == 0 ]] || wasmtime=$("$ROOT/scripts/install-wasmtime")
     "$ROOT/scripts/build-plugins"
     cd "$ROOT"
     if [[ -n ${SLUICE_BENCH_BIN:-} ]]; then
