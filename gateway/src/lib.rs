@@ -145,9 +145,15 @@ pub async fn run(
     spool.set_dead_letter_limit(config.spool.max_dead_letter_bytes);
     let local = Arc::new(sink::local::LocalSink::open(&config.server.data_dir)?);
     let plugins = plugin::Plugins::start(&config)?;
-    let registry = match config.auth.as_ref().and_then(|auth| auth.registry.as_ref()) {
-        Some(settings) => {
-            let aws = sink::aws::sdk_config(&config.aws).await;
+    let registry_settings = config.auth.as_ref().and_then(|auth| auth.registry.as_ref());
+    // The AWS configuration (credential chain, region), loaded once for the registry and
+    // the shadow routes that need it.
+    let aws = match registry_settings.is_some() || config.sinks.iot_core.is_some() {
+        true => Some(sink::aws::sdk_config(&config.aws).await),
+        false => None,
+    };
+    let registry = match (registry_settings, &aws) {
+        (Some(settings), Some(aws)) => {
             let data_dir = &config.server.data_dir;
             let registry = auth::registry::Registry::open(settings, data_dir, &aws)?;
             // Without a snapshot kept from before, the first one is read before devices
@@ -162,7 +168,7 @@ pub async fn run(
             registry.keep_fresh(first, std::time::Duration::from_secs(settings.refresh_secs));
             Some(registry)
         }
-        None => None,
+        _ => None,
     };
     let live = ingress::live::Live::new(&config, registry)?;
     let upstream = config
@@ -170,14 +176,13 @@ pub async fn run(
         .clone()
         .map(upstream::Upstream::new)
         .transpose()?;
-    let shadows = match &config.sinks.iot_core {
-        Some(iot_core) => {
-            let shared = sink::aws::sdk_config(&config.aws).await;
+    let shadows = match (&config.sinks.iot_core, &aws) {
+        (Some(iot_core), Some(shared)) => {
             let endpoint = iot_core.endpoint_url.as_deref();
-            let data_plane = sink::aws::with_endpoint(&shared, endpoint);
+            let data_plane = sink::aws::with_endpoint(shared, endpoint);
             Some(Arc::new(shadow::Shadows::new(&data_plane)))
         }
-        None => None,
+        _ => None,
     };
     let sinks =
         Arc::new(sink::Sinks::build(&config, &instance, local.clone(), upstream.as_ref()).await?);

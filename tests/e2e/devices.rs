@@ -75,7 +75,7 @@ pub fn server_cert(dir: &Path) -> String {
     cert.pem()
 }
 
-fn client(server_pem: &str, identity: Option<&str>) -> reqwest::blocking::Client {
+pub fn client(server_pem: &str, identity: Option<&str>) -> reqwest::blocking::Client {
     let mut builder = reqwest::blocking::Client::builder()
         .use_rustls_tls()
         .add_root_certificate(reqwest::Certificate::from_pem(server_pem.as_bytes()).unwrap());

@@ -295,21 +295,26 @@ impl ProviderTokens {
         ))
     }
 
-    /// Whether `token`'s header says it is signed with one of the accepted algorithms
-    /// (this verifier's token, not the gateway's own HS256 kind).
-    pub fn takes(&self, token: &str) -> bool {
-        jsonwebtoken::decode_header(token).is_ok_and(|h| self.algorithms.contains(&h.alg))
-    }
-
-    /// Checks `token` and returns the device it names.
-    pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+    /// Checks `token` and returns the device it names; `None` when it is not this
+    /// verifier's kind: its header unreadable, or signed with an algorithm not accepted
+    /// (the gateway's own HS256 tokens). A token verified lately is answered from the
+    /// cache, its header not read again.
+    pub fn verify(&self, token: &str) -> Option<Result<Identity, AuthError>> {
         let now = jsonwebtoken::get_current_timestamp();
         if let Some(identity) = self.verified.get(token, now) {
-            return Ok(identity);
+            return Some(Ok(identity));
         }
-        let (identity, until) = self.verify_uncached(token)?;
-        self.verified.put(token, &identity, until);
-        Ok(identity)
+        let header = jsonwebtoken::decode_header(token).ok()?;
+        if !self.algorithms.contains(&header.alg) {
+            return None;
+        }
+        Some(
+            self.verify_uncached(token, header)
+                .map(|(identity, until)| {
+                    self.verified.put(token, &identity, until);
+                    identity
+                }),
+        )
     }
 
     /// Asks for a read of the keys (answered by the reading thread, at most once per
@@ -321,11 +326,11 @@ impl ProviderTokens {
     }
 
     /// The identity in `token` and the second it stops being valid.
-    fn verify_uncached(&self, token: &str) -> Result<(Identity, u64), AuthError> {
-        let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::TokenMalformed)?;
-        if !self.algorithms.contains(&header.alg) {
-            return Err(AuthError::TokenAlgorithm(format!("{:?}", header.alg)));
-        }
+    fn verify_uncached(
+        &self,
+        token: &str,
+        header: jsonwebtoken::Header,
+    ) -> Result<(Identity, u64), AuthError> {
         let Some(set) = self.keys.set.load_full() else {
             self.refetch();
             return Err(AuthError::TokenKeysUnavailable);

@@ -279,10 +279,16 @@ impl Authenticator {
             return Err(AuthError::MissingCredentials);
         };
         let token = token.trim();
-        match (&self.provider, &self.tokens) {
-            (Some(provider), _) if provider.takes(token) => provider.verify(token),
-            (_, Some(keys)) => keys.verify(token),
-            (Some(provider), None) => provider.verify(token),
+        // The provider's kind of token (its algorithms), else the gateway's own.
+        if let Some(verdict) = self.provider.as_ref().and_then(|p| p.verify(token)) {
+            return verdict;
+        }
+        match (&self.tokens, &self.provider) {
+            (Some(keys), _) => keys.verify(token),
+            (None, Some(_)) => Err(jsonwebtoken::decode_header(token)
+                .map_or(AuthError::TokenMalformed, |header| {
+                    AuthError::TokenAlgorithm(format!("{:?}", header.alg))
+                })),
             // A token where only certificates are accepted: as if none was sent.
             (None, None) => Err(AuthError::MissingCredentials),
         }

@@ -98,11 +98,21 @@ impl RevocationList {
 /// What names `cert` in the revocation lists.
 pub fn key_of(der: &[u8]) -> Option<CertificateKey> {
     let (_, cert) = X509Certificate::from_der(der).ok()?;
-    Some(CertificateKey {
+    Some(key_of_parsed(der, &cert))
+}
+
+/// What names `cert`, read from `der`, in the revocation lists.
+fn key_of_parsed(der: &[u8], cert: &X509Certificate<'_>) -> CertificateKey {
+    CertificateKey {
         serial: strip_zeros(cert.raw_serial().to_vec()),
-        fingerprint: Sha256::digest(der).to_vec(),
+        fingerprint: fingerprint(der),
         registered: false,
-    })
+    }
+}
+
+/// The SHA-256 fingerprint of a DER certificate (IoT Core's certificate id).
+pub fn fingerprint(der: &[u8]) -> Vec<u8> {
+    Sha256::digest(der).to_vec()
 }
 
 fn strip_zeros(bytes: Vec<u8>) -> Vec<u8> {
@@ -224,17 +234,17 @@ pub fn registered_identity(
     };
     check_device_id(thing)
         .map_err(|why| AuthError::BadDeviceId(format!("the thing `{thing}` {why}")))?;
-    let expires_at_secs = X509Certificate::from_der(der.as_ref())
-        .ok()
-        .and_then(|(_, cert)| u64::try_from(cert.validity().not_after.timestamp()).ok());
+    let parsed = X509Certificate::from_der(der.as_ref()).ok();
+    let cert = parsed.as_ref().map(|(_, cert)| cert);
     Ok(Identity {
         device_id: thing.clone(),
         groups: Vec::new(),
         method: Method::Certificate,
-        expires_at_secs,
-        certificate: key_of(der.as_ref()).map(|key| CertificateKey {
+        expires_at_secs: cert
+            .and_then(|cert| u64::try_from(cert.validity().not_after.timestamp()).ok()),
+        certificate: cert.map(|cert| CertificateKey {
             registered: true,
-            ..key
+            ..key_of_parsed(der.as_ref(), cert)
         }),
         claims: Vec::new(),
     })
@@ -286,7 +296,7 @@ pub fn identity(der: &CertificateDer<'_>, source: DeviceIdSource) -> Result<Iden
         groups,
         method: Method::Certificate,
         expires_at_secs,
-        certificate: key_of(der.as_ref()),
+        certificate: Some(key_of_parsed(der.as_ref(), &cert)),
         claims: Vec::new(),
     })
 }

@@ -122,10 +122,10 @@ impl Live {
         let Some([leaf, ..]) = certificates else {
             return crate::auth::PeerIdentity(None);
         };
-        let registered = self.registry.as_ref().and_then(|registry| {
-            let key = crate::auth::mtls::key_of(leaf.as_ref())?;
-            registry.lookup(&key.fingerprint)
-        });
+        let registered = self
+            .registry
+            .as_ref()
+            .and_then(|registry| registry.lookup(&crate::auth::mtls::fingerprint(leaf.as_ref())));
         if let Some(registered) = registered {
             let identity = crate::auth::mtls::registered_identity(leaf, &registered);
             return crate::auth::PeerIdentity(Some(identity));

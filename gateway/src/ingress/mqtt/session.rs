@@ -295,11 +295,7 @@ impl Session<'_> {
             {
                 // Behind the batches already waiting, in turn.
                 waited = true;
-                tokio::select! {
-                    () = spool.room() => {}
-                    () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                    ended = session.end.ended() => return Err(End::Ended(ended)),
-                }
+                wait_for_room(&spool, session).await?;
             }
             let processed = if self.version == Version::V4
                 && self.limits.v311_plugin_failure == FailurePath::DeadLetter
@@ -315,14 +311,8 @@ impl Session<'_> {
                 Err(StoreError::Spool(SpoolError::Full { .. }))
                     if self.version == Version::V4 && std::time::Instant::now() < hold_until =>
                 {
-                    // The wait ends with the session: a takeover, expired credentials
-                    // or the gateway's shutdown do not wait for room in the spool.
                     waited = true;
-                    tokio::select! {
-                        () = spool.room() => {}
-                        () = tokio::time::sleep(Duration::from_secs(1)) => {}
-                        ended = session.end.ended() => return Err(End::Ended(ended)),
-                    }
+                    wait_for_room(&spool, session).await?;
                 }
                 outcome => {
                     if waited && outcome.is_ok() {
@@ -407,6 +397,20 @@ impl Session<'_> {
 }
 
 /// The `mqtt_publishes_total` label of a refusal's answer: its reason code (`0x87`).
+/// Waits for room in the spool: the waiter's turn (`Spool::room`), at the latest a
+/// second; the wait ends with the session (a takeover, expired credentials or the
+/// gateway's shutdown do not wait for room).
+async fn wait_for_room(
+    spool: &crate::spool::Spool,
+    session: &mut DeviceSession,
+) -> Result<(), End> {
+    tokio::select! {
+        () = spool.room() => Ok(()),
+        () = tokio::time::sleep(Duration::from_secs(1)) => Ok(()),
+        ended = session.end.ended() => Err(End::Ended(ended)),
+    }
+}
+
 fn label(answer: Answer) -> String {
     let code = match answer {
         Answer::PubAck(reason) => codec::puback_code(reason),
