@@ -155,7 +155,7 @@ pub async fn run(
     let registry = match (registry_settings, &aws) {
         (Some(settings), Some(aws)) => {
             let data_dir = &config.server.data_dir;
-            let registry = auth::registry::Registry::open(settings, data_dir, &aws)?;
+            let registry = auth::registry::Registry::open(settings, data_dir, aws)?;
             // Without a snapshot kept from before, the first one is read before devices
             // are let in; with one, devices it knows get in while it is refreshed.
             let first = match registry.age_secs() {
