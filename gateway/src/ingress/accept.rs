@@ -78,9 +78,12 @@ pub async fn accept<F, Fut>(
     tasks: TaskTracker,
     serve: F,
 ) where
-    F: Fn(Connection, Guard) -> Fut + Clone + Send + 'static,
+    F: Fn(Connection, Guard) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = ()> + Send + 'static,
 {
+    // Shared: each connection's task holds a pointer, not its own copy of what `serve`
+    // captured (the HTTP router and server settings).
+    let serve = std::sync::Arc::new(serve);
     let mut shutdown = state.shutdown.clone();
     loop {
         let (stream, remote) = tokio::select! {
@@ -100,7 +103,11 @@ pub async fn accept<F, Fut>(
         };
         let _ = stream.set_nodelay(true);
         let tls = state.live.tls.load_full();
-        let (guard, live, serve) = (guard.clone(), state.live.clone(), serve.clone());
+        let (guard, live, serve) = (
+            guard.clone(),
+            state.live.clone(),
+            std::sync::Arc::clone(&serve),
+        );
         tasks.spawn(async move {
             let (stream, peer, alpn): (Box<dyn Io>, PeerIdentity, Option<Vec<u8>>) = match tls {
                 Some(acceptor) => {
@@ -123,8 +130,9 @@ pub async fn accept<F, Fut>(
                 protocol: detect.protocol(alpn.as_deref()),
                 slot,
             };
-            // Boxed likewise: the task is as small as the protocol's session needs.
-            Box::pin(serve(connection, guard)).await;
+            // `serve` gives each protocol's future boxed on its own: the task is as small
+            // as the protocol's session needs.
+            (*serve)(connection, guard).await;
         });
     }
 }

@@ -14,6 +14,7 @@
 use std::time::Duration;
 
 use anyhow::Context as _;
+use futures_util::future::BoxFuture;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::service::TowerToHyperService;
@@ -94,12 +95,20 @@ pub async fn serve(listeners: Listeners, config: &Config, state: AppState) {
     let connections = TaskTracker::new();
     let serve = {
         let state = state.clone();
-        move |connection: Connection, guard: Guard| {
-            let (state, app, builder) = (state.clone(), app.clone(), builder.clone());
-            async move {
-                match connection.protocol {
-                    Protocol::Mqtt => crate::ingress::mqtt::serve(connection, &guard, state).await,
-                    Protocol::Http => serve_http(connection, &guard, app, &builder, state).await,
+        // Each protocol's future boxed on its own: an MQTT session's task is as small as
+        // its session, not as large as an HTTP connection's (nor holding its router).
+        move |connection: Connection, guard: Guard| -> BoxFuture<'static, ()> {
+            match connection.protocol {
+                Protocol::Mqtt => Box::pin(crate::ingress::mqtt::serve(
+                    connection,
+                    &guard,
+                    state.clone(),
+                )),
+                Protocol::Http => {
+                    let (state, app, builder) = (state.clone(), app.clone(), builder.clone());
+                    Box::pin(async move {
+                        serve_http(connection, &guard, app, &builder, state).await;
+                    })
                 }
             }
         }

@@ -31,12 +31,14 @@ pub mod relay;
 pub mod session;
 pub mod transport;
 
+use std::future::Future;
 use std::time::Duration;
 
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::{Extension, State};
 use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
+use futures_util::FutureExt as _;
 
 use crate::auth::{Credential, PeerIdentity};
 use crate::config::MqttConfig;
@@ -130,8 +132,14 @@ pub async fn upgrade(
 }
 
 /// Runs MQTT on a connection the accept path handed over: `[mqtt] listen`, or the
-/// device listener where ALPN chose MQTT.
-pub async fn serve(connection: Connection, guard: &Guard, state: AppState) {
+/// device listener where ALPN chose MQTT. The connection's place under the limit is
+/// given back when the session ends. (Made before it runs: a future holds only the
+/// session's own future, no second copy of what it was made from.)
+pub fn serve(
+    connection: Connection,
+    guard: &Guard,
+    state: AppState,
+) -> impl Future<Output = ()> + Send + 'static {
     let limits = limits(&state.rules().mqtt);
     let credentials = Credentials {
         credential: Credential {
@@ -140,7 +148,7 @@ pub async fn serve(connection: Connection, guard: &Guard, state: AppState) {
         },
         remote: Some(connection.remote),
     };
-    // The rest of `connection` (its place under the limit) lives as long as the session.
+    let slot = connection.slot;
     let stream = Stream(guard.watch_idle(connection.stream, MQTT_IDLE));
-    connection::run(stream, state, credentials, limits, "mqtt").await;
+    connection::run(stream, state, credentials, limits, "mqtt").map(move |()| drop(slot))
 }

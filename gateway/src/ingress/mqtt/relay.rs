@@ -38,7 +38,7 @@ impl Session<'_> {
     ) -> Option<&'d mut UpstreamSession> {
         let upstream = self.state.upstream.as_ref()?;
         if device.upstream.is_none() {
-            let spec = self.upstream_spec.clone()?;
+            let spec = self.upstream_spec.as_deref()?.clone();
             let session = upstream.open(spec);
             // The first attempt's outcome (quick when the endpoint refuses), so that the
             // first SUBSCRIBE is not refused only because it came first.

@@ -92,7 +92,7 @@ pub(super) struct Session<'a> {
     /// 1.5 × the keep-alive: silent this long, the connection is closed.
     pub(super) idle: Duration,
     /// The device's session at IoT Core as it is opened (with `[upstream]`).
-    pub(super) upstream_spec: Option<crate::upstream::Spec>,
+    pub(super) upstream_spec: Option<Box<crate::upstream::Spec>>,
     /// 5.0: the largest packet the client takes.
     pub(super) client_max_packet: Option<u32>,
     /// 3.1.1: its last batch had to wait for room in the spool (until one is stored at
@@ -154,7 +154,9 @@ impl Session<'_> {
                         }
                     }
                     Incoming::Subscribe { pkid, filters } => {
-                        let answer = self.subscribe(device, outbound, &filters).await;
+                        // Boxed, as the batch below: an idle session does not keep room
+                        // for what only runs while it is busy.
+                        let answer = Box::pin(self.subscribe(device, outbound, &filters)).await;
                         let ack = codec::suback(
                             self.version,
                             pkid,
@@ -192,7 +194,9 @@ impl Session<'_> {
             if !batch.is_empty() {
                 let count = batch.len();
                 device.received(count);
-                let published = self.publish(io, batch, device).await;
+                // Boxed: the publish path's state is held only while a batch runs, not
+                // by every idle connection's task.
+                let published = Box::pin(self.publish(io, batch, device)).await;
                 device.answered(count);
                 if let Err(end) = published {
                     return end;
@@ -203,6 +207,11 @@ impl Session<'_> {
             }
             if !buffer.is_empty() && codec::complete(&buffer) {
                 continue;
+            }
+            if buffer.is_empty() {
+                // Nothing half read: the session waits without a buffer (the next read
+                // brings its own, `Transport::read_more`).
+                buffer = BytesMut::new();
             }
             tokio::select! {
                 read = io.read_more(&mut buffer) => match read {
