@@ -233,7 +233,7 @@ pin_servers "${SERVER_CPUS:-}"
 
 admin_token=bench-admin-token-0123456789
 
-# Starts MQTT server $1 (mosquitto, mosquitto-persist, sluice, sluice-enricher) on an empty
+# Starts MQTT server $1 (mosquitto, mosquitto-persist, rabbitmq, sluice, sluice-enricher) on an empty
 # data directory, on the CPUs in $SERVER_CPUS when set (`taskset`); sets $pid and $address
 # (HOST:PORT of its MQTT listener) and, for sluice, $admin (its token: $admin_token).
 start_mqtt_server() {
@@ -271,6 +271,61 @@ CONF
                 sleep 0.1
             done
             die "mosquitto does not answer on port $port"
+            ;;
+        rabbitmq)
+            # RabbitMQ's MQTT plugin, the durable anchor: an MQTT broker that, like Sluice,
+            # acknowledges QoS 1 only once the message is safe. A durable QoS 1
+            # subscription to `#` (made once by mosquitto_sub, which then leaves) is a
+            # durable queue that every publish is routed to; the plugin publishes QoS 1
+            # messages persistent and PUBACKs on the queue's publisher confirm, sent once
+            # the message is written and synced. The queue keeps the newest 200,000
+            # (drop-head), so that a minute of load does not fill the memory.
+            # Debian's wrappers in /usr/sbin switch to the rabbitmq user and lose the
+            # environment; the bench runs its own node as itself, from the scripts behind.
+            local rabbitmq_bin=/usr/lib/rabbitmq/bin
+            [[ -x $rabbitmq_bin/rabbitmq-server ]] || {
+                say "installing rabbitmq-server"
+                apt-get install -y -q rabbitmq-server >/dev/null
+                # Debian starts its own node where it can; the bench runs its own.
+                service rabbitmq-server stop >/dev/null 2>&1 || true
+            }
+            command -v mosquitto_sub >/dev/null || apt-get install -y -q mosquitto-clients >/dev/null
+            local port amqp node=bench$$@localhost
+            port=$(free_port) amqp=$(free_port)
+            mkdir -p "$work/data/rabbitmq"
+            cat >"$work/rabbitmq.conf" <<CONF
+listeners.tcp.default = 127.0.0.1:$amqp
+mqtt.listeners.tcp.default = 127.0.0.1:$port
+mqtt.allow_anonymous = true
+disk_free_limit.absolute = 50MB
+log.console = false
+log.file.level = warning
+CONF
+            echo '[rabbitmq_mqtt].' >"$work/rabbitmq-plugins"
+            rabbitmq_env=(env HOME="$work/data/rabbitmq" RABBITMQ_NODENAME="$node"
+                RABBITMQ_CONFIG_FILE="$work/rabbitmq.conf"
+                RABBITMQ_ENABLED_PLUGINS_FILE="$work/rabbitmq-plugins"
+                RABBITMQ_MNESIA_BASE="$work/data/rabbitmq/mnesia"
+                RABBITMQ_LOG_BASE="$work/data/rabbitmq/log"
+                RABBITMQ_DIST_PORT="$(free_port)")
+            "${pinned[@]}" "${rabbitmq_env[@]}" "$rabbitmq_bin/rabbitmq-server" >"$work/out" 2>"$work/err" </dev/null &
+            pid=$! address=
+            for _ in $(seq 600); do
+                if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+                    address=127.0.0.1:$port
+                    break
+                fi
+                kill -0 "$pid" 2>/dev/null || die "rabbitmq-server exited: $(cat "$work/err" "$work/out")"
+                sleep 0.1
+            done
+            [[ -n $address ]] || die "RabbitMQ's MQTT does not answer on port $port"
+            mosquitto_sub -h 127.0.0.1 -p "$port" -i bench-anchor -c -q 1 -t '#' -W 1 >/dev/null 2>&1 || true
+            "${rabbitmq_env[@]}" "$rabbitmq_bin/rabbitmqctl" -n "$node" -q set_policy bench-cap '^mqtt-subscription-' \
+                '{"max-length":200000,"overflow":"drop-head"}' --apply-to queues >/dev/null ||
+                die "rabbitmqctl set_policy failed"
+            "${rabbitmq_env[@]}" "$rabbitmq_bin/rabbitmqctl" -n "$node" -q list_queues name durable 2>/dev/null |
+                grep -q 'mqtt-subscription-bench-anchorqos1.*true' || die "RabbitMQ has no durable queue for the anchor"
+            return 0
             ;;
         sluice | sluice-enricher)
             local plugin=
