@@ -1,12 +1,14 @@
 //! The promise under every acknowledgement, checked on the real gateway's system calls:
 //! a durable message is acknowledged (HTTP 200, MQTT PUBACK, the WebSocket dialect's
-//! `ack`) only after an `fdatasync` (or `fsync`) of the spool file that holds it has
-//! returned. The gateway runs under `strace` (Debian's); the clients send one message at
+//! `ack`) only after an `fdatasync` (or `fsync`) of the file that holds it has returned:
+//! the spool's (a cloud sink's records) or the local sink's (its records are written
+//! straight to its file). The gateway runs under `strace` (Debian's); the clients send one message at
 //! a time, each with a payload of its own, so that the trace says which write held it,
 //! which sync covered that write, and when its acknowledgement was sent.
 //!
 //! A spool that skips its sync (a planted `Ok(())` in place of the segment's
-//! `sync_data`) passes every other test; this one fails on it.
+//! `sync_data`) passes every other test; this one fails on it, and so does a local sink
+//! that skips its own.
 
 use std::collections::{HashMap, HashSet};
 use std::process::Command;
@@ -55,13 +57,13 @@ fn call(line: &str) -> Option<Call<'_>> {
 
 /// What the trace shows, in order: for each acknowledgement sent to a device, whether
 /// the message it acknowledged (by position: the clients send one at a time) had been
-/// synced to the spool file holding it.
+/// synced to the file holding it (the spool's or the local sink's).
 fn acknowledgements(
     trace: &str,
     probes: &[String],
     is_ack: impl Fn(&Call) -> bool,
 ) -> Vec<(String, bool)> {
-    // Per spool file: the probes written to it and not yet covered by a finished sync.
+    // Per durable file: the probes written to it and not yet covered by a finished sync.
     let mut unsynced: HashMap<String, HashSet<usize>> = HashMap::new();
     // Per thread: a sync in progress, and the probes its file had unsynced when it began.
     let mut syncing: HashMap<String, (String, HashSet<usize>)> = HashMap::new();
@@ -84,8 +86,9 @@ fn acknowledgements(
             continue;
         }
         let Some(call) = call(line) else { continue };
-        let spool_file =
-            call.target.contains("/data/queue/") || call.target.ends_with("/data/spool.redb");
+        let spool_file = call.target.contains("/data/queue/")
+            || call.target.ends_with("/data/spool.redb")
+            || (call.target.contains("/data/") && call.target.ends_with(".jsonl"));
         match call.name {
             "fdatasync" | "fsync" if spool_file => {
                 let covered = unsynced.get(call.target).cloned().unwrap_or_default();
@@ -149,12 +152,39 @@ fn traced_gateway(config: &str) -> (Gateway, std::path::PathBuf) {
 }
 
 /// Every HTTP 200, MQTT PUBACK (3.1.1 and 5.0, mosquitto_pub) and WebSocket `ack` of a
-/// durable message is sent after the sync of the spool file its message was written to.
+/// durable message is sent after the sync of the local sink's file its message was
+/// written to.
 #[test]
-fn every_acknowledgement_follows_the_sync_of_its_message() {
-    let (mut gateway, trace) = traced_gateway(
+fn every_acknowledgement_follows_the_sync_of_its_message_in_the_local_sink() {
+    acknowledged_after_sync(
         "[mqtt]\nlisten = \"127.0.0.1:0\"\n[routing]\ndefault_destination = \"local\"\n",
+        "the local sink's file",
     );
+}
+
+/// The same for messages that wait in the spool: Kinesis on a closed port, so every
+/// message stays in the queue log.
+#[test]
+fn every_acknowledgement_follows_the_sync_of_its_message_in_the_spool() {
+    acknowledged_after_sync(
+        r#"
+        [mqtt]
+        listen = "127.0.0.1:0"
+        [aws]
+        region = "us-east-1"
+        [routing]
+        default_destination = "kinesis"
+        [sinks.kinesis]
+        endpoint_url = "http://127.0.0.1:9"
+        "#,
+        "the spool file",
+    );
+}
+
+/// Sends one message at a time over each protocol to a traced gateway running `config`,
+/// and checks each acknowledgement against the trace; `file` names where they are kept.
+fn acknowledged_after_sync(config: &str, file: &str) {
+    let (mut gateway, trace) = traced_gateway(config);
     let run = crate::cloud::unique("synced");
     let http: Vec<String> = (0..5).map(|n| format!("{run}-http-{n}")).collect();
     let mqtt: Vec<String> = (0..4).map(|n| format!("{run}-mqtt-{n}")).collect();
@@ -226,7 +256,7 @@ fn every_acknowledgement_follows_the_sync_of_its_message() {
         let early: Vec<&String> = acks.iter().filter(|(_, ok)| !ok).map(|(p, _)| p).collect();
         assert!(
             early.is_empty(),
-            "{protocol}: acknowledged before the spool file holding them was synced: {early:?} (the trace: {})",
+            "{protocol}: acknowledged before {file} holding them was synced: {early:?} (the trace: {})",
             trace.display()
         );
     }

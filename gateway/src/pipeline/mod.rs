@@ -11,9 +11,11 @@
 //! - `rejected`: it failed in a plugin and `plugins.on_failure = "reject"`; none of its
 //!   parts was delivered, so the device may fix it and send it again.
 //!
-//! If the spool cannot take the batch, nothing of it is acknowledged. Dead letters (a
-//! plugin failed with `plugins.on_failure = "dead-letter"`, or a rule sends there) are
-//! written to the spool's dead-letter store in the same change, before it is answered.
+//! If the spool cannot take the batch, nothing of it is acknowledged. Durable records for
+//! the local sink are written straight to its file (`spool::direct`) after the spool's
+//! commit, and the batch is acknowledged once both are on disk. Dead letters (a plugin
+//! failed with `plugins.on_failure = "dead-letter"`, or a rule sends there) are written
+//! to the spool's dead-letter store in the same change, before it is answered.
 //!
 //! - [`report`]: the report per message, and why a batch was not taken;
 //! - [`redrive`]: dead letters run again.
@@ -23,7 +25,7 @@ use std::sync::Arc;
 
 use arc_swap::ArcSwap;
 
-use crate::config::{Config, Durability, FailurePath};
+use crate::config::{Config, Durability, ExpiredPath, FailurePath};
 use crate::message::{Message, now_ms};
 use crate::plugin::{FailureKind, InputResult, Plugins};
 use crate::record::Record;
@@ -55,6 +57,8 @@ pub struct Pipeline {
     spool: Arc<Spool>,
     /// The way to the sinks that bypasses the spool, for best-effort routes.
     best_effort: BestEffort,
+    /// `spool.expired`, for records written straight to the local sink.
+    expired: ExpiredPath,
 }
 
 /// The settings that decide where messages go and when devices hear back; a batch
@@ -92,6 +96,9 @@ impl RoutingRules {
 struct Routed {
     /// Spooled records and dead letters: one commit.
     durable: Change,
+    /// Durable records for the local sink, written straight to its file before the
+    /// commit (`spool::direct`).
+    direct: Vec<Record>,
     /// Handed to their sinks without the spool.
     best_effort: Vec<(SinkId, Record)>,
 }
@@ -122,6 +129,7 @@ impl Pipeline {
             best_effort: BestEffort::start(sinks.clone(), spool.clone(), limit),
             sinks,
             spool,
+            expired: config.spool.expired,
         }
     }
 
@@ -230,7 +238,19 @@ impl Pipeline {
                         StoreError::BestEffortTooMany { count, limit }
                     }
                 })?;
-        self.spool.commit(routed.durable).await?;
+        // The spool first, as it may refuse the batch for being full before anything is
+        // written; but for a redrive the local sink's lines first, so that a letter leaves
+        // the store only once its message is on disk again (a crash or a refusal in
+        // between keeps both, never neither).
+        if letters.is_some() {
+            crate::spool::direct::write(&self.spool, &self.sinks, self.expired, routed.direct)
+                .await?;
+            self.spool.commit(routed.durable).await?;
+        } else {
+            self.spool.commit(routed.durable).await?;
+            crate::spool::direct::write(&self.spool, &self.sinks, self.expired, routed.direct)
+                .await?;
+        }
         self.best_effort.hand_over(routed.best_effort, reserved);
         Ok(reports)
     }
@@ -373,6 +393,7 @@ impl Pipeline {
             Durability::BestEffort if !keep.durable_only => {
                 routed.best_effort.push((sink, record));
             }
+            _ if sink == SinkId::Local => routed.direct.push(record),
             _ => routed.durable.queue(sink, record),
         }
     }

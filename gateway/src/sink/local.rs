@@ -11,8 +11,9 @@
 //!
 //! One writer thread owns the files: it takes every batch waiting, appends them, writes
 //! them out and `fdatasync`s each file it wrote to (once per group, not per record), and
-//! only then confirms them all: the spool treats confirmed records as delivered and drops
-//! them, so they must survive a power cut here first. A file created on the way has its
+//! only then confirms them all: a device is acknowledged for the records written
+//! straight here (`spool::direct`), and the spool drops the records it delivered here,
+//! so they must survive a power cut here first. A file created on the way has its
 //! directory entry synced too. A group that fails (a full disk) is cut off the files
 //! again before its records are refused, so their second try leaves no torn line.
 

@@ -60,6 +60,8 @@ pub struct Sinks {
     by_id: PerSink<Arc<dyn Sink>>,
     /// Which cloud sinks are configured (the others' destinations go to the local sink).
     configured: PerSink<bool>,
+    /// The local sink itself, written to directly (see `spool::direct`).
+    local: Arc<local::LocalSink>,
 }
 
 impl Sinks {
@@ -109,16 +111,22 @@ impl Sinks {
         kinesis: Option<Arc<dyn Sink>>,
         iot_core: Option<Arc<dyn Sink>>,
     ) -> Sinks {
-        let local: Arc<dyn Sink> = local;
+        let as_sink: Arc<dyn Sink> = local.clone();
         let chosen = |sink| match sink {
             SinkId::Kinesis => kinesis.clone(),
             SinkId::IotCore => iot_core.clone(),
-            SinkId::Local => Some(local.clone()),
+            SinkId::Local => Some(as_sink.clone()),
         };
         Sinks {
             configured: PerSink::from_fn(|sink| chosen(sink).is_some()),
-            by_id: PerSink::from_fn(|sink| chosen(sink).unwrap_or_else(|| local.clone())),
+            by_id: PerSink::from_fn(|sink| chosen(sink).unwrap_or_else(|| as_sink.clone())),
+            local,
         }
+    }
+
+    /// The local sink, which [`SinkId::Local`] names.
+    pub fn local(&self) -> &local::LocalSink {
+        &self.local
     }
 
     /// The sink that delivers to `destination`; `None` for `drop` and `dead-letter`,

@@ -165,23 +165,8 @@ impl Deliverer {
 
     async fn send(&self, window: Vec<(u64, Record)>) -> Sent {
         let (seqs, records): (Vec<u64>, Vec<Record>) = window.into_iter().unzip();
-        let now = now_ms();
-        let (expired, live): (Vec<Record>, Vec<Record>) =
-            records.into_iter().partition(|r| expired(r, now));
-        let dead: Vec<DeadLetter> = expired
-            .into_iter()
-            .map(|record| DeadLetter {
-                origin: Origin::Expired,
-                reason: format!(
-                    "its message expiry of {} s passed before {} could take it",
-                    attribute(&record, attribute::MESSAGE_EXPIRY).unwrap_or_default(),
-                    self.sink.name()
-                ),
-                record,
-                at_ms: now,
-            })
-            .collect();
-        let mut dead = self.keep_expired(dead);
+        let (dead, live) = split_expired(self.sink, records, now_ms());
+        let mut dead = keep_expired(&self.spool, self.expired, self.sink, dead);
         if live.is_empty() {
             count(self.sink, 0, dead.len());
             return (seqs, Ok(dead));
@@ -211,37 +196,68 @@ impl Deliverer {
         }
         (seqs, result)
     }
+}
 
-    /// The expired records' dead letters to keep: none with `spool.expired = "drop"`,
-    /// and none when they do not fit in the store; the others are dropped and counted.
-    fn keep_expired(&self, dead: Vec<DeadLetter>) -> Vec<DeadLetter> {
-        if dead.is_empty() {
-            return dead;
-        }
-        let why = match self.expired {
-            ExpiredPath::Drop => "expired_dropped",
-            ExpiredPath::DeadLetter => {
-                let bytes: usize = dead
-                    .iter()
-                    .map(|letter| crate::spool::codec::encode_dead_letter(letter).len())
-                    .sum();
-                if self.spool.dead_letters_fit(bytes as u64) {
-                    return dead;
-                }
-                "store_full"
-            }
-        };
-        tracing::info!(
-            sink = self.sink.name(),
-            dropped = dead.len(),
-            why,
-            "expired records dropped instead of kept as dead letters"
-        );
-        for _ in &dead {
-            crate::metrics::METRICS.dead_letter_refused(why);
-        }
-        Vec::new()
+/// Splits `records` into the dead letters (origin `expired`) of those whose message
+/// expiry passed by `now` before `sink` could take them, and the others, in order.
+pub(super) fn split_expired(
+    sink: SinkId,
+    records: Vec<Record>,
+    now: u64,
+) -> (Vec<DeadLetter>, Vec<Record>) {
+    let (expired, live): (Vec<Record>, Vec<Record>) =
+        records.into_iter().partition(|r| expired(r, now));
+    let dead = expired
+        .into_iter()
+        .map(|record| DeadLetter {
+            origin: Origin::Expired,
+            reason: format!(
+                "its message expiry of {} s passed before {} could take it",
+                attribute(&record, attribute::MESSAGE_EXPIRY).unwrap_or_default(),
+                sink.name()
+            ),
+            record,
+            at_ms: now,
+        })
+        .collect();
+    (dead, live)
+}
+
+/// The expired records' dead letters to keep: none with `spool.expired = "drop"`
+/// (`expired`), and none when they do not fit in the store; the others are dropped and
+/// counted.
+pub(super) fn keep_expired(
+    spool: &Spool,
+    expired: ExpiredPath,
+    sink: SinkId,
+    dead: Vec<DeadLetter>,
+) -> Vec<DeadLetter> {
+    if dead.is_empty() {
+        return dead;
     }
+    let why = match expired {
+        ExpiredPath::Drop => "expired_dropped",
+        ExpiredPath::DeadLetter => {
+            let bytes: usize = dead
+                .iter()
+                .map(|letter| crate::spool::codec::encode_dead_letter(letter).len())
+                .sum();
+            if spool.dead_letters_fit(bytes as u64) {
+                return dead;
+            }
+            "store_full"
+        }
+    };
+    tracing::info!(
+        sink = sink.name(),
+        dropped = dead.len(),
+        why,
+        "expired records dropped instead of kept as dead letters"
+    );
+    for _ in &dead {
+        crate::metrics::METRICS.dead_letter_refused(why);
+    }
+    Vec::new()
 }
 
 /// The dead letter of a record its sink refused for good.
@@ -284,7 +300,7 @@ pub(super) fn sink_failed(spool: &Spool, sink: SinkId) {
         .inc();
 }
 
-fn count(sink: SinkId, delivered: usize, dead_lettered: usize) {
+pub(super) fn count(sink: SinkId, delivered: usize, dead_lettered: usize) {
     for (outcome, n) in [("delivered", delivered), ("dead-lettered", dead_lettered)] {
         if n > 0 {
             crate::metrics::METRICS

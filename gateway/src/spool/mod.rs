@@ -1,5 +1,7 @@
 //! The spool: routed records are written here, durably, before the device is
-//! acknowledged, and stay until their sink confirms them. Dead letters live here too.
+//! acknowledged, and stay until their sink confirms them (records for the local sink,
+//! durable itself, are written straight to its file: [`direct`]). Dead letters live
+//! here too.
 //!
 //! Storage, in the data directory:
 //! - `queue/`: the sinks' queues, an append-only log of segment files ([`log`]), each
@@ -26,7 +28,8 @@
 //!
 //! [`deliver`] runs one delivery task per sink, reading the queue in order;
 //! [`best_effort`] hands records of best-effort routes to their sinks without the
-//! queue, accounted the same way.
+//! queue, accounted the same way; [`direct`] writes durable records for the local sink
+//! straight to its file (durable itself), without the queue.
 //!
 //! The files: this one, the spool's API and its shared state (one [`SinkState`] per
 //! sink); `change` (what a request asks of the writer); `writer` (the group-commit
@@ -39,6 +42,7 @@ mod change;
 pub mod codec;
 mod dead;
 pub mod deliver;
+pub mod direct;
 mod legacy;
 mod log;
 mod recent;
