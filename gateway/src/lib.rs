@@ -234,7 +234,7 @@ pub async fn run(
         ),
         _ => None,
     };
-    let state = ingress::state::AppState {
+    let state = ingress::state::AppState::new(ingress::state::Shared {
         pipeline,
         live,
         shutdown: leave.stop,
@@ -244,7 +244,7 @@ pub async fn run(
         held,
         shadows,
         mqtt_clients: Default::default(),
-    };
+    });
     let listeners = match ingress::listener::bind(&config).await {
         Ok(listeners) => listeners,
         Err(error) => {

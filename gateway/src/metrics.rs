@@ -165,6 +165,19 @@ pub struct Metrics {
     /// The `messages` counters of the four statuses, fetched once: counting a message
     /// on the hot path is then one atomic add.
     by_status: [(&'static str, Counter); 4],
+    /// `mqtt_publishes{status="accepted"}`, fetched once for the same reason.
+    mqtt_accepted: Counter,
+}
+
+/// Per thread, the route counters used last: counting a routed record is then a string
+/// comparison and one atomic add, not two label strings made, hashed and dropped under
+/// the family's lock (the routes' family is never cleared, so a cached counter stays
+/// the one the registry shows).
+const ROUTES_CACHED: usize = 16;
+
+thread_local! {
+    static ROUTES: std::cell::RefCell<Vec<(String, String, Counter)>> =
+        const { std::cell::RefCell::new(Vec::new()) };
 }
 
 fn latency_histogram() -> Histogram {
@@ -467,9 +480,15 @@ pub static METRICS: LazyLock<Metrics> = LazyLock::new(|| {
             .clone();
         (status, counter)
     });
+    let mqtt_accepted = mqtt_publishes
+        .get_or_create(&Status {
+            status: "accepted".to_string(),
+        })
+        .clone();
     Metrics {
         registry,
         by_status,
+        mqtt_accepted,
         messages,
         refused,
         sink_records,
@@ -523,12 +542,27 @@ impl Metrics {
 
     /// Counts one routed message part.
     pub fn route(&self, route: &str, destination: &str) {
-        self.routes
-            .get_or_create(&RouteLabel {
-                route: route.to_string(),
-                destination: destination.to_string(),
-            })
-            .inc();
+        ROUTES.with_borrow_mut(|cached| {
+            if let Some((_, _, counter)) = cached
+                .iter()
+                .find(|(r, d, _)| r == route && d == destination)
+            {
+                counter.inc();
+                return;
+            }
+            let counter = self
+                .routes
+                .get_or_create(&RouteLabel {
+                    route: route.to_string(),
+                    destination: destination.to_string(),
+                })
+                .clone();
+            counter.inc();
+            if cached.len() == ROUTES_CACHED {
+                cached.remove(0);
+            }
+            cached.push((route.to_string(), destination.to_string(), counter));
+        });
     }
 
     /// Counts a message not kept as a dead letter (`store_full`, `expired_dropped`).
@@ -561,6 +595,10 @@ impl Metrics {
 
     /// Counts `n` MQTT publishes with `outcome`.
     pub fn mqtt_publish(&self, outcome: &str, n: u64) {
+        if outcome == "accepted" {
+            self.mqtt_accepted.inc_by(n);
+            return;
+        }
         self.mqtt_publishes
             .get_or_create(&Status {
                 status: outcome.to_string(),

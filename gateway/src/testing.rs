@@ -10,7 +10,7 @@ use crate::ingress::live::Live;
 use crate::ingress::mqtt::connection::{self, Credentials};
 use crate::ingress::mqtt::transport::Scripted;
 use crate::ingress::sessions::Sessions;
-use crate::ingress::state::AppState;
+use crate::ingress::state::{AppState, Shared};
 use crate::pipeline::Pipeline;
 use crate::plugin::Plugins;
 use crate::reconfigure::{ConfigSource, Reloader};
@@ -59,7 +59,7 @@ pub fn gateway(config: &str) -> Fixture {
     let (trigger, shutdown) = Shutdown::new();
     let (leave, leaving) = Shutdown::new();
     Fixture {
-        state: AppState {
+        state: AppState::new(Shared {
             pipeline,
             live,
             shutdown,
@@ -69,7 +69,7 @@ pub fn gateway(config: &str) -> Fixture {
             held: None,
             shadows: None,
             mqtt_clients: Default::default(),
-        },
+        }),
         reloader,
         leave: Arc::new(leave),
         _dir: dir,

@@ -506,6 +506,19 @@ impl Spool {
         self.shared.waiting_for_room.load(Ordering::Relaxed) > 0
     }
 
+    /// Whether a change of about `bytes` might be refused as [`SpoolError::Full`] by the
+    /// time it is written: a queue is refusing now, or is within `bytes` of half its
+    /// limit (the other half is for what other writers add meanwhile). A writer that would
+    /// try again after such a refusal keeps a copy of its batch only then.
+    pub fn may_refuse_for_room(&self, bytes: u64) -> bool {
+        let shared = &self.shared;
+        SinkId::ALL.into_iter().any(|sink| {
+            let state = &shared.sinks[sink];
+            state.full.load(Ordering::Relaxed)
+                || state.bytes.load(Ordering::Relaxed).saturating_add(bytes) > shared.limit / 2
+        })
+    }
+
     /// Passes the turn on to the next waiter in [`Spool::room`] (there may be room left).
     pub fn room_made(&self) {
         self.shared.room.notify_one();

@@ -291,6 +291,12 @@ impl Session<'_> {
         // (its turn among the waiters, `Spool::room`), at the latest after a second.
         let hold_until = std::time::Instant::now() + self.idle;
         let count = messages.len();
+        // About what the batch takes in the spool: its payloads, topics and a record's
+        // own fields.
+        let bytes = messages
+            .iter()
+            .map(|m| (m.payload.len() + m.topic.len() + 256) as u64)
+            .sum::<u64>();
         let spool = self.state.pipeline.spool().clone();
         let mut waited = false;
         let outcome = loop {
@@ -306,19 +312,29 @@ impl Session<'_> {
                 waited = true;
                 wait_for_room(&spool, session).await?;
             }
+            // A copy for a second try only when the spool could refuse the batch for
+            // room: copying every batch cost a few percent of each message. (Should the
+            // spool fill from under half its limit while this batch is on its way, the
+            // batch is refused as at the end of a wait: the connection closes and the
+            // client sends it again.)
+            let retries = self.version == Version::V4 && spool.may_refuse_for_room(2 * bytes);
+            let batch = match retries {
+                true => messages.clone(),
+                false => std::mem::take(&mut messages),
+            };
             let processed = if self.version == Version::V4
                 && self.limits.v311_plugin_failure == FailurePath::DeadLetter
             {
                 self.state
                     .pipeline
-                    .process_dead_lettering_failures(messages.clone())
+                    .process_dead_lettering_failures(batch)
                     .await
             } else {
-                self.state.pipeline.process(messages.clone(), false).await
+                self.state.pipeline.process(batch, false).await
             };
             match processed {
                 Err(StoreError::Spool(SpoolError::Full { .. }))
-                    if self.version == Version::V4 && std::time::Instant::now() < hold_until =>
+                    if retries && std::time::Instant::now() < hold_until =>
                 {
                     waited = true;
                     wait_for_room(&spool, session).await?;
@@ -343,6 +359,7 @@ impl Session<'_> {
         // The publishes after it that were stored are acknowledged first, so that the
         // client does not send them again.
         let mut closing: Option<(DisconnectReasonCode, String)> = None;
+        let mut accepted = 0;
         for (pkid, qos, admitted) in answers {
             let refusal = match admitted {
                 Err(refusal) => Some(refusal),
@@ -353,7 +370,7 @@ impl Session<'_> {
                 },
             };
             let Some(refusal) = refusal else {
-                crate::metrics::METRICS.mqtt_publish("accepted", 1);
+                accepted += 1;
                 if qos == 1 {
                     out.extend_from_slice(&codec::puback(
                         self.version,
@@ -392,6 +409,7 @@ impl Session<'_> {
                 }
             }
         }
+        crate::metrics::METRICS.mqtt_publish("accepted", accepted);
         if !out.is_empty() && io.send(&out).await.is_err() {
             return Err(End::Closed);
         }
