@@ -76,15 +76,7 @@ fn a_redrive_refused_again_keeps_its_dead_letter() {
 /// is flipped on disk: the restart keeps the other four and counts the damage.
 #[test]
 fn a_damaged_spool_entry_costs_only_itself() {
-    let config = r#"
-        [aws]
-        region = "us-east-1"
-        [routing]
-        default_destination = "kinesis"
-        [sinks.kinesis]
-        endpoint_url = "http://127.0.0.1:9"
-        "#;
-    let mut gateway = Gateway::start_with_json_log(config);
+    let mut gateway = Gateway::start_with_json_log(crate::harness::KINESIS_UNREACHABLE);
     for n in 0..5 {
         let reply = gateway.publish("t", "dev-1", format!("{{\"n\": {n}}}"));
         assert_eq!(reply.status, 200, "{:?}", reply.body);

@@ -35,6 +35,17 @@ const JSON_LOG: &str = "sluice-log.jsonl";
 /// The admin token the harness gives every gateway it configures.
 pub const ADMIN_TOKEN: &str = "test-admin-token-0123456789";
 
+/// Configuration that routes every message to Kinesis on a closed port: nothing is
+/// delivered, so every message stays in the spool's queue log.
+pub const KINESIS_UNREACHABLE: &str = r#"
+[aws]
+region = "us-east-1"
+[routing]
+default_destination = "kinesis"
+[sinks.kinesis]
+endpoint_url = "http://127.0.0.1:9"
+"#;
+
 /// A running gateway with its own data directory; killed on drop.
 pub struct Gateway {
     child: Child,

@@ -167,16 +167,10 @@ fn every_acknowledgement_follows_the_sync_of_its_message_in_the_local_sink() {
 #[test]
 fn every_acknowledgement_follows_the_sync_of_its_message_in_the_spool() {
     acknowledged_after_sync(
-        r#"
-        [mqtt]
-        listen = "127.0.0.1:0"
-        [aws]
-        region = "us-east-1"
-        [routing]
-        default_destination = "kinesis"
-        [sinks.kinesis]
-        endpoint_url = "http://127.0.0.1:9"
-        "#,
+        &format!(
+            "[mqtt]\nlisten = \"127.0.0.1:0\"\n{}",
+            crate::harness::KINESIS_UNREACHABLE
+        ),
         "the spool file",
     );
 }

@@ -96,7 +96,7 @@ impl RoutingRules {
 struct Routed {
     /// Spooled records and dead letters: one commit.
     durable: Change,
-    /// Durable records for the local sink, written straight to its file before the
+    /// Durable records for the local sink, written straight to its file beside the
     /// commit (`spool::direct`).
     direct: Vec<Record>,
     /// Handed to their sinks without the spool.

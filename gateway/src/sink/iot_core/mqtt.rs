@@ -179,9 +179,13 @@ impl MqttSink {
             // dropped half-way (the device went away).
             let client = self.client.clone();
             let tracker = self.tracker.clone();
-            let order = self.publish_order.clone();
+            // The turn is taken here, before the task is spawned: windows reach this in
+            // their order, and the lock serves waiters in the order they came, whereas
+            // spawned tasks may start in any order on the runtime's threads (a later
+            // window's publishes then overtook an earlier one's).
+            let turn = self.publish_order.clone().lock_owned().await;
             let handing = tokio::spawn(async move {
-                let _order = order.lock().await;
+                let _turn = turn;
                 let mut waiting = Vec::with_capacity(publishes.len());
                 for publish in publishes {
                     let (done, confirmed) = oneshot::channel();
