@@ -59,6 +59,13 @@ fn message(n: usize) -> Message {
 }
 
 fn plugin_stage(c: &mut Criterion) {
+    // A call's time limit is a timer on the runtime, as in the gateway and `sluice plugin
+    // run`: the stage runs inside one's context.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()
+        .unwrap();
+    let _context = runtime.enter();
     let cache = tempfile::tempdir().unwrap();
     let mut config = Config::default();
     config.plugins.cache_dir = Some(cache.path().to_path_buf());

@@ -472,8 +472,9 @@ fn choice(plugin: &str, decision: Decision) -> RouterChoice {
     }
 }
 
-/// Runs the chain in the calling thread, outside any async runtime, with instances of
-/// its own: the offline loop of `sluice plugin run`, and the benchmarks.
+/// Runs the chain in the calling thread, with instances of its own: the offline loop of
+/// `sluice plugin run`, and the benchmarks. The thread must be in a Tokio runtime's
+/// context (entered, not running on it): a call's time limit is a timer there.
 #[derive(Default)]
 pub struct LocalRunner {
     /// This runner's own instances, by plugin load id.

@@ -14,6 +14,8 @@
 //! - [`session`]: one device's session: subscriptions, publishes passed through and
 //!   their acknowledgements, messages for the device, attempts to connect until it is
 //!   made (a connection lost after that ends the session, and the device's with it).
+//! - [`wire`]: a session's connection: TLS, the CONNECT exchange, MQTT 5 packets in and
+//!   out with nothing held between them.
 //! - [`pace`]: CONNECTs spread over time (the gateway's rate, one a second per client
 //!   id).
 //! - [`commands`]: messages as commands with ids, and where the replies go, for devices
@@ -34,6 +36,7 @@ pub mod held;
 pub mod pace;
 pub mod properties;
 pub mod session;
+pub mod wire;
 
 pub use session::{Failure, Link, Spec, State, UpstreamSession};
 
