@@ -70,6 +70,7 @@ bench_cleanup() {
     kill $(jobs -p) 2>/dev/null || true
     if [[ -f $work/nginx.pid ]]; then kill "$(cat "$work/nginx.pid")" 2>/dev/null || true; fi
     wait 2>/dev/null || true
+    [[ ! -f $work/env/pids ]] || "$ROOT/scripts/test-env" stop "$work/env" >/dev/null 2>&1 || true
     rm -rf "$work"
 }
 
@@ -145,7 +146,7 @@ bench_secret=bench-secret-0123456789abcdef0123456789abcdef
 
 # Starts the gateway on an empty data directory (compiled plugins are cached across
 # starts). $1: extra lines for [routing]; $2: extra TOML tables. SLUICE_INSTANCE=sluice-2p
-# adds the router plugin. Sets $sluice_url, $sluice_pid and $token (a device token for
+# adds the router plugin; SLUICE_DESTINATION sets the default destination (local). Sets $sluice_url, $sluice_pid and $token (a device token for
 # the Authorization header of every server), and $url_sluice or $url_sluice_2p.
 start_sluice() {
     local name=${SLUICE_INSTANCE:-sluice} router=
@@ -173,7 +174,7 @@ name = "enricher"
 path = "$SLUICE_PLUGIN_DIR/json_enricher.wasm"
 $router
 [routing]
-default_destination = "local"
+default_destination = "${SLUICE_DESTINATION:-local}"
 ${1:-}
 ${2:-}
 TOML
