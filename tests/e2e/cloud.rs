@@ -216,6 +216,11 @@ impl TestEnv {
     }
 
     /// The broker's address, for a proxy in front of it.
+    /// scripts/test-env's directory (its servers' configurations, certificates, logs).
+    pub fn dir(&self) -> &std::path::Path {
+        &self.dir
+    }
+
     pub fn mqtt_address(&self) -> std::net::SocketAddr {
         ([127, 0, 0, 1], self.mqtt_port).into()
     }
@@ -569,6 +574,12 @@ pub struct Subscriber {
 
 impl Subscriber {
     pub fn connect(env: &TestEnv, filter: &str) -> Subscriber {
+        Subscriber::connect_to(env, env.mqtt_port, filter)
+    }
+
+    /// As the test client, to the broker on `port` (one with the test environment's
+    /// certificates), subscribed to `filter`; retries until the broker answers.
+    pub fn connect_to(env: &TestEnv, port: u16, filter: &str) -> Subscriber {
         let runtime = TestEnv::runtime();
         let tls = sluice_gateway::tls::client_config(
             &env.certs.join("ca.pem"),
@@ -576,8 +587,7 @@ impl Subscriber {
             &env.certs.join("test-subscriber.key"),
         )
         .unwrap();
-        let mut options =
-            rumqttc::MqttOptions::new(unique("subscriber"), "localhost", env.mqtt_port);
+        let mut options = rumqttc::MqttOptions::new(unique("subscriber"), "localhost", port);
         options.set_transport(rumqttc::Transport::tls_with_config(
             rumqttc::TlsConfiguration::Rustls(std::sync::Arc::new(tls)),
         ));

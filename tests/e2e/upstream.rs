@@ -30,6 +30,59 @@ fn gateway(env: &TestEnv, extra: &str) -> Gateway {
     gateway_via(env, env.mqtt_address().port(), extra)
 }
 
+/// A mosquitto of the test's own: the test environment's configuration (its TLS, its
+/// users and ACL) on a port of its own, plus `extra` lines; stopped when dropped.
+struct OwnBroker {
+    child: std::process::Child,
+    port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl OwnBroker {
+    fn start(env: &TestEnv, extra: &str) -> OwnBroker {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = tempfile::tempdir().unwrap();
+        let config: String = std::fs::read_to_string(env.dir().join("mosquitto.conf"))
+            .unwrap()
+            .lines()
+            .map(|line| match line.starts_with("listener ") {
+                true => format!("listener {port} 127.0.0.1\n"),
+                false => format!("{line}\n"),
+            })
+            .collect();
+        let path = dir.path().join("mosquitto.conf");
+        std::fs::write(&path, format!("{config}{extra}\n")).unwrap();
+        let log = std::fs::File::create(dir.path().join("mosquitto.log")).unwrap();
+        let binary = ["/usr/sbin/mosquitto", "mosquitto"]
+            .into_iter()
+            .find(|b| std::path::Path::new(b).exists())
+            .unwrap_or("mosquitto");
+        let child = std::process::Command::new(binary)
+            .arg("-c")
+            .arg(&path)
+            .stdout(log.try_clone().unwrap())
+            .stderr(log)
+            .spawn()
+            .expect("mosquitto");
+        OwnBroker {
+            child,
+            port,
+            _dir: dir,
+        }
+    }
+}
+
+impl Drop for OwnBroker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// The messages' (topic, payload, retain), sorted.
 fn received(messages: &[Value]) -> Vec<(String, String, bool)> {
     let mut got: Vec<(String, String, bool)> = messages
@@ -878,4 +931,36 @@ fn a_clean_start_takeover_keeps_none_of_the_replaced_sessions_subscriptions() {
         payloads(&taker.messages_until_end()),
         ["to-the-new-subscription"]
     );
+}
+
+/// A broker may ask for a shorter keep-alive than the session's in its CONNACK (MQTT 5's
+/// Server Keep Alive; mosquitto's `max_keepalive`), and the client must then use it: the
+/// device's session pings that often and stays up through an idle spell several times
+/// as long. Asked for 10 s (mosquitto's least), mosquitto drops a session silent for
+/// 15 s; the gateway's own keep-alive is its default, 300 s.
+#[test]
+fn the_session_keeps_alive_as_often_as_the_broker_asks() {
+    let env = TestEnv::get();
+    let run = unique("keepalive");
+    let broker = OwnBroker::start(&env, "max_keepalive 10");
+    // Connected (retrying until the broker is up) before the gateway starts.
+    let commander = Subscriber::connect_to(&env, broker.port, &format!("cmd/{run}/none"));
+    let gateway = gateway_via(&env, broker.port, "[mqtt]\nlisten = \"127.0.0.1:0\"\n");
+    let device = format!("{run}-device");
+    let topic = format!("cmd/{run}/{device}");
+    let session = PahoSession::start(json!({
+        "url": ws_url(&gateway), "version": 5, "client_id": device,
+        "subscribe": [[topic, 1]], "expect": 1, "timeout": 45,
+    }));
+    assert_eq!(session.next("suback")["granted"], json!([1]));
+    // The idle spell is what is tested: longer than the broker's 15-second limit.
+    std::thread::sleep(Duration::from_secs(20));
+    commander.publish(&topic, "still here");
+    let messages = session.messages_until_end();
+    assert_eq!(
+        received(&messages),
+        [(topic.clone(), "still here".to_string(), false)]
+    );
+    assert_eq!(upstream_events(&gateway, "lost"), 0.0);
+    assert_eq!(upstream_events(&gateway, "connected"), 1.0);
 }

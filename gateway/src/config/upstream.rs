@@ -31,7 +31,7 @@ pub struct UpstreamConfig {
     #[serde(default = "default_connects_per_sec")]
     pub connects_per_sec: u32,
     /// Keep-alive of the device sessions at the endpoint, in seconds (IoT Core: 30 to
-    /// 1200). Default 300.
+    /// 1200); a Server Keep Alive in the endpoint's CONNACK overrides it. Default 300.
     #[serde(default = "default_keep_alive")]
     pub keep_alive_secs: u16,
     /// How long a device's SUBSCRIBE or a request passed straight through (shadow,

@@ -241,6 +241,10 @@ async fn call(
             entry.insert(made)
         }
     };
+    // The instance stays in the map during the call. A call cut short (its future
+    // dropped while a plugin waits) leaves nothing behind: the map is the caller's, and
+    // `Plugins::run_from` puts it back for the next batch only once the chain ran to its
+    // end.
     let Instance { store, bindings } = instance;
     store.set_epoch_deadline(host.limits().deadline_ticks());
     let started = Instant::now();

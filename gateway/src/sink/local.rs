@@ -147,25 +147,17 @@ pub fn json_line(record: &Record) -> String {
 fn write_line(record: &Record, out: &mut Vec<u8>) {
     let message = &record.message;
     let decision = &record.decision;
-    out.extend_from_slice(b"{\"id\":");
-    push_str(out, &message.id);
-    out.extend_from_slice(b",\"device\":");
-    push_str(out, &message.device_id);
-    out.extend_from_slice(b",\"topic\":");
-    push_str(out, &message.topic);
-    out.extend_from_slice(b",\"destination\":");
-    push_json(out, &decision.destination);
-    out.extend_from_slice(b",\"rule\":");
-    push_str(out, &decision.rule);
-    out.extend_from_slice(b",\"reason\":");
-    push_str(out, &decision.reason);
-    out.extend_from_slice(b",\"received_at_ms\":");
-    push_json(out, &message.received_at_ms);
-    out.extend_from_slice(b",\"qos\":");
-    push_json(out, &message.qos);
+    out.push(b'{');
+    str_field(out, "id", &message.id);
+    str_field(out, "device", &message.device_id);
+    str_field(out, "topic", &message.topic);
+    json_field(out, "destination", &decision.destination);
+    str_field(out, "rule", &decision.rule);
+    str_field(out, "reason", &decision.reason);
+    json_field(out, "received_at_ms", &message.received_at_ms);
+    json_field(out, "qos", &message.qos);
     if !message.content_type.is_empty() {
-        out.extend_from_slice(b",\"content_type\":");
-        push_str(out, &message.content_type);
+        str_field(out, "content_type", &message.content_type);
     }
     if !message.attributes.is_empty() {
         let attributes: BTreeMap<&str, &str> = message
@@ -173,24 +165,41 @@ fn write_line(record: &Record, out: &mut Vec<u8>) {
             .iter()
             .map(|(k, v)| (k.as_str(), v.as_str()))
             .collect();
-        out.extend_from_slice(b",\"attributes\":");
-        push_json(out, &attributes);
+        json_field(out, "attributes", &attributes);
     }
     match embeddable_json(&message.payload) {
         // JSON payloads (the common case) go in as they are: checked, not rebuilt.
         Some(json) => {
-            out.extend_from_slice(b",\"payload\":");
+            key(out, "payload");
             out.extend_from_slice(json.as_bytes());
         }
         None => {
-            let (key, value) = payload_json(&message.payload);
-            out.extend_from_slice(b",\"");
-            out.extend_from_slice(key.as_bytes());
-            out.extend_from_slice(b"\":");
-            push_json(out, &value);
+            let (name, value) = payload_json(&message.payload);
+            json_field(out, name, &value);
         }
     }
     out.push(b'}');
+}
+
+/// Appends a field's name (after a comma, unless it is the object's first).
+fn key(out: &mut Vec<u8>, name: &str) {
+    if out.last() != Some(&b'{') {
+        out.push(b',');
+    }
+    push_str(out, name);
+    out.push(b':');
+}
+
+/// Appends a field whose value is a string.
+fn str_field(out: &mut Vec<u8>, name: &str, text: &str) {
+    key(out, name);
+    push_str(out, text);
+}
+
+/// Appends a field whose value serde_json writes.
+fn json_field(out: &mut Vec<u8>, name: &str, value: &(impl serde::Serialize + ?Sized)) {
+    key(out, name);
+    push_json(out, value);
 }
 
 /// Appends `text` as a JSON string, exactly as serde_json writes it: between quotes as

@@ -643,12 +643,16 @@ impl Driver {
             return;
         }
         self.subscribe_spec();
-        let room = ack
+        let (room, server_keep_alive) = ack
             .properties
-            .and_then(|p| p.receive_max)
-            .unwrap_or(u16::MAX)
-            .clamp(1, OUTGOING_IN_FLIGHT);
-        let end = self.serve(wire, usize::from(room)).await;
+            .map_or((None, None), |p| (p.receive_max, p.server_keep_alive));
+        let room = room.unwrap_or(u16::MAX).clamp(1, OUTGOING_IN_FLIGHT);
+        // MQTT 5: a Server Keep Alive in the CONNACK replaces the one the CONNECT asked
+        // for (IoT Core's range is the configuration's, but another broker may ask for
+        // less); 0 is none at all.
+        let keep_alive = server_keep_alive.unwrap_or(settings.keep_alive_secs);
+        let keep_alive = (keep_alive > 0).then(|| Duration::from_secs(u64::from(keep_alive)));
+        let end = self.serve(wire, usize::from(room), keep_alive).await;
         self.shared.lock().lost();
         match end {
             End::Politely => {}
@@ -666,9 +670,10 @@ impl Driver {
     }
 
     /// Serves a connection until it ends: writes what is queued (at most `room` QoS 1
-    /// publishes unanswered), reads what comes, and pings within the keep-alive.
-    async fn serve(&self, mut wire: Wire, room: usize) -> End {
-        let keep_alive = Duration::from_secs(u64::from(self.upstream.settings.keep_alive_secs));
+    /// publishes unanswered), reads what comes, and pings within `keep_alive` (if any).
+    async fn serve(&self, mut wire: Wire, room: usize, keep_alive: Option<Duration>) -> End {
+        // Without a keep-alive, a ping that never comes due.
+        let keep_alive = keep_alive.unwrap_or(Duration::from_secs(u64::from(u32::MAX)));
         let mut in_flight = 0;
         let mut ping_at = Instant::now() + keep_alive;
         let mut awaiting_pong = false;
