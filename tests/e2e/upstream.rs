@@ -964,3 +964,41 @@ fn the_session_keeps_alive_as_often_as_the_broker_asks() {
     assert_eq!(upstream_events(&gateway, "lost"), 0.0);
     assert_eq!(upstream_events(&gateway, "connected"), 1.0);
 }
+
+/// A publish larger than the broker takes (the Maximum Packet Size of its CONNACK;
+/// mosquitto's `max_packet_size`) is refused alone: the device hears it was not passed
+/// on, the session stays up, and its next request goes through. (rumqttc, which drove
+/// these sessions before, ended the whole connection on such a publish.)
+#[test]
+fn a_publish_larger_than_the_broker_takes_fails_alone() {
+    let env = TestEnv::get();
+    let run = unique("bigreq");
+    let broker = OwnBroker::start(&env, "max_packet_size 2000");
+    // Connected (retrying until the broker is up) before the gateway starts.
+    let _ready = Subscriber::connect_to(&env, broker.port, &format!("cmd/{run}/none"));
+    let gateway = gateway_via(&env, broker.port, "[mqtt]\nlisten = \"127.0.0.1:0\"\n");
+    let device = format!("{run}-d");
+    let echo = format!("$aws/things/{device}/echo/#");
+    let session = PahoSession::start(json!({
+        "url": ws_url(&gateway), "version": 5, "client_id": device,
+        "subscribe": [[echo, 1]],
+        "publishes": [
+            {"topic": format!("$aws/things/{device}/echo/big"), "payload": "x".repeat(3000), "qos": 1},
+            {"topic": format!("$aws/things/{device}/echo/small"), "payload": "ok", "qos": 1},
+        ],
+        "expect": 1,
+    }));
+    assert_eq!(session.next("suback")["granted"], json!([1]));
+    let big = session.next("puback");
+    assert_ne!(big["reason"], 0, "{big}");
+    let small = session.next("puback");
+    assert_eq!(small["reason"], 0, "{small}");
+    let messages = session.messages_until_end();
+    assert_eq!(messages.len(), 1, "{messages:?}");
+    assert_eq!(
+        messages[0]["topic"],
+        format!("$aws/things/{device}/echo/small")
+    );
+    assert_eq!(upstream_events(&gateway, "publish_too_large"), 1.0);
+    assert_eq!(upstream_events(&gateway, "lost"), 0.0);
+}
