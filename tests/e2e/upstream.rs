@@ -33,6 +33,8 @@ fn gateway(env: &TestEnv, extra: &str) -> Gateway {
 /// A mosquitto of the test's own: the test environment's configuration (its TLS, its
 /// users and ACL) on a port of its own, plus `extra` lines; stopped when dropped.
 struct OwnBroker {
+    /// The test client, connected once the broker answered (it may publish `cmd/#`).
+    client: Subscriber,
     child: std::process::Child,
     port: u16,
     _dir: tempfile::TempDir,
@@ -68,11 +70,19 @@ impl OwnBroker {
             .stderr(log)
             .spawn()
             .expect("mosquitto");
+        // Connecting retries until the broker answers: it is ready then.
+        let client = Subscriber::connect_to(env, port, &unique("own-broker/ready"));
         OwnBroker {
+            client,
             child,
             port,
             _dir: dir,
         }
+    }
+
+    /// A gateway (MQTT listener on) whose IoT Core sink and device sessions use it.
+    fn gateway(&self, env: &TestEnv) -> Gateway {
+        gateway_via(env, self.port, "[mqtt]\nlisten = \"127.0.0.1:0\"\n")
     }
 }
 
@@ -943,9 +953,7 @@ fn the_session_keeps_alive_as_often_as_the_broker_asks() {
     let env = TestEnv::get();
     let run = unique("keepalive");
     let broker = OwnBroker::start(&env, "max_keepalive 10");
-    // Connected (retrying until the broker is up) before the gateway starts.
-    let commander = Subscriber::connect_to(&env, broker.port, &format!("cmd/{run}/none"));
-    let gateway = gateway_via(&env, broker.port, "[mqtt]\nlisten = \"127.0.0.1:0\"\n");
+    let gateway = broker.gateway(&env);
     let device = format!("{run}-device");
     let topic = format!("cmd/{run}/{device}");
     let session = PahoSession::start(json!({
@@ -955,7 +963,7 @@ fn the_session_keeps_alive_as_often_as_the_broker_asks() {
     assert_eq!(session.next("suback")["granted"], json!([1]));
     // The idle spell is what is tested: longer than the broker's 15-second limit.
     std::thread::sleep(Duration::from_secs(20));
-    commander.publish(&topic, "still here");
+    broker.client.publish(&topic, "still here");
     let messages = session.messages_until_end();
     assert_eq!(
         received(&messages),
@@ -974,9 +982,7 @@ fn a_publish_larger_than_the_broker_takes_fails_alone() {
     let env = TestEnv::get();
     let run = unique("bigreq");
     let broker = OwnBroker::start(&env, "max_packet_size 2000");
-    // Connected (retrying until the broker is up) before the gateway starts.
-    let _ready = Subscriber::connect_to(&env, broker.port, &format!("cmd/{run}/none"));
-    let gateway = gateway_via(&env, broker.port, "[mqtt]\nlisten = \"127.0.0.1:0\"\n");
+    let gateway = broker.gateway(&env);
     let device = format!("{run}-d");
     let echo = format!("$aws/things/{device}/echo/#");
     let session = PahoSession::start(json!({
