@@ -58,9 +58,11 @@ bench_setup() {
         bin=$SLUICE_BENCH_BIN
         [[ -x $bin/sluice && -x $bin/sluice-load ]] || die "SLUICE_BENCH_BIN=$bin holds no sluice and sluice-load"
         say "using the prebuilt sluice and sluice-load in $bin"
+        floor_bin=$bin/http_floor
     else
-        cargo build --release -p sluice-gateway --bins
+        cargo build --release -p sluice-gateway --bins --example http_floor
         bin="${CARGO_TARGET_DIR:-$ROOT/target}/release"
+        floor_bin=$bin/examples/http_floor
     fi
     work=$(mktemp -d)
     trap bench_cleanup EXIT
