@@ -85,10 +85,7 @@ async fn publish(
             return axum::http::StatusCode::INTERNAL_SERVER_ERROR.into_response();
         }
     }
-    let answer = format!(
-        r#"{{"message":"OK","traceId":"{}"}}"#,
-        uuid::Uuid::now_v7()
-    );
+    let answer = format!(r#"{{"message":"OK","traceId":"{}"}}"#, uuid::Uuid::now_v7());
     ([(header::CONTENT_TYPE, "application/json")], answer).into_response()
 }
 

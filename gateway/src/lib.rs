@@ -69,6 +69,8 @@
 //! - [`template`]: `${device.id}`-style templates.
 //! - [`quota`]: the AWS quotas (IoT Core, Kinesis).
 //! - [`backoff`]: the pauses between attempts of every retry loop.
+//! - [`disk_thread`]: the threads that write and sync files, under `SCHED_BATCH` so that
+//!   the disk's answers do not preempt request work.
 //! - [`tls`]: PEM files into rustls server and client configurations.
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`progress`]: progress of long work at start (a large plugin's first compile).
@@ -81,6 +83,7 @@ pub mod auth;
 pub(crate) mod backoff;
 pub mod config;
 pub(crate) mod console;
+pub(crate) mod disk_thread;
 pub mod handover;
 pub(crate) mod ingress;
 pub(crate) mod instance;

@@ -55,9 +55,9 @@ impl LocalSink {
         let (jobs, queue) = mpsc::channel::<Job>();
         let syncs = Arc::new(AtomicU64::new(0));
         let counted = syncs.clone();
-        let writer = std::thread::Builder::new()
-            .name("sluice-local-sink".to_string())
-            .spawn(move || write_loop(&dir, &queue, &counted))?;
+        let writer = crate::disk_thread::spawn("sluice-local-sink", move || {
+            write_loop(&dir, &queue, &counted)
+        })?;
         Ok(LocalSink {
             jobs: Mutex::new(Some(jobs)),
             writer: Mutex::new(Some(writer)),

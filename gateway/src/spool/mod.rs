@@ -264,9 +264,9 @@ impl Spool {
         });
         let (ops, queue) = mpsc::channel::<Op>();
         let writer_shared = shared.clone();
-        let writer = std::thread::Builder::new()
-            .name("sluice-spool".to_string())
-            .spawn(move || writer::write_loop(&writer_shared, log, next_seq, &queue))?;
+        let writer = crate::disk_thread::spawn("sluice-spool", move || {
+            writer::write_loop(&writer_shared, log, next_seq, &queue)
+        })?;
         Ok(Spool {
             shared,
             ops: Mutex::new(Some(ops)),
