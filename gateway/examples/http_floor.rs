@@ -5,11 +5,12 @@
 //! `{"message":"OK","traceId":…}`.
 //!
 //! With `--durable DIR`, each body first becomes a line of `DIR/floor.jsonl`, and the
-//! answer waits until a writer thread has written and `fdatasync`ed it, in groups: every
-//! line that arrived while the previous group was being synced goes in the next one. That
-//! is the least any server that acknowledges only durable messages does per request, and
-//! what is left of a CPU budget per request once it is paid is what Sluice's own work
-//! (authentication, policy, plugins, routing, the spool's records) may cost.
+//! answer waits until a writer thread (under `SCHED_BATCH`, as the gateway's writers) has
+//! written and `fdatasync`ed it, in groups: every line that arrived while the previous
+//! group was being synced goes in the next one. That is the least any server that
+//! acknowledges only durable messages does per request, and what is left of a CPU budget
+//! per request once it is paid is what Sluice's own work (authentication, policy,
+//! plugins, routing, the spool's records) may cost.
 //!
 //! Usage: `http_floor [--durable DIR]`; prints `listening on http://ADDR`.
 
@@ -100,9 +101,9 @@ fn main() -> anyhow::Result<()> {
                 .open(std::path::Path::new(&dir).join("floor.jsonl"))?;
             let writer = Arc::new(Writer::default());
             let running = writer.clone();
-            std::thread::Builder::new()
-                .name("floor-writer".into())
-                .spawn(move || running.run(file))?;
+            // Started as the gateway starts its writers (`SCHED_BATCH`): the floor is the
+            // least such a server does, so it gets the same help.
+            sluice_gateway::disk_thread::spawn("floor-writer", move || running.run(file))?;
             Some(writer)
         }
         _ => anyhow::bail!("usage: http_floor [--durable DIR]"),

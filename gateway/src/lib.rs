@@ -83,7 +83,7 @@ pub mod auth;
 pub(crate) mod backoff;
 pub mod config;
 pub(crate) mod console;
-pub(crate) mod disk_thread;
+pub mod disk_thread;
 pub mod handover;
 pub(crate) mod ingress;
 pub(crate) mod instance;
