@@ -9,6 +9,8 @@
 //! second, each allowing a burst of one second's worth. The policy runs before any
 //! plugin, so plugins cannot widen it.
 
+use std::borrow::Cow;
+use std::collections::HashMap;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
@@ -60,6 +62,10 @@ pub enum Refusal {
 
 struct Grant {
     config: GrantConfig,
+    /// The grant's `publish` and `subscribe` filters that name no `${…}`, parsed once:
+    /// they stand for the same filter for every device (most grants' do), and parsing
+    /// one per message was 1.2% of the HTTP path's profile.
+    fixed: HashMap<String, TopicFilter>,
     messages: Option<DefaultKeyedRateLimiter<String>>,
     bytes: Option<(DefaultKeyedRateLimiter<String>, u32)>,
 }
@@ -96,8 +102,13 @@ impl Grant {
     }
 
     /// The topic filter `pattern` stands for, for `identity`.
-    fn filter(&self, pattern: &str, identity: &Identity) -> Option<TopicFilter> {
-        TopicFilter::parse(&self.expand(pattern, identity)?).ok()
+    fn filter(&self, pattern: &str, identity: &Identity) -> Option<Cow<'_, TopicFilter>> {
+        if let Some(fixed) = self.fixed.get(pattern) {
+            return Some(Cow::Borrowed(fixed));
+        }
+        TopicFilter::parse(&self.expand(pattern, identity)?)
+            .ok()
+            .map(Cow::Owned)
     }
 }
 
@@ -118,6 +129,15 @@ impl DevicePolicy {
             .unwrap_or_default()
             .into_iter()
             .map(|config| Grant {
+                fixed: config
+                    .publish
+                    .iter()
+                    .chain(&config.subscribe)
+                    .filter(|pattern| !pattern.contains("${"))
+                    .filter_map(|pattern| {
+                        Some((pattern.clone(), TopicFilter::parse(pattern).ok()?))
+                    })
+                    .collect(),
                 messages: config
                     .max_messages_per_sec
                     .map(|n| RateLimiter::keyed(per_second(n))),
