@@ -186,17 +186,39 @@ TOML
     : >"$work/$name.out"
     "${pinned[@]}" "$bin/sluice" run --config "$work/$name.toml" >"$work/$name.out" 2>"$work/$name.err" &
     sluice_pid=$!
-    sluice_url=
+    sluice_url=$(announced_address sluice "$sluice_pid" "$work/$name.out" "$work/$name.err" 'sluice: listening on ')
+    printf -v "url_${name//-/_}" '%s' "$sluice_url"
+}
+
+# Prints the address server $1 (process $2) announced on a line of file $3 starting with
+# $5, once it has; dies with its stderr (file $4) if it exits or takes a minute.
+announced_address() {
+    local address
     for _ in $(seq 600); do
-        sluice_url=$(sed -n 's/^sluice: listening on //p' "$work/$name.out")
-        if [[ -n $sluice_url ]]; then
-            printf -v "url_${name//-/_}" '%s' "$sluice_url"
-            return 0
-        fi
-        kill -0 "$sluice_pid" 2>/dev/null || die "sluice exited: $(cat "$work/$name.err")"
+        address=$(sed -n "s/^$5//p" "$3")
+        [[ -z $address ]] || { echo "$address"; return 0; }
+        kill -0 "$2" 2>/dev/null || die "$1 exited: $(cat "$4")"
         sleep 0.1
     done
-    die "sluice did not start: $(cat "$work/$name.err")"
+    die "$1 did not start: $(cat "$4")"
+}
+
+# Starts gateway/examples/http_floor (bench-cores' `floor` servers), with `--durable` when
+# $1 is floor-durable; sets $floor_pid and $floor_url.
+start_floor() {
+    local args=()
+    [[ -x $floor_bin ]] || die "no $floor_bin (gateway/examples/http_floor.rs)"
+    [[ $1 == floor ]] || { mkdir -p "$work/floor"; args=(--durable "$work/floor"); }
+    : >"$work/floor.out"
+    "${pinned[@]}" "$floor_bin" "${args[@]}" >"$work/floor.out" 2>"$work/floor.err" &
+    floor_pid=$!
+    floor_url=$(announced_address http_floor "$floor_pid" "$work/floor.out" "$work/floor.err" 'listening on ')
+}
+
+stop_floor() {
+    kill "$floor_pid" 2>/dev/null || true
+    wait "$floor_pid" 2>/dev/null || true
+    rm -rf "$work/floor"
 }
 
 stop_sluice() {
