@@ -148,17 +148,25 @@ bench_secret=bench-secret-0123456789abcdef0123456789abcdef
 
 # Starts the gateway on an empty data directory (compiled plugins are cached across
 # starts). $1: extra lines for [routing]; $2: extra TOML tables. SLUICE_INSTANCE=sluice-2p
-# adds the router plugin; SLUICE_DESTINATION sets the default destination (local). Sets $sluice_url, $sluice_pid and $token (a device token for
-# the Authorization header of every server), and $url_sluice or $url_sluice_2p.
+# adds the router plugin, sluice-0p leaves out the enricher; SLUICE_DESTINATION sets the
+# default destination (local). Sets $sluice_url, $sluice_pid, $sluice_data and $token (a
+# device token for the Authorization header of every server), and $url_sluice,
+# $url_sluice_2p or $url_sluice_0p.
 start_sluice() {
-    local name=${SLUICE_INSTANCE:-sluice} router=
+    local name=${SLUICE_INSTANCE:-sluice} router= enricher
+    enricher="[[plugins.transform]]
+name = \"enricher\"
+path = \"$SLUICE_PLUGIN_DIR/json_enricher.wasm\""
+    # sluice-0p: the same path without a plugin, to measure what the plugin stage costs.
+    [[ $name != sluice-0p ]] || enricher=
     if [[ $name == sluice-2p ]]; then
         router="[plugins.router]
 name = \"router\"
 path = \"$SLUICE_PLUGIN_DIR/topic_router.wasm\"
 config = { kinesis_prefixes = \"telemetry/\" }"
     fi
-    rm -rf "$work/data-$name"
+    sluice_data=$work/data-$name
+    rm -rf "$sluice_data"
     cat >"$work/$name.toml" <<TOML
 [server]
 listen = "127.0.0.1:0"
@@ -171,9 +179,7 @@ devices = ["*"]
 publish = ["load/#"]
 [plugins]
 cache_dir = "$work/plugin-cache"
-[[plugins.transform]]
-name = "enricher"
-path = "$SLUICE_PLUGIN_DIR/json_enricher.wasm"
+$enricher
 $router
 [routing]
 default_destination = "${SLUICE_DESTINATION:-local}"
@@ -224,7 +230,7 @@ stop_floor() {
 stop_sluice() {
     kill -TERM "$sluice_pid" 2>/dev/null || true
     wait "$sluice_pid" 2>/dev/null || true
-    rm -rf "$work/data-${SLUICE_INSTANCE:-sluice}"
+    rm -rf "$sluice_data"
 }
 
 # The URL of server $1 (nginx, wasmtime-serve or sluice).

@@ -45,14 +45,33 @@ pub enum Status {
     Rejected,
 }
 
-/// Where one part of a message went.
-#[derive(Debug, Clone, Serialize)]
+/// Where one part of a message went: `{"id", "destination", "rule", "reason"}`.
+#[derive(Debug, Clone)]
 pub struct RouteReport {
     /// The part's id (the message id, or `<id>-<n>` after a split).
     pub id: String,
-    /// The routing decision.
-    #[serde(flatten)]
+    /// The routing decision, its fields beside the id.
     pub decision: Decision,
+}
+
+/// The decision's fields written beside the id by hand: `#[serde(flatten)]` goes through
+/// serde's map machinery on every report of every message (1.3% of an HTTP publish's
+/// CPU). A test checks that this writes every field the decision's own form has.
+impl Serialize for RouteReport {
+    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        use serde::ser::SerializeStruct as _;
+        let Decision {
+            destination,
+            rule,
+            reason,
+        } = &self.decision;
+        let mut report = serializer.serialize_struct("RouteReport", 4)?;
+        report.serialize_field("id", &self.id)?;
+        report.serialize_field("destination", destination)?;
+        report.serialize_field("rule", rule)?;
+        report.serialize_field("reason", reason)?;
+        report.end()
+    }
 }
 
 /// Why a message was rejected or dead-lettered.
@@ -105,5 +124,43 @@ pub(super) fn status_of(routes: &[RouteReport]) -> Status {
         Status::DeadLettered
     } else {
         Status::Accepted
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_route_report_is_the_id_beside_every_field_of_the_decision() {
+        let decision = Decision {
+            destination: Destination::Kinesis {
+                stream: "telemetry".to_string(),
+                partition_key: "dev-1".to_string(),
+                explicit_hash_key: Some("42".to_string()),
+            },
+            rule: "rule:big".to_string(),
+            reason: "payload \"large\"".to_string(),
+        };
+        let report = RouteReport {
+            id: "m-1".to_string(),
+            decision: decision.clone(),
+        };
+        let mut expected = serde_json::json!({ "id": "m-1" });
+        let fields = serde_json::to_value(&decision).unwrap();
+        for (key, value) in fields.as_object().unwrap() {
+            expected[key] = value.clone();
+        }
+        assert_eq!(serde_json::to_value(&report).unwrap(), expected);
+        // And in this order: the id first, then the decision's fields as it writes them.
+        let text = serde_json::to_string(&report).unwrap();
+        assert!(
+            text.starts_with(r#"{"id":"m-1","destination":{"type":"kinesis","#),
+            "{text}"
+        );
+        assert!(
+            text.ends_with(r#""rule":"rule:big","reason":"payload \"large\""}"#),
+            "{text}"
+        );
     }
 }

@@ -19,7 +19,7 @@ pub mod shadow;
 
 use axum::Json;
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Path, Query, State};
+use axum::extract::{DefaultBodyLimit, Path, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -53,11 +53,9 @@ pub fn app(state: AppState) -> axum::Router {
         .route("/readyz", get(readyz))
         // Limits are enforced by the handlers, which know which limit applies and say so.
         .layer(DefaultBodyLimit::disable())
-        .layer(axum::middleware::from_fn_with_state(
-            state.clone(),
-            refuse_while_leaving,
-        ))
-        .layer(axum::middleware::from_fn(with_request_id))
+        // One layer for both jobs of the front door: each layer costs a request a clone
+        // of the service behind it and a boxed future (about 1% of a publish's CPU).
+        .layer(axum::middleware::from_fn_with_state(state.clone(), front))
         .with_state(state)
 }
 
@@ -67,7 +65,9 @@ pub const REQUEST_ID: &str = "x-request-id";
 /// Runs a request in a `request` span carrying its id (the client's `x-request-id` if it
 /// sent a usable one, else a new one) and the message id once known, so every log record
 /// of its way (plugin logs included) can be found by either; the response says the id.
-async fn with_request_id(
+/// While the gateway leaves, the request is refused instead ([`refuse_while_leaving`]).
+async fn front(
+    State(state): State<AppState>,
     request: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> Response {
@@ -86,7 +86,10 @@ async fn with_request_id(
         request_id = %id,
         message_id = tracing::field::Empty,
     );
-    let mut response = tracing::Instrument::instrument(next.run(request), span).await;
+    let mut response = match refuse_while_leaving(&state, &request) {
+        Some(refusal) => span.in_scope(|| refusal),
+        None => tracing::Instrument::instrument(next.run(request), span).await,
+    };
     if let Ok(value) = HeaderValue::from_str(&id) {
         response.headers_mut().insert(REQUEST_ID, value);
     }
@@ -96,10 +99,8 @@ async fn with_request_id(
 /// Query parameters of IoT Core's HTTPS publish API. Besides `qos` they are MQTT 5
 /// publish properties; Sluice keeps them as message attributes (`mqtt.*`). Any other is
 /// refused, but a token under `[auth.jwt] token_key_name`.
-#[derive(Debug, Default, Deserialize)]
-#[serde(rename_all = "camelCase")]
+#[derive(Debug, Default)]
 struct PublishParams {
-    #[serde(flatten)]
     others: std::collections::BTreeMap<String, String>,
     qos: Option<String>,
     retain: Option<String>,
@@ -111,17 +112,47 @@ struct PublishParams {
     user_properties: Option<String>,
 }
 
+impl PublishParams {
+    /// Reads a request's query string; a parameter given twice is refused. By hand, not
+    /// with serde: keeping the others (`#[serde(flatten)]`) buffers every pair through
+    /// serde's generic map, 1.3% of a publish's CPU.
+    fn parse(query: Option<&str>) -> Result<Self, Refusal> {
+        let mut params = Self::default();
+        for (name, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+            let field = match &*name {
+                "qos" => &mut params.qos,
+                "retain" => &mut params.retain,
+                "contentType" => &mut params.content_type,
+                "responseTopic" => &mut params.response_topic,
+                "correlationData" => &mut params.correlation_data,
+                "messageExpiry" => &mut params.message_expiry,
+                "payloadFormatIndicator" => &mut params.payload_format_indicator,
+                "userProperties" => &mut params.user_properties,
+                _ => {
+                    params.others.insert(name.into_owned(), value.into_owned());
+                    continue;
+                }
+            };
+            if field.replace(value.into_owned()).is_some() {
+                return Err(Refusal::BadRequest(format!(
+                    "query parameter `{name}` given twice"
+                )));
+            }
+        }
+        Ok(params)
+    }
+}
+
 /// `POST /topics/{topic}`: a refusal also says IoT Core's error type
 /// ([`answer::iot_core_refusal`]).
 async fn publish(
     state: State<AppState>,
     device: Result<Device, Refusal>,
     topic: Path<String>,
-    params: Result<Query<PublishParams>, axum::extract::rejection::QueryRejection>,
     request: axum::extract::Request,
 ) -> Response {
     let published = match device {
-        Ok(device) => publish_one(state, device, topic, params, request).await,
+        Ok(device) => publish_one(state, device, topic, request).await,
         Err(refusal) => Err(refusal),
     };
     published.unwrap_or_else(answer::iot_core_refusal)
@@ -133,12 +164,11 @@ async fn publish_one(
         identity, rules, ..
     }: Device,
     Path(topic): Path<String>,
-    params: Result<Query<PublishParams>, axum::extract::rejection::QueryRejection>,
     request: axum::extract::Request,
 ) -> Result<Response, Refusal> {
     // The headers taken from the request, not extracted: that would copy them.
-    let (axum::http::request::Parts { headers, .. }, body) = request.into_parts();
-    let Query(params) = params.map_err(|rejection| Refusal::BadRequest(rejection.body_text()))?;
+    let (axum::http::request::Parts { headers, uri, .. }, body) = request.into_parts();
+    let params = PublishParams::parse(uri.query())?;
     refuse_unknown(
         &params.others,
         &rules,
@@ -307,14 +337,10 @@ async fn batch(
 /// While the gateway leaves ([`AppState::leaving`]), every request but `/healthz` and
 /// `/readyz` is refused with `503 leaving`, `Retry-After: 1` and, on HTTP/1.x,
 /// `Connection: close`: nothing of it was taken, and the client comes back through the
-/// load balancer to another instance.
-async fn refuse_while_leaving(
-    State(state): State<AppState>,
-    request: axum::extract::Request,
-    next: axum::middleware::Next,
-) -> Response {
+/// load balancer to another instance. `None` while the gateway stays, or for those two.
+fn refuse_while_leaving(state: &AppState, request: &axum::extract::Request) -> Option<Response> {
     if !state.leaving.fired() || matches!(request.uri().path(), "/healthz" | "/readyz") {
-        return next.run(request).await;
+        return None;
     }
     let http1 = request.version() < axum::http::Version::HTTP_2;
     let mut response = Refusal::Unavailable {
@@ -328,7 +354,7 @@ async fn refuse_while_leaving(
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    response
+    Some(response)
 }
 
 /// `GET /readyz`: `200` once the gateway can take and deliver messages (plugins are
@@ -536,6 +562,44 @@ mod tests {
             if status == StatusCode::UNAUTHORIZED {
                 assert!(headers.contains_key("www-authenticate"), "{code}");
             }
+        }
+    }
+
+    /// The publish route's query string: each known parameter once, percent-decoded; an
+    /// unknown one or one given twice refused, saying which.
+    #[tokio::test]
+    async fn publish_parameters_are_read_once_each_and_unknown_ones_refused() {
+        let params = PublishParams::parse(Some(
+            "qos=1&retain=true&contentType=text%2Fplain&responseTopic=r%2F1&correlationData=c+d\
+             &messageExpiry=9&payloadFormatIndicator=1&userProperties=%7B%7D&token=t",
+        ))
+        .unwrap();
+        assert_eq!(params.qos.as_deref(), Some("1"));
+        assert_eq!(params.retain.as_deref(), Some("true"));
+        assert_eq!(params.content_type.as_deref(), Some("text/plain"));
+        assert_eq!(params.response_topic.as_deref(), Some("r/1"));
+        assert_eq!(params.correlation_data.as_deref(), Some("c d"));
+        assert_eq!(params.message_expiry.as_deref(), Some("9"));
+        assert_eq!(params.payload_format_indicator.as_deref(), Some("1"));
+        assert_eq!(params.user_properties.as_deref(), Some("{}"));
+        assert_eq!(params.others.len(), 1);
+        assert_eq!(params.others["token"], "t");
+        assert!(PublishParams::parse(None).unwrap().qos.is_none());
+        for (query, said) in [
+            ("qos=1&qos=0", "query parameter `qos` given twice"),
+            (
+                "qos=1&colour=red",
+                "unknown query parameter `colour`: expected qos, retain,",
+            ),
+        ] {
+            let path = format!("/topics/devices/d1/t?{query}");
+            let (status, body, _) = send(POLICY, post(&path, "{}")).await;
+            assert_eq!(status, StatusCode::BAD_REQUEST, "{query}: {body}");
+            assert_eq!(body["code"], "bad_request", "{body}");
+            assert!(
+                body["message"].as_str().unwrap().starts_with(said),
+                "{query}: {body}"
+            );
         }
     }
 
