@@ -103,6 +103,28 @@ struct Routed {
     best_effort: Vec<(SinkId, Record)>,
 }
 
+/// Each device's byte rate once the batch is counted, for the high-throughput rule.
+enum Rates {
+    /// Not measured (a redrive): every rate reads 0.
+    Unknown,
+    /// The batch is one device's, as a request's or a session's nearly always is: no
+    /// map to build, hash and drop per message.
+    One(String, u64),
+    /// By device.
+    Many(HashMap<String, u64>),
+}
+
+impl Rates {
+    /// `device`'s rate; 0 for a device not measured.
+    fn of(&self, device: &str) -> u64 {
+        match self {
+            Rates::One(measured, rate) if measured == device => *rate,
+            Rates::Many(rates) => rates.get(device).copied().unwrap_or(0),
+            _ => 0,
+        }
+    }
+}
+
 /// How a batch's records are kept.
 struct Keep<'a> {
     /// The routing settings the batch runs with.
@@ -197,7 +219,7 @@ impl Pipeline {
         batch: Vec<Message>,
         start: Option<String>,
         bidirectional: bool,
-        rates: &HashMap<String, u64>,
+        rates: &Rates,
         letters: Option<&[u64]>,
         on_failure: Option<FailurePath>,
     ) -> Result<Vec<MessageReport>, StoreError> {
@@ -256,15 +278,25 @@ impl Pipeline {
     }
 
     /// Counts the batch's bytes per device and returns each device's rate.
-    fn measure(&self, batch: &[Message]) -> HashMap<String, u64> {
+    fn measure(&self, batch: &[Message]) -> Rates {
+        let Some(first) = batch.first() else {
+            return Rates::Unknown;
+        };
+        let device = first.device_id.as_str();
+        if batch.iter().all(|message| message.device_id == device) {
+            let bytes = batch.iter().map(|m| m.payload.len() as u64).sum();
+            return Rates::One(device.to_string(), self.meter.record(device, bytes));
+        }
         let mut bytes: HashMap<&str, u64> = HashMap::new();
         for message in batch {
             *bytes.entry(message.device_id.as_str()).or_default() += message.payload.len() as u64;
         }
-        bytes
-            .into_iter()
-            .map(|(device, n)| (device.to_string(), self.meter.record(device, n)))
-            .collect()
+        Rates::Many(
+            bytes
+                .into_iter()
+                .map(|(device, n)| (device.to_string(), self.meter.record(device, n)))
+                .collect(),
+        )
     }
 
     /// Decides the fate of one input message, adding its records for the sink.
@@ -273,7 +305,7 @@ impl Pipeline {
         keep: &Keep<'_>,
         id: String,
         result: InputResult,
-        rates: &HashMap<String, u64>,
+        rates: &Rates,
         bidirectional: bool,
         routed: &mut Routed,
     ) -> MessageReport {
@@ -333,7 +365,7 @@ impl Pipeline {
         for output in result.outputs {
             let facts = Facts {
                 bidirectional,
-                device_bytes_per_sec: rates.get(&output.message.device_id).copied().unwrap_or(0),
+                device_bytes_per_sec: rates.of(&output.message.device_id),
             };
             let rules = keep.rules;
             let builtin = rules.policy.decide(&output.message, facts);
@@ -396,5 +428,36 @@ impl Pipeline {
             _ if sink == SinkId::Local => routed.direct.push(record),
             _ => routed.durable.queue(sink, record),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn message(device: &str, size: usize) -> Message {
+        Message {
+            id: "m1".into(),
+            device_id: device.into(),
+            topic: "t".into(),
+            content_type: String::new(),
+            qos: 1,
+            attributes: Vec::new(),
+            received_at_ms: 0,
+            payload: vec![b'x'; size],
+        }
+    }
+
+    /// The high-throughput rule reads each device's rate with its batch counted, whether
+    /// the batch is one device's or several's.
+    #[tokio::test]
+    async fn a_batch_is_measured_per_device() {
+        let fixture = crate::testing::gateway("");
+        let pipeline = &fixture.state.pipeline;
+        let one = pipeline.measure(&[message("a", 10), message("a", 5)]);
+        assert_eq!((one.of("a"), one.of("b")), (15, 0));
+        let many = pipeline.measure(&[message("c", 1), message("d", 7), message("c", 2)]);
+        assert_eq!((many.of("c"), many.of("d"), many.of("a")), (3, 7, 0));
+        assert_eq!(pipeline.measure(&[]).of("a"), 0);
     }
 }

@@ -5,7 +5,7 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use crate::message::Message;
-use crate::pipeline::{FailureReport, Pipeline, Status, StoreError};
+use crate::pipeline::{FailureReport, Pipeline, Rates, Status, StoreError};
 use crate::spool::Change;
 use crate::spool::codec::Origin;
 
@@ -113,7 +113,7 @@ impl Pipeline {
         for (start, letters) in again {
             let (keys, batch): (Vec<u64>, Vec<Message>) = letters.into_iter().unzip();
             let reports = self
-                .run(batch, start, false, &HashMap::new(), Some(&keys), None)
+                .run(batch, start, false, &Rates::Unknown, Some(&keys), None)
                 .await?;
             for (key, message) in keys.into_iter().zip(reports) {
                 if message.status == Status::Rejected {

@@ -46,32 +46,13 @@ pub enum Status {
 }
 
 /// Where one part of a message went: `{"id", "destination", "rule", "reason"}`.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Serialize)]
 pub struct RouteReport {
     /// The part's id (the message id, or `<id>-<n>` after a split).
     pub id: String,
     /// The routing decision, its fields beside the id.
+    #[serde(flatten)]
     pub decision: Decision,
-}
-
-/// The decision's fields written beside the id by hand: `#[serde(flatten)]` goes through
-/// serde's map machinery on every report of every message (1.3% of an HTTP publish's
-/// CPU). A test checks that this writes every field the decision's own form has.
-impl Serialize for RouteReport {
-    fn serialize<S: serde::Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
-        use serde::ser::SerializeStruct as _;
-        let Decision {
-            destination,
-            rule,
-            reason,
-        } = &self.decision;
-        let mut report = serializer.serialize_struct("RouteReport", 4)?;
-        report.serialize_field("id", &self.id)?;
-        report.serialize_field("destination", destination)?;
-        report.serialize_field("rule", rule)?;
-        report.serialize_field("reason", reason)?;
-        report.end()
-    }
 }
 
 /// Why a message was rejected or dead-lettered.

@@ -19,7 +19,7 @@ use crate::quota::KINESIS_MAX_PARTITION_KEY_CHARS;
 use crate::template::Template;
 use crate::topic::{TopicFilter, validate_publish_topic};
 
-/// Where one message goes.
+/// Where one message goes; in reports and lines `{"type": kind, …its fields}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(tag = "type", rename_all = "kebab-case")]
 pub enum Destination {
@@ -439,6 +439,34 @@ mod tests {
             attributes: Vec::new(),
             received_at_ms: 0,
             payload: vec![b'x'; size],
+        }
+    }
+
+    #[test]
+    fn a_destination_is_written_as_its_type_then_its_fields() {
+        let kinesis = |key: Option<&str>| Destination::Kinesis {
+            stream: "s".into(),
+            partition_key: "p".into(),
+            explicit_hash_key: key.map(str::to_string),
+        };
+        for (destination, json) in [
+            (
+                iot_core("a/b", 1),
+                r#"{"type":"iot-core","topic":"a/b","qos":1}"#,
+            ),
+            (
+                kinesis(None),
+                r#"{"type":"kinesis","stream":"s","partition_key":"p"}"#,
+            ),
+            (
+                kinesis(Some("7")),
+                r#"{"type":"kinesis","stream":"s","partition_key":"p","explicit_hash_key":"7"}"#,
+            ),
+            (Destination::Local, r#"{"type":"local"}"#),
+            (Destination::Drop, r#"{"type":"drop"}"#),
+            (Destination::DeadLetter, r#"{"type":"dead-letter"}"#),
+        ] {
+            assert_eq!(serde_json::to_string(&destination).unwrap(), json);
         }
     }
 
