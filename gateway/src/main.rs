@@ -272,83 +272,6 @@ where
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use std::sync::{Arc, Mutex};
-
-    use super::*;
-
-    /// What a subscriber made from `directives` writes of one record per level, from
-    /// two targets, inside and outside a `request` span.
-    fn logged(directives: &str, format: LogFormat) -> String {
-        let out = Arc::new(Mutex::new(Vec::new()));
-        let sink = out.clone();
-        let writer = move || Writer(sink.clone());
-        let subscriber = log_subscriber(directives, format, false, writer);
-        tracing::subscriber::with_default(subscriber, || {
-            let span =
-                tracing::info_span!(target: "sluice_gateway::x", "request", request_id = "r-1");
-            span.in_scope(|| {
-                tracing::debug!(target: "sluice_gateway::x", "gw-debug");
-                tracing::info!(target: "sluice_gateway::x", "gw-info");
-            });
-            tracing::debug!(target: "wasmtime::y", "wt-debug");
-            tracing::info!(target: "wasmtime::y", "wt-info");
-            tracing::error!(target: "wasmtime::y", "wt-error");
-        });
-        String::from_utf8(out.lock().unwrap().clone()).unwrap()
-    }
-
-    struct Writer(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Writer {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    /// SLUICE_LOG reads as it always did, whichever filter takes it: levels per target
-    /// (below `info` too), span directives, `info` for nonsense, `error` for an empty
-    /// filter; in text and JSON, records inside a request carrying its id.
-    #[test]
-    fn sluice_log_directives_pick_the_records() {
-        let names = ["gw-debug", "gw-info", "wt-debug", "wt-info", "wt-error"];
-        for (directives, expected) in [
-            ("", "wt-error"),
-            ("info", "gw-info wt-info wt-error"),
-            ("debug", "gw-debug gw-info wt-debug wt-info wt-error"),
-            ("warn,sluice_gateway=debug", "gw-debug gw-info wt-error"),
-            ("wasmtime=debug", "wt-debug wt-info wt-error"),
-            ("[request]=debug", "gw-debug gw-info"),
-            ("nonsense=[", "gw-info wt-info wt-error"),
-            (" ", "gw-info wt-info wt-error"),
-        ] {
-            for format in [LogFormat::Text, LogFormat::Json] {
-                let log = logged(directives, format);
-                let written: Vec<&str> = names
-                    .into_iter()
-                    .filter(|name| log.contains(name))
-                    .collect();
-                assert_eq!(
-                    written.join(" "),
-                    expected,
-                    "{directives:?} {format:?}: {log}"
-                );
-                if let Some(inside) = log.lines().find(|line| line.contains("gw-info")) {
-                    assert!(
-                        inside.contains("r-1"),
-                        "{directives:?} {format:?}: {inside}"
-                    );
-                }
-            }
-        }
-    }
-}
-
 fn run(command: Command) -> anyhow::Result<ExitCode> {
     match command {
         Command::Run {
@@ -572,4 +495,81 @@ fn spool_drain(
     } else {
         ExitCode::FAILURE
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+
+    use super::*;
+
+    /// What a subscriber made from `directives` writes of one record per level, from
+    /// two targets, inside and outside a `request` span.
+    fn logged(directives: &str, format: LogFormat) -> String {
+        let out = Arc::new(Mutex::new(Vec::new()));
+        let sink = out.clone();
+        let writer = move || Writer(sink.clone());
+        let subscriber = log_subscriber(directives, format, false, writer);
+        tracing::subscriber::with_default(subscriber, || {
+            let span =
+                tracing::info_span!(target: "sluice_gateway::x", "request", request_id = "r-1");
+            span.in_scope(|| {
+                tracing::debug!(target: "sluice_gateway::x", "gw-debug");
+                tracing::info!(target: "sluice_gateway::x", "gw-info");
+            });
+            tracing::debug!(target: "wasmtime::y", "wt-debug");
+            tracing::info!(target: "wasmtime::y", "wt-info");
+            tracing::error!(target: "wasmtime::y", "wt-error");
+        });
+        String::from_utf8(out.lock().unwrap().clone()).unwrap()
+    }
+
+    struct Writer(Arc<Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Writer {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(bytes);
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// SLUICE_LOG reads as it always did, whichever filter takes it: levels per target
+    /// (below `info` too), span directives, `info` for nonsense, `error` for an empty
+    /// filter; in text and JSON, records inside a request carrying its id.
+    #[test]
+    fn sluice_log_directives_pick_the_records() {
+        let names = ["gw-debug", "gw-info", "wt-debug", "wt-info", "wt-error"];
+        for (directives, expected) in [
+            ("", "wt-error"),
+            ("info", "gw-info wt-info wt-error"),
+            ("debug", "gw-debug gw-info wt-debug wt-info wt-error"),
+            ("warn,sluice_gateway=debug", "gw-debug gw-info wt-error"),
+            ("wasmtime=debug", "wt-debug wt-info wt-error"),
+            ("[request]=debug", "gw-debug gw-info"),
+            ("nonsense=[", "gw-info wt-info wt-error"),
+            (" ", "gw-info wt-info wt-error"),
+        ] {
+            for format in [LogFormat::Text, LogFormat::Json] {
+                let log = logged(directives, format);
+                let written: Vec<&str> = names
+                    .into_iter()
+                    .filter(|name| log.contains(name))
+                    .collect();
+                assert_eq!(
+                    written.join(" "),
+                    expected,
+                    "{directives:?} {format:?}: {log}"
+                );
+                if let Some(inside) = log.lines().find(|line| line.contains("gw-info")) {
+                    assert!(
+                        inside.contains("r-1"),
+                        "{directives:?} {format:?}: {inside}"
+                    );
+                }
+            }
+        }
+    }
 }
