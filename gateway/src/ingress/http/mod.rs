@@ -86,8 +86,10 @@ async fn front(
         request_id = %id,
         message_id = tracing::field::Empty,
     );
-    let mut response = match refuse_while_leaving(&state, &request) {
-        Some(refusal) => span.in_scope(|| refusal),
+    // The refusal is made in the span: making it logs (at debug) with the request's id.
+    let refused = span.in_scope(|| refuse_while_leaving(&state, &request));
+    let mut response = match refused {
+        Some(refusal) => refusal,
         None => tracing::Instrument::instrument(next.run(request), span).await,
     };
     if let Ok(value) = HeaderValue::from_str(&id) {
