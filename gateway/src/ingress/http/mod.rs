@@ -567,6 +567,47 @@ mod tests {
         }
     }
 
+    /// While the gateway leaves, a request is refused with `503 leaving`, its id in the
+    /// answer, and the refusal's log record inside the request's span (it carries the id).
+    #[tokio::test]
+    async fn a_request_while_leaving_is_refused_in_its_span() {
+        #[derive(Clone, Default)]
+        struct Log(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Log {
+            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(bytes);
+                Ok(bytes.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        let log = Log::default();
+        let writer = log.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::DEBUG)
+            .with_ansi(false)
+            .with_writer(move || writer.clone())
+            .finish();
+        let _default = tracing::subscriber::set_default(subscriber);
+        let fixture = crate::testing::gateway(POLICY);
+        fixture.leave.fire();
+        let request = Request::post("/topics/devices/d1/t")
+            .header("x-device-id", "d1")
+            .header(REQUEST_ID, "req-leaving-1")
+            .body(Body::from("{}"))
+            .unwrap();
+        let response = app(fixture.state.clone()).oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(response.headers()[REQUEST_ID], "req-leaving-1");
+        let log = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        let refused = log
+            .lines()
+            .find(|line| line.contains("request refused"))
+            .unwrap_or_else(|| panic!("no refusal record: {log}"));
+        assert!(refused.contains("req-leaving-1"), "{refused}");
+    }
+
     /// The publish route's query string: each known parameter once, percent-decoded; an
     /// unknown one or one given twice refused, saying which.
     #[tokio::test]
