@@ -72,6 +72,7 @@
 //! - [`disk_thread`]: the threads that write and sync files, under `SCHED_BATCH` so that
 //!   the disk's answers do not preempt request work.
 //! - [`tls`]: PEM files into rustls server and client configurations.
+//! - [`logging`]: the log subscriber `SLUICE_LOG` configures.
 //! - [`metrics`]: the Prometheus metrics.
 //! - [`progress`]: progress of long work at start (a large plugin's first compile).
 //! - [`instance`]: which of the fleet's gateways this process is (the instance id its
@@ -87,6 +88,7 @@ pub mod disk_thread;
 pub mod handover;
 pub(crate) mod ingress;
 pub(crate) mod instance;
+pub mod logging;
 pub mod message;
 pub(crate) mod metrics;
 pub(crate) mod pipeline;

@@ -228,48 +228,8 @@ fn init_logging(format: LogFormat) {
     // Colours only for a terminal: log files and collectors get plain text (and the
     // gateway skips the escape codes on every request span).
     let ansi = std::io::stderr().is_terminal();
-    log_subscriber(&directives, format, ansi, std::io::stderr).init();
-}
-
-/// The gateway's log: `directives` (SLUICE_LOG; `info` when invalid) in `format`,
-/// written to `writer`.
-fn log_subscriber<W>(
-    directives: &str,
-    format: LogFormat,
-    ansi: bool,
-    writer: W,
-) -> Box<dyn tracing::Subscriber + Send + Sync>
-where
-    W: for<'w> tracing_subscriber::fmt::MakeWriter<'w> + Send + Sync + 'static,
-{
-    use tracing_subscriber::layer::SubscriberExt as _;
-    let directives = Some(directives)
-        .filter(|d| tracing_subscriber::EnvFilter::try_new(d).is_ok())
-        .unwrap_or("info");
-    let builder = tracing_subscriber::fmt()
-        .with_ansi(ansi)
-        .with_writer(writer);
-    // Directives by target and level only (nearly always) filter with `Targets`, decided
-    // once per call site. `EnvFilter`, needed for span and field directives
-    // (`[request{request_id=…}]=debug`), also takes a lock each time any span is entered
-    // or left: several times per request (about 1% of an HTTP publish's CPU). An empty
-    // filter stays with `EnvFilter`, which reads it as `error`.
-    let targets = directives
-        .parse::<tracing_subscriber::filter::Targets>()
-        .ok()
-        .filter(|_| !directives.trim().is_empty() && !directives.contains('['));
-    // The builder's own level (INFO unless told) would cap what `Targets` lets through.
-    let all = tracing::level_filters::LevelFilter::TRACE;
-    match (format, targets) {
-        (LogFormat::Text, Some(targets)) => {
-            Box::new(builder.with_max_level(all).finish().with(targets))
-        }
-        (LogFormat::Json, Some(targets)) => {
-            Box::new(builder.json().with_max_level(all).finish().with(targets))
-        }
-        (LogFormat::Text, None) => Box::new(builder.with_env_filter(directives).finish()),
-        (LogFormat::Json, None) => Box::new(builder.json().with_env_filter(directives).finish()),
-    }
+    let json = matches!(format, LogFormat::Json);
+    sluice_gateway::logging::subscriber(&directives, json, ansi, std::io::stderr).init();
 }
 
 fn run(command: Command) -> anyhow::Result<ExitCode> {
@@ -495,81 +455,4 @@ fn spool_drain(
     } else {
         ExitCode::FAILURE
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use std::sync::{Arc, Mutex};
-
-    use super::*;
-
-    /// What a subscriber made from `directives` writes of one record per level, from
-    /// two targets, inside and outside a `request` span.
-    fn logged(directives: &str, format: LogFormat) -> String {
-        let out = Arc::new(Mutex::new(Vec::new()));
-        let sink = out.clone();
-        let writer = move || Writer(sink.clone());
-        let subscriber = log_subscriber(directives, format, false, writer);
-        tracing::subscriber::with_default(subscriber, || {
-            let span =
-                tracing::info_span!(target: "sluice_gateway::x", "request", request_id = "r-1");
-            span.in_scope(|| {
-                tracing::debug!(target: "sluice_gateway::x", "gw-debug");
-                tracing::info!(target: "sluice_gateway::x", "gw-info");
-            });
-            tracing::debug!(target: "wasmtime::y", "wt-debug");
-            tracing::info!(target: "wasmtime::y", "wt-info");
-            tracing::error!(target: "wasmtime::y", "wt-error");
-        });
-        String::from_utf8(out.lock().unwrap().clone()).unwrap()
-    }
-
-    struct Writer(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Writer {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0.lock().unwrap().extend_from_slice(bytes);
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    /// SLUICE_LOG reads as it always did, whichever filter takes it: levels per target
-    /// (below `info` too), span directives, `info` for nonsense, `error` for an empty
-    /// filter; in text and JSON, records inside a request carrying its id.
-    #[test]
-    fn sluice_log_directives_pick_the_records() {
-        let names = ["gw-debug", "gw-info", "wt-debug", "wt-info", "wt-error"];
-        for (directives, expected) in [
-            ("", "wt-error"),
-            ("info", "gw-info wt-info wt-error"),
-            ("debug", "gw-debug gw-info wt-debug wt-info wt-error"),
-            ("warn,sluice_gateway=debug", "gw-debug gw-info wt-error"),
-            ("wasmtime=debug", "wt-debug wt-info wt-error"),
-            ("[request]=debug", "gw-debug gw-info"),
-            ("nonsense=[", "gw-info wt-info wt-error"),
-            (" ", "gw-info wt-info wt-error"),
-        ] {
-            for format in [LogFormat::Text, LogFormat::Json] {
-                let log = logged(directives, format);
-                let written: Vec<&str> = names
-                    .into_iter()
-                    .filter(|name| log.contains(name))
-                    .collect();
-                assert_eq!(
-                    written.join(" "),
-                    expected,
-                    "{directives:?} {format:?}: {log}"
-                );
-                if let Some(inside) = log.lines().find(|line| line.contains("gw-info")) {
-                    assert!(
-                        inside.contains("r-1"),
-                        "{directives:?} {format:?}: {inside}"
-                    );
-                }
-            }
-        }
-    }
 }

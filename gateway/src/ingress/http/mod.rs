@@ -571,18 +571,7 @@ mod tests {
     /// answer, and the refusal's log record inside the request's span (it carries the id).
     #[tokio::test]
     async fn a_request_while_leaving_is_refused_in_its_span() {
-        #[derive(Clone, Default)]
-        struct Log(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
-        impl std::io::Write for Log {
-            fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-                self.0.lock().unwrap().extend_from_slice(bytes);
-                Ok(bytes.len())
-            }
-            fn flush(&mut self) -> std::io::Result<()> {
-                Ok(())
-            }
-        }
-        let log = Log::default();
+        let log = crate::testing::LogBuffer::default();
         let writer = log.clone();
         let subscriber = tracing_subscriber::fmt()
             .with_max_level(tracing::Level::DEBUG)
@@ -600,7 +589,7 @@ mod tests {
         let response = app(fixture.state.clone()).oneshot(request).await.unwrap();
         assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(response.headers()[REQUEST_ID], "req-leaving-1");
-        let log = String::from_utf8(log.0.lock().unwrap().clone()).unwrap();
+        let log = log.text();
         let refused = log
             .lines()
             .find(|line| line.contains("request refused"))
